@@ -1,0 +1,353 @@
+//! Types and functions shared by the XDP program (lb-ebpf) and the agent
+//! (lb-userspace). Every type that crosses the kernel boundary lives here,
+//! once, `#[repr(C)]` with explicit padding and its size asserted at compile
+//! time. The flow hash and the ring-slot reduction are compiled into both
+//! sides so that userspace predicts exactly which backend a flow takes.
+//!
+//! Byte order: addresses and ports are stored as they appear on the wire
+//! (network order), so that the fast path never swaps bytes. Userspace
+//! builds them with the constructors below.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, as the agent finds them in the object and pins them.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const ALL: [&str; 8] = [
+        VIPS,
+        BACKENDS,
+        RINGS,
+        CONNTRACK,
+        VIP_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+        TX_PORTS,
+    ];
+}
+
+/// Program names in the object.
+pub mod program_names {
+    /// The balancer.
+    pub const BALANCER: &str = "lb_xdp";
+    /// Parse Ethernet/IPv4/TCP, swap MACs, `XDP_TX`: the per-packet floor
+    /// that benchmarks compare the balancer against.
+    pub const FLOOR: &str = "lb_floor";
+    /// Returns `XDP_PASS` and nothing else: measures the fixed cost of one
+    /// BPF_PROG_TEST_RUN call, to be subtracted from per-call timings.
+    pub const RETURN_ONLY: &str = "lb_return";
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Default map sizes; the agent may override each at load time.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+
+/// A ring slot that names no backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of the VIP map: (address, port, protocol) as on the wire.
+///
+/// Besides one entry per service, the agent inserts one entry per VIP
+/// *address* with `port == 0 && proto == 0` (flag [`VIP_FLAG_ADDR_ONLY`]):
+/// it lets the fast path recognise fragments and malformed L4 headers sent
+/// to a VIP address, which carry no usable port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// IPv4 address, network byte order (the wire bytes read natively).
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl VipKey {
+    /// `addr` and `port` in host order (as `Ipv4Addr::to_bits()` gives).
+    pub const fn new(addr_host: u32, port_host: u16, proto: u8) -> Self {
+        Self {
+            addr: addr_host.to_be(),
+            port: port_host.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    /// The address-only marker entry for `addr_host`.
+    pub const fn addr_only(addr_host: u32) -> Self {
+        Self::new(addr_host, 0, 0)
+    }
+}
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into VIP_STATS, and the VIP's identity in backend entries.
+    pub index: u32,
+    /// First element of this VIP's ring in RINGS.
+    pub ring_base: u32,
+    /// Ring size M (prime); slots `ring_base .. ring_base + ring_size`.
+    pub ring_size: u32,
+    pub flags: u32,
+}
+
+/// The entry marks a VIP address, not a service.
+pub const VIP_FLAG_ADDR_ONLY: u32 = 1;
+
+/// Value of the backend array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 address, network byte order (informational for DSR at L2).
+    pub addr: u32,
+    /// Egress interface. Equal to the ingress interface → `XDP_TX`,
+    /// otherwise redirect through TX_PORTS.
+    pub ifindex: u32,
+    /// The VIP this backend serves: a conntrack entry is only honoured when
+    /// its backend still belongs to the flow's VIP.
+    pub vip_index: u32,
+    pub flags: u32,
+    /// Next hop's MAC (resolved by the agent).
+    pub dst_mac: [u8; 6],
+    /// The egress interface's MAC.
+    pub src_mac: [u8; 6],
+}
+
+/// The backend exists and is healthy: conntrack entries pointing to it are
+/// honoured. Cleared when a backend goes down or is removed, so that its
+/// flows are re-steered by the ring.
+pub const BACKEND_FLAG_USABLE: u32 = 1;
+
+/// Connection-tracking key: the flow's 5-tuple as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// Host-order constructor for userspace.
+    pub const fn new(src: u32, src_port: u16, dst: u32, dst_port: u16, proto: u8) -> Self {
+        Self {
+            src_addr: src.to_be(),
+            dst_addr: dst.to_be(),
+            src_port: src_port.to_be(),
+            dst_port: dst_port.to_be(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The flow hash. The kernel and the agent call this same function.
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        flow_hash(
+            self.src_addr,
+            self.dst_addr,
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
+    }
+}
+
+/// Value of the conntrack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Per-VIP counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub conntrack_hits: u64,
+}
+
+/// Per-backend counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a packet was passed to the kernel or dropped. Index into
+/// REASON_STATS. Forwarded packets are counted per VIP and per backend.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Frame too short for its Ethernet (or VLAN) header.
+    PassShortFrame = 0,
+    /// Not IPv4 (ARP, IPv6, LLDP…), or more than one VLAN tag.
+    PassNotIpv4 = 1,
+    /// IPv4 or TCP/UDP header truncated or invalid, not for a VIP address.
+    PassMalformed = 2,
+    /// Not addressed to a configured VIP (address, port, protocol).
+    PassNotVip = 3,
+    /// A fragment not addressed to a VIP address.
+    PassFragment = 4,
+    /// A fragment addressed to a VIP address: it cannot be steered by flow.
+    DropFragment = 5,
+    /// Addressed to a VIP address, with a truncated or invalid IPv4, TCP or
+    /// UDP header.
+    DropMalformed = 6,
+    /// The VIP's ring has no usable backend for this flow.
+    DropNoBackend = 7,
+    /// The backend's egress interface is missing from TX_PORTS.
+    DropNoTxPort = 8,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassShortFrame,
+        Reason::PassNotIpv4,
+        Reason::PassMalformed,
+        Reason::PassNotVip,
+        Reason::PassFragment,
+        Reason::DropFragment,
+        Reason::DropMalformed,
+        Reason::DropNoBackend,
+        Reason::DropNoTxPort,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassShortFrame => "pass_short_frame",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassFragment => "pass_fragment",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNoTxPort => "drop_no_tx_port",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropFragment
+                | Reason::DropMalformed
+                | Reason::DropNoBackend
+                | Reason::DropNoTxPort
+        )
+    }
+}
+
+const _: () = {
+    assert!(size_of::<VipKey>() == 8);
+    assert!(size_of::<VipInfo>() == 16);
+    assert!(size_of::<Backend>() == 28);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowEntry>() == 8);
+    assert!(size_of::<VipStats>() == 32);
+    assert!(size_of::<BackendStats>() == 16);
+};
+
+/// Hash of a flow's 5-tuple, fields as on the wire.
+///
+/// Two rounds of 64-bit multiply-xorshift mixing: a handful of instructions
+/// in BPF, and well spread even for flows that differ in one source port.
+/// The constants are fixed (no per-host seed) so that several lb hosts
+/// behind ECMP pick the same backend for a flow.
+#[inline(always)]
+pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const K2: u64 = 0xBF58_476D_1CE4_E5B9;
+    const K3: u64 = 0x94D0_49BB_1331_11EB;
+    let a = ((src_addr as u64) << 32) | dst_addr as u64;
+    let b = ((src_port as u64) << 32) | ((dst_port as u64) << 8) | proto as u64;
+    let mut h = a.wrapping_mul(K1) ^ b.wrapping_add(K2).wrapping_mul(K3);
+    h ^= h >> 31;
+    h = h.wrapping_mul(K2);
+    h ^= h >> 29;
+    h = h.wrapping_mul(K3);
+    h ^= h >> 32;
+    h as u32
+}
+
+/// Maps a 32-bit hash onto `0..ring_size` without a division
+/// (multiply-shift range reduction).
+#[inline(always)]
+pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
+    ((hash as u64 * ring_size as u64) >> 32) as u32
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte
+    // arrays, and have no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for VipStats {}
+    unsafe impl aya::Pod for BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn ring_slot_stays_in_range() {
+        for m in [2u32, 13, 65537, 655373] {
+            for h in [0u32, 1, 0x8000_0000, u32::MAX] {
+                assert!(ring_slot(h, m) < m);
+            }
+        }
+        assert_eq!(ring_slot(u32::MAX, 65537), 65536);
+        assert_eq!(ring_slot(0, 65537), 0);
+    }
+
+    #[test]
+    fn hash_spreads_adjacent_source_ports() {
+        // 60,000 flows differing only in the source port, reduced onto 16
+        // buckets: every bucket within 10% of the mean.
+        let mut buckets = [0u32; 16];
+        for port in 1000u16..61000 {
+            let k = FlowKey::new(0xC612_0001, port, 0xC612_0A01, 80, IPPROTO_TCP);
+            buckets[ring_slot(k.hash(), 16) as usize] += 1;
+        }
+        let mean = 60000 / 16;
+        for b in buckets {
+            assert!(b.abs_diff(mean) < mean / 10, "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn constructors_store_network_order() {
+        let k = VipKey::new(0xC612_0A01, 80, IPPROTO_TCP);
+        assert_eq!(k.addr.to_ne_bytes(), [198, 18, 10, 1]);
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+    }
+}

@@ -1,0 +1,276 @@
+//! lb's XDP fast path.
+//!
+//! Per packet: parse Ethernet (one VLAN tag), IPv4 (honouring IHL), TCP or
+//! UDP; anything that is not for a configured VIP goes to the kernel
+//! untouched. For a VIP: conntrack lookup, else Maglev ring; then direct
+//! server return at L2 (rewrite both MACs, `XDP_TX` or redirect).
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_FLAG_USABLE, Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND,
+    Reason, VipInfo, VipKey, VipStats, ring_slot,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+// Every map is pinned by name under the directory the agent chooses, so a
+// restarted agent finds the same maps (and the flows in CONNTRACK).
+// Sizes here are defaults; the agent sets them at load time.
+
+/// (addr, port, proto) → VIP; plus one address-only marker per VIP address.
+#[map]
+static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(DEFAULT_MAX_VIPS * 2, 0);
+
+#[map]
+static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// All VIPs' Maglev rings, one after the other: slot → backend id.
+#[map]
+static RINGS: Array<u32> = Array::pinned(DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+#[map]
+static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::pinned(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Egress interfaces other than the ingress one, keyed by ifindex.
+#[map]
+static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const VLAN_HDR_LEN: usize = 4;
+const TCP_MIN_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+/// More-fragments flag and fragment offset, in the 16-bit field as loaded
+/// from the wire (host order after `from_be_bytes`).
+const IP_MF_OR_OFFSET: u16 = 0x3FFF;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match balance(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_reason(reason);
+            if reason.is_drop() { XDP_DROP } else { XDP_PASS }
+        }
+    }
+}
+
+#[inline(always)]
+fn count_reason(reason: Reason) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `offset` from the start of the frame.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn is_vip_addr(addr: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { VIPS.get(&VipKey { addr, port: 0, proto: 0, _pad: 0 }).is_some() }
+}
+
+/// The reason for a packet that cannot be steered: dropped when it is
+/// addressed to a VIP address (it must not reach a wrong place), passed to
+/// the kernel otherwise.
+#[inline(always)]
+fn unsteerable(dst: u32, drop: Reason, pass: Reason) -> Reason {
+    if is_vip_addr(dst) { drop } else { pass }
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassShortFrame)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let inner: *const u16 = ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::PassShortFrame)?;
+        ether_type = u16::from_be(unsafe { *inner });
+        l3 += VLAN_HDR_LEN;
+    }
+    if ether_type != ETH_P_IP {
+        return Err(Reason::PassNotIpv4);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Reason::PassMalformed);
+    }
+    let ihl = ((ip.vihl & 0x0F) as usize) * 4;
+    let dst = u32::from_ne_bytes(ip.dst_addr);
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let frame_len = ctx.data_end() - ctx.data();
+    if ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > frame_len {
+        return Err(unsteerable(dst, Reason::DropMalformed, Reason::PassMalformed));
+    }
+    if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
+        return Err(unsteerable(dst, Reason::DropFragment, Reason::PassFragment));
+    }
+    let proto = ip.proto;
+    let l4_min = match proto {
+        IPPROTO_TCP => TCP_MIN_LEN,
+        IPPROTO_UDP => UDP_LEN,
+        _ => return Err(Reason::PassNotVip),
+    };
+    let l4 = l3 + ihl;
+    // Source and destination ports: the first four bytes of TCP and UDP.
+    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
+    if ihl + l4_min > tot_len {
+        return Err(unsteerable(dst, Reason::DropMalformed, Reason::PassMalformed));
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let [src_port, dst_port] = unsafe { *ports };
+
+    let vip_key = VipKey { addr: dst, port: dst_port, proto, _pad: 0 };
+    // SAFETY: the value is copied out before any other map call.
+    let vip = match unsafe { VIPS.get(&vip_key) } {
+        Some(v) => *v,
+        None => return Err(Reason::PassNotVip),
+    };
+
+    let flow = FlowKey {
+        src_addr: u32::from_ne_bytes(ip.src_addr),
+        dst_addr: dst,
+        src_port,
+        dst_port,
+        proto,
+        _pad: [0; 3],
+    };
+
+    // Established flow: honoured while its backend is usable and still
+    // serves this VIP; otherwise it falls through to the ring.
+    // SAFETY: the entry is copied out immediately.
+    let tracked = unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id);
+    let mut hit = false;
+    let mut backend_id = NO_BACKEND;
+    let mut backend: Option<&Backend> = None;
+    if let Some(id) = tracked
+        && let Some(b) = BACKENDS.get(id)
+        && b.flags & BACKEND_FLAG_USABLE != 0
+        && b.vip_index == vip.index
+    {
+        hit = true;
+        backend_id = id;
+        backend = Some(b);
+    }
+    let backend = match backend {
+        Some(b) => b,
+        None => {
+            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+            backend_id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
+            let b = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
+            if b.flags & BACKEND_FLAG_USABLE == 0 {
+                return Err(Reason::DropNoBackend);
+            }
+            let _ = CONNTRACK.insert(&flow, &FlowEntry { backend_id, _pad: 0 }, 0);
+            b
+        }
+    };
+
+    let bytes = frame_len as u64;
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            if hit {
+                (*s).conntrack_hits += 1;
+            } else {
+                (*s).new_flows += 1;
+            }
+        }
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+
+    // SAFETY: eth was bounds checked above.
+    unsafe {
+        (*eth).dst_addr = backend.dst_mac;
+        (*eth).src_addr = backend.src_mac;
+    }
+    if backend.ifindex == ctx.ingress_ifindex() as u32 {
+        Ok(XDP_TX)
+    } else {
+        TX_PORTS
+            .redirect(backend.ifindex, 0)
+            .map_err(|_| Reason::DropNoTxPort)
+    }
+}
+
+/// The per-packet floor for benchmarks: parse Ethernet, IPv4 and TCP with
+/// the same bounds checks, swap MACs, `XDP_TX`.
+#[xdp]
+pub fn lb_floor(ctx: XdpContext) -> u32 {
+    floor(&ctx).unwrap_or(XDP_PASS)
+}
+
+#[inline(always)]
+fn floor(ctx: &XdpContext) -> Option<u32> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let ip = unsafe { &*ip };
+    if ip.proto != IPPROTO_TCP {
+        return None;
+    }
+    let ihl = ((ip.vihl & 0x0F) as usize) * 4;
+    let _ports: *const [u16; 2] = ptr_at(ctx, EthHdr::LEN + ihl)?;
+    unsafe {
+        let d = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
+        (*eth).src_addr = d;
+    }
+    Some(XDP_TX)
+}
+
+/// Only returns: the fixed cost of one BPF_PROG_TEST_RUN call.
+#[xdp]
+pub fn lb_return(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

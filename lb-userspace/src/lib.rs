@@ -1,0 +1,5 @@
+//! lb's userspace: the agent, the CLI and the pieces they share.
+
+pub mod config;
+pub mod datapath;
+pub mod maglev;
