@@ -38,8 +38,7 @@ static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 static RINGS: Array<u32> = Array::pinned(DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
 
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 #[map]
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::pinned(DEFAULT_MAX_VIPS, 0);
@@ -96,7 +95,15 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 #[inline(always)]
 fn is_vip_addr(addr: u32) -> bool {
     // SAFETY: the value is only tested for presence.
-    unsafe { VIPS.get(&VipKey { addr, port: 0, proto: 0, _pad: 0 }).is_some() }
+    unsafe {
+        VIPS.get(&VipKey {
+            addr,
+            port: 0,
+            proto: 0,
+            _pad: 0,
+        })
+        .is_some()
+    }
 }
 
 /// The reason for a packet that cannot be steered: dropped when it is
@@ -133,7 +140,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     let frame_len = ctx.data_end() - ctx.data();
     if ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > frame_len {
-        return Err(unsteerable(dst, Reason::DropMalformed, Reason::PassMalformed));
+        return Err(unsteerable(
+            dst,
+            Reason::DropMalformed,
+            Reason::PassMalformed,
+        ));
     }
     if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
         return Err(unsteerable(dst, Reason::DropFragment, Reason::PassFragment));
@@ -148,12 +159,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // Source and destination ports: the first four bytes of TCP and UDP.
     let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
     if ihl + l4_min > tot_len {
-        return Err(unsteerable(dst, Reason::DropMalformed, Reason::PassMalformed));
+        return Err(unsteerable(
+            dst,
+            Reason::DropMalformed,
+            Reason::PassMalformed,
+        ));
     }
     // SAFETY: bounds checked by ptr_at.
     let [src_port, dst_port] = unsafe { *ports };
 
-    let vip_key = VipKey { addr: dst, port: dst_port, proto, _pad: 0 };
+    let vip_key = VipKey {
+        addr: dst,
+        port: dst_port,
+        proto,
+        _pad: 0,
+    };
     // SAFETY: the value is copied out before any other map call.
     let vip = match unsafe { VIPS.get(&vip_key) } {
         Some(v) => *v,
@@ -194,7 +214,14 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             if b.flags & BACKEND_FLAG_USABLE == 0 {
                 return Err(Reason::DropNoBackend);
             }
-            let _ = CONNTRACK.insert(&flow, &FlowEntry { backend_id, _pad: 0 }, 0);
+            let _ = CONNTRACK.insert(
+                &flow,
+                &FlowEntry {
+                    backend_id,
+                    _pad: 0,
+                },
+                0,
+            );
             b
         }
     };

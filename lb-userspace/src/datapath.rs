@@ -1,1 +1,434 @@
-//! TODO
+//! The kernel side as userspace sees it: loading the XDP object, pinning
+//! its maps under `/sys/fs/bpf/lb/<instance>/`, attaching, and typed access
+//! to every map. The only code in lb that writes kernel maps.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{
+    Backend, BackendStats, FlowEntry, FlowKey, Reason, VipInfo, VipKey, VipStats, map_names,
+    program_names,
+};
+use thiserror::Error;
+
+/// The compiled XDP object, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/lb";
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("lb needs root (CAP_BPF, CAP_NET_ADMIN) to load its XDP program; run it as root")]
+    NotRoot,
+    #[error("cannot mount bpffs at {BPFFS}: {0}")]
+    MountBpffs(std::io::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map TX_PORTS: {0}")]
+    TxPort(String),
+    #[error("interface {0} does not exist")]
+    NoSuchInterface(String),
+    #[error("{what} {index} is outside the map (max {max})")]
+    OutOfRange {
+        what: &'static str,
+        index: u32,
+        max: u32,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Sizes of the kernel maps, fixed when the maps are created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub max_vips: u32,
+    pub max_backends: u32,
+    /// Ring stride: every VIP owns `ring_size` consecutive RINGS elements,
+    /// and a VIP's own ring size may be anything up to it.
+    pub ring_size: u32,
+    pub conntrack_entries: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            max_vips: lb_common::DEFAULT_MAX_VIPS,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it is mounted already.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
+        path: "/proc/mounts".into(),
+        source,
+    })?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next(), f.next());
+        mnt == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
+    // SAFETY: valid NUL-terminated strings, no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::MountBpffs(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let c = CString::new(iface).map_err(|_| DatapathError::NoSuchInterface(iface.into()))?;
+    // SAFETY: valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(DatapathError::NoSuchInterface(iface.into())),
+        i => Ok(i),
+    }
+}
+
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+/// The loaded object with its pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    sizes: MapSizes,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+impl Datapath {
+    /// Loads the programs. Maps are pinned under `pin_dir`; maps already
+    /// pinned there (by an earlier agent) are reused with their contents.
+    pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
+        if !is_root() {
+            return Err(DatapathError::NotRoot);
+        }
+        ensure_bpffs()?;
+        fs::create_dir_all(pin_dir).map_err(|source| DatapathError::Io {
+            path: pin_dir.into(),
+            source,
+        })?;
+        let ring_elems = sizes.max_vips.saturating_mul(sizes.ring_size);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(map_names::VIPS, sizes.max_vips * 2)
+            .map_max_entries(map_names::BACKENDS, sizes.max_backends)
+            .map_max_entries(map_names::RINGS, ring_elems)
+            .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries)
+            .map_max_entries(map_names::VIP_STATS, sizes.max_vips)
+            .map_max_entries(map_names::BACKEND_STATS, sizes.max_backends)
+            .load(OBJECT)?;
+        for name in [
+            program_names::BALANCER,
+            program_names::FLOOR,
+            program_names::RETURN_ONLY,
+        ] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .expect("program is in the object")
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.into(),
+            sizes,
+        })
+    }
+
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn program(&self, name: &'static str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded XDP program")
+    }
+
+    pub fn balancer_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(program_names::BALANCER)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded XDP program")
+    }
+
+    /// Attaches the balancer to `iface` in `mode`.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<aya::programs::xdp::XdpLinkId> {
+        ifindex(iface)?;
+        self.balancer_mut()
+            .attach(iface, mode)
+            .map_err(|source| DatapathError::Program {
+                name: program_names::BALANCER,
+                source,
+            })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
+        self.ebpf.map_mut(name).expect("map is in the object")
+    }
+
+    fn map(&self, name: &'static str) -> &aya::maps::Map {
+        self.ebpf.map(name).expect("map is in the object")
+    }
+
+    fn vips_mut(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipInfo>> {
+        HashMap::try_from(self.map_mut(map_names::VIPS)).map_err(map_err(map_names::VIPS))
+    }
+
+    pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
+        self.check("VIP index", info.index, self.sizes.max_vips)?;
+        self.vips_mut()?
+            .insert(key, info, 0)
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        match self.vips_mut()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::VIPS)(e)),
+        }
+    }
+
+    pub fn vips(&self) -> Result<BTreeMap<VipKey, VipInfo>> {
+        let map: HashMap<&MapData, VipKey, VipInfo> =
+            HashMap::try_from(self.map(map_names::VIPS)).map_err(map_err(map_names::VIPS))?;
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    fn check(&self, what: &'static str, index: u32, max: u32) -> Result<()> {
+        if index >= max {
+            return Err(DatapathError::OutOfRange { what, index, max });
+        }
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.check("backend id", id, self.sizes.max_backends)?;
+        let mut map: Array<&mut MapData, Backend> =
+            Array::try_from(self.map_mut(map_names::BACKENDS))
+                .map_err(map_err(map_names::BACKENDS))?;
+        map.set(id, backend, 0)
+            .map_err(map_err(map_names::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        let map: Array<&MapData, Backend> =
+            Array::try_from(self.map(map_names::BACKENDS)).map_err(map_err(map_names::BACKENDS))?;
+        map.get(&id, 0).map_err(map_err(map_names::BACKENDS))
+    }
+
+    /// Writes `(slot, backend id)` pairs into the ring starting at
+    /// `ring_base`.
+    pub fn write_ring(
+        &mut self,
+        ring_base: u32,
+        slots: impl IntoIterator<Item = (u32, u32)>,
+    ) -> Result<usize> {
+        let total = self.sizes.max_vips.saturating_mul(self.sizes.ring_size);
+        let mut map: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(map_names::RINGS)).map_err(map_err(map_names::RINGS))?;
+        let mut n = 0;
+        for (slot, id) in slots {
+            let index = ring_base + slot;
+            if index >= total {
+                return Err(DatapathError::OutOfRange {
+                    what: "ring slot",
+                    index,
+                    max: total,
+                });
+            }
+            map.set(index, id, 0).map_err(map_err(map_names::RINGS))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Reads `len` ring slots starting at `ring_base`.
+    pub fn read_ring(&self, ring_base: u32, len: u32) -> Result<Vec<u32>> {
+        let map: Array<&MapData, u32> =
+            Array::try_from(self.map(map_names::RINGS)).map_err(map_err(map_names::RINGS))?;
+        (ring_base..ring_base + len)
+            .map(|i| map.get(&i, 0).map_err(map_err(map_names::RINGS)))
+            .collect()
+    }
+
+    /// Makes `ifindex` a redirect target for backends behind another
+    /// interface than the one a packet arrived on.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        let mut map: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(self.map_mut(map_names::TX_PORTS))
+                .map_err(map_err(map_names::TX_PORTS))?;
+        map.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
+            aya::maps::xdp::XdpMapError::MapError(e) => map_err(map_names::TX_PORTS)(e),
+            other => DatapathError::TxPort(other.to_string()),
+        })
+    }
+
+    pub fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
+        let map: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(self.map(map_names::CONNTRACK))
+                .map_err(map_err(map_names::CONNTRACK))?;
+        match map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONNTRACK)(e)),
+        }
+    }
+
+    /// Every conntrack entry (walks the whole map: for tests and
+    /// diagnostics, not for a hot loop).
+    pub fn conntrack_entries(&self) -> Result<Vec<(FlowKey, FlowEntry)>> {
+        let map: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(self.map(map_names::CONNTRACK))
+                .map_err(map_err(map_names::CONNTRACK))?;
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::CONNTRACK))
+    }
+
+    /// A VIP's counters summed over CPUs.
+    pub fn vip_stats(&self, index: u32) -> Result<VipStats> {
+        let map: PerCpuArray<&MapData, VipStats> =
+            PerCpuArray::try_from(self.map(map_names::VIP_STATS))
+                .map_err(map_err(map_names::VIP_STATS))?;
+        let per_cpu = map.get(&index, 0).map_err(map_err(map_names::VIP_STATS))?;
+        Ok(per_cpu.iter().fold(VipStats::default(), |a, s| VipStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_flows: a.new_flows + s.new_flows,
+            conntrack_hits: a.conntrack_hits + s.conntrack_hits,
+        }))
+    }
+
+    /// A backend's counters summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let map: PerCpuArray<&MapData, BackendStats> =
+            PerCpuArray::try_from(self.map(map_names::BACKEND_STATS))
+                .map_err(map_err(map_names::BACKEND_STATS))?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(map_names::BACKEND_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |a, s| BackendStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            }))
+    }
+
+    /// Pass/drop counters by reason, summed over CPUs.
+    pub fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(map_names::REASON_STATS))
+                .map_err(map_err(map_names::REASON_STATS))?;
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let v = map
+                    .get(&(*r as u32), 0)
+                    .map_err(map_err(map_names::REASON_STATS))?;
+                Ok((r.name(), v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Removes the pinned maps (the next load starts empty). The loaded
+    /// programs and maps stay usable until `self` is dropped.
+    pub fn unpin(&self) -> Result<()> {
+        remove_pins(&self.pin_dir)
+    }
+}
+
+/// Removes a pin directory and everything pinned in it.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Io {
+            path: dir.into(),
+            source,
+        }),
+    }
+}
+
+/// Builds a backend map entry.
+pub fn backend_entry(
+    addr: Ipv4Addr,
+    ifindex: u32,
+    vip_index: u32,
+    usable: bool,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Backend {
+    Backend {
+        addr: u32::from(addr).to_be(),
+        ifindex,
+        vip_index,
+        flags: if usable {
+            lb_common::BACKEND_FLAG_USABLE
+        } else {
+            0
+        },
+        dst_mac,
+        src_mac,
+    }
+}

@@ -1,0 +1,213 @@
+//! The real XDP program loaded into the kernel with maps of its own, driven
+//! packet by packet through BPF_PROG_TEST_RUN.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb::{
+    datapath::{Datapath, MapSizes, backend_entry, pin_dir, remove_pins},
+    maglev::{MaglevBackend, MaglevTable},
+};
+use lb_common::{VipInfo, VipKey, program_names};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// XDP metadata bytes in front of the frame (none).
+const META: usize = 0;
+
+/// The ifindex test_run reports as ingress: the loopback device, which
+/// exists in every namespace. Backends "behind" it are reached by XDP_TX.
+pub const INGRESS_IFINDEX: u32 = 1;
+
+/// The MAC the fixture gives the egress interface.
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xfe];
+
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    let b = id.to_be_bytes();
+    [0x02, 0xbe, b[0], b[1], b[2], b[3]]
+}
+
+/// Inverse of [`backend_mac`].
+pub fn backend_of_mac(mac: &[u8]) -> Option<u32> {
+    (mac[0] == 0x02 && mac[1] == 0xbe).then(|| u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]))
+}
+
+/// A loaded datapath pinned under a directory of its own, removed on drop.
+pub struct Fixture {
+    pub dp: Datapath,
+    dir: PathBuf,
+}
+
+pub struct RunResult {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self::with_sizes(MapSizes {
+            max_vips: 4,
+            max_backends: 64,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            conntrack_entries: 1 << 16,
+        })
+    }
+
+    pub fn with_sizes(sizes: MapSizes) -> Self {
+        crate::require_root();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = pin_dir(&format!(
+            "test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        remove_pins(&dir).expect("remove stale pins");
+        let dp = Datapath::load(&dir, sizes).expect("load the XDP object");
+        Self { dp, dir }
+    }
+
+    /// Configures VIP number `index` with `(backend id, weight)` pairs;
+    /// backend `id` gets MAC `backend_mac(id)` and sits behind the ingress
+    /// interface.
+    pub fn add_vip(&mut self, index: u32, vip: (Ipv4Addr, u16, u8), backends: &[(u32, u32)]) {
+        let ring_size = self.dp.sizes().ring_size;
+        let ring_base = index * ring_size;
+        for &(id, _) in backends {
+            let addr = Ipv4Addr::new(198, 18, 1, id as u8);
+            self.dp
+                .set_backend(
+                    id,
+                    backend_entry(addr, INGRESS_IFINDEX, index, true, backend_mac(id), LB_MAC),
+                )
+                .unwrap();
+        }
+        self.write_ring(index, backends);
+        let (addr, port, proto) = vip;
+        self.dp
+            .set_vip(
+                VipKey::new(addr.to_bits(), port, proto),
+                VipInfo {
+                    index,
+                    ring_base,
+                    ring_size,
+                    flags: 0,
+                },
+            )
+            .unwrap();
+        self.dp
+            .set_vip(
+                VipKey::addr_only(addr.to_bits()),
+                VipInfo {
+                    index,
+                    ring_base,
+                    ring_size,
+                    flags: lb_common::VIP_FLAG_ADDR_ONLY,
+                },
+            )
+            .unwrap();
+    }
+
+    /// Rewrites VIP `index`'s ring for the given `(backend id, weight)` set.
+    pub fn write_ring(&mut self, index: u32, backends: &[(u32, u32)]) {
+        let ring_size = self.dp.sizes().ring_size;
+        let set: Vec<MaglevBackend> = backends
+            .iter()
+            .map(|&(id, weight)| MaglevBackend {
+                key: id as u64,
+                id,
+                weight,
+            })
+            .collect();
+        let table = MaglevTable::build(&set, ring_size).unwrap();
+        self.dp
+            .write_ring(
+                index * ring_size,
+                table
+                    .slots()
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &id)| (s as u32, id)),
+            )
+            .unwrap();
+    }
+
+    /// Runs the balancer once on `frame`.
+    pub fn run(&self, frame: &[u8]) -> RunResult {
+        self.run_program(program_names::BALANCER, frame)
+    }
+
+    pub fn run_program(&self, program: &'static str, frame: &[u8]) -> RunResult {
+        self.try_run_program(program, frame)
+            .expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs the balancer once; the kernel's own refusal is returned, not
+    /// unwrapped (it refuses frames shorter than an Ethernet header).
+    pub fn try_run(&self, frame: &[u8]) -> Result<RunResult, aya::programs::ProgramError> {
+        self.try_run_program(program_names::BALANCER, frame)
+    }
+
+    pub fn try_run_program(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+    ) -> Result<RunResult, aya::programs::ProgramError> {
+        let mut data_in = vec![0u8; META];
+        data_in.extend_from_slice(frame);
+        let mut data_out = vec![0u8; data_in.len() + 256];
+        let ctx = xdp_md(META as u32, data_in.len() as u32);
+        let mut ctx_out = [0u8; 24];
+        let r = self.dp.program(program).test_run(TestRunOptions {
+            data_in: Some(&data_in),
+            data_out: Some(&mut data_out),
+            ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::new()
+        })?;
+        let out_len = r.data_size_out as usize;
+        data_out.truncate(out_len);
+        // The output starts at data_meta: strip the metadata again.
+        let frame = data_out.get(META..).map(<[u8]>::to_vec).unwrap_or_default();
+        Ok(RunResult {
+            action: r.return_value,
+            frame,
+        })
+    }
+
+    pub fn reasons(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.dp.reason_stats().unwrap()
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = remove_pins(&self.dir);
+    }
+}
+
+/// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex,
+/// rx_queue_index, egress_ifindex.
+fn xdp_md(data: u32, data_end: u32) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    for (i, v) in [data, data_end, 0, INGRESS_IFINDEX, 0, 0]
+        .into_iter()
+        .enumerate()
+    {
+        b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
