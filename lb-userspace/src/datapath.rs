@@ -432,3 +432,8 @@ pub fn backend_entry(
         src_mac,
     }
 }
+
+/// The value a removed backend's slot holds: no address, not usable.
+pub fn empty_backend() -> Backend {
+    backend_entry(Ipv4Addr::UNSPECIFIED, 0, u32::MAX, false, [0; 6], [0; 6])
+}

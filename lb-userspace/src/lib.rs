@@ -1,5 +1,11 @@
 //! lb's userspace: the agent, the CLI and the pieces they share.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod datapath;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
+pub mod neigh;
+pub mod reconcile;

@@ -1,1 +1,413 @@
-fn main() {}
+//! `lb`: the agent (`lb run`) and the operator's CLI.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use lb::{
+    agent::{self, RunOptions},
+    config::{Protocol, XdpModeSetting},
+    control::{self, BackendView, ExplainView, Request, StatsView, StatusView, VipView},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "An XDP L4 load balancer: Maglev, conntrack, direct server return"
+)]
+struct Cli {
+    /// The agent's control socket (default: /run/lb/<instance>.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// The agent instance to talk to.
+    #[arg(long, global = true, default_value = "default")]
+    instance: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: load and attach the XDP program, keep the maps in
+    /// step with the config and the health checks.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Interface to attach to (repeatable); overrides the config's list.
+        #[arg(long = "iface")]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpModeArg>,
+        /// On exit, leave the program attached and the maps pinned so the
+        /// next agent takes over without disturbing traffic.
+        #[arg(long)]
+        keep_datapath: bool,
+    },
+    /// The agent's state: interfaces, VIPs, backends up.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// VIPs.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+    },
+    /// Backends: list, add, remove, drain, undrain, set-weight.
+    Backend {
+        #[command(subcommand)]
+        cmd: BackendCmd,
+    },
+    /// Traffic per VIP and backend, drops by reason.
+    Stats {
+        /// Refresh every second.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which backend a flow goes to now, and why.
+    Explain {
+        /// Client address and port, e.g. 198.18.0.1:40000
+        src: SocketAddrV4,
+        /// VIP address and port, e.g. 198.19.0.1:80
+        dst: SocketAddrV4,
+        /// tcp or udp
+        proto: Protocol,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the config file (like SIGHUP). A bad file changes nothing.
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    List {
+        /// Only this VIP (name or ADDR:PORT/PROTO).
+        #[arg(long)]
+        vip: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    Add {
+        vip: String,
+        address: Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    Remove {
+        vip: String,
+        address: Ipv4Addr,
+    },
+    /// No new flows; established ones stay.
+    Drain {
+        vip: String,
+        address: Ipv4Addr,
+    },
+    Undrain {
+        vip: String,
+        address: Ipv4Addr,
+    },
+    SetWeight {
+        vip: String,
+        address: Ipv4Addr,
+        weight: u32,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Skb,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.instance)));
+    let call = |req: Request| control::call(&socket, &req, Duration::from_secs(30));
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            ifaces,
+            xdp_mode,
+            keep_datapath,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(RunOptions {
+                config,
+                interfaces: ifaces,
+                xdp_mode: xdp_mode.map(|m| match m {
+                    XdpModeArg::Auto => XdpModeSetting::Auto,
+                    XdpModeArg::Native => XdpModeSetting::Native,
+                    XdpModeArg::Skb => XdpModeSetting::Skb,
+                }),
+                keep_datapath,
+            }))?;
+        }
+        Cmd::Status { json } => {
+            let v = call(Request::Status)?;
+            if json {
+                return print_json(&v);
+            }
+            let s: StatusView = serde_json::from_value(v)?;
+            println!(
+                "instance   {} (pid {}, up {}s)",
+                s.instance, s.pid, s.uptime_s
+            );
+            println!("config     {}", s.config);
+            println!(
+                "datapath   {}{}",
+                s.pin_dir,
+                if s.restored {
+                    " (taken over from an earlier agent)"
+                } else {
+                    ""
+                }
+            );
+            for i in &s.interfaces {
+                println!("interface  {} (ifindex {}, {})", i.name, i.ifindex, i.mode);
+            }
+            println!("vips       {}", s.vips);
+            println!("backends   {} ({} up)", s.backends, s.backends_up);
+            if let Some(m) = s.metrics {
+                println!("metrics    http://{m}/metrics");
+            }
+        }
+        Cmd::Vip {
+            cmd: VipCmd::List { json },
+        } => {
+            let v = call(Request::VipList)?;
+            if json {
+                return print_json(&v);
+            }
+            let vips: Vec<VipView> = serde_json::from_value(v)?;
+            println!(
+                "{:<16} {:<22} {:>5} {:>8} {:>8} {:>8}  CHECK",
+                "NAME", "VIP", "INDEX", "RING", "BACKENDS", "IN RING"
+            );
+            for v in vips {
+                println!(
+                    "{:<16} {:<22} {:>5} {:>8} {:>8} {:>8}  {}",
+                    v.name,
+                    format!("{}:{}/{}", v.address, v.port, v.protocol.as_str()),
+                    v.index,
+                    v.ring_size,
+                    v.backends,
+                    v.backends_in_ring,
+                    v.health_check
+                );
+            }
+        }
+        Cmd::Backend { cmd } => match cmd {
+            BackendCmd::List { vip, json } => {
+                let v = call(Request::BackendList { vip })?;
+                if json {
+                    return print_json(&v);
+                }
+                let list: Vec<BackendView> = serde_json::from_value(v)?;
+                println!(
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  LAST CHECK",
+                    "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "HEALTH", "SLOTS", "MAC"
+                );
+                for b in list {
+                    println!(
+                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  {}",
+                        b.vip,
+                        b.address,
+                        b.id,
+                        b.weight,
+                        b.state,
+                        b.health,
+                        b.slots,
+                        b.mac.unwrap_or_else(|| "-".into()),
+                        b.last_check.unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            BackendCmd::Add {
+                vip,
+                address,
+                weight,
+            } => print_msg(call(Request::BackendAdd {
+                vip,
+                address,
+                weight,
+            })?),
+            BackendCmd::Remove { vip, address } => {
+                print_msg(call(Request::BackendRemove { vip, address })?)
+            }
+            BackendCmd::Drain { vip, address } => {
+                print_msg(call(Request::BackendDrain { vip, address })?)
+            }
+            BackendCmd::Undrain { vip, address } => {
+                print_msg(call(Request::BackendUndrain { vip, address })?)
+            }
+            BackendCmd::SetWeight {
+                vip,
+                address,
+                weight,
+            } => print_msg(call(Request::BackendSetWeight {
+                vip,
+                address,
+                weight,
+            })?),
+        },
+        Cmd::Stats { watch, count, json } => {
+            let mut n = 0u32;
+            loop {
+                let v = call(Request::Stats)?;
+                if json {
+                    println!("{}", serde_json::to_string(&v)?);
+                } else {
+                    print_stats(&serde_json::from_value(v)?);
+                }
+                n += 1;
+                if !watch || count.is_some_and(|c| n >= c) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                if !json {
+                    println!();
+                }
+            }
+        }
+        Cmd::Explain {
+            src,
+            dst,
+            proto,
+            json,
+        } => {
+            let v = call(Request::Explain {
+                src,
+                dst,
+                protocol: proto,
+            })?;
+            if json {
+                return print_json(&v);
+            }
+            let e: ExplainView = serde_json::from_value(v)?;
+            let show = |a: Option<Ipv4Addr>| a.map_or("-".to_string(), |a| a.to_string());
+            println!(
+                "flow       {src} -> {dst}/{} (VIP {})",
+                proto.as_str(),
+                e.vip
+            );
+            println!("hash       {:#010x}", e.hash);
+            println!(
+                "ring slot  {} of {} -> {}",
+                e.slot,
+                e.ring_size,
+                show(e.ring_backend)
+            );
+            println!("conntrack  {}", show(e.conntrack_backend));
+            println!("backend    {} ({})", show(e.backend), e.reason);
+        }
+        Cmd::Reload => print_msg(call(Request::Reload)?),
+    }
+    Ok(())
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_msg(v: serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => println!("{s}"),
+        other => println!("{other}"),
+    }
+}
+
+fn human(x: f64) -> String {
+    match x {
+        x if x >= 1e9 => format!("{:.2}G", x / 1e9),
+        x if x >= 1e6 => format!("{:.2}M", x / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        x => format!("{x:.0}"),
+    }
+}
+
+fn print_stats(s: &StatsView) {
+    println!(
+        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10}",
+        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %"
+    );
+    for v in &s.vips {
+        println!(
+            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}%",
+            v.vip,
+            human(v.traffic.pps),
+            human(v.traffic.bps),
+            human(v.new_flows_ps),
+            v.traffic.packets,
+            100.0 * v.conntrack_hit_ratio
+        );
+    }
+    println!(
+        "{:<14} {:<15} {:<10} {:>10} {:>10} {:>12}",
+        "VIP", "BACKEND", "HEALTH", "PKT/S", "BIT/S", "PACKETS"
+    );
+    for b in &s.backends {
+        println!(
+            "{:<14} {:<15} {:<10} {:>10} {:>10} {:>12}",
+            b.vip,
+            b.address,
+            b.health,
+            human(b.traffic.pps),
+            human(b.traffic.bps),
+            b.traffic.packets
+        );
+    }
+    let moved: Vec<String> = s
+        .reasons
+        .iter()
+        .filter(|(_, (t, _))| *t > 0)
+        .map(|(k, (t, r))| format!("{k}={t} ({}/s)", human(*r)))
+        .collect();
+    println!(
+        "pass/drop  {}",
+        if moved.is_empty() {
+            "none".to_string()
+        } else {
+            moved.join("  ")
+        }
+    );
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics: `GET /metrics` on the configured address, in the
+//! text exposition format, rendered from the agent's latest counter sample.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{agent::Shared, control::StatsView};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    vip: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+type Ctr = Counter<u64, AtomicU64>;
+
+/// Renders one sample as Prometheus text.
+pub fn render(stats: &StatsView) -> String {
+    let mut reg = Registry::with_prefix("lb");
+    let vip_packets = Family::<VipLabels, Ctr>::default();
+    let vip_bytes = Family::<VipLabels, Ctr>::default();
+    let vip_flows = Family::<VipLabels, Ctr>::default();
+    let vip_hits = Family::<VipLabels, Ctr>::default();
+    let be_packets = Family::<BackendLabels, Ctr>::default();
+    let be_bytes = Family::<BackendLabels, Ctr>::default();
+    let be_up = Family::<BackendLabels, Gauge>::default();
+    let reasons = Family::<ReasonLabels, Ctr>::default();
+    for v in &stats.vips {
+        let l = VipLabels { vip: v.vip.clone() };
+        vip_packets.get_or_create(&l).inc_by(v.traffic.packets);
+        vip_bytes.get_or_create(&l).inc_by(v.traffic.bytes);
+        vip_flows.get_or_create(&l).inc_by(v.new_flows);
+        vip_hits.get_or_create(&l).inc_by(v.conntrack_hits);
+    }
+    for b in &stats.backends {
+        let l = BackendLabels {
+            vip: b.vip.clone(),
+            backend: b.address.to_string(),
+        };
+        be_packets.get_or_create(&l).inc_by(b.traffic.packets);
+        be_bytes.get_or_create(&l).inc_by(b.traffic.bytes);
+        be_up.get_or_create(&l).set(i64::from(b.health == "up"));
+    }
+    for (reason, (total, _)) in &stats.reasons {
+        reasons
+            .get_or_create(&ReasonLabels {
+                reason: reason.clone(),
+            })
+            .inc_by(*total);
+    }
+    reg.register("vip_packets", "Packets forwarded for a VIP", vip_packets);
+    reg.register("vip_bytes", "Bytes forwarded for a VIP", vip_bytes);
+    reg.register(
+        "vip_new_flows",
+        "New flows steered by the Maglev ring",
+        vip_flows,
+    );
+    reg.register(
+        "vip_conntrack_hits",
+        "Packets of established flows",
+        vip_hits,
+    );
+    reg.register(
+        "backend_packets",
+        "Packets forwarded to a backend",
+        be_packets,
+    );
+    reg.register("backend_bytes", "Bytes forwarded to a backend", be_bytes);
+    reg.register("backend_up", "1 when the backend is healthy", be_up);
+    reg.register(
+        "packets_by_reason",
+        "Packets passed to the kernel or dropped, by reason",
+        reasons,
+    );
+    let mut out = String::new();
+    encode(&mut out, &reg).expect("writing to a String");
+    out
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Mutex<Shared>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        let body = shared.lock().map(|s| render(&s.stats)).unwrap_or_default();
+                        Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(body)))
+                    } else {
+                        Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(resp.expect("valid response"))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{BackendStatsView, Rates, VipStatsView};
+
+    #[test]
+    fn renders_every_family_with_labels() {
+        let stats = StatsView {
+            interval_s: 1.0,
+            vips: vec![VipStatsView {
+                vip: "web".into(),
+                traffic: Rates {
+                    packets: 10,
+                    bytes: 1000,
+                    pps: 0.0,
+                    bps: 0.0,
+                },
+                new_flows: 3,
+                new_flows_ps: 0.0,
+                conntrack_hits: 7,
+                conntrack_hit_ratio: 0.7,
+            }],
+            backends: vec![BackendStatsView {
+                vip: "web".into(),
+                address: "198.18.0.11".parse().unwrap(),
+                health: "up".into(),
+                traffic: Rates {
+                    packets: 4,
+                    bytes: 400,
+                    pps: 0.0,
+                    bps: 0.0,
+                },
+            }],
+            reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
+        };
+        let text = render(&stats);
+        for want in [
+            r#"lb_vip_packets_total{vip="web"} 10"#,
+            r#"lb_vip_bytes_total{vip="web"} 1000"#,
+            r#"lb_vip_new_flows_total{vip="web"} 3"#,
+            r#"lb_vip_conntrack_hits_total{vip="web"} 7"#,
+            r#"lb_backend_packets_total{vip="web",backend="198.18.0.11"} 4"#,
+            r#"lb_backend_up{vip="web",backend="198.18.0.11"} 1"#,
+            r#"lb_packets_by_reason_total{reason="drop_no_backend"} 2"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Where a backend is reached at L2: the egress interface (route lookup in
+//! /proc/net/route) and the next hop's MAC (the kernel's neighbour table,
+//! /proc/net/arp, primed by a datagram when the entry is missing).
+//!
+//! The agent resolves MACs and stores them in the backend map rather than
+//! calling `bpf_fib_lookup` per packet: one array lookup the fast path
+//! already does, instead of a helper call on every packet.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NeighError {
+    #[error("no route to {0}")]
+    NoRoute(Ipv4Addr),
+    #[error(
+        "{addr} is reached through gateway {gateway}: direct server return needs backends on the same L2 segment"
+    )]
+    NotOnLink { addr: Ipv4Addr, gateway: Ipv4Addr },
+    #[error("no ARP answer from {addr} on {iface}")]
+    Unresolved { addr: Ipv4Addr, iface: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// How to reach one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub iface: String,
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+fn read(path: &str) -> Result<String, NeighError> {
+    fs::read_to_string(path).map_err(|source| NeighError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Longest-prefix match in /proc/net/route: (interface, gateway if any).
+pub fn route(addr: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>), NeighError> {
+    let table = read("/proc/net/route")?;
+    let a = u32::from(addr);
+    let mut best: Option<(u32, String, Option<Ipv4Addr>)> = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        // Fields are the address bytes in memory order, printed as a
+        // native (little-endian here) u32 in hex.
+        let hex = |s: &str| {
+            u32::from_str_radix(s, 16)
+                .ok()
+                .map(|v| u32::from(Ipv4Addr::from(v.to_ne_bytes())))
+        };
+        let (Some(dest), Some(gw), Some(mask)) = (hex(f[1]), hex(f[2]), hex(f[7])) else {
+            continue;
+        };
+        if a & mask != dest {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(m, ..)| mask.count_ones() > m.count_ones())
+        {
+            let gw = (gw != 0).then(|| Ipv4Addr::from(gw));
+            best = Some((mask, f[0].to_string(), gw));
+        }
+    }
+    best.map(|(_, iface, gw)| (iface, gw))
+        .ok_or(NeighError::NoRoute(addr))
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// The interface's own MAC.
+pub fn iface_mac(iface: &str) -> Result<[u8; 6], NeighError> {
+    let path = format!("/sys/class/net/{iface}/address");
+    let s = read(&path)?;
+    parse_mac(s.trim()).ok_or_else(|| NeighError::Io {
+        path,
+        source: std::io::Error::other("not a MAC address"),
+    })
+}
+
+/// The complete ARP entry for `addr` on `iface`, if the kernel has one.
+pub fn arp_entry(addr: Ipv4Addr, iface: &str) -> Result<Option<[u8; 6]>, NeighError> {
+    let table = read("/proc/net/arp")?;
+    let want = addr.to_string();
+    Ok(table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // IP address, HW type, Flags, HW address, Mask, Device
+        let complete = f
+            .get(2)
+            .and_then(|fl| u32::from_str_radix(fl.trim_start_matches("0x"), 16).ok())
+            .is_some_and(|fl| fl & 0x2 != 0);
+        (f.len() >= 6 && f[0] == want && f[5] == iface && complete)
+            .then(|| parse_mac(f[3]))
+            .flatten()
+    }))
+}
+
+/// Resolves how to reach `addr`, waiting up to `wait` for ARP.
+pub fn resolve(addr: Ipv4Addr, wait: Duration) -> Result<NextHop, NeighError> {
+    let (iface, gateway) = route(addr)?;
+    if let Some(gateway) = gateway {
+        return Err(NeighError::NotOnLink { addr, gateway });
+    }
+    let ifindex = crate::datapath::ifindex(&iface).map_err(|_| NeighError::NoRoute(addr))?;
+    let src_mac = iface_mac(&iface)?;
+    let deadline = Instant::now() + wait;
+    let mut primed = false;
+    loop {
+        if let Some(dst_mac) = arp_entry(addr, &iface)? {
+            return Ok(NextHop {
+                iface,
+                ifindex,
+                src_mac,
+                dst_mac,
+            });
+        }
+        if !primed {
+            // Any datagram makes the kernel send an ARP request; port 9
+            // is "discard".
+            if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
+                let _ = s.send_to(&[0], (addr, 9));
+            }
+            primed = true;
+        }
+        if Instant::now() >= deadline {
+            return Err(NeighError::Unresolved { addr, iface });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_routes_nowhere_but_lo_is_known() {
+        // Every namespace has lo; its MAC is all zeros.
+        assert_eq!(iface_mac("lo").unwrap(), [0; 6]);
+    }
+
+    #[test]
+    fn parses_macs() {
+        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 10, 255, 0, 1]));
+        assert_eq!(parse_mac("02:00:0a:ff:00"), None);
+        assert_eq!(parse_mac("02:00:0a:ff:00:01:02"), None);
+        assert_eq!(parse_mac("zz:00:0a:ff:00:01"), None);
+    }
+}
