@@ -91,14 +91,44 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// The interface's own MAC.
+/// The interface's own MAC, asked of the kernel (SIOCGIFHWADDR) in the
+/// caller's network namespace. Not read from /sys/class/net: a process
+/// that entered a namespace with setns(2) still sees the sysfs of the
+/// namespace that mounted it.
 pub fn iface_mac(iface: &str) -> Result<[u8; 6], NeighError> {
-    let path = format!("/sys/class/net/{iface}/address");
-    let s = read(&path)?;
-    parse_mac(s.trim()).ok_or_else(|| NeighError::Io {
-        path,
-        source: std::io::Error::other("not a MAC address"),
-    })
+    let err = |source| NeighError::Io {
+        path: format!("SIOCGIFHWADDR {iface}"),
+        source,
+    };
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(err(std::io::Error::other("interface name too long")));
+    }
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain data; the name is NUL-terminated (zeroed and
+    // shorter than IFNAMSIZ).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: fd is valid and req is a properly sized ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err(e));
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifru_hwaddr.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
 }
 
 /// The complete ARP entry for `addr` on `iface`, if the kernel has one.
