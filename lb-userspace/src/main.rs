@@ -36,7 +36,7 @@ enum Cmd {
     /// Run the agent: load and attach the XDP program, keep the maps in
     /// step with the config and the health checks.
     Run {
-        #[arg(long)]
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
         /// Interface to attach to (repeatable); overrides the config's list.
         #[arg(long = "iface")]
