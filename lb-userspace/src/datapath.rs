@@ -189,6 +189,22 @@ impl Datapath {
         })
     }
 
+    /// Loads the object with maps of its own that nobody else can open
+    /// (pinned only while loading, then unpinned): for helper programs and
+    /// tools that must not touch an agent's maps.
+    pub fn load_private(sizes: MapSizes) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new(PIN_ROOT).join(format!(
+            ".private-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let loaded = Self::load(&dir, sizes);
+        remove_pins(&dir)?;
+        loaded
+    }
+
     pub fn sizes(&self) -> MapSizes {
         self.sizes
     }
@@ -220,6 +236,25 @@ impl Datapath {
                 name: program_names::BALANCER,
                 source,
             })
+    }
+
+    /// Attaches one of the object's programs by name (the balancer, or a
+    /// helper such as `lb_return` on a veth peer that must accept XDP_TX
+    /// frames).
+    pub fn attach_program(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<aya::programs::xdp::XdpLinkId> {
+        ifindex(iface)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded XDP program");
+        prog.attach(iface, mode)
+            .map_err(|source| DatapathError::Program { name, source })
     }
 
     fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
