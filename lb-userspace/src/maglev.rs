@@ -2,31 +2,39 @@
 //! Reliable Software Network Load Balancer", NSDI '16, section 3.4).
 //!
 //! Every backend walks its own pseudo-random permutation of the `m` ring
-//! slots, `permutation[j] = (offset + j * skip) % m`, with `offset` and `skip`
-//! derived from a 64-bit hash of the backend's stable key; `m` prime makes
-//! every permutation visit every slot. Backends take turns claiming the next
-//! still-empty slot of their permutation until the ring is full.
+//! slots, `permutation[j] = (offset + j * skip) % m`, with `offset = h1 % m`
+//! and `skip = h2 % (m - 1) + 1` from two 64-bit hashes of the backend's
+//! stable key; `m` prime makes every permutation visit every slot. Backends
+//! take turns claiming the next still-empty slot of their permutation until
+//! the ring is full.
 //!
 //! Weights: each backend first gets an exact slot *target*, its weighted share
 //! `m * w / W` apportioned by largest remainder (ties to the smaller key), so
 //! it ends up with exactly `floor` or `ceil` of that share. Population then
 //! runs in rounds in which every backend claims slots at a pace proportional
-//! to its target (so all backends advance through their permutations at the
-//! same relative speed and finish together, which is what keeps the
-//! disruption low), and a backend that has reached its target stops claiming.
-//! With equal weights this is the classic Maglev population: one slot per
-//! backend per round.
+//! to its target, so all backends advance through their permutations at the
+//! same relative speed and finish together (which is what keeps disruption
+//! low), and a backend that has reached its target stops claiming. With equal
+//! weights this is the classic Maglev population: one slot per backend per
+//! round.
 //!
 //! Backends are sorted by key before anything else, so the table depends on
 //! the set of (key, weight) pairs only, never on input order; `id` is only
 //! the label written into the slots.
+//!
+//! Cost: about `m * ln(m)` probes for the classic algorithm, most of them
+//! spent finding the last few free slots. Here the probes test a bitmap, and
+//! the last `sqrt(m) / 2` slots are found by scanning the list of free slots
+//! (each claim picks the free slot that comes first on the backend's
+//! permutation, computed with the modular inverse of `skip`), which gives
+//! exactly the table plain probing would give.
 
 use std::collections::BTreeMap;
 
 use lb_common::NO_BACKEND;
 
-/// Largest accepted ring size (exclusive of itself, since it is not prime):
-/// keeps `cur + skip` within `u32`.
+/// Ring sizes must be below this (2^31, itself not prime), which keeps
+/// `cur + skip` within `u32`.
 pub const MAX_RING_SIZE: u32 = 1 << 31;
 
 /// One backend as the table builder sees it.
@@ -43,6 +51,7 @@ pub struct MaglevBackend {
     pub weight: u32,
 }
 
+/// Why [`MaglevTable::build`] refused its input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MaglevError {
     #[error("ring size {0} is not prime")]
@@ -103,6 +112,7 @@ impl MaglevTable {
         self.slots.len()
     }
 
+    /// Never true for a built table (`m >= 2`); here for clippy's sake.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
@@ -170,75 +180,189 @@ fn apportion(backends: &[MaglevBackend], m: u32, total: u64) -> Vec<u32> {
 
 /// Per-backend population state.
 struct Walker {
-    /// Next slot of the permutation.
+    /// Next slot of the backend's permutation.
     cur: u32,
     skip: u32,
+    /// `skip^-1 mod m`; 0 until the tail search needs it.
+    inv_skip: u32,
     id: u32,
     /// Slots still to claim.
     left: u32,
-    /// Claiming credit; one slot costs `m`.
-    credit: u64,
-    /// Credit earned per round: `target * n`, so `n` slots are claimed per
-    /// round in total and every backend finishes after about `m / n` rounds.
-    rate: u64,
+    /// Claiming credit: one slot costs `quantum`.
+    credit: u32,
+    /// Credit earned per round: the backend's target.
+    rate: u32,
 }
 
 /// Fills `slots` (all [`NO_BACKEND`], length `m` prime) so that
 /// `backends[i]` owns exactly `targets[i]` slots; `targets` sum to `m`.
 fn populate(backends: &[MaglevBackend], targets: &[u32], slots: &mut [u32]) {
     let m = slots.len() as u32;
-    let m64 = u64::from(m);
-    let n = targets.iter().filter(|&&t| t > 0).count() as u64;
+    let md = Modulus::new(m);
+    let n = targets.iter().filter(|&&t| t > 0).count() as u32;
+    let t_max = targets.iter().copied().max().unwrap_or(1);
+    // Pacing: a backend with target t claims t / quantum slots per round on
+    // average, so every backend finishes after about `quantum` rounds. With
+    // `quantum = t_max` the largest backends claim exactly one slot per round
+    // (classic Maglev when the weights are equal); the cap keeps the number
+    // of rounds times backends within O(m + n) under very skewed weights.
+    // 2m < 2^32 since m < 2^31.
+    let quantum = t_max.min((2 * m).div_ceil(n)).max(1);
     let mut walkers: Vec<Walker> = backends
         .iter()
         .zip(targets)
-        .filter(|(_, t)| **t > 0)
+        .filter(|&(_, &t)| t > 0)
         .map(|(b, &t)| {
             let (offset, skip) = permutation(b.key, m);
             Walker {
                 cur: offset,
                 skip,
+                inv_skip: 0,
                 id: b.id,
                 left: t,
                 // Everyone claims its first preference in the first round.
-                credit: m64 - 1,
-                // t <= m and n <= m < 2^31: no overflow.
-                rate: u64::from(t) * n,
+                credit: quantum - 1,
+                rate: t,
             }
         })
         .collect();
 
-    // Occupancy bitmap: probes hit it rather than `slots` (8 KiB instead of
-    // 256 KiB for m = 65537, so it stays in L1).
+    // Occupancy bitmap for the probes: 8 KiB for m = 65537.
     let mut filled = vec![0u64; slots.len().div_ceil(64)];
+    let mut empty = m;
+    // Probing for a free slot costs m / empty probes on average, so the last
+    // few slots would cost most of the build: once `tail_at` or fewer slots
+    // are free, claims scan the list of free slots instead (`search`), which
+    // picks exactly the slot probing would have.
+    let tail_at = (m.isqrt() / 2).max(1);
+    let mut free: Option<Vec<u32>> = None;
     while !walkers.is_empty() {
         let mut someone_done = false;
         for w in walkers.iter_mut() {
+            // credit < quantum at the start of a round and rate <= m, so
+            // this stays below 2^32.
             w.credit += w.rate;
-            while w.credit >= m64 && w.left > 0 {
-                w.credit -= m64;
+            while w.credit >= quantum && w.left > 0 {
+                w.credit -= quantum;
                 w.left -= 1;
-                // Terminates: the permutation visits every slot and fewer
-                // than m slots are filled while anyone has slots left.
-                loop {
-                    let p = w.cur;
-                    w.cur += w.skip;
-                    if w.cur >= m {
-                        w.cur -= m;
-                    }
-                    let (word, bit) = ((p >> 6) as usize, 1u64 << (p & 63));
-                    if filled[word] & bit == 0 {
-                        filled[word] |= bit;
-                        slots[p as usize] = w.id;
-                        break;
-                    }
-                }
+                let p = if empty > tail_at {
+                    let p = probe(&filled, w, m);
+                    filled[(p >> 6) as usize] |= 1 << (p & 63);
+                    p
+                } else {
+                    let free = free.get_or_insert_with(|| free_slots(&filled, m));
+                    search(free, w, md)
+                };
+                slots[p as usize] = w.id;
+                empty -= 1;
             }
             someone_done |= w.left == 0;
         }
         if someone_done {
             walkers.retain(|w| w.left > 0);
         }
+    }
+}
+
+/// Walks `w`'s permutation up to the first slot that is free in `filled`
+/// and returns it, leaving `w.cur` just past it. Terminates as long as a
+/// slot is free: `m` prime and `1 <= skip < m` make the walk visit every slot.
+#[inline(always)]
+fn probe(filled: &[u64], w: &mut Walker, m: u32) -> u32 {
+    loop {
+        let p = w.cur;
+        w.cur = add_mod(w.cur, w.skip, m);
+        if filled[(p >> 6) as usize] & (1 << (p & 63)) == 0 {
+            return p;
+        }
+    }
+}
+
+/// `(a + b) mod m` for `a, b < m < 2^31`, without a branch or a division.
+#[inline(always)]
+fn add_mod(a: u32, b: u32, m: u32) -> u32 {
+    let r = a + b;
+    // If r < m, r - m wraps around to more than r.
+    r.min(r.wrapping_sub(m))
+}
+
+/// The slots that are free in `filled`, in increasing order.
+fn free_slots(filled: &[u64], m: u32) -> Vec<u32> {
+    let mut free = Vec::new();
+    for (i, &word) in filled.iter().enumerate() {
+        let mut bits = !word;
+        while bits != 0 {
+            let p = i as u32 * 64 + bits.trailing_zeros();
+            if p >= m {
+                break;
+            }
+            free.push(p);
+            bits &= bits - 1;
+        }
+    }
+    free
+}
+
+/// Same result as [`probe`], computed from the list of free slots: the
+/// first free slot on `w`'s walk is the free slot `e` whose distance along
+/// the walk, `(e - cur) * skip^-1 mod m`, is smallest. Removes it from
+/// `free`.
+fn search(free: &mut Vec<u32>, w: &mut Walker, md: Modulus) -> u32 {
+    if w.inv_skip == 0 {
+        w.inv_skip = md.inverse(w.skip);
+    }
+    let (m, cur, inv) = (md.m, w.cur, w.inv_skip);
+    // (distance << 32 | index): distances are distinct, so the minimum is
+    // unique whatever the order of `free`.
+    let mut best = u64::MAX;
+    for (k, &e) in free.iter().enumerate() {
+        let d = e.wrapping_sub(cur);
+        let d = d.min(d.wrapping_add(m)); // (e - cur) mod m
+        best = best.min(u64::from(md.mul(d, inv)) << 32 | k as u64);
+    }
+    let p = free.swap_remove(best as u32 as usize);
+    w.cur = add_mod(p, w.skip, m);
+    p
+}
+
+/// Arithmetic modulo `m < 2^31` without division (Barrett reduction).
+#[derive(Clone, Copy, Debug)]
+struct Modulus {
+    m: u32,
+    /// floor((2^64 - 1) / m)
+    mu: u64,
+}
+
+impl Modulus {
+    fn new(m: u32) -> Self {
+        Self {
+            m,
+            mu: u64::MAX / u64::from(m),
+        }
+    }
+
+    /// `a * b mod m` for `a, b < m`.
+    #[inline(always)]
+    fn mul(self, a: u32, b: u32) -> u32 {
+        let x = u64::from(a) * u64::from(b);
+        // mu <= 2^64 / m < mu + 2 and x < 2^62, so q is floor(x / m) or one
+        // less, and r < 2m < 2^32.
+        let q = ((u128::from(x) * u128::from(self.mu)) >> 64) as u64;
+        let r = (x - q * u64::from(self.m)) as u32;
+        r.min(r.wrapping_sub(self.m))
+    }
+
+    /// `a^-1 mod m` for `0 < a < m`, `m` prime (extended Euclid).
+    fn inverse(self, a: u32) -> u32 {
+        let (mut r0, mut r1) = (self.m, a);
+        let (mut t0, mut t1) = (0i64, 1i64);
+        while r1 != 0 {
+            let q = r0 / r1;
+            (r0, r1) = (r1, r0 - q * r1);
+            (t0, t1) = (t1, t0 - i64::from(q) * t1);
+        }
+        debug_assert_eq!(r0, 1, "{a} has no inverse modulo {}", self.m);
+        t0.rem_euclid(i64::from(self.m)) as u32
     }
 }
 
@@ -586,6 +710,116 @@ mod tests {
         }
         assert_eq!(seen.len(), 1000);
         assert_eq!(permutation(42, 2).1, 1);
+    }
+
+    /// Straightforward Maglev population: same targets and pacing, but
+    /// per-step `%`, probing of `slots` itself and no tail search.
+    fn reference(backends: &[MaglevBackend], m: u32) -> Vec<u32> {
+        let mut b = backends.to_vec();
+        b.sort_by_key(|b| b.key);
+        b.retain(|b| b.weight > 0);
+        let mut slots = vec![NO_BACKEND; m as usize];
+        let total: u64 = b.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return slots;
+        }
+        let targets = apportion(&b, m, total);
+        let n = targets.iter().filter(|&&t| t > 0).count() as u32;
+        let t_max = *targets.iter().max().unwrap();
+        let quantum = t_max.min((2 * m).div_ceil(n)).max(1);
+        let m64 = u64::from(m);
+        // (offset, skip, j, left, credit, target, id)
+        let mut st: Vec<_> = b
+            .iter()
+            .zip(&targets)
+            .map(|(b, &t)| {
+                let (o, s) = permutation(b.key, m);
+                (u64::from(o), u64::from(s), 0u64, t, quantum - 1, t, b.id)
+            })
+            .collect();
+        while st.iter().any(|s| s.3 > 0) {
+            for (o, s, j, left, credit, t, id) in st.iter_mut() {
+                if *left == 0 {
+                    continue;
+                }
+                *credit += *t;
+                while *credit >= quantum && *left > 0 {
+                    *credit -= quantum;
+                    *left -= 1;
+                    loop {
+                        let p = ((*o + *j * *s) % m64) as usize;
+                        *j += 1;
+                        if slots[p] == NO_BACKEND {
+                            slots[p] = *id;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        slots
+    }
+
+    #[test]
+    fn matches_reference_implementation() {
+        let cases: &[(usize, &[u32], u32)] = &[
+            (1, &[1], 2),
+            (2, &[1], 2),
+            (3, &[1], 3),
+            (3, &[1, 0, 5], 5),
+            (5, &[1, 2], 7),
+            (20, &[1], 13),
+            (10, &[3, 1, 4, 1, 5, 9, 2, 6], 1009),
+            (1, &[1], M),
+            (2, &[1], M),
+            (3, &[1], M),
+            (10, &[1], M),
+            (100, &[1], M),
+            (1000, &[1], M),
+            (100, &[1, 2, 3, 100], M),
+            (7, &[1, 1000], M),
+            (3, &[1, u32::MAX], M),
+        ];
+        for &(n, weights, m) in cases {
+            let b = backends(n, weights);
+            assert_eq!(
+                build(&b, m).slots(),
+                &reference(&b, m)[..],
+                "n={n} weights={weights:?} m={m}"
+            );
+        }
+    }
+
+    #[test]
+    fn modular_arithmetic() {
+        let mut r = 7u64;
+        for m in [2u32, 3, 5, 13, 65_537, 655_373, 1_000_003, 2_147_483_647] {
+            let md = Modulus::new(m);
+            let edge = [0, 1, m / 2, m - 2, m - 1];
+            for i in 0..2000 {
+                r = splitmix64(r);
+                let (a, b) = if i < 25 {
+                    (edge[i / 5].min(m - 1), edge[i % 5].min(m - 1))
+                } else {
+                    ((r % u64::from(m)) as u32, ((r >> 32) % u64::from(m)) as u32)
+                };
+                let want = (u64::from(a) * u64::from(b) % u64::from(m)) as u32;
+                assert_eq!(md.mul(a, b), want, "{a} * {b} mod {m}");
+                assert_eq!(
+                    add_mod(a, b, m),
+                    ((u64::from(a) + u64::from(b)) % u64::from(m)) as u32
+                );
+                if a != 0 {
+                    let inv = md.inverse(a);
+                    assert!(inv < m);
+                    assert_eq!(
+                        u64::from(a) * u64::from(inv) % u64::from(m),
+                        1,
+                        "{a}^-1 mod {m}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
