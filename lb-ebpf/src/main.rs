@@ -59,6 +59,9 @@ const ETH_P_8021AD: u16 = 0x88A8;
 const VLAN_HDR_LEN: usize = 4;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// More-fragments flag and fragment offset, in the 16-bit field as loaded
 /// from the wire (host order after `from_be_bytes`).
 const IP_MF_OR_OFFSET: u16 = 0x3FFF;
@@ -167,6 +170,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     // SAFETY: bounds checked by ptr_at.
     let [src_port, dst_port] = unsafe { *ports };
+    // A TCP SYN (without ACK) opens a new connection: it is steered by the
+    // ring even when a conntrack entry exists for its 5-tuple (a reused
+    // source port must follow the current ring, not a closed connection).
+    let new_connection = proto == IPPROTO_TCP && {
+        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds checked by ptr_at.
+        let flags = unsafe { *flags };
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
 
     let vip_key = VipKey {
         addr: dst,
@@ -192,7 +204,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // Established flow: honoured while its backend is usable and still
     // serves this VIP; otherwise it falls through to the ring.
     // SAFETY: the entry is copied out immediately.
-    let tracked = unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id);
+    let tracked = if new_connection {
+        None
+    } else {
+        unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id)
+    };
     let mut hit = false;
     let mut backend_id = NO_BACKEND;
     let mut backend: Option<&Backend> = None;

@@ -775,7 +775,7 @@ impl Agent {
                     true,
                 )
             }
-            Request::Stats => (v(&self.stats.view.clone()), false),
+            Request::Stats => (v(&self.fresh_stats()), false),
             Request::Explain { src, dst, protocol } => {
                 (v(&self.explain(src, dst, protocol)?), false)
             }
@@ -995,6 +995,18 @@ impl Agent {
         })
     }
 
+    /// Counters read now, rates over the time since the last periodic
+    /// sample (which stays the reference).
+    fn fresh_stats(&mut self) -> StatsView {
+        let prev = self.stats.prev.clone();
+        self.sample_stats();
+        let view = self.stats.view.clone();
+        if prev.is_some() {
+            self.stats.prev = prev;
+        }
+        view
+    }
+
     /// Reads the counters and updates rates (once a second).
     fn sample_stats(&mut self) {
         let now = Instant::now();
@@ -1063,15 +1075,17 @@ mod erased {
 type VipCounters = BTreeMap<String, lb_common::VipStats>;
 type BackendCounters = BTreeMap<(String, Ipv4Addr), (lb_common::BackendStats, String)>;
 
+type Sample = (
+    Instant,
+    VipCounters,
+    BackendCounters,
+    BTreeMap<&'static str, u64>,
+);
+
 /// Turns counter samples into rates.
 #[derive(Default)]
 struct StatsSampler {
-    prev: Option<(
-        Instant,
-        VipCounters,
-        BackendCounters,
-        BTreeMap<&'static str, u64>,
-    )>,
+    prev: Option<Sample>,
     view: StatsView,
 }
 

@@ -196,7 +196,7 @@ impl Datapath {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = Path::new(PIN_ROOT).join(format!(
-            ".private-{}-{}",
+            "private-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));

@@ -2,8 +2,11 @@
 //! program with its own pinned maps, and (later) network-namespace
 //! topologies.
 
+pub mod agent;
 pub mod fixture;
+pub mod netns;
 pub mod packet;
+pub mod servers;
 
 /// Fails the calling test loudly when not run as root: kernel tests are
 /// never skipped silently.

@@ -71,7 +71,7 @@ impl Ipv4Packet {
         f.extend_from_slice(&0x0800u16.to_be_bytes());
 
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let ihl = 20 + options.len();

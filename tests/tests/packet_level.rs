@@ -103,6 +103,37 @@ fn second_packet_of_a_flow_takes_the_same_backend_as_a_conntrack_hit() {
 }
 
 #[test]
+fn a_new_syn_follows_the_ring_even_over_an_old_conntrack_entry() {
+    let mut f = three_backends();
+    // Find a source port whose flow the ring sends to backend 1.
+    let port = (30_000..31_000u16)
+        .find(|&p| {
+            let key = FlowKey::new(CLIENT.to_bits(), p, VIP.to_bits(), 80, IPPROTO_TCP);
+            let ring = f.dp.read_ring(0, f.dp.sizes().ring_size).unwrap();
+            ring[lb_common::ring_slot(key.hash(), f.dp.sizes().ring_size) as usize] == 1
+        })
+        .unwrap();
+    let syn = Ipv4Packet::tcp(CLIENT, port, VIP, 80);
+    assert_eq!(backend_of_mac(&f.run(&syn.build()).frame), Some(1));
+    // The ring changes (1 leaves it, but stays usable: drained).
+    f.write_ring(0, &[(2, 1), (3, 1)]);
+    let mut ack = syn.clone();
+    ack.tcp_flags = TCP_ACK;
+    assert_eq!(
+        backend_of_mac(&f.run(&ack.build()).frame),
+        Some(1),
+        "established: conntrack"
+    );
+    // A new connection from the same port (a SYN) follows the ring.
+    let now = backend_of_mac(&f.run(&syn.build()).frame).unwrap();
+    assert!(now == 2 || now == 3, "SYN went to {now}");
+    // And its next packets stay there.
+    assert_eq!(backend_of_mac(&f.run(&ack.build()).frame), Some(now));
+    let s = f.dp.vip_stats(0).unwrap();
+    assert_eq!((s.new_flows, s.conntrack_hits), (2, 2));
+}
+
+#[test]
 fn thirty_thousand_flows_split_by_weight_1_1_2() {
     let mut f = Fixture::new();
     f.add_vip(0, tcp_vip(), &[(1, 1), (2, 1), (3, 2)]);
@@ -146,6 +177,14 @@ fn removing_a_backend_keeps_established_flows_on_the_survivors() {
     gone.flags = 0;
     f.dp.set_backend(3, gone).unwrap();
 
+    // The flows' next packets (ACKs: a SYN would open a new connection).
+    let flows: Vec<Vec<u8>> = (0..3000u16)
+        .map(|i| {
+            let mut p = Ipv4Packet::tcp(CLIENT, 20_000 + i, VIP, 80);
+            p.tcp_flags = TCP_ACK;
+            p.build()
+        })
+        .collect();
     let hits_before = f.dp.vip_stats(0).unwrap().conntrack_hits;
     let mut moved_from_3 = 0;
     for (p, &was) in flows.iter().zip(&before) {
@@ -316,7 +355,8 @@ fn every_truncation_of_a_vip_packet_is_passed_or_dropped_with_its_reason() {
 fn malformed_ipv4_headers_are_not_forwarded() {
     let f = three_backends();
     let good = Ipv4Packet::tcp(CLIENT, 40007, VIP, 80).build();
-    let cases: [(&str, fn(&mut Vec<u8>), &str); 4] = [
+    type Case = (&'static str, fn(&mut Vec<u8>), &'static str);
+    let cases: [Case; 4] = [
         ("IHL below 5", |p| p[14] = 0x44, "drop_malformed"),
         (
             "version 6 in an IPv4 frame",

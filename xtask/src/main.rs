@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <command>` (see `cargo xtask --help`).
 
+mod bench;
 mod setup;
 mod util;
 
@@ -60,6 +61,16 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Full setup, then the benchmarks as root (release build); report and
+    /// charts in target/bench.
+    Bench {
+        /// Fewer iterations (5 runs each): about a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Exit with 3 when a performance target is missed.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Full setup, then the whole test suite as root, one test at a time.
     Test {
         /// Extra arguments for the test binaries (after `--`).
@@ -111,6 +122,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Err(exec(cmd))
         }
         Command::Test { args } => test(&ctx, &args),
+        Command::Bench { quick, strict } => bench::bench(&ctx, quick, strict),
     }
 }
 

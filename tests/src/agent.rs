@@ -1,0 +1,262 @@
+//! The real `lb` binary run as an agent inside a test namespace, with a
+//! generated config, a private instance name and control socket; stopped
+//! and its pins removed on drop.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{ChildGuard, Netns, spawn_guarded};
+
+/// The `lb` binary: `LB_BIN` (set by `cargo xtask test`), else next to the
+/// test executable (target/debug/lb).
+pub fn lb_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join("lb");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("the lb binary was not found: build it (`cargo build -p lb-userspace`) or set LB_BIN");
+}
+
+/// One VIP of a generated config.
+#[derive(Clone, Debug)]
+pub struct VipSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// `(address, weight)`
+    pub backends: Vec<(Ipv4Addr, u32)>,
+    /// The `[vip.health_check]` table body, e.g. `kind = "none"`.
+    pub health_check: String,
+}
+
+impl VipSpec {
+    pub fn tcp(name: &str, address: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            port,
+            protocol: "tcp",
+            backends: backends.iter().map(|&a| (a, 1)).collect(),
+            health_check: "kind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2"
+                .into(),
+        }
+    }
+}
+
+/// Renders a config for `iface` with a private instance and socket.
+pub fn render_config(instance: &str, socket: &Path, iface: &str, vips: &[VipSpec]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "[agent]\ninstance = \"{instance}\"\ninterfaces = [\"{iface}\"]\ncontrol_socket = \"{}\"\nmax_vips = 4\nmax_backends = 64\nconntrack_entries = 65536\n",
+        socket.display()
+    );
+    for v in vips {
+        let _ = writeln!(
+            s,
+            "[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\n[vip.health_check]\n{}\n",
+            v.name, v.address, v.port, v.protocol, v.health_check
+        );
+        for (a, w) in &v.backends {
+            let _ = writeln!(s, "[[vip.backend]]\naddress = \"{a}\"\nweight = {w}\n");
+        }
+    }
+    s
+}
+
+/// A running agent.
+pub struct LbAgent {
+    pub instance: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    ns: String,
+    dir: PathBuf,
+    child: Option<ChildGuard>,
+    log: PathBuf,
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+impl LbAgent {
+    /// Writes `config_text` (which must use [`LbAgent::paths`]' instance
+    /// and socket) and starts `lb run` in `ns`.
+    pub fn start_with(
+        ns: &Netns,
+        paths: AgentPaths,
+        config_text: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        std::fs::write(&paths.config, config_text)
+            .with_context(|| format!("writing {}", paths.config.display()))?;
+        let mut agent = LbAgent {
+            instance: paths.instance,
+            socket: paths.socket,
+            config: paths.config,
+            ns: ns.name().to_string(),
+            dir: paths.dir,
+            child: None,
+            log: PathBuf::new(),
+        };
+        agent.spawn(extra)?;
+        Ok(agent)
+    }
+
+    /// Starts an agent in `ns` attached to `iface` with these VIPs.
+    pub fn start(ns: &Netns, iface: &str, vips: &[VipSpec]) -> Result<Self> {
+        let paths = AgentPaths::new()?;
+        let text = render_config(&paths.instance, &paths.socket, iface, vips);
+        Self::start_with(ns, paths, &text, &[])
+    }
+
+    /// (Re)starts the agent process with the same config and instance.
+    pub fn spawn(&mut self, extra: &[&str]) -> Result<()> {
+        if self.child.is_some() {
+            bail!("agent already running");
+        }
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        self.log = self.dir.join(format!("lb-{n}.log"));
+        let log = std::fs::File::create(&self.log)?;
+        let mut cmd = lb_in_ns(&self.ns);
+        cmd.arg("run").arg("--config").arg(&self.config).args(extra);
+        cmd.stdout(log.try_clone()?).stderr(log);
+        cmd.env("RUST_LOG", "info");
+        self.child = Some(spawn_guarded(cmd)?);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "lb run exited ({status}) during start:\n{}",
+                    self.log_text()
+                );
+            }
+            if self.cli(&["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "lb run did not answer on {} within {timeout:?}:\n{}",
+                    self.socket.display(),
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `lb ARGS` against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(lb_binary());
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd.stdin(Stdio::null());
+        cmd.output().context("running lb")
+    }
+
+    /// Runs `lb ARGS`, fails unless it succeeds, returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.cli(args)?;
+        if !o.status.success() {
+            bail!(
+                "lb {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// `lb ARGS --json`, parsed.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        Ok(serde_json::from_str(&self.cli_ok(&a)?)?)
+    }
+
+    /// Stops the agent with SIGTERM and waits for it (it detaches, unless
+    /// it was started with `--keep-datapath`). Returns its log.
+    pub fn stop(&mut self) -> Result<String> {
+        if let Some(c) = self.child.take() {
+            let status = c.stop(libc::SIGTERM, Duration::from_secs(10))?;
+            if !status.success() {
+                bail!("lb run exited with {status}:\n{}", self.log_text());
+            }
+        }
+        Ok(self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/lb").join(&self.instance)
+    }
+}
+
+impl Drop for LbAgent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            let _ = c.stop(libc::SIGTERM, Duration::from_secs(5));
+        }
+        // Whatever happened, leave no pinned link or map behind.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The private names of one agent: instance, socket, config path.
+pub struct AgentPaths {
+    pub instance: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn new() -> Result<Self> {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let instance = format!("t{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("lb-test-{instance}"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            socket: dir.join("lb.sock"),
+            config: dir.join("lb.toml"),
+            instance,
+            dir,
+        })
+    }
+}
+
+/// `lb` run inside `ns`'s network namespace, keeping the mount namespace:
+/// `ip netns exec` would remount /sys, and bpffs pins made under it would
+/// vanish with the process.
+pub fn lb_in_ns(ns: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{ns}"))
+        .arg("--")
+        .arg(lb_binary());
+    cmd.stdin(Stdio::null());
+    cmd
+}

@@ -1,0 +1,547 @@
+//! End-to-end behaviour in network namespaces: a real client, the real `lb`
+//! agent attached to the lb namespace's veth, real servers on the backends
+//! replying directly to the client (DSR). Needs root. Each test builds its
+//! own topology and removes it, also when it fails.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lb_tests::{
+    agent::{AgentPaths, LbAgent, VipSpec, lb_in_ns, render_config},
+    netns::{ChildGuard, Topology},
+    require_root,
+    servers::{
+        ServerKind, backend_name, http_get_from, spawn_on_backends, spawn_server, tcp_connect,
+        udp_request_from,
+    },
+};
+
+const PORT: u16 = 80;
+const T: Duration = Duration::from_secs(3);
+
+fn vip_addr(topo: &Topology) -> SocketAddrV4 {
+    SocketAddrV4::new(topo.vip(), PORT)
+}
+
+fn backends(topo: &Topology) -> Vec<Ipv4Addr> {
+    (0..topo.backend_count())
+        .map(|i| topo.backend_addr(i))
+        .collect()
+}
+
+/// A topology with HTTP servers on every backend and an agent in front.
+struct Setup {
+    // Field order is drop order: agent and servers before the namespaces.
+    agent: LbAgent,
+    servers: Vec<ChildGuard>,
+    topo: Topology,
+}
+
+fn setup(n: usize, weights: Option<&[u32]>) -> Result<Setup> {
+    require_root();
+    let topo = Topology::with_backends(n)?;
+    let servers = spawn_on_backends(&topo, ServerKind::Http, PORT)?;
+    let mut vip = VipSpec::tcp("web", topo.vip(), PORT, &backends(&topo));
+    if let Some(w) = weights {
+        for (b, w) in vip.backends.iter_mut().zip(w) {
+            b.1 = *w;
+        }
+    }
+    let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
+    Ok(Setup {
+        agent,
+        servers,
+        topo,
+    })
+}
+
+/// GETs from the client namespace from each source port; returns the
+/// backend name that answered per port (every request must succeed).
+fn get_from_ports(topo: &Topology, ports: Vec<u16>) -> Result<Vec<(u16, String)>> {
+    let vip = vip_addr(topo);
+    topo.client_ns().run(move || {
+        ports
+            .into_iter()
+            .map(|p| {
+                let body =
+                    http_get_from(Some(p), vip, T).with_context(|| format!("GET from port {p}"))?;
+                Ok((p, body.trim().to_string()))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?
+}
+
+fn shares(answers: &[(u16, String)]) -> BTreeMap<String, f64> {
+    let mut counts = BTreeMap::<String, usize>::new();
+    for (_, b) in answers {
+        *counts.entry(b.clone()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, v)| (k, 100.0 * v as f64 / answers.len() as f64))
+        .collect()
+}
+
+#[test]
+fn distribution_over_three_equal_backends() -> Result<()> {
+    let s = setup(3, None)?;
+    let answers = get_from_ports(&s.topo, (20_000..23_000).collect())?;
+    let sh = shares(&answers);
+    for i in 0..3 {
+        let got = sh.get(&backend_name(i)).copied().unwrap_or(0.0);
+        ensure!(
+            (got - 33.33).abs() <= 5.0,
+            "backend {i}: {got:.1}% ({sh:?})"
+        );
+    }
+    // The kernel counted those flows: one new flow per connection.
+    let stats = s.agent.json(&["stats"])?;
+    let new_flows = stats["vips"][0]["new_flows"].as_u64().unwrap_or(0);
+    ensure!(new_flows >= 3000, "new flows counted: {new_flows}");
+    Ok(())
+}
+
+#[test]
+fn same_source_port_lands_on_the_same_backend() -> Result<()> {
+    let s = setup(3, None)?;
+    for port in [30_001u16, 30_002, 30_003, 30_004, 30_005] {
+        let answers = get_from_ports(&s.topo, vec![port; 10])?;
+        let first = &answers[0].1;
+        ensure!(
+            answers.iter().all(|(_, b)| b == first),
+            "port {port}: {answers:?}"
+        );
+        // And lb explain predicts it with the kernel's hash.
+        let e = s.agent.json(&[
+            "explain",
+            &format!("{}:{port}", s.topo.client_addr()),
+            &vip_addr(&s.topo).to_string(),
+            "tcp",
+        ])?;
+        let predicted = e["ring_backend"].as_str().unwrap_or("").to_string();
+        let i: usize = first.trim_start_matches("backend-").parse()?;
+        ensure!(
+            predicted == s.topo.backend_addr(i).to_string(),
+            "explain says {predicted}, {first} answered"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn weights_one_to_three() -> Result<()> {
+    let s = setup(2, Some(&[1, 3]))?;
+    let answers = get_from_ports(&s.topo, (21_000..23_000).collect())?;
+    let sh = shares(&answers);
+    let b0 = sh.get(&backend_name(0)).copied().unwrap_or(0.0);
+    let b1 = sh.get(&backend_name(1)).copied().unwrap_or(0.0);
+    ensure!(
+        (b0 - 25.0).abs() <= 5.0 && (b1 - 75.0).abs() <= 5.0,
+        "{sh:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_fourth_backend_takes_a_quarter_of_the_source_ports() -> Result<()> {
+    let mut s = setup(3, None)?;
+    let ports: Vec<u16> = (24_000..26_000).collect();
+    let before = get_from_ports(&s.topo, ports.clone())?;
+    let i = s.topo.add_backend()?;
+    let addr = s.topo.backend_addr(i);
+    s.servers.push(spawn_server(
+        s.topo.backend_ns(i),
+        ServerKind::Http,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        &backend_name(i),
+    )?);
+    s.agent
+        .cli_ok(&["backend", "add", "web", &addr.to_string()])?;
+    wait_health(&s.agent, addr, "up", Duration::from_secs(10))?;
+    let after = get_from_ports(&s.topo, ports)?;
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.1 != a.1)
+        .collect::<Vec<_>>();
+    let to_new = moved.iter().filter(|(_, a)| a.1 == backend_name(i)).count();
+    let pct = 100.0 * to_new as f64 / before.len() as f64;
+    ensure!(
+        (20.0..=30.0).contains(&pct),
+        "{pct:.1}% moved to the new backend"
+    );
+    // Maglev is near-minimal: almost nothing moves between old backends.
+    let between_old = moved.len() - to_new;
+    ensure!(
+        between_old * 100 <= before.len(),
+        "{between_old} ports moved between old backends"
+    );
+    Ok(())
+}
+
+/// Waits (bounded) until `lb backend list` shows `addr` with `health`.
+fn wait_health(agent: &LbAgent, addr: Ipv4Addr, health: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = agent.json(&["backend", "list"])?;
+        let now = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["address"] == addr.to_string())
+            .map(|b| b["health"].as_str().unwrap_or("").to_string());
+        if now.as_deref() == Some(health) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{addr} is {now:?}, not {health}, after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn failover_and_rejoin() -> Result<()> {
+    let mut s = setup(3, None)?;
+    let victim = s.topo.backend_addr(1);
+    // Kill backend 1's server: after `fall` checks it is down.
+    let server = s.servers.remove(1);
+    server.kill()?;
+    wait_health(&s.agent, victim, "down", Duration::from_secs(10))?;
+    // From now on no connection fails and none goes to backend 1.
+    let answers = get_from_ports(&s.topo, (26_000..26_600).collect())?;
+    ensure!(
+        answers.iter().all(|(_, b)| b != &backend_name(1)),
+        "a connection went to the dead backend"
+    );
+    // Restart it: it rejoins after `rise` checks and gets traffic again.
+    s.servers.push(spawn_server(
+        s.topo.backend_ns(1),
+        ServerKind::Http,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        &backend_name(1),
+    )?);
+    wait_health(&s.agent, victim, "up", Duration::from_secs(10))?;
+    let answers = get_from_ports(&s.topo, (27_000..27_600).collect())?;
+    let back = answers
+        .iter()
+        .filter(|(_, b)| b == &backend_name(1))
+        .count();
+    ensure!(
+        back > 100,
+        "only {back} of 600 connections reached the rejoined backend"
+    );
+    Ok(())
+}
+
+/// A long-lived connection through the VIP to a `stream` (echo) server:
+/// writes a chunk, reads it back, checks every byte.
+struct Stream {
+    conn: std::net::TcpStream,
+    sent: u64,
+}
+
+impl Stream {
+    fn roundtrip(&mut self, n: usize) -> Result<()> {
+        let chunk: Vec<u8> = (0..n)
+            .map(|i| ((self.sent as usize + i) % 251) as u8)
+            .collect();
+        self.conn
+            .write_all(&chunk)
+            .context("write on the long-lived connection")?;
+        let mut back = vec![0u8; n];
+        self.conn
+            .read_exact(&mut back)
+            .context("read on the long-lived connection (reset or lost bytes?)")?;
+        ensure!(back == chunk, "echoed bytes differ at offset {}", self.sent);
+        self.sent += n as u64;
+        Ok(())
+    }
+}
+
+const STREAM_PORT: u16 = 7000;
+
+#[test]
+fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
+    require_root();
+    let mut topo = Topology::with_backends(3)?;
+    let mut servers = spawn_on_backends(&topo, ServerKind::Stream, STREAM_PORT)?;
+    let mut vip = VipSpec::tcp("stream", topo.vip(), STREAM_PORT, &backends(&topo));
+    vip.health_check =
+        "kind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2".into();
+    let paths = AgentPaths::new()?;
+    let text = render_config(&paths.instance, &paths.socket, &topo.lb_iface(), &[vip]);
+    let mut agent = LbAgent::start_with(topo.lb_ns(), paths, &text, &["--keep-datapath"])?;
+    let vip_sa = SocketAddrV4::new(topo.vip(), STREAM_PORT);
+
+    // A socket made in the client namespace stays there wherever it is
+    // used: the test drives it from this thread.
+    let conn = topo
+        .client_ns()
+        .run(move || tcp_connect(Some(40_000), vip_sa, T))??;
+    conn.set_read_timeout(Some(T))?;
+    let mut stream = Stream { conn, sent: 0 };
+    let mut step = |what: &str| -> Result<u64> {
+        stream
+            .roundtrip(64 * 1024)
+            .with_context(|| format!("after {what}"))?;
+        Ok(stream.sent)
+    };
+    step("connecting")?;
+    // Which backend serves it?
+    let e = agent.json(&[
+        "explain",
+        &format!("{}:40000", topo.client_addr()),
+        &vip_sa.to_string(),
+        "tcp",
+    ])?;
+    let serving: Ipv4Addr = e["backend"].as_str().unwrap_or_default().parse()?;
+    step("finding the backend")?;
+
+    // Add a fourth backend.
+    let i = topo.add_backend()?;
+    servers.push(spawn_server(
+        topo.backend_ns(i),
+        ServerKind::Stream,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, STREAM_PORT),
+        &backend_name(i),
+    )?);
+    agent.cli_ok(&[
+        "backend",
+        "add",
+        "stream",
+        &topo.backend_addr(i).to_string(),
+    ])?;
+    wait_health(&agent, topo.backend_addr(i), "up", Duration::from_secs(10))?;
+    step("adding a backend")?;
+    // Drain another backend, remove a third one (neither serves our flow).
+    let others: Vec<Ipv4Addr> = backends(&topo)
+        .into_iter()
+        .filter(|a| *a != serving && *a != topo.backend_addr(i))
+        .collect();
+    agent.cli_ok(&["backend", "drain", "stream", &others[0].to_string()])?;
+    step("draining a backend")?;
+    agent.cli_ok(&["backend", "remove", "stream", &others[1].to_string()])?;
+    step("removing a backend")?;
+    // Change the weight of the serving backend.
+    agent.cli_ok(&["backend", "set-weight", "stream", &serving.to_string(), "5"])?;
+    step("changing its weight")?;
+
+    // Restart the agent with --keep-datapath: the pinned link keeps
+    // forwarding while no agent runs.
+    let log = agent.stop()?;
+    ensure!(log.contains("left attached"), "agent log:\n{log}");
+    ensure!(agent.pin_dir().join("CONNTRACK").exists());
+    let tracked = pinned_conntrack_len(&agent.pin_dir())?;
+    ensure!(tracked >= 1, "conntrack entries after the stop: {tracked}");
+    step("stopping the agent (data path left running)")?;
+    // The new agent runs without --keep-datapath: its stop is a clean one.
+    agent.spawn(&[])?;
+    let status = agent.json(&["status"])?;
+    ensure!(status["restored"] == true, "{status}");
+    ensure!(
+        pinned_conntrack_len(&agent.pin_dir())? >= tracked,
+        "conntrack entries lost across the restart"
+    );
+    let sent = step("restarting the agent")?;
+    ensure!(sent == 8 * 64 * 1024, "bytes echoed: {sent}");
+    // Clean stop: detaches and unpins.
+    agent.stop()?;
+    let attached = topo.lb_ns().ip(["link", "show", &topo.lb_iface()])?;
+    ensure!(
+        !String::from_utf8_lossy(&attached.stdout).contains("prog/xdp"),
+        "still attached after a clean stop"
+    );
+    ensure!(!agent.pin_dir().exists(), "pins left after a clean stop");
+    Ok(())
+}
+
+/// Number of entries in a pinned CONNTRACK map.
+fn pinned_conntrack_len(pin_dir: &std::path::Path) -> Result<usize> {
+    let data = aya::maps::MapData::from_pin(pin_dir.join("CONNTRACK"))?;
+    let map = aya::maps::Map::HashMap(data);
+    let ct: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::FlowEntry> =
+        aya::maps::HashMap::try_from(map)?;
+    Ok(ct.keys().filter(|k| k.is_ok()).count())
+}
+
+#[test]
+fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
+    require_root();
+    let topo = Topology::with_backends(3)?;
+    let _servers = spawn_on_backends(&topo, ServerKind::Stream, STREAM_PORT)?;
+    let _http = spawn_on_backends(&topo, ServerKind::Http, PORT)?;
+    let vips = [
+        VipSpec::tcp("stream", topo.vip(), STREAM_PORT, &backends(&topo)),
+        VipSpec::tcp("web", topo.vip(), PORT, &backends(&topo)),
+    ];
+    let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &vips)?;
+    let vip_sa = SocketAddrV4::new(topo.vip(), STREAM_PORT);
+    let client_addr = topo.client_addr();
+    let e = agent.json(&[
+        "explain",
+        &format!("{client_addr}:41000"),
+        &vip_sa.to_string(),
+        "tcp",
+    ])?;
+    let serving: Ipv4Addr = e["ring_backend"].as_str().unwrap_or_default().parse()?;
+    let serving_name = backend_name(backends(&topo).iter().position(|a| *a == serving).unwrap());
+    let web = vip_addr(&topo);
+    let conn = topo
+        .client_ns()
+        .run(move || tcp_connect(Some(41_000), vip_sa, T))??;
+    conn.set_read_timeout(Some(T))?;
+    let mut stream = Stream { conn, sent: 0 };
+    stream.roundtrip(1000)?;
+    // Drain the backend of the stream VIP's flow and of the web VIP.
+    agent.cli_ok(&["backend", "drain", "stream", &serving.to_string()])?;
+    agent.cli_ok(&["backend", "drain", "web", &serving.to_string()])?;
+    // New web connections avoid it.
+    let answers = topo.client_ns().run(move || {
+        (28_000..28_300u16)
+            .map(|p| http_get_from(Some(p), web, T).map(|b| b.trim().to_string()))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    ensure!(
+        answers.iter().all(|b| *b != serving_name),
+        "a new connection went to the drained backend"
+    );
+    let list = agent.json(&["backend", "list", "--vip", "web"])?;
+    let drained = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["address"] == serving.to_string())
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        drained["state"] == "drain" && drained["slots"] == 0,
+        "{drained}"
+    );
+    // Its established flow still goes to it: explain says conntrack.
+    let e = agent.json(&[
+        "explain",
+        &format!("{client_addr}:41000"),
+        &vip_sa.to_string(),
+        "tcp",
+    ])?;
+    ensure!(e["backend"] == serving.to_string(), "{e}");
+    ensure!(
+        e["reason"].as_str().unwrap_or("").contains("conntrack"),
+        "{e}"
+    );
+    // And it keeps working, all bytes echoed.
+    stream.roundtrip(64 * 1024)?;
+    Ok(())
+}
+
+#[test]
+fn udp_flow_reaches_one_backend_and_replies_reach_the_client() -> Result<()> {
+    require_root();
+    let topo = Topology::with_backends(3)?;
+    let _servers = spawn_on_backends(&topo, ServerKind::UdpEcho, 5353)?;
+    let mut vip = VipSpec::tcp("dns", topo.vip(), 5353, &backends(&topo));
+    vip.protocol = "udp";
+    vip.health_check = "kind = \"none\"".into();
+    let _agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
+    let sa = SocketAddrV4::new(topo.vip(), 5353);
+    let replies = topo.client_ns().run(move || {
+        (0..20)
+            .map(|i| udp_request_from(Some(45_000), sa, format!("q{i}").as_bytes(), T))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    let names: Vec<String> = replies
+        .iter()
+        .map(|r| {
+            String::from_utf8_lossy(r)
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    ensure!(names[0].starts_with("backend-"), "{names:?}");
+    ensure!(
+        names.iter().all(|n| *n == names[0]),
+        "one flow, several backends: {names:?}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&replies[3]).ends_with("q3"),
+        "echo payload"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_lb_hosts_own_traffic_keeps_working() -> Result<()> {
+    let s = setup(2, None)?;
+    // A TCP server on the lb host's own address, and ping.
+    let _own = spawn_server(
+        s.topo.lb_ns(),
+        ServerKind::Http,
+        SocketAddrV4::new(s.topo.lb_addr(), 8080),
+        "lb-host",
+    )?;
+    let addr = SocketAddrV4::new(s.topo.lb_addr(), 8080);
+    let bodies = s.topo.client_ns().run(move || {
+        (0..20)
+            .map(|_| lb_tests::servers::http_get(addr, T))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    ensure!(bodies.iter().all(|b| b.trim() == "lb-host"));
+    s.topo
+        .client_ns()
+        .exec(["ping", "-c", "2", "-W", "2", &s.topo.lb_addr().to_string()])?;
+    let stats = s.agent.json(&["stats"])?;
+    let passed = stats["reasons"]["pass_not_vip"][0].as_u64().unwrap_or(0);
+    ensure!(
+        passed > 0,
+        "the host's traffic passed through lb's program: {stats}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_fails_and_attaches_nothing() -> Result<()> {
+    require_root();
+    let topo = Topology::with_backends(1)?;
+    let paths = AgentPaths::new()?;
+    let mut text = render_config(
+        &paths.instance,
+        &paths.socket,
+        &topo.lb_iface(),
+        &[VipSpec::tcp("web", topo.vip(), PORT, &backends(&topo))],
+    );
+    text = text.replace("weight = 1", "weight = 0");
+    std::fs::write(&paths.config, &text)?;
+    let out = lb_in_ns(topo.lb_ns().name())
+        .arg("run")
+        .arg("--config")
+        .arg(&paths.config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&paths.dir);
+    ensure!(!out.status.success(), "lb run accepted a bad config");
+    ensure!(
+        stderr.contains("weight") && stderr.contains("lb.toml:"),
+        "error does not name file and field: {stderr}"
+    );
+    let link = topo.lb_ns().ip(["link", "show", &topo.lb_iface()])?;
+    ensure!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "XDP attached"
+    );
+    ensure!(
+        !std::path::Path::new("/sys/fs/bpf/lb")
+            .join(&paths.instance)
+            .exists(),
+        "maps pinned by a rejected start"
+    );
+    Ok(())
+}
