@@ -40,6 +40,8 @@ pub mod program_names {
     /// Parse Ethernet/IPv4/TCP, swap MACs, `XDP_TX`: the per-packet floor
     /// that benchmarks compare the balancer against.
     pub const FLOOR: &str = "lb_floor";
+    /// Returns `XDP_TX` untouched: the end-to-end benchmark's generator.
+    pub const GEN_TX: &str = "lb_gen_tx";
     /// Returns `XDP_PASS` and nothing else: measures the fixed cost of one
     /// BPF_PROG_TEST_RUN call, to be subtracted from per-call timings.
     pub const RETURN_ONLY: &str = "lb_return";
@@ -93,7 +95,7 @@ impl VipKey {
 
 /// Value of the VIP map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
     /// Index into VIP_STATS, and the VIP's identity in backend entries.
     pub index: u32,
@@ -106,6 +108,63 @@ pub struct VipInfo {
 
 /// The entry marks a VIP address, not a service.
 pub const VIP_FLAG_ADDR_ONLY: u32 = 1;
+
+/// One slot of the VIP table: an open-addressing hash table kept in a BPF
+/// array, so that the fast path finds a VIP with inlined array loads and a
+/// few compares instead of a hash-map helper call. Written only by the
+/// agent; see [`vip_table_index`] for where a key lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub info: VipInfo,
+}
+
+impl Default for VipKey {
+    fn default() -> Self {
+        VIP_SLOT_EMPTY
+    }
+}
+
+/// A slot never used: a lookup stops here (no VIP has address 0.0.0.0).
+pub const VIP_SLOT_EMPTY: VipKey = VipKey {
+    addr: 0,
+    port: 0,
+    proto: 0,
+    _pad: 0,
+};
+
+/// A slot whose VIP was removed: a lookup goes on past it.
+pub const VIP_SLOT_TOMBSTONE: VipKey = VipKey {
+    addr: u32::MAX,
+    port: 0,
+    proto: 0,
+    _pad: 0,
+};
+
+/// A key is at most this many slots after its home slot.
+pub const VIP_TABLE_PROBES: u32 = 8;
+
+/// Table size for `max_vips` services (two entries each: the service and
+/// its address marker), a power of two at most 1/4 full.
+pub const fn vip_table_size(max_vips: u32) -> u32 {
+    let want = max_vips.saturating_mul(8);
+    let size = if want < 64 { 64 } else { want };
+    size.next_power_of_two()
+}
+
+/// Home slot of `key` in a table of `mask + 1` slots.
+#[inline(always)]
+pub fn vip_table_index(key: &VipKey, mask: u32) -> u32 {
+    // murmur3's finalizer over address, port and protocol.
+    let mut h = key.addr ^ ((key.port as u32) << 8 | key.proto as u32).wrapping_mul(0x9E37_79B1);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^= h >> 16;
+    h & mask
+}
 
 /// Value of the backend array, indexed by backend id.
 #[repr(C)]
@@ -139,8 +198,9 @@ pub struct FlowKey {
     pub dst_addr: u32,
     pub src_port: u16,
     pub dst_port: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
+    /// The IP protocol number, widened so that the key is four 32-bit
+    /// words (no padding bytes for the fast path to clear one by one).
+    pub proto: u32,
 }
 
 impl FlowKey {
@@ -151,8 +211,7 @@ impl FlowKey {
             dst_addr: dst.to_be(),
             src_port: src_port.to_be(),
             dst_port: dst_port.to_be(),
-            proto,
-            _pad: [0; 3],
+            proto: proto as u32,
         }
     }
 
@@ -164,7 +223,7 @@ impl FlowKey {
             self.dst_addr,
             self.src_port,
             self.dst_port,
-            self.proto,
+            self.proto as u8,
         )
     }
 }
@@ -263,6 +322,7 @@ impl Reason {
 const _: () = {
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
+    assert!(size_of::<VipSlot>() == 24);
     assert!(size_of::<Backend>() == 28);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowEntry>() == 8);
@@ -306,6 +366,7 @@ mod pod {
     // arrays, and have no implicit padding (sizes asserted above).
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
@@ -342,6 +403,19 @@ mod tests {
         for b in buckets {
             assert!(b.abs_diff(mean) < mean / 10, "{buckets:?}");
         }
+    }
+
+    #[test]
+    fn vip_table_homes_spread_services_of_one_address() {
+        // 16 ports of one address in a 64-slot table: no slot is home to
+        // more than 3 of them.
+        let mut homes = [0u32; 64];
+        for port in 1000..1016 {
+            homes[vip_table_index(&VipKey::new(0xC613_0001, port, IPPROTO_TCP), 63) as usize] += 1;
+        }
+        assert!(homes.iter().all(|&n| n <= 3), "{homes:?}");
+        assert_eq!(vip_table_size(4), 64);
+        assert_eq!(vip_table_size(64), 512);
     }
 
     #[test]

@@ -12,13 +12,14 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     BACKEND_FLAG_USABLE, Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND,
-    Reason, VipInfo, VipKey, VipStats, ring_slot,
+    Reason, VIP_TABLE_PROBES, VipInfo, VipKey, VipSlot, VipStats, ring_slot, vip_table_index,
+    vip_table_size,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -26,9 +27,14 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 // restarted agent finds the same maps (and the flows in CONNTRACK).
 // Sizes here are defaults; the agent sets them at load time.
 
-/// (addr, port, proto) → VIP; plus one address-only marker per VIP address.
+/// (addr, port, proto) → VIP, plus one address-only marker per VIP
+/// address: an open-addressing table in an array (see lb_common::VipSlot).
 #[map]
-static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(DEFAULT_MAX_VIPS * 2, 0);
+static VIPS: Array<VipSlot> = Array::pinned(vip_table_size(DEFAULT_MAX_VIPS), 0);
+
+/// VIPS has `VIP_TABLE_MASK + 1` slots; set by the agent at load time.
+#[unsafe(no_mangle)]
+static VIP_TABLE_MASK: u32 = vip_table_size(DEFAULT_MAX_VIPS) - 1;
 
 #[map]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
@@ -52,6 +58,10 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 /// Egress interfaces other than the ingress one, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
+
+/// Per-CPU LRU lists: inserts take no global lock (a flow stays on the
+/// CPU its NIC queue hashes it to, as Katran's per-CPU LRUs assume).
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -95,18 +105,33 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Finds `key` in the VIP table: a few inlined array loads.
+#[inline(always)]
+fn find_vip(key: &VipKey) -> Option<VipInfo> {
+    // SAFETY: a read-only global set at load time.
+    let mask = unsafe { core::ptr::read_volatile(&VIP_TABLE_MASK) };
+    let home = vip_table_index(key, mask);
+    for i in 0..VIP_TABLE_PROBES {
+        let slot = VIPS.get((home + i) & mask)?;
+        if slot.key.addr == 0 {
+            return None;
+        }
+        if slot.key == *key {
+            return Some(slot.info);
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn is_vip_addr(addr: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe {
-        VIPS.get(&VipKey {
-            addr,
-            port: 0,
-            proto: 0,
-            _pad: 0,
-        })
-        .is_some()
-    }
+    find_vip(&VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        _pad: 0,
+    })
+    .is_some()
 }
 
 /// The reason for a packet that cannot be steered: dropped when it is
@@ -170,26 +195,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     // SAFETY: bounds checked by ptr_at.
     let [src_port, dst_port] = unsafe { *ports };
-    // A TCP SYN (without ACK) opens a new connection: it is steered by the
-    // ring even when a conntrack entry exists for its 5-tuple (a reused
-    // source port must follow the current ring, not a closed connection).
-    let new_connection = proto == IPPROTO_TCP && {
-        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::PassMalformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        let flags = unsafe { *flags };
-        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    };
-
     let vip_key = VipKey {
         addr: dst,
         port: dst_port,
         proto,
         _pad: 0,
     };
-    // SAFETY: the value is copied out before any other map call.
-    let vip = match unsafe { VIPS.get(&vip_key) } {
-        Some(v) => *v,
-        None => return Err(Reason::PassNotVip),
+    let vip = find_vip(&vip_key).ok_or(Reason::PassNotVip)?;
+    // A TCP SYN (without ACK) opens a new connection: it is steered by the
+    // ring even when a conntrack entry exists for its 5-tuple (a reused
+    // source port must follow the current ring, not a closed connection).
+    let new_connection = proto == IPPROTO_TCP && {
+        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::DropMalformed)?;
+        // SAFETY: bounds checked by ptr_at.
+        let flags = unsafe { *flags };
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     };
 
     let flow = FlowKey {
@@ -197,8 +217,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_addr: dst,
         src_port,
         dst_port,
-        proto,
-        _pad: [0; 3],
+        proto: proto as u32,
     };
 
     // Established flow: honoured while its backend is usable and still
@@ -263,10 +282,19 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
-    // SAFETY: eth was bounds checked above.
+    // Both MACs as 32- and 16-bit stores: a 6-byte array copy compiles to
+    // a byte-by-byte memmove subprogram call in BPF.
+    let [d0, d1, d2, d3, d4, d5] = backend.dst_mac;
+    let [s0, s1, s2, s3, s4, s5] = backend.src_mac;
+    let frame = eth as *mut u8;
+    // SAFETY: the 14-byte Ethernet header was bounds checked above; XDP
+    // data is at least 2-byte aligned, and unaligned stores are fine on
+    // the architectures lb supports.
     unsafe {
-        (*eth).dst_addr = backend.dst_mac;
-        (*eth).src_addr = backend.src_mac;
+        (frame as *mut u32).write_unaligned(u32::from_ne_bytes([d0, d1, d2, d3]));
+        (frame.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([d4, d5]));
+        (frame.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([s0, s1]));
+        (frame.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([s2, s3, s4, s5]));
     }
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)
@@ -298,12 +326,33 @@ fn floor(ctx: &XdpContext) -> Option<u32> {
     }
     let ihl = ((ip.vihl & 0x0F) as usize) * 4;
     let _ports: *const [u16; 2] = ptr_at(ctx, EthHdr::LEN + ihl)?;
+    // Swapped with 32- and 16-bit moves, as lb_xdp rewrites its MACs
+    // (a 6-byte array copy would be a byte-loop subprogram call).
+    let frame = eth as *mut u8;
+    // SAFETY: the Ethernet header was bounds checked.
     unsafe {
-        let d = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = d;
+        let d0 = (frame as *const u32).read_unaligned();
+        let d1 = (frame.add(4) as *const u16).read_unaligned();
+        let s0 = (frame.add(6) as *const u16).read_unaligned();
+        let s1 = (frame.add(8) as *const u32).read_unaligned();
+        let [a, b, c, d] = s1.to_ne_bytes();
+        let [e, f] = s0.to_ne_bytes();
+        let [g, h, i, j] = d0.to_ne_bytes();
+        let [k, l] = d1.to_ne_bytes();
+        // New dst = old src (bytes 6..12), new src = old dst (bytes 0..6).
+        (frame as *mut u32).write_unaligned(u32::from_ne_bytes([e, f, a, b]));
+        (frame.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([c, d]));
+        (frame.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([g, h]));
+        (frame.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([i, j, k, l]));
     }
     Some(XDP_TX)
+}
+
+/// Returns `XDP_TX` without touching the frame: the traffic generator of
+/// the end-to-end benchmark (BPF_PROG_TEST_RUN with live frames).
+#[xdp]
+pub fn lb_gen_tx(_ctx: XdpContext) -> u32 {
+    XDP_TX
 }
 
 /// Only returns: the fixed cost of one BPF_PROG_TEST_RUN call.

@@ -16,8 +16,8 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, BackendStats, FlowEntry, FlowKey, Reason, VipInfo, VipKey, VipStats, map_names,
-    program_names,
+    Backend, BackendStats, FlowEntry, FlowKey, Reason, VIP_SLOT_EMPTY, VIP_SLOT_TOMBSTONE, VipInfo,
+    VipKey, VipSlot, VipStats, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -50,6 +50,10 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error(
+        "the VIP table ({slots} slots) has no free slot near this VIP's home slot; raise max_vips"
+    )]
+    VipTableFull { slots: usize },
     #[error("map TX_PORTS: {0}")]
     TxPort(String),
     #[error("interface {0} does not exist")]
@@ -141,6 +145,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     sizes: MapSizes,
+    /// Mirror of the VIPS array (the agent is its only writer).
+    vip_table: Vec<VipSlot>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -160,9 +166,11 @@ impl Datapath {
             source,
         })?;
         let ring_elems = sizes.max_vips.saturating_mul(sizes.ring_size);
+        let vip_slots = lb_common::vip_table_size(sizes.max_vips);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_max_entries(map_names::VIPS, sizes.max_vips * 2)
+            .map_max_entries(map_names::VIPS, vip_slots)
+            .override_global("VIP_TABLE_MASK", &(vip_slots - 1), true)
             .map_max_entries(map_names::BACKENDS, sizes.max_backends)
             .map_max_entries(map_names::RINGS, ring_elems)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries)
@@ -173,6 +181,7 @@ impl Datapath {
             program_names::BALANCER,
             program_names::FLOOR,
             program_names::RETURN_ONLY,
+            program_names::GEN_TX,
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -182,10 +191,20 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        let vip_table = {
+            let map: Array<&MapData, VipSlot> =
+                Array::try_from(ebpf.map(map_names::VIPS).expect("map is in the object"))
+                    .map_err(map_err(map_names::VIPS))?;
+            (0..vip_slots)
+                .map(|i| map.get(&i, 0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err(map_names::VIPS))?
+        };
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.into(),
             sizes,
+            vip_table,
         })
     }
 
@@ -265,30 +284,97 @@ impl Datapath {
         self.ebpf.map(name).expect("map is in the object")
     }
 
-    fn vips_mut(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipInfo>> {
-        HashMap::try_from(self.map_mut(map_names::VIPS)).map_err(map_err(map_names::VIPS))
+    fn vip_array_mut(&mut self) -> Result<Array<&mut MapData, VipSlot>> {
+        Array::try_from(self.map_mut(map_names::VIPS)).map_err(map_err(map_names::VIPS))
     }
 
+    fn write_vip_slot(&mut self, i: u32, slot: VipSlot) -> Result<()> {
+        self.vip_array_mut()?
+            .set(i, slot, 0)
+            .map_err(map_err(map_names::VIPS))?;
+        self.vip_table[i as usize] = slot;
+        Ok(())
+    }
+
+    /// The probe sequence of `key`: (slot index, slot) pairs.
+    fn vip_probe(&self, key: &VipKey) -> impl Iterator<Item = (u32, VipSlot)> + '_ {
+        let mask = self.vip_table.len() as u32 - 1;
+        let home = lb_common::vip_table_index(key, mask);
+        (0..lb_common::VIP_TABLE_PROBES).map(move |i| {
+            let at = (home + i) & mask;
+            (at, self.vip_table[at as usize])
+        })
+    }
+
+    fn find_vip_slot(&self, key: &VipKey) -> Option<u32> {
+        for (at, slot) in self.vip_probe(key) {
+            if slot.key == VIP_SLOT_EMPTY {
+                return None;
+            }
+            if slot.key == *key {
+                return Some(at);
+            }
+        }
+        None
+    }
+
+    /// Inserts or updates a VIP entry. A new key goes to the first free
+    /// slot of its probe sequence in two writes (info under a tombstone
+    /// key, then the key), so that a packet reading the slot meanwhile
+    /// never pairs the new key with a stale entry.
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
         self.check("VIP index", info.index, self.sizes.max_vips)?;
-        self.vips_mut()?
-            .insert(key, info, 0)
-            .map_err(map_err(map_names::VIPS))
-    }
-
-    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        match self.vips_mut()?.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(map_names::VIPS)(e)),
+        if key == VIP_SLOT_EMPTY || key == VIP_SLOT_TOMBSTONE {
+            return Err(DatapathError::OutOfRange {
+                what: "VIP address",
+                index: key.addr,
+                max: u32::MAX,
+            });
         }
+        if let Some(at) = self.find_vip_slot(&key) {
+            return self.write_vip_slot(at, VipSlot { key, info });
+        }
+        let free = self
+            .vip_probe(&key)
+            .find(|(_, s)| s.key == VIP_SLOT_EMPTY || s.key == VIP_SLOT_TOMBSTONE)
+            .map(|(at, _)| at)
+            .ok_or(DatapathError::VipTableFull {
+                slots: self.vip_table.len(),
+            })?;
+        self.write_vip_slot(
+            free,
+            VipSlot {
+                key: VIP_SLOT_TOMBSTONE,
+                info,
+            },
+        )?;
+        self.write_vip_slot(free, VipSlot { key, info })
     }
 
+    /// Removes a VIP entry: its key becomes a tombstone (the info stays,
+    /// so a concurrent reader sees either the whole old entry or a skip).
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        if let Some(at) = self.find_vip_slot(key) {
+            let info = self.vip_table[at as usize].info;
+            self.write_vip_slot(
+                at,
+                VipSlot {
+                    key: VIP_SLOT_TOMBSTONE,
+                    info,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every VIP entry (services and address markers).
     pub fn vips(&self) -> Result<BTreeMap<VipKey, VipInfo>> {
-        let map: HashMap<&MapData, VipKey, VipInfo> =
-            HashMap::try_from(self.map(map_names::VIPS)).map_err(map_err(map_names::VIPS))?;
-        map.iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::VIPS))
+        Ok(self
+            .vip_table
+            .iter()
+            .filter(|s| s.key != VIP_SLOT_EMPTY && s.key != VIP_SLOT_TOMBSTONE)
+            .map(|s| (s.key, s.info))
+            .collect())
     }
 
     fn check(&self, what: &'static str, index: u32, max: u32) -> Result<()> {

@@ -444,3 +444,41 @@ fn a_backend_behind_an_unknown_egress_port_is_dropped_not_aborted() {
         BTreeMap::from([("drop_no_tx_port", 1)])
     );
 }
+
+#[test]
+fn the_vip_table_finds_every_vip_after_removals_and_reinserts() {
+    use lb_common::{VipInfo, VipKey};
+    let mut f = Fixture::new();
+    f.add_vip(0, tcp_vip(), &[(1, 1)]);
+    // Many services on one address: every one must be found, also after
+    // some are removed (tombstones) and others inserted in their place.
+    let info = VipInfo {
+        index: 0,
+        ring_base: 0,
+        ring_size: f.dp.sizes().ring_size,
+        flags: 0,
+    };
+    let key = |port: u16| VipKey::new(VIP.to_bits(), port, IPPROTO_TCP);
+    for port in 1000..1010u16 {
+        f.dp.set_vip(key(port), info).unwrap();
+    }
+    for port in (1000..1010u16).step_by(2) {
+        f.dp.remove_vip(&key(port)).unwrap();
+    }
+    for port in 2000..2005u16 {
+        f.dp.set_vip(key(port), info).unwrap();
+    }
+    let forwarded = |port| {
+        f.run(&Ipv4Packet::tcp(CLIENT, 5000, VIP, port).build())
+            .action
+    };
+    for port in (1001..1010u16).step_by(2).chain(2000..2005).chain([80]) {
+        assert_eq!(forwarded(port), XDP_TX, "port {port} is a VIP");
+    }
+    for port in (1000..1010u16).step_by(2).chain([443]) {
+        assert_eq!(forwarded(port), XDP_PASS, "port {port} is not a VIP");
+    }
+    // The table reports exactly the live entries (services + 1 marker).
+    let live = f.dp.vips().unwrap();
+    assert_eq!(live.len(), 1 + 1 + 5 + 5);
+}
