@@ -87,6 +87,14 @@ impl VipKey {
         }
     }
 
+    /// The key as one word, for a single-compare equality test in the
+    /// fast path.
+    #[inline(always)]
+    pub fn as_u64(&self) -> u64 {
+        // SAFETY: #[repr(C)], 8 bytes, no padding, every bit pattern valid.
+        unsafe { core::mem::transmute::<VipKey, u64>(*self) }
+    }
+
     /// The address-only marker entry for `addr_host`.
     pub const fn addr_only(addr_host: u32) -> Self {
         Self::new(addr_host, 0, 0)
@@ -215,6 +223,14 @@ impl FlowKey {
         }
     }
 
+    /// The key as two words, for a two-compare equality test in the fast
+    /// path.
+    #[inline(always)]
+    pub fn as_words(&self) -> [u64; 2] {
+        // SAFETY: #[repr(C)], 16 bytes, no padding, every bit pattern valid.
+        unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*self) }
+    }
+
     /// The flow hash. The kernel and the agent call this same function.
     #[inline(always)]
     pub fn hash(&self) -> u32 {
@@ -232,6 +248,19 @@ impl FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the per-CPU flow cache: 2^FLOW_CACHE_BITS.
+pub const FLOW_CACHE_BITS: u32 = 12;
+pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
+
+/// One slot of the per-CPU flow cache in front of CONNTRACK.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    pub key: FlowKey,
     pub backend_id: u32,
     pub _pad: u32,
 }
@@ -326,6 +355,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 28);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowEntry>() == 8);
+    assert!(size_of::<FlowCacheEntry>() == 24);
     assert!(size_of::<VipStats>() == 32);
     assert!(size_of::<BackendStats>() == 16);
 };

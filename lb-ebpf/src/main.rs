@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_FLAG_USABLE, Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND,
-    Reason, VIP_TABLE_PROBES, VipInfo, VipKey, VipSlot, VipStats, ring_slot, vip_table_index,
-    vip_table_size,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FLOW_CACHE_BITS, FLOW_CACHE_SLOTS, FlowCacheEntry,
+    FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, VIP_TABLE_PROBES, VipInfo,
+    VipKey, VipSlot, VipStats, ring_slot, vip_table_index, vip_table_size,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -45,6 +45,12 @@ static RINGS: Array<u32> = Array::pinned(DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0
 
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Per-CPU direct-mapped cache of recent flows (slot = flow hash), in
+/// front of CONNTRACK: a hit costs an inlined array load and a compare
+/// instead of a hash-map lookup. Not pinned: it is rebuilt from traffic.
+#[map]
+static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[map]
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::pinned(DEFAULT_MAX_VIPS, 0);
@@ -116,7 +122,7 @@ fn find_vip(key: &VipKey) -> Option<VipInfo> {
         if slot.key.addr == 0 {
             return None;
         }
-        if slot.key == *key {
+        if slot.key.as_u64() == key.as_u64() {
             return Some(slot.info);
         }
     }
@@ -221,12 +227,27 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     // Established flow: honoured while its backend is usable and still
-    // serves this VIP; otherwise it falls through to the ring.
-    // SAFETY: the entry is copied out immediately.
+    // serves this VIP; otherwise it falls through to the ring. The per-CPU
+    // flow cache answers for recently seen flows with one inlined array
+    // load; CONNTRACK (the LRU, shared by all CPUs) is the record.
+    // The cache slot comes from one multiply (the full flow hash is only
+    // needed, and computed, on the way to the ring).
+    let mix = (flow.src_addr ^ flow.dst_addr ^ ((src_port as u32) << 16 | dst_port as u32))
+        .wrapping_mul(0x9E37_79B1);
+    let cache_slot = FLOW_CACHE.get_ptr_mut(mix >> (32 - FLOW_CACHE_BITS));
+    let mut cached = false;
     let tracked = if new_connection {
         None
     } else {
-        unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id)
+        // SAFETY: per-CPU slot, copied out.
+        match cache_slot.map(|c| unsafe { *c }) {
+            Some(c) if c.key.as_words() == flow.as_words() => {
+                cached = true;
+                Some(c.backend_id)
+            }
+            // SAFETY: the entry is copied out immediately.
+            _ => unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id),
+        }
     };
     let mut hit = false;
     let mut backend_id = NO_BACKEND;
@@ -260,6 +281,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             b
         }
     };
+    if !(cached && hit)
+        && let Some(c) = cache_slot
+    {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            *c = FlowCacheEntry {
+                key: flow,
+                backend_id,
+                _pad: 0,
+            };
+        }
+    }
 
     let bytes = frame_len as u64;
     if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
