@@ -705,7 +705,9 @@ impl Agent {
 
     /// Handles a control request; `Ok(true)` when the state changed.
     fn handle(&mut self, req: Request) -> anyhow::Result<(serde_json::Value, bool)> {
-        let v = |x: &dyn erased::Ser| x.value();
+        fn v(x: impl serde::Serialize) -> serde_json::Value {
+            serde_json::to_value(x).unwrap_or(serde_json::Value::Null)
+        }
         Ok(match req {
             Request::Status => (v(&self.status()), false),
             Request::VipList => (v(&self.vip_list()), false),
@@ -755,9 +757,14 @@ impl Agent {
                     true,
                 )
             }
-            Request::BackendDrain { vip, address } | Request::BackendUndrain { vip, address } => {
-                unreachable!("handled by set_state: {vip} {address}")
-            }
+            Request::BackendDrain { vip, address } => (
+                v(&self.set_state(&vip, address, BackendState::Drain)?),
+                true,
+            ),
+            Request::BackendUndrain { vip, address } => (
+                v(&self.set_state(&vip, address, BackendState::Active)?),
+                true,
+            ),
             Request::BackendSetWeight {
                 vip,
                 address,
@@ -1061,17 +1068,6 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-mod erased {
-    pub trait Ser {
-        fn value(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn value(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
-}
-
 type VipCounters = BTreeMap<String, lb_common::VipStats>;
 type BackendCounters = BTreeMap<(String, Ipv4Addr), (lb_common::BackendStats, String)>;
 
@@ -1275,12 +1271,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     && let Err(e) = agent.reconcile() { warn!("{e:#}"); }
             }
             Some((req, reply)) = ctl_rx.recv() => {
-                let r = match req {
-                    Request::BackendDrain { vip, address } => agent.set_state(&vip, address, BackendState::Drain).map(|m| (serde_json::json!(m), true)),
-                    Request::BackendUndrain { vip, address } => agent.set_state(&vip, address, BackendState::Active).map(|m| (serde_json::json!(m), true)),
-                    req => agent.handle(req),
-                };
-                let r = r.and_then(|(data, changed)| {
+                let r = agent.handle(req).and_then(|(data, changed)| {
                     if changed { agent.after_change()?; }
                     Ok(data)
                 });
