@@ -252,17 +252,19 @@ pub struct FlowEntry {
     pub _pad: u32,
 }
 
-/// Slots of the per-CPU flow cache: 2^FLOW_CACHE_BITS.
+/// Slots of the flow cache: 2^FLOW_CACHE_BITS.
 pub const FLOW_CACHE_BITS: u32 = 12;
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
 
-/// One slot of the per-CPU flow cache in front of CONNTRACK.
+/// One slot of the flow cache in front of CONNTRACK.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowCacheEntry {
     pub key: FlowKey,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The slot hash XOR `backend_id`: a slot read while another CPU
+    /// rewrites it does not validate.
+    pub check: u32,
 }
 
 /// Per-VIP counters (per CPU).

@@ -46,11 +46,14 @@ static RINGS: Array<u32> = Array::pinned(DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
 
-/// Per-CPU direct-mapped cache of recent flows (slot = flow hash), in
-/// front of CONNTRACK: a hit costs an inlined array load and a compare
-/// instead of a hash-map lookup. Not pinned: it is rebuilt from traffic.
+/// Direct-mapped cache of recent flows (slot = a one-multiply hash of the
+/// flow), in front of CONNTRACK: a hit costs an inlined array load and two
+/// compares instead of a hash-map lookup. Shared by all CPUs, so that a
+/// new connection recorded on one CPU is seen by the next packet on any
+/// other; a torn read of a slot being rewritten fails the `check` word and
+/// falls back to CONNTRACK. Not pinned: it refills from traffic.
 #[map]
-static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[map]
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::pinned(DEFAULT_MAX_VIPS, 0);
@@ -227,9 +230,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     // Established flow: honoured while its backend is usable and still
-    // serves this VIP; otherwise it falls through to the ring. The per-CPU
-    // flow cache answers for recently seen flows with one inlined array
-    // load; CONNTRACK (the LRU, shared by all CPUs) is the record.
+    // serves this VIP; otherwise it falls through to the ring. The flow
+    // cache answers for recently seen flows with one inlined array load;
+    // CONNTRACK (the LRU) is the record.
     // The cache slot comes from one multiply (the full flow hash is only
     // needed, and computed, on the way to the ring).
     let mix = (flow.src_addr ^ flow.dst_addr ^ ((src_port as u32) << 16 | dst_port as u32))
@@ -239,9 +242,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let tracked = if new_connection {
         None
     } else {
-        // SAFETY: per-CPU slot, copied out.
+        // SAFETY: the slot is copied out; a torn copy fails `check`.
         match cache_slot.map(|c| unsafe { *c }) {
-            Some(c) if c.key.as_words() == flow.as_words() => {
+            Some(c) if c.key.as_words() == flow.as_words() && c.check == mix ^ c.backend_id => {
                 cached = true;
                 Some(c.backend_id)
             }
@@ -284,12 +287,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     if !(cached && hit)
         && let Some(c) = cache_slot
     {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        // SAFETY: a plain store into the array value; concurrent readers
+        // validate with `check`.
         unsafe {
             *c = FlowCacheEntry {
                 key: flow,
                 backend_id,
-                _pad: 0,
+                check: mix ^ backend_id,
             };
         }
     }

@@ -709,11 +709,11 @@ impl Agent {
             serde_json::to_value(x).unwrap_or(serde_json::Value::Null)
         }
         Ok(match req {
-            Request::Status => (v(&self.status()), false),
-            Request::VipList => (v(&self.vip_list()), false),
+            Request::Status => (v(self.status()), false),
+            Request::VipList => (v(self.vip_list()), false),
             Request::BackendList { vip } => {
                 let vip = vip.map(|s| self.find_vip(&s)).transpose()?;
-                (v(&self.backend_list(vip)), false)
+                (v(self.backend_list(vip)), false)
             }
             Request::BackendAdd {
                 vip,
@@ -744,7 +744,7 @@ impl Agent {
                     health_check: hc,
                 });
                 (
-                    v(&format!("added {address} to {}", self.cfg.vips[i].name)),
+                    v(format!("added {address} to {}", self.cfg.vips[i].name)),
                     true,
                 )
             }
@@ -753,7 +753,7 @@ impl Agent {
                 let j = self.find_backend(i, address)?;
                 self.cfg.vips[i].backends.remove(j);
                 (
-                    v(&format!("removed {address} from {}", self.cfg.vips[i].name)),
+                    v(format!("removed {address} from {}", self.cfg.vips[i].name)),
                     true,
                 )
             }
@@ -775,21 +775,21 @@ impl Agent {
                 check_weight(weight)?;
                 self.cfg.vips[i].backends[j].weight = weight;
                 (
-                    v(&format!(
+                    v(format!(
                         "{address} of {}: weight {weight}",
                         self.cfg.vips[i].name
                     )),
                     true,
                 )
             }
-            Request::Stats => (v(&self.fresh_stats()), false),
+            Request::Stats => (v(self.fresh_stats()), false),
             Request::Explain { src, dst, protocol } => {
-                (v(&self.explain(src, dst, protocol)?), false)
+                (v(self.explain(src, dst, protocol)?), false)
             }
             Request::Reload => {
                 let cfg = Config::load(&self.opts.config)?;
                 self.apply_reload(cfg)?;
-                (v(&"reloaded"), true)
+                (v("reloaded"), true)
             }
         })
     }

@@ -482,3 +482,63 @@ fn the_vip_table_finds_every_vip_after_removals_and_reinserts() {
     let live = f.dp.vips().unwrap();
     assert_eq!(live.len(), 1 + 1 + 5 + 5);
 }
+
+/// Runs `f` on a thread pinned to `cpu` (BPF_PROG_TEST_RUN runs the
+/// program on the calling CPU).
+fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a zeroed cpu_set_t with one bit set.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                    0,
+                    "pinning to CPU {cpu}"
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn a_new_connection_seen_on_one_cpu_steers_its_next_packets_on_another() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs, the machine has {cpus}"
+    );
+    let mut f = three_backends();
+    let port = (31_000..32_000u16)
+        .find(|&p| {
+            let key = FlowKey::new(CLIENT.to_bits(), p, VIP.to_bits(), 80, IPPROTO_TCP);
+            let ring = f.dp.read_ring(0, f.dp.sizes().ring_size).unwrap();
+            ring[lb_common::ring_slot(key.hash(), f.dp.sizes().ring_size) as usize] == 1
+        })
+        .unwrap();
+    let syn = Ipv4Packet::tcp(CLIENT, port, VIP, 80);
+    let mut ack = syn.clone();
+    ack.tcp_flags = TCP_ACK;
+    let (syn, ack) = (syn.build(), ack.build());
+    // A first connection from this port, handled on CPU 0: backend 1.
+    let f = &mut f;
+    on_cpu(0, || {
+        assert_eq!(backend_of_mac(&f.run(&syn).frame), Some(1));
+        assert_eq!(backend_of_mac(&f.run(&ack).frame), Some(1));
+    });
+    // Backend 1 leaves the ring; a new connection from the same port opens
+    // on CPU 1 and goes elsewhere.
+    f.write_ring(0, &[(2, 1), (3, 1)]);
+    let now = on_cpu(1, || backend_of_mac(&f.run(&syn).frame).unwrap());
+    assert_ne!(now, 1);
+    // Its next packet arrives on CPU 0: same backend as its SYN.
+    let next = on_cpu(0, || backend_of_mac(&f.run(&ack).frame).unwrap());
+    assert_eq!(
+        next, now,
+        "CPU 0 must not steer by a stale record of the old connection"
+    );
+}
