@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>` (see `cargo xtask --help`).
 
 mod bench;
+mod demo;
 mod setup;
 mod util;
 
@@ -71,6 +72,10 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Full setup, then a 30-second live demo in network namespaces as
+    /// root: traffic, a backend failing and rejoining; exit 0 if all checks
+    /// pass.
+    Demo,
     /// Full setup, then the whole test suite as root, one test at a time.
     Test {
         /// Extra arguments for the test binaries (after `--`).
@@ -122,6 +127,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Err(exec(cmd))
         }
         Command::Test { args } => test(&ctx, &args),
+        Command::Demo => demo::demo(&ctx),
         Command::Bench { quick, strict } => bench::bench(&ctx, quick, strict),
     }
 }

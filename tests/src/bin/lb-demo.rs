@@ -1,0 +1,913 @@
+//! lb-demo: the load balancer at work, run by `cargo xtask demo` (as root).
+//!
+//! Builds a topology in network namespaces (a client, lb, three backends on
+//! one bridge), starts an HTTP server on every backend and the real `lb run`
+//! agent with a generated config (one VIP, HTTP health checks), then drives
+//! real HTTP requests from the client for 30 seconds and prints, every
+//! second, the requests each backend answered and its health as
+//! `lb backend list` reports it:
+//!
+//! - 0–10 s: all backends up; each must take a fair share;
+//! - at 10 s backend-1's server is killed: once lb marks it down (bounded
+//!   wait) it gets nothing more and no request fails;
+//! - at 20 s it is restarted: once lb marks it up (bounded wait) it takes
+//!   its share again, and no request fails.
+//!
+//! Exit status: 0 when every check held, 1 when one did not or on an error,
+//! 130 when interrupted. Everything (agent, servers, namespaces, pins) is
+//! removed by RAII guards, also on errors and panics; `LB_BIN` and
+//! `LB_TEST_SERVER` name the binaries (set by `cargo xtask demo`).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_tests::{
+    agent::{AgentPaths, LbAgent, VipSpec, render_config},
+    netns::{ChildGuard, Netns, Topology, namespaces_still_present},
+    servers::{ServerKind, backend_name, http_get, spawn_on_backends, spawn_server},
+};
+
+const PORT: u16 = 80;
+const BACKENDS: usize = 3;
+/// The backend whose server is stopped and restarted.
+const VICTIM: usize = 1;
+/// Load runs from 0 to RUN; the victim's server is killed at STOP_AT and
+/// restarted at RESTART_AT.
+const RUN: Duration = Duration::from_secs(30);
+const STOP_AT: Duration = Duration::from_secs(10);
+const RESTART_AT: Duration = Duration::from_secs(20);
+/// Bound for lb to notice a stopped or restarted server.
+const NOTICE_BOUND: Duration = Duration::from_secs(5);
+/// How often `lb backend list` is polled while a transition is awaited.
+const POLL: Duration = Duration::from_millis(100);
+/// Client threads, each sending one request per PERIOD (paced).
+const WORKERS: usize = 4;
+const PERIOD: Duration = Duration::from_millis(20);
+/// Leaves room for TCP's own recovery from a packet lost on a busy
+/// machine (SYN retransmissions after 1 s and 3 s): a flow lb steers
+/// wrongly fails for good, a refused connection at once.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// `lb stats` is captured at this moment, under load, and printed at the end.
+const STATS_AT: Duration = Duration::from_secs(29);
+
+const HC_INTERVAL_MS: u32 = 500;
+const HC_TIMEOUT_MS: u32 = 300;
+const HC_RISE: u32 = 2;
+const HC_FALL: u32 = 2;
+
+/// Thresholds of the checks. With three equal backends Maglev gives each
+/// about 33 % of new flows, two of them about 50 % each.
+const MIN_SHARE_ALL_UP: f64 = 15.0;
+const MIN_SHARE_FAILOVER: f64 = 30.0;
+const MIN_SHARE_REJOINED: f64 = 10.0;
+/// A phase with fewer requests than this proves nothing.
+const MIN_REQUESTS: usize = 100;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn main() -> ExitCode {
+    // Ctrl-C / SIGTERM: stop early, but still tear everything down.
+    // SAFETY: the handler only stores to an atomic.
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    let result = demo();
+    if interrupted() {
+        println!("lb-demo: interrupted; everything was torn down");
+        return ExitCode::from(130);
+    }
+    match result {
+        Ok(true) => {
+            println!("lb-demo: PASSED (exit 0)");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("lb-demo: FAILED (exit 1)");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            println!("lb-demo: ERROR (exit 1): {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/// One request of the load: when it started and ended (since the load
+/// began) and which backend answered.
+struct Sample {
+    start: Duration,
+    end: Duration,
+    outcome: Result<usize, String>,
+}
+
+/// What `lb backend list` says about one backend.
+#[derive(Clone, Default)]
+struct Health {
+    health: String,
+    slots: u64,
+    last_check: String,
+}
+
+/// When things happened, relative to the start of the load. `down`/`up`
+/// are the moments `lb backend list` was first seen to report them.
+#[derive(Default)]
+struct Timeline {
+    stopped: Option<Duration>,
+    down: Option<Duration>,
+    restarted: Option<Duration>,
+    up: Option<Duration>,
+}
+
+const PHASES: [&str; 5] = [
+    "all up",
+    "backend-1 stopped",
+    "failover",
+    "backend-1 restarted",
+    "rejoined",
+];
+
+impl Timeline {
+    /// The phase a request belongs to (index into PHASES): "all up" if it
+    /// ended before the server was stopped; "stopped" if it overlapped the
+    /// stop and started before lb reported the backend down; after that by
+    /// its start.
+    fn phase_of(&self, s: &Sample) -> usize {
+        let stopped = self.stopped.unwrap_or(Duration::MAX);
+        if s.end < stopped {
+            return 0;
+        }
+        let restarted = self.restarted.unwrap_or(Duration::MAX);
+        if s.start < self.down.unwrap_or(restarted).min(restarted) {
+            return 1;
+        }
+        if s.start < restarted {
+            return 2;
+        }
+        if s.start < self.up.unwrap_or(Duration::MAX) {
+            return 3;
+        }
+        4
+    }
+
+    /// The phase at time `t` (for the live table).
+    fn phase_at(&self, t: Duration) -> usize {
+        let reached = |e: Option<Duration>| e.is_some_and(|e| e <= t);
+        if reached(self.up) {
+            4
+        } else if reached(self.restarted) {
+            3
+        } else if reached(self.down) {
+            2
+        } else if reached(self.stopped) {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// (from, to) of each phase, for the summary.
+    fn bounds(&self, end: Duration) -> [(Option<Duration>, Option<Duration>); 5] {
+        let down = self.down.or(self.restarted);
+        [
+            (Some(Duration::ZERO), self.stopped),
+            (self.stopped, down),
+            (self.down, self.restarted),
+            (self.restarted, self.up.or(Some(end))),
+            (self.up, self.up.map(|_| end)),
+        ]
+    }
+}
+
+fn demo() -> Result<bool> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the demo creates network namespaces and loads XDP programs: run it as root");
+    }
+    println!("lb demo: an XDP load balancer at work, in network namespaces");
+    println!();
+
+    // Locals drop in reverse order: the agent, then the servers, then the
+    // namespaces, also on every early return.
+    let setup_started = Instant::now();
+    let topo = Topology::with_backends(BACKENDS).context("building the topology")?;
+    let mut servers: Vec<Option<ChildGuard>> = spawn_on_backends(&topo, ServerKind::Http, PORT)
+        .context("starting the HTTP servers")?
+        .into_iter()
+        .map(Some)
+        .collect();
+    let addrs: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
+    let mut vip = VipSpec::tcp("web", topo.vip(), PORT, &addrs);
+    vip.health_check = format!(
+        "kind = \"http\"\npath = \"/\"\ninterval_ms = {HC_INTERVAL_MS}\ntimeout_ms = {HC_TIMEOUT_MS}\nrise = {HC_RISE}\nfall = {HC_FALL}"
+    );
+    let paths = AgentPaths::new()?;
+    let config = render_config(&paths.instance, &paths.socket, &topo.lb_iface(), &[vip]);
+    let mut agent =
+        LbAgent::start_with(topo.lb_ns(), paths, &config, &[]).context("starting `lb run`")?;
+    wait_all_up(&agent, &addrs)?;
+    let mode = xdp_mode(&agent).unwrap_or_else(|_| "?".into());
+    let vip_addr = SocketAddrV4::new(topo.vip(), PORT);
+    intro(&topo, &mode, setup_started.elapsed());
+
+    if interrupted() {
+        return Ok(false);
+    }
+    let (samples, timeline, transitions, stats_text) =
+        drive(&topo, &agent, &mut servers, &addrs, vip_addr)?;
+    if interrupted() {
+        return Ok(false);
+    }
+
+    let mut checks = summary(&samples, &timeline, RUN, transitions);
+
+    // The kernel's own count: every answered request was a new flow that
+    // lb's XDP program steered (lb's kernel does not forward by itself).
+    let stats = agent.json(&["stats"])?;
+    let new_flows = stats["vips"][0]["new_flows"].as_u64().unwrap_or(0);
+    let served = samples.iter().filter(|s| s.outcome.is_ok()).count();
+    checks.push(Check::new(
+        new_flows >= served as u64,
+        format!("lb's XDP program counted a new flow for each answered request ({new_flows} flows, {served} answers)"),
+    ));
+
+    println!();
+    println!("checks:");
+    for c in &checks {
+        println!("  {}  {}", if c.ok { "PASS" } else { "FAIL" }, c.what);
+    }
+    println!();
+    println!("`lb stats` at {} s, under load:", STATS_AT.as_secs());
+    for l in stats_text.lines() {
+        println!("  {l}");
+    }
+
+    // Teardown, explicitly so it can be reported (the guards would do the
+    // same on any early return).
+    let names = topo.namespace_names();
+    let torn = Instant::now();
+    let log = agent.stop();
+    drop(agent);
+    drop(servers);
+    drop(topo);
+    let left = namespaces_still_present(&names)?;
+    println!();
+    let passed = checks.iter().filter(|c| c.ok).count();
+    let all_ok = passed == checks.len() && left.is_empty() && log.is_ok();
+    match &log {
+        Ok(_) => {}
+        Err(e) => println!("lb run did not stop cleanly: {e:#}"),
+    }
+    if left.is_empty() {
+        println!(
+            "teardown: lb stopped (XDP detached, pins removed), servers killed, {} namespaces removed ({:.1} s)",
+            names.len(),
+            torn.elapsed().as_secs_f64()
+        );
+    } else {
+        println!("teardown: namespaces still present: {left:?}");
+    }
+    println!("{passed} of {} checks passed", checks.len());
+    if !all_ok && let Ok(log) = &log {
+        println!();
+        println!("last lines of the agent's log:");
+        let lines: Vec<&str> = log.lines().collect();
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            println!("  {l}");
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Waits (bounded) until lb reports every backend up: the load starts
+/// with all of them in the ring.
+fn wait_all_up(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = backend_health(agent, addrs)?;
+        if health.iter().all(|h| h.health == "up") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline || interrupted() {
+            let words: Vec<&str> = health.iter().map(|h| h.health.as_str()).collect();
+            bail!("lb does not report every backend up after 10 s: {words:?}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+fn xdp_mode(agent: &LbAgent) -> Result<String> {
+    let status = agent.json(&["status"])?;
+    Ok(status["interfaces"][0]["mode"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string())
+}
+
+fn intro(topo: &Topology, mode: &str, setup: Duration) {
+    let ns = |n: &Netns| n.name().to_string();
+    println!(
+        "set up in {:.1} s: {} network namespaces on one L2 segment (bridge {} in {})",
+        setup.as_secs_f64(),
+        topo.namespaces().len(),
+        topo.bridge(),
+        ns(topo.switch_ns())
+    );
+    let line = |role: &str, addr: String, ns: String, what: String| {
+        println!("  {role:<10} {addr:<13} {ns:<15} {what}");
+    };
+    line(
+        "client",
+        topo.client_addr().to_string(),
+        ns(topo.client_ns()),
+        format!(
+            "{WORKERS} threads, a new TCP connection per GET /, ~{} requests/s",
+            WORKERS as u128 * 1000 / PERIOD.as_millis()
+        ),
+    );
+    line(
+        "lb",
+        topo.lb_addr().to_string(),
+        ns(topo.lb_ns()),
+        format!("`lb run`, XDP program ({mode} mode) on {}", topo.lb_iface()),
+    );
+    for i in 0..topo.backend_count() {
+        line(
+            &backend_name(i),
+            topo.backend_addr(i).to_string(),
+            ns(topo.backend_ns(i)),
+            format!("HTTP server on :{PORT} answering its name; VIP on lo"),
+        );
+    }
+    println!(
+        "  {:<10} {:<29} Maglev over {} backends, health check GET / every {HC_INTERVAL_MS} ms",
+        "VIP",
+        format!("{}:{PORT}/tcp", topo.vip()),
+        topo.backend_count()
+    );
+    println!(
+        "  {:<40} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
+        ""
+    );
+    println!("backends reply straight to the client (direct server return at L2)");
+    println!();
+    println!(
+        "plan: all up until {} s; then {}'s server is killed; restarted at {} s; the end at {} s",
+        STOP_AT.as_secs(),
+        backend_name(VICTIM),
+        RESTART_AT.as_secs(),
+        RUN.as_secs()
+    );
+    println!(
+        "each row: requests each backend answered in that second, its health as \
+         `lb backend list` shows it, failed requests"
+    );
+    println!();
+}
+
+// ---------------------------------------------------------------------------
+// Load and the live table
+// ---------------------------------------------------------------------------
+
+/// Sets a flag when dropped: the load threads stop on any exit path.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One client thread (inside the client namespace): paced requests, each
+/// on a new connection, until `end` or `stop`.
+fn worker(w: usize, vip: SocketAddrV4, t0: Instant, stop: &AtomicBool, tx: mpsc::Sender<Sample>) {
+    // Spread the workers over one period.
+    let mut next = PERIOD * w as u32 / WORKERS as u32;
+    loop {
+        let now = t0.elapsed();
+        if next > now {
+            thread::sleep(next - now);
+        }
+        let start = t0.elapsed();
+        if start >= RUN || stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let outcome = match http_get(vip, REQUEST_TIMEOUT) {
+            Ok(body) => match body.trim().strip_prefix("backend-").map(str::parse) {
+                Some(Ok(i)) if i < BACKENDS => Ok(i),
+                _ => Err(format!("unexpected answer {body:?}")),
+            },
+            Err(e) => Err(format!("{:#}", e.root_cause())),
+        };
+        let end = t0.elapsed();
+        if tx
+            .send(Sample {
+                start,
+                end,
+                outcome,
+            })
+            .is_err()
+        {
+            return;
+        }
+        next = (next + PERIOD).max(end);
+    }
+}
+
+fn backend_health(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<Vec<Health>> {
+    let list = agent.json(&["backend", "list"])?;
+    addrs
+        .iter()
+        .map(|a| {
+            let b = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["address"] == a.to_string())
+                .with_context(|| format!("`lb backend list` does not show {a}"))?;
+            Ok(Health {
+                health: b["health"].as_str().unwrap_or("?").to_string(),
+                slots: b["slots"].as_u64().unwrap_or(0),
+                last_check: b["last_check"].as_str().unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
+fn backend_packets(agent: &LbAgent, addr: Ipv4Addr) -> Result<u64> {
+    let stats = agent.json(&["stats"])?;
+    stats["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["address"] == addr.to_string())
+        .and_then(|b| b["packets"].as_u64())
+        .with_context(|| format!("`lb stats` shows no packet count for {addr}"))
+}
+
+/// The victim's health in `health` is `want`: prints the event and
+/// records the check (`Some` once decided: in time, or the bound passed);
+/// returns whether `want` was seen now.
+fn watch(
+    health: &[Health],
+    want: &str,
+    after: &str,
+    since: Duration,
+    t: Duration,
+    check: &mut Option<Check>,
+) -> bool {
+    let victim = backend_name(VICTIM);
+    let v = &health[VICTIM];
+    let took = t.saturating_sub(since);
+    if v.health == want {
+        let slots: Vec<String> = health.iter().map(|h| h.slots.to_string()).collect();
+        event(
+            t,
+            format!(
+                "lb marks {victim} {want} {} after {after} ({}); ring slots now {}",
+                secs(took),
+                v.last_check,
+                slots.join(" / ")
+            ),
+        );
+        check.get_or_insert_with(|| {
+            Check::new(
+                took <= NOTICE_BOUND,
+                format!(
+                    "lb marked {victim} {want} {} after {after} (bound {})",
+                    secs(took),
+                    secs(NOTICE_BOUND)
+                ),
+            )
+        });
+        return true;
+    }
+    if check.is_none() && took > NOTICE_BOUND {
+        event(
+            t,
+            format!(
+                "lb still shows {victim} {} {} after {after}",
+                v.health,
+                secs(NOTICE_BOUND)
+            ),
+        );
+        *check = Some(Check::new(
+            false,
+            format!(
+                "lb marked {victim} {want} within {} of {after}",
+                secs(NOTICE_BOUND)
+            ),
+        ));
+    }
+    false
+}
+
+/// `lb stats`, its rates measured over most of a second: they cover the
+/// time since the agent's last 1-second sample, so wait until that is
+/// at least 0.8 s old (the agent reports its age as `interval_s`).
+fn stats_over_most_of_a_second(agent: &LbAgent) -> Result<String> {
+    let age = agent.json(&["stats"])?["interval_s"]
+        .as_f64()
+        .unwrap_or(1.0);
+    if (0.0..0.8).contains(&age) {
+        thread::sleep(Duration::from_secs_f64(0.8 - age));
+    }
+    agent.cli_ok(&["stats"])
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn event(t: Duration, what: impl std::fmt::Display) {
+    println!("  {:>5.1}  >> {what}", t.as_secs_f64());
+}
+
+fn row_header() {
+    let mut names = format!("  {:>5}  {:<20}", "t (s)", "phase");
+    let mut units = format!("  {:>5}  {:<20}", "", "");
+    for i in 0..BACKENDS {
+        names.push_str(&format!("  {:<12}", backend_name(i)));
+        units.push_str("  req/s health");
+    }
+    names.push_str(&format!("  {:>6}", "failed"));
+    units.push_str(&format!("  {:>6}", "req/s"));
+    println!("{names}");
+    println!("{}", units.trim_end());
+}
+
+/// Checks made while the script runs (None: the moment never came).
+#[derive(Default)]
+struct Transitions {
+    down: Option<Check>,
+    forwarded: Option<Check>,
+    up: Option<Check>,
+}
+
+/// Runs the load and the timeline; prints the live table. Returns every
+/// request, the timeline and the checks about the transitions.
+fn drive(
+    topo: &Topology,
+    agent: &LbAgent,
+    servers: &mut [Option<ChildGuard>],
+    addrs: &[Ipv4Addr],
+    vip: SocketAddrV4,
+) -> Result<(Vec<Sample>, Timeline, Transitions, String)> {
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<Sample>();
+    let client: &Netns = topo.client_ns();
+    let victim = backend_name(VICTIM);
+    let mut checks = Transitions::default();
+
+    let mut health = backend_health(agent, addrs)?;
+    let t0 = Instant::now();
+    let mut stats_text = String::new();
+    let result = thread::scope(|s| -> Result<(Vec<Sample>, Timeline)> {
+        let _stop = StopOnDrop(&stop);
+        let mut handles = Vec::new();
+        for w in 0..WORKERS {
+            let tx = tx.clone();
+            let stop = &stop;
+            handles.push(s.spawn(move || client.run(move || worker(w, vip, t0, stop, tx))));
+        }
+        drop(tx);
+
+        row_header();
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut tl = Timeline::default();
+        let mut packets_at_down: Option<u64> = None;
+        let mut next_row = Duration::from_secs(1);
+        let mut row_from = 0;
+        loop {
+            if interrupted() {
+                break;
+            }
+            let now = t0.elapsed();
+
+            // The script.
+            if tl.stopped.is_none() && now >= STOP_AT {
+                let server = servers[VICTIM].take().context("no server to stop")?;
+                // The moment before the signal: whatever ended earlier
+                // cannot have been disturbed by it.
+                let t = t0.elapsed();
+                server.kill()?;
+                tl.stopped = Some(t);
+                event(t, format!("killed {victim}'s HTTP server (SIGKILL)"));
+            }
+            if tl.restarted.is_none() && now >= RESTART_AT {
+                if let Some(before) = packets_at_down {
+                    let after = backend_packets(agent, addrs[VICTIM])?;
+                    checks.forwarded = Some(Check::new(
+                        after == before,
+                        format!(
+                            "failover: lb's XDP program forwarded no packet to {victim} while it was down ({} packets)",
+                            after.saturating_sub(before)
+                        ),
+                    ));
+                }
+                servers[VICTIM] = Some(spawn_server(
+                    topo.backend_ns(VICTIM),
+                    ServerKind::Http,
+                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                    &victim,
+                )?);
+                let t = t0.elapsed();
+                tl.restarted = Some(t);
+                event(t, format!("restarted {victim}'s HTTP server"));
+            }
+
+            // Health: every row, and every POLL while lb should notice
+            // a change (until it did or the bound passed; after that it is
+            // still watched once a second, for the record).
+            let awaiting_down = tl.stopped.is_some() && tl.down.is_none() && tl.restarted.is_none();
+            let awaiting_up = tl.down.is_some() && tl.restarted.is_some() && tl.up.is_none();
+            let row_due = now >= next_row;
+            if (awaiting_down && checks.down.is_none())
+                || (awaiting_up && checks.up.is_none())
+                || row_due
+            {
+                match backend_health(agent, addrs) {
+                    Ok(h) => health = h,
+                    Err(e) => {
+                        for h in &mut health {
+                            h.health = "error".into();
+                        }
+                        event(t0.elapsed(), format!("`lb backend list` failed: {e:#}"));
+                    }
+                }
+                let t = t0.elapsed();
+                if awaiting_down {
+                    let since = tl.stopped.unwrap_or_default();
+                    if watch(&health, "down", "the kill", since, t, &mut checks.down) {
+                        tl.down = Some(t);
+                        packets_at_down = Some(backend_packets(agent, addrs[VICTIM])?);
+                    }
+                }
+                if awaiting_up {
+                    let since = tl.restarted.unwrap_or_default();
+                    if watch(&health, "up", "the restart", since, t, &mut checks.up) {
+                        tl.up = Some(t);
+                    }
+                }
+            }
+
+            samples.extend(rx.try_iter());
+            if row_due {
+                let mut per = [0usize; BACKENDS];
+                let mut failed = 0;
+                for s in &samples[row_from..] {
+                    match s.outcome {
+                        Ok(i) => per[i] += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                row_from = samples.len();
+                let mut r = format!(
+                    "  {:>5}  {:<20}",
+                    next_row.as_secs(),
+                    PHASES[tl.phase_at(t0.elapsed())]
+                );
+                for (n, h) in per.iter().zip(&health) {
+                    r.push_str(&format!("  {n:>5} {:<6}", h.health));
+                }
+                r.push_str(&format!("  {failed:>6}"));
+                println!("{r}");
+                if next_row == STATS_AT {
+                    stats_text = stats_over_most_of_a_second(agent)?;
+                }
+                next_row += Duration::from_secs(1);
+                if next_row > RUN {
+                    break;
+                }
+            }
+
+            // Sleep until the next thing to do.
+            let now = t0.elapsed();
+            let mut wake = next_row;
+            if tl.stopped.is_none() {
+                wake = wake.min(STOP_AT);
+            }
+            if tl.restarted.is_none() {
+                wake = wake.min(RESTART_AT);
+            }
+            let awaiting_down = tl.stopped.is_some() && tl.down.is_none() && tl.restarted.is_none();
+            let awaiting_up = tl.down.is_some() && tl.restarted.is_some() && tl.up.is_none();
+            if (awaiting_down && checks.down.is_none()) || (awaiting_up && checks.up.is_none()) {
+                wake = wake.min(now + POLL);
+            }
+            if wake > now {
+                thread::sleep(wake - now);
+            }
+        }
+        drop(_stop);
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("a client thread failed: {e:#}"),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        samples.extend(rx.try_iter());
+        Ok((samples, tl))
+    });
+    let (samples, tl) = result?;
+    Ok((samples, tl, checks, stats_text))
+}
+
+// ---------------------------------------------------------------------------
+// Summary and checks
+// ---------------------------------------------------------------------------
+
+struct Check {
+    ok: bool,
+    what: String,
+}
+
+impl Check {
+    fn new(ok: bool, what: impl Into<String>) -> Self {
+        Self {
+            ok,
+            what: what.into(),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Tally {
+    per: [usize; BACKENDS],
+    failed: usize,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn total(&self) -> usize {
+        self.per.iter().sum::<usize>() + self.failed
+    }
+
+    fn served(&self) -> usize {
+        self.per.iter().sum()
+    }
+
+    /// Share of the answered requests backend `i` answered, in %.
+    fn share(&self, i: usize) -> f64 {
+        if self.served() == 0 {
+            0.0
+        } else {
+            100.0 * self.per[i] as f64 / self.served() as f64
+        }
+    }
+
+    fn shares(&self, which: impl Iterator<Item = usize>) -> String {
+        which
+            .map(|i| format!("{:.0} %", self.share(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Prints the phase table and returns every check, in the order of the
+/// story.
+fn summary(samples: &[Sample], tl: &Timeline, end: Duration, tr: Transitions) -> Vec<Check> {
+    let mut tallies = vec![Tally::default(); PHASES.len()];
+    for s in samples {
+        let t = &mut tallies[tl.phase_of(s)];
+        match &s.outcome {
+            Ok(i) => t.per[*i] += 1,
+            Err(e) => {
+                t.failed += 1;
+                t.first_error
+                    .get_or_insert_with(|| format!("at {:.2} s: {e}", s.end.as_secs_f64()));
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "phases (a request counts in the phase it started in; \"all up\": finished before the kill):"
+    );
+    let mut h = format!("  {:<20} {:>11} {:>8}", "phase", "from-to (s)", "requests");
+    for i in 0..BACKENDS {
+        h.push_str(&format!("  {:>13}", backend_name(i)));
+    }
+    h.push_str(&format!("  {:>6}", "failed"));
+    println!("{h}");
+    let fmt_t =
+        |t: Option<Duration>| t.map_or("?".to_string(), |t| format!("{:.1}", t.as_secs_f64()));
+    for (p, ((from, to), t)) in tl.bounds(end).iter().zip(&tallies).enumerate() {
+        let mut r = format!(
+            "  {:<20} {:>11} {:>8}",
+            PHASES[p],
+            format!("{}-{}", fmt_t(*from), fmt_t(*to)),
+            t.total()
+        );
+        for i in 0..BACKENDS {
+            r.push_str(&format!("  {:>6} {:>4.0} %", t.per[i], t.share(i)));
+        }
+        r.push_str(&format!("  {:>6}", t.failed));
+        println!("{r}");
+    }
+    if let Some(e) = &tallies[1].first_error {
+        println!(
+            "  (failures until lb noticed the kill are expected: its ring still sent new flows there; first {e})"
+        );
+    }
+
+    let victim = backend_name(VICTIM);
+    let others: Vec<usize> = (0..BACKENDS).filter(|&i| i != VICTIM).collect();
+    let [all_up, _stopped, failover, restarted, rejoined] = &tallies[..] else {
+        unreachable!()
+    };
+    let mut checks = Vec::new();
+    let no_failure = |phase: &str, t: &Tally| {
+        Check::new(
+            t.failed == 0 && t.total() >= MIN_REQUESTS,
+            format!(
+                "{phase}: no request failed ({} of {}){}",
+                t.failed,
+                t.total(),
+                t.first_error
+                    .as_ref()
+                    .map(|e| format!(", first {e}"))
+                    .unwrap_or_default()
+            ),
+        )
+    };
+    checks.push(no_failure("all up", all_up));
+    checks.push(Check::new(
+        all_up.served() >= MIN_REQUESTS
+            && (0..BACKENDS).all(|i| all_up.share(i) >= MIN_SHARE_ALL_UP),
+        format!(
+            "all up: every backend answered >= {MIN_SHARE_ALL_UP:.0} % ({})",
+            all_up.shares(0..BACKENDS)
+        ),
+    ));
+    let missing = |what: &str| Check::new(false, format!("{what}: did not happen"));
+    checks.push(
+        tr.down
+            .unwrap_or_else(|| missing(&format!("lb marks {victim} down"))),
+    );
+    checks.push(no_failure("failover", failover));
+    checks.push(Check::new(
+        failover.served() >= MIN_REQUESTS && failover.per[VICTIM] == 0,
+        format!(
+            "failover: {victim} answered nothing ({} of {})",
+            failover.per[VICTIM],
+            failover.served()
+        ),
+    ));
+    checks.push(Check::new(
+        failover.served() >= MIN_REQUESTS
+            && others
+                .iter()
+                .all(|&i| failover.share(i) >= MIN_SHARE_FAILOVER),
+        format!(
+            "failover: the others each took >= {MIN_SHARE_FAILOVER:.0} % ({})",
+            failover.shares(others.iter().copied())
+        ),
+    ));
+    checks.push(
+        tr.forwarded
+            .unwrap_or_else(|| missing(&format!("failover: counting lb's packets to {victim}"))),
+    );
+    checks.push(
+        tr.up
+            .unwrap_or_else(|| missing(&format!("lb marks {victim} up"))),
+    );
+    let mut after = restarted.clone();
+    for i in 0..BACKENDS {
+        after.per[i] += rejoined.per[i];
+    }
+    after.failed += rejoined.failed;
+    after.first_error = after.first_error.or(rejoined.first_error.clone());
+    checks.push(no_failure("restart and rejoin", &after));
+    checks.push(Check::new(
+        rejoined.served() >= MIN_REQUESTS && rejoined.share(VICTIM) >= MIN_SHARE_REJOINED,
+        format!(
+            "rejoined: {victim} answered >= {MIN_SHARE_REJOINED:.0} % again ({})",
+            rejoined.shares(0..BACKENDS)
+        ),
+    ));
+    checks
+}
