@@ -68,10 +68,6 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
 
-/// Per-CPU LRU lists: inserts take no global lock (a flow stays on the
-/// CPU its NIC queue hashes it to, as Katran's per-CPU LRUs assume).
-const BPF_F_NO_COMMON_LRU: u32 = 2;
-
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
