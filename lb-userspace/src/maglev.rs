@@ -864,27 +864,4 @@ mod tests {
             assert!(!is_prime(c), "{c}");
         }
     }
-
-    /// `cargo test --release -p lb-userspace --lib maglev::tests::timing -- --ignored --nocapture`
-    #[test]
-    #[ignore = "timing, run in release mode"]
-    fn timing() {
-        for (n, m) in [(1000, 65_537), (100, 65_537), (1000, 655_373)] {
-            let b = backends(n, &[1]);
-            let mut times: Vec<std::time::Duration> = (0..50)
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    let t = build(std::hint::black_box(&b), m);
-                    let e = start.elapsed();
-                    std::hint::black_box(t);
-                    e
-                })
-                .collect();
-            times.sort();
-            println!(
-                "N={n} M={m}: min {:?} median {:?} max {:?}",
-                times[0], times[25], times[49]
-            );
-        }
-    }
 }
