@@ -29,7 +29,22 @@ pub fn bench(ctx: &Ctx, quick: bool, strict: bool) -> Result<ExitCode> {
     chart_font(ctx);
 
     let mut cmd = ctx.cargo();
-    cmd.args(["build", "--release", "-p", "lb-tests", "--bin", "lb-bench"]);
+    // The end-to-end section runs the real agent (which embeds the XDP
+    // object) and the test servers: build them with the benchmark.
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "lb-tests",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb-bench",
+        "--bin",
+        "lb-test-server",
+        "--bin",
+        "lb",
+    ]);
     run(&mut cmd)?;
     let bin = ctx.target_dir().join("release").join("lb-bench");
     if !bin.is_file() {

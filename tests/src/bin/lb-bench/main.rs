@@ -11,6 +11,7 @@
 //! `--strict`: then 3), 1 on an error, 2 on bad arguments.
 
 mod charts;
+mod e2e;
 mod kernel;
 mod maglev;
 mod report;
@@ -34,7 +35,7 @@ struct Args {
     only: Option<String>,
 }
 
-const USAGE: &str = "usage: lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev]";
+const USAGE: &str = "usage: lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev|e2e]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -49,7 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--strict" => args.strict = true,
             "--out" => args.out = it.next().ok_or("--out needs a directory")?.into(),
-            "--only" => args.only = Some(it.next().ok_or("--only needs kernel or maglev")?),
+            "--only" => args.only = Some(it.next().ok_or("--only needs kernel, maglev or e2e")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -107,7 +108,7 @@ fn run(args: &Args) -> Result<ExitCode> {
             .map_or("(none)".to_string(), |c| c.to_string())
     );
 
-    let (kcfg, mcfg) = if args.quick {
+    let (kcfg, mcfg, ecfg) = if args.quick {
         (
             kernel::Config {
                 runs: 5,
@@ -117,6 +118,13 @@ fn run(args: &Args) -> Result<ExitCode> {
             maglev::Config {
                 runs: 5,
                 sample_ms: 10.0,
+            },
+            e2e::Config {
+                runs: 5,
+                udp_secs: 0.5,
+                tcp_secs: 1,
+                wrk_threads: 2,
+                wrk_connections: 32,
             },
         )
     } else {
@@ -129,6 +137,13 @@ fn run(args: &Args) -> Result<ExitCode> {
             maglev::Config {
                 runs: 9,
                 sample_ms: 30.0,
+            },
+            e2e::Config {
+                runs: 7,
+                udp_secs: 2.0,
+                tcp_secs: 3,
+                wrk_threads: 2,
+                wrk_connections: 32,
             },
         )
     };
@@ -147,10 +162,15 @@ fn run(args: &Args) -> Result<ExitCode> {
         sections.push(maglev::run(&mcfg, &args.out).context("Maglev benchmarks")?);
         println!("lb-bench:   done in {:.1} s", t.elapsed().as_secs_f64());
     }
+    if wanted("e2e") {
+        let t = Instant::now();
+        println!("lb-bench: end to end in network namespaces ...");
+        sections.push(e2e::run(&ecfg, &args.out).context("end-to-end benchmarks")?);
+        println!("lb-bench:   done in {:.1} s", t.elapsed().as_secs_f64());
+    }
     if sections.is_empty() {
         bail!("--only: no section named {:?}", args.only);
     }
-    // An end-to-end section (another module returning a `Section`) goes here.
 
     let out_rel = args.out.to_string_lossy().into_owned();
     let report_path = args.out.join("report.md");

@@ -453,6 +453,15 @@ pub fn readme_section(m: &Machine, sections: &[Section], out_rel: &str) -> Strin
          measured in the same run. The Maglev figures of Google's paper are external \
          references, not measured here."
     );
+    if sections.iter().any(|sec| sec.key == "e2e") {
+        let _ = writeln!(
+            s,
+            "\nEnd-to-end figures come from network namespaces the benchmark creates on this \
+             machine (generator and LB receive path on different CPUs, frames counted and \
+             dropped at the first hop after the LB); the report says which generator fed \
+             each system and whether the LB or the generator set the rate."
+        );
+    }
     s
 }
 
