@@ -1005,11 +1005,18 @@ impl Agent {
     /// Counters read now, rates over the time since the last periodic
     /// sample (which stays the reference).
     fn fresh_stats(&mut self) -> StatsView {
-        let prev = self.stats.prev.clone();
+        let (prev, older) = (self.stats.prev.clone(), self.stats.older.clone());
+        // Rates over at least half a second: right after a periodic sample,
+        // measure from the one before it.
+        if let (Some(p), Some(o)) = (&prev, &older)
+            && p.0.elapsed() < Duration::from_millis(500)
+        {
+            self.stats.prev = Some(o.clone());
+        }
         self.sample_stats();
         let view = self.stats.view.clone();
         if prev.is_some() {
-            self.stats.prev = prev;
+            (self.stats.prev, self.stats.older) = (prev, older);
         }
         view
     }
@@ -1082,6 +1089,8 @@ type Sample = (
 #[derive(Default)]
 struct StatsSampler {
     prev: Option<Sample>,
+    /// The sample before `prev`.
+    older: Option<Sample>,
     view: StatsView,
 }
 
@@ -1164,7 +1173,7 @@ impl StatsSampler {
                 .collect(),
         };
         self.view = view;
-        self.prev = Some((now, vips, backends, reasons));
+        self.older = self.prev.replace((now, vips, backends, reasons));
     }
 }
 
@@ -1290,4 +1299,42 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!("stopping");
     agent.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(packets: u64, hits: u64) -> VipCounters {
+        [(
+            "web".to_string(),
+            lb_common::VipStats {
+                packets,
+                bytes: packets * 100,
+                new_flows: packets - hits,
+                conntrack_hits: hits,
+            },
+        )]
+        .into()
+    }
+
+    #[test]
+    fn rates_and_hit_ratio_come_from_the_last_interval() {
+        let mut s = StatsSampler::default();
+        let t0 = Instant::now();
+        s.update(t0, vip(1000, 0), BTreeMap::new(), BTreeMap::new());
+        s.update(
+            t0 + Duration::from_secs(2),
+            vip(3000, 1500),
+            BTreeMap::new(),
+            [("pass_not_vip", 10)].into(),
+        );
+        let v = &s.view.vips[0];
+        assert_eq!(v.traffic.pps, 1000.0);
+        assert_eq!(v.traffic.bps, 8.0 * 100.0 * 1000.0);
+        assert_eq!(v.new_flows_ps, 250.0);
+        assert_eq!(v.conntrack_hit_ratio, 0.75);
+        assert_eq!(s.view.reasons["pass_not_vip"].0, 10);
+        assert!(s.older.is_some(), "the sample before the last is kept");
+    }
 }
