@@ -21,6 +21,8 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// The benchmark generator's frame template (not part of the data path).
+    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
     pub const ALL: [&str; 8] = [
         VIPS,
         BACKENDS,

@@ -381,10 +381,27 @@ fn floor(ctx: &XdpContext) -> Option<u32> {
     Some(XDP_TX)
 }
 
-/// Returns `XDP_TX` without touching the frame: the traffic generator of
-/// the end-to-end benchmark (BPF_PROG_TEST_RUN with live frames).
+/// The end-to-end benchmark's frame template (Ethernet + IPv4 + UDP
+/// headers); unset (all zero) means "send frames as they are".
+#[map]
+static GEN_TEMPLATE: Array<[u64; GEN_TEMPLATE_WORDS]> = Array::with_max_entries(1, 0);
+
+const GEN_TEMPLATE_WORDS: usize = 6;
+
+/// The traffic generator of the end-to-end benchmark (BPF_PROG_TEST_RUN
+/// with live frames): rewrites the first 48 bytes of every frame from
+/// GEN_TEMPLATE, when set, and returns `XDP_TX`. Live frames reuse pages
+/// without resetting them, and a system that modifies a frame in place
+/// (NAT, TTL, MACs) would otherwise get its own output back.
 #[xdp]
-pub fn lb_gen_tx(_ctx: XdpContext) -> u32 {
+pub fn lb_gen_tx(ctx: XdpContext) -> u32 {
+    if let Some(t) = GEN_TEMPLATE.get(0)
+        && t[1] != 0
+        && let Some(frame) = ptr_at::<[u64; GEN_TEMPLATE_WORDS]>(&ctx, 0)
+    {
+        // SAFETY: 48 bytes bounds checked by ptr_at.
+        unsafe { frame.write_unaligned(*t) };
+    }
     XDP_TX
 }
 

@@ -434,6 +434,23 @@ impl Datapath {
             .collect()
     }
 
+    /// Sets the frame template of the benchmark generator `lb_gen_tx`: its
+    /// first 48 bytes are copied over every frame it sends (the frame must
+    /// be at least that long).
+    pub fn set_gen_template(&mut self, frame: &[u8]) -> Result<()> {
+        let mut words = [0u64; 6];
+        for (w, chunk) in words.iter_mut().zip(frame.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        let mut map: Array<&mut MapData, [u64; 6]> =
+            Array::try_from(self.map_mut(map_names::GEN_TEMPLATE))
+                .map_err(map_err(map_names::GEN_TEMPLATE))?;
+        map.set(0, words, 0)
+            .map_err(map_err(map_names::GEN_TEMPLATE))
+    }
+
     /// Makes `ifindex` a redirect target for backends behind another
     /// interface than the one a packet arrived on.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
