@@ -53,6 +53,30 @@ fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {
     assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
 }
 
+/// Runs `frame`, expects DROP and exactly one `reason` counted.
+fn assert_dropped(f: &Fixture, frame: &[u8], reason: &'static str) {
+    let before = f.reasons();
+    assert_eq!(
+        f.run(frame).action,
+        XDP_DROP,
+        "expected XDP_DROP for {reason}"
+    );
+    assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
+}
+
+/// A source port in `ports` whose new flow the ring gives to `backend`.
+fn port_steered_to(f: &Fixture, ports: std::ops::Range<u16>, backend: u32) -> u16 {
+    let m = f.dp.sizes().ring_size;
+    let ring = f.dp.read_ring(0, m).unwrap();
+    ports
+        .into_iter()
+        .find(|&p| {
+            let key = FlowKey::new(CLIENT.to_bits(), p, VIP.to_bits(), 80, IPPROTO_TCP);
+            ring[lb_common::ring_slot(key.hash(), m) as usize] == backend
+        })
+        .expect("some port maps to the backend")
+}
+
 #[test]
 fn vip_tcp_syn_is_sent_back_out_with_the_backend_mac_and_unchanged_l3_l4() {
     let f = three_backends();
@@ -106,13 +130,7 @@ fn second_packet_of_a_flow_takes_the_same_backend_as_a_conntrack_hit() {
 fn a_new_syn_follows_the_ring_even_over_an_old_conntrack_entry() {
     let mut f = three_backends();
     // Find a source port whose flow the ring sends to backend 1.
-    let port = (30_000..31_000u16)
-        .find(|&p| {
-            let key = FlowKey::new(CLIENT.to_bits(), p, VIP.to_bits(), 80, IPPROTO_TCP);
-            let ring = f.dp.read_ring(0, f.dp.sizes().ring_size).unwrap();
-            ring[lb_common::ring_slot(key.hash(), f.dp.sizes().ring_size) as usize] == 1
-        })
-        .unwrap();
+    let port = port_steered_to(&f, 30_000..31_000, 1);
     let syn = Ipv4Packet::tcp(CLIENT, port, VIP, 80);
     assert_eq!(backend_of_mac(&f.run(&syn.build()).frame), Some(1));
     // The ring changes (1 leaves it, but stays usable: drained).
@@ -419,12 +437,10 @@ fn udp_vip_is_balanced_per_flow() {
 fn a_vip_without_backends_drops_with_its_reason() {
     let mut f = Fixture::new();
     f.add_vip(0, tcp_vip(), &[]);
-    let before = f.reasons();
-    let r = f.run(&Ipv4Packet::tcp(CLIENT, 40008, VIP, 80).build());
-    assert_eq!(r.action, XDP_DROP);
-    assert_eq!(
-        moved(&before, &f.reasons()),
-        BTreeMap::from([("drop_no_backend", 1)])
+    assert_dropped(
+        &f,
+        &Ipv4Packet::tcp(CLIENT, 40008, VIP, 80).build(),
+        "drop_no_backend",
     );
 }
 
@@ -436,12 +452,10 @@ fn a_backend_behind_an_unknown_egress_port_is_dropped_not_aborted() {
         b.ifindex = 999_999;
         f.dp.set_backend(id, b).unwrap();
     }
-    let before = f.reasons();
-    let r = f.run(&Ipv4Packet::tcp(CLIENT, 40009, VIP, 80).build());
-    assert_eq!(r.action, XDP_DROP);
-    assert_eq!(
-        moved(&before, &f.reasons()),
-        BTreeMap::from([("drop_no_tx_port", 1)])
+    assert_dropped(
+        &f,
+        &Ipv4Packet::tcp(CLIENT, 40009, VIP, 80).build(),
+        "drop_no_tx_port",
     );
 }
 
@@ -513,13 +527,7 @@ fn a_new_connection_seen_on_one_cpu_steers_its_next_packets_on_another() {
         "this test needs two CPUs, the machine has {cpus}"
     );
     let mut f = three_backends();
-    let port = (31_000..32_000u16)
-        .find(|&p| {
-            let key = FlowKey::new(CLIENT.to_bits(), p, VIP.to_bits(), 80, IPPROTO_TCP);
-            let ring = f.dp.read_ring(0, f.dp.sizes().ring_size).unwrap();
-            ring[lb_common::ring_slot(key.hash(), f.dp.sizes().ring_size) as usize] == 1
-        })
-        .unwrap();
+    let port = port_steered_to(&f, 31_000..32_000, 1);
     let syn = Ipv4Packet::tcp(CLIENT, port, VIP, 80);
     let mut ack = syn.clone();
     ack.tcp_flags = TCP_ACK;
