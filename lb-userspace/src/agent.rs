@@ -822,6 +822,16 @@ impl Agent {
                 cfg.source.display()
             );
         }
+        if cfg.agent.interfaces != self.cfg.agent.interfaces
+            || cfg.agent.xdp_mode != self.cfg.agent.xdp_mode
+            || cfg.agent.control_socket != self.cfg.agent.control_socket
+            || cfg.agent.metrics_listen != self.cfg.agent.metrics_listen
+        {
+            warn!(
+                "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
+                cfg.source.display()
+            );
+        }
         // Health checks restart for backends whose check changed.
         for vip in &cfg.vips {
             for b in &vip.backends {
