@@ -545,3 +545,63 @@ fn a_bad_config_fails_and_attaches_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn reload_applies_a_good_file_and_refuses_a_bad_one() -> Result<()> {
+    let s = setup(3, None)?;
+    let listed = |agent: &LbAgent| -> Result<Vec<String>> {
+        Ok(agent
+            .json(&["backend", "list"])?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| b["address"].as_str().unwrap_or("").to_string())
+            .collect())
+    };
+    assert_eq!(listed(&s.agent)?.len(), 3);
+    let good = std::fs::read_to_string(&s.agent.config)?;
+    // A bad file: reported with file, line and field; nothing changes.
+    let third = format!("address = \"{}\"", s.topo.backend_addr(2));
+    let bad = good.replace(&third, "address = \"2001:2::13\"");
+    ensure!(bad != good, "the config names backend 2");
+    std::fs::write(&s.agent.config, &bad)?;
+    let out = s.agent.cli(&["reload"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a bad reload succeeded");
+    ensure!(err.contains("lb.toml:") && err.contains("IPv6"), "{err}");
+    ensure!(
+        listed(&s.agent)?.len() == 3,
+        "state changed after a bad reload"
+    );
+    let answers = get_from_ports(&s.topo, (29_000..29_090).collect())?;
+    ensure!(
+        shares(&answers).len() == 3,
+        "traffic still spread over 3 backends"
+    );
+    // A good file without backend 2: applied, and its traffic moves.
+    let without = good
+        .split("[[vip.backend]]")
+        .filter(|part| !part.contains(&third))
+        .collect::<Vec<_>>()
+        .join("[[vip.backend]]");
+    std::fs::write(&s.agent.config, &without)?;
+    s.agent.cli_ok(&["reload"])?;
+    ensure!(listed(&s.agent)?.len() == 2);
+    let answers = get_from_ports(&s.topo, (29_100..29_400).collect())?;
+    ensure!(
+        answers.iter().all(|(_, b)| b != &backend_name(2)),
+        "a connection went to the removed backend"
+    );
+    // SIGHUP reloads too: the original file brings backend 2 back.
+    std::fs::write(&s.agent.config, &good)?;
+    let pid = s.agent.json(&["status"])?["pid"].as_i64().unwrap_or(0);
+    ensure!(pid > 1, "status names the agent's pid");
+    // SAFETY: kill has no memory-safety preconditions.
+    ensure!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } == 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while listed(&s.agent)?.len() != 3 {
+        ensure!(Instant::now() < deadline, "SIGHUP did not reload the file");
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
