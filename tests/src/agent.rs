@@ -59,12 +59,16 @@ impl VipSpec {
     }
 }
 
+/// Where a test agent serves metrics: loopback of the lb namespace (every
+/// topology has its own).
+pub const METRICS_LISTEN: &str = "127.0.0.1:9100";
+
 /// Renders a config for `iface` with a private instance and socket.
 pub fn render_config(instance: &str, socket: &Path, iface: &str, vips: &[VipSpec]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "[agent]\ninstance = \"{instance}\"\ninterfaces = [\"{iface}\"]\ncontrol_socket = \"{}\"\nmax_vips = 4\nmax_backends = 64\nconntrack_entries = 65536\n",
+        "[agent]\ninstance = \"{instance}\"\ninterfaces = [\"{iface}\"]\ncontrol_socket = \"{}\"\nmetrics_listen = \"{METRICS_LISTEN}\"\nmax_vips = 4\nmax_backends = 64\nconntrack_entries = 65536\n",
         socket.display()
     );
     for v in vips {

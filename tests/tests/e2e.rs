@@ -104,6 +104,30 @@ fn distribution_over_three_equal_backends() -> Result<()> {
     let stats = s.agent.json(&["stats"])?;
     let new_flows = stats["vips"][0]["new_flows"].as_u64().unwrap_or(0);
     ensure!(new_flows >= 3000, "new flows counted: {new_flows}");
+    // And Prometheus sees them (the agent's sample is at most a second old).
+    thread::sleep(Duration::from_millis(1200));
+    let text = s.topo.lb_ns().run(|| -> Result<String> {
+        let mut c = std::net::TcpStream::connect(lb_tests::agent::METRICS_LISTEN)?;
+        c.set_read_timeout(Some(T))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        c.read_to_string(&mut body)?;
+        Ok(body)
+    })??;
+    let flows = text
+        .lines()
+        .find(|l| l.starts_with("lb_vip_new_flows_total{vip=\"web\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    ensure!(flows >= 3000, "metrics: new flows {flows}\n{text}");
+    for i in 0..3 {
+        let up = format!(
+            "lb_backend_up{{vip=\"web\",backend=\"{}\"}} 1",
+            s.topo.backend_addr(i)
+        );
+        ensure!(text.contains(&up), "missing {up}");
+    }
     Ok(())
 }
 
