@@ -23,16 +23,6 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
     /// The benchmark generator's frame template (not part of the data path).
     pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
-    pub const ALL: [&str; 8] = [
-        VIPS,
-        BACKENDS,
-        RINGS,
-        CONNTRACK,
-        VIP_STATS,
-        BACKEND_STATS,
-        REASON_STATS,
-        TX_PORTS,
-    ];
 }
 
 /// Program names in the object.

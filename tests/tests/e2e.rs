@@ -142,12 +142,11 @@ fn same_source_port_lands_on_the_same_backend() -> Result<()> {
             "port {port}: {answers:?}"
         );
         // And lb explain predicts it with the kernel's hash.
-        let e = s.agent.json(&[
-            "explain",
-            &format!("{}:{port}", s.topo.client_addr()),
-            &vip_addr(&s.topo).to_string(),
-            "tcp",
-        ])?;
+        let e = explain(
+            &s.agent,
+            format!("{}:{port}", s.topo.client_addr()),
+            vip_addr(&s.topo).to_string(),
+        )?;
         let predicted = e["ring_backend"].as_str().unwrap_or("").to_string();
         let i: usize = first.trim_start_matches("backend-").parse()?;
         ensure!(
@@ -207,6 +206,11 @@ fn a_fourth_backend_takes_a_quarter_of_the_source_ports() -> Result<()> {
         "{between_old} ports moved between old backends"
     );
     Ok(())
+}
+
+/// `lb explain SRC DST tcp --json`.
+fn explain(agent: &LbAgent, src: String, dst: String) -> Result<serde_json::Value> {
+    agent.json(&["explain", &src, &dst, "tcp"])
 }
 
 /// Waits (bounded) until `lb backend list` shows `addr` with `health`.
@@ -319,12 +323,11 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
     };
     step("connecting")?;
     // Which backend serves it?
-    let e = agent.json(&[
-        "explain",
-        &format!("{}:40000", topo.client_addr()),
-        &vip_sa.to_string(),
-        "tcp",
-    ])?;
+    let e = explain(
+        &agent,
+        format!("{}:40000", topo.client_addr()),
+        vip_sa.to_string(),
+    )?;
     let serving: Ipv4Addr = e["backend"].as_str().unwrap_or_default().parse()?;
     step("finding the backend")?;
 
@@ -408,12 +411,7 @@ fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
     let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &vips)?;
     let vip_sa = SocketAddrV4::new(topo.vip(), STREAM_PORT);
     let client_addr = topo.client_addr();
-    let e = agent.json(&[
-        "explain",
-        &format!("{client_addr}:41000"),
-        &vip_sa.to_string(),
-        "tcp",
-    ])?;
+    let e = explain(&agent, format!("{client_addr}:41000"), vip_sa.to_string())?;
     let serving: Ipv4Addr = e["ring_backend"].as_str().unwrap_or_default().parse()?;
     let serving_name = backend_name(backends(&topo).iter().position(|a| *a == serving).unwrap());
     let web = vip_addr(&topo);
@@ -449,12 +447,7 @@ fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
         "{drained}"
     );
     // Its established flow still goes to it: explain says conntrack.
-    let e = agent.json(&[
-        "explain",
-        &format!("{client_addr}:41000"),
-        &vip_sa.to_string(),
-        "tcp",
-    ])?;
+    let e = explain(&agent, format!("{client_addr}:41000"), vip_sa.to_string())?;
     ensure!(e["backend"] == serving.to_string(), "{e}");
     ensure!(
         e["reason"].as_str().unwrap_or("").contains("conntrack"),

@@ -396,7 +396,26 @@ pub struct GenControl {
     done: AtomicBool,
 }
 
+/// Marks a generator finished when dropped (also on an early error).
+pub struct GenDone<'a>(&'a GenControl);
+
+impl Drop for GenDone<'_> {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::SeqCst);
+    }
+}
+
 impl GenControl {
+    /// A generator thread's start: stop handler, pinned to `cpu`, its tid
+    /// recorded for `stop`; the guard marks it done.
+    fn enter(&self, cpu: usize) -> Result<GenDone<'_>> {
+        let done = GenDone(self);
+        install_stop_handler()?;
+        set_affinity(0, &[cpu])?;
+        self.tid.store(gettid(), Ordering::SeqCst);
+        Ok(done)
+    }
+
     pub fn new() -> GenControl {
         GenControl {
             tid: AtomicI32::new(0),
@@ -457,16 +476,7 @@ pub fn generate(
     bound: u32,
     ctl: &GenControl,
 ) -> Result<GenOutcome> {
-    struct Done<'a>(&'a GenControl);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.done.store(true, Ordering::SeqCst);
-        }
-    }
-    let _done = Done(ctl);
-    install_stop_handler()?;
-    set_affinity(0, &[cpu])?;
-    ctl.tid.store(gettid(), Ordering::SeqCst);
+    let _done = ctl.enter(cpu)?;
     let ctx = xdp_md(frame.len(), ifindex);
     if ctl.stop.load(Ordering::SeqCst) {
         return Ok(GenOutcome { completed: false });
@@ -554,16 +564,7 @@ pub fn packet_generate(
     bound: u64,
     ctl: &GenControl,
 ) -> Result<GenOutcome> {
-    struct Done<'a>(&'a GenControl);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.done.store(true, Ordering::SeqCst);
-        }
-    }
-    let _done = Done(ctl);
-    install_stop_handler()?;
-    set_affinity(0, &[cpu])?;
-    ctl.tid.store(gettid(), Ordering::SeqCst);
+    let _done = ctl.enter(cpu)?;
     ensure!(frame.len() + TPACKET2_DATA <= RING_FRAME, "frame too long");
     // SAFETY: socket calls on a socket this function owns; the ring is
     // written only inside its mapping (slot i at i × RING_FRAME, below
