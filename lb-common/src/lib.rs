@@ -109,6 +109,15 @@ pub struct VipInfo {
 /// The entry marks a VIP address, not a service.
 pub const VIP_FLAG_ADDR_ONLY: u32 = 1;
 
+impl VipInfo {
+    /// The entry marks a VIP address (for fragments and malformed L4
+    /// headers), not a service: it has no ring.
+    #[inline(always)]
+    pub const fn is_address_only(&self) -> bool {
+        self.flags & VIP_FLAG_ADDR_ONLY != 0
+    }
+}
+
 /// One slot of the VIP table: an open-addressing hash table kept in a BPF
 /// array, so that the fast path finds a VIP with inlined array loads and a
 /// few compares instead of a hash-map helper call. Written only by the
@@ -189,6 +198,36 @@ pub struct Backend {
 /// honoured. Cleared when a backend goes down or is removed, so that its
 /// flows are re-steered by the ring.
 pub const BACKEND_FLAG_USABLE: u32 = 1;
+
+/// Backend id 0 is never given to a backend, so a ring slot that was never
+/// written (0 in the kernel array) names no backend that exists.
+pub const FIRST_BACKEND_ID: u32 = 1;
+
+impl Backend {
+    /// What a never-written or removed slot of the backend array holds.
+    pub const EMPTY: Backend = Backend {
+        addr: 0,
+        ifindex: 0,
+        vip_index: 0,
+        flags: 0,
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+    };
+
+    /// The slot holds a backend: every backend has an address (the agent
+    /// refuses 0.0.0.0), an empty slot has none.
+    #[inline(always)]
+    pub const fn is_present(&self) -> bool {
+        self.addr != 0
+    }
+
+    /// Conntrack entries naming this backend are honoured and ring slots
+    /// may name it.
+    #[inline(always)]
+    pub const fn is_usable(&self) -> bool {
+        self.flags & BACKEND_FLAG_USABLE != 0
+    }
+}
 
 /// Connection-tracking key: the flow's 5-tuple as on the wire.
 #[repr(C)]

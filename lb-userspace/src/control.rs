@@ -1,5 +1,7 @@
 //! The control protocol between `lb` subcommands and the running agent:
 //! one JSON request line over the agent's Unix socket, one JSON reply line.
+//! Both ends live here: [`call`] for the CLI, [`bind`] and [`serve`] for
+//! the agent.
 
 use std::{
     collections::BTreeMap,
@@ -10,9 +12,15 @@ use std::{
     time::Duration,
 };
 
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
 
-use crate::config::Protocol;
+use crate::{config::Protocol, timing};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -123,12 +131,40 @@ pub struct BackendView {
     pub id: u32,
     pub weight: u32,
     pub state: String,
-    pub health: String,
+    pub health: Health,
     pub last_check: Option<String>,
     /// Ring slots this backend owns now.
     pub slots: u32,
     pub mac: Option<String>,
     pub iface: Option<String>,
+}
+
+/// A backend's health as the agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Passing its checks, next hop resolved: in the ring.
+    Up,
+    /// Failing its checks: out of the ring.
+    Down,
+    /// Its next hop is unknown: out of the ring whatever its checks say.
+    Unresolved,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unresolved => "unresolved",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -155,7 +191,7 @@ pub struct VipStatsView {
 pub struct BackendStatsView {
     pub vip: String,
     pub address: Ipv4Addr,
-    pub health: String,
+    pub health: Health,
     #[serde(flatten)]
     pub traffic: Rates,
 }
@@ -238,6 +274,63 @@ pub fn call(
         Err(ClientError::Agent(
             reply.error.unwrap_or_else(|| "unknown error".into()),
         ))
+    }
+}
+
+/// A request from a control client and where its reply goes.
+pub type ControlMsg = (Request, oneshot::Sender<Reply>);
+
+/// Binds the agent's control socket, refusing to steal it from a running
+/// agent and replacing a stale one.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "another lb agent is already listening on {}; stop it first or use another instance",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))
+}
+
+/// Accepts control clients forever: reads one request line from each,
+/// hands it to the agent over `tx` and writes back the reply.
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlMsg>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(r);
+            let read = tokio::time::timeout(timing::CONTROL_READ_TIMEOUT, r.read_line(&mut line));
+            let reply = match read.await {
+                Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send((req, otx)).await.is_err() {
+                            Reply::err("the agent is shutting down")
+                        } else {
+                            orx.await
+                                .unwrap_or_else(|_| Reply::err("the agent is shutting down"))
+                        }
+                    }
+                    Err(e) => Reply::err(format!("bad request: {e}")),
+                },
+                _ => return,
+            };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+        });
     }
 }
 

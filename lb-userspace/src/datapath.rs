@@ -21,6 +21,8 @@ use lb_common::{
 };
 use thiserror::Error;
 
+use crate::reconcile::{KernelImage, KernelMaps};
+
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -77,6 +79,14 @@ pub struct MapSizes {
     /// and a VIP's own ring size may be anything up to it.
     pub ring_size: u32,
     pub conntrack_entries: u32,
+}
+
+impl MapSizes {
+    /// Elements of the backend arrays: ids `0..=max_backends`, id 0 never
+    /// given out (see [`lb_common::FIRST_BACKEND_ID`]).
+    pub fn backend_slots(&self) -> u32 {
+        self.max_backends.saturating_add(1)
+    }
 }
 
 impl Default for MapSizes {
@@ -171,11 +181,11 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(map_names::VIPS, vip_slots)
             .override_global("VIP_TABLE_MASK", &(vip_slots - 1), true)
-            .map_max_entries(map_names::BACKENDS, sizes.max_backends)
+            .map_max_entries(map_names::BACKENDS, sizes.backend_slots())
             .map_max_entries(map_names::RINGS, ring_elems)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries)
             .map_max_entries(map_names::VIP_STATS, sizes.max_vips)
-            .map_max_entries(map_names::BACKEND_STATS, sizes.max_backends)
+            .map_max_entries(map_names::BACKEND_STATS, sizes.backend_slots())
             .load(OBJECT)?;
         for name in [
             program_names::BALANCER,
@@ -385,7 +395,7 @@ impl Datapath {
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        self.check("backend id", id, self.sizes.max_backends)?;
+        self.check("backend id", id, self.sizes.backend_slots())?;
         let mut map: Array<&mut MapData, Backend> =
             Array::try_from(self.map_mut(map_names::BACKENDS))
                 .map_err(map_err(map_names::BACKENDS))?;
@@ -571,7 +581,71 @@ pub fn backend_entry(
     }
 }
 
-/// The value a removed backend's slot holds: no address, not usable.
-pub fn empty_backend() -> Backend {
-    backend_entry(Ipv4Addr::UNSPECIFIED, 0, u32::MAX, false, [0; 6], [0; 6])
+impl KernelMaps for Datapath {
+    type Error = DatapathError;
+
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        Datapath::set_backend(self, id, backend)
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<()> {
+        Datapath::set_backend(self, id, Backend::EMPTY)
+    }
+
+    fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<()> {
+        Datapath::write_ring(self, ring_base, slots.iter().copied()).map(|_| ())
+    }
+
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
+        Datapath::set_vip(self, key, info)
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        Datapath::remove_vip(self, key)
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        Datapath::add_tx_port(self, ifindex)
+    }
+
+    /// What an earlier agent (or this one) left in the maps.
+    fn read_image(&self) -> Result<KernelImage> {
+        let mut img = KernelImage::default();
+        for (key, info) in self.vips()? {
+            if !info.is_address_only() {
+                img.rings.insert(
+                    info.ring_base,
+                    self.read_ring(info.ring_base, info.ring_size)?,
+                );
+            }
+            img.vips.insert(key, info);
+        }
+        for id in 0..self.sizes.backend_slots() {
+            let b = self.backend(id)?;
+            if b.is_present() {
+                img.backends.insert(id, b);
+            }
+        }
+        Ok(img)
+    }
+
+    fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
+        Datapath::conntrack_lookup(self, key)
+    }
+
+    fn conntrack_len(&self) -> Result<usize> {
+        self.conntrack_entries().map(|c| c.len())
+    }
+
+    fn vip_stats(&self, index: u32) -> Result<VipStats> {
+        Datapath::vip_stats(self, index)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        Datapath::backend_stats(self, id)
+    }
+
+    fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
+        Datapath::reason_stats(self)
+    }
 }

@@ -31,7 +31,7 @@
 //! cancels on drop. Aborting the [`JoinHandle`] works too.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
@@ -119,7 +119,6 @@ pub struct HealthState {
     up: bool,
     successes: u32,
     failures: u32,
-    last: Option<ProbeOutcome>,
 }
 
 impl HealthState {
@@ -132,13 +131,11 @@ impl HealthState {
             up: initially_up,
             successes: 0,
             failures: 0,
-            last: None,
         }
     }
 
     /// Records one probe outcome; returns the transition it caused, if any.
     pub fn record(&mut self, outcome: &ProbeOutcome) -> Option<Transition> {
-        self.last = Some(outcome.clone());
         if outcome.is_ok() {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
@@ -162,21 +159,6 @@ impl HealthState {
     /// Whether the backend is currently considered up.
     pub fn is_up(&self) -> bool {
         self.up
-    }
-
-    /// The most recent outcome recorded, if any.
-    pub fn last(&self) -> Option<&ProbeOutcome> {
-        self.last.as_ref()
-    }
-
-    /// Consecutive successes so far in the current streak.
-    pub fn successes(&self) -> u32 {
-        self.successes
-    }
-
-    /// Consecutive failures so far in the current streak.
-    pub fn failures(&self) -> u32 {
-        self.failures
     }
 
     /// The configured rise threshold (at least 1).
@@ -343,15 +325,13 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// How the agent names a backend of a VIP: (VIP address, VIP port, VIP IP
-/// protocol number, backend address).
-pub type BackendKey = (Ipv4Addr, u16, u8, Ipv4Addr);
+pub use crate::keys::BackendKey;
 
 /// What a checker checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckTarget {
     /// Opaque to the checker; copied into every [`HealthEvent`] so the agent
-    /// can map events back. The backend address probed is `key.3`.
+    /// can map events back. The backend address probed is `key.address`.
     pub key: BackendKey,
     /// The VIP's name, for log lines: "backend 198.18.0.11 of {label}: ...".
     pub label: String,
@@ -371,8 +351,8 @@ pub struct HealthEvent {
 /// Spawns a tokio task that health-checks `target` until `cancel` is
 /// cancelled (or the receiver of `tx` is dropped).
 ///
-/// The address probed is `target.key.3` on port `check.port`, or, when
-/// `check.port` is 0, on the VIP port `target.key.1`.
+/// The address probed is `target.key.address` on port `check.port`, or,
+/// when `check.port` is 0, on the VIP port.
 ///
 /// The first probe comes after a random delay in `[0, interval)` so that
 /// checks don't fire in lockstep; after that, each probe follows the previous
@@ -381,7 +361,7 @@ pub struct HealthEvent {
 /// `initially_up` is the backend's starting state (see [`starts_up`]).
 ///
 /// Must be called within a tokio runtime.
-pub fn spawn_checker(
+fn spawn_checker(
     target: CheckTarget,
     check: HealthCheck,
     initially_up: bool,
@@ -403,11 +383,11 @@ async fn run_checker(
     initially_up: bool,
     tx: UnboundedSender<HealthEvent>,
 ) {
-    let backend = target.key.3;
+    let backend = target.key.address;
     let port = if check.port != 0 {
         check.port
     } else {
-        target.key.1
+        target.key.vip.port
     };
     let addr = SocketAddr::new(IpAddr::V4(backend), port);
 
@@ -469,7 +449,7 @@ async fn sleep_or_closed(d: Duration, tx: &UnboundedSender<HealthEvent>) {
 }
 
 fn log_transition(target: &CheckTarget, state: &HealthState, t: &Transition) {
-    let backend = target.key.3;
+    let backend = target.key.address;
     let label = &target.label;
     match t {
         Transition::Up(o) => {
@@ -510,11 +490,6 @@ impl Checker {
         self.cancel.cancel();
         let _ = (&mut self.handle).await;
     }
-
-    /// Whether the task has ended.
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
-    }
 }
 
 impl Drop for Checker {
@@ -523,13 +498,69 @@ impl Drop for Checker {
     }
 }
 
+/// One running checker per backend, restarted when its check changes.
+pub struct Checkers {
+    running: std::collections::BTreeMap<BackendKey, (HealthCheck, Checker)>,
+    tx: UnboundedSender<HealthEvent>,
+}
+
+impl Checkers {
+    pub fn new(tx: UnboundedSender<HealthEvent>) -> Self {
+        Self {
+            running: Default::default(),
+            tx,
+        }
+    }
+
+    /// Makes the running checkers exactly `wanted`: (what, how, whether
+    /// the backend is up now). A checker whose check changed starts over
+    /// from the backend's current state; others keep running.
+    pub fn sync(&mut self, wanted: impl IntoIterator<Item = (CheckTarget, HealthCheck, bool)>) {
+        let mut keep = std::collections::BTreeSet::new();
+        for (target, check, up) in wanted {
+            keep.insert(target.key);
+            if self
+                .running
+                .get(&target.key)
+                .is_some_and(|(c, _)| *c == check)
+            {
+                continue;
+            }
+            let key = target.key;
+            let checker = Checker::spawn(target, check.clone(), up, self.tx.clone());
+            self.running.insert(key, (check, checker));
+        }
+        self.running.retain(|k, _| keep.contains(k));
+    }
+
+    /// Stops every checker.
+    pub fn clear(&mut self) {
+        self.running.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
+
+    use crate::{config::Protocol, keys::VipId};
+
+    fn test_key(address: Ipv4Addr) -> BackendKey {
+        BackendKey {
+            vip: VipId {
+                address: Ipv4Addr::new(198, 18, 0, 1),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            address,
+        }
+    }
 
     const BOUND: Duration = Duration::from_secs(5);
 
@@ -615,14 +646,12 @@ mod tests {
         assert_eq!(s.record(&ProbeOutcome::Refused), None);
         assert_eq!(s.record(&ProbeOutcome::Refused), None);
         assert_eq!(s.record(&ProbeOutcome::Refused), None);
-        assert_eq!(s.last(), Some(&ProbeOutcome::Refused));
     }
 
     #[test]
     fn rise_needs_consecutive_successes() {
         let mut s = HealthState::new(2, 3, false);
         assert!(!s.is_up());
-        assert_eq!(s.last(), None);
         assert_eq!(s.record(&ok()), None);
         // An interleaved failure resets the success streak.
         assert_eq!(s.record(&ProbeOutcome::Refused), None);
@@ -830,12 +859,7 @@ mod tests {
             // The listener is dropped here: the port now refuses.
         });
 
-        let key: BackendKey = (
-            Ipv4Addr::new(198, 18, 0, 1),
-            80,
-            6,
-            Ipv4Addr::new(127, 0, 0, 1),
-        );
+        let key = test_key(Ipv4Addr::new(127, 0, 0, 1));
         let target = CheckTarget {
             key,
             label: "web".into(),
@@ -888,7 +912,7 @@ mod tests {
     async fn checker_stops_promptly_mid_interval_and_on_drop() {
         let port = closed_port().await;
         let target = CheckTarget {
-            key: (Ipv4Addr::LOCALHOST, 80, 6, Ipv4Addr::LOCALHOST),
+            key: test_key(Ipv4Addr::LOCALHOST),
             label: "web".into(),
         };
         let mut check = tcp_check(port);
@@ -913,7 +937,7 @@ mod tests {
     #[tokio::test]
     async fn checker_kind_none_reports_up_once() {
         let target = CheckTarget {
-            key: (Ipv4Addr::LOCALHOST, 80, 6, Ipv4Addr::LOCALHOST),
+            key: test_key(Ipv4Addr::LOCALHOST),
             label: "web".into(),
         };
         let mut check = tcp_check(closed_port().await);

@@ -4,8 +4,13 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+#[cfg(test)]
+mod fake_maps;
 pub mod health;
+pub mod keys;
+pub mod mac;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod reconcile;
+pub mod timing;

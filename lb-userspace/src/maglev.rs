@@ -129,12 +129,7 @@ impl MaglevTable {
             new.len(),
             "MaglevTable::diff between tables of different sizes"
         );
-        self.slots
-            .iter()
-            .zip(new.slots.iter())
-            .enumerate()
-            .filter(|(_, (old, new))| old != new)
-            .map(|(i, (_, &new))| (i as u32, new))
+        diff_slots(&self.slots, &new.slots)
     }
 
     /// Number of slots per backend id. Ids that own no slot are absent, and
@@ -389,6 +384,16 @@ fn splitmix64(x: u64) -> u64 {
 
 /// Whether `n` is prime (deterministic for every `u32`: trial division by
 /// the primes up to 37, then Miller-Rabin with bases 2, 7 and 61).
+/// `(slot, new id)` for every slot of `new` whose content differs from
+/// `old`'s, in increasing slot order; slots beyond `old`'s end count as
+/// changed (a ring written for the first time, or grown).
+pub fn diff_slots<'a>(old: &'a [u32], new: &'a [u32]) -> impl Iterator<Item = (u32, u32)> + 'a {
+    new.iter()
+        .enumerate()
+        .filter(move |&(i, id)| old.get(i) != Some(id))
+        .map(|(i, &id)| (i as u32, id))
+}
+
 pub fn is_prime(n: u32) -> bool {
     const SMALL: [u32; 12] = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37];
     if n < 2 {

@@ -4,7 +4,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
-    time::Duration,
 };
 
 use clap::{Parser, Subcommand};
@@ -12,6 +11,7 @@ use lb::{
     agent::{self, RunOptions},
     config::{Protocol, XdpModeSetting},
     control::{self, BackendView, ExplainView, Request, StatsView, StatusView, VipView},
+    timing,
 };
 
 #[derive(Parser)]
@@ -158,7 +158,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.instance)));
-    let call = |req: Request| control::call(&socket, &req, Duration::from_secs(30));
+    let call = |req: Request| control::call(&socket, &req, timing::CONTROL_CALL_TIMEOUT);
     match cli.cmd {
         Cmd::Run {
             config,
@@ -302,7 +302,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 if !watch || count.is_some_and(|c| n >= c) {
                     break;
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(timing::STATS_WATCH_PERIOD);
                 if !json {
                     println!();
                 }

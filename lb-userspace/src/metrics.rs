@@ -1,10 +1,7 @@
 //! Prometheus metrics: `GET /metrics` on the configured address, in the
 //! text exposition format, rendered from the agent's latest counter sample.
 
-use std::{
-    convert::Infallible,
-    sync::{Arc, Mutex, atomic::AtomicU64},
-};
+use std::{convert::Infallible, sync::atomic::AtomicU64};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,7 +13,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{agent::Shared, control::StatsView};
+use tokio::sync::watch;
+
+use crate::control::{Health, StatsView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VipLabels {
@@ -61,7 +60,9 @@ pub fn render(stats: &StatsView) -> String {
         };
         be_packets.get_or_create(&l).inc_by(b.traffic.packets);
         be_bytes.get_or_create(&l).inc_by(b.traffic.bytes);
-        be_up.get_or_create(&l).set(i64::from(b.health == "up"));
+        be_up
+            .get_or_create(&l)
+            .set(i64::from(b.health == Health::Up));
     }
     for (reason, (total, _)) in &stats.reasons {
         reasons
@@ -100,18 +101,18 @@ pub fn render(stats: &StatsView) -> String {
 }
 
 /// Serves `/metrics` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Mutex<Shared>>) {
+pub async fn serve(listener: tokio::net::TcpListener, stats: watch::Receiver<StatsView>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let shared = shared.clone();
+                let stats = stats.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        let body = shared.lock().map(|s| render(&s.stats)).unwrap_or_default();
+                        let body = render(&stats.borrow());
                         Response::builder()
                             .header(
                                 "content-type",
@@ -158,7 +159,7 @@ mod tests {
             backends: vec![BackendStatsView {
                 vip: "web".into(),
                 address: "198.18.0.11".parse().unwrap(),
-                health: "up".into(),
+                health: Health::Up,
                 traffic: Rates {
                     packets: 4,
                     bytes: 400,

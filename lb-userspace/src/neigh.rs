@@ -182,6 +182,48 @@ pub fn resolve(addr: Ipv4Addr, wait: Duration) -> Result<NextHop, NeighError> {
     }
 }
 
+/// Where the agent learns next hops: the kernel's tables in production, a
+/// fixed table in tests.
+pub trait NextHopSource {
+    /// Starts resolving `addr` without waiting (an ARP request goes out).
+    fn prime(&mut self, addr: Ipv4Addr);
+    /// How to reach `addr`, waiting up to `wait` for ARP. With `mac` (an
+    /// operator's override) only the egress interface is looked up.
+    fn next_hop(
+        &mut self,
+        addr: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+        wait: Duration,
+    ) -> Result<NextHop, NeighError>;
+}
+
+/// The kernel's routing and neighbour tables of the current namespace.
+pub struct KernelTables;
+
+impl NextHopSource for KernelTables {
+    fn prime(&mut self, addr: Ipv4Addr) {
+        let _ = resolve(addr, Duration::ZERO);
+    }
+
+    fn next_hop(
+        &mut self,
+        addr: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+        wait: Duration,
+    ) -> Result<NextHop, NeighError> {
+        let Some(dst_mac) = mac else {
+            return resolve(addr, wait);
+        };
+        let (iface, _) = route(addr)?;
+        Ok(NextHop {
+            ifindex: crate::datapath::ifindex(&iface).map_err(|_| NeighError::NoRoute(addr))?,
+            src_mac: iface_mac(&iface)?,
+            iface,
+            dst_mac,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

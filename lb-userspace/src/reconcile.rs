@@ -1,5 +1,9 @@
-//! The minimal, safely ordered list of kernel map writes that takes the
-//! data path from what it holds now to what it should hold.
+//! The one model of the kernel contents ([`KernelImage`]), the minimal,
+//! safely ordered list of map writes that takes the data path from what it
+//! holds to what it should hold ([`plan`]), and the code that performs them
+//! through [`KernelMaps`] while keeping the image true ([`execute`]). The
+//! agent runs exactly this code against the real maps; tests run it against
+//! an in-memory fake.
 //!
 //! The invariant every intermediate state keeps: each ring slot of an
 //! installed VIP names either no backend or a backend entry that is present
@@ -14,23 +18,44 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{BACKEND_FLAG_USABLE, Backend, NO_BACKEND, VipInfo, VipKey};
+use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, NO_BACKEND, VipInfo, VipKey, VipStats};
 
-/// One VIP's kernel contents: its VIP-map entry and its ring.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipImage {
-    pub info: VipInfo,
-    pub ring: Vec<u32>,
-}
+use crate::maglev::diff_slots;
 
-/// Kernel map contents as the agent knows them (what it wrote, or read
-/// back from pinned maps after a restart), or as it wants them.
+/// Kernel map contents as the agent knows them (what it wrote, or read back
+/// from pinned maps after a restart), or as it wants them. Mirrors the maps
+/// one to one: the VIP table's entries, the RINGS array cut at each VIP's
+/// ring base, the BACKENDS array's present entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelImage {
-    pub vips: BTreeMap<VipKey, VipImage>,
+    /// VIP entries: services and address-only markers.
+    pub vips: BTreeMap<VipKey, VipInfo>,
+    /// Ring contents by ring base. A ring stays here after its VIP entry is
+    /// removed: the kernel array still holds it.
+    pub rings: BTreeMap<u32, Vec<u32>>,
+    /// Present backend entries by id.
     pub backends: BTreeMap<u32, Backend>,
 }
 
+impl KernelImage {
+    /// The ring a service VIP entry points at (`ring_size` slots from its
+    /// base), as far as the image knows it.
+    pub fn ring_of(&self, info: &VipInfo) -> Option<&[u32]> {
+        if info.is_address_only() {
+            return None;
+        }
+        self.rings
+            .get(&info.ring_base)
+            .and_then(|r| r.get(..info.ring_size as usize))
+    }
+
+    /// The ring of the service VIP `key`.
+    pub fn ring(&self, key: &VipKey) -> Option<&[u32]> {
+        self.vips.get(key).and_then(|info| self.ring_of(info))
+    }
+}
+
+/// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     SetBackend(u32, Backend),
@@ -44,8 +69,32 @@ pub enum Op {
     RemoveBackend(u32),
 }
 
-fn usable(b: &Backend) -> bool {
-    b.flags & BACKEND_FLAG_USABLE != 0
+/// What the data path offers the agent: the map writes of [`Op`], reading
+/// the maps back, and the counters. Implemented by
+/// [`crate::datapath::Datapath`] on the real maps and by an in-memory fake
+/// in tests.
+pub trait KernelMaps {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error>;
+    /// Deletes a backend entry (its slot reads back as not present).
+    fn remove_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<(), Self::Error>;
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), Self::Error>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), Self::Error>;
+    /// Makes `ifindex` a redirect target.
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
+    /// What the maps hold: every VIP entry, the ring of each service VIP,
+    /// every present backend.
+    fn read_image(&self) -> Result<KernelImage, Self::Error>;
+    fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>, Self::Error>;
+    fn conntrack_len(&self) -> Result<usize, Self::Error>;
+    /// A VIP's counters summed over CPUs.
+    fn vip_stats(&self, index: u32) -> Result<VipStats, Self::Error>;
+    /// A backend's counters summed over CPUs.
+    fn backend_stats(&self, id: u32) -> Result<BackendStats, Self::Error>;
+    /// Pass/drop counters by reason name, summed over CPUs.
+    fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>, Self::Error>;
 }
 
 /// Plans the writes from `current` to `target`.
@@ -57,7 +106,7 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
     for (&id, want) in &target.backends {
         match current.backends.get(&id) {
             Some(have) if have == want => {}
-            Some(have) if usable(have) && !usable(want) => {
+            Some(have) if have.is_usable() && !want.is_usable() => {
                 late_backend_updates.push(Op::SetBackend(id, *want));
             }
             _ => ops.push(Op::SetBackend(id, *want)),
@@ -65,31 +114,21 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
     }
 
     // 2. Ring slots.
-    for (key, want) in &target.vips {
-        let have_ring = current
-            .vips
-            .get(key)
-            .filter(|have| have.info.ring_base == want.info.ring_base)
-            .map(|have| have.ring.as_slice());
-        let slots: Vec<(u32, u32)> = want
-            .ring
-            .iter()
-            .enumerate()
-            .filter(|&(i, id)| have_ring.and_then(|r| r.get(i)) != Some(id))
-            .map(|(i, &id)| (i as u32, id))
-            .collect();
+    for (&ring_base, want) in &target.rings {
+        let have = current
+            .rings
+            .get(&ring_base)
+            .map_or(&[][..], |r| r.as_slice());
+        let slots: Vec<(u32, u32)> = diff_slots(have, want).collect();
         if !slots.is_empty() {
-            ops.push(Op::WriteRing {
-                ring_base: want.info.ring_base,
-                slots,
-            });
+            ops.push(Op::WriteRing { ring_base, slots });
         }
     }
 
     // 3. VIP entries.
     for (key, want) in &target.vips {
-        if current.vips.get(key).map(|h| h.info) != Some(want.info) {
-            ops.push(Op::SetVip(*key, want.info));
+        if current.vips.get(key) != Some(want) {
+            ops.push(Op::SetVip(*key, *want));
         }
     }
     for key in current.vips.keys() {
@@ -108,7 +147,7 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
     ops
 }
 
-/// Applies `op` to an in-memory image (what the kernel holds after it).
+/// Records in `image` what `op` changed in the kernel.
 pub fn apply(image: &mut KernelImage, op: &Op) {
     match op {
         Op::SetBackend(id, b) => {
@@ -118,46 +157,17 @@ pub fn apply(image: &mut KernelImage, op: &Op) {
             image.backends.remove(id);
         }
         Op::WriteRing { ring_base, slots } => {
-            // Every VIP image whose ring starts at ring_base sees the write;
-            // a VIP not yet installed has no image: keep the slots on the
-            // side in a pending entry keyed by ring_base.
-            for v in image.vips.values_mut() {
-                if v.info.ring_base == *ring_base {
-                    for &(s, id) in slots {
-                        if let Some(x) = v.ring.get_mut(s as usize) {
-                            *x = id;
-                        }
-                    }
-                }
-            }
-            let pending = image
-                .vips
-                .entry(pending_key(*ring_base))
-                .or_insert_with(|| VipImage {
-                    info: VipInfo {
-                        index: u32::MAX,
-                        ring_base: *ring_base,
-                        ring_size: 0,
-                        flags: PENDING,
-                    },
-                    ring: Vec::new(),
-                });
+            let ring = image.rings.entry(*ring_base).or_default();
             for &(s, id) in slots {
                 let s = s as usize;
-                if pending.ring.len() <= s {
-                    pending.ring.resize(s + 1, NO_BACKEND);
+                if ring.len() <= s {
+                    ring.resize(s + 1, NO_BACKEND);
                 }
-                pending.ring[s] = id;
+                ring[s] = id;
             }
         }
         Op::SetVip(key, info) => {
-            let ring = image
-                .vips
-                .get(&pending_key(info.ring_base))
-                .map(|p| p.ring.clone())
-                .or_else(|| image.vips.get(key).map(|v| v.ring.clone()))
-                .unwrap_or_default();
-            image.vips.insert(*key, VipImage { info: *info, ring });
+            image.vips.insert(*key, *info);
         }
         Op::RemoveVip(key) => {
             image.vips.remove(key);
@@ -165,32 +175,79 @@ pub fn apply(image: &mut KernelImage, op: &Op) {
     }
 }
 
-/// Simulation bookkeeping for [`apply`]: ring writes land in the RINGS
-/// array whether or not a VIP points there yet.
-const PENDING: u32 = 0x8000_0000;
+/// A write that failed, after the writes before it were applied.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the kernel maps ({op}): {source}")]
+pub struct ExecuteError<E: std::error::Error + 'static> {
+    pub op: String,
+    #[source]
+    pub source: E,
+}
 
-fn pending_key(ring_base: u32) -> VipKey {
-    VipKey {
-        addr: ring_base,
-        port: 0,
-        proto: 0xff,
-        _pad: 0xff,
+/// Performs `ops` on `maps` in order, recording each applied write in
+/// `image`. Stops at the first failure: the writes before it are applied
+/// and safe, the image says exactly which, and the next plan retries the
+/// rest. Returns the number of ring slots written.
+pub fn execute<M: KernelMaps>(
+    maps: &mut M,
+    image: &mut KernelImage,
+    ops: &[Op],
+) -> Result<usize, ExecuteError<M::Error>> {
+    let mut slots_written = 0;
+    for op in ops {
+        let r = match op {
+            Op::SetBackend(id, b) => maps.set_backend(*id, *b),
+            Op::RemoveBackend(id) => maps.remove_backend(*id),
+            Op::WriteRing { ring_base, slots } => {
+                slots_written += slots.len();
+                maps.write_ring(*ring_base, slots)
+            }
+            Op::SetVip(k, info) => maps.set_vip(*k, *info),
+            Op::RemoveVip(k) => maps.remove_vip(k),
+        };
+        r.map_err(|source| ExecuteError {
+            op: op.describe(),
+            source,
+        })?;
+        apply(image, op);
+    }
+    Ok(slots_written)
+}
+
+impl Op {
+    /// A short description for errors and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::SetBackend(id, _) => format!("set backend {id}"),
+            Op::RemoveBackend(id) => format!("remove backend {id}"),
+            Op::WriteRing { ring_base, slots } => {
+                format!("write {} slots of the ring at {ring_base}", slots.len())
+            }
+            Op::SetVip(k, _) => format!("set VIP entry {k:?}"),
+            Op::RemoveVip(k) => format!("remove VIP entry {k:?}"),
+        }
     }
 }
 
 /// The invariant of the module doc, checked on an image: the first
 /// violation found, as text.
 pub fn check_invariant(image: &KernelImage) -> Result<(), String> {
-    for (key, v) in &image.vips {
-        if v.info.flags & PENDING != 0 || v.info.flags & lb_common::VIP_FLAG_ADDR_ONLY != 0 {
+    for (key, info) in &image.vips {
+        if info.is_address_only() {
             continue;
         }
-        for (slot, &id) in v.ring.iter().enumerate() {
+        let ring = image
+            .rings
+            .get(&info.ring_base)
+            .map_or(&[][..], |r| r.as_slice());
+        for slot in 0..info.ring_size as usize {
+            // A slot never written holds 0 in the kernel array.
+            let id = ring.get(slot).copied().unwrap_or(0);
             if id == NO_BACKEND {
                 continue;
             }
             match image.backends.get(&id) {
-                Some(b) if usable(b) => {}
+                Some(b) if b.is_usable() => {}
                 Some(_) => return Err(format!("{key:?} slot {slot} names unusable backend {id}")),
                 None => return Err(format!("{key:?} slot {slot} names missing backend {id}")),
             }
@@ -201,20 +258,27 @@ pub fn check_invariant(image: &KernelImage) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::BACKEND_FLAG_USABLE;
+
     use super::*;
-    use crate::maglev::{MaglevBackend, MaglevTable};
+    use crate::{
+        fake_maps::FakeMaps,
+        maglev::{MaglevBackend, MaglevTable},
+    };
 
     const M: u32 = 251;
 
     fn backend(id: u32, usable: bool) -> Backend {
-        crate::datapath::backend_entry(
-            std::net::Ipv4Addr::new(198, 18, 0, id as u8),
-            2,
-            0,
-            usable,
-            [2, 0, 0, 0, 0, id as u8],
-            [2, 0, 0, 0, 0, 0xfe],
-        )
+        Backend {
+            addr: u32::from(Ipv4Addr::new(198, 18, (id >> 8) as u8, id as u8)).to_be(),
+            ifindex: 2,
+            vip_index: 0,
+            flags: if usable { BACKEND_FLAG_USABLE } else { 0 },
+            dst_mac: [2, 0, 0, 0, 0, id as u8],
+            src_mac: [2, 0, 0, 0, 0, 0xfe],
+        }
     }
 
     fn vip_key(n: u8) -> VipKey {
@@ -244,7 +308,8 @@ mod tests {
                 ring_size: M,
                 flags: 0,
             };
-            img.vips.insert(vip_key(n), VipImage { info, ring });
+            img.vips.insert(vip_key(n), info);
+            img.rings.insert(info.ring_base, ring);
             for &(id, _, usable) in backends {
                 img.backends.insert(id, backend(id, usable));
             }
@@ -252,19 +317,49 @@ mod tests {
         img
     }
 
-    /// Applies the plan op by op, checking the invariant after each, and
-    /// returns the final image.
+    /// `img` restricted to what reading the maps back shows: rings of
+    /// installed service VIPs only.
+    fn visible(img: &KernelImage) -> KernelImage {
+        let mut v = img.clone();
+        v.rings.retain(|base, _| {
+            img.vips
+                .values()
+                .any(|i| !i.is_address_only() && i.ring_base == *base)
+        });
+        v
+    }
+
+    /// Plans from `img` to `want` and executes the plan.
+    fn step(
+        maps: &mut FakeMaps,
+        img: &mut KernelImage,
+        want: &KernelImage,
+    ) -> Result<usize, ExecuteError<crate::fake_maps::FakeError>> {
+        let ops = plan(img, want);
+        execute(maps, img, &ops)
+    }
+
+    /// Runs the plan through [`execute`] on a fake loaded with `current`:
+    /// the fake checks the invariant after every single write. Returns the
+    /// ops and the image.
     fn run(current: &KernelImage, want: &KernelImage) -> (Vec<Op>, KernelImage) {
-        let ops = plan(current, want);
-        let mut img = current.clone();
-        for (i, op) in ops.iter().enumerate() {
-            apply(&mut img, op);
-            if let Err(e) = check_invariant(&img) {
-                panic!("after op {i} ({op:?}): {e}\nplan: {ops:?}");
-            }
-        }
-        img.vips.retain(|_, v| v.info.flags & PENDING == 0);
-        (ops, img)
+        let mut maps = FakeMaps::new(4, M, 1000);
+        let mut img = KernelImage::default();
+        execute(&mut maps, &mut img, &plan(&KernelImage::default(), current)).unwrap();
+        assert_eq!(visible(&img), visible(current));
+        let ops = plan(&img, want);
+        execute(&mut maps, &mut img, &ops).unwrap();
+        assert!(
+            maps.violations.is_empty(),
+            "{:?}\nplan: {ops:?}",
+            maps.violations
+        );
+        assert_eq!(
+            maps.read_image().unwrap(),
+            visible(&img),
+            "the image is what the maps hold"
+        );
+        (ops, visible(&img))
     }
 
     #[test]
@@ -340,8 +435,8 @@ mod tests {
         let want = target(&[(1, &[(1, 1, true), (2, 0, true)])]);
         let (ops, img) = run(&have, &want);
         assert_eq!(img, want);
-        assert!(img.backends[&2].flags & BACKEND_FLAG_USABLE != 0);
-        assert!(!img.vips[&vip_key(1)].ring.contains(&2));
+        assert!(img.backends[&2].is_usable());
+        assert!(!img.ring(&vip_key(1)).unwrap().contains(&2));
         assert!(
             ops.iter()
                 .all(|op| !matches!(op, Op::SetBackend(..) | Op::RemoveBackend(_)))
@@ -358,9 +453,60 @@ mod tests {
     }
 
     #[test]
-    fn many_random_transitions_keep_the_invariant() {
+    fn a_ring_left_by_a_removed_vip_is_rewritten_only_where_it_differs() {
+        // VIP 2 goes away, then comes back on the same ring base: the
+        // kernel array still holds its old ring, so only changed slots are
+        // written.
+        let with2 = target(&[(1, &[(1, 1, true)]), (2, &[(2, 1, true), (3, 1, true)])]);
+        let without2 = target(&[(1, &[(1, 1, true)])]);
+        let mut maps = FakeMaps::new(4, M, 1000);
+        let mut img = KernelImage::default();
+        step(&mut maps, &mut img, &with2).unwrap();
+        step(&mut maps, &mut img, &without2).unwrap();
+        let back = plan(&img, &with2);
+        execute(&mut maps, &mut img, &back).unwrap();
+        assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+        assert_eq!(maps.read_image().unwrap(), with2);
+        assert!(
+            !back.iter().any(|op| matches!(op, Op::WriteRing { .. })),
+            "{back:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_a_safe_kernel_and_an_image_that_knows_what_was_written() {
+        let have = target(&[(1, &[(1, 1, true), (2, 1, true)])]);
+        let want = target(&[(1, &[(1, 1, true), (3, 2, true)]), (2, &[(4, 1, true)])]);
+        // Fail after every possible number of writes: the kernel stays
+        // safe, the image matches it, and the next plan completes the job.
+        let total = {
+            let mut maps = FakeMaps::new(4, M, 1000);
+            let mut img = KernelImage::default();
+            execute(&mut maps, &mut img, &plan(&KernelImage::default(), &have)).unwrap();
+            let before = maps.writes;
+            step(&mut maps, &mut img, &want).unwrap();
+            maps.writes - before
+        };
+        assert!(total > 10, "{total} writes");
+        for fail_at in (0..total).step_by(7) {
+            let mut maps = FakeMaps::new(4, M, 1000);
+            let mut img = KernelImage::default();
+            execute(&mut maps, &mut img, &plan(&KernelImage::default(), &have)).unwrap();
+            maps.fail_after = Some(maps.writes + fail_at);
+            let e = step(&mut maps, &mut img, &want);
+            assert!(e.is_err(), "fail_at {fail_at}");
+            assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+            maps.fail_after = None;
+            step(&mut maps, &mut img, &want).unwrap();
+            assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+            assert_eq!(maps.read_image().unwrap(), want, "fail_at {fail_at}");
+        }
+    }
+
+    #[test]
+    fn many_random_transitions_keep_the_invariant_after_every_write() {
         // Deterministic pseudo-random walk over backend sets, weights and
-        // health of two VIPs.
+        // health of two VIPs, through the production write path.
         let mut seed = 0x1234_5678_u64;
         let mut rnd = |n: u64| {
             seed = seed
@@ -368,7 +514,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
-        let mut have = KernelImage::default();
+        let mut maps = FakeMaps::new(4, M, 1000);
+        let mut img = KernelImage::default();
         for _ in 0..200 {
             let mut vips: Vec<(u8, Vec<Member>)> = Vec::new();
             for n in 1..=2u8 {
@@ -385,9 +532,11 @@ mod tests {
             }
             let spec: Vec<(u8, &[Member])> = vips.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             let want = target(&spec);
-            let (_, img) = run(&have, &want);
-            assert_eq!(img, want);
-            have = img;
+            let ops = plan(&img, &want);
+            execute(&mut maps, &mut img, &ops).unwrap();
+            assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+            assert_eq!(visible(&img), want);
+            assert_eq!(maps.read_image().unwrap(), want);
         }
     }
 }

@@ -1,0 +1,332 @@
+//! `lb run`: the agent. Loads and attaches the data path, keeps the maps in
+//! step with configuration, health and next hops, serves the control socket
+//! and the metrics endpoint.
+//!
+//! Rooms: [`state`] (the desired state, pure), [`core`] (state + kernel
+//! image + map writes through [`crate::reconcile::KernelMaps`], no I/O),
+//! [`requests`] (control requests on the core), [`links`] (XDP links),
+//! [`stats`] (counters and rates); this module ties them to the runtime:
+//! files, tasks, signals.
+
+pub mod core;
+pub mod links;
+pub mod requests;
+pub mod state;
+pub mod stats;
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, bail};
+use log::{info, warn};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use self::{core::Core, links::Links, requests::Handled, stats::Stats};
+use crate::{
+    config::{Config, XdpModeSetting},
+    control::{self, ControlMsg, Reply, Request, StatusView},
+    datapath::{self, Datapath, MapSizes},
+    health::{CheckTarget, Checkers, HealthEvent},
+    keys::{BackendKey, VipId},
+    neigh::KernelTables,
+    reconcile::KernelMaps,
+    timing,
+};
+
+/// How `lb run` was invoked.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Overrides the config file's interfaces when not empty.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<XdpModeSetting>,
+    /// Leave the program attached (pinned link) and the maps pinned on exit.
+    pub keep_datapath: bool,
+}
+
+/// The running agent: the core plus what it needs from the outside world.
+pub struct Agent {
+    core: Core<Datapath>,
+    opts: RunOptions,
+    links: Links,
+    checkers: Checkers,
+    stats: Stats,
+    started: Instant,
+    restored: bool,
+}
+
+impl Agent {
+    /// Brings up the data path for `cfg`. Nothing is touched when the
+    /// command line is invalid; a start that fails half-way removes what it
+    /// created (maps pinned by this start, links it attached).
+    pub fn start(
+        cfg: Config,
+        opts: RunOptions,
+        health_tx: mpsc::UnboundedSender<HealthEvent>,
+    ) -> anyhow::Result<Self> {
+        let interfaces = if opts.interfaces.is_empty() {
+            cfg.agent.interfaces.clone()
+        } else {
+            opts.interfaces.clone()
+        };
+        if interfaces.is_empty() {
+            bail!(
+                "{}: no interface to attach to: list them in [agent] interfaces or pass --iface",
+                opts.config.display()
+            );
+        }
+        for iface in &interfaces {
+            datapath::ifindex(iface).map_err(|_| {
+                anyhow::anyhow!("interface {iface} does not exist (check `ip link`)")
+            })?;
+        }
+        if !datapath::is_root() {
+            bail!("lb run needs root to load XDP programs: run it as root");
+        }
+        let pin_dir = datapath::pin_dir(&cfg.agent.instance);
+        let restored = pin_dir.join(lb_common::map_names::VIPS).exists();
+        let sizes = MapSizes {
+            max_vips: cfg.agent.max_vips,
+            max_backends: cfg.agent.max_backends,
+            ring_size: cfg.agent.ring_size,
+            conntrack_entries: cfg.agent.conntrack_entries,
+        };
+        let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
+        let setting = opts.xdp_mode.unwrap_or(cfg.agent.xdp_mode);
+        let started = Self::bring_up(cfg, dp, &interfaces, setting);
+        let (core, links) = match started {
+            Ok(x) => x,
+            Err((e, dp)) => {
+                if !restored && let Err(u) = dp.unpin() {
+                    warn!("removing {}: {u}", pin_dir.display());
+                }
+                return Err(e);
+            }
+        };
+        if restored {
+            info!(
+                "found the pinned data path in {}: {} VIP entries, {} backends, {} conntrack entries kept",
+                pin_dir.display(),
+                core.image().vips.len(),
+                core.image().backends.len(),
+                core.maps()
+                    .conntrack_entries()
+                    .map(|c| c.len())
+                    .unwrap_or(0)
+            );
+        }
+        let mut agent = Agent {
+            core,
+            opts: RunOptions { interfaces, ..opts },
+            links,
+            checkers: Checkers::new(health_tx),
+            stats: Stats::default(),
+            started: Instant::now(),
+            restored,
+        };
+        agent.sync_checkers();
+        Ok(agent)
+    }
+
+    /// Core, first reconcile, links; on failure hands the data path back
+    /// for cleanup.
+    fn bring_up(
+        cfg: Config,
+        dp: Datapath,
+        interfaces: &[String],
+        setting: XdpModeSetting,
+    ) -> Result<(Core<Datapath>, Links), (anyhow::Error, Datapath)> {
+        let image = match dp.read_image() {
+            Ok(i) => i,
+            Err(e) => {
+                return Err((
+                    anyhow::Error::from(e).context("reading the pinned maps"),
+                    dp,
+                ));
+            }
+        };
+        let mut core = Core::new(cfg, dp, image);
+        core.resolve_next_hops(&mut KernelTables, timing::NEXT_HOP_WAIT_AT_START);
+        let links = core
+            .reconcile()
+            .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
+        match links {
+            Ok(l) => Ok((core, l)),
+            Err(e) => Err((e, core.into_maps())),
+        }
+    }
+
+    /// One checker per configured backend with an id.
+    fn sync_checkers(&mut self) {
+        let cfg = self.core.config();
+        let state = &self.core.state;
+        let wanted: Vec<_> = cfg
+            .vips
+            .iter()
+            .flat_map(|v| {
+                let vip = VipId::of(v);
+                v.backends.iter().filter_map(move |b| {
+                    let key = BackendKey {
+                        vip,
+                        address: b.address,
+                    };
+                    let up = state.backend(&key)?.up;
+                    let target = CheckTarget {
+                        key,
+                        label: v.name.clone(),
+                    };
+                    Some((target, b.health_check.clone(), up))
+                })
+            })
+            .collect();
+        self.checkers.sync(wanted);
+    }
+
+    /// After the configuration changed (request, reload).
+    fn after_change(&mut self) -> anyhow::Result<()> {
+        let r = self
+            .core
+            .after_change(&mut KernelTables, timing::NEXT_HOP_WAIT_ON_CHANGE);
+        self.sync_checkers();
+        r
+    }
+
+    fn reload(&mut self) -> anyhow::Result<()> {
+        let cfg = Config::load(&self.opts.config)?;
+        self.core.apply_reload(cfg)?;
+        self.after_change()
+    }
+
+    fn on_sighup(&mut self) {
+        let path = self.opts.config.display().to_string();
+        let loaded = Config::load(&self.opts.config).map_err(anyhow::Error::from);
+        match loaded.and_then(|cfg| self.core.apply_reload(cfg)) {
+            Ok(()) => {
+                info!("SIGHUP: reloaded {path}");
+                if let Err(e) = self.after_change() {
+                    warn!("{e:#}");
+                }
+            }
+            Err(e) => warn!("SIGHUP: reload refused, running state kept: {e:#}"),
+        }
+    }
+
+    fn status(&self) -> StatusView {
+        let cfg = self.core.config();
+        StatusView {
+            instance: cfg.agent.instance.clone(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.opts.config.display().to_string(),
+            pin_dir: self.core.maps().pin_dir().display().to_string(),
+            restored: self.restored,
+            interfaces: self.links.views(),
+            vips: cfg.vips.len(),
+            backends: self.core.state.backends().count(),
+            backends_up: self.core.state.backends().filter(|(_, b)| b.up).count(),
+            metrics: cfg.agent.metrics_listen.map(|a| a.to_string()),
+        }
+    }
+
+    fn request(&mut self, req: Request) -> anyhow::Result<serde_json::Value> {
+        match req {
+            Request::Status => Ok(serde_json::to_value(self.status())?),
+            Request::Stats => Ok(serde_json::to_value(self.stats.fresh(&self.core))?),
+            Request::Reload => {
+                self.reload()?;
+                Ok(serde_json::Value::from("reloaded"))
+            }
+            req => {
+                let Handled { data, changed } = self.core.handle(req)?;
+                if changed {
+                    self.after_change()?;
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// Housekeeping once a tick: retry unresolved next hops and failed
+    /// writes, sample counters.
+    fn tick(&mut self) {
+        self.core
+            .resolve_next_hops(&mut KernelTables, std::time::Duration::ZERO);
+        if let Err(e) = self.core.reconcile() {
+            warn!("{e:#}");
+        }
+        self.stats.sample(&self.core);
+    }
+
+    /// Detaches and removes every pin (a clean stop), or leaves the data
+    /// path running for the next agent.
+    pub fn shutdown(mut self) {
+        self.checkers.clear();
+        let pin_dir = self.core.maps().pin_dir().to_path_buf();
+        if self.opts.keep_datapath {
+            self.links.keep();
+            info!("maps kept pinned in {}", pin_dir.display());
+        } else {
+            self.links.detach();
+            if let Err(e) = self.core.maps().unpin() {
+                warn!("removing {}: {e}", pin_dir.display());
+            }
+        }
+        let _ = std::fs::remove_file(&self.core.config().agent.control_socket);
+    }
+}
+
+/// `lb run`: runs until SIGINT or SIGTERM.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let cfg = Config::load(&opts.config)?;
+    // Bind the control socket before touching the kernel.
+    let socket = cfg.agent.control_socket.clone();
+    let metrics_listen = cfg.agent.metrics_listen;
+    let listener = control::bind(&socket)?;
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
+        let _ = std::fs::remove_file(&socket);
+    })?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
+    tokio::spawn(control::serve(listener, ctl_tx));
+    if let Some(addr) = metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tokio::spawn(crate::metrics::serve(l, agent.stats.subscribe()));
+        info!("metrics on http://{addr}/metrics");
+    }
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(timing::TICK);
+    info!(
+        "lb running: instance {}, control socket {}",
+        agent.core.config().agent.instance,
+        socket.display()
+    );
+    agent.stats.sample(&agent.core);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => agent.on_sighup(),
+            Some(ev) = health_rx.recv() => {
+                if agent.core.on_health(ev) && let Err(e) = agent.core.reconcile() {
+                    warn!("{e:#}");
+                }
+            }
+            Some((req, reply)) = ctl_rx.recv() => {
+                let _ = reply.send(match agent.request(req) {
+                    Ok(data) => Reply { ok: true, error: None, data },
+                    Err(e) => Reply::err(format!("{e:#}")),
+                });
+            }
+            _ = tick.tick() => agent.tick(),
+        }
+    }
+    info!("stopping");
+    agent.shutdown();
+    Ok(())
+}

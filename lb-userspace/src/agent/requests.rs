@@ -1,0 +1,340 @@
+//! Control requests that read or change the configuration and the desired
+//! state: listing, adding, removing, draining and weighting backends,
+//! explaining a flow, applying a reloaded file. Changes live in the agent's
+//! memory; a reload goes back to the file.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::bail;
+use lb_common::{FlowKey, NO_BACKEND, ring_slot};
+use log::warn;
+
+use super::core::Core;
+use crate::{
+    config::{BackendConfig, BackendState, Config, Protocol},
+    control::{BackendView, ExplainView, Request, VipView},
+    keys::{BackendKey, VipId},
+    mac::format_mac,
+    reconcile::KernelMaps,
+};
+
+/// What a handled request returns: its reply data, and whether the state
+/// changed (the agent then reconciles).
+pub struct Handled {
+    pub data: serde_json::Value,
+    pub changed: bool,
+}
+
+fn reply(x: impl serde::Serialize, changed: bool) -> Handled {
+    Handled {
+        data: serde_json::to_value(x).unwrap_or(serde_json::Value::Null),
+        changed,
+    }
+}
+
+impl<M: KernelMaps> Core<M> {
+    /// Handles a request about VIPs, backends and flows. Status, stats and
+    /// reload need the agent's runtime and are handled there.
+    pub fn handle(&mut self, req: Request) -> anyhow::Result<Handled> {
+        Ok(match req {
+            Request::VipList => reply(self.vip_list(), false),
+            Request::BackendList { vip } => {
+                let vip = vip.map(|s| self.find_vip(&s)).transpose()?;
+                reply(self.backend_list(vip), false)
+            }
+            Request::BackendAdd {
+                vip,
+                address,
+                weight,
+            } => {
+                let i = self.find_vip(&vip)?;
+                check_weight(weight)?;
+                if self.find_backend(i, address).is_ok() {
+                    bail!(
+                        "VIP {} already has backend {address}",
+                        self.cfg.vips[i].name
+                    );
+                }
+                let total: usize = self.cfg.vips.iter().map(|v| v.backends.len()).sum();
+                if total as u32 >= self.cfg.agent.max_backends {
+                    bail!(
+                        "all {} backend slots are in use",
+                        self.cfg.agent.max_backends
+                    );
+                }
+                let health_check = self.cfg.vips[i].health_check.clone();
+                self.cfg.vips[i].backends.push(BackendConfig {
+                    address,
+                    weight,
+                    state: BackendState::Active,
+                    mac: None,
+                    health_check,
+                });
+                reply(
+                    format!("added {address} to {}", self.cfg.vips[i].name),
+                    true,
+                )
+            }
+            Request::BackendRemove { vip, address } => {
+                let i = self.find_vip(&vip)?;
+                let j = self.find_backend(i, address)?;
+                self.cfg.vips[i].backends.remove(j);
+                reply(
+                    format!("removed {address} from {}", self.cfg.vips[i].name),
+                    true,
+                )
+            }
+            Request::BackendDrain { vip, address } => {
+                reply(self.set_state(&vip, address, BackendState::Drain)?, true)
+            }
+            Request::BackendUndrain { vip, address } => {
+                reply(self.set_state(&vip, address, BackendState::Active)?, true)
+            }
+            Request::BackendSetWeight {
+                vip,
+                address,
+                weight,
+            } => {
+                let i = self.find_vip(&vip)?;
+                let j = self.find_backend(i, address)?;
+                check_weight(weight)?;
+                self.cfg.vips[i].backends[j].weight = weight;
+                let name = &self.cfg.vips[i].name;
+                reply(format!("{address} of {name}: weight {weight}"), true)
+            }
+            Request::Explain { src, dst, protocol } => {
+                reply(self.explain(src, dst, protocol)?, false)
+            }
+            Request::Status | Request::Stats | Request::Reload => {
+                bail!("{req:?} is handled by the agent's runtime")
+            }
+        })
+    }
+
+    /// Takes a re-read configuration file: refused as a whole when it
+    /// changes what needs a restart; health checks restart where they
+    /// changed (the runtime sees the new check).
+    pub fn apply_reload(&mut self, cfg: Config) -> anyhow::Result<()> {
+        if cfg.agent.instance != self.cfg.agent.instance
+            || cfg.agent.max_vips != self.cfg.agent.max_vips
+            || cfg.agent.max_backends != self.cfg.agent.max_backends
+            || cfg.agent.ring_size != self.cfg.agent.ring_size
+            || cfg.agent.conntrack_entries != self.cfg.agent.conntrack_entries
+        {
+            bail!(
+                "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
+                cfg.source.display()
+            );
+        }
+        if cfg.agent.interfaces != self.cfg.agent.interfaces
+            || cfg.agent.xdp_mode != self.cfg.agent.xdp_mode
+            || cfg.agent.control_socket != self.cfg.agent.control_socket
+            || cfg.agent.metrics_listen != self.cfg.agent.metrics_listen
+        {
+            warn!(
+                "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
+                cfg.source.display()
+            );
+        }
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    fn set_state(
+        &mut self,
+        vip: &str,
+        address: Ipv4Addr,
+        state: BackendState,
+    ) -> anyhow::Result<String> {
+        let i = self.find_vip(vip)?;
+        let j = self.find_backend(i, address)?;
+        self.cfg.vips[i].backends[j].state = state;
+        Ok(format!(
+            "{address} of {}: {}",
+            self.cfg.vips[i].name,
+            state.as_str()
+        ))
+    }
+
+    fn find_vip(&self, sel: &str) -> anyhow::Result<usize> {
+        self.cfg
+            .vips
+            .iter()
+            .position(|v| {
+                let id = VipId::of(v);
+                v.name == sel
+                    || id.to_string() == sel
+                    || format!("{}:{}", id.address, id.port) == sel
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no VIP named {sel:?} (use its name or ADDR:PORT/PROTO; see `lb vip list`)"
+                )
+            })
+    }
+
+    fn find_backend(&self, vip: usize, addr: Ipv4Addr) -> anyhow::Result<usize> {
+        self.cfg.vips[vip]
+            .backends
+            .iter()
+            .position(|b| b.address == addr)
+            .ok_or_else(|| anyhow::anyhow!("VIP {} has no backend {addr}", self.cfg.vips[vip].name))
+    }
+
+    pub(super) fn vip_list(&self) -> Vec<VipView> {
+        self.cfg
+            .vips
+            .iter()
+            .map(|v| {
+                let id = VipId::of(v);
+                let in_ring: BTreeSet<u32> = self
+                    .image
+                    .ring(&id.kernel_key())
+                    .map(|r| r.iter().copied().filter(|&b| b != NO_BACKEND).collect())
+                    .unwrap_or_default();
+                VipView {
+                    name: v.name.clone(),
+                    address: v.address,
+                    port: v.port,
+                    protocol: v.protocol,
+                    index: self.state.vip_index(&id).unwrap_or(u32::MAX),
+                    ring_size: v.ring_size,
+                    backends: v.backends.len(),
+                    backends_in_ring: in_ring.len(),
+                    health_check: v.health_check.kind.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn backend_list(&self, only: Option<usize>) -> Vec<BackendView> {
+        let mut out = Vec::new();
+        for (i, v) in self.cfg.vips.iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let vip = VipId::of(v);
+            let ring = self.image.ring(&vip.kernel_key());
+            for b in &v.backends {
+                let key = BackendKey {
+                    vip,
+                    address: b.address,
+                };
+                let Some(status) = self.state.backend(&key) else {
+                    continue;
+                };
+                let slots = ring
+                    .map(|r| r.iter().filter(|&&id| id == status.id).count() as u32)
+                    .unwrap_or(0);
+                out.push(BackendView {
+                    vip: v.name.clone(),
+                    address: b.address,
+                    id: status.id,
+                    weight: b.weight,
+                    state: b.state.as_str().into(),
+                    health: status.health(),
+                    last_check: status.last_check.clone(),
+                    slots,
+                    mac: status.next_hop.as_ref().map(|n| format_mac(&n.dst_mac)),
+                    iface: status.next_hop.as_ref().map(|n| n.iface.clone()),
+                });
+            }
+        }
+        out
+    }
+
+    /// Where a flow goes now, from the kernel's own hash, the ring and the
+    /// conntrack entry, without running the program.
+    fn explain(
+        &self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        protocol: Protocol,
+    ) -> anyhow::Result<ExplainView> {
+        let vid = VipId {
+            address: *dst.ip(),
+            port: dst.port(),
+            protocol,
+        };
+        let vip = self
+            .cfg
+            .vips
+            .iter()
+            .find(|v| VipId::of(v) == vid)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{dst}/{} is not a VIP: lb passes this flow to the kernel untouched",
+                    protocol.as_str()
+                )
+            })?;
+        let key = FlowKey::new(
+            src.ip().to_bits(),
+            src.port(),
+            dst.ip().to_bits(),
+            dst.port(),
+            protocol.number(),
+        );
+        let hash = key.hash();
+        let slot = ring_slot(hash, vip.ring_size);
+        let info = self.image.vips.get(&vid.kernel_key());
+        let ring_id = self
+            .image
+            .ring(&vid.kernel_key())
+            .and_then(|r| r.get(slot as usize).copied());
+        let addr_of = |id: u32| {
+            self.image
+                .backends
+                .get(&id)
+                .map(|b| Ipv4Addr::from(u32::from_be(b.addr)))
+        };
+        let ring_backend = ring_id.filter(|&id| id != NO_BACKEND).and_then(addr_of);
+        let index = info.map(|i| i.index);
+        let tracked = self
+            .maps
+            .conntrack_lookup(&key)
+            .map_err(|e| anyhow::anyhow!("reading conntrack: {e}"))?
+            .map(|e| e.backend_id);
+        let tracked_ok = tracked.and_then(|id| {
+            self.image
+                .backends
+                .get(&id)
+                .filter(|b| b.is_usable() && Some(b.vip_index) == index)
+        });
+        let conntrack_backend = tracked.and_then(addr_of);
+        let (backend, reason) = match (tracked_ok, ring_backend) {
+            (Some(b), _) => (
+                Some(Ipv4Addr::from(u32::from_be(b.addr))),
+                "established flow: conntrack entry".to_string(),
+            ),
+            (None, Some(r)) if tracked.is_some() => (
+                Some(r),
+                "conntrack entry names an unusable backend: re-steered by the ring".into(),
+            ),
+            (None, Some(r)) => (Some(r), "new flow: Maglev ring slot".into()),
+            (None, None) => (None, "no usable backend: packets are dropped".into()),
+        };
+        Ok(ExplainView {
+            vip: vip.name.clone(),
+            hash,
+            slot,
+            ring_size: vip.ring_size,
+            ring_backend,
+            conntrack_backend,
+            backend,
+            reason,
+        })
+    }
+}
+
+fn check_weight(w: u32) -> anyhow::Result<()> {
+    if !(1..=crate::config::MAX_WEIGHT).contains(&w) {
+        bail!(
+            "weight {w} is out of range 1..={}",
+            crate::config::MAX_WEIGHT
+        );
+    }
+    Ok(())
+}

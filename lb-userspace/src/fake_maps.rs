@@ -1,0 +1,167 @@
+//! An in-memory stand-in for the kernel maps, for tests without root: the
+//! same arrays the XDP program reads (VIP entries, one flat RINGS array,
+//! the BACKENDS array), with failure injection, and the reconcile invariant
+//! checked after every single write, on the bytes the kernel would hold.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, VipInfo, VipKey, VipStats};
+
+use crate::reconcile::{KernelImage, KernelMaps, check_invariant};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FakeError(pub String);
+
+#[derive(Clone, Debug)]
+pub struct FakeMaps {
+    pub vips: BTreeMap<VipKey, VipInfo>,
+    /// RINGS: `max_vips * ring_stride` slots, zero-initialised like a BPF
+    /// array.
+    pub rings: Vec<u32>,
+    /// BACKENDS: ids `0..=max_backends`.
+    pub backends: Vec<Backend>,
+    pub tx_ports: Vec<u32>,
+    pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
+    /// Successful writes so far.
+    pub writes: usize,
+    /// Fail the write after this many successful ones.
+    pub fail_after: Option<usize>,
+    /// Violations of the reconcile invariant seen after a write.
+    pub violations: Vec<String>,
+}
+
+impl FakeMaps {
+    pub fn new(max_vips: u32, ring_stride: u32, max_backends: u32) -> Self {
+        Self {
+            vips: BTreeMap::new(),
+            rings: vec![0; (max_vips * ring_stride) as usize],
+            backends: vec![Backend::EMPTY; max_backends as usize + 1],
+            tx_ports: Vec::new(),
+            conntrack: Default::default(),
+            writes: 0,
+            fail_after: None,
+            violations: Vec::new(),
+        }
+    }
+
+    fn write(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Self) -> Result<(), FakeError>,
+    ) -> Result<(), FakeError> {
+        if self.fail_after.is_some_and(|n| self.writes >= n) {
+            return Err(FakeError(format!("injected failure at {what}")));
+        }
+        f(self)?;
+        self.writes += 1;
+        let img = self.read_image().expect("the fake reads back");
+        if let Err(e) = check_invariant(&img) {
+            self.violations
+                .push(format!("after write {} ({what}): {e}", self.writes));
+        }
+        Ok(())
+    }
+
+    fn backend_slot(&mut self, id: u32) -> Result<&mut Backend, FakeError> {
+        let n = self.backends.len();
+        self.backends
+            .get_mut(id as usize)
+            .ok_or_else(|| FakeError(format!("backend id {id} out of range (array of {n})")))
+    }
+}
+
+impl KernelMaps for FakeMaps {
+    type Error = FakeError;
+
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), FakeError> {
+        self.write("set backend", |m| {
+            *m.backend_slot(id)? = backend;
+            Ok(())
+        })
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), FakeError> {
+        self.set_backend(id, Backend::EMPTY)
+    }
+
+    fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<(), FakeError> {
+        // One slot per kernel write, as the real map is written.
+        for &(slot, id) in slots {
+            self.write("write ring slot", |m| {
+                let n = m.rings.len();
+                let at = m
+                    .rings
+                    .get_mut((ring_base + slot) as usize)
+                    .ok_or_else(|| {
+                        FakeError(format!("ring slot {} out of range ({n})", ring_base + slot))
+                    })?;
+                *at = id;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), FakeError> {
+        self.write("set VIP", |m| {
+            m.vips.insert(key, info);
+            Ok(())
+        })
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), FakeError> {
+        self.write("remove VIP", |m| {
+            m.vips.remove(key);
+            Ok(())
+        })
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<(), FakeError> {
+        if !self.tx_ports.contains(&ifindex) {
+            self.tx_ports.push(ifindex);
+        }
+        Ok(())
+    }
+
+    fn read_image(&self) -> Result<KernelImage, FakeError> {
+        let mut img = KernelImage {
+            vips: self.vips.clone(),
+            ..KernelImage::default()
+        };
+        for info in self.vips.values().filter(|i| !i.is_address_only()) {
+            let (base, len) = (info.ring_base as usize, info.ring_size as usize);
+            let ring = self
+                .rings
+                .get(base..base + len)
+                .ok_or_else(|| FakeError(format!("ring at {base} of {len} slots out of range")))?;
+            img.rings.insert(info.ring_base, ring.to_vec());
+        }
+        for (id, b) in self.backends.iter().enumerate() {
+            if b.is_present() {
+                img.backends.insert(id as u32, *b);
+            }
+        }
+        Ok(img)
+    }
+
+    fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>, FakeError> {
+        Ok(self.conntrack.get(key).copied())
+    }
+
+    fn conntrack_len(&self) -> Result<usize, FakeError> {
+        Ok(self.conntrack.len())
+    }
+
+    fn vip_stats(&self, _index: u32) -> Result<VipStats, FakeError> {
+        Ok(VipStats::default())
+    }
+
+    fn backend_stats(&self, _id: u32) -> Result<BackendStats, FakeError> {
+        Ok(BackendStats::default())
+    }
+
+    fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>, FakeError> {
+        Ok(BTreeMap::new())
+    }
+}
