@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod health;
+pub mod mac;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
