@@ -72,7 +72,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// Smallest accepted ring size.
@@ -107,7 +107,7 @@ const MAX_SOCKET_PATH: usize = 107;
 // ---------------------------------------------------------------------------
 
 /// A validated configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub agent: AgentConfig,
     pub vips: Vec<VipConfig>,
@@ -117,7 +117,7 @@ pub struct Config {
 }
 
 /// The `[agent]` table, with defaults applied.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
     pub instance: String,
     /// May be empty: the command line may supply the interfaces.
@@ -133,8 +133,7 @@ pub struct AgentConfig {
 }
 
 /// How to attach the XDP program.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum XdpModeSetting {
     /// Native if the driver supports it, otherwise generic (skb).
     #[default]
@@ -143,7 +142,8 @@ pub enum XdpModeSetting {
     Skb,
 }
 
-/// A VIP's L4 protocol.
+/// A VIP's L4 protocol. Its serde form (`"tcp"`, `"udp"`) is part of the
+/// control protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -152,7 +152,7 @@ pub enum Protocol {
 }
 
 /// One `[[vip]]`, with defaults applied.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
     pub name: String,
     pub address: Ipv4Addr,
@@ -166,21 +166,19 @@ pub struct VipConfig {
 }
 
 /// One `[[vip.backend]]`, with defaults applied.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: Ipv4Addr,
     pub weight: u32,
     pub state: BackendState,
-    /// Next-hop MAC override (serialized as `"02:00:00:00:00:11"`).
-    #[serde(serialize_with = "serialize_mac")]
+    /// Next-hop MAC override (a unicast address).
     pub mac: Option<[u8; 6]>,
     /// Fully resolved: the VIP's health check merged with the override.
     pub health_check: HealthCheck,
 }
 
 /// Administrative state of a backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum BackendState {
     /// Receives new flows (when healthy).
     #[default]
@@ -189,24 +187,19 @@ pub enum BackendState {
     Drain,
 }
 
-/// A resolved health check. Serializes like the file's table
-/// (`kind`, `port`, `interval_ms`, `timeout_ms`, ...).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A resolved health check.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
-    #[serde(flatten)]
     pub kind: HealthCheckKind,
     pub port: u16,
-    #[serde(rename = "interval_ms", serialize_with = "serialize_ms")]
     pub interval: Duration,
-    #[serde(rename = "timeout_ms", serialize_with = "serialize_ms")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
 }
 
 /// What a health check does.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthCheckKind {
     /// A TCP connect.
     Tcp,
@@ -214,7 +207,6 @@ pub enum HealthCheckKind {
     Http {
         path: String,
         expected_status: u16,
-        #[serde(skip_serializing_if = "Option::is_none")]
         host: Option<String>,
     },
     /// No checks: the backend is always considered healthy.
@@ -379,25 +371,6 @@ impl KindTag {
             KindTag::None => "none",
         }
     }
-}
-
-fn serialize_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u128(d.as_millis())
-}
-
-fn serialize_mac<S: Serializer>(mac: &Option<[u8; 6]>, s: S) -> Result<S::Ok, S::Error> {
-    match mac {
-        Some(mac) => s.serialize_some(&format_mac(mac)),
-        None => s.serialize_none(),
-    }
-}
-
-fn format_mac(mac: &[u8; 6]) -> String {
-    let m = mac;
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -2172,26 +2145,6 @@ address = "198.18.0.12"
     }
 
     #[test]
-    fn serializes_to_json() {
-        let config = ok(EXAMPLE);
-        let json = serde_json::to_value(&config).unwrap();
-        assert_eq!(json["agent"]["xdp_mode"], "auto");
-        assert_eq!(json["vips"][0]["protocol"], "tcp");
-        let backend = &json["vips"][0]["backends"][0];
-        assert_eq!(backend["mac"], "02:00:00:00:00:11");
-        assert_eq!(backend["state"], "active");
-        assert_eq!(
-            backend["health_check"],
-            serde_json::json!({
-                "kind": "http", "path": "/healthz", "expected_status": 200, "host": "web.example",
-                "port": 8081, "interval_ms": 1000, "timeout_ms": 500, "rise": 2, "fall": 3,
-            })
-        );
-        let minimal = serde_json::to_value(tcp_check(80)).unwrap();
-        assert_eq!(minimal["kind"], "tcp");
-    }
-
-    #[test]
     fn keyword_enums() {
         assert_eq!(Protocol::Tcp.number(), 6);
         assert_eq!(Protocol::Udp.number(), 17);
@@ -2207,6 +2160,16 @@ address = "198.18.0.12"
             "invalid protocol \"TCP\", expected tcp or udp"
         );
         assert_eq!(HealthCheckKind::None.to_string(), "none");
+    }
+
+    #[test]
+    fn protocol_serde_form() {
+        // The control protocol carries protocols as these strings.
+        assert_eq!(serde_json::to_string(&Protocol::Udp).unwrap(), "\"udp\"");
+        assert_eq!(
+            serde_json::from_str::<Protocol>("\"tcp\"").unwrap(),
+            Protocol::Tcp
+        );
     }
 
     #[test]
