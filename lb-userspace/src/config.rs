@@ -75,6 +75,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::{mac::MacAddr, maglev::is_prime};
+
 /// Smallest accepted ring size.
 pub const MIN_RING_SIZE: u32 = 3;
 /// Largest accepted ring size (a prime).
@@ -664,34 +666,6 @@ impl HcBase<'_> {
     }
 }
 
-fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut d = 2u32;
-    while d.saturating_mul(d) <= n {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 1;
-    }
-    true
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let separator = if s.contains('-') { '-' } else { ':' };
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(separator);
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 impl Ctx<'_> {
     fn error(
         &self,
@@ -1126,23 +1100,17 @@ impl Ctx<'_> {
             let mac = match &b.mac {
                 Some(v) => {
                     let s = v.get_ref();
-                    let mac = parse_mac(s).ok_or_else(|| {
-                        self.error(
-                            v.span(),
-                            bf("mac"),
-                            format!(
-                                "invalid MAC address {s:?}: expected six hex octets like \"02:00:00:00:00:11\""
-                            ),
-                        )
-                    })?;
-                    if mac == [0; 6] || mac[0] & 1 != 0 {
+                    let mac: MacAddr = s
+                        .parse()
+                        .map_err(|e| self.error(v.span(), bf("mac"), format!("{e}")))?;
+                    if !mac.is_unicast() {
                         return Err(self.error(
                             v.span(),
                             bf("mac"),
                             format!("{s} is not a unicast MAC address"),
                         ));
                     }
-                    Some(mac)
+                    Some(mac.octets())
                 }
                 None => None,
             };
