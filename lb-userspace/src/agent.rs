@@ -120,7 +120,7 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let cfg = Config::load(&opts.config)?;
         let interfaces = if opts.interfaces.is_empty() {
-            cfg.agent.interfaces.clone()
+            cfg.agent.start.interfaces.clone()
         } else {
             opts.interfaces.clone()
         };
@@ -138,13 +138,13 @@ impl Agent {
         if !datapath::is_root() {
             bail!("lb run needs root to load XDP programs: run it as root");
         }
-        let pin_dir = datapath::pin_dir(&cfg.agent.instance);
+        let pin_dir = datapath::pin_dir(&cfg.agent.kernel.instance);
         let restored = pin_dir.join(lb_common::map_names::VIPS).exists();
         let sizes = MapSizes {
-            max_vips: cfg.agent.max_vips,
-            max_backends: cfg.agent.max_backends,
-            ring_size: cfg.agent.ring_size,
-            conntrack_entries: cfg.agent.conntrack_entries,
+            max_vips: cfg.agent.kernel.max_vips,
+            max_backends: cfg.agent.kernel.max_backends,
+            ring_size: cfg.agent.kernel.ring_size,
+            conntrack_entries: cfg.agent.kernel.conntrack_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let image = if restored {
@@ -194,11 +194,11 @@ impl Agent {
     }
 
     pub fn control_socket(&self) -> PathBuf {
-        self.cfg.agent.control_socket.clone()
+        self.cfg.agent.start.control_socket.clone()
     }
 
     pub fn metrics_listen(&self) -> Option<SocketAddr> {
-        self.cfg.agent.metrics_listen
+        self.cfg.agent.start.metrics_listen
     }
 
     /// Takes over VIP indices and backend ids found in pinned maps, so that
@@ -245,9 +245,14 @@ impl Agent {
             .copied()
             .chain(self.image.vips.values().map(|v| v.info.index))
             .collect();
-        (0..self.cfg.agent.max_vips)
+        (0..self.cfg.agent.kernel.max_vips)
             .find(|i| !used.contains(i))
-            .ok_or_else(|| anyhow::anyhow!("all {} VIP slots are in use", self.cfg.agent.max_vips))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "all {} VIP slots are in use",
+                    self.cfg.agent.kernel.max_vips
+                )
+            })
     }
 
     fn free_backend_id(&self) -> anyhow::Result<u32> {
@@ -257,12 +262,12 @@ impl Agent {
             .map(|b| b.id)
             .chain(self.image.backends.keys().copied())
             .collect();
-        (0..self.cfg.agent.max_backends)
+        (0..self.cfg.agent.kernel.max_backends)
             .find(|i| !used.contains(i))
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "all {} backend slots are in use",
-                    self.cfg.agent.max_backends
+                    self.cfg.agent.kernel.max_backends
                 )
             })
     }
@@ -402,7 +407,7 @@ impl Agent {
             };
             let info = VipInfo {
                 index,
-                ring_base: index * self.cfg.agent.ring_size,
+                ring_base: index * self.cfg.agent.kernel.ring_size,
                 ring_size: vip.ring_size,
                 flags: 0,
             };
@@ -557,7 +562,7 @@ impl Agent {
     /// never meet a detached interface), or creates and pins a new one.
     fn attach_all(&mut self) -> anyhow::Result<()> {
         let pin_dir = self.dp.pin_dir().to_path_buf();
-        let setting = self.opts.xdp_mode.unwrap_or(self.cfg.agent.xdp_mode);
+        let setting = self.opts.xdp_mode.unwrap_or(self.cfg.agent.start.xdp_mode);
         for iface in self.opts.interfaces.clone() {
             let ifindex = datapath::ifindex(&iface)?;
             let pin = link_pin_path(&pin_dir, &iface);
@@ -664,7 +669,7 @@ impl Agent {
         } else {
             info!("maps kept pinned in {}", pin_dir.display());
         }
-        let _ = std::fs::remove_file(&self.cfg.agent.control_socket);
+        let _ = std::fs::remove_file(&self.cfg.agent.start.control_socket);
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
@@ -729,10 +734,10 @@ impl Agent {
                     );
                 }
                 let total: usize = self.cfg.vips.iter().map(|v| v.backends.len()).sum();
-                if total as u32 >= self.cfg.agent.max_backends {
+                if total as u32 >= self.cfg.agent.kernel.max_backends {
                     bail!(
                         "all {} backend slots are in use",
-                        self.cfg.agent.max_backends
+                        self.cfg.agent.kernel.max_backends
                     );
                 }
                 let hc = self.cfg.vips[i].health_check.clone();
@@ -811,26 +816,10 @@ impl Agent {
     }
 
     fn apply_reload(&mut self, cfg: Config) -> anyhow::Result<()> {
-        if cfg.agent.instance != self.cfg.agent.instance
-            || cfg.agent.max_vips != self.cfg.agent.max_vips
-            || cfg.agent.max_backends != self.cfg.agent.max_backends
-            || cfg.agent.ring_size != self.cfg.agent.ring_size
-            || cfg.agent.conntrack_entries != self.cfg.agent.conntrack_entries
+        if let Some(warning) =
+            crate::config::reload_check(&self.cfg, &cfg).map_err(anyhow::Error::msg)?
         {
-            bail!(
-                "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
-                cfg.source.display()
-            );
-        }
-        if cfg.agent.interfaces != self.cfg.agent.interfaces
-            || cfg.agent.xdp_mode != self.cfg.agent.xdp_mode
-            || cfg.agent.control_socket != self.cfg.agent.control_socket
-            || cfg.agent.metrics_listen != self.cfg.agent.metrics_listen
-        {
-            warn!(
-                "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
-                cfg.source.display()
-            );
+            warn!("{warning}");
         }
         // Health checks restart for backends whose check changed.
         for vip in &cfg.vips {
@@ -862,7 +851,7 @@ impl Agent {
 
     fn status(&self) -> StatusView {
         StatusView {
-            instance: self.cfg.agent.instance.clone(),
+            instance: self.cfg.agent.kernel.instance.clone(),
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             config: self.opts.config.display().to_string(),
@@ -880,7 +869,7 @@ impl Agent {
             vips: self.cfg.vips.len(),
             backends: self.backends.len(),
             backends_up: self.backends.values().filter(|b| b.up).count(),
-            metrics: self.cfg.agent.metrics_listen.map(|a| a.to_string()),
+            metrics: self.cfg.agent.start.metrics_listen.map(|a| a.to_string()),
         }
     }
 
@@ -1244,11 +1233,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     // Validate the control socket before touching the kernel.
     let pre = Config::load(&opts.config)?;
-    let listener = bind_control(&pre.agent.control_socket)?;
+    let listener = bind_control(&pre.agent.start.control_socket)?;
     let mut agent = match Agent::start(opts, health_tx) {
         Ok(a) => a,
         Err(e) => {
-            let _ = std::fs::remove_file(&pre.agent.control_socket);
+            let _ = std::fs::remove_file(&pre.agent.start.control_socket);
             return Err(e);
         }
     };
@@ -1268,7 +1257,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     info!(
         "lb running: instance {}, control socket {}",
-        agent.cfg.agent.instance,
+        agent.cfg.agent.kernel.instance,
         agent.control_socket().display()
     );
     agent.sample_stats();

@@ -64,8 +64,9 @@
 //!
 //! # Layout
 //!
-//! - `model`: the validated types ([`Config`] and what it holds) and
-//!   their limits;
+//! - `model`: the validated types ([`Config`] and what it holds),
+//!   their limits, and [`reload_check`], which says what a reload may do
+//!   with a changed `[agent]` table;
 //! - `raw`: the file as written (serde shapes with spans) and the lookups
 //!   that locate deserializer errors (line, column, field path);
 //! - `validate`: the rules, defaults and merging, and [`ConfigError`].
@@ -76,8 +77,9 @@ mod validate;
 
 pub use model::{
     AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, DEFAULT_INSTANCE,
-    HealthCheck, HealthCheckKind, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
-    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, VIPS_LIMIT, VipConfig, XdpModeSetting,
+    HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
+    MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT,
+    VipConfig, XdpModeSetting, reload_check,
 };
 pub use validate::ConfigError;
 

@@ -1,5 +1,5 @@
 //! The validated configuration: the types the rest of the agent works with,
-//! and their limits.
+//! their limits, and what a reload may do with a changed `[agent]` table.
 
 use std::{
     fmt,
@@ -40,20 +40,39 @@ pub struct Config {
     pub source: PathBuf,
 }
 
-/// The `[agent]` table, with defaults applied.
+/// The `[agent]` table, with defaults applied, grouped by what a reload
+/// does with a change (see [`reload_check`]). The file keeps the flat
+/// `[agent]` keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
+    pub kernel: KernelSettings,
+    pub start: StartSettings,
+}
+
+/// What the pinned datapath was created with: its pin directory and its
+/// map sizes. A reload refuses a file that changes any of them (and
+/// applies nothing of it): they change only with a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// Pin dir `/sys/fs/bpf/lb/<instance>`.
     pub instance: String,
-    /// May be empty: the command line may supply the interfaces.
-    pub interfaces: Vec<String>,
-    pub xdp_mode: XdpModeSetting,
-    pub control_socket: PathBuf,
-    pub metrics_listen: Option<SocketAddr>,
     pub conntrack_entries: u32,
     pub max_vips: u32,
     pub max_backends: u32,
     /// Default ring size of VIPs, and the ring stride of the datapath.
     pub ring_size: u32,
+}
+
+/// What the agent reads once when it starts. A reload that changes any of
+/// them applies the VIPs and backends and warns that these take effect at
+/// the next start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartSettings {
+    /// May be empty: the command line may supply the interfaces.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How to attach the XDP program.
@@ -155,6 +174,32 @@ impl Config {
     pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
         validate::parse(text, source)
     }
+}
+
+/// Whether a reload may apply `new` over the running `old`, judged on the
+/// `[agent]` settings only; messages name `new.source`.
+///
+/// - `Err(refusal)`: [`KernelSettings`] differ; nothing may be applied.
+/// - `Ok(Some(warning))`: [`StartSettings`] differ; VIPs and backends are
+///   applied now, these settings at the next start.
+/// - `Ok(None)`: nothing restart-only changed.
+pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String> {
+    // Exhaustive on purpose: a new `[agent]` setting must join one of the
+    // groups (and so be refused or reported on reload), or be handled here.
+    let AgentConfig { kernel, start } = &new.agent;
+    if *kernel != old.agent.kernel {
+        return Err(format!(
+            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
+            new.source.display()
+        ));
+    }
+    if *start != old.agent.start {
+        return Ok(Some(format!(
+            "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
+            new.source.display()
+        )));
+    }
+    Ok(None)
 }
 
 impl VipConfig {
@@ -324,6 +369,80 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Protocol>("\"tcp\"").unwrap(),
             Protocol::Tcp
+        );
+    }
+
+    fn config(agent: &str) -> Config {
+        Config::parse(&format!("[agent]\n{agent}\n"), Path::new("lb.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied";
+    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now";
+
+    #[test]
+    fn reload_applies_vips_and_backends_of_an_unchanged_agent_table() {
+        let old = config("interfaces = [\"eth0\"]");
+        let mut new = config("interfaces = [\"eth0\"]");
+        assert_eq!(reload_check(&old, &new), Ok(None));
+        new.vips = Config::parse(
+            "[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\n",
+            Path::new("lb.toml"),
+        )
+        .unwrap()
+        .vips;
+        assert_eq!(reload_check(&old, &new), Ok(None));
+    }
+
+    #[test]
+    fn reload_refuses_each_kernel_setting() {
+        let old = config("");
+        for changed in [
+            "instance = \"other\"",
+            "conntrack_entries = 1000",
+            "max_vips = 8",
+            "max_backends = 8",
+            "ring_size = 13",
+        ] {
+            let new = config(changed);
+            assert_eq!(
+                reload_check(&old, &new),
+                Err(REFUSAL.to_owned()),
+                "{changed}"
+            );
+        }
+        // A refusal wins over a warning.
+        let new = config("max_vips = 8\nxdp_mode = \"skb\"");
+        assert_eq!(reload_check(&old, &new), Err(REFUSAL.to_owned()));
+    }
+
+    #[test]
+    fn reload_warns_about_each_start_setting() {
+        let old = config("");
+        for changed in [
+            "interfaces = [\"eth1\"]",
+            "xdp_mode = \"native\"",
+            "control_socket = \"/run/lb/x.sock\"",
+            "metrics_listen = \"127.0.0.1:9100\"",
+        ] {
+            let new = config(changed);
+            assert_eq!(
+                reload_check(&old, &new),
+                Ok(Some(WARNING.to_owned())),
+                "{changed}"
+            );
+        }
+    }
+
+    #[test]
+    fn reload_messages_name_the_new_source() {
+        let old = config("");
+        let mut new = config("max_vips = 8");
+        new.source = "/etc/lb/new.toml".into();
+        let refusal = reload_check(&old, &new).unwrap_err();
+        assert!(
+            refusal.starts_with("/etc/lb/new.toml: instance"),
+            "{refusal}"
         );
     }
 }

@@ -102,15 +102,19 @@ fn full_example() {
     };
     let expected = Config {
         agent: AgentConfig {
-            instance: "default".into(),
-            interfaces: vec!["eth0".into()],
-            xdp_mode: XdpModeSetting::Auto,
-            control_socket: "/run/lb/default.sock".into(),
-            metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
-            conntrack_entries: 1 << 20,
-            max_vips: 64,
-            max_backends: 4096,
-            ring_size: 65537,
+            kernel: KernelSettings {
+                instance: "default".into(),
+                conntrack_entries: 1 << 20,
+                max_vips: 64,
+                max_backends: 4096,
+                ring_size: 65537,
+            },
+            start: StartSettings {
+                interfaces: vec!["eth0".into()],
+                xdp_mode: XdpModeSetting::Auto,
+                control_socket: "/run/lb/default.sock".into(),
+                metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
+            },
         },
         vips: vec![VipConfig {
             name: "web".into(),
@@ -152,15 +156,19 @@ address = "198.18.0.11"
     assert_eq!(
         config.agent,
         AgentConfig {
-            instance: "default".into(),
-            interfaces: vec![],
-            xdp_mode: XdpModeSetting::Auto,
-            control_socket: "/run/lb/default.sock".into(),
-            metrics_listen: None,
-            conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
-            max_vips: lb_common::DEFAULT_MAX_VIPS,
-            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
-            ring_size: lb_common::DEFAULT_RING_SIZE,
+            kernel: KernelSettings {
+                instance: "default".into(),
+                conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+                max_vips: lb_common::DEFAULT_MAX_VIPS,
+                max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+                ring_size: lb_common::DEFAULT_RING_SIZE,
+            },
+            start: StartSettings {
+                interfaces: vec![],
+                xdp_mode: XdpModeSetting::Auto,
+                control_socket: "/run/lb/default.sock".into(),
+                metrics_listen: None,
+            },
         }
     );
     assert_eq!(
@@ -187,13 +195,13 @@ address = "198.18.0.11"
 fn empty_file_and_instance_dependent_socket() {
     let config = ok("");
     assert!(config.vips.is_empty());
-    assert_eq!(config.agent.instance, "default");
+    assert_eq!(config.agent.kernel.instance, "default");
     let config = ok("[agent]\ninstance = \"edge-1\"\nxdp_mode = \"skb\"\n");
     assert_eq!(
-        config.agent.control_socket,
+        config.agent.start.control_socket,
         Path::new("/run/lb/edge-1.sock")
     );
-    assert_eq!(config.agent.xdp_mode, XdpModeSetting::Skb);
+    assert_eq!(config.agent.start.xdp_mode, XdpModeSetting::Skb);
 }
 
 #[test]

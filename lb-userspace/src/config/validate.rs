@@ -14,9 +14,9 @@ use std::{
 use super::{
     model::{
         AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, DEFAULT_INSTANCE,
-        HealthCheck, HealthCheckKind, KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
-        MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, VIPS_LIMIT, VipConfig,
-        XdpModeSetting,
+        HealthCheck, HealthCheckKind, KernelSettings, KindTag, MAX_CONNTRACK_ENTRIES,
+        MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT,
+        StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
@@ -216,13 +216,13 @@ impl Ctx<'_> {
         let mut total_backends = 0usize;
         for (i, raw_vip) in raw.vip.iter().enumerate() {
             let path = format!("vip[{i}]");
-            if i >= agent.max_vips as usize {
+            if i >= agent.kernel.max_vips as usize {
                 return Err(self.error(
                     raw_vip.span(),
                     path,
                     format!(
                         "too many VIPs: agent.max_vips is {} and this is VIP number {}",
-                        agent.max_vips,
+                        agent.kernel.max_vips,
                         i + 1
                     ),
                 ));
@@ -400,15 +400,19 @@ impl Ctx<'_> {
         }
 
         Ok(AgentConfig {
-            instance,
-            interfaces,
-            xdp_mode,
-            control_socket,
-            metrics_listen,
-            conntrack_entries,
-            max_vips,
-            max_backends,
-            ring_size,
+            kernel: KernelSettings {
+                instance,
+                conntrack_entries,
+                max_vips,
+                max_backends,
+                ring_size,
+            },
+            start: StartSettings {
+                interfaces,
+                xdp_mode,
+                control_socket,
+                metrics_listen,
+            },
         })
     }
 
@@ -440,19 +444,19 @@ impl Ctx<'_> {
         let ring_size = match &r.ring_size {
             Some(v) => {
                 let n = self.ring_size(v, &f("ring_size"))?;
-                if n > agent.ring_size {
+                if n > agent.kernel.ring_size {
                     return Err(self.error(
                         v.span(),
                         f("ring_size"),
                         format!(
                             "{n} is larger than agent.ring_size {} (the datapath's ring stride)",
-                            agent.ring_size
+                            agent.kernel.ring_size
                         ),
                     ));
                 }
                 n
             }
-            None => agent.ring_size,
+            None => agent.kernel.ring_size,
         };
 
         let hc_path = f("health_check");
@@ -474,13 +478,13 @@ impl Ctx<'_> {
             let bpath = format!("{path}.backend[{j}]");
             let b = raw_backend.get_ref();
             *total_backends += 1;
-            if *total_backends > agent.max_backends as usize {
+            if *total_backends > agent.kernel.max_backends as usize {
                 return Err(self.error(
                     raw_backend.span(),
                     bpath,
                     format!(
                         "too many backends: agent.max_backends is {} and this is backend number {} in the file",
-                        agent.max_backends, total_backends
+                        agent.kernel.max_backends, total_backends
                     ),
                 ));
             }
