@@ -67,7 +67,7 @@ impl Agent {
         health_tx: mpsc::UnboundedSender<HealthEvent>,
     ) -> anyhow::Result<Self> {
         let interfaces = if opts.interfaces.is_empty() {
-            cfg.agent.interfaces.clone()
+            cfg.agent.start.interfaces.clone()
         } else {
             opts.interfaces.clone()
         };
@@ -85,16 +85,16 @@ impl Agent {
         if !datapath::is_root() {
             bail!("lb run needs root to load XDP programs: run it as root");
         }
-        let pin_dir = datapath::pin_dir(&cfg.agent.instance);
+        let pin_dir = datapath::pin_dir(&cfg.agent.kernel.instance);
         let restored = pin_dir.join(lb_common::map_names::VIPS).exists();
         let sizes = MapSizes {
-            max_vips: cfg.agent.max_vips,
-            max_backends: cfg.agent.max_backends,
-            ring_size: cfg.agent.ring_size,
-            conntrack_entries: cfg.agent.conntrack_entries,
+            max_vips: cfg.agent.kernel.max_vips,
+            max_backends: cfg.agent.kernel.max_backends,
+            ring_size: cfg.agent.kernel.ring_size,
+            conntrack_entries: cfg.agent.kernel.conntrack_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
-        let setting = opts.xdp_mode.unwrap_or(cfg.agent.xdp_mode);
+        let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);
         let started = Self::bring_up(cfg, dp, &interfaces, setting);
         let (core, links) = match started {
             Ok(x) => x,
@@ -216,7 +216,7 @@ impl Agent {
     fn status(&self) -> StatusView {
         let cfg = self.core.config();
         StatusView {
-            instance: cfg.agent.instance.clone(),
+            instance: cfg.agent.kernel.instance.clone(),
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             config: self.opts.config.display().to_string(),
@@ -226,7 +226,7 @@ impl Agent {
             vips: cfg.vips.len(),
             backends: self.core.state.backends().count(),
             backends_up: self.core.state.backends().filter(|(_, b)| b.up).count(),
-            metrics: cfg.agent.metrics_listen.map(|a| a.to_string()),
+            metrics: cfg.agent.start.metrics_listen.map(|a| a.to_string()),
         }
     }
 
@@ -273,7 +273,7 @@ impl Agent {
                 warn!("removing {}: {e}", pin_dir.display());
             }
         }
-        let _ = std::fs::remove_file(&self.core.config().agent.control_socket);
+        let _ = std::fs::remove_file(&self.core.config().agent.start.control_socket);
     }
 }
 
@@ -281,8 +281,8 @@ impl Agent {
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
     // Bind the control socket before touching the kernel.
-    let socket = cfg.agent.control_socket.clone();
-    let metrics_listen = cfg.agent.metrics_listen;
+    let socket = cfg.agent.start.control_socket.clone();
+    let metrics_listen = cfg.agent.start.metrics_listen;
     let listener = control::bind(&socket)?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
@@ -303,7 +303,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(timing::TICK);
     info!(
         "lb running: instance {}, control socket {}",
-        agent.core.config().agent.instance,
+        agent.core.config().agent.kernel.instance,
         socket.display()
     );
     agent.stats.sample(&agent.core);

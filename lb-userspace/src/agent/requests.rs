@@ -17,7 +17,7 @@ use crate::{
     config::{BackendConfig, BackendState, Config, Protocol},
     control::{BackendView, ExplainView, Request, VipView},
     keys::{BackendKey, VipId},
-    mac::format_mac,
+    mac::MacAddr,
     reconcile::KernelMaps,
 };
 
@@ -59,10 +59,10 @@ impl<M: KernelMaps> Core<M> {
                     );
                 }
                 let total: usize = self.cfg.vips.iter().map(|v| v.backends.len()).sum();
-                if total as u32 >= self.cfg.agent.max_backends {
+                if total as u32 >= self.cfg.agent.kernel.max_backends {
                     bail!(
                         "all {} backend slots are in use",
-                        self.cfg.agent.max_backends
+                        self.cfg.agent.kernel.max_backends
                     );
                 }
                 let health_check = self.cfg.vips[i].health_check.clone();
@@ -118,26 +118,10 @@ impl<M: KernelMaps> Core<M> {
     /// changes what needs a restart; health checks restart where they
     /// changed (the runtime sees the new check).
     pub fn apply_reload(&mut self, cfg: Config) -> anyhow::Result<()> {
-        if cfg.agent.instance != self.cfg.agent.instance
-            || cfg.agent.max_vips != self.cfg.agent.max_vips
-            || cfg.agent.max_backends != self.cfg.agent.max_backends
-            || cfg.agent.ring_size != self.cfg.agent.ring_size
-            || cfg.agent.conntrack_entries != self.cfg.agent.conntrack_entries
+        if let Some(warning) =
+            crate::config::reload_check(&self.cfg, &cfg).map_err(anyhow::Error::msg)?
         {
-            bail!(
-                "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
-                cfg.source.display()
-            );
-        }
-        if cfg.agent.interfaces != self.cfg.agent.interfaces
-            || cfg.agent.xdp_mode != self.cfg.agent.xdp_mode
-            || cfg.agent.control_socket != self.cfg.agent.control_socket
-            || cfg.agent.metrics_listen != self.cfg.agent.metrics_listen
-        {
-            warn!(
-                "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
-                cfg.source.display()
-            );
+            warn!("{warning}");
         }
         self.cfg = cfg;
         Ok(())
@@ -238,7 +222,10 @@ impl<M: KernelMaps> Core<M> {
                     health: status.health(),
                     last_check: status.last_check.clone(),
                     slots,
-                    mac: status.next_hop.as_ref().map(|n| format_mac(&n.dst_mac)),
+                    mac: status
+                        .next_hop
+                        .as_ref()
+                        .map(|n| MacAddr(n.dst_mac).to_string()),
                     iface: status.next_hop.as_ref().map(|n| n.iface.clone()),
                 });
             }

@@ -109,7 +109,7 @@ impl State {
                     None => {
                         problems.push(format!(
                             "VIP {}: all {} VIP slots are in use",
-                            vip.name, cfg.agent.max_vips
+                            vip.name, cfg.agent.kernel.max_vips
                         ));
                         continue;
                     }
@@ -127,7 +127,7 @@ impl State {
                 let Some(id) = self.free_backend_id(cfg, kernel) else {
                     problems.push(format!(
                         "backend {} of {}: all {} backend slots are in use",
-                        b.address, vip.name, cfg.agent.max_backends
+                        b.address, vip.name, cfg.agent.kernel.max_backends
                     ));
                     continue;
                 };
@@ -148,7 +148,7 @@ impl State {
             .copied()
             .chain(kernel.vips.values().map(|v| v.index))
             .collect();
-        (0..cfg.agent.max_vips).find(|i| !used.contains(i))
+        (0..cfg.agent.kernel.max_vips).find(|i| !used.contains(i))
     }
 
     fn free_backend_id(&self, cfg: &Config, kernel: &KernelImage) -> Option<u32> {
@@ -158,7 +158,7 @@ impl State {
             .map(|b| b.id)
             .chain(kernel.backends.keys().copied())
             .collect();
-        (FIRST_BACKEND_ID..=cfg.agent.max_backends).find(|i| !used.contains(i))
+        (FIRST_BACKEND_ID..=cfg.agent.kernel.max_backends).find(|i| !used.contains(i))
     }
 
     /// Records a health check result; true when the backend's up/down
@@ -218,7 +218,7 @@ impl State {
             };
             let info = VipInfo {
                 index,
-                ring_base: index * cfg.agent.ring_size,
+                ring_base: index * cfg.agent.kernel.ring_size,
                 ring_size: vip.ring_size,
                 flags: 0,
             };

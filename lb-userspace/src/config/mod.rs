@@ -1,0 +1,87 @@
+//! The agent's configuration file: TOML parsing, validation with precise
+//! errors, and the resolved types the rest of the agent works with.
+//!
+//! # Format
+//!
+//! ```toml
+//! [agent]                              # optional table; every key has a default
+//! instance = "default"                 # pin dir /sys/fs/bpf/lb/<instance>; [A-Za-z0-9_-]{1,64}
+//! interfaces = ["eth0"]                # may be empty here when given on the command line
+//! xdp_mode = "auto"                    # auto | native | skb
+//! control_socket = "/run/lb/default.sock"   # default: /run/lb/<instance>.sock
+//! metrics_listen = "127.0.0.1:9100"    # optional SocketAddr; absent = no metrics server
+//! conntrack_entries = 1048576          # optional, 1..=2^28, default lb_common::DEFAULT_CONNTRACK_ENTRIES
+//! max_vips = 64                        # optional, 1..=65536, default lb_common::DEFAULT_MAX_VIPS
+//! max_backends = 4096                  # optional, 1..=2^20, default lb_common::DEFAULT_MAX_BACKENDS
+//! ring_size = 65537                    # optional, prime, 3..=655373, default lb_common::DEFAULT_RING_SIZE;
+//!                                      # the default ring size of VIPs and the ring stride of the
+//!                                      # datapath: max_vips * ring_size must be <= 2^28
+//!
+//! [[vip]]                              # zero or more; identified by (address, port, protocol)
+//! name = "web"                         # optional, default "<address>:<port>/<protocol>"; unique
+//! address = "198.18.10.1"
+//! port = 80                            # 1..=65535
+//! protocol = "tcp"                     # tcp | udp
+//! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
+//!                                      # (default: [agent] ring_size); >= the number of backends
+//!
+//! [vip.health_check]                   # optional; default kind = "tcp" with defaults below
+//! kind = "http"                        # tcp | http | none
+//! port = 8080                          # optional, default = the VIP port
+//! interval_ms = 1000                   # default 1000, 10..=3_600_000
+//! timeout_ms = 500                     # default 500 (or interval_ms if smaller), must be >= 1 and <= interval_ms
+//! rise = 2                             # default 2, 1..=100
+//! fall = 3                             # default 3, 1..=100
+//! path = "/healthz"                    # http only, default "/", must start with '/'
+//! expected_status = 200                # http only, default 200, 100..=599
+//! host = "web.example"                 # http only, optional Host header
+//!
+//! [[vip.backend]]                      # zero or more; a VIP without backends drops its packets
+//! address = "198.18.0.11"              # unique within the VIP (backend port = VIP port: DSR)
+//! weight = 1                           # default 1, 1..=10000
+//! state = "active"                     # active | drain, default active
+//! mac = "02:00:00:00:00:11"            # optional: next-hop MAC override (otherwise the agent resolves it)
+//! [vip.backend.health_check]           # optional per-backend override: any subset of the fields above;
+//! port = 8081                          # unspecified fields come from the VIP's health_check
+//! ```
+//!
+//! `[vip.health_check]` and `[[vip.backend]]` apply to the last `[[vip]]`
+//! above them, `[vip.backend.health_check]` to the last backend. Unknown keys
+//! are errors everywhere. The number of VIPs may not exceed `max_vips`, nor
+//! the total number of backends (over all VIPs) `max_backends`.
+//!
+//! Backend health-check overrides are merged field by field with the VIP's
+//! health check; an override that switches `kind` to `tcp`/`none` drops the
+//! VIP's HTTP settings, one that switches it to `http` starts from the HTTP
+//! defaults.
+//!
+//! # Errors
+//!
+//! Every [`ConfigError`] names the file, the position (1-based line and
+//! column, in characters) and the field path (`vip[i]`, `backend[j]`
+//! zero-based), e.g.
+//! `lb.toml:14:10: vip[1].backend[0].weight: 0 is out of range 1..=10000`.
+//!
+//! # Layout
+//!
+//! - `model`: the validated types ([`Config`] and what it holds),
+//!   their limits, and [`reload_check`], which says what a reload may do
+//!   with a changed `[agent]` table;
+//! - `raw`: the file as written (serde shapes with spans) and the lookups
+//!   that locate deserializer errors (line, column, field path);
+//! - `validate`: the rules, defaults and merging, and [`ConfigError`].
+
+mod model;
+mod raw;
+mod validate;
+
+pub use model::{
+    AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, DEFAULT_INSTANCE,
+    HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
+    MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT,
+    VipConfig, XdpModeSetting, reload_check,
+};
+pub use validate::ConfigError;
+
+#[cfg(test)]
+mod tests;

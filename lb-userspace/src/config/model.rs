@@ -1,0 +1,448 @@
+//! The validated configuration: the types the rest of the agent works with,
+//! their limits, and what a reload may do with a changed `[agent]` table.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, validate};
+
+/// Smallest accepted ring size.
+pub const MIN_RING_SIZE: u32 = 3;
+/// Largest accepted ring size (a prime).
+pub const MAX_RING_SIZE: u32 = 655_373;
+/// Largest accepted `conntrack_entries`.
+pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 28;
+/// Largest accepted `max_vips`.
+pub const VIPS_LIMIT: u32 = 65_536;
+/// Largest accepted `max_backends`.
+pub const BACKENDS_LIMIT: u32 = 1 << 20;
+/// Largest accepted `max_vips * ring_size` (the RINGS map's element count).
+pub const RING_SLOTS_LIMIT: u64 = 1 << 28;
+/// Largest accepted backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Default instance name.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub vips: Vec<VipConfig>,
+    /// The file it came from (or whatever name was given to [`Config::parse`],
+    /// conventionally `"<string>"`).
+    pub source: PathBuf,
+}
+
+/// The `[agent]` table, with defaults applied, grouped by what a reload
+/// does with a change (see [`reload_check`]). The file keeps the flat
+/// `[agent]` keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub kernel: KernelSettings,
+    pub start: StartSettings,
+}
+
+/// What the pinned datapath was created with: its pin directory and its
+/// map sizes. A reload refuses a file that changes any of them (and
+/// applies nothing of it): they change only with a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// Pin dir `/sys/fs/bpf/lb/<instance>`.
+    pub instance: String,
+    pub conntrack_entries: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    /// Default ring size of VIPs, and the ring stride of the datapath.
+    pub ring_size: u32,
+}
+
+/// What the agent reads once when it starts. A reload that changes any of
+/// them applies the VIPs and backends and warns that these take effect at
+/// the next start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartSettings {
+    /// May be empty: the command line may supply the interfaces.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum XdpModeSetting {
+    /// Native if the driver supports it, otherwise generic (skb).
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+/// A VIP's L4 protocol. Its serde form (`"tcp"`, `"udp"`) is part of the
+/// control protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// One `[[vip]]`, with defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Prime, at most the agent's ring size.
+    pub ring_size: u32,
+    pub health_check: HealthCheck,
+    /// Unique by address; may be empty.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One `[[vip.backend]]`, with defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Next-hop MAC override (a unicast address).
+    pub mac: Option<[u8; 6]>,
+    /// Fully resolved: the VIP's health check merged with the override.
+    pub health_check: HealthCheck,
+}
+
+/// Administrative state of a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Receives new flows (when healthy).
+    #[default]
+    Active,
+    /// Keeps its existing flows, receives no new ones.
+    Drain,
+}
+
+/// A resolved health check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// What a health check does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>` expecting `expected_status`.
+    Http {
+        path: String,
+        expected_status: u16,
+        host: Option<String>,
+    },
+    /// No checks: the backend is always considered healthy.
+    None,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            field: None,
+            message: format!("cannot read the configuration file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `source` names it in errors and becomes
+    /// [`Config::source`].
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        validate::parse(text, source)
+    }
+}
+
+/// Whether a reload may apply `new` over the running `old`, judged on the
+/// `[agent]` settings only; messages name `new.source`.
+///
+/// - `Err(refusal)`: [`KernelSettings`] differ; nothing may be applied.
+/// - `Ok(Some(warning))`: [`StartSettings`] differ; VIPs and backends are
+///   applied now, these settings at the next start.
+/// - `Ok(None)`: nothing restart-only changed.
+pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String> {
+    // Exhaustive on purpose: a new `[agent]` setting must join one of the
+    // groups (and so be refused or reported on reload), or be handled here.
+    let AgentConfig { kernel, start } = &new.agent;
+    if *kernel != old.agent.kernel {
+        return Err(format!(
+            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
+            new.source.display()
+        ));
+    }
+    if *start != old.agent.start {
+        return Ok(Some(format!(
+            "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
+            new.source.display()
+        )));
+    }
+    Ok(None)
+}
+
+impl VipConfig {
+    /// The VIP's identity.
+    pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
+        (self.address, self.port, self.protocol)
+    }
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl XdpModeSetting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpModeSetting::Auto => "auto",
+            XdpModeSetting::Native => "native",
+            XdpModeSetting::Skb => "skb",
+        }
+    }
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Drain => "drain",
+        }
+    }
+}
+
+impl HealthCheckKind {
+    /// `"tcp"`, `"http"` or `"none"`.
+    pub fn name(&self) -> &'static str {
+        KindTag::of(self).as_str()
+    }
+}
+
+/// The error of the `FromStr` implementations of the keyword enums.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {got:?}, expected {}", one_of(.expected))]
+pub struct ParseKeywordError {
+    /// What was parsed, e.g. `"protocol"`.
+    pub what: &'static str,
+    pub got: String,
+    pub expected: &'static [&'static str],
+}
+
+fn one_of(words: &[&str]) -> String {
+    match words {
+        [a, b] => format!("{a} or {b}"),
+        _ => format!("one of {}", words.join(", ")),
+    }
+}
+
+macro_rules! keyword_enum {
+    ($ty:ty, $what:literal, [$($word:literal => $variant:expr),+ $(,)?]) => {
+        impl FromStr for $ty {
+            type Err = ParseKeywordError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($word => Ok($variant),)+
+                    _ => Err(ParseKeywordError {
+                        what: $what,
+                        got: s.to_owned(),
+                        expected: &[$($word),+],
+                    }),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+keyword_enum!(Protocol, "protocol", ["tcp" => Protocol::Tcp, "udp" => Protocol::Udp]);
+keyword_enum!(XdpModeSetting, "xdp_mode", [
+    "auto" => XdpModeSetting::Auto,
+    "native" => XdpModeSetting::Native,
+    "skb" => XdpModeSetting::Skb,
+]);
+keyword_enum!(BackendState, "backend state", [
+    "active" => BackendState::Active,
+    "drain" => BackendState::Drain,
+]);
+keyword_enum!(KindTag, "health check kind", [
+    "tcp" => KindTag::Tcp,
+    "http" => KindTag::Http,
+    "none" => KindTag::None,
+]);
+
+impl fmt::Display for HealthCheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `HealthCheckKind` without its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KindTag {
+    Tcp,
+    Http,
+    None,
+}
+
+impl KindTag {
+    pub(super) fn of(kind: &HealthCheckKind) -> KindTag {
+        match kind {
+            HealthCheckKind::Tcp => KindTag::Tcp,
+            HealthCheckKind::Http { .. } => KindTag::Http,
+            HealthCheckKind::None => KindTag::None,
+        }
+    }
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            KindTag::Tcp => "tcp",
+            KindTag::Http => "http",
+            KindTag::None => "none",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyword_enums() {
+        assert_eq!(Protocol::Tcp.number(), 6);
+        assert_eq!(Protocol::Udp.number(), 17);
+        assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(BackendState::Drain.to_string(), "drain");
+        assert_eq!(
+            "native".parse::<XdpModeSetting>(),
+            Ok(XdpModeSetting::Native)
+        );
+        assert_eq!(
+            "TCP".parse::<Protocol>().unwrap_err().to_string(),
+            "invalid protocol \"TCP\", expected tcp or udp"
+        );
+        assert_eq!(HealthCheckKind::None.to_string(), "none");
+    }
+
+    #[test]
+    fn protocol_serde_form() {
+        // The control protocol carries protocols as these strings.
+        assert_eq!(serde_json::to_string(&Protocol::Udp).unwrap(), "\"udp\"");
+        assert_eq!(
+            serde_json::from_str::<Protocol>("\"tcp\"").unwrap(),
+            Protocol::Tcp
+        );
+    }
+
+    fn config(agent: &str) -> Config {
+        Config::parse(&format!("[agent]\n{agent}\n"), Path::new("lb.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied";
+    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now";
+
+    #[test]
+    fn reload_applies_vips_and_backends_of_an_unchanged_agent_table() {
+        let old = config("interfaces = [\"eth0\"]");
+        let mut new = config("interfaces = [\"eth0\"]");
+        assert_eq!(reload_check(&old, &new), Ok(None));
+        new.vips = Config::parse(
+            "[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\n",
+            Path::new("lb.toml"),
+        )
+        .unwrap()
+        .vips;
+        assert_eq!(reload_check(&old, &new), Ok(None));
+    }
+
+    #[test]
+    fn reload_refuses_each_kernel_setting() {
+        let old = config("");
+        for changed in [
+            "instance = \"other\"",
+            "conntrack_entries = 1000",
+            "max_vips = 8",
+            "max_backends = 8",
+            "ring_size = 13",
+        ] {
+            let new = config(changed);
+            assert_eq!(
+                reload_check(&old, &new),
+                Err(REFUSAL.to_owned()),
+                "{changed}"
+            );
+        }
+        // A refusal wins over a warning.
+        let new = config("max_vips = 8\nxdp_mode = \"skb\"");
+        assert_eq!(reload_check(&old, &new), Err(REFUSAL.to_owned()));
+    }
+
+    #[test]
+    fn reload_warns_about_each_start_setting() {
+        let old = config("");
+        for changed in [
+            "interfaces = [\"eth1\"]",
+            "xdp_mode = \"native\"",
+            "control_socket = \"/run/lb/x.sock\"",
+            "metrics_listen = \"127.0.0.1:9100\"",
+        ] {
+            let new = config(changed);
+            assert_eq!(
+                reload_check(&old, &new),
+                Ok(Some(WARNING.to_owned())),
+                "{changed}"
+            );
+        }
+    }
+
+    #[test]
+    fn reload_messages_name_the_new_source() {
+        let old = config("");
+        let mut new = config("max_vips = 8");
+        new.source = "/etc/lb/new.toml".into();
+        let refusal = reload_check(&old, &new).unwrap_err();
+        assert!(
+            refusal.starts_with("/etc/lb/new.toml: instance"),
+            "{refusal}"
+        );
+    }
+}

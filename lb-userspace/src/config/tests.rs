@@ -1,0 +1,815 @@
+//! End-to-end tests of [`Config::parse`]: accepted files, defaults and
+//! merging, and every rule's error with its position and field path
+//! (those of the deserializer located by `raw`, the others by `validate`).
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use super::{raw::line_col, *};
+use crate::maglev::is_prime;
+
+/// The example of the module documentation.
+const EXAMPLE: &str = r#"[agent]
+instance = "default"                 # pin dir /sys/fs/bpf/lb/<instance>
+interfaces = ["eth0"]
+xdp_mode = "auto"                    # auto | native | skb
+control_socket = "/run/lb/default.sock"
+metrics_listen = "127.0.0.1:9100"
+conntrack_entries = 1048576
+max_vips = 64
+max_backends = 4096
+ring_size = 65537
+
+[[vip]]
+name = "web"
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+ring_size = 65537
+
+[vip.health_check]
+kind = "http"
+port = 8080
+interval_ms = 1000
+timeout_ms = 500
+rise = 2
+fall = 3
+path = "/healthz"
+expected_status = 200
+host = "web.example"
+
+[[vip.backend]]
+address = "198.18.0.11"
+weight = 1
+state = "active"
+mac = "02:00:00:00:00:11"
+[vip.backend.health_check]
+port = 8081
+"#;
+
+/// Lines 1-4: a VIP without backends.
+const HEAD: &str = "[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\n";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("lb.toml"))
+}
+
+fn ok(text: &str) -> Config {
+    parse(text).unwrap_or_else(|e| panic!("unexpected error: {e}"))
+}
+
+fn err(text: &str) -> ConfigError {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:#?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts file, line, field, and a distinctive part of the message.
+#[track_caller]
+fn check(e: &ConfigError, line: usize, field: &str, needle: &str) {
+    assert_eq!(e.file, Path::new("lb.toml"), "{e}");
+    assert_eq!(e.line, Some(line), "{e}");
+    assert!(e.column.is_some(), "{e}");
+    assert_eq!(e.field.as_deref(), Some(field), "{e}");
+    assert!(e.message.contains(needle), "{e:?} lacks {needle:?}");
+}
+
+fn tcp_check(port: u16) -> HealthCheck {
+    HealthCheck {
+        kind: HealthCheckKind::Tcp,
+        port,
+        interval: Duration::from_millis(1000),
+        timeout: Duration::from_millis(500),
+        rise: 2,
+        fall: 3,
+    }
+}
+
+#[test]
+fn full_example() {
+    let config = ok(EXAMPLE);
+    let web_check = HealthCheck {
+        kind: HealthCheckKind::Http {
+            path: "/healthz".into(),
+            expected_status: 200,
+            host: Some("web.example".into()),
+        },
+        port: 8080,
+        interval: Duration::from_millis(1000),
+        timeout: Duration::from_millis(500),
+        rise: 2,
+        fall: 3,
+    };
+    let expected = Config {
+        agent: AgentConfig {
+            kernel: KernelSettings {
+                instance: "default".into(),
+                conntrack_entries: 1 << 20,
+                max_vips: 64,
+                max_backends: 4096,
+                ring_size: 65537,
+            },
+            start: StartSettings {
+                interfaces: vec!["eth0".into()],
+                xdp_mode: XdpModeSetting::Auto,
+                control_socket: "/run/lb/default.sock".into(),
+                metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
+            },
+        },
+        vips: vec![VipConfig {
+            name: "web".into(),
+            address: Ipv4Addr::new(198, 18, 10, 1),
+            port: 80,
+            protocol: Protocol::Tcp,
+            ring_size: 65537,
+            health_check: web_check.clone(),
+            backends: vec![BackendConfig {
+                address: Ipv4Addr::new(198, 18, 0, 11),
+                weight: 1,
+                state: BackendState::Active,
+                mac: Some([2, 0, 0, 0, 0, 0x11]),
+                // Merged: only the port differs from the VIP's check.
+                health_check: HealthCheck {
+                    port: 8081,
+                    ..web_check
+                },
+            }],
+        }],
+        source: "lb.toml".into(),
+    };
+    assert_eq!(config, expected);
+    assert_eq!(
+        config.vips[0].key(),
+        (Ipv4Addr::new(198, 18, 10, 1), 80, Protocol::Tcp)
+    );
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = ok(r#"[[vip]]
+address = "198.18.10.1"
+port = 443
+protocol = "tcp"
+[[vip.backend]]
+address = "198.18.0.11"
+"#);
+    assert_eq!(
+        config.agent,
+        AgentConfig {
+            kernel: KernelSettings {
+                instance: "default".into(),
+                conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+                max_vips: lb_common::DEFAULT_MAX_VIPS,
+                max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+                ring_size: lb_common::DEFAULT_RING_SIZE,
+            },
+            start: StartSettings {
+                interfaces: vec![],
+                xdp_mode: XdpModeSetting::Auto,
+                control_socket: "/run/lb/default.sock".into(),
+                metrics_listen: None,
+            },
+        }
+    );
+    assert_eq!(
+        config.vips,
+        vec![VipConfig {
+            name: "198.18.10.1:443/tcp".into(),
+            address: Ipv4Addr::new(198, 18, 10, 1),
+            port: 443,
+            protocol: Protocol::Tcp,
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            health_check: tcp_check(443),
+            backends: vec![BackendConfig {
+                address: Ipv4Addr::new(198, 18, 0, 11),
+                weight: 1,
+                state: BackendState::Active,
+                mac: None,
+                health_check: tcp_check(443),
+            }],
+        }]
+    );
+}
+
+#[test]
+fn empty_file_and_instance_dependent_socket() {
+    let config = ok("");
+    assert!(config.vips.is_empty());
+    assert_eq!(config.agent.kernel.instance, "default");
+    let config = ok("[agent]\ninstance = \"edge-1\"\nxdp_mode = \"skb\"\n");
+    assert_eq!(
+        config.agent.start.control_socket,
+        Path::new("/run/lb/edge-1.sock")
+    );
+    assert_eq!(config.agent.start.xdp_mode, XdpModeSetting::Skb);
+}
+
+#[test]
+fn vip_without_backends_is_allowed() {
+    let config = ok(&format!("{HEAD}ring_size = 13\n"));
+    assert!(config.vips[0].backends.is_empty());
+    assert_eq!(config.vips[0].ring_size, 13);
+}
+
+#[test]
+fn syntax_error() {
+    let e = err("[agent]\ninstance = \"oops\ninterfaces = []\n");
+    check(&e, 2, "agent.instance", "invalid basic string");
+    assert_eq!(e.column, Some(17));
+
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\nweight = \n"
+    ));
+    check(&e, 7, "vip[0].backend[0].weight", "");
+
+    // Duplicate keys are syntax errors too.
+    let e = err("[agent]\ninstance = \"a\"\ninstance = \"b\"\n");
+    check(&e, 3, "agent.instance", "duplicate key");
+}
+
+#[test]
+fn unknown_keys() {
+    let e = err("[agent]\ninstance = \"a\"\ninterface = \"eth0\"\n");
+    check(&e, 3, "agent.interface", "unknown field `interface`");
+    assert_eq!(e.column, Some(1));
+
+    let e = err("[agnt]\n");
+    check(&e, 1, "agnt", "unknown field `agnt`");
+
+    let text = format!(
+        "{HEAD}[[vip]]\naddress = \"198.18.10.2\"\nport = 80\nprotocol = \"tcp\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.11\"\n[vip.backend.health_check]\nportt = 1\n"
+    );
+    let e = err(&text);
+    check(
+        &e,
+        12,
+        "vip[1].backend[0].health_check.portt",
+        "unknown field `portt`",
+    );
+
+    // Inline tables are followed too.
+    let e = err(&format!(
+        "{HEAD}backend = [{{ address = \"198.18.0.1\", wieght = 2 }}]\n"
+    ));
+    check(&e, 5, "vip[0].backend[0].wieght", "unknown field `wieght`");
+}
+
+#[test]
+fn wrong_types() {
+    let e = err("[[vip]]\naddress = \"198.18.10.1\"\nport = \"80\"\nprotocol = \"tcp\"\n");
+    check(
+        &e,
+        3,
+        "vip[0].port",
+        "invalid type: string \"80\", expected an integer",
+    );
+    assert_eq!(e.column, Some(8));
+
+    let e = err("[agent]\ninterfaces = [\"eth0\", 5]\n");
+    check(&e, 2, "agent.interfaces[1]", "expected a string");
+
+    let e = err(&format!("{HEAD}[[vip.backend]]\naddress = 198\n"));
+    check(&e, 6, "vip[0].backend[0].address", "expected a string");
+
+    let e = err("vip = 3\n");
+    check(&e, 1, "vip", "expected a sequence");
+}
+
+#[test]
+fn missing_fields() {
+    let e = err("[[vip]]\nport = 80\nprotocol = \"tcp\"\n");
+    check(&e, 1, "vip[0].address", "missing field `address`");
+
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\n[[vip.backend]]\nweight = 2\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].backend[1].address",
+        "missing field `address`",
+    );
+}
+
+#[test]
+fn duplicate_vip_points_at_the_second() {
+    let text = format!(
+        "{HEAD}[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"udp\"\n\
+         [[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\n"
+    );
+    let e = err(&text);
+    check(
+        &e,
+        10,
+        "vip[2].address",
+        "duplicate VIP 198.18.10.1:80/tcp (already defined by vip[0] at line 2)",
+    );
+    assert_eq!(e.column, Some(11));
+}
+
+#[test]
+fn duplicate_vip_name() {
+    let text = format!(
+        "{HEAD}[[vip]]\nname = \"198.18.10.1:80/tcp\"\naddress = \"198.18.10.2\"\nport = 80\nprotocol = \"tcp\"\n"
+    );
+    let e = err(&text);
+    check(
+        &e,
+        6,
+        "vip[1].name",
+        "duplicate VIP name \"198.18.10.1:80/tcp\"",
+    );
+}
+
+#[test]
+fn duplicate_backend() {
+    let text = format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.11\"\n[[vip.backend]]\naddress = \"198.18.0.12\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.11\"\n"
+    );
+    let e = err(&text);
+    check(
+        &e,
+        10,
+        "vip[0].backend[2].address",
+        "duplicate backend 198.18.0.11 (already defined by vip[0].backend[0] at line 6)",
+    );
+}
+
+#[test]
+fn weight_out_of_range() {
+    let text = r#"[agent]
+interfaces = ["eth0"]
+[[vip]]
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip]]
+address = "198.18.10.2"
+port = 53
+protocol = "udp"
+[[vip.backend]]
+weight = 0
+address = "198.18.0.12"
+"#;
+    let e = err(text);
+    assert_eq!(
+        e.to_string(),
+        "lb.toml:14:10: vip[1].backend[0].weight: 0 is out of range 1..=10000"
+    );
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\nweight = 10001\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].backend[0].weight",
+        "10001 is out of range 1..=10000",
+    );
+}
+
+#[test]
+fn ring_sizes() {
+    let e = err(&format!("{HEAD}ring_size = 65536\n"));
+    check(
+        &e,
+        5,
+        "vip[0].ring_size",
+        "65536 is not prime (nearest primes: 65521, 65537)",
+    );
+
+    let e = err("[agent]\nring_size = 1000\n");
+    check(
+        &e,
+        2,
+        "agent.ring_size",
+        "1000 is not prime (nearest primes: 997, 1009)",
+    );
+
+    let e = err(&format!("{HEAD}ring_size = 2\n"));
+    check(&e, 5, "vip[0].ring_size", "2 is out of range 3..=655373");
+
+    let e = err(&format!("[agent]\nring_size = 13\n{HEAD}ring_size = 17\n"));
+    check(
+        &e,
+        7,
+        "vip[0].ring_size",
+        "17 is larger than agent.ring_size 13",
+    );
+
+    let e = err("[agent]\nmax_vips = 4096\n");
+    check(&e, 2, "agent.max_vips", "more than the limit 268435456");
+
+    let config = ok(&format!(
+        "[agent]\nring_size = 655373\nmax_vips = 16\n{HEAD}ring_size = 3\n"
+    ));
+    assert_eq!(config.vips[0].ring_size, 3);
+}
+
+#[test]
+fn ipv6_address_where_ipv4_is_required() {
+    let e = err(&format!("{HEAD}[[vip.backend]]\naddress = \"2001:2::1\"\n"));
+    check(
+        &e,
+        6,
+        "vip[0].backend[0].address",
+        "expected an IPv4 address, got IPv6 address 2001:2::1",
+    );
+    let e = err("[[vip]]\naddress = \"2001:2::1\"\nport = 80\nprotocol = \"tcp\"\n");
+    check(&e, 2, "vip[0].address", "got IPv6 address 2001:2::1");
+}
+
+#[test]
+fn invalid_ipv4_address() {
+    let e = err("[[vip]]\naddress = \"198.18.10\"\nport = 80\nprotocol = \"tcp\"\n");
+    check(
+        &e,
+        2,
+        "vip[0].address",
+        "invalid IPv4 address \"198.18.10\"",
+    );
+    let e = err(&format!("{HEAD}[[vip.backend]]\naddress = \"0.0.0.0\"\n"));
+    check(
+        &e,
+        6,
+        "vip[0].backend[0].address",
+        "0.0.0.0 is the unspecified address",
+    );
+    let e = err("[[vip]]\naddress = \"224.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n");
+    check(&e, 2, "vip[0].address", "multicast");
+}
+
+#[test]
+fn bad_mac() {
+    let backend = "[[vip.backend]]\naddress = \"198.18.0.11\"\n";
+    let e = err(&format!("{HEAD}{backend}mac = \"02:00:00:00:00\"\n"));
+    check(
+        &e,
+        7,
+        "vip[0].backend[0].mac",
+        "invalid MAC address \"02:00:00:00:00\"",
+    );
+    let e = err(&format!("{HEAD}{backend}mac = \"02:00:00:00:00:1g\"\n"));
+    check(&e, 7, "vip[0].backend[0].mac", "invalid MAC address");
+    let e = err(&format!("{HEAD}{backend}mac = \"ff:ff:ff:ff:ff:ff\"\n"));
+    check(&e, 7, "vip[0].backend[0].mac", "not a unicast MAC address");
+    let config = ok(&format!("{HEAD}{backend}mac = \"02-00-00-00-00-AB\"\n"));
+    assert_eq!(config.vips[0].backends[0].mac, Some([2, 0, 0, 0, 0, 0xab]));
+}
+
+#[test]
+fn bad_keywords() {
+    let e = err("[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"icmp\"\n");
+    check(
+        &e,
+        4,
+        "vip[0].protocol",
+        "invalid protocol \"icmp\", expected tcp or udp",
+    );
+
+    let e = err(&format!("{HEAD}[vip.health_check]\nkind = \"ping\"\n"));
+    check(
+        &e,
+        6,
+        "vip[0].health_check.kind",
+        "invalid health check kind \"ping\", expected one of tcp, http, none",
+    );
+
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\nstate = \"down\"\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].backend[0].state",
+        "invalid backend state \"down\", expected active or drain",
+    );
+
+    let e = err("[agent]\nxdp_mode = \"turbo\"\n");
+    check(
+        &e,
+        2,
+        "agent.xdp_mode",
+        "invalid xdp_mode \"turbo\", expected one of auto, native, skb",
+    );
+}
+
+#[test]
+fn timeout_greater_than_interval() {
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\ninterval_ms = 200\ntimeout_ms = 300\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].health_check.timeout_ms",
+        "timeout_ms 300 is greater than interval_ms 200",
+    );
+
+    // A backend override shortening the interval below the VIP's explicit timeout.
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\ntimeout_ms = 800\n[[vip.backend]]\naddress = \"198.18.0.1\"\n\
+         [vip.backend.health_check]\ninterval_ms = 500\n"
+    ));
+    check(
+        &e,
+        10,
+        "vip[0].backend[0].health_check.interval_ms",
+        "interval_ms 500 is less than the timeout_ms 800 inherited from vip[0].health_check",
+    );
+
+    let e = err(&format!("{HEAD}[vip.health_check]\ntimeout_ms = 0\n"));
+    check(
+        &e,
+        6,
+        "vip[0].health_check.timeout_ms",
+        "0 is out of range 1..=3600000",
+    );
+
+    let e = err(&format!("{HEAD}[vip.health_check]\ninterval_ms = 5\n"));
+    check(
+        &e,
+        6,
+        "vip[0].health_check.interval_ms",
+        "5 is out of range 10..=3600000",
+    );
+
+    // An implicit timeout follows a short interval.
+    let config = ok(&format!(
+        "{HEAD}[vip.health_check]\ninterval_ms = 100\n[[vip.backend]]\naddress = \"198.18.0.1\"\n\
+         [vip.backend.health_check]\ninterval_ms = 2000\n"
+    ));
+    assert_eq!(
+        config.vips[0].health_check.timeout,
+        Duration::from_millis(100)
+    );
+    assert_eq!(
+        config.vips[0].backends[0].health_check.timeout,
+        Duration::from_millis(500)
+    );
+}
+
+#[test]
+fn rise_and_fall_out_of_range() {
+    let e = err(&format!("{HEAD}[vip.health_check]\nrise = 0\n"));
+    check(
+        &e,
+        6,
+        "vip[0].health_check.rise",
+        "0 is out of range 1..=100",
+    );
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\n[vip.backend.health_check]\nfall = 101\n"
+    ));
+    check(
+        &e,
+        8,
+        "vip[0].backend[0].health_check.fall",
+        "101 is out of range 1..=100",
+    );
+}
+
+#[test]
+fn http_only_fields_with_other_kinds() {
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\nkind = \"tcp\"\npath = \"/x\"\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].health_check.path",
+        "path is only valid with kind = \"http\", but kind is \"tcp\"",
+    );
+
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\nkind = \"none\"\nhost = \"a\"\n"
+    ));
+    check(&e, 7, "vip[0].health_check.host", "but kind is \"none\"");
+
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\nexpected_status = 204\n"
+    ));
+    check(
+        &e,
+        6,
+        "vip[0].health_check.expected_status",
+        "but kind defaults to \"tcp\"",
+    );
+
+    let e = err(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\n[vip.backend.health_check]\npath = \"/\"\n"
+    ));
+    check(
+        &e,
+        8,
+        "vip[0].backend[0].health_check.path",
+        "but kind is \"tcp\" inherited from vip[0].health_check",
+    );
+
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\nkind = \"http\"\npath = \"healthz\"\n"
+    ));
+    check(&e, 7, "vip[0].health_check.path", "must start with '/'");
+    let e = err(&format!(
+        "{HEAD}[vip.health_check]\nkind = \"http\"\nexpected_status = 99\n"
+    ));
+    check(
+        &e,
+        7,
+        "vip[0].health_check.expected_status",
+        "99 is out of range 100..=599",
+    );
+}
+
+#[test]
+fn health_check_override_merging() {
+    let config = ok(&format!(
+        "{HEAD}[vip.health_check]\nkind = \"http\"\npath = \"/ready\"\nrise = 5\n\
+         [[vip.backend]]\naddress = \"198.18.0.1\"\n[vip.backend.health_check]\nkind = \"tcp\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.2\"\n[vip.backend.health_check]\nexpected_status = 204\nfall = 1\n\
+         [[vip.backend]]\naddress = \"198.18.0.3\"\n"
+    ));
+    let vip = &config.vips[0];
+    let http = |status| HealthCheckKind::Http {
+        path: "/ready".into(),
+        expected_status: status,
+        host: None,
+    };
+    assert_eq!(vip.health_check.kind, http(200));
+    assert_eq!(vip.health_check.rise, 5);
+    // Switching to tcp drops the HTTP settings and keeps the rest.
+    assert_eq!(
+        vip.backends[0].health_check,
+        HealthCheck {
+            rise: 5,
+            ..tcp_check(80)
+        }
+    );
+    assert_eq!(
+        vip.backends[1].health_check,
+        HealthCheck {
+            kind: http(204),
+            rise: 5,
+            fall: 1,
+            ..tcp_check(80)
+        }
+    );
+    assert_eq!(vip.backends[2].health_check, vip.health_check);
+
+    // Switching a tcp VIP's backend to http starts from the HTTP defaults.
+    let config = ok(&format!(
+        "{HEAD}[[vip.backend]]\naddress = \"198.18.0.1\"\n[vip.backend.health_check]\nkind = \"http\"\nhost = \"h\"\n"
+    ));
+    assert_eq!(
+        config.vips[0].backends[0].health_check.kind,
+        HealthCheckKind::Http {
+            path: "/".into(),
+            expected_status: 200,
+            host: Some("h".into())
+        }
+    );
+    assert_eq!(config.vips[0].health_check.kind, HealthCheckKind::Tcp);
+}
+
+#[test]
+fn invalid_instance_name() {
+    let e = err("[agent]\ninstance = \"a/b\"\n");
+    check(&e, 2, "agent.instance", "invalid instance name \"a/b\"");
+    assert_eq!(e.column, Some(12));
+    let long = "x".repeat(65);
+    let e = err(&format!("[agent]\ninstance = \"{long}\"\n"));
+    check(&e, 2, "agent.instance", "1 to 64 characters");
+    let e = err("[agent]\ninstance = \"\"\n");
+    check(&e, 2, "agent.instance", "invalid instance name");
+    ok(&format!("[agent]\ninstance = \"{}\"\n", "A_-9".repeat(16)));
+}
+
+#[test]
+fn other_agent_fields() {
+    let e = err("[agent]\ninterfaces = [\"eth0\", \"eth0\"]\n");
+    check(&e, 2, "agent.interfaces[1]", "listed twice");
+    let e = err("[agent]\ninterfaces = [\"a-very-long-interface\"]\n");
+    check(&e, 2, "agent.interfaces[0]", "invalid interface name");
+    let e = err("[agent]\nmetrics_listen = \"localhost\"\n");
+    check(
+        &e,
+        2,
+        "agent.metrics_listen",
+        "invalid socket address \"localhost\"",
+    );
+    let e = err("[agent]\nconntrack_entries = 268435457\n");
+    check(
+        &e,
+        2,
+        "agent.conntrack_entries",
+        "out of range 1..=268435456",
+    );
+    let e = err("[agent]\nmax_backends = 0\n");
+    check(&e, 2, "agent.max_backends", "0 is out of range 1..=1048576");
+    let e = err(&format!(
+        "[agent]\ncontrol_socket = \"/{}\"\n",
+        "s".repeat(107)
+    ));
+    check(&e, 2, "agent.control_socket", "invalid socket path");
+    let e = err(&format!("{HEAD}port = 0\n"));
+    // Duplicate key `port`: a syntax error, reported at the second one.
+    check(&e, 5, "vip[0].port", "duplicate key");
+    let e = err("[[vip]]\naddress = \"198.18.10.1\"\nport = 65536\nprotocol = \"tcp\"\n");
+    check(&e, 3, "vip[0].port", "65536 is out of range 1..=65535");
+}
+
+#[test]
+fn too_many_vips() {
+    let vip =
+        |i: u8| format!("[[vip]]\naddress = \"198.18.10.{i}\"\nport = 80\nprotocol = \"tcp\"\n");
+    let text = format!("[agent]\nmax_vips = 2\n{}{}{}", vip(1), vip(2), vip(3));
+    let e = err(&text);
+    check(
+        &e,
+        11,
+        "vip[2]",
+        "too many VIPs: agent.max_vips is 2 and this is VIP number 3",
+    );
+    ok(&format!("[agent]\nmax_vips = 2\n{}{}", vip(1), vip(2)));
+}
+
+#[test]
+fn too_many_backends() {
+    let backend = |i: u8| format!("[[vip.backend]]\naddress = \"198.18.0.{i}\"\n");
+    // Counted over all VIPs.
+    let text = format!(
+        "[agent]\nmax_backends = 2\n{HEAD}{}[[vip]]\naddress = \"198.18.10.2\"\nport = 80\nprotocol = \"tcp\"\n{}{}",
+        backend(1),
+        backend(1),
+        backend(2)
+    );
+    let e = err(&text);
+    check(
+        &e,
+        15,
+        "vip[1].backend[1]",
+        "too many backends: agent.max_backends is 2 and this is backend number 3",
+    );
+
+    let text = format!(
+        "{HEAD}ring_size = 3\n{}{}{}{}",
+        backend(1),
+        backend(2),
+        backend(3),
+        backend(4)
+    );
+    let e = err(&text);
+    check(&e, 12, "vip[0].backend[3]", "more backends than ring slots");
+}
+
+#[test]
+fn columns_count_characters() {
+    assert_eq!(line_col("", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 3), (2, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    assert_eq!(line_col("ab\ncd", 99), (2, 3));
+    // "é" is two bytes, one column.
+    assert_eq!(line_col("é = x", 5), (1, 5));
+    let e = err("[agent]  # café\ninstance = \"é\" ; x = 1\n");
+    assert_eq!(e.line, Some(2));
+    assert_eq!(e.column, Some(16));
+}
+
+#[test]
+fn load_from_file() {
+    let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.source, path);
+    std::fs::write(&path, "[agent]\nmax_vips = 0\n").unwrap();
+    let e = Config::load(&path).unwrap_err();
+    assert_eq!(e.file, path);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:2:12: agent.max_vips: 0 is out of range 1..=65536",
+            path.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let e = Config::load(&dir.join("missing.toml")).unwrap_err();
+    assert_eq!((e.line, e.field.as_deref()), (None, None));
+    assert!(
+        e.to_string()
+            .contains("missing.toml: cannot read the configuration file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn primes() {
+    let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+    assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+    assert!(is_prime(65537) && is_prime(MAX_RING_SIZE) && !is_prime(65535));
+}
