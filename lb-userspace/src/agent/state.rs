@@ -265,3 +265,255 @@ impl State {
         Ok(img)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use lb_common::NO_BACKEND;
+
+    use super::*;
+    use crate::reconcile::{self, check_invariant};
+
+    const M: u32 = 251;
+
+    /// A config: one VIP per entry, each with backends 198.18.0.<b> of the
+    /// given weight (0 = drained) and health check kind `check`.
+    pub(crate) fn config(vips: &[(u8, &[(u8, u32)])], check: &str) -> Config {
+        let mut text = format!("[agent]\nmax_vips = 4\nmax_backends = 16\nring_size = {M}\n");
+        for &(v, backends) in vips {
+            text += &format!(
+                "[[vip]]\nname = \"v{v}\"\naddress = \"198.19.0.{v}\"\nport = 80\nprotocol = \"tcp\"\nring_size = {M}\n[vip.health_check]\nkind = \"{check}\"\n"
+            );
+            for &(b, w) in backends {
+                let (weight, state) = if w == 0 { (1, "drain") } else { (w, "active") };
+                text += &format!(
+                    "[[vip.backend]]\naddress = \"198.18.0.{b}\"\nweight = {weight}\nstate = \"{state}\"\n"
+                );
+            }
+        }
+        Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn key(v: u8, b: u8) -> BackendKey {
+        BackendKey {
+            vip: VipId {
+                address: Ipv4Addr::new(198, 19, 0, v),
+                port: 80,
+                protocol: crate::config::Protocol::Tcp,
+            },
+            address: Ipv4Addr::new(198, 18, 0, b),
+        }
+    }
+
+    fn next_hop(b: u8) -> NextHop {
+        NextHop {
+            iface: "eth0".into(),
+            ifindex: 2,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, b],
+        }
+    }
+
+    /// A state for `cfg` starting from `kernel`, every backend resolved.
+    fn resolved(cfg: &Config, kernel: &KernelImage) -> State {
+        let mut s = State::adopt(cfg, kernel);
+        assert!(s.sync(cfg, kernel, true).is_empty());
+        for k in s.unresolved() {
+            s.set_next_hop(&k, Ok(next_hop(k.address.octets()[3])));
+        }
+        s
+    }
+
+    /// Ring slots per backend address of VIP `v`.
+    fn shares(img: &KernelImage, v: u8) -> BTreeMap<u8, usize> {
+        let vid = key(v, 0).vip;
+        let mut out = BTreeMap::new();
+        for &id in img.ring(&vid.kernel_key()).expect("VIP installed") {
+            let b = if id == NO_BACKEND {
+                0
+            } else {
+                Ipv4Addr::from(u32::from_be(img.backends[&id].addr)).octets()[3]
+            };
+            *out.entry(b).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn ids_are_stable_across_restarts_whatever_the_config_order() {
+        let cfg = config(
+            &[(1, &[(11, 1), (12, 1), (13, 1)]), (2, &[(11, 1), (21, 1)])],
+            "tcp",
+        );
+        let first = resolved(&cfg, &KernelImage::default());
+        let kernel = first.target(&cfg).unwrap();
+        // The next agent reads the kernel back, with VIPs and backends
+        // listed in another order.
+        let reordered = config(
+            &[(2, &[(21, 1), (11, 1)]), (1, &[(13, 1), (11, 1), (12, 1)])],
+            "tcp",
+        );
+        let second = resolved(&reordered, &kernel);
+        for (k, b) in first.backends() {
+            assert_eq!(second.backend(k).map(|s| s.id), Some(b.id), "{k}");
+        }
+        assert_eq!(
+            second.target(&reordered).unwrap(),
+            kernel,
+            "nothing to write after a restart"
+        );
+    }
+
+    #[test]
+    fn ids_start_at_one_and_are_not_reused_while_the_kernel_holds_them() {
+        let cfg = config(&[(1, &[(11, 1), (12, 1)])], "tcp");
+        let s = resolved(&cfg, &KernelImage::default());
+        let ids: BTreeSet<u32> = s.backends().map(|(_, b)| b.id).collect();
+        assert_eq!(ids, BTreeSet::from([1, 2]));
+        // 12 is replaced by 13 while the kernel still holds 12's entry.
+        let kernel = s.target(&cfg).unwrap();
+        let mut s2 = s.clone();
+        let cfg2 = config(&[(1, &[(11, 1), (13, 1)])], "tcp");
+        assert!(s2.sync(&cfg2, &kernel, false).is_empty());
+        assert_eq!(s2.backend(&key(1, 13)).unwrap().id, 3);
+        assert!(s2.backend(&key(1, 12)).is_none());
+    }
+
+    #[test]
+    fn down_drained_and_unresolved_backends_are_out_of_the_ring() {
+        let cfg = config(&[(1, &[(11, 1), (12, 1), (13, 0), (14, 1)])], "tcp");
+        let mut s = resolved(&cfg, &KernelImage::default());
+        assert!(s.record_health(&key(1, 12), false, "connection refused".into()));
+        s.backends.get_mut(&key(1, 14)).unwrap().next_hop = None;
+        let img = s.target(&cfg).unwrap();
+        let sh = shares(&img, 1);
+        assert_eq!(sh.keys().copied().collect::<Vec<_>>(), vec![11], "{sh:?}");
+        assert_eq!(sh[&11], M as usize);
+        // Every backend keeps its entry; only the down and unresolved ones
+        // are unusable (a drained one keeps its established flows).
+        let usable: BTreeMap<u8, bool> = img
+            .backends
+            .values()
+            .map(|b| {
+                (
+                    Ipv4Addr::from(u32::from_be(b.addr)).octets()[3],
+                    b.is_usable(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            usable,
+            BTreeMap::from([(11, true), (12, false), (13, true), (14, false)])
+        );
+        assert_eq!(s.backend(&key(1, 12)).unwrap().health(), Health::Down);
+        assert_eq!(s.backend(&key(1, 14)).unwrap().health(), Health::Unresolved);
+        check_invariant(&img).unwrap();
+    }
+
+    #[test]
+    fn a_vip_with_no_usable_backend_keeps_its_entry_and_an_empty_ring() {
+        let cfg = config(&[(1, &[(11, 1)])], "tcp");
+        let mut s = resolved(&cfg, &KernelImage::default());
+        s.record_health(&key(1, 11), false, "timeout".into());
+        let img = s.target(&cfg).unwrap();
+        let vid = key(1, 0).vip;
+        assert!(img.vips.contains_key(&vid.kernel_key()));
+        assert!(img.vips[&vid.address_key()].is_address_only());
+        assert!(
+            img.ring(&vid.kernel_key())
+                .unwrap()
+                .iter()
+                .all(|&id| id == NO_BACKEND)
+        );
+    }
+
+    #[test]
+    fn weights_set_ring_shares() {
+        let cfg = config(&[(1, &[(11, 1), (12, 2), (13, 3)])], "tcp");
+        let s = resolved(&cfg, &KernelImage::default());
+        let sh = shares(&s.target(&cfg).unwrap(), 1);
+        for (b, w) in [(11, 1.0), (12, 2.0), (13, 3.0)] {
+            let want = M as f64 * w / 6.0;
+            assert!((sh[&b] as f64 - want).abs() <= 1.0, "{sh:?}");
+        }
+    }
+
+    #[test]
+    fn backends_added_later_start_down_unless_unchecked() {
+        let cfg = config(&[(1, &[(11, 1)])], "tcp");
+        let mut s = resolved(&cfg, &KernelImage::default());
+        assert!(s.backend(&key(1, 11)).unwrap().up, "present at start: up");
+        let kernel = s.target(&cfg).unwrap();
+        let more = config(&[(1, &[(11, 1), (12, 1)])], "tcp");
+        s.sync(&more, &kernel, false);
+        assert!(
+            !s.backend(&key(1, 12)).unwrap().up,
+            "added later: down until rise"
+        );
+        let unchecked = config(&[(1, &[(11, 1), (12, 1)])], "none");
+        let mut s = resolved(&config(&[(1, &[(11, 1)])], "none"), &KernelImage::default());
+        s.sync(&unchecked, &kernel, false);
+        assert!(s.backend(&key(1, 12)).unwrap().up, "kind none: always up");
+    }
+
+    #[test]
+    fn adopted_backends_keep_the_usability_the_kernel_has() {
+        let cfg = config(&[(1, &[(11, 1), (12, 1)])], "tcp");
+        let mut s = resolved(&cfg, &KernelImage::default());
+        s.record_health(&key(1, 12), false, "refused".into());
+        let kernel = s.target(&cfg).unwrap();
+        let again = State::adopt(&cfg, &kernel);
+        assert!(again.backend(&key(1, 11)).unwrap().up);
+        assert!(!again.backend(&key(1, 12)).unwrap().up);
+    }
+
+    #[test]
+    fn full_tables_are_reported_not_overrun() {
+        // 16 backends fill the ids; replacing one while the kernel still
+        // holds its entry leaves no id for the new one until it is gone.
+        let all: Vec<(u8, u32)> = (1..=16).map(|b| (b, 1)).collect();
+        let cfg = config(&[(1, &all)], "tcp");
+        let s = resolved(&cfg, &KernelImage::default());
+        let kernel = s.target(&cfg).unwrap();
+        let mut swapped = all.clone();
+        swapped[15] = (17, 1);
+        let cfg2 = config(&[(1, &swapped)], "tcp");
+        let mut s2 = s.clone();
+        let problems = s2.sync(&cfg2, &kernel, false);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("all 16 backend slots are in use"),
+            "{problems:?}"
+        );
+        assert!(s2.backend(&key(1, 17)).is_none());
+        // Once the kernel no longer holds backend 16, 17 gets its id.
+        let after = s2.target(&cfg2).unwrap();
+        assert!(s2.sync(&cfg2, &after, false).is_empty());
+        assert_eq!(s2.backend(&key(1, 17)).unwrap().id, 16);
+    }
+
+    #[test]
+    fn the_target_is_reached_safely_from_any_earlier_target() {
+        // Through the production write path, on the fake maps.
+        let cfg_a = config(&[(1, &[(11, 1), (12, 1)]), (2, &[(21, 1)])], "tcp");
+        let cfg_b = config(&[(1, &[(12, 2), (13, 1)]), (3, &[(21, 1)])], "tcp");
+        let mut maps = crate::fake_maps::FakeMaps::new(4, M, 16);
+        let mut img = KernelImage::default();
+        let mut s = resolved(&cfg_a, &img);
+        for cfg in [&cfg_a, &cfg_b, &cfg_a] {
+            s.sync(cfg, &img, false);
+            for k in s.unresolved() {
+                s.set_next_hop(&k, Ok(next_hop(k.address.octets()[3])));
+            }
+            let want = s.target(cfg).unwrap();
+            let ops = reconcile::plan(&img, &want);
+            reconcile::execute(&mut maps, &mut img, &ops).unwrap();
+            assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+            assert_eq!(
+                reconcile::KernelMaps::read_image(&maps).unwrap().backends,
+                want.backends
+            );
+        }
+    }
+}
