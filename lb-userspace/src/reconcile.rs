@@ -71,7 +71,7 @@ pub enum Op {
 
 /// What the data path offers the agent: the map writes of [`Op`], reading
 /// the maps back, and the counters. Implemented by
-/// [`crate::datapath::Datapath`] on the real maps and by an in-memory fake
+/// the data path (`Datapath`) on the real maps and by an in-memory fake
 /// in tests.
 pub trait KernelMaps {
     type Error: std::error::Error + Send + Sync + 'static;

@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub keep_datapath: bool,
 }
 
+/// A start that failed, with the data path to clean up.
+type FailedStart = Box<(anyhow::Error, Datapath)>;
+
 /// The running agent: the core plus what it needs from the outside world.
 pub struct Agent {
     core: Core<Datapath>,
@@ -98,7 +101,8 @@ impl Agent {
         let started = Self::bring_up(cfg, dp, &interfaces, setting);
         let (core, links) = match started {
             Ok(x) => x,
-            Err((e, dp)) => {
+            Err(failed) => {
+                let (e, dp) = *failed;
                 if !restored && let Err(u) = dp.unpin() {
                     warn!("removing {}: {u}", pin_dir.display());
                 }
@@ -137,14 +141,12 @@ impl Agent {
         dp: Datapath,
         interfaces: &[String],
         setting: XdpModeSetting,
-    ) -> Result<(Core<Datapath>, Links), (anyhow::Error, Datapath)> {
+    ) -> Result<(Core<Datapath>, Links), FailedStart> {
         let image = match dp.read_image() {
             Ok(i) => i,
             Err(e) => {
-                return Err((
-                    anyhow::Error::from(e).context("reading the pinned maps"),
-                    dp,
-                ));
+                let e = anyhow::Error::from(e).context("reading the pinned maps");
+                return Err(Box::new((e, dp)));
             }
         };
         let mut core = Core::new(cfg, dp, image);
@@ -154,7 +156,7 @@ impl Agent {
             .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
         match links {
             Ok(l) => Ok((core, l)),
-            Err(e) => Err((e, core.into_maps())),
+            Err(e) => Err(Box::new((e, core.into_maps()))),
         }
     }
 
@@ -280,9 +282,20 @@ impl Agent {
 /// `lb run`: runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
-    // Bind the control socket before touching the kernel.
+    // Everything that can fail without the kernel comes first: a start
+    // that fails after attaching must not happen for a taken port.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let metrics = match cfg.agent.start.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?,
+        ),
+        None => None,
+    };
     let socket = cfg.agent.start.control_socket.clone();
-    let metrics_listen = cfg.agent.start.metrics_listen;
     let listener = control::bind(&socket)?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
@@ -290,16 +303,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
     tokio::spawn(control::serve(listener, ctl_tx));
-    if let Some(addr) = metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics address {addr}"))?;
+    if let Some(l) = metrics {
+        if let Ok(addr) = l.local_addr() {
+            info!("metrics on http://{addr}/metrics");
+        }
         tokio::spawn(crate::metrics::serve(l, agent.stats.subscribe()));
-        info!("metrics on http://{addr}/metrics");
     }
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(timing::TICK);
     info!(
         "lb running: instance {}, control socket {}",
