@@ -59,6 +59,11 @@ pub enum Request {
         protocol: Protocol,
     },
     Reload,
+    /// Drops CLI overrides: all, a VIP's, or one backend's.
+    OverrideClear {
+        vip: Option<String>,
+        address: Option<Ipv4Addr>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -109,6 +114,18 @@ pub struct StatusView {
     pub backends: usize,
     pub backends_up: usize,
     pub metrics: Option<String>,
+    /// Changes made with the CLI on top of the file (kept by reloads).
+    #[serde(default)]
+    pub overrides: Vec<OverrideView>,
+}
+
+/// A CLI change in force on top of the configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideView {
+    pub vip: String,
+    pub address: Ipv4Addr,
+    /// e.g. "added", "removed", "state drain (file: active)".
+    pub change: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

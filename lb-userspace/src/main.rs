@@ -85,8 +85,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Re-read the config file (like SIGHUP). A bad file changes nothing.
+    /// Re-read the config file (like SIGHUP). A bad file changes nothing;
+    /// CLI changes to backends the file left as it was stay in force.
     Reload,
+    /// CLI changes in force on top of the config file (listed by `lb status`).
+    Override {
+        #[command(subcommand)]
+        cmd: OverrideCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverrideCmd {
+    /// Drop CLI changes so the file's settings apply again: all of them,
+    /// a VIP's, or one backend's.
+    Clear {
+        vip: Option<String>,
+        address: Option<Ipv4Addr>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,6 +224,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("backends   {} ({} up)", s.backends, s.backends_up);
             if let Some(m) = s.metrics {
                 println!("metrics    http://{m}/metrics");
+            }
+            for o in &s.overrides {
+                println!("override   {} of {}: {}", o.address, o.vip, o.change);
+            }
+            if !s.overrides.is_empty() {
+                println!("           (kept by `lb reload`; `lb override clear` drops them)");
             }
         }
         Cmd::Vip {
@@ -340,6 +362,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("backend    {} ({})", show(e.backend), e.reason);
         }
         Cmd::Reload => print_msg(call(Request::Reload)?),
+        Cmd::Override {
+            cmd: OverrideCmd::Clear { vip, address },
+        } => print_msg(call(Request::OverrideClear { vip, address })?),
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use super::state::State;
+use super::{overrides::Overrides, state::State};
 use crate::{
     config::Config,
     health::HealthEvent,
@@ -17,7 +17,11 @@ use crate::{
 };
 
 pub struct Core<M: KernelMaps> {
+    /// The configuration in force: the file's with the CLI's overrides.
     pub(super) cfg: Config,
+    /// The configuration file as last loaded.
+    pub(super) file: Config,
+    pub(super) overrides: Overrides,
     pub(super) state: State,
     /// What the maps hold, as far as the agent knows.
     pub(super) image: KernelImage,
@@ -34,6 +38,8 @@ impl<M: KernelMaps> Core<M> {
             warn!("{p}");
         }
         Self {
+            file: cfg.clone(),
+            overrides: Overrides::default(),
             cfg,
             state,
             image,
@@ -286,6 +292,8 @@ mod tests {
         fn ask(&self, req: Request) -> anyhow::Result<super::super::requests::Handled> {
             let mut copy = Core {
                 cfg: self.cfg.clone(),
+                file: self.file.clone(),
+                overrides: self.overrides.clone(),
                 state: self.state.clone(),
                 image: self.image.clone(),
                 maps: self.maps.clone(),
@@ -434,6 +442,47 @@ mod tests {
             .unwrap();
         core.assert_true_and_safe();
         assert_eq!(core.backends().len(), 1);
+    }
+
+    #[test]
+    fn cli_changes_survive_the_reload_of_an_unchanged_file_until_cleared() {
+        let file = config(&[(11, 1), (12, 1), (13, 1)]);
+        let mut core = started(file.clone(), FakeMaps::new(4, M, 16));
+        let (vip, a12) = vip_request(12);
+        core.request(Request::BackendDrain {
+            vip: vip.clone(),
+            address: a12,
+        })
+        .unwrap();
+        core.request(Request::BackendSetWeight {
+            vip: vip.clone(),
+            address: Ipv4Addr::new(198, 18, 0, 13),
+            weight: 2,
+        })
+        .unwrap();
+        let reload = |core: &mut Core<FakeMaps>, cfg: Config| {
+            core.apply_reload(cfg).unwrap();
+            core.after_change(&mut FakeNeighbours::all(), Duration::ZERO)
+                .unwrap();
+            core.assert_true_and_safe();
+        };
+        reload(&mut core, file.clone());
+        assert_eq!(core.backend(12).slots, 0, "the drain survives the reload");
+        assert_eq!(core.backend(12).state, "drain");
+        assert_eq!(core.backend(13).weight, 2);
+        assert_eq!(core.overrides.views(&core.cfg).len(), 2);
+        // The file changes backend 13: its word wins there, not for 12.
+        reload(&mut core, config(&[(11, 1), (12, 1), (13, 5)]));
+        assert_eq!(core.backend(13).weight, 5);
+        assert_eq!(core.backend(12).slots, 0);
+        // Clearing drops the last override: the file applies again.
+        core.request(Request::OverrideClear {
+            vip: None,
+            address: None,
+        })
+        .unwrap();
+        assert!(core.backend(12).slots > 0);
+        assert!(core.overrides.is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod core;
 pub mod links;
+pub mod overrides;
 pub mod requests;
 pub mod state;
 pub mod stats;
@@ -229,6 +230,7 @@ impl Agent {
             backends: self.core.state.backends().count(),
             backends_up: self.core.state.backends().filter(|(_, b)| b.up).count(),
             metrics: cfg.agent.start.metrics_listen.map(|a| a.to_string()),
+            overrides: self.core.overrides.views(cfg),
         }
     }
 

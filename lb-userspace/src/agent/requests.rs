@@ -10,9 +10,9 @@ use std::{
 
 use anyhow::bail;
 use lb_common::{FlowKey, NO_BACKEND, ring_slot};
-use log::warn;
+use log::{info, warn};
 
-use super::core::Core;
+use super::{core::Core, overrides};
 use crate::{
     config::{BackendConfig, BackendState, Config, Protocol},
     control::{BackendView, ExplainView, Request, VipView},
@@ -73,6 +73,7 @@ impl<M: KernelMaps> Core<M> {
                     mac: None,
                     health_check,
                 });
+                self.note_override(i, address);
                 reply(
                     format!("added {address} to {}", self.cfg.vips[i].name),
                     true,
@@ -82,6 +83,7 @@ impl<M: KernelMaps> Core<M> {
                 let i = self.find_vip(&vip)?;
                 let j = self.find_backend(i, address)?;
                 self.cfg.vips[i].backends.remove(j);
+                self.note_override(i, address);
                 reply(
                     format!("removed {address} from {}", self.cfg.vips[i].name),
                     true,
@@ -102,11 +104,20 @@ impl<M: KernelMaps> Core<M> {
                 let j = self.find_backend(i, address)?;
                 check_weight(weight)?;
                 self.cfg.vips[i].backends[j].weight = weight;
+                self.note_override(i, address);
                 let name = &self.cfg.vips[i].name;
                 reply(format!("{address} of {name}: weight {weight}"), true)
             }
             Request::Explain { src, dst, protocol } => {
                 reply(self.explain(src, dst, protocol)?, false)
+            }
+            Request::OverrideClear { vip, address } => {
+                let vip = vip
+                    .map(|s| self.find_vip(&s).map(|i| VipId::of(&self.cfg.vips[i])))
+                    .transpose()?;
+                let n = self.overrides.clear(vip, address);
+                self.cfg = self.overrides.apply(&self.file);
+                reply(format!("cleared {n} override(s)"), n > 0)
             }
             Request::Status | Request::Stats | Request::Reload => {
                 bail!("{req:?} is handled by the agent's runtime")
@@ -115,16 +126,36 @@ impl<M: KernelMaps> Core<M> {
     }
 
     /// Takes a re-read configuration file: refused as a whole when it
-    /// changes what needs a restart; health checks restart where they
+    /// changes what needs a restart. CLI overrides of backends the file
+    /// left unchanged stay in force; health checks restart where they
     /// changed (the runtime sees the new check).
-    pub fn apply_reload(&mut self, cfg: Config) -> anyhow::Result<()> {
+    pub fn apply_reload(&mut self, file: Config) -> anyhow::Result<()> {
         if let Some(warning) =
-            crate::config::reload_check(&self.cfg, &cfg).map_err(anyhow::Error::msg)?
+            crate::config::reload_check(&self.file, &file).map_err(anyhow::Error::msg)?
         {
             warn!("{warning}");
         }
-        self.cfg = cfg;
+        for dropped in self.overrides.rebase(&file) {
+            warn!("{dropped}");
+        }
+        if !self.overrides.is_empty() {
+            info!(
+                "{}: {} CLI override(s) kept (see `lb status`; `lb override clear` drops them)",
+                file.source.display(),
+                self.overrides.views(&file).len()
+            );
+        }
+        self.cfg = self.overrides.apply(&file);
+        self.file = file;
         Ok(())
+    }
+
+    /// Records the CLI's change to backend `address` of VIP `i`.
+    fn note_override(&mut self, i: usize, address: Ipv4Addr) {
+        let vip = VipId::of(&self.cfg.vips[i]);
+        let now = overrides::entry(&self.cfg, vip, address);
+        self.overrides
+            .set(&self.file, BackendKey { vip, address }, now);
     }
 
     fn set_state(
@@ -136,6 +167,7 @@ impl<M: KernelMaps> Core<M> {
         let i = self.find_vip(vip)?;
         let j = self.find_backend(i, address)?;
         self.cfg.vips[i].backends[j].state = state;
+        self.note_override(i, address);
         Ok(format!(
             "{address} of {}: {}",
             self.cfg.vips[i].name,
