@@ -296,14 +296,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// The probe sequence of `key`: (slot index, slot) pairs.
+    /// The probe sequence of `key`, the kernel's: (slot index, slot) pairs.
     fn vip_probe(&self, key: &VipKey) -> impl Iterator<Item = (u32, VipSlot)> + '_ {
         let mask = self.vip_table.len() as u32 - 1;
-        let home = lb_common::vip_table_index(key, mask);
-        (0..lb_common::VIP_TABLE_PROBES).map(move |i| {
-            let at = (home + i) & mask;
-            (at, self.vip_table[at as usize])
-        })
+        lb_common::vip_table_probe(key, mask).map(move |at| (at, self.vip_table[at as usize]))
     }
 
     fn find_vip_slot(&self, key: &VipKey) -> Option<u32> {

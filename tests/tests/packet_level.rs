@@ -412,6 +412,21 @@ fn malformed_ipv4_headers_are_not_forwarded() {
 }
 
 #[test]
+fn a_frame_whose_ip_packet_ends_inside_the_ports_is_dropped_only_for_a_vip() {
+    let f = three_backends();
+    // IPv4 total length: the header and 2 bytes (half the ports), and the
+    // frame ends there too.
+    let cut = |dst: Ipv4Addr| {
+        let mut p = Ipv4Packet::tcp(CLIENT, 40008, dst, 80).build();
+        p[16..18].copy_from_slice(&22u16.to_be_bytes());
+        p.truncate(14 + 22);
+        p
+    };
+    assert_dropped(&f, &cut(VIP), "drop_malformed");
+    assert_passed_untouched(&f, &cut(OTHER), "pass_malformed");
+}
+
+#[test]
 fn udp_vip_is_balanced_per_flow() {
     let mut f = Fixture::new();
     f.add_vip(1, (VIP, 53, IPPROTO_UDP), &[(10, 1), (11, 1)]);
