@@ -21,22 +21,13 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
-    /// The benchmark generator's frame template (not part of the data path).
-    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
 }
 
-/// Program names in the object.
+/// Program names in the object (its only program; the test and benchmark
+/// programs live in lb-ebpf-testprogs).
 pub mod program_names {
     /// The balancer.
     pub const BALANCER: &str = "lb_xdp";
-    /// Parse Ethernet/IPv4/TCP, swap MACs, `XDP_TX`: the per-packet floor
-    /// that benchmarks compare the balancer against.
-    pub const FLOOR: &str = "lb_floor";
-    /// Returns `XDP_TX` untouched: the end-to-end benchmark's generator.
-    pub const GEN_TX: &str = "lb_gen_tx";
-    /// Returns `XDP_PASS` and nothing else: measures the fixed cost of one
-    /// BPF_PROG_TEST_RUN call, to be subtracted from per-call timings.
-    pub const RETURN_ONLY: &str = "lb_return";
 }
 
 pub const IPPROTO_TCP: u8 = 6;
