@@ -1,5 +1,5 @@
 //! Test support for lb, shared by the tests in tests/tests and by the
-//! lb-bench and lb-demo binaries: crafted packets (`packet`), a fixture that
+//! lb-bench and lb-demo tools: crafted packets (`packet`), a fixture that
 //! loads the real XDP program with its own pinned maps (`fixture`), the
 //! test and benchmark XDP programs (`testprogs`), network-namespace
 //! topologies (`netns`), test servers (`servers`) and the real agent run
