@@ -21,22 +21,13 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
-    /// The benchmark generator's frame template (not part of the data path).
-    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
 }
 
-/// Program names in the object.
+/// Program names in the object (its only program; the test and benchmark
+/// programs live in lb-ebpf-testprogs).
 pub mod program_names {
     /// The balancer.
     pub const BALANCER: &str = "lb_xdp";
-    /// Parse Ethernet/IPv4/TCP, swap MACs, `XDP_TX`: the per-packet floor
-    /// that benchmarks compare the balancer against.
-    pub const FLOOR: &str = "lb_floor";
-    /// Returns `XDP_TX` untouched: the end-to-end benchmark's generator.
-    pub const GEN_TX: &str = "lb_gen_tx";
-    /// Returns `XDP_PASS` and nothing else: measures the fixed cost of one
-    /// BPF_PROG_TEST_RUN call, to be subtracted from per-call timings.
-    pub const RETURN_ONLY: &str = "lb_return";
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -162,17 +153,33 @@ pub const fn vip_table_size(max_vips: u32) -> u32 {
     size.next_power_of_two()
 }
 
+/// The multiplier of the one-multiply mixes (the VIP table's home slot,
+/// the flow cache's slot): 2654435761, the prime nearest 2^32 divided by
+/// the golden ratio (Knuth's multiplicative hashing).
+pub const MIX_MULTIPLIER: u32 = 0x9E37_79B1;
+
 /// Home slot of `key` in a table of `mask + 1` slots.
 #[inline(always)]
 pub fn vip_table_index(key: &VipKey, mask: u32) -> u32 {
     // murmur3's finalizer over address, port and protocol.
-    let mut h = key.addr ^ ((key.port as u32) << 8 | key.proto as u32).wrapping_mul(0x9E37_79B1);
+    let mut h = key.addr ^ ((key.port as u32) << 8 | key.proto as u32).wrapping_mul(MIX_MULTIPLIER);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85EB_CA6B);
     h ^= h >> 13;
     h = h.wrapping_mul(0xC2B2_AE35);
     h ^= h >> 16;
     h & mask
+}
+
+/// The slots where `key` may be, in the order a lookup visits them: its
+/// home slot and the [`VIP_TABLE_PROBES`]` - 1` after it, wrapping, in a
+/// table of `mask + 1` slots. The kernel's lookup and the agent's writes
+/// both walk this sequence. A lookup stops at the first slot holding `key`
+/// or [`VIP_SLOT_EMPTY`]; it goes on past [`VIP_SLOT_TOMBSTONE`]s.
+#[inline(always)]
+pub fn vip_table_probe(key: &VipKey, mask: u32) -> impl Iterator<Item = u32> + use<> {
+    let home = vip_table_index(key, mask);
+    (0..VIP_TABLE_PROBES).map(move |i| (home + i) & mask)
 }
 
 /// Value of the backend array, indexed by backend id.
@@ -287,14 +294,33 @@ pub struct FlowEntry {
 pub const FLOW_CACHE_BITS: u32 = 12;
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
 
+/// The flow cache's one-multiply mix of a flow: its top
+/// [`FLOW_CACHE_BITS`] bits pick the slot ([`flow_cache_slot`]), and the
+/// whole word goes into [`FlowCacheEntry::check`]. Not the flow hash: it
+/// folds the 5-tuple with XOR, so different flows can share a mix.
+#[inline(always)]
+pub fn flow_cache_mix(key: &FlowKey) -> u32 {
+    (key.src_addr ^ key.dst_addr ^ ((key.src_port as u32) << 16 | key.dst_port as u32))
+        .wrapping_mul(MIX_MULTIPLIER)
+}
+
+/// The flow cache slot of a flow whose [`flow_cache_mix`] is `mix`.
+#[inline(always)]
+pub fn flow_cache_slot(mix: u32) -> u32 {
+    mix >> (32 - FLOW_CACHE_BITS)
+}
+
 /// One slot of the flow cache in front of CONNTRACK.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowCacheEntry {
     pub key: FlowKey,
     pub backend_id: u32,
-    /// The slot hash XOR `backend_id`: a slot read while another CPU
-    /// rewrites it does not validate.
+    /// [`flow_cache_mix`] of `key` XOR `backend_id`. A slot copied while
+    /// another CPU rewrites it can mix two writes: this word rejects a
+    /// copy whose `backend_id` and `check` come from different writes
+    /// (unless both flows have the same mix), but it does not cover the
+    /// key; see the fast path for what a torn copy can do.
     pub check: u32,
 }
 
@@ -479,6 +505,25 @@ mod tests {
         assert!(homes.iter().all(|&n| n <= 3), "{homes:?}");
         assert_eq!(vip_table_size(4), 64);
         assert_eq!(vip_table_size(64), 512);
+    }
+
+    #[test]
+    fn vip_probe_sequence_starts_home_and_wraps() {
+        let key = VipKey::new(0xC613_0001, 80, IPPROTO_TCP);
+        let home = vip_table_index(&key, 63);
+        let seq: std::vec::Vec<u32> = vip_table_probe(&key, 63).collect();
+        assert_eq!(seq.len(), VIP_TABLE_PROBES as usize);
+        for (i, &at) in seq.iter().enumerate() {
+            assert_eq!(at, (home + i as u32) % 64);
+        }
+    }
+
+    #[test]
+    fn flow_cache_slot_is_in_range() {
+        for port in [0u16, 1, 80, 40000, u16::MAX] {
+            let k = FlowKey::new(0xC612_0001, port, 0xFFFF_FFFF, 80, IPPROTO_TCP);
+            assert!(flow_cache_slot(flow_cache_mix(&k)) < FLOW_CACHE_SLOTS);
+        }
     }
 
     #[test]

@@ -1,3 +1,10 @@
+//! Kernel-side code shared by lb's XDP programs. The balancer (`lb_xdp`)
+//! is the `lb-ebpf` binary (main.rs); the test and benchmark programs
+//! (lb-ebpf-testprogs) parse frames with the same helpers, so that the
+//! benchmark floor does the balancer's parsing work.
+//!
+//! The library is also what lb-userspace names as a build dependency, so
+//! that cargo rebuilds the object when this crate changes.
 #![no_std]
-//! The XDP programs live in main.rs (the `lb-ebpf` binary); this empty
-//! library only lets lb-userspace name this crate as a build dependency.
+
+pub mod parse;

@@ -7,8 +7,6 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
@@ -16,12 +14,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_FLAG_USABLE, Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FLOW_CACHE_BITS, FLOW_CACHE_SLOTS, FlowCacheEntry,
-    FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, VIP_TABLE_PROBES, VipInfo,
-    VipKey, VipSlot, VipStats, ring_slot, vip_table_index, vip_table_size,
+    Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, NO_BACKEND, Reason, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix,
+    flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use lb_ebpf::parse::{
+    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_SYN, UDP_LEN, ethernet,
+    ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+};
+use network_types::ip::Ipv4Hdr;
 
 // Every map is pinned by name under the directory the agent chooses, so a
 // restarted agent finds the same maps (and the flows in CONNTRACK).
@@ -50,8 +52,18 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CO
 /// flow), in front of CONNTRACK: a hit costs an inlined array load and two
 /// compares instead of a hash-map lookup. Shared by all CPUs, so that a
 /// new connection recorded on one CPU is seen by the next packet on any
-/// other; a torn read of a slot being rewritten fails the `check` word and
-/// falls back to CONNTRACK. Not pinned: it refills from traffic.
+/// other. Not pinned: it refills from traffic.
+///
+/// Slots are copied without a lock, so a copy taken while another CPU
+/// rewrites the slot can mix two writes. Such a copy is used only if its
+/// key equals this packet's flow and its `check` equals this flow's mix
+/// XOR its `backend_id`: that rejects a `backend_id` from another write
+/// than its `check` (unless the two flows have the same mix), but not a
+/// key and a `backend_id` from two writes of flows with the same mix.
+/// The backend so read is still honoured only if it is usable and serves
+/// this VIP, like any tracked backend: at worst one packet goes to another
+/// live backend of the same VIP. Any other torn copy falls back to
+/// CONNTRACK.
 #[map]
 static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
@@ -67,19 +79,6 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 /// Egress interfaces other than the ingress one, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-const VLAN_HDR_LEN: usize = 4;
-const TCP_MIN_LEN: usize = 20;
-const UDP_LEN: usize = 8;
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-/// More-fragments flag and fragment offset, in the 16-bit field as loaded
-/// from the wire (host order after `from_be_bytes`).
-const IP_MF_OR_OFFSET: u16 = 0x3FFF;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -100,24 +99,13 @@ fn count_reason(reason: Reason) {
     }
 }
 
-/// Bounds-checked pointer to a `T` at `offset` from the start of the frame.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
 /// Finds `key` in the VIP table: a few inlined array loads.
 #[inline(always)]
 fn find_vip(key: &VipKey) -> Option<VipInfo> {
     // SAFETY: a read-only global set at load time.
     let mask = unsafe { core::ptr::read_volatile(&VIP_TABLE_MASK) };
-    let home = vip_table_index(key, mask);
-    for i in 0..VIP_TABLE_PROBES {
-        let slot = VIPS.get((home + i) & mask)?;
+    for at in vip_table_probe(key, mask) {
+        let slot = VIPS.get(at)?;
         if slot.key.addr == 0 {
             return None;
         }
@@ -148,27 +136,22 @@ fn unsteerable(dst: u32, drop: Reason, pass: Reason) -> Reason {
 }
 
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "CONNTRACK's key and value by reference: by value, they are copied to the stack once more"
+)]
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassShortFrame)?;
-    // SAFETY: bounds checked by ptr_at.
-    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
-    let mut l3 = EthHdr::LEN;
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let inner: *const u16 = ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::PassShortFrame)?;
-        ether_type = u16::from_be(unsafe { *inner });
-        l3 += VLAN_HDR_LEN;
-    }
-    if ether_type != ETH_P_IP {
+    let eth = ethernet(ctx).ok_or(Reason::PassShortFrame)?;
+    if eth.ether_type != ETH_P_IP {
         return Err(Reason::PassNotIpv4);
     }
+    let l3 = eth.l3;
 
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
+    let ip = ipv4(ctx, l3).ok_or(Reason::PassMalformed)?;
     if ip.vihl >> 4 != 4 {
         return Err(Reason::PassMalformed);
     }
-    let ihl = ((ip.vihl & 0x0F) as usize) * 4;
+    let ihl = ipv4_header_len(ip);
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     let frame_len = ctx.data_end() - ctx.data();
@@ -189,8 +172,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         _ => return Err(Reason::PassNotVip),
     };
     let l4 = l3 + ihl;
-    // Source and destination ports: the first four bytes of TCP and UDP.
-    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
     if ihl + l4_min > tot_len {
         return Err(unsteerable(
             dst,
@@ -198,8 +179,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             Reason::PassMalformed,
         ));
     }
-    // SAFETY: bounds checked by ptr_at.
-    let [src_port, dst_port] = unsafe { *ports };
+    // The L4 header fits in the total length, which fits in the frame: the
+    // ports are in the frame (checked again for the verifier; as for the
+    // TCP flags below, a failure here could only be a malformed frame).
+    let [src_port, dst_port] = l4_ports(ctx, l4).ok_or(Reason::DropMalformed)?;
     let vip_key = VipKey {
         addr: dst,
         port: dst_port,
@@ -231,14 +214,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // CONNTRACK (the LRU) is the record.
     // The cache slot comes from one multiply (the full flow hash is only
     // needed, and computed, on the way to the ring).
-    let mix = (flow.src_addr ^ flow.dst_addr ^ ((src_port as u32) << 16 | dst_port as u32))
-        .wrapping_mul(0x9E37_79B1);
-    let cache_slot = FLOW_CACHE.get_ptr_mut(mix >> (32 - FLOW_CACHE_BITS));
+    let mix = flow_cache_mix(&flow);
+    let cache_slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(mix));
     let mut cached = false;
     let tracked = if new_connection {
         None
     } else {
-        // SAFETY: the slot is copied out; a torn copy fails `check`.
+        // SAFETY: an array value, valid for the program's run; it is copied
+        // out, and a copy torn by a concurrent writer is handled as
+        // FLOW_CACHE describes.
         match cache_slot.map(|c| unsafe { *c }) {
             Some(c) if c.key.as_words() == flow.as_words() && c.check == mix ^ c.backend_id => {
                 cached = true;
@@ -253,7 +237,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let mut backend: Option<&Backend> = None;
     if let Some(id) = tracked
         && let Some(b) = BACKENDS.get(id)
-        && b.flags & BACKEND_FLAG_USABLE != 0
+        && b.is_usable()
         && b.vip_index == vip.index
     {
         hit = true;
@@ -266,7 +250,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
             backend_id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
             let b = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
-            if b.flags & BACKEND_FLAG_USABLE == 0 {
+            if !b.is_usable() {
                 return Err(Reason::DropNoBackend);
             }
             let _ = CONNTRACK.insert(
@@ -315,20 +299,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
-    // Both MACs as 32- and 16-bit stores: a 6-byte array copy compiles to
-    // a byte-by-byte memmove subprogram call in BPF.
-    let [d0, d1, d2, d3, d4, d5] = backend.dst_mac;
-    let [s0, s1, s2, s3, s4, s5] = backend.src_mac;
-    let frame = eth as *mut u8;
-    // SAFETY: the 14-byte Ethernet header was bounds checked above; XDP
-    // data is at least 2-byte aligned, and unaligned stores are fine on
-    // the architectures lb supports.
-    unsafe {
-        (frame as *mut u32).write_unaligned(u32::from_ne_bytes([d0, d1, d2, d3]));
-        (frame.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([d4, d5]));
-        (frame.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([s0, s1]));
-        (frame.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([s2, s3, s4, s5]));
-    }
+    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
+    unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) };
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)
     } else {
@@ -336,79 +308,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             .redirect(backend.ifindex, 0)
             .map_err(|_| Reason::DropNoTxPort)
     }
-}
-
-/// The per-packet floor for benchmarks: parse Ethernet, IPv4 and TCP with
-/// the same bounds checks, swap MACs, `XDP_TX`.
-#[xdp]
-pub fn lb_floor(ctx: XdpContext) -> u32 {
-    floor(&ctx).unwrap_or(XDP_PASS)
-}
-
-#[inline(always)]
-fn floor(ctx: &XdpContext) -> Option<u32> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return None;
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
-    let ip = unsafe { &*ip };
-    if ip.proto != IPPROTO_TCP {
-        return None;
-    }
-    let ihl = ((ip.vihl & 0x0F) as usize) * 4;
-    let _ports: *const [u16; 2] = ptr_at(ctx, EthHdr::LEN + ihl)?;
-    // Swapped with 32- and 16-bit moves, as lb_xdp rewrites its MACs
-    // (a 6-byte array copy would be a byte-loop subprogram call).
-    let frame = eth as *mut u8;
-    // SAFETY: the Ethernet header was bounds checked.
-    unsafe {
-        let d0 = (frame as *const u32).read_unaligned();
-        let d1 = (frame.add(4) as *const u16).read_unaligned();
-        let s0 = (frame.add(6) as *const u16).read_unaligned();
-        let s1 = (frame.add(8) as *const u32).read_unaligned();
-        let [a, b, c, d] = s1.to_ne_bytes();
-        let [e, f] = s0.to_ne_bytes();
-        let [g, h, i, j] = d0.to_ne_bytes();
-        let [k, l] = d1.to_ne_bytes();
-        // New dst = old src (bytes 6..12), new src = old dst (bytes 0..6).
-        (frame as *mut u32).write_unaligned(u32::from_ne_bytes([e, f, a, b]));
-        (frame.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([c, d]));
-        (frame.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([g, h]));
-        (frame.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([i, j, k, l]));
-    }
-    Some(XDP_TX)
-}
-
-/// The end-to-end benchmark's frame template (Ethernet + IPv4 + UDP
-/// headers); unset (all zero) means "send frames as they are".
-#[map]
-static GEN_TEMPLATE: Array<[u64; GEN_TEMPLATE_WORDS]> = Array::with_max_entries(1, 0);
-
-const GEN_TEMPLATE_WORDS: usize = 6;
-
-/// The traffic generator of the end-to-end benchmark (BPF_PROG_TEST_RUN
-/// with live frames): rewrites the first 48 bytes of every frame from
-/// GEN_TEMPLATE, when set, and returns `XDP_TX`. Live frames reuse pages
-/// without resetting them, and a system that modifies a frame in place
-/// (NAT, TTL, MACs) would otherwise get its own output back.
-#[xdp]
-pub fn lb_gen_tx(ctx: XdpContext) -> u32 {
-    if let Some(t) = GEN_TEMPLATE.get(0)
-        && t[1] != 0
-        && let Some(frame) = ptr_at::<[u64; GEN_TEMPLATE_WORDS]>(&ctx, 0)
-    {
-        // SAFETY: 48 bytes bounds checked by ptr_at.
-        unsafe { frame.write_unaligned(*t) };
-    }
-    XDP_TX
-}
-
-/// Only returns: the fixed cost of one BPF_PROG_TEST_RUN call.
-#[xdp]
-pub fn lb_return(_ctx: XdpContext) -> u32 {
-    XDP_PASS
 }
 
 #[cfg(not(test))]

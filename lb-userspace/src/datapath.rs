@@ -187,20 +187,14 @@ impl Datapath {
             .map_max_entries(map_names::VIP_STATS, sizes.max_vips)
             .map_max_entries(map_names::BACKEND_STATS, sizes.backend_slots())
             .load(OBJECT)?;
-        for name in [
-            program_names::BALANCER,
-            program_names::FLOOR,
-            program_names::RETURN_ONLY,
-            program_names::GEN_TX,
-        ] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .expect("program is in the object")
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
+        let name = program_names::BALANCER;
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
         let vip_table = {
             let map: Array<&MapData, VipSlot> =
                 Array::try_from(ebpf.map(map_names::VIPS).expect("map is in the object"))
@@ -267,25 +261,6 @@ impl Datapath {
             })
     }
 
-    /// Attaches one of the object's programs by name (the balancer, or a
-    /// helper such as `lb_return` on a veth peer that must accept XDP_TX
-    /// frames).
-    pub fn attach_program(
-        &mut self,
-        name: &'static str,
-        iface: &str,
-        mode: XdpMode,
-    ) -> Result<aya::programs::xdp::XdpLinkId> {
-        ifindex(iface)?;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded XDP program");
-        prog.attach(iface, mode)
-            .map_err(|source| DatapathError::Program { name, source })
-    }
-
     fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
         self.ebpf.map_mut(name).expect("map is in the object")
     }
@@ -306,14 +281,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// The probe sequence of `key`: (slot index, slot) pairs.
+    /// The probe sequence of `key`, the kernel's: (slot index, slot) pairs.
     fn vip_probe(&self, key: &VipKey) -> impl Iterator<Item = (u32, VipSlot)> + '_ {
         let mask = self.vip_table.len() as u32 - 1;
-        let home = lb_common::vip_table_index(key, mask);
-        (0..lb_common::VIP_TABLE_PROBES).map(move |i| {
-            let at = (home + i) & mask;
-            (at, self.vip_table[at as usize])
-        })
+        lb_common::vip_table_probe(key, mask).map(move |at| (at, self.vip_table[at as usize]))
     }
 
     fn find_vip_slot(&self, key: &VipKey) -> Option<u32> {
@@ -442,23 +413,6 @@ impl Datapath {
         (ring_base..ring_base + len)
             .map(|i| map.get(&i, 0).map_err(map_err(map_names::RINGS)))
             .collect()
-    }
-
-    /// Sets the frame template of the benchmark generator `lb_gen_tx`: its
-    /// first 48 bytes are copied over every frame it sends (the frame must
-    /// be at least that long).
-    pub fn set_gen_template(&mut self, frame: &[u8]) -> Result<()> {
-        let mut words = [0u64; 6];
-        for (w, chunk) in words.iter_mut().zip(frame.chunks(8)) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            *w = u64::from_ne_bytes(b);
-        }
-        let mut map: Array<&mut MapData, [u64; 6]> =
-            Array::try_from(self.map_mut(map_names::GEN_TEMPLATE))
-                .map_err(map_err(map_names::GEN_TEMPLATE))?;
-        map.set(0, words, 0)
-            .map_err(map_err(map_names::GEN_TEMPLATE))
     }
 
     /// Makes `ifindex` a redirect target for backends behind another

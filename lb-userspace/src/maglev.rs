@@ -33,9 +33,11 @@ use std::collections::BTreeMap;
 
 use lb_common::NO_BACKEND;
 
-/// Ring sizes must be below this (2^31, itself not prime), which keeps
-/// `cur + skip` within `u32`.
-pub const MAX_RING_SIZE: u32 = 1 << 31;
+use crate::config::MAX_RING_SIZE;
+
+// The arithmetic below needs `m < 2^31` (it keeps `cur + skip` within
+// `u32`); the largest ring size lb accepts is far below that.
+const _: () = assert!(MAX_RING_SIZE < 1 << 31);
 
 /// One backend as the table builder sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +58,7 @@ pub struct MaglevBackend {
 pub enum MaglevError {
     #[error("ring size {0} is not prime")]
     NotPrime(u32),
-    #[error("ring size {0} is too large (must be below 2^31)")]
+    #[error("ring size {0} is too large (at most {MAX_RING_SIZE})")]
     TooLarge(u32),
     #[error("duplicate backend key {0:#x}")]
     DuplicateKey(u64),
@@ -72,16 +74,17 @@ pub struct MaglevTable {
 impl MaglevTable {
     /// Builds the table for `backends` over a ring of `m` slots.
     ///
-    /// `m` must be a prime below 2^31. Backends with weight 0 get no slots;
-    /// if no backend has a positive weight (or `backends` is empty) every slot
-    /// is [`NO_BACKEND`]. Each backend with weight `w` gets `floor` or `ceil`
-    /// of `m * w / W` slots, `W` being the total weight. Duplicate keys are
-    /// rejected (even among weight-0 backends).
+    /// `m` must be a prime of at most [`MAX_RING_SIZE`]. Backends with
+    /// weight 0 get no slots; if no backend has a positive weight (or
+    /// `backends` is empty) every slot is [`NO_BACKEND`]. Each backend with
+    /// weight `w` gets `floor` or `ceil` of `m * w / W` slots, `W` being
+    /// the total weight. Duplicate keys are rejected (even among weight-0
+    /// backends).
     pub fn build(backends: &[MaglevBackend], m: u32) -> Result<MaglevTable, MaglevError> {
         if !is_prime(m) {
             return Err(MaglevError::NotPrime(m));
         }
-        if m >= MAX_RING_SIZE {
+        if m > MAX_RING_SIZE {
             return Err(MaglevError::TooLarge(m));
         }
 

@@ -1,5 +1,6 @@
 //! The real XDP program loaded into the kernel with maps of its own, driven
-//! packet by packet through BPF_PROG_TEST_RUN.
+//! packet by packet through BPF_PROG_TEST_RUN ([`run_xdp`], which also
+//! runs the programs of [`crate::testprogs`]).
 
 use std::{
     net::Ipv4Addr,
@@ -7,7 +8,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb::{
     datapath::{Datapath, MapSizes, backend_entry, pin_dir, remove_pins},
     maglev::{MaglevBackend, MaglevTable},
@@ -160,26 +161,7 @@ impl Fixture {
         program: &'static str,
         frame: &[u8],
     ) -> Result<RunResult, aya::programs::ProgramError> {
-        let mut data_in = vec![0u8; META];
-        data_in.extend_from_slice(frame);
-        let mut data_out = vec![0u8; data_in.len() + 256];
-        let ctx = xdp_md(META as u32, data_in.len() as u32);
-        let mut ctx_out = [0u8; 24];
-        let r = self.dp.program(program).test_run(TestRunOptions {
-            data_in: Some(&data_in),
-            data_out: Some(&mut data_out),
-            ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::new()
-        })?;
-        let out_len = r.data_size_out as usize;
-        data_out.truncate(out_len);
-        // The output starts at data_meta: strip the metadata again.
-        let frame = data_out.get(META..).map(<[u8]>::to_vec).unwrap_or_default();
-        Ok(RunResult {
-            action: r.return_value,
-            frame,
-        })
+        run_xdp(self.dp.program(program), frame)
     }
 
     pub fn reasons(&self) -> std::collections::BTreeMap<&'static str, u64> {
@@ -197,6 +179,32 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         let _ = remove_pins(&self.dir);
     }
+}
+
+/// Runs `prog` once on `frame` through BPF_PROG_TEST_RUN, arriving on
+/// [`INGRESS_IFINDEX`]; the kernel's own refusal is returned (it refuses
+/// frames shorter than an Ethernet header).
+pub fn run_xdp(prog: &Xdp, frame: &[u8]) -> Result<RunResult, aya::programs::ProgramError> {
+    let mut data_in = vec![0u8; META];
+    data_in.extend_from_slice(frame);
+    let mut data_out = vec![0u8; data_in.len() + 256];
+    let ctx = xdp_md(META as u32, data_in.len() as u32);
+    let mut ctx_out = [0u8; 24];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(&data_in),
+        data_out: Some(&mut data_out),
+        ctx_in: Some(&ctx),
+        ctx_out: Some(&mut ctx_out),
+        ..TestRunOptions::new()
+    })?;
+    let out_len = r.data_size_out as usize;
+    data_out.truncate(out_len);
+    // The output starts at data_meta: strip the metadata again.
+    let frame = data_out.get(META..).map(<[u8]>::to_vec).unwrap_or_default();
+    Ok(RunResult {
+        action: r.return_value,
+        frame,
+    })
 }
 
 /// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex,

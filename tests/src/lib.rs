@@ -1,12 +1,16 @@
-//! Test support for lb: crafted packets, a fixture that loads the real XDP
-//! program with its own pinned maps, and (later) network-namespace
-//! topologies.
+//! Test support for lb, shared by the tests in tests/tests and by the
+//! lb-bench and lb-demo tools: crafted packets (`packet`), a fixture that
+//! loads the real XDP program with its own pinned maps (`fixture`), the
+//! test and benchmark XDP programs (`testprogs`), network-namespace
+//! topologies (`netns`), test servers (`servers`) and the real agent run
+//! in a namespace (`agent`).
 
 pub mod agent;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod servers;
+pub mod testprogs;
 
 /// Fails the calling test loudly when not run as root: kernel tests are
 /// never skipped silently.

@@ -552,7 +552,7 @@ pub struct Topology {
     /// lb sends with XDP_TX arrive only at a veth peer running XDP (GRO
     /// alone did not deliver them on this kernel: the peer's NAPI was never
     /// kicked). Detached when dropped.
-    lb_peer_xdp: Option<lb::datapath::Datapath>,
+    lb_peer_xdp: Option<crate::testprogs::TestProgs>,
     client: Netns,
     lb: Netns,
     backends: Vec<Netns>,
@@ -626,18 +626,13 @@ impl Topology {
         topo.client_route_vip_via(topo.lb_addr())?;
         let port = topo.lb_switch_port();
         topo.lb_peer_xdp = Some(topo.switch.run(move || -> Result<_> {
-            let mut dp = lb::datapath::Datapath::load_private(lb::datapath::MapSizes {
-                max_vips: 1,
-                max_backends: 1,
-                ring_size: 3,
-                conntrack_entries: 16,
-            })?;
-            dp.attach_program(
-                lb_common::program_names::RETURN_ONLY,
+            let mut progs = crate::testprogs::TestProgs::load()?;
+            progs.attach(
+                crate::testprogs::RETURN_ONLY,
                 &port,
                 aya::programs::XdpMode::Driver,
             )?;
-            Ok(dp)
+            Ok(progs)
         })??);
 
         for _ in 0..opts.backends {

@@ -9,6 +9,7 @@ use lb_tests::{
         Fixture, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of_mac,
     },
     packet::{IP_MF, Ipv4Packet, TCP_ACK, arp_request, icmp_echo, ipv6_tcp},
+    testprogs::{self, TestProgs},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
@@ -409,6 +410,54 @@ fn malformed_ipv4_headers_are_not_forwarded() {
             "{what}"
         );
     }
+}
+
+#[test]
+fn a_frame_whose_ip_packet_ends_inside_the_ports_is_dropped_only_for_a_vip() {
+    let f = three_backends();
+    // IPv4 total length: the header and 2 bytes (half the ports), and the
+    // frame ends there too.
+    let cut = |dst: Ipv4Addr| {
+        let mut p = Ipv4Packet::tcp(CLIENT, 40008, dst, 80).build();
+        p[16..18].copy_from_slice(&22u16.to_be_bytes());
+        p.truncate(14 + 22);
+        p
+    };
+    assert_dropped(&f, &cut(VIP), "drop_malformed");
+    assert_passed_untouched(&f, &cut(OTHER), "pass_malformed");
+}
+
+/// The test and benchmark programs (lb-ebpf-testprogs), outside the
+/// production object: the floor swaps MACs, the generator stamps its
+/// template, the return-only program passes.
+#[test]
+fn the_test_programs_do_what_the_benchmarks_rely_on() {
+    lb_tests::require_root();
+    let mut progs = TestProgs::load().unwrap();
+    let frame = Ipv4Packet::tcp(CLIENT, 40009, VIP, 80).build();
+
+    let r = progs.run(testprogs::FLOOR, &frame).unwrap();
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(
+        (&r.frame[..6], &r.frame[6..12]),
+        (&frame[6..12], &frame[..6])
+    );
+    assert_eq!(r.frame[12..], frame[12..]);
+
+    let r = progs.run(testprogs::RETURN_ONLY, &frame).unwrap();
+    assert_eq!((r.action, &r.frame), (XDP_PASS, &frame));
+
+    // Unset template: frames go out as they are.
+    let r = progs.run(testprogs::GEN_TX, &frame).unwrap();
+    assert_eq!((r.action, &r.frame), (XDP_TX, &frame));
+    let mut template = Ipv4Packet::udp(OTHER, 9, CLIENT, 9);
+    template.payload = vec![0x5a; 18];
+    let template = template.build();
+    progs.set_gen_template(&template).unwrap();
+    let r = progs.run(testprogs::GEN_TX, &frame).unwrap();
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.frame[..48], template[..48]);
+    assert_eq!(r.frame[48..], frame[48..]);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--quick]`: full setup, a release build of the
-//! benchmark binary (tests/src/bin/lb-bench), then
+//! benchmark binary (crate `bench`, package lb-bench), then
 //! `target/release/lb-bench [--quick] --out target/bench` as root, from the
 //! workspace root. Its exit code is passed on.
 
@@ -34,6 +34,8 @@ pub fn bench(ctx: &Ctx, quick: bool, strict: bool) -> Result<ExitCode> {
     cmd.args([
         "build",
         "--release",
+        "-p",
+        "lb-bench",
         "-p",
         "lb-tests",
         "-p",

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: full setup, a debug build of `lb`, `lb-test-server`
-//! and `lb-demo` (tests/src/bin/lb-demo.rs), then `target/debug/lb-demo` as
+//! and `lb-demo` (crate `demo`), then `target/debug/lb-demo` as
 //! root with `LB_BIN` and `LB_TEST_SERVER` naming the other two. Its exit
 //! code is passed on.
 
@@ -25,6 +25,8 @@ pub fn demo(ctx: &Ctx) -> Result<ExitCode> {
     let mut cmd = ctx.cargo();
     cmd.args([
         "build",
+        "-p",
+        "lb-demo",
         "-p",
         "lb-tests",
         "--bin",

@@ -182,14 +182,17 @@ fn test(ctx: &Ctx, args: &[OsString]) -> Result<ExitCode> {
             toml_string(sudo)
         ));
     }
-    // lb-ebpf is `#![no_std]`/`#![no_main]` and builds only for
-    // bpfel-unknown-none (through lb-userspace's build.rs); `--all-targets`
-    // would build its binary for the host, which cannot link.
+    // The eBPF crates are `#![no_std]`/`#![no_main]` and build only for
+    // bpfel-unknown-none (through the build.rs of lb-userspace and
+    // lb-tests); `--all-targets` would build their binaries for the host,
+    // which cannot link.
     cmd.args([
         "test",
         "--workspace",
         "--exclude",
         "lb-ebpf",
+        "--exclude",
+        "lb-ebpf-testprogs",
         "--all-targets",
         "--",
     ])

@@ -47,13 +47,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lb::datapath::{Datapath, MapSizes};
-use lb_common::program_names;
 use lb_tests::{
     agent::{LbAgent, VipSpec},
     netns::{ChildGuard, Netns, Topology, spawn_guarded},
     packet::Ipv4Packet,
     servers::{ServerKind, http_get, spawn_on_backends, try_server_binary},
+    testprogs::TestProgs,
 };
 
 use crate::{
@@ -358,7 +357,7 @@ struct Bench {
     _servers: Vec<ChildGuard>,
     sink: Sink,
     /// Holds `lb_gen_tx` during the UDP phase.
-    generator: Option<Datapath>,
+    generator: Option<TestProgs>,
     dir: PathBuf,
     lb_cpu: usize,
     gen_cpu: usize,
@@ -638,12 +637,7 @@ impl Bench {
 
     fn udp_phase_start(&mut self) -> Result<()> {
         let t = &self.topo;
-        let mut generator = Datapath::load_private(MapSizes {
-            max_vips: 1,
-            max_backends: 1,
-            ring_size: 3,
-            conntrack_entries: 16,
-        })?;
+        let mut generator = TestProgs::load()?;
         generator.set_gen_template(&self.udp_frame())?;
         self.generator = Some(generator);
         let port = t.lb_switch_port();
@@ -714,7 +708,7 @@ impl Bench {
             .generator
             .as_ref()
             .ok_or_else(|| anyhow!("generator not loaded"))?;
-        let prog = generator.program(program_names::GEN_TX);
+        let prog = generator.generator();
         let frame = self.udp_frame();
         let (lb_if, port) = (t.lb_iface(), t.lb_switch_port());
         let ifindex = ifindex(t.switch_ns(), &port)?;

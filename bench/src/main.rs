@@ -1,7 +1,7 @@
 //! lb-bench: the benchmarks behind `cargo xtask bench [--quick]`.
 //!
 //! ```text
-//! lb-bench [--quick] [--strict] [--out DIR]
+//! lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev|e2e]
 //! ```
 //!
 //! Needs root (it loads the XDP object). Writes DIR/report.md,
@@ -24,51 +24,38 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
 
 use report::{Machine, Section};
 
+/// The benchmarks behind `cargo xtask bench`; needs root.
+#[derive(Parser)]
+#[command(name = "lb-bench")]
 struct Args {
+    /// Fewer iterations (5 runs each).
+    #[arg(long)]
     quick: bool,
+    /// Exit with 3 when a performance target is missed.
+    #[arg(long)]
     strict: bool,
+    /// Output directory (report, README section, charts).
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
     out: PathBuf,
-    /// Run only the named sections (development aid).
-    only: Option<String>,
+    /// Run only the named section (development aid).
+    #[arg(long, value_enum)]
+    only: Option<SectionName>,
 }
 
-const USAGE: &str = "usage: lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev|e2e]";
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        quick: false,
-        strict: false,
-        out: PathBuf::from("target/bench"),
-        only: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => args.quick = true,
-            "--strict" => args.strict = true,
-            "--out" => args.out = it.next().ok_or("--out needs a directory")?.into(),
-            "--only" => args.only = Some(it.next().ok_or("--only needs kernel, maglev or e2e")?),
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
-        }
-    }
-    Ok(args)
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SectionName {
+    Kernel,
+    Maglev,
+    E2e,
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("lb-bench: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    // Bad arguments: clap prints the usage and exits with 2.
+    let args = Args::parse();
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
@@ -148,30 +135,26 @@ fn run(args: &Args) -> Result<ExitCode> {
         )
     };
 
-    let wanted = |key: &str| args.only.as_deref().is_none_or(|o| o == key);
+    let wanted = |section: SectionName| args.only.is_none_or(|o| o == section);
     let mut sections: Vec<Section> = Vec::new();
-    if wanted("kernel") {
+    if wanted(SectionName::Kernel) {
         let t = Instant::now();
         println!("lb-bench: per-packet cost in the kernel ...");
         sections.push(kernel::run(&kcfg, &args.out).context("per-packet benchmarks")?);
         println!("lb-bench:   done in {:.1} s", t.elapsed().as_secs_f64());
     }
-    if wanted("maglev") {
+    if wanted(SectionName::Maglev) {
         let t = Instant::now();
         println!("lb-bench: Maglev ...");
         sections.push(maglev::run(&mcfg, &args.out).context("Maglev benchmarks")?);
         println!("lb-bench:   done in {:.1} s", t.elapsed().as_secs_f64());
     }
-    if wanted("e2e") {
+    if wanted(SectionName::E2e) {
         let t = Instant::now();
         println!("lb-bench: end to end in network namespaces ...");
         sections.push(e2e::run(&ecfg, &args.out).context("end-to-end benchmarks")?);
         println!("lb-bench:   done in {:.1} s", t.elapsed().as_secs_f64());
     }
-    if sections.is_empty() {
-        bail!("--only: no section named {:?}", args.only);
-    }
-
     let out_rel = args.out.to_string_lossy().into_owned();
     let report_path = args.out.join("report.md");
     let mut report = report::report_markdown(&machine, &sections);

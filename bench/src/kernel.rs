@@ -26,6 +26,7 @@ use lb_common::{FlowKey, IPPROTO_TCP, program_names};
 use lb_tests::{
     fixture::{Fixture, INGRESS_IFINDEX, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, backend_mac},
     packet::{Ipv4Packet, TCP_ACK},
+    testprogs::TestProgs,
 };
 
 use crate::{
@@ -168,13 +169,14 @@ enum Call {
 /// action and the VIP's counters (exactly `k` new flows and `k` hits).
 fn new_flows(
     f: &Fixture,
+    progs: &TestProgs,
     next: &mut u64,
     k: usize,
     hit_frame: &[u8],
     out: &mut [u8],
 ) -> Result<NewFlowRun> {
     let lb = f.dp.program(program_names::BALANCER);
-    let ret = f.dp.program(program_names::RETURN_ONLY);
+    let ret = progs.return_only();
     let frames: Vec<(Vec<u8>, FlowKey)> =
         (0..k as u64).map(|i| new_flow_frame(*next + i)).collect();
     *next += k as u64;
@@ -290,6 +292,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);
+    let progs = TestProgs::load()?;
     eprintln!(
         "lb-bench:   fixture loaded in {:.1} s (conntrack: {conntrack_entries} entries)",
         t.elapsed().as_secs_f64()
@@ -320,7 +323,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let to_dead = ack(40003, DEAD_VIP);
     let mut out = vec![0u8; to_vip.len() + 256];
 
-    let floor = f.dp.program(program_names::FLOOR);
+    let floor = progs.floor();
     let lb = f.dp.program(program_names::BALANCER);
 
     // Prime the established flow: its first packet is a new flow.
@@ -340,7 +343,14 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     repeated(lb, &to_other, &mut out, warm_repeat, XDP_PASS, "pass")?;
     repeated(lb, &established, &mut out, warm_repeat, XDP_TX, "hit")?;
     repeated(lb, &to_dead, &mut out, warm_repeat, XDP_DROP, "no backend")?;
-    new_flows(&f, &mut next_flow, warm_flows, &established, &mut out)?;
+    new_flows(
+        &f,
+        &progs,
+        &mut next_flow,
+        warm_flows,
+        &established,
+        &mut out,
+    )?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -403,7 +413,14 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.dead.push(k);
 
         let tracked_before = next_flow + 1;
-        let nf = new_flows(&f, &mut next_flow, cfg.new_flows, &established, &mut out)?;
+        let nf = new_flows(
+            &f,
+            &progs,
+            &mut next_flow,
+            cfg.new_flows,
+            &established,
+            &mut out,
+        )?;
         new_counted += cfg.new_flows as u64;
         per_run.push(vec![
             (per_run.len() + 1).to_string(),

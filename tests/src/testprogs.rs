@@ -1,0 +1,118 @@
+//! The test and benchmark XDP programs (crate lb-ebpf-testprogs, built by
+//! this crate's build.rs), kept out of lb's production object:
+//!
+//! - `lb_floor`: parses Ethernet, IPv4 and TCP with the balancer's helpers,
+//!   swaps MACs, `XDP_TX`: the per-packet floor the balancer is compared
+//!   against;
+//! - `lb_return`: returns `XDP_PASS`: the fixed cost of one
+//!   BPF_PROG_TEST_RUN call, and the program a veth peer needs to receive
+//!   frames sent by XDP (it makes the peer run NAPI);
+//! - `lb_gen_tx`: the end-to-end benchmark's live-frames generator, which
+//!   rewrites every frame's headers from a template and returns `XDP_TX`.
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::Array,
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+
+use crate::fixture::{RunResult, run_xdp};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-testprogs"));
+
+/// The per-packet floor.
+pub const FLOOR: &str = "lb_floor";
+/// The live-frames generator.
+pub const GEN_TX: &str = "lb_gen_tx";
+/// Returns `XDP_PASS` and nothing else.
+pub const RETURN_ONLY: &str = "lb_return";
+
+const PROGRAMS: [&str; 3] = [FLOOR, GEN_TX, RETURN_ONLY];
+/// `lb_gen_tx`'s frame template: one element of 6 words (48 bytes).
+const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
+const GEN_TEMPLATE_WORDS: usize = 6;
+
+/// The loaded programs, with their one map (not pinned). Dropping this
+/// detaches what [`TestProgs::attach`] attached.
+pub struct TestProgs {
+    ebpf: Ebpf,
+}
+
+impl TestProgs {
+    /// Loads every program of the object (needs root).
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .context("loading the test XDP object")?;
+        for name in PROGRAMS {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} is not in the test object"))?
+                .try_into()
+                .with_context(|| format!("program {name}"))?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// One of [`FLOOR`], [`GEN_TX`], [`RETURN_ONLY`].
+    pub fn program(&self, name: &str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| panic!("{name} is not an XDP program of the test object"))
+    }
+
+    /// The floor program.
+    pub fn floor(&self) -> &Xdp {
+        self.program(FLOOR)
+    }
+
+    /// The return-only program.
+    pub fn return_only(&self) -> &Xdp {
+        self.program(RETURN_ONLY)
+    }
+
+    /// The generator program (see [`TestProgs::set_gen_template`]).
+    pub fn generator(&self) -> &Xdp {
+        self.program(GEN_TX)
+    }
+
+    /// Runs program `name` once on `frame` through BPF_PROG_TEST_RUN, as
+    /// the fixture runs the balancer.
+    pub fn run(&self, name: &str, frame: &[u8]) -> Result<RunResult> {
+        run_xdp(self.program(name), frame).with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))
+    }
+
+    /// Attaches program `name` to `iface` (in the calling thread's network
+    /// namespace) until `self` is dropped; e.g. [`RETURN_ONLY`] on a veth
+    /// peer that must accept `XDP_TX` frames.
+    pub fn attach(&mut self, name: &str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .with_context(|| format!("{name} is not an XDP program of the test object"))?;
+        prog.attach(iface, mode)
+            .with_context(|| format!("attaching {name} to {iface}"))
+    }
+
+    /// Sets the generator's frame template: the first 48 bytes of `frame`
+    /// (which must be at least that long) are copied over every frame it
+    /// sends.
+    pub fn set_gen_template(&mut self, frame: &[u8]) -> Result<()> {
+        let mut words = [0u64; GEN_TEMPLATE_WORDS];
+        for (w, chunk) in words.iter_mut().zip(frame.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        let mut map: Array<_, [u64; GEN_TEMPLATE_WORDS]> = Array::try_from(
+            self.ebpf
+                .map_mut(GEN_TEMPLATE)
+                .context("map GEN_TEMPLATE is not in the test object")?,
+        )?;
+        map.set(0, words, 0).context("writing GEN_TEMPLATE")
+    }
+}
