@@ -334,10 +334,7 @@ fn backends(topo: &Topology) -> Vec<Ipv4Addr> {
 }
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    lb::mac::MacAddr(m).to_string()
 }
 
 fn ifindex(ns: &Netns, iface: &str) -> Result<u32> {

@@ -895,10 +895,7 @@ fn check_ifname(name: &str) -> Result<()> {
 }
 
 fn mac_string(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    lb::mac::MacAddr(mac).to_string()
 }
 
 /// The namespaces among `names` that `ip netns list` still shows.
