@@ -5,19 +5,21 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::net::UnixStream,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use log::warn;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt},
     net::UnixListener,
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use crate::{config::Protocol, timing};
@@ -243,7 +245,9 @@ pub enum ClientError {
         "no lb agent is listening on {0} (start one with `lb run --config FILE`, or pass --socket)"
     )]
     NoAgent(String),
-    #[error("permission denied on {0}: run lb as root")]
+    #[error(
+        "permission denied on {0}: run lb as root (or as a member of the agent's control_group)"
+    )]
     Permission(String),
     #[error("talking to the agent on {path}: {source}")]
     Io {
@@ -263,7 +267,7 @@ pub fn call(
     timeout: Duration,
 ) -> Result<serde_json::Value, ClientError> {
     let shown = socket.display().to_string();
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             ClientError::NoAgent(shown.clone())
         }
@@ -281,7 +285,7 @@ pub fn call(
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    send_all(&stream, line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
     let reply: Reply = serde_json::from_str(&reply).map_err(ClientError::BadReply)?;
@@ -294,16 +298,172 @@ pub fn call(
     }
 }
 
+/// Writes all of `buf` without raising SIGPIPE when the agent has gone
+/// (the CLI runs with SIGPIPE's default action, so that `lb ... | head`
+/// ends quietly).
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    while !buf.is_empty() {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the fd is open.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
 /// A request from a control client and where its reply goes.
 pub type ControlMsg = (Request, oneshot::Sender<Reply>);
 
-/// Binds the agent's control socket, refusing to steal it from a running
-/// agent and replacing a stale one.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// The longest request line the agent reads; a longer one gets an error
+/// reply and the connection is closed.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// Control clients served at once; more get a "busy" reply.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Who may use the control socket. The socket file is `0600` (root only),
+/// or `0660` with `group`; on top of that, requests that change the agent
+/// are accepted only from root or members of `group` (checked on the
+/// peer's credentials), read-only ones from whoever can connect.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// `(name, gid)` of `[agent] control_group`.
+    pub group: Option<(String, u32)>,
+}
+
+impl SocketAccess {
+    /// Resolves `[agent] control_group` (a group name or a numeric gid).
+    pub fn resolve(group: Option<&str>) -> anyhow::Result<Self> {
+        let Some(name) = group else {
+            return Ok(Self::default());
+        };
+        let gid = match name.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => match gid_of(name)
+                .with_context(|| format!("agent.control_group: looking up group {name:?}"))?
+            {
+                Some(gid) => gid,
+                None => bail!("agent.control_group: no group named {name:?} on this host"),
+            },
+        };
+        Ok(Self {
+            group: Some((name.to_string(), gid)),
+        })
     }
-    if path.exists() {
+
+    /// The socket file's mode.
+    pub fn mode(&self) -> u32 {
+        if self.group.is_some() { 0o660 } else { 0o600 }
+    }
+
+    /// Whether a peer may send requests that change the agent.
+    fn may_change(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if uid == 0 || uid == unsafe { libc::geteuid() } {
+            return true;
+        }
+        let Some((_, group)) = self.group else {
+            return false;
+        };
+        gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
+    }
+
+    fn who_may_change(&self) -> String {
+        match &self.group {
+            Some((name, _)) => format!("root or members of group {name}"),
+            None => "root".into(),
+        }
+    }
+}
+
+fn gid_of(name: &str) -> anyhow::Result<Option<u32>> {
+    let cname = std::ffi::CString::new(name).context("a group name without NUL")?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: an all-zero `group` is a valid out-parameter.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if rc != 0 {
+        bail!(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok((!out.is_null()).then_some(grp.gr_gid))
+}
+
+/// The supplementary groups of a process (empty if it is gone).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+impl Request {
+    /// Requests that only read the agent's state.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status
+                | Request::VipList
+                | Request::BackendList { .. }
+                | Request::Stats
+                | Request::Explain { .. }
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::VipList => "vip list",
+            Request::BackendList { .. } => "backend list",
+            Request::BackendAdd { .. } => "backend add",
+            Request::BackendRemove { .. } => "backend remove",
+            Request::BackendDrain { .. } => "backend drain",
+            Request::BackendUndrain { .. } => "backend undrain",
+            Request::BackendSetWeight { .. } => "backend set-weight",
+            Request::Stats => "stats",
+            Request::Explain { .. } => "explain",
+            Request::Reload => "reload",
+            Request::OverrideClear { .. } => "override clear",
+        }
+    }
+}
+
+/// Binds the agent's control socket with `access.mode()` whatever the
+/// umask, refusing to steal it from a running agent and replacing a stale
+/// one.
+pub fn bind(path: &Path, access: &SocketAccess) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::rundir::create(dir)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
         if UnixStream::connect(path).is_ok() {
             bail!(
                 "another lb agent is already listening on {}; stop it first or use another instance",
@@ -312,42 +472,190 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))
+    let mode = access.mode();
+    let listener = bind_with_mode(path, mode)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    let set = || -> std::io::Result<()> {
+        if let Some((_, gid)) = access.group {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+        }
+        // The umask may have taken bits from `mode`: set it exactly.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    };
+    if let Err(e) = set() {
+        let _ = std::fs::remove_file(path);
+        return Err(e).with_context(|| {
+            format!(
+                "setting owner and mode {mode:o} of the control socket {}",
+                path.display()
+            )
+        });
+    }
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
 }
 
-/// Accepts control clients forever: reads one request line from each,
-/// hands it to the agent over `tx` and writes back the reply.
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlMsg>) {
+/// A listening Unix socket whose file is created with at most `mode`: the
+/// kernel gives the new file the socket inode's mode (set here before
+/// `bind`) less the umask, so it is never wider than `mode`, not even for
+/// an instant.
+fn bind_with_mode(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be shorter than {} bytes, without NUL",
+                addr.sun_path.len()
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let cvt = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: plain syscalls on an fd owned by the returned listener (or
+    // closed by it when dropped on an error).
+    unsafe {
+        let fd = cvt(libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let listener = std::os::unix::net::UnixListener::from_raw_fd(fd);
+        cvt(libc::fchmod(fd, mode as libc::mode_t))?;
+        let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+        cvt(libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            len as libc::socklen_t,
+        ))?;
+        if let Err(e) = cvt(libc::listen(fd, 128)) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(listener)
+    }
+}
+
+/// Accepts control clients until the process ends: reads one request line
+/// from each (at most [`MAX_REQUEST_LINE`] bytes), hands it to the agent
+/// over `tx` and writes back the reply; at most [`MAX_CLIENTS`] at once.
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlMsg>, access: SocketAccess) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let access = Arc::new(access);
+    let mut last_busy_log: Option<Instant> = None;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: don't spin; try again shortly.
+                warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(timing::CONTROL_ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                warn!("control socket: {MAX_CLIENTS} clients connected; refusing more");
+                last_busy_log = Some(Instant::now());
+            }
+            // A fresh socket's buffer takes a short reply at once: no
+            // task, no waiting.
+            let reply = Reply::err(format!(
+                "the agent is busy: {MAX_CLIENTS} control clients are connected; try again"
+            ));
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = stream.try_write(out.as_bytes());
             continue;
         };
         let tx = tx.clone();
+        let access = access.clone();
         tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            let mut r = tokio::io::BufReader::new(r);
-            let read = tokio::time::timeout(timing::CONTROL_READ_TIMEOUT, r.read_line(&mut line));
-            let reply = match read.await {
-                Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        let (otx, orx) = oneshot::channel();
-                        if tx.send((req, otx)).await.is_err() {
-                            Reply::err("the agent is shutting down")
-                        } else {
-                            orx.await
-                                .unwrap_or_else(|_| Reply::err("the agent is shutting down"))
-                        }
-                    }
-                    Err(e) => Reply::err(format!("bad request: {e}")),
-                },
-                _ => return,
-            };
-            let mut out = serde_json::to_string(&reply).unwrap_or_default();
-            out.push('\n');
-            let _ = w.write_all(out.as_bytes()).await;
+            serve_client(stream, tx, &access).await;
+            drop(slot);
         });
+    }
+}
+
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    tx: mpsc::Sender<ControlMsg>,
+    access: &SocketAccess,
+) {
+    let cred = stream.peer_cred().ok();
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::new(r).take(MAX_REQUEST_LINE as u64 + 1);
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(timing::CONTROL_READ_TIMEOUT, r.read_until(b'\n', &mut line));
+    let who = || match cred {
+        Some(c) => format!("uid {} pid {}", c.uid(), c.pid().unwrap_or(0)),
+        None => "a client".into(),
+    };
+    let reply = match read.await {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+        Ok(Ok(n)) if n > MAX_REQUEST_LINE && line.last() != Some(&b'\n') => {
+            warn!(
+                "control socket: {} sent a request line longer than {MAX_REQUEST_LINE} bytes; connection closed",
+                who()
+            );
+            Reply::err(format!(
+                "request line longer than {MAX_REQUEST_LINE} bytes; connection closed"
+            ))
+        }
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Reply::err(format!("bad request: {e}")),
+            Ok(req)
+                if !req.is_read_only()
+                    && !cred.is_some_and(|c| access.may_change(c.uid(), c.gid(), c.pid())) =>
+            {
+                warn!(
+                    "control socket: refused `{}` from {}: only {} may change the agent",
+                    req.name(),
+                    who(),
+                    access.who_may_change()
+                );
+                Reply::err(format!(
+                    "permission denied: `{}` changes the agent and needs {}; others may only read (status, lists, stats, explain)",
+                    req.name(),
+                    access.who_may_change()
+                ))
+            }
+            Ok(req) => {
+                let (otx, orx) = oneshot::channel();
+                if tx.send((req, otx)).await.is_err() {
+                    Reply::err("the agent is shutting down")
+                } else {
+                    orx.await
+                        .unwrap_or_else(|_| Reply::err("the agent is shutting down"))
+                }
+            }
+        },
+    };
+    let _ = write_reply(&mut w, &reply).await;
+}
+
+/// Writes one reply line, giving up after [`timing::CONTROL_WRITE_TIMEOUT`].
+async fn write_reply(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(reply).unwrap_or_default();
+    out.push('\n');
+    match tokio::time::timeout(timing::CONTROL_WRITE_TIMEOUT, w.write_all(out.as_bytes())).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 
@@ -386,5 +694,160 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, ClientError::NoAgent(_)), "{e}");
         assert!(e.to_string().contains("lb run"));
+    }
+
+    fn temp_socket(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("lb.sock")
+    }
+
+    /// An agent that answers every request it is handed with "ok".
+    fn answer_everything(mut rx: mpsc::Receiver<ControlMsg>) {
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Reply::ok("ok"));
+            }
+        });
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_0600_and_a_live_one_is_not_stolen() {
+        let path = temp_socket("mode");
+        let l = bind(&path, &SocketAccess::default()).unwrap();
+        assert_eq!(mode_of(&path), 0o600);
+        let e = bind(&path, &SocketAccess::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already listening"), "{e}");
+        drop(l);
+        // Stale: replaced.
+        let _l = bind(&path, &SocketAccess::default()).unwrap();
+        assert_eq!(mode_of(&path), 0o600);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn with_a_group_the_socket_is_0660_and_owned_by_it() {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = temp_socket("group");
+        // gid 0 exists everywhere; given as a number it needs no lookup.
+        let access = SocketAccess::resolve(Some("0")).unwrap();
+        let _l = bind(&path, &access).unwrap();
+        assert_eq!(mode_of(&path), 0o660);
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn an_unknown_group_is_an_error_naming_the_key() {
+        let e = SocketAccess::resolve(Some("no-such-group-lb"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.control_group") && e.contains("no-such-group-lb"),
+            "{e}"
+        );
+        let root = SocketAccess::resolve(Some("root")).unwrap();
+        assert_eq!(root.group, Some(("root".into(), 0)));
+    }
+
+    #[test]
+    fn only_root_or_the_group_may_change_the_agent() {
+        let none = SocketAccess::default();
+        assert!(none.may_change(0, 0, None));
+        assert!(!none.may_change(65534, 65534, None));
+        let group = SocketAccess {
+            group: Some(("lb".into(), 4242)),
+        };
+        assert!(group.may_change(1000, 4242, None));
+        assert!(!group.may_change(1000, 1000, None));
+        // Supplementary groups come from the peer process: ours has no 4242.
+        assert!(!group.may_change(1000, 1000, Some(std::process::id() as i32)));
+        assert!(Request::Status.is_read_only());
+        assert!(
+            !Request::BackendDrain {
+                vip: "web".into(),
+                address: Ipv4Addr::new(198, 18, 0, 11),
+            }
+            .is_read_only()
+        );
+        assert!(!Request::Reload.is_read_only());
+    }
+
+    #[tokio::test]
+    async fn a_request_line_over_the_limit_is_refused_and_the_connection_closed() {
+        use tokio::io::AsyncReadExt as _;
+        let path = temp_socket("long");
+        let l = bind(&path, &SocketAccess::default()).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        answer_everything(rx);
+        tokio::spawn(serve(l, tx, SocketAccess::default()));
+        let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        // Sends up to 8 MiB without a newline; the agent stops reading
+        // after the limit, so the writes end with an error (or stall).
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 8 << 20 {
+            match tokio::time::timeout(Duration::from_secs(2), c.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        assert!(sent < 8 << 20, "the agent read {sent} bytes of one line");
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut reply)).await;
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.contains("longer than 65536 bytes"), "{reply}");
+        // A good request still works afterwards.
+        let r = tokio::task::spawn_blocking(move || {
+            call(&path, &Request::Status, Duration::from_secs(5))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(r, serde_json::Value::from("ok"));
+    }
+
+    #[tokio::test]
+    async fn clients_over_the_limit_get_a_busy_reply() {
+        let path = temp_socket("busy");
+        let l = bind(&path, &SocketAccess::default()).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        answer_everything(rx);
+        tokio::spawn(serve(l, tx, SocketAccess::default()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            idle.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        let p = path.clone();
+        let e =
+            tokio::task::spawn_blocking(move || call(&p, &Request::Status, Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("busy"), "{e}");
+        drop(idle);
+        // Slots come back when clients leave.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let p = path.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                call(&p, &Request::Status, Duration::from_secs(5))
+            })
+            .await
+            .unwrap();
+            if r.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{r:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -13,4 +13,5 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod reconcile;
+pub mod rundir;
 pub mod timing;

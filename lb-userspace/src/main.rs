@@ -160,6 +160,13 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // The CLI ends quietly when its reader goes away (`lb ... | head`),
+        // like any Unix filter; the agent keeps SIGPIPE ignored. Writes to
+        // the control socket use MSG_NOSIGNAL and report errors instead.
+        // SAFETY: no other thread runs yet; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

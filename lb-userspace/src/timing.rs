@@ -13,6 +13,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const MIN_RATE_INTERVAL: Duration = Duration::from_millis(500);
 /// A control client must send its request line within this time.
 pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent gives up writing a reply to a control client after this.
+pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept on the control socket (e.g. EMFILE), so
+/// that the loop does not spin.
+pub const CONTROL_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The CLI waits this long for the agent's answer.
 pub const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Refresh period of `lb stats --watch`.

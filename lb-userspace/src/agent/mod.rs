@@ -27,7 +27,7 @@ use tokio::{
 use self::{core::Core, links::Links, requests::Handled, stats::Stats};
 use crate::{
     config::{Config, XdpModeSetting},
-    control::{self, ControlMsg, Reply, Request, StatusView},
+    control::{self, ControlMsg, Reply, Request, SocketAccess, StatusView},
     datapath::{self, Datapath, MapSizes},
     health::{CheckTarget, Checkers, HealthEvent},
     keys::{BackendKey, VipId},
@@ -284,6 +284,8 @@ impl Agent {
 /// `lb run`: runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
+    let access = SocketAccess::resolve(cfg.agent.start.control_group.as_deref())
+        .with_context(|| opts.config.display().to_string())?;
     // Everything that can fail without the kernel comes first: a start
     // that fails after attaching must not happen for a taken port.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -298,13 +300,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let socket = cfg.agent.start.control_socket.clone();
-    let listener = control::bind(&socket)?;
+    let listener = control::bind(&socket, &access)?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
         let _ = std::fs::remove_file(&socket);
     })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
-    tokio::spawn(control::serve(listener, ctl_tx));
+    tokio::spawn(control::serve(listener, ctl_tx, access));
     if let Some(l) = metrics {
         if let Ok(addr) = l.local_addr() {
             info!("metrics on http://{addr}/metrics");

@@ -9,6 +9,8 @@
 //! interfaces = ["eth0"]                # may be empty here when given on the command line
 //! xdp_mode = "auto"                    # auto | native | skb
 //! control_socket = "/run/lb/default.sock"   # default: /run/lb/<instance>.sock
+//! control_group = "lbadmin"            # optional group name or gid: socket 0660 for that group,
+//!                                      # whose members may change the agent; absent = 0600, root only
 //! metrics_listen = "127.0.0.1:9100"    # optional SocketAddr; absent = no metrics server
 //! conntrack_entries = 1048576          # optional, 1..=2^28, default lb_common::DEFAULT_CONNTRACK_ENTRIES
 //! max_vips = 64                        # optional, 1..=65536, default lb_common::DEFAULT_MAX_VIPS

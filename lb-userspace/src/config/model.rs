@@ -72,6 +72,9 @@ pub struct StartSettings {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpModeSetting,
     pub control_socket: PathBuf,
+    /// A group (name or gid) whose members may use the control socket
+    /// (mode 0660, and changing requests); `None`: root only (mode 0600).
+    pub control_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -195,7 +198,7 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
     }
     if *start != old.agent.start {
         return Ok(Some(format!(
-            "{}: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now",
+            "{}: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now",
             new.source.display()
         )));
     }
@@ -378,7 +381,7 @@ mod tests {
     }
 
     const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied";
-    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket and metrics_listen take effect at the next start; VIPs and backends are applied now";
+    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now";
 
     #[test]
     fn reload_applies_vips_and_backends_of_an_unchanged_agent_table() {
@@ -423,6 +426,7 @@ mod tests {
             "interfaces = [\"eth1\"]",
             "xdp_mode = \"native\"",
             "control_socket = \"/run/lb/x.sock\"",
+            "control_group = \"lb\"",
             "metrics_listen = \"127.0.0.1:9100\"",
         ] {
             let new = config(changed);

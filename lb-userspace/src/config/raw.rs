@@ -26,6 +26,7 @@ pub(super) struct RawAgent {
     pub interfaces: Option<S<Vec<S<String>>>>,
     pub xdp_mode: Option<S<String>>,
     pub control_socket: Option<S<String>>,
+    pub control_group: Option<S<String>>,
     pub metrics_listen: Option<S<String>>,
     pub conntrack_entries: Option<S<i64>>,
     pub max_vips: Option<S<i64>>,

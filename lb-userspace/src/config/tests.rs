@@ -113,6 +113,7 @@ fn full_example() {
                 interfaces: vec!["eth0".into()],
                 xdp_mode: XdpModeSetting::Auto,
                 control_socket: "/run/lb/default.sock".into(),
+                control_group: None,
                 metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
             },
         },
@@ -167,6 +168,7 @@ address = "198.18.0.11"
                 interfaces: vec![],
                 xdp_mode: XdpModeSetting::Auto,
                 control_socket: "/run/lb/default.sock".into(),
+                control_group: None,
                 metrics_listen: None,
             },
         }
@@ -714,6 +716,8 @@ fn other_agent_fields() {
         "s".repeat(107)
     ));
     check(&e, 2, "agent.control_socket", "invalid socket path");
+    let e = err("[agent]\ncontrol_group = \"lb admins\"\n");
+    check(&e, 2, "agent.control_group", "invalid group \"lb admins\"");
     let e = err(&format!("{HEAD}port = 0\n"));
     // Duplicate key `port`: a syntax error, reported at the second one.
     check(&e, 5, "vip[0].port", "duplicate key");

@@ -344,6 +344,27 @@ impl Ctx<'_> {
             None => PathBuf::from(format!("/run/lb/{instance}.sock")),
         };
 
+        let control_group = match &raw.control_group {
+            Some(v) => {
+                let g = v.get_ref();
+                let ok = (1..=32).contains(&g.len())
+                    && !g.starts_with('-')
+                    && g.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+                if !ok {
+                    return Err(self.error(
+                        v.span(),
+                        "agent.control_group",
+                        format!(
+                            "invalid group {g:?}: expected a group name (1 to 32 of A-Z a-z 0-9 _ - .) or a numeric gid"
+                        ),
+                    ));
+                }
+                Some(g.clone())
+            }
+            None => None,
+        };
+
         let metrics_listen = match &raw.metrics_listen {
             Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|_| {
                 self.error(
@@ -411,6 +432,7 @@ impl Ctx<'_> {
                 interfaces,
                 xdp_mode,
                 control_socket,
+                control_group,
                 metrics_listen,
             },
         })
