@@ -10,6 +10,7 @@
 
 pub mod core;
 pub mod links;
+pub mod lock;
 pub mod overrides;
 pub mod requests;
 pub mod state;
@@ -24,7 +25,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use self::{core::Core, links::Links, requests::Handled, stats::Stats};
+use self::{core::Core, links::Links, lock::InstanceLock, requests::Handled, stats::Stats};
 use crate::{
     config::{Config, XdpModeSetting},
     control::{self, ControlMsg, Reply, Request, SocketAccess, StatusView},
@@ -284,6 +285,8 @@ impl Agent {
 /// `lb run`: runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
+    // One agent per instance, whatever its socket path: held until return.
+    let _lock = InstanceLock::acquire(&cfg.agent.kernel.instance)?;
     let access = SocketAccess::resolve(cfg.agent.start.control_group.as_deref())
         .with_context(|| opts.config.display().to_string())?;
     // Everything that can fail without the kernel comes first: a start
