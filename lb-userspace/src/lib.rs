@@ -12,5 +12,6 @@ pub mod mac;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod pins;
 pub mod reconcile;
 pub mod timing;
