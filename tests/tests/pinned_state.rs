@@ -1,7 +1,7 @@
 //! The pinned state of an instance (`/sys/fs/bpf/lb/<instance>/`) across
 //! agent restarts, with the real agent in network namespaces: the layout
-//! record and its checks, `--reset-datapath`, and the pin directory's mode
-//! and owner.
+//! record and its checks, `--reset-datapath`, the pin directory's mode and
+//! owner, and pinned links after the interface was re-created or renamed.
 //! Needs root; every test removes its namespaces and pins, also on failure.
 
 use std::{
@@ -76,6 +76,15 @@ impl Setup {
     fn xdp_on(&self, iface: &str) -> Result<bool> {
         let out = self.topo.lb_ns().ip(["link", "show", iface])?;
         Ok(String::from_utf8_lossy(&out.stdout).contains("prog/xdp"))
+    }
+
+    fn ifindex(&self, iface: &str) -> Result<u64> {
+        let out = self.topo.lb_ns().ip(["-o", "link", "show", iface])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .with_context(|| format!("no ifindex in {text:?}"))
     }
 }
 
@@ -262,4 +271,139 @@ impl<F: FnMut()> Drop for Guard<F> {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+/// Item 10: `--keep-datapath`, stop, the interface deleted and re-created
+/// with the same name (a new ifindex; the pinned link is severed): the
+/// next agent replaces the stale link, attaches and forwards.
+#[test]
+fn a_recreated_interface_gets_a_fresh_link() -> Result<()> {
+    let mut s = setup(2)?;
+    let paths = AgentPaths::new()?;
+    let text = s.config(&paths);
+    let iface = s.topo.lb_iface();
+    let mut agent = LbAgent::start_with(s.topo.lb_ns(), paths, &text, &["--keep-datapath"])?;
+    s.get_through_lb(22_000, 5)?;
+    agent.stop()?;
+    let before = s.ifindex(&iface)?;
+    s.topo.recreate_lb_iface(None)?;
+    let after = s.ifindex(&iface)?;
+    ensure!(before != after, "ifindex unchanged: {before}");
+    let pin = agent.pin_dir().join(format!("link_{iface}"));
+    ensure!(
+        pins::xdp_link_target(&pin)? == pins::LinkTarget::Severed,
+        "the kernel does not report the old link as severed"
+    );
+
+    agent.spawn(&[])?;
+    let log = agent.log_text();
+    ensure!(log.contains("replaced by a fresh attachment"), "{log}");
+    ensure!(s.xdp_on(&iface)?, "no XDP program on the new {iface}");
+    ensure!(
+        pins::xdp_link_target(&pin)? == pins::LinkTarget::Ifindex(after as u32),
+        "the pinned link is not on the new interface"
+    );
+    let status = agent.json(&["status"])?;
+    ensure!(status["restored"] == true, "maps not kept: {status}");
+    ensure!(
+        status["interfaces"][0]["ifindex"] == after,
+        "status shows another ifindex: {status}"
+    );
+    let flows_before = agent.json(&["stats"])?["vips"][0]["new_flows"]
+        .as_u64()
+        .unwrap_or(0);
+    s.get_through_lb(22_100, 20)?;
+    let flows = agent.json(&["stats"])?["vips"][0]["new_flows"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        flows >= flows_before + 20,
+        "lb counted {} new flows for 20 connections",
+        flows - flows_before
+    );
+    agent.stop()?;
+    ensure!(!s.xdp_on(&iface)?, "still attached after a clean stop");
+    ensure!(!agent.pin_dir().exists(), "pins left after a clean stop");
+    Ok(())
+}
+
+/// Item 10: `--keep-datapath`, stop, the interface renamed and a new one
+/// created under its old name: the next agent does not take over the link
+/// on the renamed device (it detaches it) and attaches to the device that
+/// now bears the configured name.
+#[test]
+fn a_link_left_on_a_renamed_interface_is_not_taken_over() -> Result<()> {
+    let mut s = setup(1)?;
+    let paths = AgentPaths::new()?;
+    let text = s.config(&paths);
+    let iface = s.topo.lb_iface();
+    let renamed = format!("{iface}o");
+    let mut agent = LbAgent::start_with(s.topo.lb_ns(), paths, &text, &["--keep-datapath"])?;
+    s.get_through_lb(23_000, 3)?;
+    agent.stop()?;
+    s.topo.recreate_lb_iface(Some(&renamed))?;
+    ensure!(
+        s.xdp_on(&renamed)?,
+        "the kept link did not follow the rename"
+    );
+
+    agent.spawn(&[])?;
+    ensure!(s.xdp_on(&iface)?, "no XDP program on the new {iface}");
+    ensure!(
+        !s.xdp_on(&renamed)?,
+        "lb's program is still on the renamed {renamed}"
+    );
+    let log = agent.log_text();
+    ensure!(
+        log.contains(&format!("({renamed}), not to {iface}")),
+        "the log does not name the device the stale link was on:\n{log}"
+    );
+    s.get_through_lb(23_100, 10)?;
+    agent.stop()?;
+    ensure!(!s.xdp_on(&iface)?, "still attached after a clean stop");
+    Ok(())
+}
+
+/// Item 10: a link this instance pinned on an interface its configuration
+/// no longer names is detached and its pin removed at the next start,
+/// rather than left forwarding on a device no agent manages.
+#[test]
+fn a_link_on_an_interface_no_longer_configured_is_removed() -> Result<()> {
+    let s = setup(1)?;
+    let paths = AgentPaths::new()?;
+    let text = s.config(&paths);
+    let iface = s.topo.lb_iface();
+    // A second interface for lb (a veth pair inside the lb namespace,
+    // removed with it).
+    let extra = format!("{iface}x");
+    s.topo.lb_ns().ip([
+        "link",
+        "add",
+        &extra,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{iface}y"),
+    ])?;
+    s.topo.lb_ns().ip(["link", "set", &extra, "up"])?;
+    let mut agent = LbAgent::start_with(
+        s.topo.lb_ns(),
+        paths,
+        &text,
+        &["--keep-datapath", "--iface", &iface, "--iface", &extra],
+    )?;
+    agent.stop()?;
+    let pin = agent.pin_dir().join(format!("link_{extra}"));
+    ensure!(pin.exists() && s.xdp_on(&extra)?, "{extra} not attached");
+
+    agent.spawn(&[])?;
+    ensure!(!s.xdp_on(&extra)?, "lb's program is still on {extra}");
+    ensure!(!pin.exists(), "{} left behind", pin.display());
+    let log = agent.log_text();
+    ensure!(log.contains("not among this agent's interfaces"), "{log}");
+    ensure!(s.xdp_on(&iface)?, "no XDP program on {iface}");
+    s.get_through_lb(24_000, 3)?;
+    agent.stop()?;
+    Ok(())
 }
