@@ -23,6 +23,13 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
 }
 
+/// Version of the pinned maps' layout, recorded in the pin directory (the
+/// `LAYOUT` pin) with the map sizes and struct sizes. Bump it whenever the
+/// meaning of a pinned map's contents changes without its sizes changing
+/// (a field reinterpreted, a flag added): an agent refuses pins recorded
+/// with another version instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
 pub mod program_names {

@@ -21,7 +21,10 @@ use lb_common::{
 };
 use thiserror::Error;
 
-use crate::reconcile::{KernelImage, KernelMaps};
+use crate::{
+    pins,
+    reconcile::{KernelImage, KernelMaps},
+};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -60,6 +63,10 @@ pub enum DatapathError {
     TxPort(String),
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
+    #[error(transparent)]
+    Pins(#[from] crate::pins::PinsError),
+    #[error("parsing the XDP object: {0}")]
+    Object(String),
     #[error("{what} {index} is outside the map (max {max})")]
     OutOfRange {
         what: &'static str,
@@ -164,29 +171,42 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathEr
 }
 
 impl Datapath {
-    /// Loads the programs. Maps are pinned under `pin_dir`; maps already
-    /// pinned there (by an earlier agent) are reused with their contents.
+    /// Loads the programs. Maps are pinned under `pin_dir` (made 0700,
+    /// its owner checked); maps already pinned there (by an earlier agent)
+    /// are reused with their contents if their layout record and the
+    /// kernel's view of each map match this agent's, and refused otherwise
+    /// (see [`crate::pins::check`]). A fresh directory gets the record.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
         if !is_root() {
             return Err(DatapathError::NotRoot);
         }
         ensure_bpffs()?;
-        fs::create_dir_all(pin_dir).map_err(|source| DatapathError::Io {
-            path: pin_dir.into(),
-            source,
-        })?;
-        let ring_elems = sizes.max_vips.saturating_mul(sizes.ring_size);
+        pins::secure_dir(Path::new(PIN_ROOT), false)?;
+        pins::secure_dir(pin_dir, true)?;
+        let layout = pins::Layout::of(sizes);
+        let found = pins::check(pin_dir, &layout, &pinned_map_specs(sizes)?)?;
+        if found == pins::Found::Empty {
+            pins::write_record(pin_dir, &layout)?;
+        }
+        let loaded = Self::load_object(pin_dir, sizes);
+        if loaded.is_err() && found == pins::Found::Empty {
+            // Nothing was pinned here before: leave nothing behind.
+            let _ = remove_pins(pin_dir);
+        }
+        loaded
+    }
+
+    fn load_object(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
         let vip_slots = lb_common::vip_table_size(sizes.max_vips);
-        let mut ebpf = EbpfLoader::new()
+        let mask = vip_slots - 1;
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pin_dir)
-            .map_max_entries(map_names::VIPS, vip_slots)
-            .override_global("VIP_TABLE_MASK", &(vip_slots - 1), true)
-            .map_max_entries(map_names::BACKENDS, sizes.backend_slots())
-            .map_max_entries(map_names::RINGS, ring_elems)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries)
-            .map_max_entries(map_names::VIP_STATS, sizes.max_vips)
-            .map_max_entries(map_names::BACKEND_STATS, sizes.backend_slots())
-            .load(OBJECT)?;
+            .override_global("VIP_TABLE_MASK", &mask, true);
+        for (name, n) in sized_maps(sizes) {
+            loader.map_max_entries(name, n);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let name = program_names::BALANCER;
         let prog: &mut Xdp = ebpf
             .program_mut(name)
@@ -498,6 +518,62 @@ impl Datapath {
     pub fn unpin(&self) -> Result<()> {
         remove_pins(&self.pin_dir)
     }
+}
+
+/// `lb run --reset-datapath`: detaches and removes everything pinned in
+/// `dir` (links, maps, layout record), logging each pin.
+pub fn reset(dir: &Path) -> Result<()> {
+    if !is_root() {
+        return Err(DatapathError::NotRoot);
+    }
+    ensure_bpffs()?;
+    let removed = pins::reset(dir)?;
+    if removed.is_empty() {
+        log::info!("--reset-datapath: nothing pinned in {}", dir.display());
+    }
+    for r in removed {
+        log::info!("--reset-datapath: {}/{r}", dir.display());
+    }
+    Ok(())
+}
+
+/// The maps whose sizes come from [`MapSizes`], with their element counts.
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 6] {
+    [
+        (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
+        (map_names::BACKENDS, sizes.backend_slots()),
+        (
+            map_names::RINGS,
+            sizes.max_vips.saturating_mul(sizes.ring_size),
+        ),
+        (map_names::CONNTRACK, sizes.conntrack_entries),
+        (map_names::VIP_STATS, sizes.max_vips),
+        (map_names::BACKEND_STATS, sizes.backend_slots()),
+    ]
+}
+
+/// Every map the object pins by name, as the loader would create it with
+/// `sizes`: what pinned maps must match to be reused.
+pub fn pinned_map_specs(sizes: MapSizes) -> Result<Vec<pins::MapSpec>> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Object(e.to_string()))?;
+    let sized = sized_maps(sizes);
+    let mut specs: Vec<_> = obj
+        .maps
+        .iter()
+        .filter(|(_, m)| m.pinning() == aya_obj::maps::PinningType::ByName)
+        .map(|(name, m)| pins::MapSpec {
+            name: name.clone(),
+            map_type: m.map_type(),
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: sized
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(m.max_entries(), |(_, v)| *v),
+        })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(specs)
 }
 
 /// Removes a pin directory and everything pinned in it.

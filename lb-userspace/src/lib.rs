@@ -12,6 +12,7 @@ pub mod mac;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod pins;
 pub mod reconcile;
 pub mod rundir;
 pub mod timing;

@@ -47,6 +47,11 @@ enum Cmd {
         /// next agent takes over without disturbing traffic.
         #[arg(long)]
         keep_datapath: bool,
+        /// Before starting, detach and remove the state pinned for this
+        /// instance (links, maps): needed when it was made with another
+        /// layout (other sizes or lb version). Established flows are lost.
+        #[arg(long)]
+        reset_datapath: bool,
     },
     /// The agent's state: interfaces, VIPs, backends up.
     Status {
@@ -188,6 +193,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             ifaces,
             xdp_mode,
             keep_datapath,
+            reset_datapath,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -202,6 +208,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     XdpModeArg::Skb => XdpModeSetting::Skb,
                 }),
                 keep_datapath,
+                reset_datapath,
             }))?;
         }
         Cmd::Status { json } => {

@@ -674,6 +674,44 @@ impl Topology {
         Ok(i)
     }
 
+    /// Replaces the lb's veth with a new one of the same name, address and
+    /// MAC (a new ifindex): the old one is deleted, or, with
+    /// `rename_old_to`, renamed (it and its switch port, `NAME`+"s") and
+    /// left down without an address. The switch-side XDP program moves to
+    /// the new peer.
+    pub fn recreate_lb_iface(&mut self, rename_old_to: Option<&str>) -> Result<()> {
+        let iface = self.lb_iface();
+        let port = self.lb_switch_port();
+        self.lb_peer_xdp = None;
+        match rename_old_to {
+            None => {
+                self.lb.ip(["link", "del", &iface])?;
+            }
+            Some(new) => {
+                let new_port = format!("{new}s");
+                check_ifname(&new_port)?;
+                self.lb.ip(["link", "set", &iface, "down"])?;
+                self.lb.ip(["addr", "flush", "dev", &iface])?;
+                self.lb.ip(["link", "set", &iface, "name", new])?;
+                self.switch.ip(["link", "set", &port, "down"])?;
+                self.switch.ip(["link", "set", &port, "name", &new_port])?;
+            }
+        }
+        self.plug(&self.lb, &iface, ROLE_LB, 0, false)?;
+        let cidr = format!("{}/24", self.lb_addr());
+        self.lb.ip(["addr", "add", &cidr, "dev", &iface])?;
+        self.lb_peer_xdp = Some(self.switch.run(move || -> Result<_> {
+            let mut progs = crate::testprogs::TestProgs::load()?;
+            progs.attach(
+                crate::testprogs::RETURN_ONLY,
+                &port,
+                aya::programs::XdpMode::Driver,
+            )?;
+            Ok(progs)
+        })??);
+        self.wait_bridge_forwarding(Duration::from_secs(5))
+    }
+
     /// Creates the veth pair `iface` (in `ns`) / `iface`+"s" (in the switch
     /// namespace, enslaved to the bridge), with GRO on both ends and, if
     /// `tx_off`, TX checksum offload off on `iface`.

@@ -15,6 +15,7 @@ use crate::{
     config::XdpModeSetting,
     control::InterfaceView,
     datapath::{self, Datapath},
+    pins::{self, LinkTarget},
 };
 
 struct Attachment {
@@ -63,11 +64,13 @@ impl Links {
         for iface in interfaces {
             let ifindex = datapath::ifindex(iface)?;
             let pin = link_pin_path(&links.pin_dir, iface);
-            let created = !pin.exists();
-            let (id, mode) = if created {
-                attach_new(dp, iface, setting)?
-            } else {
-                (take_over(dp, iface, &pin)?, "kept")
+            // A pinned link is taken over only if the kernel says it is
+            // attached to this very device (under whichever pin name).
+            let own = pinned_link_on(&links.pin_dir, iface, ifindex)?;
+            let created = own.is_none();
+            let (id, mode) = match &own {
+                None => attach_new(dp, iface, setting)?,
+                Some(at) => (take_over(dp, iface, at)?, "kept"),
             };
             let link = dp.balancer_mut().take_link(id)?;
             let link = match FdLink::try_from(link) {
@@ -79,12 +82,22 @@ impl Links {
                     continue;
                 }
             };
-            let link = if created {
-                link.pin(&pin)
-                    .with_context(|| format!("pinning the link at {}", pin.display()))?
-                    .into()
-            } else {
-                link
+            let link = match &own {
+                Some(at) if *at == pin => link,
+                _ => {
+                    let link: FdLink = link
+                        .pin(&pin)
+                        .with_context(|| format!("pinning the link at {}", pin.display()))?
+                        .into();
+                    if let Some(old) = &own {
+                        // Taken over from a pin named after the device's
+                        // earlier name: the link now lives under its new one.
+                        std::fs::remove_file(old)
+                            .with_context(|| format!("removing {}", old.display()))?;
+                        info!("{iface}: pinned link moved from {}", old.display());
+                    }
+                    link
+                }
             };
             links.attachments.push(Attachment {
                 iface: iface.clone(),
@@ -94,7 +107,33 @@ impl Links {
                 created,
             });
         }
+        links.remove_foreign_links()?;
         Ok(links)
+    }
+
+    /// Removes link pins of this instance that no attachment uses: links
+    /// left on devices this agent is not configured for (detached from
+    /// them) and severed ones (their device is gone).
+    fn remove_foreign_links(&self) -> anyhow::Result<()> {
+        for (name, path) in pins::link_pins(&self.pin_dir)? {
+            if self.attachments.iter().any(|a| a.iface == name) {
+                continue;
+            }
+            let target = pins::xdp_link_target(&path);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            match target {
+                Ok(LinkTarget::Ifindex(i)) => warn!(
+                    "{}: removed: its XDP link was on ifindex {i} ({}), which is not among this agent's interfaces; lb is detached from it",
+                    path.display(),
+                    pins::ifname(i).unwrap_or_else(|| "no such interface here".into())
+                ),
+                Ok(LinkTarget::Severed) => {
+                    info!("{}: removed: its interface {name} is gone", path.display())
+                }
+                Err(e) => warn!("{}: removed ({e})", path.display()),
+            }
+        }
+        Ok(())
     }
 
     pub fn views(&self) -> Vec<InterfaceView> {
@@ -139,6 +178,38 @@ impl Drop for Links {
             warn!("{}: detached again (the start did not complete)", a.iface);
         }
     }
+}
+
+/// The pinned link to take over for `iface` (ifindex `ifindex`): the one
+/// the kernel reports attached to that ifindex, whatever its pin name (an
+/// interface renamed since). A link pinned under this interface's name but
+/// attached elsewhere (the interface was deleted and re-created, or renamed
+/// and another took its name) is stale: its pin is removed, which detaches
+/// it, so that a fresh link can be made; it is never taken over.
+fn pinned_link_on(pin_dir: &Path, iface: &str, ifindex: u32) -> anyhow::Result<Option<PathBuf>> {
+    let mut found = None;
+    for (name, path) in pins::link_pins(pin_dir)? {
+        let target = pins::xdp_link_target(&path)
+            .with_context(|| format!("reading the pinned link {}", path.display()))?;
+        if target == LinkTarget::Ifindex(ifindex) {
+            found = Some(path);
+        } else if name == iface {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the stale link {}", path.display()))?;
+            match target {
+                LinkTarget::Severed => warn!(
+                    "{iface}: the pinned link {} belonged to an interface that is gone (deleted or re-created); replaced by a fresh attachment",
+                    path.display()
+                ),
+                LinkTarget::Ifindex(other) => warn!(
+                    "{iface}: the pinned link {} is attached to ifindex {other} ({}), not to {iface} (ifindex {ifindex}); detached from it and replaced by a fresh attachment",
+                    path.display(),
+                    pins::ifname(other).unwrap_or_else(|| "not in this namespace".into())
+                ),
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn take_over(dp: &mut Datapath, iface: &str, pin: &Path) -> anyhow::Result<XdpLinkId> {

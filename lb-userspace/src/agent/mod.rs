@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub xdp_mode: Option<XdpModeSetting>,
     /// Leave the program attached (pinned link) and the maps pinned on exit.
     pub keep_datapath: bool,
+    /// Before loading, detach and remove whatever is pinned for this
+    /// instance (pins of another layout are refused otherwise).
+    pub reset_datapath: bool,
 }
 
 /// A start that failed, with the data path to clean up.
@@ -91,6 +94,9 @@ impl Agent {
             bail!("lb run needs root to load XDP programs: run it as root");
         }
         let pin_dir = datapath::pin_dir(&cfg.agent.kernel.instance);
+        if opts.reset_datapath {
+            datapath::reset(&pin_dir)?;
+        }
         let restored = pin_dir.join(lb_common::map_names::VIPS).exists();
         let sizes = MapSizes {
             max_vips: cfg.agent.kernel.max_vips,
