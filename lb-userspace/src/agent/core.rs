@@ -170,7 +170,21 @@ impl<M: KernelMaps> Core<M> {
                 self.state.set_next_hop(k, Err(e))
             }
             Lookup::Pending(e) => {
-                self.state.note_next_hop_pending(k, e.to_string());
+                // Asked again after ARP failed there: the failure stays the
+                // reason shown until an answer comes.
+                let asked_again = match &e {
+                    NeighError::Resolving { addr, iface } => {
+                        let failed = NeighError::Unresolved {
+                            addr: *addr,
+                            iface: iface.clone(),
+                        };
+                        b.next_hop_error.as_deref() == Some(failed.to_string().as_str())
+                    }
+                    _ => false,
+                };
+                if !asked_again {
+                    self.state.note_next_hop_pending(k, e.to_string());
+                }
                 false
             }
         }
@@ -642,6 +656,16 @@ mod tests {
             assert!(!entry_of(&core, b).is_usable());
         }
         assert_eq!(core.backend(11).slots, M);
+        // Asked again (a health check re-triggers ARP): the failure stays
+        // the reason until an answer comes.
+        let a12 = Ipv4Addr::new(198, 18, 0, 12);
+        let mut r = arp.resolution(a12);
+        r.neighbour = Neighbour::Resolving;
+        assert!(!core.on_next_hops(vec![(a12, r)]));
+        assert_eq!(
+            core.backend(12).next_hop_error.as_deref(),
+            Some("no ARP answer from 198.18.0.12 on eth0")
+        );
     }
 
     #[test]
