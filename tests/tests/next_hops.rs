@@ -17,7 +17,8 @@ use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
     netns::{Netns, Topology},
     require_root,
-    servers::{ServerKind, backend_name, http_get, http_get_from, spawn_on_backends},
+    servers::{ServerKind, backend_name, http_get, http_get_from, spawn_on_backends, spawn_server},
+    testprogs::{RETURN_ONLY, TestProgs},
 };
 use serde_json::Value;
 
@@ -282,6 +283,153 @@ fn unresolvable_backends_slow_neither_the_start_nor_the_cli() -> Result<()> {
     ensure!(
         worst < Duration::from_secs(2),
         "a drain took {worst:?}: {drains:?}"
+    );
+    Ok(())
+}
+
+/// A backend behind a second interface of the lb namespace (a veth pair
+/// `<lb iface>x` ↔ `bxe` into its own namespace, 198.19.200.0/24): lb
+/// redirects to it through the DEVMAP. Replies go back through the lb
+/// namespace's kernel (forwarding on for this test only).
+struct SecondSegment<'a> {
+    topo: &'a Topology,
+    ns: Netns,
+    iface: String,
+    /// XDP_PASS on the backend's end, so redirected frames are received.
+    peer_xdp: Option<TestProgs>,
+}
+
+const SECOND_LB: &str = "198.19.200.1/24";
+const SECOND_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 2);
+
+impl<'a> SecondSegment<'a> {
+    fn new(topo: &'a Topology) -> Result<Self> {
+        let ns = Netns::create(format!("{}-x", topo.lb_ns().name()))?;
+        ns.sysctl(&[
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+        ])?;
+        ns.ip(["link", "set", "lo", "up"])?;
+        ns.ip(["addr", "add", &format!("{}/32", topo.vip()), "dev", "lo"])?;
+        topo.lb_ns().sysctl(&[("net.ipv4.ip_forward", "1")])?;
+        let mut seg = Self {
+            iface: format!("{}x", topo.lb_iface()),
+            topo,
+            ns,
+            peer_xdp: None,
+        };
+        seg.plug()?;
+        Ok(seg)
+    }
+
+    /// (Re)creates the veth pair: a new interface index each time.
+    fn plug(&mut self) -> Result<()> {
+        let lb = self.topo.lb_ns();
+        lb.ip([
+            "link",
+            "add",
+            &self.iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "bxe",
+            "netns",
+            self.ns.name(),
+        ])?;
+        lb.ip(["addr", "add", SECOND_LB, "dev", &self.iface])?;
+        lb.ip(["link", "set", &self.iface, "up"])?;
+        let cidr = format!("{SECOND_BACKEND}/24");
+        self.ns.ip(["addr", "add", &cidr, "dev", "bxe"])?;
+        self.ns.ip(["link", "set", "bxe", "up"])?;
+        self.ns
+            .ip(["route", "add", "default", "via", "198.19.200.1"])?;
+        self.peer_xdp = Some(self.ns.run(|| -> Result<TestProgs> {
+            let mut progs = TestProgs::load()?;
+            progs.attach(RETURN_ONLY, "bxe", aya::programs::XdpMode::Driver)?;
+            Ok(progs)
+        })??);
+        Ok(())
+    }
+
+    fn unplug(&mut self) -> Result<()> {
+        self.peer_xdp = None;
+        self.topo.lb_ns().ip(["link", "del", &self.iface])?;
+        Ok(())
+    }
+
+    fn ifindex(&self) -> Result<u64> {
+        let out = self.topo.lb_ns().ip(["-o", "link", "show", &self.iface])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("no index in {text:?}"))
+    }
+}
+
+fn get_all(topo: &Topology, ports: std::ops::Range<u16>) -> Result<Vec<String>> {
+    let vip = SocketAddrV4::new(topo.vip(), PORT);
+    topo.client_ns().run(|| {
+        ports
+            .map(|p| {
+                http_get_from(Some(p), vip, Duration::from_secs(3))
+                    .map(|b| b.trim().to_string())
+                    .with_context(|| format!("GET from port {p}"))
+            })
+            .collect::<Result<Vec<String>>>()
+    })?
+}
+
+#[test]
+fn a_recreated_egress_interface_is_followed_to_its_new_index() -> Result<()> {
+    require_root();
+    let topo = Topology::with_backends(0)?;
+    let mut seg = SecondSegment::new(&topo)?;
+    let _server = spawn_server(
+        &seg.ns,
+        ServerKind::Http,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        "bx",
+    )?;
+    let vip = VipSpec::tcp("web", topo.vip(), PORT, &[SECOND_BACKEND]);
+    let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
+    let iface = seg.iface.clone();
+    let up = |b: &Value| b["health"] == "up" && b["iface"] == iface.as_str();
+    wait_listed(&agent, SECOND_BACKEND, "up", Duration::from_secs(10), up)?;
+    let answers = get_all(&topo, 32_000..32_020)?;
+    ensure!(answers.iter().all(|a| a == "bx"), "{answers:?}");
+    let first = seg.ifindex()?;
+
+    // The egress interface goes away: the backend is out, saying why.
+    seg.unplug()?;
+    wait_listed(
+        &agent,
+        SECOND_BACKEND,
+        "unresolved",
+        Duration::from_secs(10),
+        |b| {
+            b["health"] == "unresolved"
+                && b["next_hop_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no route to"))
+        },
+    )?;
+    // And comes back under a new index: lb follows it.
+    seg.plug()?;
+    let second = seg.ifindex()?;
+    ensure!(first != second, "the interface kept index {first}");
+    let took = wait_listed(&agent, SECOND_BACKEND, "up", Duration::from_secs(10), up)?;
+    eprintln!("egress re-created (ifindex {first} -> {second}): backend up again after {took:?}");
+    let answers = get_all(&topo, 32_100..32_120)?;
+    ensure!(answers.iter().all(|a| a == "bx"), "{answers:?}");
+    let stats = agent.json(&["stats"])?;
+    let no_tx_port = stats["reasons"]["drop_no_tx_port"][0].as_u64().unwrap_or(0);
+    ensure!(
+        no_tx_port == 0,
+        "{no_tx_port} packets dropped for want of a TX port: {stats}"
     );
     Ok(())
 }
