@@ -156,6 +156,9 @@ pub struct BackendView {
     pub slots: u32,
     pub mac: Option<String>,
     pub iface: Option<String>,
+    /// Why the next hop is unknown (health `unresolved`), or not known yet.
+    #[serde(default)]
+    pub next_hop_error: Option<String>,
 }
 
 /// A backend's health as the agent sees it.

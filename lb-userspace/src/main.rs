@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use lb::{
     agent::{self, RunOptions},
     config::{Protocol, XdpModeSetting},
-    control::{self, BackendView, ExplainView, Request, StatsView, StatusView, VipView},
+    control::{self, BackendView, ExplainView, Health, Request, StatsView, StatusView, VipView},
     timing,
 };
 
@@ -279,7 +279,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 let list: Vec<BackendView> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  LAST CHECK",
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  LAST CHECK (UNRESOLVED: WHY)",
                     "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "HEALTH", "SLOTS", "MAC"
                 );
                 for b in list {
@@ -293,7 +293,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         b.health,
                         b.slots,
                         b.mac.unwrap_or_else(|| "-".into()),
-                        b.last_check.unwrap_or_else(|| "-".into())
+                        // An unresolved backend: why, rather than its checks.
+                        match (b.health, b.next_hop_error) {
+                            (Health::Unresolved, Some(e)) => e,
+                            _ => b.last_check.unwrap_or_else(|| "-".into()),
+                        }
                     );
                 }
             }

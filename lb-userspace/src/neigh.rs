@@ -1,36 +1,50 @@
-//! Where a backend is reached at L2: the egress interface (route lookup in
-//! /proc/net/route) and the next hop's MAC (the kernel's neighbour table,
-//! /proc/net/arp, primed by a datagram when the entry is missing).
+//! Where a backend is reached at L2: the egress interface (the kernel's
+//! route lookup, as `ip route get`) and the next hop's MAC (the kernel's
+//! neighbour table), asked of the kernel over rtnetlink.
 //!
 //! The agent resolves MACs and stores them in the backend map rather than
 //! calling `bpf_fib_lookup` per packet: one array lookup the fast path
-//! already does, instead of a helper call on every packet.
+//! already does, instead of a helper call on every packet. The price is
+//! that the agent must follow the kernel's tables: [`Tables`] answers
+//! questions and [`Tables::subscribe`] delivers the kernel's neighbour,
+//! route and link events; `agent::nexthops` does the following. This
+//! module holds the pure part too: what a [`Resolution`] means for a
+//! backend ([`Resolution::lookup`]).
 
-use std::{
-    fs,
-    net::{Ipv4Addr, UdpSocket},
-    time::{Duration, Instant},
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use rtnetlink::{
+    Handle, MulticastGroup, RouteMessageBuilder,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    },
 };
-
 use thiserror::Error;
 
-use crate::mac::MacAddr;
-
-#[derive(Debug, Error)]
+/// Why a backend has no next hop.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum NeighError {
-    #[error("no route to {0}")]
-    NoRoute(Ipv4Addr),
+    #[error("no route to {addr}: {reason}")]
+    NoRoute { addr: Ipv4Addr, reason: String },
     #[error(
         "{addr} is reached through gateway {gateway}: direct server return needs backends on the same L2 segment"
     )]
     NotOnLink { addr: Ipv4Addr, gateway: Ipv4Addr },
+    #[error("{0} is an address of this host")]
+    Local(Ipv4Addr),
+    #[error("the route to {addr} leaves through interface index {ifindex}, which is gone")]
+    NoInterface { addr: Ipv4Addr, ifindex: u32 },
     #[error("no ARP answer from {addr} on {iface}")]
     Unresolved { addr: Ipv4Addr, iface: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("resolving: ARP request for {addr} sent on {iface}, no answer yet")]
+    Resolving { addr: Ipv4Addr, iface: String },
+    #[error("not resolved yet")]
+    Unknown,
 }
 
 /// How to reach one backend.
@@ -42,178 +56,321 @@ pub struct NextHop {
     pub dst_mac: [u8; 6],
 }
 
-fn read(path: &str) -> Result<String, NeighError> {
-    fs::read_to_string(path).map_err(|source| NeighError::Io {
-        path: path.into(),
-        source,
+/// An interface packets leave through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    pub iface: String,
+    pub ifindex: u32,
+    /// The interface's own MAC (the source MAC of forwarded frames).
+    pub mac: [u8; 6],
+}
+
+/// The kernel's neighbour entry for an address on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Neighbour {
+    /// An entry with a link-layer address (reachable, stale, being
+    /// confirmed, permanent): frames can be sent to it.
+    Known([u8; 6]),
+    /// An ARP request is out (INCOMPLETE).
+    Resolving,
+    /// ARP got no answer (FAILED).
+    Failed,
+    /// No entry: nothing asked yet, or the kernel dropped it.
+    Missing,
+}
+
+/// What the kernel's tables say about one backend address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    /// The interface the route to the address leaves through, or why
+    /// there is none usable for direct server return.
+    pub egress: Result<Egress, NeighError>,
+    /// The neighbour entry on that interface.
+    pub neighbour: Neighbour,
+}
+
+/// What a [`Resolution`] means for one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Reachable through this next hop.
+    Found(NextHop),
+    /// Not known yet (the answer may still come): a known next hop stays.
+    Pending(NeighError),
+    /// Not reachable: out of the ring until it is.
+    Failed(NeighError),
+}
+
+impl Resolution {
+    /// The next hop of backend `addr`; `mac` is an operator's override,
+    /// used instead of the neighbour table.
+    pub fn lookup(&self, addr: Ipv4Addr, mac: Option<[u8; 6]>) -> Lookup {
+        let egress = match &self.egress {
+            Ok(e) => e,
+            Err(e) => return Lookup::Failed(e.clone()),
+        };
+        let next_hop = |dst_mac| NextHop {
+            iface: egress.iface.clone(),
+            ifindex: egress.ifindex,
+            src_mac: egress.mac,
+            dst_mac,
+        };
+        if let Some(m) = mac {
+            return Lookup::Found(next_hop(m));
+        }
+        let iface = egress.iface.clone();
+        match self.neighbour {
+            Neighbour::Known(m) => Lookup::Found(next_hop(m)),
+            Neighbour::Failed => Lookup::Failed(NeighError::Unresolved { addr, iface }),
+            Neighbour::Resolving | Neighbour::Missing => {
+                Lookup::Pending(NeighError::Resolving { addr, iface })
+            }
+        }
+    }
+
+    /// An answer may still come: the route is known and, when the MAC is
+    /// to be resolved (`needs_arp`), ARP has not answered nor failed.
+    pub fn is_pending(&self, needs_arp: bool) -> bool {
+        self.egress.is_ok()
+            && needs_arp
+            && matches!(self.neighbour, Neighbour::Resolving | Neighbour::Missing)
+    }
+}
+
+/// An interface as the kernel lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub mac: [u8; 6],
+}
+
+/// A failure to ask the kernel (not an answer about an address).
+#[derive(Debug, Error)]
+#[error("rtnetlink: {0}")]
+pub struct NetlinkError(String);
+
+impl From<rtnetlink::Error> for NetlinkError {
+    fn from(e: rtnetlink::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// What a kernel event is about, as far as next hops care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableEvent {
+    /// A neighbour entry changed (`None`: deleted).
+    Neighbour {
+        ifindex: u32,
+        addr: Ipv4Addr,
+        entry: Option<Neighbour>,
+    },
+    /// Routes or links changed: every route may have.
+    Routes,
+    /// Events were lost (the socket's buffer overflowed): everything may
+    /// have changed.
+    Overrun,
+    /// Not about next hops.
+    Other,
+}
+
+type EventMessage = (
+    NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+);
+
+/// The kernel's routing, neighbour and link tables of the current network
+/// namespace, over rtnetlink.
+#[derive(Clone)]
+pub struct Tables {
+    handle: Handle,
+}
+
+/// A netlink error's errno (positive), if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+impl Tables {
+    /// Opens a request socket; its connection runs as a task of the
+    /// current tokio runtime.
+    pub fn connect() -> std::io::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Subscribes to neighbour, IPv4 route and link events. Subscribe
+    /// before reading the tables, so that no change falls in between.
+    pub fn subscribe() -> std::io::Result<impl Stream<Item = TableEvent> + Unpin> {
+        let (conn, _, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Link,
+        ])?;
+        tokio::spawn(conn);
+        Ok(messages.map(|(m, _): EventMessage| classify(m)))
+    }
+
+    /// Every interface: index → name and MAC.
+    pub async fn links(&self) -> Result<BTreeMap<u32, Link>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await?;
+        Ok(msgs.iter().filter_map(parse_link).collect())
+    }
+
+    /// Every IPv4 neighbour entry: (interface index, address) → entry.
+    pub async fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), Neighbour>, NetlinkError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await?;
+        Ok(msgs
+            .iter()
+            .filter_map(parse_neighbour)
+            .filter_map(|(i, a, n)| Some(((i, a), n?)))
+            .collect())
+    }
+
+    /// The kernel's route lookup for `addr` (`ip route get`): the egress
+    /// interface index, or why the address is not reachable directly.
+    /// `Err(Err(_))`: asking failed (try again later).
+    pub async fn route(&self, addr: Ipv4Addr) -> Result<Result<u32, NeighError>, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .build();
+        let mut answers = self.handle.route().get(msg).execute();
+        match answers.next().await {
+            Some(Ok(r)) => Ok(parse_route(addr, &r)),
+            Some(Err(e)) => match errno(&e) {
+                // Local trouble, not an answer about the address.
+                Some(libc::ENOBUFS | libc::ENOMEM | libc::EAGAIN | libc::EINTR | libc::EBUSY)
+                | None => Err(e.into()),
+                Some(code) => Ok(Err(NeighError::NoRoute {
+                    addr,
+                    reason: std::io::Error::from_raw_os_error(code).to_string(),
+                })),
+            },
+            None => Err(NetlinkError("no answer to a route lookup".into())),
+        }
+    }
+
+    /// Makes the kernel resolve `addr` (it sends an ARP request and
+    /// reports the outcome as a neighbour event): any datagram to it does;
+    /// port 9 is "discard".
+    pub fn probe(socket: &std::net::UdpSocket, addr: Ipv4Addr) {
+        let _ = socket.send_to(&[0], (addr, 9));
+    }
+}
+
+fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<u32, NeighError> {
+    match r.header.kind {
+        RouteType::Local | RouteType::Broadcast => return Err(NeighError::Local(addr)),
+        RouteType::Unicast => {}
+        other => {
+            return Err(NeighError::NoRoute {
+                addr,
+                reason: format!("route type {other:?}"),
+            });
+        }
+    }
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(gateway)) if *gateway != addr => {
+                return Err(NeighError::NotOnLink {
+                    addr,
+                    gateway: *gateway,
+                });
+            }
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    oif.ok_or_else(|| NeighError::NoRoute {
+        addr,
+        reason: "the route names no interface".into(),
     })
 }
 
-/// Longest-prefix match in /proc/net/route: (interface, gateway if any).
-pub fn route(addr: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>), NeighError> {
-    let table = read("/proc/net/route")?;
-    let a = u32::from(addr);
-    let mut best: Option<(u32, String, Option<Ipv4Addr>)> = None;
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
-            continue;
-        }
-        // Fields are the address bytes in memory order, printed as a
-        // native (little-endian here) u32 in hex.
-        let hex = |s: &str| {
-            u32::from_str_radix(s, 16)
-                .ok()
-                .map(|v| u32::from(Ipv4Addr::from(v.to_ne_bytes())))
-        };
-        let (Some(dest), Some(gw), Some(mask)) = (hex(f[1]), hex(f[2]), hex(f[7])) else {
-            continue;
-        };
-        if a & mask != dest {
-            continue;
-        }
-        if best
-            .as_ref()
-            .is_none_or(|(m, ..)| mask.count_ones() > m.count_ones())
-        {
-            let gw = (gw != 0).then(|| Ipv4Addr::from(gw));
-            best = Some((mask, f[0].to_string(), gw));
-        }
-    }
-    best.map(|(_, iface, gw)| (iface, gw))
-        .ok_or(NeighError::NoRoute(addr))
+fn mac_of(bytes: &[u8]) -> Option<[u8; 6]> {
+    bytes.try_into().ok()
 }
 
-/// The interface's own MAC, asked of the kernel (SIOCGIFHWADDR) in the
-/// caller's network namespace. Not read from /sys/class/net: a process
-/// that entered a namespace with setns(2) still sees the sysfs of the
-/// namespace that mounted it.
-pub fn iface_mac(iface: &str) -> Result<[u8; 6], NeighError> {
-    let err = |source| NeighError::Io {
-        path: format!("SIOCGIFHWADDR {iface}"),
-        source,
+fn parse_link(m: &LinkMessage) -> Option<(u32, Link)> {
+    let mut name = None;
+    let mut mac = [0; 6];
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(b) => mac = mac_of(b).unwrap_or([0; 6]),
+            _ => {}
+        }
+    }
+    Some((m.header.index, Link { name: name?, mac }))
+}
+
+/// (interface index, address, entry); entry `None`: an entry that holds
+/// nothing usable (NUD_NONE, a proxy entry).
+fn parse_neighbour(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Option<Neighbour>)> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut addr = None;
+    let mut lladdr = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+            NeighbourAttribute::LinkLayerAddress(b) => lladdr = mac_of(b),
+            _ => {}
+        }
+    }
+    let entry = match m.header.state {
+        NeighbourState::Incomplete => Some(Neighbour::Resolving),
+        NeighbourState::Failed => Some(Neighbour::Failed),
+        NeighbourState::Reachable
+        | NeighbourState::Stale
+        | NeighbourState::Delay
+        | NeighbourState::Probe
+        | NeighbourState::Permanent
+        | NeighbourState::Noarp => lladdr.map(Neighbour::Known),
+        _ => None,
     };
-    if iface.len() >= libc::IFNAMSIZ {
-        return Err(err(std::io::Error::other("interface name too long")));
-    }
-    // SAFETY: a plain datagram socket, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    // SAFETY: ifreq is plain data; the name is NUL-terminated (zeroed and
-    // shorter than IFNAMSIZ).
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: fd is valid and req is a properly sized ifreq.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
-    let e = std::io::Error::last_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return Err(err(e));
-    }
-    // SAFETY: SIOCGIFHWADDR fills ifru_hwaddr.
-    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (m, d) in mac.iter_mut().zip(data.iter()) {
-        *m = *d as u8;
-    }
-    Ok(mac)
+    Some((m.header.ifindex, addr?, entry))
 }
 
-/// The complete ARP entry for `addr` on `iface`, if the kernel has one.
-pub fn arp_entry(addr: Ipv4Addr, iface: &str) -> Result<Option<[u8; 6]>, NeighError> {
-    let table = read("/proc/net/arp")?;
-    let want = addr.to_string();
-    Ok(table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // IP address, HW type, Flags, HW address, Mask, Device
-        let complete = f
-            .get(2)
-            .and_then(|fl| u32::from_str_radix(fl.trim_start_matches("0x"), 16).ok())
-            .is_some_and(|fl| fl & 0x2 != 0);
-        (f.len() >= 6 && f[0] == want && f[5] == iface && complete)
-            .then(|| f[3].parse::<MacAddr>().ok().map(MacAddr::octets))
-            .flatten()
-    }))
-}
-
-/// Resolves how to reach `addr`, waiting up to `wait` for ARP.
-pub fn resolve(addr: Ipv4Addr, wait: Duration) -> Result<NextHop, NeighError> {
-    let (iface, gateway) = route(addr)?;
-    if let Some(gateway) = gateway {
-        return Err(NeighError::NotOnLink { addr, gateway });
-    }
-    let ifindex = crate::datapath::ifindex(&iface).map_err(|_| NeighError::NoRoute(addr))?;
-    let src_mac = iface_mac(&iface)?;
-    let deadline = Instant::now() + wait;
-    let mut primed = false;
-    loop {
-        if let Some(dst_mac) = arp_entry(addr, &iface)? {
-            return Ok(NextHop {
-                iface,
-                ifindex,
-                src_mac,
-                dst_mac,
-            });
-        }
-        if !primed {
-            // Any datagram makes the kernel send an ARP request; port 9
-            // is "discard".
-            if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
-                let _ = s.send_to(&[0], (addr, 9));
-            }
-            primed = true;
-        }
-        if Instant::now() >= deadline {
-            return Err(NeighError::Unresolved { addr, iface });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Where the agent learns next hops: the kernel's tables in production, a
-/// fixed table in tests.
-pub trait NextHopSource {
-    /// Starts resolving `addr` without waiting (an ARP request goes out).
-    fn prime(&mut self, addr: Ipv4Addr);
-    /// How to reach `addr`, waiting up to `wait` for ARP. With `mac` (an
-    /// operator's override) only the egress interface is looked up.
-    fn next_hop(
-        &mut self,
-        addr: Ipv4Addr,
-        mac: Option<[u8; 6]>,
-        wait: Duration,
-    ) -> Result<NextHop, NeighError>;
-}
-
-/// The kernel's routing and neighbour tables of the current namespace.
-pub struct KernelTables;
-
-impl NextHopSource for KernelTables {
-    fn prime(&mut self, addr: Ipv4Addr) {
-        let _ = resolve(addr, Duration::ZERO);
-    }
-
-    fn next_hop(
-        &mut self,
-        addr: Ipv4Addr,
-        mac: Option<[u8; 6]>,
-        wait: Duration,
-    ) -> Result<NextHop, NeighError> {
-        let Some(dst_mac) = mac else {
-            return resolve(addr, wait);
-        };
-        let (iface, _) = route(addr)?;
-        Ok(NextHop {
-            ifindex: crate::datapath::ifindex(&iface).map_err(|_| NeighError::NoRoute(addr))?,
-            src_mac: iface_mac(&iface)?,
-            iface,
-            dst_mac,
-        })
+/// What a message from the event socket means for next hops.
+pub fn classify(m: NetlinkMessage<RouteNetlinkMessage>) -> TableEvent {
+    match m.payload {
+        NetlinkPayload::Overrun(_) => TableEvent::Overrun,
+        NetlinkPayload::InnerMessage(inner) => match inner {
+            RouteNetlinkMessage::NewNeighbour(n) => match parse_neighbour(&n) {
+                Some((ifindex, addr, entry)) => TableEvent::Neighbour {
+                    ifindex,
+                    addr,
+                    entry,
+                },
+                None => TableEvent::Other,
+            },
+            RouteNetlinkMessage::DelNeighbour(n) => match parse_neighbour(&n) {
+                Some((ifindex, addr, _)) => TableEvent::Neighbour {
+                    ifindex,
+                    addr,
+                    entry: None,
+                },
+                None => TableEvent::Other,
+            },
+            RouteNetlinkMessage::NewRoute(_)
+            | RouteNetlinkMessage::DelRoute(_)
+            | RouteNetlinkMessage::NewLink(_)
+            | RouteNetlinkMessage::DelLink(_) => TableEvent::Routes,
+            _ => TableEvent::Other,
+        },
+        _ => TableEvent::Other,
     }
 }
 
@@ -221,9 +378,114 @@ impl NextHopSource for KernelTables {
 mod tests {
     use super::*;
 
+    fn resolution(neighbour: Neighbour) -> Resolution {
+        Resolution {
+            egress: Ok(Egress {
+                iface: "eth0".into(),
+                ifindex: 2,
+                mac: [2, 0, 0, 0, 0, 0xfe],
+            }),
+            neighbour,
+        }
+    }
+
+    const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+
     #[test]
-    fn loopback_routes_nowhere_but_lo_is_known() {
-        // Every namespace has lo; its MAC is all zeros.
-        assert_eq!(iface_mac("lo").unwrap(), [0; 6]);
+    fn a_known_entry_or_an_override_gives_the_next_hop() {
+        let r = resolution(Neighbour::Known([2, 0, 0, 0, 0, 0x11]));
+        let Lookup::Found(nh) = r.lookup(A, None) else {
+            panic!()
+        };
+        assert_eq!(
+            (nh.ifindex, nh.dst_mac, nh.src_mac),
+            (2, [2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0xfe])
+        );
+        // The operator's MAC wins, even over a failed ARP.
+        let o = [2, 0, 0, 0, 0, 0x99];
+        for n in [
+            Neighbour::Known([2; 6]),
+            Neighbour::Failed,
+            Neighbour::Missing,
+        ] {
+            assert!(matches!(resolution(n).lookup(A, Some(o)), Lookup::Found(h) if h.dst_mac == o));
+        }
+    }
+
+    #[test]
+    fn arp_in_flight_is_pending_and_a_failed_one_is_a_failure() {
+        assert!(matches!(
+            resolution(Neighbour::Resolving).lookup(A, None),
+            Lookup::Pending(NeighError::Resolving { .. })
+        ));
+        assert!(resolution(Neighbour::Missing).is_pending(true));
+        assert!(!resolution(Neighbour::Missing).is_pending(false));
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A, None) else {
+            panic!()
+        };
+        assert_eq!(e.to_string(), "no ARP answer from 198.18.0.11 on eth0");
+        // No route: a failure even with an override.
+        let r = Resolution {
+            egress: Err(NeighError::NotOnLink {
+                addr: A,
+                gateway: Ipv4Addr::new(198, 18, 0, 1),
+            }),
+            neighbour: Neighbour::Missing,
+        };
+        assert!(!r.is_pending(true));
+        assert!(matches!(r.lookup(A, Some([2; 6])), Lookup::Failed(_)));
+    }
+
+    #[test]
+    fn neighbour_states_map_to_entries() {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = 7;
+        m.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(A)),
+            NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 0x11]),
+        ];
+        for (state, want) in [
+            (
+                NeighbourState::Reachable,
+                Some(Neighbour::Known([2, 0, 0, 0, 0, 0x11])),
+            ),
+            (
+                NeighbourState::Stale,
+                Some(Neighbour::Known([2, 0, 0, 0, 0, 0x11])),
+            ),
+            (NeighbourState::Incomplete, Some(Neighbour::Resolving)),
+            (NeighbourState::Failed, Some(Neighbour::Failed)),
+            (NeighbourState::None, None),
+        ] {
+            m.header.state = state;
+            assert_eq!(parse_neighbour(&m), Some((7, A, want)), "{state:?}");
+        }
+        let ev = classify(NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(
+            m.clone(),
+        )));
+        assert_eq!(
+            ev,
+            TableEvent::Neighbour {
+                ifindex: 7,
+                addr: A,
+                entry: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_kernel_answers_for_loopback() {
+        // Every namespace has lo (index 1, MAC all zeros) and a local
+        // route to 127.0.0.1: no root needed to ask.
+        let t = Tables::connect().unwrap();
+        let links = t.links().await.unwrap();
+        assert_eq!(links.get(&1).map(|l| l.name.as_str()), Some("lo"));
+        assert_eq!(links[&1].mac, [0; 6]);
+        assert_eq!(
+            t.route(Ipv4Addr::LOCALHOST).await.unwrap(),
+            Err(NeighError::Local(Ipv4Addr::LOCALHOST))
+        );
+        t.neighbours().await.unwrap();
     }
 }

@@ -2,12 +2,22 @@
 
 use std::time::Duration;
 
-/// How long the agent waits for ARP answers for backends present at start.
+/// How long the agent waits, before attaching, for ARP answers for the
+/// backends present at start (all asked at once; it waits less when every
+/// one has answered or failed). Later answers come as events.
 pub const NEXT_HOP_WAIT_AT_START: Duration = Duration::from_millis(1500);
-/// How long a change (reload, CLI command) waits for new backends' ARP.
-pub const NEXT_HOP_WAIT_ON_CHANGE: Duration = Duration::from_millis(300);
-/// Period of the agent's housekeeping: retrying unresolved next hops and
-/// failed map writes, sampling counters.
+/// Every backend's route and neighbour entry are re-read this often, and
+/// failed ARP resolutions asked again (besides following kernel events).
+pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
+/// After a route or link event, the tables are re-read this much later
+/// (one read for a burst of events).
+pub const NEXT_HOP_SETTLE: Duration = Duration::from_millis(50);
+/// An address without a neighbour entry is probed at most this often.
+pub const NEXT_HOP_PROBE_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Route lookups in flight at once during a re-read.
+pub const NEXT_HOP_CONCURRENT_LOOKUPS: usize = 32;
+/// Period of the agent's housekeeping: retrying failed map writes,
+/// sampling counters.
 pub const TICK: Duration = Duration::from_secs(1);
 /// Rates shown by `lb stats` cover at least this long.
 pub const MIN_RATE_INTERVAL: Duration = Duration::from_millis(500);

@@ -3,16 +3,21 @@
 //! the maps through [`KernelMaps`]. No sockets, files or tasks: unit-tested
 //! against the in-memory fake.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use log::{info, warn};
 
-use super::{overrides::Overrides, state::State};
+use super::{
+    nexthops::{self, Batch, Wanted},
+    overrides::Overrides,
+    state::State,
+};
 use crate::{
     config::Config,
     health::HealthEvent,
-    keys::BackendKey,
-    neigh::NextHopSource,
+    keys::{BackendKey, VipId},
+    mac::MacAddr,
+    neigh::{Lookup, NeighError, Resolution},
     reconcile::{self, KernelImage, KernelMaps},
 };
 
@@ -26,6 +31,8 @@ pub struct Core<M: KernelMaps> {
     /// What the maps hold, as far as the agent knows.
     pub(super) image: KernelImage,
     pub(super) maps: M,
+    /// What the kernel's tables said last, per backend address.
+    pub(super) resolutions: BTreeMap<Ipv4Addr, Resolution>,
 }
 
 impl<M: KernelMaps> Core<M> {
@@ -44,6 +51,7 @@ impl<M: KernelMaps> Core<M> {
             state,
             image,
             maps,
+            resolutions: BTreeMap::new(),
         }
     }
 
@@ -85,56 +93,114 @@ impl<M: KernelMaps> Core<M> {
             .record_health(&ev.key, ev.up, ev.outcome.to_string())
     }
 
-    /// Finds the next hop of backends that have none yet: primes every
-    /// missing one first, then waits up to `wait` once.
-    pub fn resolve_next_hops(&mut self, source: &mut impl NextHopSource, wait: Duration) {
-        let missing = self.state.unresolved();
-        for k in &missing {
-            source.prime(k.address);
-        }
-        for k in missing {
-            let result = source
-                .next_hop(k.address, self.mac_override(&k), wait)
-                .map_err(|e| e.to_string());
-            if let Ok(nh) = &result
-                && let Err(e) = self.maps.add_tx_port(nh.ifindex)
-            {
-                warn!("TX port {}: {e}", nh.iface);
-            }
-            if let Err(e) = &result
-                && self
-                    .state
-                    .backend(&k)
-                    .and_then(|b| b.next_hop_error.as_ref())
-                    != Some(e)
-            {
-                warn!("backend {k}: {e}; it gets no traffic until resolved");
-            }
-            self.state.set_next_hop(&k, result);
-        }
+    /// The addresses whose next hops the agent must follow.
+    pub fn wanted_next_hops(&self) -> Wanted {
+        nexthops::wanted(&self.cfg)
     }
 
-    fn mac_override(&self, k: &BackendKey) -> Option<[u8; 6]> {
-        self.cfg
+    /// Takes what the kernel's tables say now about some addresses; true
+    /// when the kernel maps need an update.
+    pub fn on_next_hops(&mut self, batch: Batch) -> bool {
+        self.resolutions.extend(batch);
+        self.apply_next_hops()
+    }
+
+    /// Gives every backend the next hop the latest resolutions and its
+    /// `mac` override call for: a changed one replaces the old (egress
+    /// interface made a redirect target first), an unreachable one takes
+    /// the backend out of the ring, a pending one keeps what was known.
+    /// True when the kernel maps need an update.
+    fn apply_next_hops(&mut self) -> bool {
+        let overrides: BTreeMap<BackendKey, [u8; 6]> = self
+            .cfg
             .vips
             .iter()
-            .filter(|v| crate::keys::VipId::of(v) == k.vip)
-            .flat_map(|v| &v.backends)
-            .find(|b| b.address == k.address)
-            .and_then(|b| b.mac)
+            .flat_map(|v| {
+                let vip = VipId::of(v);
+                v.backends.iter().filter_map(move |b| {
+                    let address = b.address;
+                    b.mac.map(|m| (BackendKey { vip, address }, m))
+                })
+            })
+            .collect();
+        let keys: Vec<BackendKey> = self.state.backends().map(|(k, _)| *k).collect();
+        let mut changed = false;
+        for k in keys {
+            let lookup = match self.resolutions.get(&k.address) {
+                Some(r) => r.lookup(k.address, overrides.get(&k).copied()),
+                None => Lookup::Pending(NeighError::Unknown),
+            };
+            changed |= self.apply_lookup(&k, lookup);
+        }
+        changed
+    }
+
+    fn apply_lookup(&mut self, k: &BackendKey, lookup: Lookup) -> bool {
+        let Some(b) = self.state.backend(k) else {
+            return false;
+        };
+        match lookup {
+            Lookup::Found(nh) => {
+                if b.next_hop.as_ref() == Some(&nh) {
+                    return false;
+                }
+                let mac = MacAddr(nh.dst_mac);
+                match &b.next_hop {
+                    Some(old) if (old.ifindex, old.dst_mac) != (nh.ifindex, nh.dst_mac) => info!(
+                        "backend {k}: next hop now {mac} on {} (was {} on ifindex {})",
+                        nh.iface,
+                        MacAddr(old.dst_mac),
+                        old.ifindex
+                    ),
+                    Some(_) => {}
+                    None => info!("backend {k}: reached through {mac} on {}", nh.iface),
+                }
+                if b.next_hop.as_ref().map(|o| o.ifindex) != Some(nh.ifindex)
+                    && let Err(e) = self.maps.add_tx_port(nh.ifindex)
+                {
+                    warn!("TX port {} (ifindex {}): {e}", nh.iface, nh.ifindex);
+                }
+                self.state.set_next_hop(k, Ok(nh))
+            }
+            Lookup::Failed(e) => {
+                let e = e.to_string();
+                if b.next_hop_error.as_ref() != Some(&e) {
+                    warn!("backend {k}: {e}; it gets no traffic until resolved");
+                }
+                self.state.set_next_hop(k, Err(e))
+            }
+            Lookup::Pending(e) => {
+                // Asked again after ARP failed there: the failure stays the
+                // reason shown until an answer comes.
+                let asked_again = match &e {
+                    NeighError::Resolving { addr, iface } => {
+                        let failed = NeighError::Unresolved {
+                            addr: *addr,
+                            iface: iface.clone(),
+                        };
+                        b.next_hop_error.as_deref() == Some(failed.to_string().as_str())
+                    }
+                    _ => false,
+                };
+                if !asked_again {
+                    self.state.note_next_hop_pending(k, e.to_string());
+                }
+                false
+            }
+        }
     }
 
     /// After the configuration changed: ids for new backends, their next
-    /// hops, then the maps.
-    pub fn after_change(
-        &mut self,
-        source: &mut impl NextHopSource,
-        wait: Duration,
-    ) -> anyhow::Result<()> {
+    /// hops as far as known (and `mac` overrides as the file has them
+    /// now), then the maps. The caller gives the follower the new
+    /// [`Core::wanted_next_hops`].
+    pub fn after_change(&mut self) -> anyhow::Result<()> {
         for p in self.state.sync(&self.cfg, &self.image, false) {
             warn!("{p}");
         }
-        self.resolve_next_hops(source, wait);
+        let wanted = self.wanted_next_hops();
+        self.resolutions.retain(|a, _| wanted.contains_key(a));
+        self.apply_next_hops();
         self.reconcile()?;
         Ok(())
     }
@@ -155,8 +221,7 @@ mod tests {
         control::{BackendView, ExplainView, Health, Request},
         fake_maps::FakeMaps,
         health::ProbeOutcome,
-        keys::VipId,
-        neigh::{NeighError, NextHop},
+        neigh::{Egress, Neighbour},
     };
 
     const M: u32 = 251;
@@ -165,46 +230,54 @@ mod tests {
         super::super::state::tests::config(&[(1, backends)], "tcp")
     }
 
-    /// Next hops by the backend address's last byte; absent = no ARP answer.
-    #[derive(Default)]
+    /// The kernel's tables as the follower would report them: next hops by
+    /// the backend address's last byte (absent = ARP failed), all on
+    /// `eth0` (index `ifindex`) unless the address has no route.
     struct FakeNeighbours {
         macs: BTreeMap<u8, u8>,
+        ifindex: u32,
+        no_route: Vec<u8>,
     }
 
     impl FakeNeighbours {
         fn all() -> Self {
             Self {
                 macs: (1..=40).map(|b| (b, b)).collect(),
+                ifindex: 2,
+                no_route: Vec::new(),
             }
         }
-    }
 
-    impl NextHopSource for FakeNeighbours {
-        fn prime(&mut self, _addr: Ipv4Addr) {}
-
-        fn next_hop(
-            &mut self,
-            addr: Ipv4Addr,
-            mac: Option<[u8; 6]>,
-            _wait: Duration,
-        ) -> Result<NextHop, NeighError> {
+        fn resolution(&self, addr: Ipv4Addr) -> Resolution {
             let b = addr.octets()[3];
-            let dst_mac = match (mac, self.macs.get(&b)) {
-                (Some(m), _) => m,
-                (None, Some(&m)) => [2, 0, 0, 0, 0, m],
-                (None, None) => {
-                    return Err(NeighError::Unresolved {
+            if self.no_route.contains(&b) {
+                return Resolution {
+                    egress: Err(NeighError::NoRoute {
                         addr,
-                        iface: "eth0".into(),
-                    });
-                }
-            };
-            Ok(NextHop {
-                iface: "eth0".into(),
-                ifindex: 2,
-                src_mac: [2, 0, 0, 0, 0, 0xfe],
-                dst_mac,
-            })
+                        reason: "Network is unreachable (os error 101)".into(),
+                    }),
+                    neighbour: Neighbour::Missing,
+                };
+            }
+            Resolution {
+                egress: Ok(Egress {
+                    iface: "eth0".into(),
+                    ifindex: self.ifindex,
+                    mac: [2, 0, 0, 0, 0, 0xfe],
+                }),
+                neighbour: match self.macs.get(&b) {
+                    Some(&m) => Neighbour::Known([2, 0, 0, 0, 0, m]),
+                    None => Neighbour::Failed,
+                },
+            }
+        }
+
+        /// What the follower sends for every address `core` follows.
+        fn batch(&self, core: &Core<FakeMaps>) -> Batch {
+            core.wanted_next_hops()
+                .keys()
+                .map(|&a| (a, self.resolution(a)))
+                .collect()
         }
     }
 
@@ -212,7 +285,7 @@ mod tests {
     fn started(cfg: Config, maps: FakeMaps) -> Core<FakeMaps> {
         let image = maps.read_image().unwrap();
         let mut core = Core::new(cfg, maps, image);
-        core.resolve_next_hops(&mut FakeNeighbours::all(), Duration::ZERO);
+        core.on_next_hops(FakeNeighbours::all().batch(&core));
         core.reconcile().unwrap();
         core.assert_true_and_safe();
         core
@@ -253,7 +326,9 @@ mod tests {
 
         fn request(&mut self, req: Request) -> anyhow::Result<()> {
             if self.handle(req)?.changed {
-                self.after_change(&mut FakeNeighbours::all(), Duration::ZERO)?;
+                self.after_change()?;
+                self.on_next_hops(FakeNeighbours::all().batch(self));
+                self.reconcile()?;
             }
             self.assert_true_and_safe();
             Ok(())
@@ -297,6 +372,7 @@ mod tests {
                 state: self.state.clone(),
                 image: self.image.clone(),
                 maps: self.maps.clone(),
+                resolutions: self.resolutions.clone(),
             };
             let writes = copy.maps.writes;
             let h = Core::handle(&mut copy, req)?;
@@ -438,8 +514,7 @@ mod tests {
         assert_eq!(core.cfg, before);
         // The same file without the size change is applied.
         core.apply_reload(config(&[(11, 1)])).unwrap();
-        core.after_change(&mut FakeNeighbours::all(), Duration::ZERO)
-            .unwrap();
+        core.after_change().unwrap();
         core.assert_true_and_safe();
         assert_eq!(core.backends().len(), 1);
     }
@@ -462,8 +537,7 @@ mod tests {
         .unwrap();
         let reload = |core: &mut Core<FakeMaps>, cfg: Config| {
             core.apply_reload(cfg).unwrap();
-            core.after_change(&mut FakeNeighbours::all(), Duration::ZERO)
-                .unwrap();
+            core.after_change().unwrap();
             core.assert_true_and_safe();
         };
         reload(&mut core, file.clone());
@@ -491,7 +565,7 @@ mod tests {
         maps.fail_after = Some(3);
         let image = maps.read_image().unwrap();
         let mut core = Core::new(config(&[(11, 1), (12, 1)]), maps, image);
-        core.resolve_next_hops(&mut FakeNeighbours::all(), Duration::ZERO);
+        core.on_next_hops(FakeNeighbours::all().batch(&core));
         let e = core.reconcile().unwrap_err();
         assert!(e.to_string().contains("injected failure"), "{e:#}");
         core.assert_true_and_safe();
@@ -510,18 +584,173 @@ mod tests {
         let mut core = Core::new(cfg, maps, image);
         let mut arp = FakeNeighbours::all();
         arp.macs.remove(&12);
-        core.resolve_next_hops(&mut arp, Duration::ZERO);
+        core.on_next_hops(arp.batch(&core));
         core.reconcile().unwrap();
         let b = core.backend(12);
         assert_eq!((b.health, b.slots, b.mac), (Health::Unresolved, 0, None));
-        // A later tick finds it.
-        core.resolve_next_hops(&mut FakeNeighbours::all(), Duration::ZERO);
+        assert_eq!(
+            b.next_hop_error.as_deref(),
+            Some("no ARP answer from 198.18.0.12 on eth0")
+        );
+        // An answer comes later.
+        core.on_next_hops(FakeNeighbours::all().batch(&core));
         core.reconcile().unwrap();
         core.assert_true_and_safe();
         let b = core.backend(12);
-        assert_eq!(b.health, Health::Up);
+        assert_eq!((b.health, b.next_hop_error), (Health::Up, None));
         assert_eq!(b.mac.as_deref(), Some("02:00:00:00:00:0c"));
         assert!(core.maps.tx_ports.contains(&2));
+    }
+
+    fn entry_of(core: &Core<FakeMaps>, b: u8) -> lb_common::Backend {
+        core.maps.backends[core.backend(b).id as usize]
+    }
+
+    #[test]
+    fn a_changed_mac_replaces_the_old_one_in_the_backend_entry() {
+        let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
+        let slots = core.backend(12).slots;
+        let mut arp = FakeNeighbours::all();
+        arp.macs.insert(12, 0x99);
+        // Only what changed is reported.
+        let batch: Batch = arp
+            .batch(&core)
+            .into_iter()
+            .filter(|(a, _)| a.octets()[3] == 12)
+            .collect();
+        assert!(core.on_next_hops(batch));
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x99]);
+        assert!(entry_of(&core, 12).is_usable());
+        let b = core.backend(12);
+        assert_eq!(b.mac.as_deref(), Some("02:00:00:00:00:99"));
+        assert_eq!(b.slots, slots, "the ring does not move");
+        // The same answer again changes nothing.
+        assert!(!core.on_next_hops(arp.batch(&core)));
+    }
+
+    #[test]
+    fn a_failed_arp_or_a_lost_route_takes_the_backend_out_with_the_reason() {
+        let mut core = started(
+            config(&[(11, 1), (12, 1), (13, 1)]),
+            FakeMaps::new(4, M, 16),
+        );
+        let mut arp = FakeNeighbours::all();
+        arp.macs.remove(&12);
+        arp.no_route.push(13);
+        assert!(core.on_next_hops(arp.batch(&core)));
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        for (b, why) in [
+            (12, "no ARP answer from 198.18.0.12 on eth0"),
+            (
+                13,
+                "no route to 198.18.0.13: Network is unreachable (os error 101)",
+            ),
+        ] {
+            let v = core.backend(b);
+            assert_eq!((v.health, v.slots), (Health::Unresolved, 0), "{b}");
+            assert_eq!(v.next_hop_error.as_deref(), Some(why));
+            // Its entry stays, unusable: its flows are re-steered.
+            assert!(!entry_of(&core, b).is_usable());
+        }
+        assert_eq!(core.backend(11).slots, M);
+        // Asked again (a health check re-triggers ARP): the failure stays
+        // the reason until an answer comes.
+        let a12 = Ipv4Addr::new(198, 18, 0, 12);
+        let mut r = arp.resolution(a12);
+        r.neighbour = Neighbour::Resolving;
+        assert!(!core.on_next_hops(vec![(a12, r)]));
+        assert_eq!(
+            core.backend(12).next_hop_error.as_deref(),
+            Some("no ARP answer from 198.18.0.12 on eth0")
+        );
+    }
+
+    #[test]
+    fn a_pending_answer_keeps_the_known_next_hop() {
+        let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
+        let mut r = FakeNeighbours::all().resolution(Ipv4Addr::new(198, 18, 0, 12));
+        // The kernel dropped the entry (or re-asks): nothing is known to be
+        // wrong with the MAC the backend has.
+        r.neighbour = Neighbour::Resolving;
+        assert!(!core.on_next_hops(vec![(Ipv4Addr::new(198, 18, 0, 12), r)]));
+        let b = core.backend(12);
+        assert_eq!((b.health, b.next_hop_error), (Health::Up, None));
+        assert!(b.slots > 0);
+    }
+
+    #[test]
+    fn a_recreated_egress_interface_gets_its_tx_port_and_the_new_ifindex() {
+        let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
+        // Deleted: its route is gone.
+        let mut gone = FakeNeighbours::all();
+        gone.no_route = vec![11, 12];
+        assert!(core.on_next_hops(gone.batch(&core)));
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        assert!(core.backends().iter().all(|b| b.slots == 0));
+        // Re-created under another index.
+        let mut again = FakeNeighbours::all();
+        again.ifindex = 9;
+        assert!(core.on_next_hops(again.batch(&core)));
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        assert!(core.maps.tx_ports.contains(&9));
+        assert_eq!(entry_of(&core, 11).ifindex, 9);
+        assert!(
+            core.backends()
+                .iter()
+                .all(|b| b.slots > 0 && b.health == Health::Up)
+        );
+    }
+
+    #[test]
+    fn a_mac_override_changed_in_the_file_applies_on_reload() {
+        let mut cfg = config(&[(11, 1), (12, 1)]);
+        cfg.vips[0].backends[1].mac = Some([2, 0, 0, 0, 0, 0x77]);
+        let mut core = started(cfg.clone(), FakeMaps::new(4, M, 16));
+        assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x77]);
+        let addr = Ipv4Addr::new(198, 18, 0, 12);
+        assert_eq!(core.wanted_next_hops().get(&addr), Some(&false), "no ARP");
+        cfg.vips[0].backends[1].mac = Some([2, 0, 0, 0, 0, 0x78]);
+        core.apply_reload(cfg.clone()).unwrap();
+        core.after_change().unwrap();
+        core.assert_true_and_safe();
+        assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x78]);
+        // Dropped from the file: the neighbour table's MAC again.
+        cfg.vips[0].backends[1].mac = None;
+        core.apply_reload(cfg).unwrap();
+        core.after_change().unwrap();
+        core.assert_true_and_safe();
+        assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 12]);
+        assert_eq!(core.wanted_next_hops().get(&addr), Some(&true));
+    }
+
+    #[test]
+    fn a_backend_added_at_a_known_address_gets_its_next_hop_at_once() {
+        let mut core = started(
+            super::super::state::tests::config(&[(1, &[(11, 1)]), (2, &[(12, 1)])], "none"),
+            FakeMaps::new(4, M, 16),
+        );
+        // 12 is known (VIP 2's backend); VIP 1 gains it, no new answer.
+        let mut cfg = core.file.clone();
+        let b12 = cfg.vips[1].backends[0].clone();
+        cfg.vips[0].backends.push(b12);
+        core.apply_reload(cfg).unwrap();
+        core.after_change().unwrap();
+        core.assert_true_and_safe();
+        let v1: Vec<BackendView> = core
+            .backends()
+            .into_iter()
+            .filter(|b| b.vip == "v1")
+            .collect();
+        assert_eq!(v1.len(), 2);
+        assert!(
+            v1.iter().all(|b| b.health == Health::Up && b.slots > 0),
+            "{v1:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod core;
 pub mod links;
 pub mod lock;
+pub mod nexthops;
 pub mod overrides;
 pub mod requests;
 pub mod state;
@@ -22,17 +23,23 @@ use anyhow::{Context as _, bail};
 use log::{info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
-use self::{core::Core, links::Links, lock::InstanceLock, requests::Handled, stats::Stats};
+use self::{
+    core::Core,
+    links::Links,
+    lock::InstanceLock,
+    nexthops::{Batch, Wanted},
+    requests::Handled,
+    stats::Stats,
+};
 use crate::{
     config::{Config, XdpModeSetting},
     control::{self, ControlMsg, Reply, Request, SocketAccess, StatusView},
     datapath::{self, Datapath, MapSizes},
     health::{CheckTarget, Checkers, HealthEvent},
     keys::{BackendKey, VipId},
-    neigh::KernelTables,
     reconcile::KernelMaps,
     timing,
 };
@@ -60,6 +67,8 @@ pub struct Agent {
     opts: RunOptions,
     links: Links,
     checkers: Checkers,
+    /// The addresses the next-hop follower follows.
+    next_hops: watch::Sender<Wanted>,
     stats: Stats,
     started: Instant,
     restored: bool,
@@ -68,11 +77,14 @@ pub struct Agent {
 impl Agent {
     /// Brings up the data path for `cfg`. Nothing is touched when the
     /// command line is invalid; a start that fails half-way removes what it
-    /// created (maps pinned by this start, links it attached).
+    /// created (maps pinned by this start, links it attached). `known`:
+    /// the next hops the follower reported so far.
     pub fn start(
         cfg: Config,
         opts: RunOptions,
         health_tx: mpsc::UnboundedSender<HealthEvent>,
+        next_hops: watch::Sender<Wanted>,
+        known: Batch,
     ) -> anyhow::Result<Self> {
         let interfaces = if opts.interfaces.is_empty() {
             cfg.agent.start.interfaces.clone()
@@ -106,7 +118,7 @@ impl Agent {
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);
-        let started = Self::bring_up(cfg, dp, &interfaces, setting);
+        let started = Self::bring_up(cfg, dp, &interfaces, setting, known);
         let (core, links) = match started {
             Ok(x) => x,
             Err(failed) => {
@@ -134,6 +146,7 @@ impl Agent {
             opts: RunOptions { interfaces, ..opts },
             links,
             checkers: Checkers::new(health_tx),
+            next_hops,
             stats: Stats::default(),
             started: Instant::now(),
             restored,
@@ -149,6 +162,7 @@ impl Agent {
         dp: Datapath,
         interfaces: &[String],
         setting: XdpModeSetting,
+        known: Batch,
     ) -> Result<(Core<Datapath>, Links), FailedStart> {
         let image = match dp.read_image() {
             Ok(i) => i,
@@ -158,7 +172,7 @@ impl Agent {
             }
         };
         let mut core = Core::new(cfg, dp, image);
-        core.resolve_next_hops(&mut KernelTables, timing::NEXT_HOP_WAIT_AT_START);
+        core.on_next_hops(known);
         let links = core
             .reconcile()
             .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
@@ -196,9 +210,13 @@ impl Agent {
 
     /// After the configuration changed (request, reload).
     fn after_change(&mut self) -> anyhow::Result<()> {
-        let r = self
-            .core
-            .after_change(&mut KernelTables, timing::NEXT_HOP_WAIT_ON_CHANGE);
+        let r = self.core.after_change();
+        let wanted = self.core.wanted_next_hops();
+        self.next_hops.send_if_modified(|w| {
+            let changed = *w != wanted;
+            *w = wanted;
+            changed
+        });
         self.sync_checkers();
         r
     }
@@ -259,11 +277,8 @@ impl Agent {
         }
     }
 
-    /// Housekeeping once a tick: retry unresolved next hops and failed
-    /// writes, sample counters.
+    /// Housekeeping once a tick: retry failed writes, sample counters.
     fn tick(&mut self) {
-        self.core
-            .resolve_next_hops(&mut KernelTables, std::time::Duration::ZERO);
         if let Err(e) = self.core.reconcile() {
             warn!("{e:#}");
         }
@@ -311,7 +326,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let socket = cfg.agent.start.control_socket.clone();
     let listener = control::bind(&socket, &access)?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
-    let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
+    // Next hops are followed off the event loop, all backends at once; the
+    // start waits (bounded) for those the kernel can answer.
+    let wanted = nexthops::wanted(&cfg);
+    let (wanted_tx, wanted_rx) = watch::channel(wanted.clone());
+    let (nh_tx, mut nh_rx) = mpsc::unbounded_channel();
+    let known = match nexthops::spawn(wanted_rx, nh_tx) {
+        Ok(()) => {
+            nexthops::first_answers(&mut nh_rx, &wanted, timing::NEXT_HOP_WAIT_AT_START).await
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(
+                anyhow::Error::from(e).context("opening rtnetlink sockets to follow next hops")
+            );
+        }
+    };
+    let mut agent = Agent::start(cfg, opts, health_tx, wanted_tx, known).inspect_err(|_| {
         let _ = std::fs::remove_file(&socket);
     })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
@@ -334,6 +365,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => agent.on_sighup(),
+            Some(batch) = nh_rx.recv() => {
+                if agent.core.on_next_hops(batch) && let Err(e) = agent.core.reconcile() {
+                    warn!("{e:#}");
+                }
+            }
             Some(ev) = health_rx.recv() => {
                 if agent.core.on_health(ev) && let Err(e) = agent.core.reconcile() {
                     warn!("{e:#}");

@@ -259,6 +259,7 @@ impl<M: KernelMaps> Core<M> {
                         .as_ref()
                         .map(|n| MacAddr(n.dst_mac).to_string()),
                     iface: status.next_hop.as_ref().map(|n| n.iface.clone()),
+                    next_hop_error: status.next_hop_error.clone(),
                 });
             }
         }

@@ -82,10 +82,18 @@ impl State {
         for (&id, b) in &kernel.backends {
             if let Some(&vip) = by_index.get(&b.vip_index) {
                 let address = Ipv4Addr::from(u32::from_be(b.addr));
-                state.backends.insert(
-                    BackendKey { vip, address },
-                    BackendStatus::new(id, b.is_usable()),
-                );
+                let mut status = BackendStatus::new(id, b.is_usable());
+                // The next hop it was given stays until the kernel's
+                // tables say otherwise.
+                if b.ifindex != 0 && b.dst_mac != [0; 6] {
+                    status.next_hop = Some(NextHop {
+                        iface: String::new(),
+                        ifindex: b.ifindex,
+                        src_mac: b.src_mac,
+                        dst_mac: b.dst_mac,
+                    });
+                }
+                state.backends.insert(BackendKey { vip, address }, status);
             }
         }
         state
@@ -171,16 +179,27 @@ impl State {
         std::mem::replace(&mut b.up, up) != up
     }
 
-    /// Records how `key` is reached now, or why that is unknown.
-    pub fn set_next_hop(&mut self, key: &BackendKey, next_hop: Result<NextHop, String>) {
-        if let Some(b) = self.backends.get_mut(key) {
-            match next_hop {
-                Ok(nh) => {
-                    b.next_hop = Some(nh);
-                    b.next_hop_error = None;
-                }
-                Err(e) => b.next_hop_error = Some(e),
-            }
+    /// Records how `key` is reached now, or why it cannot be (then it is
+    /// out of the ring until it can). True when the next hop changed.
+    pub fn set_next_hop(&mut self, key: &BackendKey, next_hop: Result<NextHop, String>) -> bool {
+        let Some(b) = self.backends.get_mut(key) else {
+            return false;
+        };
+        let (nh, error) = match next_hop {
+            Ok(nh) => (Some(nh), None),
+            Err(e) => (None, Some(e)),
+        };
+        b.next_hop_error = error;
+        std::mem::replace(&mut b.next_hop, nh) != b.next_hop
+    }
+
+    /// Records why `key`'s next hop is not known yet, when it is not: a
+    /// known one stays.
+    pub fn note_next_hop_pending(&mut self, key: &BackendKey, why: String) {
+        if let Some(b) = self.backends.get_mut(key)
+            && b.next_hop.is_none()
+        {
+            b.next_hop_error = Some(why);
         }
     }
 
@@ -466,6 +485,16 @@ pub(crate) mod tests {
         let again = State::adopt(&cfg, &kernel);
         assert!(again.backend(&key(1, 11)).unwrap().up);
         assert!(!again.backend(&key(1, 12)).unwrap().up);
+        // And the next hop it was given, until the kernel's tables speak:
+        // a restart moves no backend out of the ring.
+        let nh = again
+            .backend(&key(1, 11))
+            .unwrap()
+            .next_hop
+            .clone()
+            .unwrap();
+        assert_eq!((nh.ifindex, nh.dst_mac), (2, [2, 0, 0, 0, 0, 11]));
+        assert_eq!(again.target(&cfg).unwrap(), kernel);
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! Follows the kernel's tables for the backends' next hops, off the event
+//! loop: a task subscribed to rtnetlink neighbour, route and link events
+//! that keeps what it learnt per backend address and sends what changed to
+//! the event loop as a [`Batch`] (the core turns it into next hops and
+//! backend entries).
+//!
+//! - A neighbour event for a followed address is applied at once (a MAC
+//!   that changed, an ARP that failed).
+//! - A route or link event (an interface deleted, re-created, renamed, its
+//!   MAC changed; a route added or removed), lost events and the periodic
+//!   refresh re-read the tables: every route is looked up again.
+//! - An address with no neighbour entry is probed (a datagram makes the
+//!   kernel send an ARP request; the answer or the failure comes back as an
+//!   event), all of them at once and never more than once per
+//!   [`timing::NEXT_HOP_PROBE_MIN_INTERVAL`]; the periodic refresh probes
+//!   failed ones again.
+//! - A failure to ask the kernel (not an answer about an address) changes
+//!   nothing: what was known stays until the next refresh.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, UdpSocket},
+    time::Instant,
+};
+
+use futures_util::{Stream, StreamExt, stream};
+use log::{debug, warn};
+use tokio::{
+    sync::{mpsc, watch},
+    time::sleep_until,
+};
+
+use crate::{
+    config::Config,
+    neigh::{Egress, Link, NeighError, Neighbour, Resolution, TableEvent, Tables},
+    timing,
+};
+
+/// The addresses to follow: backend address → whether its MAC is to be
+/// resolved (false: every backend at that address has a `mac` override,
+/// only its route matters).
+pub type Wanted = BTreeMap<Ipv4Addr, bool>;
+
+/// What changed, per address.
+pub type Batch = Vec<(Ipv4Addr, Resolution)>;
+
+/// The addresses `cfg`'s backends need followed.
+pub fn wanted(cfg: &Config) -> Wanted {
+    let mut w = Wanted::new();
+    for b in cfg.vips.iter().flat_map(|v| &v.backends) {
+        *w.entry(b.address).or_default() |= b.mac.is_none();
+    }
+    w
+}
+
+/// Starts following `wanted` (updated through the watch channel); batches
+/// go to `tx`. Fails only when rtnetlink sockets cannot be opened.
+pub fn spawn(
+    wanted: watch::Receiver<Wanted>,
+    tx: mpsc::UnboundedSender<Batch>,
+) -> std::io::Result<()> {
+    let events = Tables::subscribe()?;
+    let tables = Tables::connect()?;
+    let probe = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .inspect_err(|e| {
+            warn!("no socket to send ARP probes from ({e}): resolution waits for the kernel")
+        })
+        .ok();
+    let follower = Follower {
+        tables,
+        wanted: wanted.borrow().clone(),
+        links: BTreeMap::new(),
+        routes: BTreeMap::new(),
+        neighbours: BTreeMap::new(),
+        sent: BTreeMap::new(),
+        probed: BTreeMap::new(),
+        probe,
+        tx,
+    };
+    tokio::spawn(follower.run(wanted, events));
+    Ok(())
+}
+
+/// Collects batches until every address that needs ARP has an answer (a
+/// MAC or a failure) or `wait` has passed: the next hops known at start.
+pub async fn first_answers(
+    rx: &mut mpsc::UnboundedReceiver<Batch>,
+    wanted: &Wanted,
+    wait: std::time::Duration,
+) -> Batch {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut got: BTreeMap<Ipv4Addr, Resolution> = BTreeMap::new();
+    let done = |got: &BTreeMap<Ipv4Addr, Resolution>| {
+        wanted
+            .iter()
+            .all(|(a, &arp)| got.get(a).is_some_and(|r| !r.is_pending(arp)))
+    };
+    while !done(&got) {
+        tokio::select! {
+            b = rx.recv() => match b {
+                Some(b) => got.extend(b),
+                None => break,
+            },
+            _ = sleep_until(deadline) => break,
+        }
+    }
+    got.into_iter().collect()
+}
+
+struct Follower {
+    tables: Tables,
+    wanted: Wanted,
+    links: BTreeMap<u32, Link>,
+    /// Per address: the egress interface index, or why there is none.
+    routes: BTreeMap<Ipv4Addr, Result<u32, NeighError>>,
+    /// Neighbour entries of followed addresses: (ifindex, address).
+    neighbours: BTreeMap<(u32, Ipv4Addr), Neighbour>,
+    /// What the event loop was last told, per address.
+    sent: BTreeMap<Ipv4Addr, Resolution>,
+    probed: BTreeMap<Ipv4Addr, Instant>,
+    probe: Option<UdpSocket>,
+    tx: mpsc::UnboundedSender<Batch>,
+}
+
+impl Follower {
+    async fn run(
+        mut self,
+        mut wanted_rx: watch::Receiver<Wanted>,
+        events: impl Stream<Item = TableEvent> + Unpin,
+    ) {
+        let mut events = Some(events);
+        let mut refresh = tokio::time::interval(timing::NEXT_HOP_REFRESH);
+        // The first tick is now: the first full round.
+        let mut reread_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                r = wanted_rx.changed() => {
+                    if r.is_err() {
+                        return; // the agent is gone
+                    }
+                    self.wanted = wanted_rx.borrow_and_update().clone();
+                    self.full_round(false).await;
+                }
+                ev = async { events.as_mut()?.next().await }, if events.is_some() => match ev {
+                    Some(TableEvent::Neighbour { ifindex, addr, entry }) => {
+                        if self.wanted.contains_key(&addr) {
+                            match entry {
+                                Some(n) => self.neighbours.insert((ifindex, addr), n),
+                                None => self.neighbours.remove(&(ifindex, addr)),
+                            };
+                            self.emit(false);
+                        }
+                    }
+                    Some(TableEvent::Routes | TableEvent::Overrun) => {
+                        // Changes come in bursts (an interface re-created:
+                        // link, addresses, routes): read once after them.
+                        reread_at.get_or_insert(tokio::time::Instant::now() + timing::NEXT_HOP_SETTLE);
+                    }
+                    Some(TableEvent::Other) => {}
+                    None => {
+                        warn!("the rtnetlink event socket closed: next hops are re-read every {:?} only", timing::NEXT_HOP_REFRESH);
+                        events = None;
+                    }
+                },
+                _ = async { sleep_until(reread_at.unwrap_or_else(tokio::time::Instant::now)).await }, if reread_at.is_some() => {
+                    reread_at = None;
+                    self.full_round(false).await;
+                }
+                _ = refresh.tick() => self.full_round(true).await,
+            }
+        }
+    }
+
+    /// Re-reads links, neighbours and every followed route, then tells
+    /// what changed. `reprobe_failed`: ask again where ARP failed.
+    async fn full_round(&mut self, reprobe_failed: bool) {
+        let (links, neighbours) = tokio::join!(self.tables.links(), self.tables.neighbours());
+        let (links, neighbours) = match (links, neighbours) {
+            (Ok(l), Ok(n)) => (l, n),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("reading the kernel's tables for next hops: {e}; what was known stays");
+                return;
+            }
+        };
+        self.links = links;
+        self.neighbours = neighbours
+            .into_iter()
+            .filter(|((_, a), _)| self.wanted.contains_key(a))
+            .collect();
+        let tables = &self.tables;
+        let routes: Vec<_> = stream::iter(self.wanted.keys().copied())
+            .map(|a| async move { (a, tables.route(a).await) })
+            .buffer_unordered(timing::NEXT_HOP_CONCURRENT_LOOKUPS)
+            .collect()
+            .await;
+        for (a, r) in routes {
+            match r {
+                Ok(r) => {
+                    self.routes.insert(a, r);
+                }
+                Err(e) => warn!("route lookup for {a}: {e}; what was known stays"),
+            }
+        }
+        let wanted = &self.wanted;
+        self.routes.retain(|a, _| wanted.contains_key(a));
+        self.probed.retain(|a, _| wanted.contains_key(a));
+        self.emit(reprobe_failed);
+    }
+
+    fn resolution(&self, addr: Ipv4Addr) -> Option<Resolution> {
+        let route = self.routes.get(&addr)?;
+        let egress = route.clone().and_then(|ifindex| {
+            self.links
+                .get(&ifindex)
+                .map(|l| Egress {
+                    iface: l.name.clone(),
+                    ifindex,
+                    mac: l.mac,
+                })
+                .ok_or(NeighError::NoInterface { addr, ifindex })
+        });
+        let neighbour = match &egress {
+            Ok(e) => self
+                .neighbours
+                .get(&(e.ifindex, addr))
+                .copied()
+                .unwrap_or(Neighbour::Missing),
+            Err(_) => Neighbour::Missing,
+        };
+        Some(Resolution { egress, neighbour })
+    }
+
+    /// Probes what needs it and sends what changed since last time.
+    fn emit(&mut self, reprobe_failed: bool) {
+        let mut batch = Batch::new();
+        let mut probe = Vec::new();
+        for (&a, &needs_arp) in &self.wanted {
+            let Some(r) = self.resolution(a) else {
+                continue;
+            };
+            if needs_arp
+                && r.egress.is_ok()
+                && (r.neighbour == Neighbour::Missing
+                    || (reprobe_failed && r.neighbour == Neighbour::Failed))
+            {
+                probe.push(a);
+            }
+            if self.sent.get(&a) != Some(&r) {
+                self.sent.insert(a, r.clone());
+                batch.push((a, r));
+            }
+        }
+        let wanted = &self.wanted;
+        self.sent.retain(|a, _| wanted.contains_key(a));
+        for a in probe {
+            self.probe(a);
+        }
+        if !batch.is_empty() {
+            debug!("next hops: {} address(es) changed", batch.len());
+            let _ = self.tx.send(batch);
+        }
+    }
+
+    fn probe(&mut self, addr: Ipv4Addr) {
+        let now = Instant::now();
+        if self
+            .probed
+            .get(&addr)
+            .is_some_and(|t| now.duration_since(*t) < timing::NEXT_HOP_PROBE_MIN_INTERVAL)
+        {
+            return;
+        }
+        if let Some(s) = &self.probe {
+            Tables::probe(s, addr);
+            self.probed.insert(addr, now);
+        }
+    }
+}
