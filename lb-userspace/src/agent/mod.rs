@@ -26,10 +26,11 @@ use tokio::{
 
 use self::{core::Core, links::Links, requests::Handled, stats::Stats};
 use crate::{
+    budget::Budget,
     config::{Config, XdpModeSetting},
     control::{self, ControlMsg, Reply, Request, StatusView},
     datapath::{self, Datapath, MapSizes},
-    health::{CheckTarget, Checkers, HealthEvent},
+    health::{CheckTarget, Checkers, HealthEvent, ProbeLimit},
     keys::{BackendKey, VipId},
     neigh::KernelTables,
     reconcile::KernelMaps,
@@ -69,6 +70,7 @@ impl Agent {
         cfg: Config,
         opts: RunOptions,
         health_tx: mpsc::UnboundedSender<HealthEvent>,
+        probe_limit: ProbeLimit,
     ) -> anyhow::Result<Self> {
         let interfaces = if opts.interfaces.is_empty() {
             cfg.agent.start.interfaces.clone()
@@ -126,7 +128,7 @@ impl Agent {
             core,
             opts: RunOptions { interfaces, ..opts },
             links,
-            checkers: Checkers::new(health_tx),
+            checkers: Checkers::new(health_tx, probe_limit),
             stats: Stats::default(),
             started: Instant::now(),
             restored,
@@ -284,6 +286,7 @@ impl Agent {
 /// `lb run`: runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
+    let budget = Budget::at_start(cfg.vips.iter().map(|v| v.backends.len()).sum());
     // Everything that can fail without the kernel comes first: a start
     // that fails after attaching must not happen for a taken port.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -300,7 +303,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let socket = cfg.agent.start.control_socket.clone();
     let listener = control::bind(&socket)?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
-    let mut agent = Agent::start(cfg, opts, health_tx).inspect_err(|_| {
+    let probe_limit = ProbeLimit::new(budget.probes);
+    let mut agent = Agent::start(cfg, opts, health_tx, probe_limit).inspect_err(|_| {
         let _ = std::fs::remove_file(&socket);
     })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
@@ -309,7 +313,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         if let Ok(addr) = l.local_addr() {
             info!("metrics on http://{addr}/metrics");
         }
-        tokio::spawn(crate::metrics::serve(l, agent.stats.subscribe()));
+        tokio::spawn(crate::metrics::serve(
+            l,
+            agent.stats.subscribe(),
+            budget.metrics_connections,
+        ));
     }
     let mut tick = tokio::time::interval(timing::TICK);
     info!(
