@@ -26,3 +26,6 @@ pub const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const METRICS_ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// Refused metrics connections are logged at most this often.
 pub const METRICS_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most health results recorded before one reconcile (the rest wait for
+/// the next turn of the event loop, so requests are not starved).
+pub const HEALTH_BATCH_MAX: usize = 4096;

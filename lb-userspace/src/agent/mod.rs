@@ -255,11 +255,11 @@ impl Agent {
     }
 
     /// Housekeeping once a tick: retry unresolved next hops and failed
-    /// writes, sample counters.
+    /// writes (no reconcile when nothing changed), sample counters.
     fn tick(&mut self) {
         self.core
             .resolve_next_hops(&mut KernelTables, std::time::Duration::ZERO);
-        if let Err(e) = self.core.reconcile() {
+        if let Some(Err(e)) = self.core.reconcile_if_needed() {
             warn!("{e:#}");
         }
         self.stats.sample(&self.core);
@@ -332,7 +332,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sighup.recv() => agent.on_sighup(),
             Some(ev) = health_rx.recv() => {
-                if agent.core.on_health(ev) && let Err(e) = agent.core.reconcile() {
+                // Coalesced: every result queued by now, then one reconcile.
+                let mut batch = vec![ev];
+                while batch.len() < timing::HEALTH_BATCH_MAX
+                    && let Ok(ev) = health_rx.try_recv()
+                {
+                    batch.push(ev);
+                }
+                if agent.core.on_health_batch(batch) && let Err(e) = agent.core.reconcile() {
                     warn!("{e:#}");
                 }
             }
