@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use lb::datapath::{Datapath, MapSizes};
 use lb_tests::{
     agent::{AgentPaths, LbAgent, METRICS_LISTEN, VipSpec, render_config},
     netns::Topology,
@@ -161,5 +162,47 @@ fn idle_metrics_flood_under_a_small_fd_limit_takes_nothing_down() -> Result<()> 
         }
     }
     drop(flood);
+    Ok(())
+}
+
+#[test]
+fn ring_writes_in_one_batch_hold_what_single_writes_hold() -> Result<()> {
+    require_root();
+    const M: u32 = 65_537;
+    let sizes = MapSizes {
+        max_vips: 2,
+        max_backends: 1000,
+        ring_size: M,
+        conntrack_entries: 1024,
+    };
+    let mut dp = Datapath::load_private(sizes)?;
+    // A full ring for 1000 backends, then one with every slot changed.
+    let first: Vec<(u32, u32)> = (0..M).map(|s| (s, 1 + s % 1000)).collect();
+    let second: Vec<(u32, u32)> = (0..M).map(|s| (s, 1 + (s + 7) % 1000)).collect();
+    let t = Instant::now();
+    dp.write_ring(M, first.iter().copied())?;
+    let batched = t.elapsed();
+    ensure!(dp.batch_writes(), "the kernel refused BPF_MAP_UPDATE_BATCH");
+    ensure!(
+        dp.read_ring(M, M)? == first.iter().map(|s| s.1).collect::<Vec<_>>(),
+        "the batch write left other contents"
+    );
+    ensure!(
+        dp.read_ring(0, M)?.iter().all(|&id| id == 0),
+        "the batch write touched another VIP's ring"
+    );
+    dp.set_batch_writes(false);
+    let t = Instant::now();
+    dp.write_ring(M, second.iter().copied())?;
+    let single = t.elapsed();
+    ensure!(dp.read_ring(M, M)? == second.iter().map(|s| s.1).collect::<Vec<_>>());
+    // Out of range: an error, nothing written.
+    dp.set_batch_writes(true);
+    ensure!(dp.write_ring(M, [(0, 5), (M, 5)]).is_err());
+    ensure!(dp.read_ring(M, 1)? == vec![second[0].1]);
+    eprintln!(
+        "writing {M} ring slots: {batched:?} in one BPF_MAP_UPDATE_BATCH, {single:?} one \
+         BPF_MAP_UPDATE_ELEM each"
+    );
     Ok(())
 }
