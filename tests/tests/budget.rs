@@ -1,11 +1,14 @@
 //! The agent's resource budget, in network namespaces with the real agent:
 //! a flood of idle metrics connections under a small file-descriptor limit
 //! takes no backend down, stops no traffic and does not make the agent
-//! spin. Needs root.
+//! spin; half of 1000 backends checked every 50 ms failing at once is
+//! applied in a few reconciles while the CLI stays responsive; ring writes
+//! in one batch. Needs root.
 
 use std::{
+    fmt::Write as _,
     io::{Read, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +17,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb::datapath::{Datapath, MapSizes};
 use lb_tests::{
     agent::{AgentPaths, LbAgent, METRICS_LISTEN, VipSpec, render_config},
-    netns::Topology,
+    netns::{ChildGuard, Topology},
     require_root,
     servers::{ServerKind, http_get_from, spawn_on_backends},
 };
@@ -204,5 +207,225 @@ fn ring_writes_in_one_batch_hold_what_single_writes_hold() -> Result<()> {
         "writing {M} ring slots: {batched:?} in one BPF_MAP_UPDATE_BATCH, {single:?} one \
          BPF_MAP_UPDATE_ELEM each"
     );
+    Ok(())
+}
+
+/// Backends in the mass-failure test: `LB_TEST_MANY_BACKENDS`, else 1000.
+fn many_backends() -> usize {
+    std::env::var("LB_TEST_MANY_BACKENDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+/// The `i`-th extra address behind backend namespace `side` (0 or 1):
+/// 198.18.252.0/23 and 198.18.254.0/23, local addresses of that namespace,
+/// routed in the lb namespace through its veth address.
+fn extra_addr(side: usize, i: usize) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(198, 18, 252 + 2 * side as u8, 1));
+    Ipv4Addr::from(base + i as u32)
+}
+
+/// `lb backend drain`, timed.
+fn timed_drain(agent: &LbAgent, addr: Ipv4Addr) -> Result<Duration> {
+    let t = Instant::now();
+    agent.cli_ok(&["backend", "drain", "web", &addr.to_string()])?;
+    Ok(t.elapsed())
+}
+
+fn down_count(agent: &LbAgent, side: &[String]) -> Result<usize> {
+    let list = agent.json(&["backend", "list"])?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            side.iter().any(|a| b["address"] == a.as_str())
+                && b["health"] == "down"
+                && b["slots"].as_u64() == Some(0)
+        })
+        .count())
+}
+
+/// Seconds since midnight UTC of an agent log line
+/// (`[2026-12-02T18:20:36.421Z ...`).
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let t = line.get(line.find('T')? + 1..)?;
+    let t = t.get(..t.find('Z')?)?;
+    let mut f = t.split(':');
+    let (h, m, s) = (f.next()?, f.next()?, f.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+#[test]
+fn half_of_a_thousand_backends_failing_at_once_is_applied_in_few_reconciles() -> Result<()> {
+    require_root();
+    let n = many_backends();
+    ensure!(
+        (4..=1000).contains(&n),
+        "LB_TEST_MANY_BACKENDS must be in 4..=1000"
+    );
+    let half = n / 2;
+    let topo = Topology::with_backends(2)?;
+    ensure!(
+        topo.index() < 252,
+        "topology index {} collides with the extra range",
+        topo.index()
+    );
+    let mut servers: Vec<Option<ChildGuard>> = spawn_on_backends(&topo, ServerKind::Http, PORT)?
+        .into_iter()
+        .map(Some)
+        .collect();
+    // Backend namespace `side` holds `half` local addresses; the lb
+    // namespace reaches them through it (no neighbour entry each: lb gets
+    // their MAC from the config, the kernel's checks go through the
+    // namespace's veth address as a gateway).
+    let mut sides: Vec<Vec<String>> = Vec::new();
+    for side in 0..2 {
+        let addrs: Vec<Ipv4Addr> = (0..half).map(|i| extra_addr(side, i)).collect();
+        let batch: String = addrs
+            .iter()
+            .map(|a| format!("addr add {a}/32 dev lo\n"))
+            .collect();
+        let file = std::env::temp_dir().join(format!("lb-budget-{}-{side}.ip", std::process::id()));
+        std::fs::write(&file, batch)?;
+        let r = topo
+            .backend_ns(side)
+            .ip(["-batch", &file.to_string_lossy()]);
+        let _ = std::fs::remove_file(&file);
+        r?;
+        let net = format!("{}/23", extra_addr(side, 0));
+        let net = net.replace(".1/23", ".0/23");
+        topo.lb_ns().ip([
+            "route",
+            "add",
+            &net,
+            "via",
+            &topo.backend_addr(side).to_string(),
+        ])?;
+        sides.push(addrs.iter().map(|a| a.to_string()).collect());
+    }
+    let paths = AgentPaths::new()?;
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "[agent]\ninstance = \"{}\"\ninterfaces = [\"{}\"]\ncontrol_socket = \"{}\"\n\
+         max_vips = 2\nmax_backends = {}\nconntrack_entries = 4096\n\n\
+         [[vip]]\nname = \"web\"\naddress = \"{}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+         [vip.health_check]\nkind = \"tcp\"\ninterval_ms = 50\ntimeout_ms = 50\nrise = 2\nfall = 3\n",
+        paths.instance,
+        topo.lb_iface(),
+        paths.socket.display(),
+        n + 8,
+        topo.vip()
+    );
+    for (side, addrs) in sides.iter().enumerate() {
+        let mac = lb::mac::MacAddr(topo.backend_mac(side));
+        for a in addrs {
+            let _ = writeln!(
+                text,
+                "[[vip.backend]]\naddress = \"{a}\"\nmac = \"{mac}\"\n"
+            );
+        }
+    }
+    let t = Instant::now();
+    let agent = LbAgent::start_with(topo.lb_ns(), paths, &text, &[])?;
+    let start_up = t.elapsed();
+    // Stable: every backend up, and still so a moment later.
+    let all: Vec<String> = sides.concat();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = agent.json(&["backend", "list"])?;
+        let up = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["health"] == "up")
+            .count();
+        if up == all.len() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{up} of {} backends up after 30 s:\n{}",
+            all.len(),
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        !agent.log_text().contains("DOWN"),
+        "a backend went down before the test:\n{}",
+        agent.log_text()
+    );
+    let drain_idle = timed_drain(&agent, extra_addr(0, 0))?;
+    let log_before = agent.log_text().len();
+
+    // Side 1's server dies: `half` backends fail their checks together.
+    let t0 = Instant::now();
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        % 86_400.0;
+    servers[1].take().context("server 1")?.kill()?;
+    thread::sleep(Duration::from_millis(100));
+    let drain_busy = timed_drain(&agent, extra_addr(0, 1))?;
+    let failover = loop {
+        let down = down_count(&agent, &sides[1])?;
+        if down == half {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{down} of {half} backends out of the ring 60 s after their server died"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let log = agent.log_text();
+    let after = &log[log_before.min(log.len())..];
+    let reconciles = after.lines().filter(|l| l.contains("reconciled:")).count();
+    let downs = after.lines().filter(|l| l.contains("DOWN after")).count();
+    eprintln!(
+        "{n} backends, TCP checks every 50 ms (fall 3): start-up (to the first answer of lb \
+         status) {start_up:?}; lb backend drain {drain_idle:?} idle, {drain_busy:?} while \
+         {half} backends fail; all {half} out of the ring {failover:?} after their server \
+         died, in {reconciles} reconciles ({downs} DOWN transitions logged)"
+    );
+    // The agent's own view: from the kill to the end of the last
+    // reconcile (log timestamps, UTC, millisecond resolution).
+    let applied = after
+        .lines()
+        .filter(|l| l.contains("reconciled:"))
+        .filter_map(log_time_of_day)
+        .next_back()
+        .map(|t| Duration::from_secs_f64((t - killed_at).rem_euclid(86_400.0)));
+    eprintln!("  in the agent's log: last reconcile {applied:?} after the kill");
+    ensure!(
+        downs >= half,
+        "{downs} DOWN lines for {half} failed backends"
+    );
+    ensure!(
+        reconciles <= half / 5 + 2,
+        "{reconciles} reconciles for {half} transitions: not coalesced"
+    );
+    ensure!(
+        failover < Duration::from_secs(15),
+        "failover of {half} backends took {failover:?}"
+    );
+    ensure!(
+        drain_busy < Duration::from_secs(2),
+        "lb backend drain took {drain_busy:?} during the failure"
+    );
+    // Side 0 kept every backend (but the two drained ones, up and out of
+    // the ring).
+    let list = agent.json(&["backend", "list"])?;
+    let side0_up = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| sides[0].iter().any(|a| b["address"] == a.as_str()) && b["health"] == "up")
+        .count();
+    ensure!(side0_up == half, "{side0_up} of {half} healthy backends up");
+    drop(servers);
     Ok(())
 }
