@@ -164,6 +164,9 @@ pub struct Datapath {
     sizes: MapSizes,
     /// Mirror of the VIPS array (the agent is its only writer).
     vip_table: Vec<VipSlot>,
+    /// Ring writes go through `BPF_MAP_UPDATE_BATCH` (until the kernel
+    /// says it has none).
+    batch_writes: bool,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -229,6 +232,7 @@ impl Datapath {
             pin_dir: pin_dir.into(),
             sizes,
             vip_table,
+            batch_writes: true,
         })
     }
 
@@ -401,16 +405,16 @@ impl Datapath {
     }
 
     /// Writes `(slot, backend id)` pairs into the ring starting at
-    /// `ring_base`.
+    /// `ring_base`: in one `BPF_MAP_UPDATE_BATCH` call (the kernel then
+    /// writes the elements one by one, in order, as separate updates
+    /// would), or element by element where the kernel has no batch update.
     pub fn write_ring(
         &mut self,
         ring_base: u32,
         slots: impl IntoIterator<Item = (u32, u32)>,
     ) -> Result<usize> {
         let total = self.sizes.max_vips.saturating_mul(self.sizes.ring_size);
-        let mut map: Array<&mut MapData, u32> =
-            Array::try_from(self.map_mut(map_names::RINGS)).map_err(map_err(map_names::RINGS))?;
-        let mut n = 0;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         for (slot, id) in slots {
             let index = ring_base + slot;
             if index >= total {
@@ -420,10 +424,60 @@ impl Datapath {
                     max: total,
                 });
             }
-            map.set(index, id, 0).map_err(map_err(map_names::RINGS))?;
-            n += 1;
+            keys.push(index);
+            values.push(id);
         }
-        Ok(n)
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        if self.batch_writes {
+            match update_batch(self.map_fd(map_names::RINGS), &keys, &values) {
+                Ok(()) => return Ok(keys.len()),
+                Err(e) if batch_unsupported(&e) => {
+                    log::info!(
+                        "BPF_MAP_UPDATE_BATCH unsupported ({e}): ring slots written one by one"
+                    );
+                    self.batch_writes = false;
+                }
+                Err(e) => {
+                    return Err(DatapathError::Io {
+                        path: self.pin_dir.join(map_names::RINGS),
+                        source: e,
+                    });
+                }
+            }
+        }
+        self.write_ring_each(&keys, &values)
+    }
+
+    /// Writes ring elements one `BPF_MAP_UPDATE_ELEM` call each.
+    pub fn write_ring_each(&mut self, keys: &[u32], values: &[u32]) -> Result<usize> {
+        let mut map: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(map_names::RINGS)).map_err(map_err(map_names::RINGS))?;
+        for (&index, &id) in keys.iter().zip(values) {
+            map.set(index, id, 0).map_err(map_err(map_names::RINGS))?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Whether ring writes use `BPF_MAP_UPDATE_BATCH`; `false` makes them
+    /// one call per element (for measurements and tests).
+    pub fn set_batch_writes(&mut self, on: bool) {
+        self.batch_writes = on;
+    }
+
+    /// Whether ring writes use `BPF_MAP_UPDATE_BATCH` now.
+    pub fn batch_writes(&self) -> bool {
+        self.batch_writes
+    }
+
+    fn map_fd(&self, name: &'static str) -> std::os::fd::RawFd {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let data = match self.map(name) {
+            aya::maps::Map::Array(d) => d,
+            _ => unreachable!("{name} is a BPF array"),
+        };
+        data.fd().as_fd().as_raw_fd()
     }
 
     /// Reads `len` ring slots starting at `ring_base`.
@@ -537,6 +591,56 @@ pub fn reset(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `attr.batch` of the bpf(2) syscall (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` on the array `fd`.
+fn update_batch(fd: std::os::fd::RawFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command; the key
+    // and value buffers hold `count` u32 elements each and outlive the
+    // call; the kernel writes back only `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "batch update wrote {} of {} elements",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
 fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 6] {
     [
@@ -574,6 +678,16 @@ pub fn pinned_map_specs(sizes: MapSizes) -> Result<Vec<pins::MapSpec>> {
         .collect();
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(specs)
+}
+
+/// The kernel has no batch update for this map (EINVAL on kernels before
+/// 5.6, ENOTSUPP/EOPNOTSUPP where the map type has none).
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
 }
 
 /// Removes a pin directory and everything pinned in it.

@@ -11,6 +11,17 @@
 //!   a jittered interval, runs the state machine and reports every probe as a
 //!   [`HealthEvent`] on an unbounded channel.
 //!
+//! # Resource budget
+//!
+//! Every checker takes a permit of one [`ProbeLimit`] (a semaphore shared by
+//! all checkers of an agent) for the duration of each probe, so at most that
+//! many probes (each one socket) are in flight however many backends there
+//! are. A probe that fails for a reason on lb's own side (out of file
+//! descriptors or buffers, no route, no local address) yields
+//! [`ProbeOutcome::Unknown`]: it is shown as the last check but counts
+//! neither toward `fall` nor toward `rise`, so a starved agent does not take
+//! healthy backends down.
+//!
 //! # Initial state
 //!
 //! The checker does not decide whether a new backend starts up or down: the
@@ -34,12 +45,15 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper::header::{CONNECTION, HOST, USER_AGENT};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,12 +80,22 @@ pub enum ProbeOutcome {
     Error(String),
     /// The HTTP server answered with a status other than the expected one.
     BadStatus { status: u16, expected: u16 },
+    /// The probe could not be made for a reason on lb's side (EMFILE,
+    /// ENFILE, ENOBUFS, ENOMEM, ENETUNREACH, EADDRNOTAVAIL): says nothing
+    /// about the backend, so it counts neither way.
+    Unknown(String),
 }
 
 impl ProbeOutcome {
     /// Whether this outcome counts as a successful check.
     pub fn is_ok(&self) -> bool {
         matches!(self, ProbeOutcome::Ok { .. })
+    }
+
+    /// Whether this outcome says nothing about the backend (a local
+    /// failure): it is neither a success nor a failure.
+    pub fn is_unknown(&self) -> bool {
+        matches!(self, ProbeOutcome::Unknown(_))
     }
 }
 
@@ -85,6 +109,7 @@ impl fmt::Display for ProbeOutcome {
             ProbeOutcome::BadStatus { status, expected } => {
                 write!(f, "HTTP status {status} (want {expected})")
             }
+            ProbeOutcome::Unknown(e) => write!(f, "unknown: {e} (local error, not counted)"),
         }
     }
 }
@@ -110,6 +135,8 @@ impl Transition {
 /// * While up, `fall` consecutive failed checks take it down.
 /// * While down, `rise` consecutive successful checks bring it up.
 /// * A success resets the failure streak and a failure the success streak.
+/// * An [`ProbeOutcome::Unknown`] outcome changes nothing: the streaks go
+///   on as if the probe had not been made.
 ///
 /// `rise` and `fall` of 0 are treated as 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +163,9 @@ impl HealthState {
 
     /// Records one probe outcome; returns the transition it caused, if any.
     pub fn record(&mut self, outcome: &ProbeOutcome) -> Option<Transition> {
+        if outcome.is_unknown() {
+            return None;
+        }
         if outcome.is_ok() {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
@@ -290,9 +320,22 @@ fn default_host(addr: SocketAddr) -> String {
     }
 }
 
+/// Errors of `socket`/`connect` that are lb's own problem, not the
+/// backend's.
+const LOCAL_ERRNOS: [i32; 6] = [
+    libc::EMFILE,
+    libc::ENFILE,
+    libc::ENOBUFS,
+    libc::ENOMEM,
+    libc::ENETUNREACH,
+    libc::EADDRNOTAVAIL,
+];
+
 fn io_outcome(e: std::io::Error) -> ProbeOutcome {
     if e.kind() == std::io::ErrorKind::ConnectionRefused {
         ProbeOutcome::Refused
+    } else if e.raw_os_error().is_some_and(|n| LOCAL_ERRNOS.contains(&n)) {
+        ProbeOutcome::Unknown(format!("connect: {e}"))
     } else {
         ProbeOutcome::Error(format!("connect: {e}"))
     }
@@ -327,6 +370,33 @@ fn fmt_duration(d: Duration) -> String {
 
 pub use crate::keys::BackendKey;
 
+/// How many probes may be in flight at once, shared by every checker of an
+/// agent (each probe holds one socket).
+#[derive(Clone, Debug)]
+pub struct ProbeLimit(Arc<Semaphore>);
+
+impl ProbeLimit {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max.max(1))))
+    }
+
+    /// Permits not taken right now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    /// Runs one probe under a permit; waiting for the permit does not eat
+    /// into the probe's timeout.
+    async fn probe(&self, addr: SocketAddr, check: &HealthCheck) -> ProbeOutcome {
+        let _permit = self
+            .0
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        probe(addr, check).await
+    }
+}
+
 /// What a checker checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckTarget {
@@ -359,6 +429,7 @@ pub struct HealthEvent {
 /// one's end by `interval` ± 10 % (random). Every probe is reported as a
 /// [`HealthEvent`]; transitions are also logged (`info!` up, `warn!` down).
 /// `initially_up` is the backend's starting state (see [`starts_up`]).
+/// Each probe runs under a permit of `limit`.
 ///
 /// Must be called within a tokio runtime.
 fn spawn_checker(
@@ -367,12 +438,13 @@ fn spawn_checker(
     initially_up: bool,
     tx: UnboundedSender<HealthEvent>,
     cancel: CancellationToken,
+    limit: ProbeLimit,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {}
-            _ = run_checker(target, check, initially_up, tx) => {}
+            _ = run_checker(target, check, initially_up, tx, limit) => {}
         }
     })
 }
@@ -382,6 +454,7 @@ async fn run_checker(
     check: HealthCheck,
     initially_up: bool,
     tx: UnboundedSender<HealthEvent>,
+    limit: ProbeLimit,
 ) {
     let backend = target.key.address;
     let port = if check.port != 0 {
@@ -413,16 +486,26 @@ async fn run_checker(
     let interval = check.interval.max(MIN_INTERVAL);
     let mut state = HealthState::new(check.rise, check.fall, initially_up);
     let mut delay = interval.mul_f64(fastrand::f64());
+    let mut was_unknown = false;
     loop {
         sleep_or_closed(delay, &tx).await;
         if tx.is_closed() {
             return;
         }
-        let outcome = probe(addr, &check).await;
+        let outcome = limit.probe(addr, &check).await;
         log::debug!(
             "health check of backend {backend} (port {port}) of {}: {outcome}",
             target.label
         );
+        // Once per streak: a local failure is lb's problem to report.
+        if outcome.is_unknown() && !was_unknown {
+            log::warn!(
+                "backend {backend} of {}: health check not made: {outcome}; state kept ({})",
+                target.label,
+                if state.is_up() { "up" } else { "down" }
+            );
+        }
+        was_unknown = outcome.is_unknown();
         let transition = state.record(&outcome);
         if let Some(t) = &transition {
             log_transition(&target, &state, t);
@@ -479,9 +562,10 @@ impl Checker {
         check: HealthCheck,
         initially_up: bool,
         tx: UnboundedSender<HealthEvent>,
+        limit: ProbeLimit,
     ) -> Checker {
         let cancel = CancellationToken::new();
-        let handle = spawn_checker(target, check, initially_up, tx, cancel.clone());
+        let handle = spawn_checker(target, check, initially_up, tx, cancel.clone(), limit);
         Checker { cancel, handle }
     }
 
@@ -502,13 +586,16 @@ impl Drop for Checker {
 pub struct Checkers {
     running: std::collections::BTreeMap<BackendKey, (HealthCheck, Checker)>,
     tx: UnboundedSender<HealthEvent>,
+    limit: ProbeLimit,
 }
 
 impl Checkers {
-    pub fn new(tx: UnboundedSender<HealthEvent>) -> Self {
+    /// Checkers whose probes share `limit`.
+    pub fn new(tx: UnboundedSender<HealthEvent>, limit: ProbeLimit) -> Self {
         Self {
             running: Default::default(),
             tx,
+            limit,
         }
     }
 
@@ -527,7 +614,13 @@ impl Checkers {
                 continue;
             }
             let key = target.key;
-            let checker = Checker::spawn(target, check.clone(), up, self.tx.clone());
+            let checker = Checker::spawn(
+                target,
+                check.clone(),
+                up,
+                self.tx.clone(),
+                self.limit.clone(),
+            );
             self.running.insert(key, (check, checker));
         }
         self.running.retain(|k, _| keep.contains(k));
@@ -668,6 +761,59 @@ mod tests {
             s.record(&ProbeOutcome::Refused),
             Some(Transition::Down(ProbeOutcome::Refused))
         ));
+    }
+
+    #[test]
+    fn unknown_outcomes_count_neither_way() {
+        let unknown = ProbeOutcome::Unknown("connect: Too many open files (os error 24)".into());
+        // Up with fall = 2: any number of unknowns keeps it up, and they do
+        // not break a failure streak either.
+        let mut s = HealthState::new(2, 2, true);
+        for _ in 0..10 {
+            assert_eq!(s.record(&unknown), None);
+        }
+        assert!(s.is_up());
+        assert_eq!(s.record(&ProbeOutcome::Refused), None);
+        assert_eq!(s.record(&unknown), None);
+        assert!(matches!(
+            s.record(&ProbeOutcome::Refused),
+            Some(Transition::Down(ProbeOutcome::Refused))
+        ));
+        // Down with rise = 2: unknowns never bring it up.
+        for _ in 0..10 {
+            assert_eq!(s.record(&unknown), None);
+        }
+        assert!(!s.is_up());
+        assert_eq!(s.record(&ok()), None);
+        assert_eq!(s.record(&unknown), None);
+        assert_eq!(s.record(&ok()), Some(Transition::Up(ok())));
+        assert_eq!(
+            unknown.to_string(),
+            "unknown: connect: Too many open files (os error 24) (local error, not counted)"
+        );
+    }
+
+    #[test]
+    fn local_connect_errors_are_unknown_remote_ones_are_failures() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ENETUNREACH,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let o = io_outcome(std::io::Error::from_raw_os_error(errno));
+            assert!(o.is_unknown(), "errno {errno}: {o:?}");
+        }
+        for errno in [libc::EHOSTUNREACH, libc::ECONNRESET, libc::ETIMEDOUT] {
+            let o = io_outcome(std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(o, ProbeOutcome::Error(_)), "errno {errno}: {o:?}");
+        }
+        assert_eq!(
+            io_outcome(std::io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            ProbeOutcome::Refused
+        );
     }
 
     #[test]
@@ -866,7 +1012,14 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let handle = spawn_checker(target, tcp_check(port), false, tx, cancel.clone());
+        let handle = spawn_checker(
+            target,
+            tcp_check(port),
+            false,
+            tx,
+            cancel.clone(),
+            ProbeLimit::new(8),
+        );
 
         // Two successes: the first leaves it down, the second brings it up.
         let e = next_event(&mut rx).await;
@@ -918,20 +1071,95 @@ mod tests {
         let mut check = tcp_check(port);
         check.interval = Duration::from_secs(3600);
         let (tx, _rx) = mpsc::unbounded_channel();
-        let checker = Checker::spawn(target.clone(), check.clone(), true, tx.clone());
+        let checker = Checker::spawn(
+            target.clone(),
+            check.clone(),
+            true,
+            tx.clone(),
+            ProbeLimit::new(8),
+        );
         timeout(Duration::from_secs(1), checker.stop())
             .await
             .unwrap();
 
         // Dropping the receiver also ends a checker.
         let (tx2, rx2) = mpsc::unbounded_channel();
-        let handle = spawn_checker(target, check, true, tx2, CancellationToken::new());
+        let handle = spawn_checker(
+            target,
+            check,
+            true,
+            tx2,
+            CancellationToken::new(),
+            ProbeLimit::new(8),
+        );
         drop(rx2);
         timeout(Duration::from_secs(1), handle)
             .await
             .unwrap()
             .unwrap();
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn probes_in_flight_never_exceed_the_shared_limit() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        // An HTTP server that holds every connection 100 ms before
+        // answering, counting how many are open at once.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (o, p, n) = (open.clone(), peak.clone(), served.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = l.accept().await.unwrap();
+                let now = o.fetch_add(1, SeqCst) + 1;
+                p.fetch_max(now, SeqCst);
+                let (o, n) = (o.clone(), n.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    o.fetch_sub(1, SeqCst);
+                    n.fetch_add(1, SeqCst);
+                });
+            }
+        });
+        let limit = ProbeLimit::new(2);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut check = http_check(port, "/", None);
+        check.interval = Duration::from_millis(20);
+        let checkers: Vec<Checker> = (0..8)
+            .map(|i| {
+                let mut key = test_key(Ipv4Addr::LOCALHOST);
+                key.vip.port = 1000 + i;
+                let target = CheckTarget {
+                    key,
+                    label: "web".into(),
+                };
+                Checker::spawn(target, check.clone(), true, tx.clone(), limit.clone())
+            })
+            .collect();
+        let deadline = Instant::now() + BOUND;
+        while served.load(SeqCst) < 16 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(checkers);
+        server.abort();
+        assert!(
+            served.load(SeqCst) >= 16,
+            "{} probes served",
+            served.load(SeqCst)
+        );
+        let peak = peak.load(SeqCst);
+        assert!(
+            peak <= 2,
+            "{peak} probes in flight at once with a limit of 2"
+        );
     }
 
     #[tokio::test]
@@ -944,7 +1172,7 @@ mod tests {
         check.kind = HealthCheckKind::None;
         check.rise = 3;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let checker = Checker::spawn(target, check, false, tx);
+        let checker = Checker::spawn(target, check, false, tx, ProbeLimit::new(8));
         let e = next_event(&mut rx).await;
         assert!(e.up);
         assert!(matches!(e.transition, Some(Transition::Up(_))));

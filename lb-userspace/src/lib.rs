@@ -1,6 +1,7 @@
 //! lb's userspace: the agent, the CLI and the pieces they share.
 
 pub mod agent;
+pub mod budget;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -1,21 +1,37 @@
 //! Prometheus metrics: `GET /metrics` on the configured address, in the
 //! text exposition format, rendered from the agent's latest counter sample.
+//!
+//! The server is bounded: at most a given number of connections at once
+//! (more are accepted and closed at once, with a log line at most every
+//! [`timing::METRICS_REFUSAL_LOG_EVERY`]); a client must send its request
+//! head within [`timing::METRICS_HEADER_READ_TIMEOUT`] (also between
+//! requests on a kept-alive connection, so idle connections are closed);
+//! no connection lives longer than [`timing::METRICS_CONNECTION_LIFETIME`];
+//! and a failing `accept` (out of descriptors) pauses the loop instead of
+//! spinning.
 
-use std::{convert::Infallible, sync::atomic::AtomicU64};
+use std::{
+    convert::Infallible,
+    sync::{Arc, atomic::AtomicU64},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
-use crate::control::{Health, StatsView};
+use crate::{
+    control::{Health, StatsView},
+    timing,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VipLabels {
@@ -100,14 +116,74 @@ pub fn render(stats: &StatsView) -> String {
     out
 }
 
-/// Serves `/metrics` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, stats: watch::Receiver<StatsView>) {
+/// Logs a repeated event at most once per period, with the number of
+/// events since the last line.
+struct Throttled {
+    period: std::time::Duration,
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Throttled {
+    fn new(period: std::time::Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            since: 0,
+        }
+    }
+
+    /// Counts one event; returns how many to report when a line is due.
+    fn note(&mut self) -> Option<u64> {
+        self.since += 1;
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.period);
+        due.then(|| {
+            self.last = Some(Instant::now());
+            std::mem::take(&mut self.since)
+        })
+    }
+}
+
+/// Serves `/metrics` until the task is dropped, with at most
+/// `max_connections` connections open at once.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    stats: watch::Receiver<StatsView>,
+    max_connections: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut refused = Throttled::new(timing::METRICS_REFUSAL_LOG_EVERY);
+    let mut failed = Throttled::new(timing::METRICS_REFUSAL_LOG_EVERY);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and the like: the connection stays queued; retrying
+                // at once would spin.
+                if let Some(n) = failed.note() {
+                    log::warn!(
+                        "metrics: accept failed ({n} times since the last report): {e}; \
+                         pausing accepts for {:?}",
+                        timing::METRICS_ACCEPT_BACKOFF
+                    );
+                }
+                tokio::time::sleep(timing::METRICS_ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            if let Some(n) = refused.note() {
+                log::warn!(
+                    "metrics: refused {n} connection(s) (latest from {peer}): \
+                     {max_connections} connections open, the most served at once"
+                );
+            }
             continue;
         };
         let stats = stats.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let stats = stats.clone();
                 async move {
@@ -127,9 +203,11 @@ pub async fn serve(listener: tokio::net::TcpListener, stats: watch::Receiver<Sta
                     Ok::<_, Infallible>(resp.expect("valid response"))
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timing::METRICS_HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(timing::METRICS_CONNECTION_LIFETIME, conn).await;
         });
     }
 }

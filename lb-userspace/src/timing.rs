@@ -32,3 +32,15 @@ pub const CONTROL_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Refresh period of `lb stats --watch`.
 pub const STATS_WATCH_PERIOD: Duration = Duration::from_secs(1);
+/// A metrics client must send its request head within this time (also
+/// between requests on a kept-alive connection).
+pub const METRICS_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a metrics connection is kept.
+pub const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// The metrics accept loop pauses this long after a failed accept.
+pub const METRICS_ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// Refused metrics connections are logged at most this often.
+pub const METRICS_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most health results recorded before one reconcile (the rest wait for
+/// the next turn of the event loop, so requests are not starved).
+pub const HEALTH_BATCH_MAX: usize = 4096;

@@ -93,6 +93,8 @@ pub struct LbAgent {
     dir: PathBuf,
     child: Option<ChildGuard>,
     log: PathBuf,
+    /// RLIMIT_NOFILE (soft and hard) the agent is started with.
+    nofile: Option<u64>,
 }
 
 static N: AtomicU32 = AtomicU32::new(0);
@@ -116,9 +118,39 @@ impl LbAgent {
             dir: paths.dir,
             child: None,
             log: PathBuf::new(),
+            nofile: None,
         };
         agent.spawn(extra)?;
         Ok(agent)
+    }
+
+    /// Like [`LbAgent::start_with`], the agent started with RLIMIT_NOFILE
+    /// set to `nofile` (soft and hard, so it cannot raise it).
+    pub fn start_with_nofile(
+        ns: &Netns,
+        paths: AgentPaths,
+        config_text: &str,
+        nofile: u64,
+    ) -> Result<Self> {
+        std::fs::write(&paths.config, config_text)
+            .with_context(|| format!("writing {}", paths.config.display()))?;
+        let mut agent = LbAgent {
+            instance: paths.instance,
+            socket: paths.socket,
+            config: paths.config,
+            ns: ns.name().to_string(),
+            dir: paths.dir,
+            child: None,
+            log: PathBuf::new(),
+            nofile: Some(nofile),
+        };
+        agent.spawn(&[])?;
+        Ok(agent)
+    }
+
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Starts an agent in `ns` attached to `iface` with these VIPs.
@@ -140,6 +172,23 @@ impl LbAgent {
         cmd.arg("run").arg("--config").arg(&self.config).args(extra);
         cmd.stdout(log.try_clone()?).stderr(log);
         cmd.env("RUST_LOG", "info");
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and `lim` is a plain
+            // copy owned by the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         self.child = Some(spawn_guarded(cmd)?);
         self.wait_ready(Duration::from_secs(20))
     }

@@ -10,7 +10,7 @@ use log::{info, warn};
 use super::{
     nexthops::{self, Batch, Wanted},
     overrides::Overrides,
-    state::State,
+    state::{RingCache, State},
 };
 use crate::{
     config::Config,
@@ -33,6 +33,11 @@ pub struct Core<M: KernelMaps> {
     pub(super) maps: M,
     /// What the kernel's tables said last, per backend address.
     pub(super) resolutions: BTreeMap<Ipv4Addr, Resolution>,
+    /// The Maglev tables last built, by VIP.
+    pub(super) rings: RingCache,
+    /// Something changed since the last successful reconcile (or it
+    /// failed): the maps may differ from the target.
+    pub(super) dirty: bool,
 }
 
 impl<M: KernelMaps> Core<M> {
@@ -52,6 +57,8 @@ impl<M: KernelMaps> Core<M> {
             image,
             maps,
             resolutions: BTreeMap::new(),
+            rings: RingCache::default(),
+            dirty: true,
         }
     }
 
@@ -75,22 +82,53 @@ impl<M: KernelMaps> Core<M> {
         &mut self.maps
     }
 
-    /// Brings the kernel maps to the target, in the safe order. Returns the
+    /// Brings the kernel maps to the target, in the safe order, rebuilding
+    /// only the Maglev tables of VIPs whose members changed. Returns the
     /// number of map updates.
     pub fn reconcile(&mut self) -> anyhow::Result<usize> {
-        let target = self.state.target(&self.cfg)?;
+        self.dirty = true;
+        let target = self.state.target_with(&self.cfg, &mut self.rings)?;
         let ops = reconcile::plan(&self.image, &target);
         let slots = reconcile::execute(&mut self.maps, &mut self.image, &ops)?;
         if !ops.is_empty() {
             info!("reconciled: {} map updates ({slots} ring slots)", ops.len());
         }
+        self.dirty = false;
         Ok(ops.len())
+    }
+
+    /// Whether something changed since the last successful reconcile.
+    pub fn needs_reconcile(&self) -> bool {
+        self.dirty
+    }
+
+    /// Reconciles when something changed since the last success: `None`
+    /// when nothing did.
+    pub fn reconcile_if_needed(&mut self) -> Option<anyhow::Result<usize>> {
+        self.dirty.then(|| self.reconcile())
+    }
+
+    /// Maglev tables built so far.
+    pub fn ring_builds(&self) -> u64 {
+        self.rings.builds()
     }
 
     /// Records a health check result; true when the kernel needs an update.
     pub fn on_health(&mut self, ev: HealthEvent) -> bool {
-        self.state
-            .record_health(&ev.key, ev.up, ev.outcome.to_string())
+        let changed = self
+            .state
+            .record_health(&ev.key, ev.up, ev.outcome.to_string());
+        self.dirty |= changed;
+        changed
+    }
+
+    /// Records a batch of health check results (all those queued at once),
+    /// so that one reconcile follows however many transitions: true when
+    /// the kernel needs an update.
+    pub fn on_health_batch(&mut self, events: impl IntoIterator<Item = HealthEvent>) -> bool {
+        events
+            .into_iter()
+            .fold(false, |changed, ev| self.on_health(ev) | changed)
     }
 
     /// The addresses whose next hops the agent must follow.
@@ -102,7 +140,9 @@ impl<M: KernelMaps> Core<M> {
     /// when the kernel maps need an update.
     pub fn on_next_hops(&mut self, batch: Batch) -> bool {
         self.resolutions.extend(batch);
-        self.apply_next_hops()
+        let changed = self.apply_next_hops();
+        self.dirty |= changed;
+        changed
     }
 
     /// Gives every backend the next hop the latest resolutions and its
@@ -373,6 +413,8 @@ mod tests {
                 image: self.image.clone(),
                 maps: self.maps.clone(),
                 resolutions: self.resolutions.clone(),
+                rings: self.rings.clone(),
+                dirty: self.dirty,
             };
             let writes = copy.maps.writes;
             let h = Core::handle(&mut copy, req)?;
@@ -557,6 +599,80 @@ mod tests {
         .unwrap();
         assert!(core.backend(12).slots > 0);
         assert!(core.overrides.is_empty());
+    }
+
+    fn health_event(core: &Core<FakeMaps>, b: u8, up: bool) -> HealthEvent {
+        HealthEvent {
+            key: BackendKey {
+                vip: VipId::of(&core.cfg.vips[0]),
+                address: Ipv4Addr::new(198, 18, 0, b),
+            },
+            outcome: if up {
+                ProbeOutcome::Ok {
+                    detail: "TCP connect".into(),
+                }
+            } else {
+                ProbeOutcome::Refused
+            },
+            transition: None,
+            up,
+        }
+    }
+
+    #[test]
+    fn nothing_changed_means_no_reconcile_and_no_table_built() {
+        let mut core = started(
+            config(&[(11, 1), (12, 1), (13, 1)]),
+            FakeMaps::new(4, M, 16),
+        );
+        let (builds, writes) = (core.ring_builds(), core.maps.writes);
+        assert!(!core.needs_reconcile());
+        // A check that changes nothing but the last check's text.
+        assert!(!core.on_health(health_event(&core, 11, true)));
+        assert!(core.reconcile_if_needed().is_none());
+        assert_eq!((core.ring_builds(), core.maps.writes), (builds, writes));
+        // A transition: one reconcile, one table.
+        assert!(core.on_health(health_event(&core, 12, false)));
+        assert!(core.needs_reconcile());
+        assert!(core.reconcile_if_needed().unwrap().unwrap() > 0);
+        assert_eq!(core.ring_builds(), builds + 1);
+        assert!(core.reconcile_if_needed().is_none());
+        // A failed write leaves it to be retried.
+        core.on_health(health_event(&core, 12, true));
+        core.maps.fail_after = Some(core.maps.writes);
+        assert!(core.reconcile_if_needed().unwrap().is_err());
+        assert!(core.needs_reconcile());
+        core.maps.fail_after = None;
+        assert!(core.reconcile_if_needed().unwrap().is_ok());
+        assert!(!core.needs_reconcile());
+        core.assert_true_and_safe();
+        assert!(core.backend(12).slots > 0);
+    }
+
+    #[test]
+    fn a_burst_of_transitions_is_applied_in_one_reconcile() {
+        let all: Vec<(u8, u32)> = (11..=20).map(|b| (b, 1)).collect();
+        let mut core = started(config(&all), FakeMaps::new(4, M, 16));
+        let builds = core.ring_builds();
+        let burst: Vec<HealthEvent> = (11..=15).map(|b| health_event(&core, b, false)).collect();
+        assert!(core.on_health_batch(burst));
+        let updates = core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        assert_eq!(
+            core.ring_builds(),
+            builds + 1,
+            "one table for five transitions"
+        );
+        // Five backends marked unusable and one ring write, not five.
+        assert_eq!(updates, 6);
+        for b in 11..=15 {
+            assert_eq!(core.backend(b).slots, 0);
+        }
+        assert_eq!(
+            (16..=20).map(|b| core.backend(b).slots).sum::<u32>(),
+            M,
+            "the five left share the ring"
+        );
     }
 
     #[test]

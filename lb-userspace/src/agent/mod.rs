@@ -35,10 +35,11 @@ use self::{
     stats::Stats,
 };
 use crate::{
+    budget::Budget,
     config::{Config, XdpModeSetting},
     control::{self, ControlMsg, Reply, Request, SocketAccess, StatusView},
     datapath::{self, Datapath, MapSizes},
-    health::{CheckTarget, Checkers, HealthEvent},
+    health::{CheckTarget, Checkers, HealthEvent, ProbeLimit},
     keys::{BackendKey, VipId},
     reconcile::KernelMaps,
     timing,
@@ -85,6 +86,7 @@ impl Agent {
         health_tx: mpsc::UnboundedSender<HealthEvent>,
         next_hops: watch::Sender<Wanted>,
         known: Batch,
+        probe_limit: ProbeLimit,
     ) -> anyhow::Result<Self> {
         let interfaces = if opts.interfaces.is_empty() {
             cfg.agent.start.interfaces.clone()
@@ -145,7 +147,7 @@ impl Agent {
             core,
             opts: RunOptions { interfaces, ..opts },
             links,
-            checkers: Checkers::new(health_tx),
+            checkers: Checkers::new(health_tx, probe_limit),
             next_hops,
             stats: Stats::default(),
             started: Instant::now(),
@@ -277,9 +279,10 @@ impl Agent {
         }
     }
 
-    /// Housekeeping once a tick: retry failed writes, sample counters.
+    /// Housekeeping once a tick: retry failed writes (no reconcile when
+    /// nothing changed), sample counters.
     fn tick(&mut self) {
-        if let Err(e) = self.core.reconcile() {
+        if let Some(Err(e)) = self.core.reconcile_if_needed() {
             warn!("{e:#}");
         }
         self.stats.sample(&self.core);
@@ -310,6 +313,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _lock = InstanceLock::acquire(&cfg.agent.kernel.instance)?;
     let access = SocketAccess::resolve(cfg.agent.start.control_group.as_deref())
         .with_context(|| opts.config.display().to_string())?;
+    let budget = Budget::at_start(cfg.vips.iter().map(|v| v.backends.len()).sum());
     // Everything that can fail without the kernel comes first: a start
     // that fails after attaching must not happen for a taken port.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -342,16 +346,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
         }
     };
-    let mut agent = Agent::start(cfg, opts, health_tx, wanted_tx, known).inspect_err(|_| {
-        let _ = std::fs::remove_file(&socket);
-    })?;
+    let probe_limit = ProbeLimit::new(budget.probes);
+    let mut agent =
+        Agent::start(cfg, opts, health_tx, wanted_tx, known, probe_limit).inspect_err(|_| {
+            let _ = std::fs::remove_file(&socket);
+        })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
     tokio::spawn(control::serve(listener, ctl_tx, access));
     if let Some(l) = metrics {
         if let Ok(addr) = l.local_addr() {
             info!("metrics on http://{addr}/metrics");
         }
-        tokio::spawn(crate::metrics::serve(l, agent.stats.subscribe()));
+        tokio::spawn(crate::metrics::serve(
+            l,
+            agent.stats.subscribe(),
+            budget.metrics_connections,
+        ));
     }
     let mut tick = tokio::time::interval(timing::TICK);
     info!(
@@ -371,7 +381,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             Some(ev) = health_rx.recv() => {
-                if agent.core.on_health(ev) && let Err(e) = agent.core.reconcile() {
+                // Coalesced: every result queued by now, then one reconcile.
+                let mut batch = vec![ev];
+                while batch.len() < timing::HEALTH_BATCH_MAX
+                    && let Ok(ev) = health_rx.try_recv()
+                {
+                    batch.push(ev);
+                }
+                if agent.core.on_health_batch(batch) && let Err(e) = agent.core.reconcile() {
                     warn!("{e:#}");
                 }
             }

@@ -233,7 +233,11 @@ impl<M: KernelMaps> Core<M> {
                 continue;
             }
             let vip = VipId::of(v);
-            let ring = self.image.ring(&vip.kernel_key());
+            // Slots per backend id in one pass over the ring.
+            let mut slots_of = std::collections::HashMap::<u32, u32>::new();
+            for &id in self.image.ring(&vip.kernel_key()).unwrap_or_default() {
+                *slots_of.entry(id).or_default() += 1;
+            }
             for b in &v.backends {
                 let key = BackendKey {
                     vip,
@@ -242,9 +246,7 @@ impl<M: KernelMaps> Core<M> {
                 let Some(status) = self.state.backend(&key) else {
                     continue;
                 };
-                let slots = ring
-                    .map(|r| r.iter().filter(|&&id| id == status.id).count() as u32)
-                    .unwrap_or(0);
+                let slots = slots_of.get(&status.id).copied().unwrap_or(0);
                 out.push(BackendView {
                     vip: v.name.clone(),
                     address: b.address,

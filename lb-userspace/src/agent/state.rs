@@ -229,6 +229,17 @@ impl State {
     /// usable, non-drained backends; every known backend's entry (usable
     /// or not, so its established flows can be re-steered).
     pub fn target(&self, cfg: &Config) -> Result<KernelImage, MaglevError> {
+        self.target_with(cfg, &mut RingCache::default())
+    }
+
+    /// [`State::target`], rebuilding only the Maglev tables whose members
+    /// differ from those `rings` last built them from.
+    pub fn target_with(
+        &self,
+        cfg: &Config,
+        rings: &mut RingCache,
+    ) -> Result<KernelImage, MaglevError> {
+        rings.retain(cfg);
         let mut img = KernelImage::default();
         for vip in &cfg.vips {
             let vid = VipId::of(vip);
@@ -273,15 +284,55 @@ impl State {
                     });
                 }
             }
-            let ring = MaglevTable::build(&members, vip.ring_size)?;
+            let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
-            img.rings.insert(info.ring_base, ring.slots().to_vec());
+            img.rings.insert(info.ring_base, ring);
             img.vips.entry(vid.address_key()).or_insert(VipInfo {
                 flags: VIP_FLAG_ADDR_ONLY,
                 ..info
             });
         }
         Ok(img)
+    }
+}
+
+/// Maglev tables by VIP with the members and size they were built from,
+/// so that a new target rebuilds only the tables of VIPs whose members
+/// (address, id, weight of each usable, active backend) changed.
+#[derive(Clone, Debug, Default)]
+pub struct RingCache {
+    tables: BTreeMap<VipId, (u32, Vec<MaglevBackend>, Vec<u32>)>,
+    builds: u64,
+}
+
+impl RingCache {
+    /// Tables built so far (not taken from the cache).
+    pub fn builds(&self) -> u64 {
+        self.builds
+    }
+
+    fn ring(
+        &mut self,
+        vip: VipId,
+        members: Vec<MaglevBackend>,
+        size: u32,
+    ) -> Result<Vec<u32>, MaglevError> {
+        if let Some((s, m, slots)) = self.tables.get(&vip)
+            && *s == size
+            && *m == members
+        {
+            return Ok(slots.clone());
+        }
+        let slots = MaglevTable::build(&members, size)?.slots().to_vec();
+        self.builds += 1;
+        self.tables.insert(vip, (size, members, slots.clone()));
+        Ok(slots)
+    }
+
+    /// Forgets the tables of VIPs `cfg` no longer has.
+    fn retain(&mut self, cfg: &Config) {
+        let live: BTreeSet<VipId> = cfg.vips.iter().map(VipId::of).collect();
+        self.tables.retain(|v, _| live.contains(v));
     }
 }
 
@@ -544,5 +595,39 @@ pub(crate) mod tests {
                 want.backends
             );
         }
+    }
+
+    #[test]
+    fn the_ring_cache_rebuilds_only_the_tables_whose_members_changed() {
+        let cfg = config(&[(1, &[(11, 1), (12, 1)]), (2, &[(21, 1), (22, 1)])], "tcp");
+        let mut s = resolved(&cfg, &KernelImage::default());
+        let mut cache = RingCache::default();
+        let check = |s: &State, cfg: &Config, cache: &mut RingCache| {
+            let cached = s.target_with(cfg, cache).unwrap();
+            assert_eq!(
+                cached,
+                s.target(cfg).unwrap(),
+                "the cache changed the target"
+            );
+        };
+        check(&s, &cfg, &mut cache);
+        assert_eq!(cache.builds(), 2);
+        // Nothing changed: nothing rebuilt. A last_check alone is no change.
+        s.record_health(&key(1, 11), true, "TCP connect in 0.1ms".into());
+        check(&s, &cfg, &mut cache);
+        assert_eq!(cache.builds(), 2);
+        // A backend of VIP 2 goes down: VIP 2's table only.
+        assert!(s.record_health(&key(2, 22), false, "connection refused".into()));
+        check(&s, &cfg, &mut cache);
+        assert_eq!(cache.builds(), 3);
+        // A weight change in VIP 1: VIP 1's table only.
+        let cfg2 = config(&[(1, &[(11, 1), (12, 3)]), (2, &[(21, 1), (22, 1)])], "tcp");
+        check(&s, &cfg2, &mut cache);
+        assert_eq!(cache.builds(), 4);
+        // Back up: its old table is not kept, it is built again (once).
+        assert!(s.record_health(&key(2, 22), true, "TCP connect".into()));
+        check(&s, &cfg2, &mut cache);
+        check(&s, &cfg2, &mut cache);
+        assert_eq!(cache.builds(), 5);
     }
 }
