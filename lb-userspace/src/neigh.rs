@@ -61,6 +61,9 @@ pub struct NextHop {
 pub struct Egress {
     pub iface: String,
     pub ifindex: u32,
+    /// The route's gateway, when the address is not on-link: fine for a
+    /// backend whose MAC the operator gives, refused otherwise.
+    pub gateway: Option<Ipv4Addr>,
     /// The interface's own MAC (the source MAC of forwarded frames).
     pub mac: [u8; 6],
 }
@@ -117,6 +120,9 @@ impl Resolution {
         if let Some(m) = mac {
             return Lookup::Found(next_hop(m));
         }
+        if let Some(gateway) = egress.gateway {
+            return Lookup::Failed(NeighError::NotOnLink { addr, gateway });
+        }
         let iface = egress.iface.clone();
         match self.neighbour {
             Neighbour::Known(m) => Lookup::Found(next_hop(m)),
@@ -130,7 +136,7 @@ impl Resolution {
     /// An answer may still come: the route is known and, when the MAC is
     /// to be resolved (`needs_arp`), ARP has not answered nor failed.
     pub fn is_pending(&self, needs_arp: bool) -> bool {
-        self.egress.is_ok()
+        self.egress.as_ref().is_ok_and(|e| e.gateway.is_none())
             && needs_arp
             && matches!(self.neighbour, Neighbour::Resolving | Neighbour::Missing)
     }
@@ -237,9 +243,9 @@ impl Tables {
     }
 
     /// The kernel's route lookup for `addr` (`ip route get`): the egress
-    /// interface index, or why the address is not reachable directly.
-    /// `Err(Err(_))`: asking failed (try again later).
-    pub async fn route(&self, addr: Ipv4Addr) -> Result<Result<u32, NeighError>, NetlinkError> {
+    /// interface index and gateway if any, or why the address is not
+    /// reachable. `Err(Err(_))`: asking failed (try again later).
+    pub async fn route(&self, addr: Ipv4Addr) -> Result<Result<Route, NeighError>, NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(addr, 32)
             .build();
@@ -267,7 +273,14 @@ impl Tables {
     }
 }
 
-fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<u32, NeighError> {
+/// A route to a backend address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub ifindex: u32,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
     match r.header.kind {
         RouteType::Local | RouteType::Broadcast => return Err(NeighError::Local(addr)),
         RouteType::Unicast => {}
@@ -279,22 +292,19 @@ fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<u32, NeighError> {
         }
     }
     let mut oif = None;
+    let mut gateway = None;
     for a in &r.attributes {
         match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(gateway)) if *gateway != addr => {
-                return Err(NeighError::NotOnLink {
-                    addr,
-                    gateway: *gateway,
-                });
-            }
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g != addr => gateway = Some(*g),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
     }
-    oif.ok_or_else(|| NeighError::NoRoute {
+    let ifindex = oif.ok_or_else(|| NeighError::NoRoute {
         addr,
         reason: "the route names no interface".into(),
-    })
+    })?;
+    Ok(Route { ifindex, gateway })
 }
 
 fn mac_of(bytes: &[u8]) -> Option<[u8; 6]> {
@@ -383,6 +393,7 @@ mod tests {
             egress: Ok(Egress {
                 iface: "eth0".into(),
                 ifindex: 2,
+                gateway: None,
                 mac: [2, 0, 0, 0, 0, 0xfe],
             }),
             neighbour,
@@ -426,14 +437,28 @@ mod tests {
         assert_eq!(e.to_string(), "no ARP answer from 198.18.0.11 on eth0");
         // No route: a failure even with an override.
         let r = Resolution {
-            egress: Err(NeighError::NotOnLink {
+            egress: Err(NeighError::NoRoute {
                 addr: A,
-                gateway: Ipv4Addr::new(198, 18, 0, 1),
+                reason: "unreachable".into(),
             }),
             neighbour: Neighbour::Missing,
         };
         assert!(!r.is_pending(true));
         assert!(matches!(r.lookup(A, Some([2; 6])), Lookup::Failed(_)));
+    }
+
+    #[test]
+    fn a_route_through_a_gateway_needs_the_operators_mac() {
+        let mut r = resolution(Neighbour::Missing);
+        if let Ok(e) = &mut r.egress {
+            e.gateway = Some(Ipv4Addr::new(198, 18, 0, 1));
+        }
+        assert!(!r.is_pending(true));
+        let Lookup::Failed(e) = r.lookup(A, None) else {
+            panic!()
+        };
+        assert!(e.to_string().contains("through gateway 198.18.0.1"), "{e}");
+        assert!(matches!(r.lookup(A, Some([2; 6])), Lookup::Found(h) if h.dst_mac == [2; 6]));
     }
 
     #[test]

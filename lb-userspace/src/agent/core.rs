@@ -303,6 +303,7 @@ mod tests {
                 egress: Ok(Egress {
                     iface: "eth0".into(),
                     ifindex: self.ifindex,
+                    gateway: None,
                     mac: [2, 0, 0, 0, 0, 0xfe],
                 }),
                 neighbour: match self.macs.get(&b) {

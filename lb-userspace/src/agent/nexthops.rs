@@ -32,7 +32,7 @@ use tokio::{
 
 use crate::{
     config::Config,
-    neigh::{Egress, Link, NeighError, Neighbour, Resolution, TableEvent, Tables},
+    neigh::{Egress, Link, NeighError, Neighbour, Resolution, Route, TableEvent, Tables},
     timing,
 };
 
@@ -113,7 +113,7 @@ struct Follower {
     wanted: Wanted,
     links: BTreeMap<u32, Link>,
     /// Per address: the egress interface index, or why there is none.
-    routes: BTreeMap<Ipv4Addr, Result<u32, NeighError>>,
+    routes: BTreeMap<Ipv4Addr, Result<Route, NeighError>>,
     /// Neighbour entries of followed addresses: (ifindex, address).
     neighbours: BTreeMap<(u32, Ipv4Addr), Neighbour>,
     /// What the event loop was last told, per address.
@@ -210,12 +210,13 @@ impl Follower {
 
     fn resolution(&self, addr: Ipv4Addr) -> Option<Resolution> {
         let route = self.routes.get(&addr)?;
-        let egress = route.clone().and_then(|ifindex| {
+        let egress = route.clone().and_then(|Route { ifindex, gateway }| {
             self.links
                 .get(&ifindex)
                 .map(|l| Egress {
                     iface: l.name.clone(),
                     ifindex,
+                    gateway,
                     mac: l.mac,
                 })
                 .ok_or(NeighError::NoInterface { addr, ifindex })
