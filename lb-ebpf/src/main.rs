@@ -15,13 +15,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, NO_BACKEND, Reason, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix,
-    flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
+    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowEntry, FlowKey,
+    IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime, VipInfo, VipKey, VipSlot, VipStats,
+    flow_cache_mix, flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
 };
 use lb_ebpf::parse::{
-    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_SYN, UDP_LEN, ethernet,
-    ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST, TCP_SYN,
+    UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -54,12 +54,17 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CO
 /// new connection recorded on one CPU is seen by the next packet on any
 /// other. Not pinned: it refills from traffic.
 ///
+/// A slot answers only in the tick of the flow clock it was written in
+/// (its `check` includes the tick's stamp): in a later tick the flow goes
+/// through CONNTRACK once, which refreshes its record.
+///
 /// Slots are copied without a lock, so a copy taken while another CPU
 /// rewrites the slot can mix two writes. Such a copy is used only if its
 /// key equals this packet's flow and its `check` equals this flow's mix
-/// XOR its `backend_id`: that rejects a `backend_id` from another write
-/// than its `check` (unless the two flows have the same mix), but not a
-/// key and a `backend_id` from two writes of flows with the same mix.
+/// XOR the stamp XOR its `backend_id`: that rejects a `backend_id` from
+/// another write than its `check` (unless the XOR of the two writes'
+/// mixes and stamps equals that of their backend ids), but not a key and
+/// a `backend_id` from two writes of flows with the same mix.
 /// The backend so read is still honoured only if it is usable and serves
 /// this VIP, like any tracked backend: at worst one packet goes to another
 /// live backend of the same VIP. Any other torn copy falls back to
@@ -79,6 +84,12 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 /// Egress interfaces other than the ingress one, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
+
+/// One element: the flow clock, the conntrack timeouts and the length
+/// limit, kept current by the agent (see lb_common::Runtime). Pinned, so a
+/// new agent continues the clock.
+#[map]
+static RUNTIME: Array<Runtime> = Array::pinned(1, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -190,15 +201,34 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         _pad: 0,
     };
     let vip = find_vip(&vip_key).ok_or(Reason::PassNotVip)?;
+
     // A TCP SYN (without ACK) opens a new connection: it is steered by the
     // ring even when a conntrack entry exists for its 5-tuple (a reused
     // source port must follow the current ring, not a closed connection).
-    let new_connection = proto == IPPROTO_TCP && {
+    // A FIN or RST starts the end of a connection: its record goes to the
+    // shorter closing timeout.
+    let tcp_flags = if proto == IPPROTO_TCP {
         let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::DropMalformed)?;
         // SAFETY: bounds checked by ptr_at.
-        let flags = unsafe { *flags };
-        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        unsafe { *flags }
+    } else {
+        0
     };
+    let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
+
+    // The agent's clock and limits; all zero (no limit, nothing expires,
+    // time stands still) until an agent sets them.
+    // Only the fields needed on every packet are read here; the timeouts
+    // are read through the pointer where a record is checked.
+    let rt: Option<&Runtime> = RUNTIME.get(0);
+    let (now, max_l3_len) = match rt {
+        Some(rt) => (rt.now_ms, rt.max_l3_len),
+        None => (0, 0),
+    };
+    if tot_len as u32 > max_l3_len && max_l3_len != 0 {
+        return Err(Reason::DropTooBig);
+    }
 
     let flow = FlowKey {
         src_addr: u32::from_ne_bytes(ip.src_addr),
@@ -209,13 +239,19 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     // Established flow: honoured while its backend is usable and still
-    // serves this VIP; otherwise it falls through to the ring. The flow
-    // cache answers for recently seen flows with one inlined array load;
-    // CONNTRACK (the LRU) is the record.
+    // serves this VIP, and its record has not expired; otherwise it falls
+    // through to the ring. The flow cache answers for flows it already
+    // answered in this tick of the clock with one inlined array load; in a
+    // later tick (or for a FIN or RST) the packet goes through CONNTRACK
+    // (the LRU), the record: the lookup keeps the record fresh in the
+    // LRU, checks its expiry and stamps it with the time. So a flow in use
+    // refreshes its record at least once per tick at the cost of one
+    // lookup, whatever the cache holds.
     // The cache slot comes from one multiply (the full flow hash is only
     // needed, and computed, on the way to the ring).
     let mix = flow_cache_mix(&flow);
     let cache_slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(mix));
+    let stamp = now as u32;
     let mut cached = false;
     let tracked = if new_connection {
         None
@@ -224,12 +260,31 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         // out, and a copy torn by a concurrent writer is handled as
         // FLOW_CACHE describes.
         match cache_slot.map(|c| unsafe { *c }) {
-            Some(c) if c.key.as_words() == flow.as_words() && c.check == mix ^ c.backend_id => {
+            Some(c)
+                if c.key.as_words() == flow.as_words()
+                    && c.check == mix ^ stamp ^ c.backend_id
+                    && !closing =>
+            {
                 cached = true;
                 Some(c.backend_id)
             }
-            // SAFETY: the entry is copied out immediately.
-            _ => unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id),
+            _ => match CONNTRACK.get_ptr_mut(&flow) {
+                Some(e) => {
+                    // SAFETY: the map value stays valid for the program's
+                    // run (RCU); concurrent writers store whole words.
+                    let entry = unsafe { &mut *e };
+                    if rt.is_some_and(|rt| entry.is_expired(proto as u32, rt)) {
+                        None
+                    } else {
+                        entry.last_seen_ms = now;
+                        if closing {
+                            entry.flags |= FLOW_FLAG_CLOSING;
+                        }
+                        Some(entry.backend_id)
+                    }
+                }
+                None => None,
+            },
         }
     };
     let mut hit = false;
@@ -257,7 +312,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
                 &flow,
                 &FlowEntry {
                     backend_id,
-                    _pad: 0,
+                    flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
+                    last_seen_ms: now,
                 },
                 0,
             );
@@ -273,7 +329,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             *c = FlowCacheEntry {
                 key: flow,
                 backend_id,
-                check: mix ^ backend_id,
+                check: mix ^ stamp ^ backend_id,
             };
         }
     }

@@ -154,6 +154,11 @@ pub struct BackendView {
     pub slots: u32,
     pub mac: Option<String>,
     pub iface: Option<String>,
+    /// Conntrack records naming this backend that have not expired, as
+    /// last counted (the agent counts every few seconds); None before the
+    /// first count.
+    #[serde(default)]
+    pub flows: Option<u64>,
 }
 
 /// A backend's health as the agent sees it.

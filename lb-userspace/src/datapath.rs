@@ -16,12 +16,15 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, BackendStats, FlowEntry, FlowKey, Reason, VIP_SLOT_EMPTY, VIP_SLOT_TOMBSTONE, VipInfo,
-    VipKey, VipSlot, VipStats, map_names, program_names,
+    Backend, BackendStats, FlowEntry, FlowKey, Reason, Runtime, VIP_SLOT_EMPTY, VIP_SLOT_TOMBSTONE,
+    VipInfo, VipKey, VipSlot, VipStats, map_names, program_names,
 };
 use thiserror::Error;
 
-use crate::reconcile::{KernelImage, KernelMaps};
+use crate::{
+    flow_keeper::{FlowCount, FlowKeeper, FlowTimeouts},
+    reconcile::{KernelImage, KernelMaps},
+};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -157,6 +160,8 @@ pub struct Datapath {
     sizes: MapSizes,
     /// Mirror of the VIPS array (the agent is its only writer).
     vip_table: Vec<VipSlot>,
+    /// Keeps RUNTIME current and counts flows, once started.
+    keeper: Option<FlowKeeper>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -209,6 +214,7 @@ impl Datapath {
             pin_dir: pin_dir.into(),
             sizes,
             vip_table,
+            keeper: None,
         })
     }
 
@@ -415,9 +421,77 @@ impl Datapath {
             .collect()
     }
 
+    /// Starts the flow keeper (see [`crate::flow_keeper`]): the clock, the
+    /// conntrack timeouts and the length limit of the egress interfaces
+    /// (`egress`: the attached ones; redirect targets join as they are
+    /// added), and the count of active flows. Needs the pinned maps.
+    pub fn start_flow_keeper(
+        &mut self,
+        timeouts: FlowTimeouts,
+        egress: impl IntoIterator<Item = u32>,
+    ) -> anyhow::Result<()> {
+        let mut egress: Vec<u32> = egress.into_iter().collect();
+        egress.extend(self.tx_ports()?);
+        self.keeper = Some(FlowKeeper::start(&self.pin_dir, timeouts, egress)?);
+        Ok(())
+    }
+
+    /// New conntrack timeouts for the running keeper (a reload).
+    pub fn set_flow_timeouts(&self, timeouts: FlowTimeouts) {
+        if let Some(k) = &self.keeper {
+            k.set_timeouts(timeouts);
+        }
+    }
+
+    /// The keeper's latest count of active flows (None: no keeper).
+    pub fn flow_count(&self) -> Option<FlowCount> {
+        self.keeper.as_ref().map(|k| k.count())
+    }
+
+    /// Counts the active flows per backend now, as the keeper does (one
+    /// pass over CONNTRACK under the RUNTIME clock and timeouts).
+    pub fn count_flows(&self) -> anyhow::Result<FlowCount> {
+        use std::os::fd::AsFd as _;
+        let rt = self.runtime()?;
+        match self.map(map_names::CONNTRACK) {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
+                crate::flow_keeper::count_flows(d.fd().as_fd(), &rt)
+            }
+            _ => anyhow::bail!("map {} is not a hash map", map_names::CONNTRACK),
+        }
+    }
+
+    /// The RUNTIME element: clock, timeouts, length limit.
+    pub fn runtime(&self) -> Result<Runtime> {
+        let map: Array<&MapData, Runtime> =
+            Array::try_from(self.map(map_names::RUNTIME)).map_err(map_err(map_names::RUNTIME))?;
+        map.get(&0, 0).map_err(map_err(map_names::RUNTIME))
+    }
+
+    /// Writes the RUNTIME element (the keeper does this while the agent
+    /// runs; tests drive the clock with it).
+    pub fn set_runtime(&mut self, rt: Runtime) -> Result<()> {
+        let mut map: Array<&mut MapData, Runtime> =
+            Array::try_from(self.map_mut(map_names::RUNTIME))
+                .map_err(map_err(map_names::RUNTIME))?;
+        map.set(0, rt, 0).map_err(map_err(map_names::RUNTIME))
+    }
+
+    /// The redirect targets in TX_PORTS.
+    pub fn tx_ports(&self) -> Result<Vec<u32>> {
+        let map: DevMapHash<&MapData> = DevMapHash::try_from(self.map(map_names::TX_PORTS))
+            .map_err(map_err(map_names::TX_PORTS))?;
+        map.keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::TX_PORTS))
+    }
+
     /// Makes `ifindex` a redirect target for backends behind another
     /// interface than the one a packet arrived on.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(k) = &self.keeper {
+            k.add_egress(ifindex);
+        }
         let mut map: DevMapHash<&mut MapData> =
             DevMapHash::try_from(self.map_mut(map_names::TX_PORTS))
                 .map_err(map_err(map_names::TX_PORTS))?;
@@ -601,5 +675,11 @@ impl KernelMaps for Datapath {
 
     fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
         Datapath::reason_stats(self)
+    }
+
+    fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
+        self.flow_count()
+            .filter(|c| c.at.is_some())
+            .map(|c| c.per_backend)
     }
 }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod datapath;
 #[cfg(test)]
 mod fake_maps;
+pub mod flow_keeper;
 pub mod health;
 pub mod keys;
 pub mod mac;

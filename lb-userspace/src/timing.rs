@@ -17,3 +17,9 @@ pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Refresh period of `lb stats --watch`.
 pub const STATS_WATCH_PERIOD: Duration = Duration::from_secs(1);
+/// The flow clock's tick: how often the agent advances the data path's
+/// clock. A flow in use refreshes its conntrack record once per tick.
+pub const FLOW_CLOCK_PERIOD: Duration = Duration::from_millis(100);
+/// How often the agent counts active flows per backend (one batched pass
+/// over the conntrack table) and re-reads the egress MTUs.
+pub const FLOW_COUNT_PERIOD: Duration = Duration::from_secs(2);

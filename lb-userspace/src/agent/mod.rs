@@ -152,8 +152,14 @@ impl Agent {
         };
         let mut core = Core::new(cfg, dp, image);
         core.resolve_next_hops(&mut KernelTables, timing::NEXT_HOP_WAIT_AT_START);
+        let timeouts = (&core.config().agent.conntrack).into();
+        let egress: Vec<u32> = interfaces
+            .iter()
+            .filter_map(|i| datapath::ifindex(i).ok())
+            .collect();
         let links = core
             .reconcile()
+            .and_then(|_| core.maps_mut().start_flow_keeper(timeouts, egress))
             .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
         match links {
             Ok(l) => Ok((core, l)),
@@ -192,6 +198,8 @@ impl Agent {
         let r = self
             .core
             .after_change(&mut KernelTables, timing::NEXT_HOP_WAIT_ON_CHANGE);
+        let timeouts = (&self.core.config().agent.conntrack).into();
+        self.core.maps().set_flow_timeouts(timeouts);
         self.sync_checkers();
         r
     }
