@@ -149,6 +149,19 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     }
 }
 
+/// The name of interface `ifindex`.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `name`.
+    let s = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(s.to_string_lossy().into_owned())
+}
+
 pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)
 }
@@ -475,6 +488,46 @@ impl Datapath {
             Array::try_from(self.map_mut(map_names::RUNTIME))
                 .map_err(map_err(map_names::RUNTIME))?;
         map.set(0, rt, 0).map_err(map_err(map_names::RUNTIME))
+    }
+
+    /// Checks what the attachments need of the interfaces, at start-up.
+    /// `attached`: (interface, ifindex, mode) of each attachment.
+    ///
+    /// - Native mode: every redirect target must be able to transmit XDP
+    ///   frames (`ndo_xdp_xmit`); otherwise the kernel drops what the
+    ///   program redirects there while lb counts it forwarded: an error.
+    /// - Generic (skb) mode: GRO hands the program aggregated frames
+    ///   larger than the MTU; lb drops them (`drop_too_big`): a warning
+    ///   that says how to keep them from forming.
+    pub fn check_attachments(&self, attached: &[(String, u32, String)]) -> anyhow::Result<()> {
+        for (iface, _, _) in attached.iter().filter(|a| a.2 == "skb") {
+            log::warn!(
+                "{iface}: generic (skb) mode: packets for a VIP longer than the egress MTU \
+                 (GRO/LRO aggregates) are dropped and counted as drop_too_big; \
+                 turn aggregation off with `ethtool -K {iface} gro off lro off`"
+            );
+        }
+        if !attached.iter().any(|a| a.2 == "native") {
+            return Ok(());
+        }
+        for ifindex in self.tx_ports()? {
+            if attached.iter().any(|a| a.1 == ifindex) {
+                continue;
+            }
+            let name = ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"));
+            match crate::xdp_features::xdp_features(ifindex) {
+                Ok(Some(f)) if f & crate::xdp_features::NDO_XMIT == 0 => anyhow::bail!(
+                    "backends behind {name} are reached by XDP redirect, but {name} cannot \
+                     transmit XDP frames (no ndo_xdp_xmit: a bridge, a driver without XDP \
+                     support, or a veth whose peer runs no XDP program); the kernel would drop \
+                     them after lb counted them forwarded. Attach in generic mode \
+                     (--xdp-mode skb) or give {name} a driver that supports XDP transmit"
+                ),
+                Ok(_) => {}
+                Err(e) => log::warn!("{name}: cannot read its XDP features ({e}); not checked"),
+            }
+        }
+        Ok(())
     }
 
     /// The redirect targets in TX_PORTS.

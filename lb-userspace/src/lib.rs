@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod neigh;
 pub mod reconcile;
 pub mod timing;
+pub mod xdp_features;

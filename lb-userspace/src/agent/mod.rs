@@ -160,7 +160,16 @@ impl Agent {
         let links = core
             .reconcile()
             .and_then(|_| core.maps_mut().start_flow_keeper(timeouts, egress))
-            .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
+            .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting))
+            .and_then(|links| {
+                let attached: Vec<_> = links
+                    .views()
+                    .into_iter()
+                    .map(|v| (v.name, v.ifindex, v.mode))
+                    .collect();
+                core.maps().check_attachments(&attached)?;
+                Ok(links)
+            });
         match links {
             Ok(l) => Ok((core, l)),
             Err(e) => Err(Box::new((e, core.into_maps()))),
