@@ -22,6 +22,8 @@ pub mod map_names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const RUNTIME: &str = "RUNTIME";
+    /// Not pinned: it belongs to the loaded program.
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
 }
 
 /// Program names in the object (its only program; the test and benchmark
@@ -346,9 +348,15 @@ pub struct Runtime {
     /// Largest IPv4 total length the egress interfaces take (their
     /// smallest MTU); longer packets for a VIP are dropped
     /// ([`Reason::DropTooBig`]): in generic (skb) mode GRO hands XDP
-    /// aggregated frames that no interface may send. 0: no limit.
+    /// aggregated frames that no interface may send. 0: no limit. Packets
+    /// up to [`MIN_LIMITED_L3_LEN`] bytes are not checked (so a limit
+    /// below it is not enforced for them).
     pub max_l3_len: u32,
 }
+
+/// IPv4's minimum datagram size every host accepts: packets up to this
+/// length are not checked against [`Runtime::max_l3_len`].
+pub const MIN_LIMITED_L3_LEN: u32 = 576;
 
 /// Slots of the flow cache: 2^FLOW_CACHE_BITS.
 pub const FLOW_CACHE_BITS: u32 = 12;
@@ -376,17 +384,11 @@ pub fn flow_cache_slot(mix: u32) -> u32 {
 pub struct FlowCacheEntry {
     pub key: FlowKey,
     pub backend_id: u32,
-    /// [`flow_cache_mix`] of `key` XOR `backend_id` XOR the stamp: the
-    /// low 32 bits of [`Runtime::now_ms`] when the slot was written. So a
-    /// slot answers only in the tick of the clock it was written in; in a
-    /// later tick the flow goes through CONNTRACK once (refreshing its
-    /// record, checking its expiry) and the slot is written again.
-    ///
-    /// A slot copied while another CPU rewrites it can mix two writes:
-    /// this word rejects a copy whose `backend_id` and `check` come from
-    /// different writes (unless the XOR of the two flows' mixes and stamps
-    /// equals that of the two backend ids), but it does not cover the key;
-    /// see the fast path for what a torn copy can do.
+    /// [`flow_cache_mix`] of `key` XOR `backend_id`. A slot copied while
+    /// another CPU rewrites it can mix two writes: this word rejects a
+    /// copy whose `backend_id` and `check` come from different writes
+    /// (unless both flows have the same mix), but it does not cover the
+    /// key; see the fast path for what a torn copy can do.
     pub check: u32,
 }
 

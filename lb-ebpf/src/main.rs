@@ -54,17 +54,16 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CO
 /// new connection recorded on one CPU is seen by the next packet on any
 /// other. Not pinned: it refills from traffic.
 ///
-/// A slot answers only in the tick of the flow clock it was written in
-/// (its `check` includes the tick's stamp): in a later tick the flow goes
-/// through CONNTRACK once, which refreshes its record.
+/// The agent clears every slot once per tick of the flow clock, so a
+/// flow's first packet in each tick goes through CONNTRACK, which refreshes
+/// its record (see the fast path).
 ///
 /// Slots are copied without a lock, so a copy taken while another CPU
 /// rewrites the slot can mix two writes. Such a copy is used only if its
 /// key equals this packet's flow and its `check` equals this flow's mix
-/// XOR the stamp XOR its `backend_id`: that rejects a `backend_id` from
-/// another write than its `check` (unless the XOR of the two writes'
-/// mixes and stamps equals that of their backend ids), but not a key and
-/// a `backend_id` from two writes of flows with the same mix.
+/// XOR its `backend_id`: that rejects a `backend_id` from another write
+/// than its `check` (unless the two flows have the same mix), but not a
+/// key and a `backend_id` from two writes of flows with the same mix.
 /// The backend so read is still honoured only if it is usable and serves
 /// this VIP, like any tracked backend: at worst one packet goes to another
 /// live backend of the same VIP. Any other torn copy falls back to
@@ -88,6 +87,10 @@ static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
 /// One element: the flow clock, the conntrack timeouts and the length
 /// limit, kept current by the agent (see lb_common::Runtime). Pinned, so a
 /// new agent continues the clock.
+///
+/// Packets up to this IPv4 length are not checked against the limit.
+const MIN_LIMITED_L3_LEN: usize = lb_common::MIN_LIMITED_L3_LEN as usize;
+
 #[map]
 static RUNTIME: Array<Runtime> = Array::pinned(1, 0);
 
@@ -217,16 +220,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
-    // The agent's clock and limits; all zero (no limit, nothing expires,
-    // time stands still) until an agent sets them.
-    // Only the fields needed on every packet are read here; the timeouts
-    // are read through the pointer where a record is checked.
-    let rt: Option<&Runtime> = RUNTIME.get(0);
-    let (now, max_l3_len) = match rt {
-        Some(rt) => (rt.now_ms, rt.max_l3_len),
-        None => (0, 0),
-    };
-    if tot_len as u32 > max_l3_len && max_l3_len != 0 {
+    // Packets longer than the smallest egress MTU (GRO aggregates in
+    // generic mode) must not be forwarded. The limit is read only for
+    // packets longer than IPv4's minimum datagram size: shorter ones fit
+    // any MTU lb accepts, and cost nothing here.
+    if tot_len > MIN_LIMITED_L3_LEN
+        && let Some(rt) = RUNTIME.get(0)
+        && rt.max_l3_len != 0
+        && tot_len as u32 > rt.max_l3_len
+    {
         return Err(Reason::DropTooBig);
     }
 
@@ -241,18 +243,20 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // Established flow: honoured while its backend is usable and still
     // serves this VIP, and its record has not expired; otherwise it falls
     // through to the ring. The flow cache answers for flows it already
-    // answered in this tick of the clock with one inlined array load; in a
-    // later tick (or for a FIN or RST) the packet goes through CONNTRACK
-    // (the LRU), the record: the lookup keeps the record fresh in the
-    // LRU, checks its expiry and stamps it with the time. So a flow in use
-    // refreshes its record at least once per tick at the cost of one
-    // lookup, whatever the cache holds.
+    // answered since the agent last cleared it (once per tick of the flow
+    // clock) with one inlined array load; the first packet of a flow in a
+    // tick (and every FIN or RST) goes through CONNTRACK (the LRU), the
+    // record: the lookup keeps the record fresh in the LRU, checks its
+    // expiry and stamps it with the clock. So a flow in use refreshes its
+    // record once per tick at the cost of one lookup, whatever else
+    // shares its cache slot, and a cache hit reads no clock.
     // The cache slot comes from one multiply (the full flow hash is only
     // needed, and computed, on the way to the ring).
     let mix = flow_cache_mix(&flow);
     let cache_slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(mix));
-    let stamp = now as u32;
     let mut cached = false;
+    // The clock, once read (on the way to CONNTRACK); 0 without an agent.
+    let mut now = 0;
     let tracked = if new_connection {
         None
     } else {
@@ -262,7 +266,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         match cache_slot.map(|c| unsafe { *c }) {
             Some(c)
                 if c.key.as_words() == flow.as_words()
-                    && c.check == mix ^ stamp ^ c.backend_id
+                    && c.check == mix ^ c.backend_id
                     && !closing =>
             {
                 cached = true;
@@ -273,6 +277,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
                     // SAFETY: the map value stays valid for the program's
                     // run (RCU); concurrent writers store whole words.
                     let entry = unsafe { &mut *e };
+                    let rt = RUNTIME.get(0);
+                    now = rt.map_or(0, |rt| rt.now_ms);
                     if rt.is_some_and(|rt| entry.is_expired(proto as u32, rt)) {
                         None
                     } else {
@@ -308,6 +314,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             if !b.is_usable() {
                 return Err(Reason::DropNoBackend);
             }
+            if now == 0 {
+                now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
+            }
             let _ = CONNTRACK.insert(
                 &flow,
                 &FlowEntry {
@@ -329,7 +338,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             *c = FlowCacheEntry {
                 key: flow,
                 backend_id,
-                check: mix ^ stamp ^ backend_id,
+                check: mix ^ backend_id,
             };
         }
     }

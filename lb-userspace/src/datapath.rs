@@ -445,8 +445,26 @@ impl Datapath {
     ) -> anyhow::Result<()> {
         let mut egress: Vec<u32> = egress.into_iter().collect();
         egress.extend(self.tx_ports()?);
-        self.keeper = Some(FlowKeeper::start(&self.pin_dir, timeouts, egress)?);
+        let cache = {
+            use std::os::fd::AsFd as _;
+            self.flow_cache_fd()?.as_fd().try_clone_to_owned()?
+        };
+        self.keeper = Some(FlowKeeper::start(&self.pin_dir, cache, timeouts, egress)?);
         Ok(())
+    }
+
+    fn flow_cache_fd(&self) -> anyhow::Result<&aya::maps::MapFd> {
+        match self.map(map_names::FLOW_CACHE) {
+            aya::maps::Map::Array(d) => Ok(d.fd()),
+            _ => anyhow::bail!("map {} is not an array", map_names::FLOW_CACHE),
+        }
+    }
+
+    /// Empties the flow cache, as the flow keeper does once per tick of
+    /// the clock (tests drive the ticks with this and [`Self::set_runtime`]).
+    pub fn clear_flow_cache(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsFd as _;
+        crate::flow_keeper::clear_flow_cache(self.flow_cache_fd()?.as_fd())
     }
 
     /// New conntrack timeouts for the running keeper (a reload).

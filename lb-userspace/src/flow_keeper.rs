@@ -3,9 +3,14 @@
 //! egress length limit) and counts the active flows per backend.
 //!
 //! - The clock: milliseconds of agent time, written every
-//!   [`timing::FLOW_CLOCK_PERIOD`]. It continues from the value found
-//!   pinned, so it stands still while no agent runs: an agent that was away
-//!   does not expire every flow at once when it comes back.
+//!   [`timing::FLOW_CLOCK_PERIOD`] (a tick). It continues from the value
+//!   found pinned, so it stands still while no agent runs: an agent that
+//!   was away does not expire every flow at once when it comes back.
+//! - The flow cache: cleared after each tick's clock write (one batched
+//!   update), so that every flow in use goes through its CONNTRACK record
+//!   once per tick, which keeps the record fresh in the LRU and stamps it;
+//!   a cache hit itself reads no clock (the per-packet cost stays that of
+//!   a cache hit).
 //! - The count: every [`timing::FLOW_COUNT_PERIOD`], one pass over
 //!   CONNTRACK with batched lookups (a few syscalls per thousand entries),
 //!   counting per backend the records that have not expired under the
@@ -19,7 +24,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
@@ -27,7 +32,7 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData};
-use lb_common::{FlowEntry, FlowKey, Runtime, map_names};
+use lb_common::{FLOW_CACHE_SLOTS, FlowEntry, FlowKey, Runtime, map_names};
 use log::warn;
 
 use crate::timing;
@@ -87,6 +92,7 @@ impl FlowKeeper {
     /// pinned clock. `egress`: the ifindexes of the attached interfaces.
     pub fn start(
         pin_dir: &Path,
+        flow_cache: OwnedFd,
         timeouts: FlowTimeouts,
         egress: impl IntoIterator<Item = u32>,
     ) -> anyhow::Result<Self> {
@@ -119,6 +125,7 @@ impl FlowKeeper {
             started,
             max_l3_len: 0,
             next_count: started,
+            flow_cache,
         };
         state.step(&shared, &mut runtime, &conntrack)?;
         let thread_shared = shared.clone();
@@ -190,6 +197,7 @@ impl Drop for FlowKeeper {
 }
 
 struct KeeperState {
+    flow_cache: OwnedFd,
     base: u64,
     started: Instant,
     max_l3_len: u32,
@@ -222,6 +230,7 @@ impl KeeperState {
         runtime
             .set(0, rt, 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", map_names::RUNTIME))?;
+        clear_flow_cache(self.flow_cache.as_fd())?;
         shared.0.lock().unwrap_or_else(|e| e.into_inner()).now_ms = now_ms;
         if count_now {
             self.next_count = Instant::now() + timing::FLOW_COUNT_PERIOD;
@@ -260,6 +269,45 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` is a valid union bpf_attr prefix for the batch
+    // commands; the pointers in it are the caller's live buffers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties every slot of the flow cache (`map`: FLOW_CACHE) in one
+/// batched update. A packet reading a slot meanwhile sees the old entry,
+/// an empty one, or a torn mix that its check word rejects.
+pub fn clear_flow_cache(map: BorrowedFd<'_>) -> anyhow::Result<()> {
+    let keys: Vec<u32> = (0..FLOW_CACHE_SLOTS).collect();
+    let values =
+        vec![0u8; FLOW_CACHE_SLOTS as usize * std::mem::size_of::<lb_common::FlowCacheEntry>()];
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: FLOW_CACHE_SLOTS,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)
+        .map_err(|e| anyhow::anyhow!("clearing FLOW_CACHE (BPF_MAP_UPDATE_BATCH): {e}"))
+}
 /// Records per batched lookup.
 const BATCH: usize = 1024;
 
@@ -298,17 +346,7 @@ pub fn for_each_flow(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` points to live buffers of BATCH keys and values of
-        // the map's key and value sizes, and to the two cursors.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
         let done = match &err {
             None => false,
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,

@@ -30,6 +30,8 @@ fn fixture(conntrack_entries: u32, proto: u8) -> Fixture {
     f
 }
 
+/// One tick of the flow clock, as the agent's flow keeper makes it: the
+/// clock and timeouts written, then the flow cache cleared.
 fn set_clock(f: &mut Fixture, now_ms: u64, udp: u32, tcp: u32, closing: u32) {
     f.dp.set_runtime(Runtime {
         now_ms,
@@ -39,6 +41,7 @@ fn set_clock(f: &mut Fixture, now_ms: u64, udp: u32, tcp: u32, closing: u32) {
         max_l3_len: 0,
     })
     .unwrap();
+    f.dp.clear_flow_cache().unwrap();
 }
 
 fn key_of(p: &Ipv4Packet) -> FlowKey {
