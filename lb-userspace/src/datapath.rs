@@ -541,7 +541,11 @@ impl Datapath {
                      them after lb counted them forwarded. Attach in generic mode \
                      (--xdp-mode skb) or give {name} a driver that supports XDP transmit"
                 ),
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                Ok(None) => log::warn!(
+                    "{name}: the kernel does not report XDP features (before Linux 6.3): \
+                     not checked whether it can transmit redirected XDP frames"
+                ),
                 Err(e) => log::warn!("{name}: cannot read its XDP features ({e}); not checked"),
             }
         }

@@ -11,11 +11,14 @@
 //!   once per tick, which keeps the record fresh in the LRU and stamps it;
 //!   a cache hit itself reads no clock (the per-packet cost stays that of
 //!   a cache hit).
-//! - The count: every [`timing::FLOW_COUNT_PERIOD`], one pass over
-//!   CONNTRACK with batched lookups (a few syscalls per thousand entries),
-//!   counting per backend the records that have not expired under the
-//!   kernel's own rule ([`FlowEntry::is_expired`]). Expired records are
-//!   left to the LRU: the kernel already treats them as misses.
+//! - The count, in a second thread (so that a long pass never holds the
+//!   clock back): one pass over CONNTRACK with batched lookups, counting
+//!   per backend the records that have not expired under the kernel's own
+//!   rule ([`FlowEntry::is_expired`]), every [`timing::FLOW_COUNT_PERIOD`]
+//!   or 20 times the last pass's duration if longer (a pass costs ~0.3 µs
+//!   per record: a full 1M-record table is counted every ~7 s, ≤ 5 % of a
+//!   core). Expired records are left to the LRU: the kernel already treats
+//!   them as misses.
 //! - The limit: the smallest MTU of the egress interfaces (the attached
 //!   ones and the redirect targets), re-read with each count.
 //!
@@ -73,14 +76,26 @@ struct Shared {
     /// Egress ifindexes: attached interfaces and redirect targets.
     egress: BTreeSet<u32>,
     count: FlowCount,
-    /// The clock as last written.
-    now_ms: u64,
+    /// RUNTIME as last written.
+    rt: Runtime,
 }
 
-/// The running keeper; stops (joining its thread) when dropped.
+type SharedRef = Arc<(Mutex<Shared>, Condvar)>;
+
+/// Waits `d` or until stopped; true when stopped.
+fn wait(shared: &SharedRef, d: Duration) -> bool {
+    let (lock, cv) = &**shared;
+    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (guard, _) = cv
+        .wait_timeout_while(guard, d, |s| !s.stop)
+        .unwrap_or_else(|e| e.into_inner());
+    guard.stop
+}
+
+/// The running keeper; stops (joining its threads) when dropped.
 pub struct FlowKeeper {
-    shared: Arc<(Mutex<Shared>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+    shared: SharedRef,
+    threads: Vec<JoinHandle<()>>,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -108,11 +123,10 @@ impl FlowKeeper {
             .get(&0, 0)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::RUNTIME))?
             .now_ms;
-        let shared = Arc::new((
+        let shared: SharedRef = Arc::new((
             Mutex::new(Shared {
                 timeouts: Some(timeouts),
                 egress: egress.into_iter().collect(),
-                now_ms: base,
                 ..Shared::default()
             }),
             Condvar::new(),
@@ -124,40 +138,60 @@ impl FlowKeeper {
             base,
             started,
             max_l3_len: 0,
-            next_count: started,
+            next_mtu: started,
             flow_cache,
         };
-        state.step(&shared, &mut runtime, &conntrack)?;
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("lb-flow-keeper".into())
+        state.step(&shared, &mut runtime)?;
+        let clock_shared = shared.clone();
+        let clock = std::thread::Builder::new()
+            .name("lb-flow-clock".into())
             .spawn(move || {
                 let mut failing = false;
-                loop {
-                    {
-                        let (lock, cv) = &*thread_shared;
-                        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        let (guard, _) = cv
-                            .wait_timeout_while(guard, timing::FLOW_CLOCK_PERIOD, |s| !s.stop)
-                            .unwrap_or_else(|e| e.into_inner());
-                        if guard.stop {
-                            return;
-                        }
-                    }
-                    match state.step(&thread_shared, &mut runtime, &conntrack) {
+                while !wait(&clock_shared, timing::FLOW_CLOCK_PERIOD) {
+                    match state.step(&clock_shared, &mut runtime) {
                         Ok(()) => failing = false,
                         Err(e) if !failing => {
-                            warn!("flow keeper: {e:#}");
+                            warn!("flow clock: {e:#}");
                             failing = true;
                         }
                         Err(_) => {}
                     }
                 }
             })?;
-        Ok(Self {
+        let count_shared = shared.clone();
+        let counter = std::thread::Builder::new()
+            .name("lb-flow-count".into())
+            .spawn(move || {
+                let mut failing = false;
+                let mut period = Duration::ZERO;
+                while !wait(&count_shared, period) {
+                    let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
+                    let t = Instant::now();
+                    match count_flows(conntrack.fd().as_fd(), &rt) {
+                        Ok(c) => {
+                            failing = false;
+                            count_shared
+                                .0
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .count = c;
+                        }
+                        Err(e) if !failing => {
+                            warn!("counting flows: {e:#}");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    period = timing::FLOW_COUNT_PERIOD.max(t.elapsed() * 20);
+                }
+            });
+        let mut keeper = Self {
             shared,
-            thread: Some(thread),
-        })
+            threads: vec![clock],
+        };
+        // On an error here, dropping `keeper` stops the clock thread.
+        keeper.threads.push(counter?);
+        Ok(keeper)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Shared) -> T) -> T {
@@ -182,7 +216,7 @@ impl FlowKeeper {
 
     /// The flow clock as last written (ms of agent time).
     pub fn now_ms(&self) -> u64 {
-        self.with(|s| s.now_ms)
+        self.with(|s| s.rt.now_ms)
     }
 }
 
@@ -190,7 +224,7 @@ impl Drop for FlowKeeper {
     fn drop(&mut self) {
         self.with(|s| s.stop = true);
         self.shared.1.notify_all();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -201,27 +235,27 @@ struct KeeperState {
     base: u64,
     started: Instant,
     max_l3_len: u32,
-    next_count: Instant,
+    /// When to re-read the egress MTUs.
+    next_mtu: Instant,
 }
 
 impl KeeperState {
+    /// One tick: RUNTIME written, then the flow cache cleared.
     fn step(
         &mut self,
-        shared: &(Mutex<Shared>, Condvar),
+        shared: &SharedRef,
         runtime: &mut Array<MapData, Runtime>,
-        conntrack: &MapData,
     ) -> anyhow::Result<()> {
         let (timeouts, egress) = {
             let s = shared.0.lock().unwrap_or_else(|e| e.into_inner());
             (s.timeouts, s.egress.clone())
         };
-        let count_now = Instant::now() >= self.next_count;
-        if count_now {
+        if Instant::now() >= self.next_mtu {
+            self.next_mtu = Instant::now() + timing::FLOW_COUNT_PERIOD;
             self.max_l3_len = egress.iter().filter_map(|&i| mtu(i)).min().unwrap_or(0);
         }
-        let now_ms = self.base + self.started.elapsed().as_millis() as u64;
         let rt = Runtime {
-            now_ms,
+            now_ms: self.base + self.started.elapsed().as_millis() as u64,
             udp_idle_ms: timeouts.map_or(0, |t| ms(t.udp_idle)),
             tcp_idle_ms: timeouts.map_or(0, |t| ms(t.tcp_idle)),
             tcp_closing_ms: timeouts.map_or(0, |t| ms(t.tcp_closing)),
@@ -231,12 +265,7 @@ impl KeeperState {
             .set(0, rt, 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", map_names::RUNTIME))?;
         clear_flow_cache(self.flow_cache.as_fd())?;
-        shared.0.lock().unwrap_or_else(|e| e.into_inner()).now_ms = now_ms;
-        if count_now {
-            self.next_count = Instant::now() + timing::FLOW_COUNT_PERIOD;
-            let count = count_flows(conntrack.fd().as_fd(), &rt)?;
-            shared.0.lock().unwrap_or_else(|e| e.into_inner()).count = count;
-        }
+        shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt = rt;
         Ok(())
     }
 }

@@ -21,5 +21,6 @@ pub const STATS_WATCH_PERIOD: Duration = Duration::from_secs(1);
 /// clock. A flow in use refreshes its conntrack record once per tick.
 pub const FLOW_CLOCK_PERIOD: Duration = Duration::from_millis(100);
 /// How often the agent counts active flows per backend (one batched pass
-/// over the conntrack table) and re-reads the egress MTUs.
+/// over the conntrack table; less often when a pass takes longer than a
+/// twentieth of this) and re-reads the egress MTUs.
 pub const FLOW_COUNT_PERIOD: Duration = Duration::from_secs(2);
