@@ -21,6 +21,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const RUNTIME: &str = "RUNTIME";
+    /// Not pinned: it belongs to the loaded program.
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -294,8 +297,73 @@ impl FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// [`FLOW_FLAG_CLOSING`].
+    pub flags: u32,
+    /// [`Runtime::now_ms`] when the flow was last seen (refreshed at most
+    /// once per tick of that clock, see the fast path).
+    pub last_seen_ms: u64,
 }
+
+/// The flow's TCP connection sent a FIN or a RST: it expires after
+/// [`Runtime::tcp_closing_ms`] without packets instead of
+/// [`Runtime::tcp_idle_ms`].
+pub const FLOW_FLAG_CLOSING: u32 = 1;
+
+impl FlowEntry {
+    /// The idle time after which this entry no longer steers its flow
+    /// (the next packet is steered by the ring like a new flow), in ms;
+    /// 0: never (the agent has not set the timeouts).
+    #[inline(always)]
+    pub fn timeout_ms(&self, proto: u32, rt: &Runtime) -> u32 {
+        if proto != IPPROTO_TCP as u32 {
+            rt.udp_idle_ms
+        } else if self.flags & FLOW_FLAG_CLOSING != 0 {
+            rt.tcp_closing_ms
+        } else {
+            rt.tcp_idle_ms
+        }
+    }
+
+    /// Idle longer than its timeout at `rt.now_ms`. The kernel and the
+    /// agent's count of active flows apply this same rule.
+    #[inline(always)]
+    pub fn is_expired(&self, proto: u32, rt: &Runtime) -> bool {
+        let timeout = self.timeout_ms(proto, rt);
+        timeout != 0 && rt.now_ms.saturating_sub(self.last_seen_ms) > timeout as u64
+    }
+}
+
+/// What the agent keeps current while it runs, in the one element of the
+/// RUNTIME array: the flow clock, the conntrack timeouts and the largest
+/// frame the egress interfaces take.
+///
+/// The clock counts milliseconds of agent time: a new agent continues from
+/// the value it finds pinned, so the clock stands still (and nothing
+/// expires) while no agent runs. All zero (no agent yet): nothing expires,
+/// no length limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Runtime {
+    pub now_ms: u64,
+    /// A UDP flow idle this long is over (0: never).
+    pub udp_idle_ms: u32,
+    /// A TCP flow idle this long is over (0: never).
+    pub tcp_idle_ms: u32,
+    /// A TCP flow that sent a FIN or RST is over after this long without
+    /// packets (0: never).
+    pub tcp_closing_ms: u32,
+    /// Largest IPv4 total length the egress interfaces take (their
+    /// smallest MTU); longer packets for a VIP are dropped
+    /// ([`Reason::DropTooBig`]): in generic (skb) mode GRO hands XDP
+    /// aggregated frames that no interface may send. 0: no limit. Packets
+    /// up to [`MIN_LIMITED_L3_LEN`] bytes are not checked (so a limit
+    /// below it is not enforced for them).
+    pub max_l3_len: u32,
+}
+
+/// IPv4's minimum datagram size every host accepts: packets up to this
+/// length are not checked against [`Runtime::max_l3_len`].
+pub const MIN_LIMITED_L3_LEN: u32 = 576;
 
 /// Slots of the flow cache: 2^FLOW_CACHE_BITS.
 pub const FLOW_CACHE_BITS: u32 = 12;
@@ -373,10 +441,13 @@ pub enum Reason {
     DropNoBackend = 7,
     /// The backend's egress interface is missing from TX_PORTS.
     DropNoTxPort = 8,
+    /// Addressed to a VIP, longer than the egress interfaces' MTU (a GRO
+    /// aggregate in generic mode): forwarding it would fail or be wrong.
+    DropTooBig = 9,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIpv4,
@@ -387,6 +458,7 @@ impl Reason {
         Reason::DropMalformed,
         Reason::DropNoBackend,
         Reason::DropNoTxPort,
+        Reason::DropTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -400,6 +472,7 @@ impl Reason {
             Reason::DropMalformed => "drop_malformed",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoTxPort => "drop_no_tx_port",
+            Reason::DropTooBig => "drop_too_big",
         }
     }
 
@@ -410,6 +483,7 @@ impl Reason {
                 | Reason::DropMalformed
                 | Reason::DropNoBackend
                 | Reason::DropNoTxPort
+                | Reason::DropTooBig
         )
     }
 }
@@ -420,8 +494,9 @@ const _: () = {
     assert!(size_of::<VipSlot>() == 24);
     assert!(size_of::<Backend>() == 28);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowEntry>() == 8);
+    assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
+    assert!(size_of::<Runtime>() == 24);
     assert!(size_of::<VipStats>() == 32);
     assert!(size_of::<BackendStats>() == 16);
 };
@@ -466,6 +541,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
 }
@@ -531,6 +607,39 @@ mod tests {
             let k = FlowKey::new(0xC612_0001, port, 0xFFFF_FFFF, 80, IPPROTO_TCP);
             assert!(flow_cache_slot(flow_cache_mix(&k)) < FLOW_CACHE_SLOTS);
         }
+    }
+
+    #[test]
+    fn expiry_follows_protocol_and_closing_and_zero_means_never() {
+        let rt = Runtime {
+            now_ms: 10_000,
+            udp_idle_ms: 1_000,
+            tcp_idle_ms: 5_000,
+            tcp_closing_ms: 2_000,
+            max_l3_len: 0,
+        };
+        let e = |flags, last_seen_ms| FlowEntry {
+            backend_id: 1,
+            flags,
+            last_seen_ms,
+        };
+        let (tcp, udp) = (IPPROTO_TCP as u32, IPPROTO_UDP as u32);
+        assert!(!e(0, 9_000).is_expired(udp, &rt));
+        assert!(e(0, 8_999).is_expired(udp, &rt));
+        assert!(!e(0, 5_000).is_expired(tcp, &rt));
+        assert!(e(0, 4_999).is_expired(tcp, &rt));
+        assert!(!e(FLOW_FLAG_CLOSING, 8_000).is_expired(tcp, &rt));
+        assert!(e(FLOW_FLAG_CLOSING, 7_999).is_expired(tcp, &rt));
+        // Seen "after" now (a clock behind the record): not expired.
+        assert!(!e(0, 20_000).is_expired(udp, &rt));
+        // No agent yet: nothing expires.
+        assert!(!e(0, 0).is_expired(
+            udp,
+            &Runtime {
+                now_ms: u64::MAX,
+                ..Runtime::default()
+            }
+        ));
     }
 
     #[test]

@@ -15,13 +15,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, NO_BACKEND, Reason, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix,
-    flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
+    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowEntry, FlowKey,
+    IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime, VipInfo, VipKey, VipSlot, VipStats,
+    flow_cache_mix, flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
 };
 use lb_ebpf::parse::{
-    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_SYN, UDP_LEN, ethernet,
-    ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST, TCP_SYN,
+    UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -54,6 +54,10 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CO
 /// new connection recorded on one CPU is seen by the next packet on any
 /// other. Not pinned: it refills from traffic.
 ///
+/// The agent clears every slot once per tick of the flow clock, so a
+/// flow's first packet in each tick goes through CONNTRACK, which refreshes
+/// its record (see the fast path).
+///
 /// Slots are copied without a lock, so a copy taken while another CPU
 /// rewrites the slot can mix two writes. Such a copy is used only if its
 /// key equals this packet's flow and its `check` equals this flow's mix
@@ -79,6 +83,16 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 /// Egress interfaces other than the ingress one, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
+
+/// One element: the flow clock, the conntrack timeouts and the length
+/// limit, kept current by the agent (see lb_common::Runtime). Pinned, so a
+/// new agent continues the clock.
+///
+/// Packets up to this IPv4 length are not checked against the limit.
+const MIN_LIMITED_L3_LEN: usize = lb_common::MIN_LIMITED_L3_LEN as usize;
+
+#[map]
+static RUNTIME: Array<Runtime> = Array::pinned(1, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -190,15 +204,33 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         _pad: 0,
     };
     let vip = find_vip(&vip_key).ok_or(Reason::PassNotVip)?;
+
     // A TCP SYN (without ACK) opens a new connection: it is steered by the
     // ring even when a conntrack entry exists for its 5-tuple (a reused
     // source port must follow the current ring, not a closed connection).
-    let new_connection = proto == IPPROTO_TCP && {
+    // A FIN or RST starts the end of a connection: its record goes to the
+    // shorter closing timeout.
+    let tcp_flags = if proto == IPPROTO_TCP {
         let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::DropMalformed)?;
         // SAFETY: bounds checked by ptr_at.
-        let flags = unsafe { *flags };
-        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        unsafe { *flags }
+    } else {
+        0
     };
+    let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
+
+    // Packets longer than the smallest egress MTU (GRO aggregates in
+    // generic mode) must not be forwarded. The limit is read only for
+    // packets longer than IPv4's minimum datagram size: shorter ones fit
+    // any MTU lb accepts, and cost nothing here.
+    if tot_len > MIN_LIMITED_L3_LEN
+        && let Some(rt) = RUNTIME.get(0)
+        && rt.max_l3_len != 0
+        && tot_len as u32 > rt.max_l3_len
+    {
+        return Err(Reason::DropTooBig);
+    }
 
     let flow = FlowKey {
         src_addr: u32::from_ne_bytes(ip.src_addr),
@@ -209,14 +241,22 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     // Established flow: honoured while its backend is usable and still
-    // serves this VIP; otherwise it falls through to the ring. The flow
-    // cache answers for recently seen flows with one inlined array load;
-    // CONNTRACK (the LRU) is the record.
+    // serves this VIP, and its record has not expired; otherwise it falls
+    // through to the ring. The flow cache answers for flows it already
+    // answered since the agent last cleared it (once per tick of the flow
+    // clock) with one inlined array load; the first packet of a flow in a
+    // tick (and every FIN or RST) goes through CONNTRACK (the LRU), the
+    // record: the lookup keeps the record fresh in the LRU, checks its
+    // expiry and stamps it with the clock. So a flow in use refreshes its
+    // record once per tick at the cost of one lookup, whatever else
+    // shares its cache slot, and a cache hit reads no clock.
     // The cache slot comes from one multiply (the full flow hash is only
     // needed, and computed, on the way to the ring).
     let mix = flow_cache_mix(&flow);
     let cache_slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(mix));
     let mut cached = false;
+    // The clock, once read (on the way to CONNTRACK); 0 without an agent.
+    let mut now = 0;
     let tracked = if new_connection {
         None
     } else {
@@ -224,12 +264,33 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         // out, and a copy torn by a concurrent writer is handled as
         // FLOW_CACHE describes.
         match cache_slot.map(|c| unsafe { *c }) {
-            Some(c) if c.key.as_words() == flow.as_words() && c.check == mix ^ c.backend_id => {
+            Some(c)
+                if c.key.as_words() == flow.as_words()
+                    && c.check == mix ^ c.backend_id
+                    && !closing =>
+            {
                 cached = true;
                 Some(c.backend_id)
             }
-            // SAFETY: the entry is copied out immediately.
-            _ => unsafe { CONNTRACK.get(&flow) }.map(|e| e.backend_id),
+            _ => match CONNTRACK.get_ptr_mut(&flow) {
+                Some(e) => {
+                    // SAFETY: the map value stays valid for the program's
+                    // run (RCU); concurrent writers store whole words.
+                    let entry = unsafe { &mut *e };
+                    let rt = RUNTIME.get(0);
+                    now = rt.map_or(0, |rt| rt.now_ms);
+                    if rt.is_some_and(|rt| entry.is_expired(proto as u32, rt)) {
+                        None
+                    } else {
+                        entry.last_seen_ms = now;
+                        if closing {
+                            entry.flags |= FLOW_FLAG_CLOSING;
+                        }
+                        Some(entry.backend_id)
+                    }
+                }
+                None => None,
+            },
         }
     };
     let mut hit = false;
@@ -253,11 +314,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             if !b.is_usable() {
                 return Err(Reason::DropNoBackend);
             }
+            if now == 0 {
+                now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
+            }
             let _ = CONNTRACK.insert(
                 &flow,
                 &FlowEntry {
                     backend_id,
-                    _pad: 0,
+                    flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
+                    last_seen_ms: now,
                 },
                 0,
             );

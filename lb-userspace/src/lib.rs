@@ -7,6 +7,7 @@ pub mod control;
 pub mod datapath;
 #[cfg(test)]
 mod fake_maps;
+pub mod flow_keeper;
 pub mod health;
 pub mod keys;
 pub mod mac;
@@ -17,3 +18,4 @@ pub mod pins;
 pub mod reconcile;
 pub mod rundir;
 pub mod timing;
+pub mod xdp_features;

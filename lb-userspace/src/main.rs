@@ -279,12 +279,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 let list: Vec<BackendView> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  LAST CHECK (UNRESOLVED: WHY)",
-                    "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "HEALTH", "SLOTS", "MAC"
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  LAST CHECK (UNRESOLVED: WHY)",
+                    "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "HEALTH", "SLOTS", "FLOWS", "MAC"
                 );
                 for b in list {
                     println!(
-                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6}  {:<17}  {}",
+                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {}",
                         b.vip,
                         b.address,
                         b.id,
@@ -292,6 +292,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         b.state,
                         b.health,
                         b.slots,
+                        b.flows.map_or_else(|| "-".into(), |n| n.to_string()),
                         b.mac.unwrap_or_else(|| "-".into()),
                         // An unresolved backend: why, rather than its checks.
                         match (b.health, b.next_hop_error) {

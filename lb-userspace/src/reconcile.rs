@@ -95,6 +95,11 @@ pub trait KernelMaps {
     fn backend_stats(&self, id: u32) -> Result<BackendStats, Self::Error>;
     /// Pass/drop counters by reason name, summed over CPUs.
     fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>, Self::Error>;
+    /// Backend id → conntrack records naming it that have not expired, as
+    /// last counted; None before the first count.
+    fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
+        None
+    }
 }
 
 /// Plans the writes from `current` to `target`.

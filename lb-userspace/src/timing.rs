@@ -44,3 +44,10 @@ pub const METRICS_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Most health results recorded before one reconcile (the rest wait for
 /// the next turn of the event loop, so requests are not starved).
 pub const HEALTH_BATCH_MAX: usize = 4096;
+/// The flow clock's tick: how often the agent advances the data path's
+/// clock. A flow in use refreshes its conntrack record once per tick.
+pub const FLOW_CLOCK_PERIOD: Duration = Duration::from_millis(100);
+/// How often the agent counts active flows per backend (one batched pass
+/// over the conntrack table; less often when a pass takes longer than a
+/// twentieth of this) and re-reads the egress MTUs.
+pub const FLOW_COUNT_PERIOD: Duration = Duration::from_secs(2);

@@ -898,9 +898,13 @@ mod tests {
             key,
             FlowEntry {
                 backend_id: core.backend(other).id,
-                _pad: 0,
+                flags: 0,
+                last_seen_ms: 0,
             },
         );
+        // `lb backend list` counts it for its backend.
+        assert_eq!(core.backend(other).flows, Some(1));
+        assert_eq!(core.backend(ring_backend.octets()[3]).flows, Some(0));
         let e = explain(&core);
         assert_eq!(e.backend, Some(Ipv4Addr::new(198, 18, 0, other)));
         assert_eq!(e.reason, "established flow: conntrack entry");

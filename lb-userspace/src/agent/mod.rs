@@ -175,9 +175,24 @@ impl Agent {
         };
         let mut core = Core::new(cfg, dp, image);
         core.on_next_hops(known);
+        let timeouts = (&core.config().agent.conntrack).into();
+        let egress: Vec<u32> = interfaces
+            .iter()
+            .filter_map(|i| datapath::ifindex(i).ok())
+            .collect();
         let links = core
             .reconcile()
-            .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting));
+            .and_then(|_| core.maps_mut().start_flow_keeper(timeouts, egress))
+            .and_then(|_| Links::attach_all(core.maps_mut(), interfaces, setting))
+            .and_then(|links| {
+                let attached: Vec<_> = links
+                    .views()
+                    .into_iter()
+                    .map(|v| (v.name, v.ifindex, v.mode))
+                    .collect();
+                core.maps().check_attachments(&attached)?;
+                Ok(links)
+            });
         match links {
             Ok(l) => Ok((core, l)),
             Err(e) => Err(Box::new((e, core.into_maps()))),
@@ -219,6 +234,8 @@ impl Agent {
             *w = wanted;
             changed
         });
+        let timeouts = (&self.core.config().agent.conntrack).into();
+        self.core.maps().set_flow_timeouts(timeouts);
         self.sync_checkers();
         r
     }

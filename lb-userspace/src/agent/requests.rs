@@ -228,6 +228,7 @@ impl<M: KernelMaps> Core<M> {
 
     pub(super) fn backend_list(&self, only: Option<usize>) -> Vec<BackendView> {
         let mut out = Vec::new();
+        let flows = self.maps.active_flows();
         for (i, v) in self.cfg.vips.iter().enumerate() {
             if only.is_some_and(|o| o != i) {
                 continue;
@@ -262,6 +263,9 @@ impl<M: KernelMaps> Core<M> {
                         .map(|n| MacAddr(n.dst_mac).to_string()),
                     iface: status.next_hop.as_ref().map(|n| n.iface.clone()),
                     next_hop_error: status.next_hop_error.clone(),
+                    flows: flows
+                        .as_ref()
+                        .map(|f| f.get(&status.id).copied().unwrap_or(0)),
                 });
             }
         }

@@ -18,6 +18,10 @@
 //! ring_size = 65537                    # optional, prime, 3..=655373, default lb_common::DEFAULT_RING_SIZE;
 //!                                      # the default ring size of VIPs and the ring stride of the
 //!                                      # datapath: max_vips * ring_size must be <= 2^28
+//! conntrack_udp_idle_ms = 30000        # optional, 1000..=2_592_000_000: a UDP flow idle this long is over
+//! conntrack_tcp_idle_ms = 3600000      # optional, same range: a TCP flow idle this long is over
+//! conntrack_tcp_closing_ms = 30000     # optional, same range: idle time after a FIN or RST
+//!                                      # (the three apply at once on reload)
 //!
 //! [[vip]]                              # zero or more; identified by (address, port, protocol)
 //! name = "web"                         # optional, default "<address>:<port>/<protocol>"; unique
@@ -78,10 +82,10 @@ mod raw;
 mod validate;
 
 pub use model::{
-    AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, DEFAULT_INSTANCE,
-    HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
-    MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT,
-    VipConfig, XdpModeSetting, reload_check,
+    AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
+    DEFAULT_INSTANCE, HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES,
+    MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT,
+    StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
 };
 pub use validate::ConfigError;
 

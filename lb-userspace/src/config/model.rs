@@ -47,6 +47,40 @@ pub struct Config {
 pub struct AgentConfig {
     pub kernel: KernelSettings,
     pub start: StartSettings,
+    pub conntrack: ConntrackSettings,
+}
+
+/// How long a conntrack record steers its flow without packets. Applied
+/// at once by a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackSettings {
+    /// A UDP flow idle this long is over: its next packet is steered by
+    /// the ring like a new flow (so draining a UDP backend ends).
+    pub udp_idle: Duration,
+    /// A TCP connection idle this long is over.
+    pub tcp_idle: Duration,
+    /// A TCP connection that sent a FIN or RST is over after this long
+    /// without packets.
+    pub tcp_closing: Duration,
+}
+
+/// Default `conntrack_udp_idle_ms`.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(30);
+/// Default `conntrack_tcp_idle_ms`.
+pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
+/// Default `conntrack_tcp_closing_ms`.
+pub const DEFAULT_TCP_CLOSING: Duration = Duration::from_secs(30);
+/// Accepted range of the conntrack timeouts, in ms (1 s to 30 days).
+pub const CONNTRACK_TIMEOUT_MS: (u32, u32) = (1_000, 2_592_000_000);
+
+impl Default for ConntrackSettings {
+    fn default() -> Self {
+        Self {
+            udp_idle: DEFAULT_UDP_IDLE,
+            tcp_idle: DEFAULT_TCP_IDLE,
+            tcp_closing: DEFAULT_TCP_CLOSING,
+        }
+    }
 }
 
 /// What the pinned datapath was created with: its pin directory and its
@@ -189,7 +223,12 @@ impl Config {
 pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String> {
     // Exhaustive on purpose: a new `[agent]` setting must join one of the
     // groups (and so be refused or reported on reload), or be handled here.
-    let AgentConfig { kernel, start } = &new.agent;
+    // `conntrack` is applied live.
+    let AgentConfig {
+        kernel,
+        start,
+        conntrack: _,
+    } = &new.agent;
     if *kernel != old.agent.kernel {
         return Err(format!(
             "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",

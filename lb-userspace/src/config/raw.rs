@@ -32,6 +32,9 @@ pub(super) struct RawAgent {
     pub max_vips: Option<S<i64>>,
     pub max_backends: Option<S<i64>>,
     pub ring_size: Option<S<i64>>,
+    pub conntrack_udp_idle_ms: Option<S<i64>>,
+    pub conntrack_tcp_idle_ms: Option<S<i64>>,
+    pub conntrack_tcp_closing_ms: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

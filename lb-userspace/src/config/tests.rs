@@ -18,6 +18,9 @@ conntrack_entries = 1048576
 max_vips = 64
 max_backends = 4096
 ring_size = 65537
+conntrack_udp_idle_ms = 20000
+conntrack_tcp_idle_ms = 7200000
+conntrack_tcp_closing_ms = 5000
 
 [[vip]]
 name = "web"
@@ -116,6 +119,11 @@ fn full_example() {
                 control_group: None,
                 metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
             },
+            conntrack: ConntrackSettings {
+                udp_idle: Duration::from_secs(20),
+                tcp_idle: Duration::from_secs(7200),
+                tcp_closing: Duration::from_secs(5),
+            },
         },
         vips: vec![VipConfig {
             name: "web".into(),
@@ -170,6 +178,11 @@ address = "198.18.0.11"
                 control_socket: "/run/lb/default.sock".into(),
                 control_group: None,
                 metrics_listen: None,
+            },
+            conntrack: ConntrackSettings {
+                udp_idle: Duration::from_secs(30),
+                tcp_idle: Duration::from_secs(3600),
+                tcp_closing: Duration::from_secs(30),
             },
         }
     );
@@ -711,6 +724,17 @@ fn other_agent_fields() {
     );
     let e = err("[agent]\nmax_backends = 0\n");
     check(&e, 2, "agent.max_backends", "0 is out of range 1..=1048576");
+    let e = err("[agent]\nmax_vips = 2\nconntrack_udp_idle_ms = 999\n");
+    check(
+        &e,
+        3,
+        "agent.conntrack_udp_idle_ms",
+        "999 is out of range 1000..=2592000000",
+    );
+    let e = err("[agent]\nconntrack_tcp_idle_ms = 2592000001\n");
+    check(&e, 2, "agent.conntrack_tcp_idle_ms", "out of range");
+    let e = err("[agent]\nconntrack_tcp_closing_ms = \"10s\"\n");
+    check(&e, 2, "agent.conntrack_tcp_closing_ms", "");
     let e = err(&format!(
         "[agent]\ncontrol_socket = \"/{}\"\n",
         "s".repeat(107)

@@ -13,10 +13,11 @@ use std::{
 
 use super::{
     model::{
-        AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, DEFAULT_INSTANCE,
-        HealthCheck, HealthCheckKind, KernelSettings, KindTag, MAX_CONNTRACK_ENTRIES,
-        MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT,
-        StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting,
+        AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, CONNTRACK_TIMEOUT_MS, Config,
+        ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
+        DEFAULT_UDP_IDLE, HealthCheck, HealthCheckKind, KernelSettings, KindTag,
+        MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError,
+        Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
@@ -420,7 +421,32 @@ impl Ctx<'_> {
             ));
         }
 
+        let timeout = |v: &Option<S<i64>>, field: &str, default: Duration| {
+            let (lo, hi) = CONNTRACK_TIMEOUT_MS;
+            let d = u32::try_from(default.as_millis()).expect("defaults fit");
+            self.opt_int(v.as_ref(), field, lo, hi, d)
+                .map(|ms| Duration::from_millis(ms.into()))
+        };
+        let conntrack = ConntrackSettings {
+            udp_idle: timeout(
+                &raw.conntrack_udp_idle_ms,
+                "agent.conntrack_udp_idle_ms",
+                DEFAULT_UDP_IDLE,
+            )?,
+            tcp_idle: timeout(
+                &raw.conntrack_tcp_idle_ms,
+                "agent.conntrack_tcp_idle_ms",
+                DEFAULT_TCP_IDLE,
+            )?,
+            tcp_closing: timeout(
+                &raw.conntrack_tcp_closing_ms,
+                "agent.conntrack_tcp_closing_ms",
+                DEFAULT_TCP_CLOSING,
+            )?,
+        };
+
         Ok(AgentConfig {
+            conntrack,
             kernel: KernelSettings {
                 instance,
                 conntrack_entries,

@@ -1,0 +1,422 @@
+//! The flow keeper: a thread of the agent that keeps the data path's
+//! RUNTIME element current (the flow clock, the conntrack timeouts, the
+//! egress length limit) and counts the active flows per backend.
+//!
+//! - The clock: milliseconds of agent time, written every
+//!   [`timing::FLOW_CLOCK_PERIOD`] (a tick). It continues from the value
+//!   found pinned, so it stands still while no agent runs: an agent that
+//!   was away does not expire every flow at once when it comes back.
+//! - The flow cache: cleared after each tick's clock write (one batched
+//!   update), so that every flow in use goes through its CONNTRACK record
+//!   once per tick, which keeps the record fresh in the LRU and stamps it;
+//!   a cache hit itself reads no clock (the per-packet cost stays that of
+//!   a cache hit).
+//! - The count, in a second thread (so that a long pass never holds the
+//!   clock back): one pass over CONNTRACK with batched lookups, counting
+//!   per backend the records that have not expired under the kernel's own
+//!   rule ([`FlowEntry::is_expired`]), every [`timing::FLOW_COUNT_PERIOD`]
+//!   or 20 times the last pass's duration if longer (a pass costs ~0.3 µs
+//!   per record: a full 1M-record table is counted every ~7 s, ≤ 5 % of a
+//!   core). Expired records are left to the LRU: the kernel already treats
+//!   them as misses.
+//! - The limit: the smallest MTU of the egress interfaces (the attached
+//!   ones and the redirect targets), re-read with each count.
+//!
+//! A thread rather than a task: the clock must not stall behind the event
+//! loop (a clock that jumps after a stall would age every flow at once).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    path::Path,
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, Map, MapData};
+use lb_common::{FLOW_CACHE_SLOTS, FlowEntry, FlowKey, Runtime, map_names};
+use log::warn;
+
+use crate::timing;
+
+/// The conntrack timeouts given to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowTimeouts {
+    pub udp_idle: Duration,
+    pub tcp_idle: Duration,
+    pub tcp_closing: Duration,
+}
+
+impl From<&crate::config::ConntrackSettings> for FlowTimeouts {
+    fn from(c: &crate::config::ConntrackSettings) -> Self {
+        Self {
+            udp_idle: c.udp_idle,
+            tcp_idle: c.tcp_idle,
+            tcp_closing: c.tcp_closing,
+        }
+    }
+}
+
+/// The latest count of active flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    /// Backend id → records naming it that have not expired.
+    pub per_backend: BTreeMap<u32, u64>,
+    /// Records read in the pass (expired ones included).
+    pub records: u64,
+    /// When the pass ended.
+    pub at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Shared {
+    stop: bool,
+    timeouts: Option<FlowTimeouts>,
+    /// Egress ifindexes: attached interfaces and redirect targets.
+    egress: BTreeSet<u32>,
+    count: FlowCount,
+    /// RUNTIME as last written.
+    rt: Runtime,
+}
+
+type SharedRef = Arc<(Mutex<Shared>, Condvar)>;
+
+/// Waits `d` or until stopped; true when stopped.
+fn wait(shared: &SharedRef, d: Duration) -> bool {
+    let (lock, cv) = &**shared;
+    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (guard, _) = cv
+        .wait_timeout_while(guard, d, |s| !s.stop)
+        .unwrap_or_else(|e| e.into_inner());
+    guard.stop
+}
+
+/// The running keeper; stops (joining its threads) when dropped.
+pub struct FlowKeeper {
+    shared: SharedRef,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl FlowKeeper {
+    /// Starts the keeper on the maps pinned in `pin_dir`, continuing the
+    /// pinned clock. `egress`: the ifindexes of the attached interfaces.
+    pub fn start(
+        pin_dir: &Path,
+        flow_cache: OwnedFd,
+        timeouts: FlowTimeouts,
+        egress: impl IntoIterator<Item = u32>,
+    ) -> anyhow::Result<Self> {
+        let open = |name: &str| {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))
+        };
+        let mut runtime: Array<MapData, Runtime> =
+            Array::try_from(Map::Array(open(map_names::RUNTIME)?))
+                .map_err(|e| anyhow::anyhow!("map {}: {e}", map_names::RUNTIME))?;
+        let conntrack = open(map_names::CONNTRACK)?;
+        let base = runtime
+            .get(&0, 0)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::RUNTIME))?
+            .now_ms;
+        let shared: SharedRef = Arc::new((
+            Mutex::new(Shared {
+                timeouts: Some(timeouts),
+                egress: egress.into_iter().collect(),
+                ..Shared::default()
+            }),
+            Condvar::new(),
+        ));
+        // The first write before returning: the kernel has the timeouts
+        // and the limit from the start.
+        let started = Instant::now();
+        let mut state = KeeperState {
+            base,
+            started,
+            max_l3_len: 0,
+            next_mtu: started,
+            flow_cache,
+        };
+        state.step(&shared, &mut runtime)?;
+        let clock_shared = shared.clone();
+        let clock = std::thread::Builder::new()
+            .name("lb-flow-clock".into())
+            .spawn(move || {
+                let mut failing = false;
+                while !wait(&clock_shared, timing::FLOW_CLOCK_PERIOD) {
+                    match state.step(&clock_shared, &mut runtime) {
+                        Ok(()) => failing = false,
+                        Err(e) if !failing => {
+                            warn!("flow clock: {e:#}");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })?;
+        let count_shared = shared.clone();
+        let counter = std::thread::Builder::new()
+            .name("lb-flow-count".into())
+            .spawn(move || {
+                let mut failing = false;
+                let mut period = Duration::ZERO;
+                while !wait(&count_shared, period) {
+                    let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
+                    let t = Instant::now();
+                    match count_flows(conntrack.fd().as_fd(), &rt) {
+                        Ok(c) => {
+                            failing = false;
+                            count_shared
+                                .0
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .count = c;
+                        }
+                        Err(e) if !failing => {
+                            warn!("counting flows: {e:#}");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    period = timing::FLOW_COUNT_PERIOD.max(t.elapsed() * 20);
+                }
+            });
+        let mut keeper = Self {
+            shared,
+            threads: vec![clock],
+        };
+        // On an error here, dropping `keeper` stops the clock thread.
+        keeper.threads.push(counter?);
+        Ok(keeper)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Shared) -> T) -> T {
+        let mut g = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    /// New timeouts (a reload); the kernel has them within a clock period.
+    pub fn set_timeouts(&self, timeouts: FlowTimeouts) {
+        self.with(|s| s.timeouts = Some(timeouts));
+    }
+
+    /// One more egress interface (a redirect target).
+    pub fn add_egress(&self, ifindex: u32) {
+        self.with(|s| s.egress.insert(ifindex));
+    }
+
+    /// The latest count of active flows.
+    pub fn count(&self) -> FlowCount {
+        self.with(|s| s.count.clone())
+    }
+
+    /// The flow clock as last written (ms of agent time).
+    pub fn now_ms(&self) -> u64 {
+        self.with(|s| s.rt.now_ms)
+    }
+}
+
+impl Drop for FlowKeeper {
+    fn drop(&mut self) {
+        self.with(|s| s.stop = true);
+        self.shared.1.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct KeeperState {
+    flow_cache: OwnedFd,
+    base: u64,
+    started: Instant,
+    max_l3_len: u32,
+    /// When to re-read the egress MTUs.
+    next_mtu: Instant,
+}
+
+impl KeeperState {
+    /// One tick: RUNTIME written, then the flow cache cleared.
+    fn step(
+        &mut self,
+        shared: &SharedRef,
+        runtime: &mut Array<MapData, Runtime>,
+    ) -> anyhow::Result<()> {
+        let (timeouts, egress) = {
+            let s = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            (s.timeouts, s.egress.clone())
+        };
+        if Instant::now() >= self.next_mtu {
+            self.next_mtu = Instant::now() + timing::FLOW_COUNT_PERIOD;
+            self.max_l3_len = egress.iter().filter_map(|&i| mtu(i)).min().unwrap_or(0);
+        }
+        let rt = Runtime {
+            now_ms: self.base + self.started.elapsed().as_millis() as u64,
+            udp_idle_ms: timeouts.map_or(0, |t| ms(t.udp_idle)),
+            tcp_idle_ms: timeouts.map_or(0, |t| ms(t.tcp_idle)),
+            tcp_closing_ms: timeouts.map_or(0, |t| ms(t.tcp_closing)),
+            max_l3_len: self.max_l3_len,
+        };
+        runtime
+            .set(0, rt, 0)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", map_names::RUNTIME))?;
+        clear_flow_cache(self.flow_cache.as_fd())?;
+        shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt = rt;
+        Ok(())
+    }
+}
+
+/// Counts the records of CONNTRACK that have not expired at `rt`, per
+/// backend: one pass of batched lookups.
+pub fn count_flows(conntrack: BorrowedFd<'_>, rt: &Runtime) -> anyhow::Result<FlowCount> {
+    let mut count = FlowCount::default();
+    for_each_flow(conntrack, |k, e| {
+        count.records += 1;
+        if !e.is_expired(k.proto, rt) {
+            *count.per_backend.entry(e.backend_id).or_default() += 1;
+        }
+    })?;
+    count.at = Some(Instant::now());
+    Ok(count)
+}
+
+/// `union bpf_attr` for the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` is a valid union bpf_attr prefix for the batch
+    // commands; the pointers in it are the caller's live buffers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties every slot of the flow cache (`map`: FLOW_CACHE) in one
+/// batched update. A packet reading a slot meanwhile sees the old entry,
+/// an empty one, or a torn mix that its check word rejects.
+pub fn clear_flow_cache(map: BorrowedFd<'_>) -> anyhow::Result<()> {
+    let keys: Vec<u32> = (0..FLOW_CACHE_SLOTS).collect();
+    let values =
+        vec![0u8; FLOW_CACHE_SLOTS as usize * std::mem::size_of::<lb_common::FlowCacheEntry>()];
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: FLOW_CACHE_SLOTS,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)
+        .map_err(|e| anyhow::anyhow!("clearing FLOW_CACHE (BPF_MAP_UPDATE_BATCH): {e}"))
+}
+/// Records per batched lookup.
+const BATCH: usize = 1024;
+
+/// Calls `f` on every record of a hash map of `FlowKey → FlowEntry`, read
+/// with BPF_MAP_LOOKUP_BATCH (records added or removed meanwhile may be
+/// seen or not, as with any walk of a live hash map).
+pub fn for_each_flow(
+    map: BorrowedFd<'_>,
+    mut f: impl FnMut(&FlowKey, &FlowEntry),
+) -> anyhow::Result<()> {
+    let mut keys = vec![FlowKey::new(0, 0, 0, 0, 0); BATCH];
+    let mut values = vec![
+        FlowEntry {
+            backend_id: 0,
+            flags: 0,
+            last_seen_ms: 0,
+        };
+        BATCH
+    ];
+    // For hash maps the batch cursor is a bucket index.
+    let mut cursor: u32 = 0;
+    let mut next: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let err = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
+        let done = match &err {
+            None => false,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Some(e) => anyhow::bail!("BPF_MAP_LOOKUP_BATCH on {}: {e}", map_names::CONNTRACK),
+        };
+        let n = (attr.count as usize).min(BATCH);
+        for i in 0..n {
+            f(&keys[i], &values[i]);
+        }
+        if done {
+            return Ok(());
+        }
+        cursor = next;
+        first = false;
+    }
+}
+
+/// The MTU of interface `ifindex` (None when it is gone).
+pub fn mtu(ifindex: u32) -> Option<u32> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has IF_NAMESIZE bytes, as if_indextoname requires.
+    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
+        return None;
+    }
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_name = name;
+    // SAFETY: `req` is a valid ifreq naming the interface; the kernel
+    // writes ifru_mtu.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU as _, &mut req) };
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFMTU filled the mtu member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).ok()
+}
