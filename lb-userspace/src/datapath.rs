@@ -589,7 +589,11 @@ impl Datapath {
     /// - Generic (skb) mode: GRO hands the program aggregated frames
     ///   larger than the MTU; lb drops them (`drop_too_big`): a warning
     ///   that says how to keep them from forming.
-    pub fn check_attachments(&self, attached: &[(String, u32, String)]) -> anyhow::Result<()> {
+    pub fn check_attachments(
+        &self,
+        attached: &[(String, u32, String)],
+        targets: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
         for (iface, _, _) in attached.iter().filter(|a| a.2 == "skb") {
             log::warn!(
                 "{iface}: generic (skb) mode: packets for a VIP longer than the egress MTU \
@@ -600,7 +604,7 @@ impl Datapath {
         if !attached.iter().any(|a| a.2 == "native") {
             return Ok(());
         }
-        for ifindex in self.tx_ports()? {
+        for &ifindex in targets {
             if attached.iter().any(|a| a.1 == ifindex) {
                 continue;
             }

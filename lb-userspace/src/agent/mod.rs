@@ -190,7 +190,16 @@ impl Agent {
                     .into_iter()
                     .map(|v| (v.name, v.ifindex, v.mode))
                     .collect();
-                core.maps().check_attachments(&attached)?;
+                // Redirect targets: the egress interfaces of the backends
+                // in service now (TX_PORTS may also hold stale ones).
+                let targets = core
+                    .image()
+                    .backends
+                    .values()
+                    .filter(|b| b.is_usable())
+                    .map(|b| b.ifindex)
+                    .collect();
+                core.maps().check_attachments(&attached, &targets)?;
                 Ok(links)
             });
         match links {
