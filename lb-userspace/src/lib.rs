@@ -12,6 +12,7 @@ pub mod health;
 pub mod keys;
 pub mod mac;
 pub mod maglev;
+pub mod map_sizes;
 pub mod metrics;
 pub mod neigh;
 pub mod pins;

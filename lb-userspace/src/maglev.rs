@@ -33,7 +33,8 @@ use std::collections::BTreeMap;
 
 use lb_common::NO_BACKEND;
 
-use crate::config::MAX_RING_SIZE;
+/// Largest ring size lb builds (a prime); the configuration's limit.
+pub const MAX_RING_SIZE: u32 = 655_373;
 
 // The arithmetic below needs `m < 2^31` (it keeps `cur + skip` within
 // `u32`); the largest ring size lb accepts is far below that.

@@ -155,7 +155,7 @@ pub struct Layout(Vec<(String, String)>);
 const SETTINGS: &[&str] = &["max_vips", "max_backends", "ring_size", "conntrack_entries"];
 
 impl Layout {
-    pub fn of(sizes: crate::datapath::MapSizes) -> Self {
+    pub fn of(sizes: crate::map_sizes::MapSizes) -> Self {
         use std::mem::size_of;
 
         use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, Reason, VipSlot, VipStats};
@@ -541,7 +541,7 @@ pub fn xdp_link_target(path: &Path) -> io::Result<LinkTarget> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::MapSizes;
+    use crate::map_sizes::MapSizes;
 
     #[test]
     fn a_layout_survives_its_record() {

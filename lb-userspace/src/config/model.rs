@@ -15,8 +15,7 @@ use super::{ConfigError, validate};
 
 /// Smallest accepted ring size.
 pub const MIN_RING_SIZE: u32 = 3;
-/// Largest accepted ring size (a prime).
-pub const MAX_RING_SIZE: u32 = 655_373;
+pub use crate::maglev::MAX_RING_SIZE;
 /// Largest accepted `conntrack_entries`.
 pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 28;
 /// Largest accepted `max_vips`.

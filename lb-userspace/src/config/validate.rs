@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     ops::Range,
     path::{Path, PathBuf},
     str::FromStr,
@@ -22,6 +22,8 @@ use super::{
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
 use crate::{mac::MacAddr, maglev::is_prime};
+
+mod agent;
 
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -263,204 +265,6 @@ impl Ctx<'_> {
             agent,
             vips,
             source: self.file.to_path_buf(),
-        })
-    }
-
-    fn agent(&self, raw: Option<&RawAgent>) -> Result<AgentConfig, ConfigError> {
-        let default = RawAgent::default();
-        let raw = raw.unwrap_or(&default);
-
-        let instance = match &raw.instance {
-            Some(v) => {
-                let s = v.get_ref();
-                let ok = (1..=64).contains(&s.len())
-                    && s.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                if !ok {
-                    return Err(self.error(
-                        v.span(),
-                        "agent.instance",
-                        format!(
-                            "invalid instance name {s:?}: expected 1 to 64 characters from [A-Za-z0-9_-]"
-                        ),
-                    ));
-                }
-                s.clone()
-            }
-            None => DEFAULT_INSTANCE.to_owned(),
-        };
-
-        let mut interfaces: Vec<String> = Vec::new();
-        if let Some(list) = &raw.interfaces {
-            for (i, v) in list.get_ref().iter().enumerate() {
-                let field = format!("agent.interfaces[{i}]");
-                let name = v.get_ref();
-                // The kernel's dev_valid_name().
-                let ok = !name.is_empty()
-                    && name.len() < 16
-                    && name != "."
-                    && name != ".."
-                    && !name
-                        .chars()
-                        .any(|c| c == '/' || c == ':' || c.is_whitespace());
-                if !ok {
-                    return Err(self.error(
-                        v.span(),
-                        field,
-                        format!(
-                            "invalid interface name {name:?}: expected 1 to 15 bytes without '/', ':' or whitespace"
-                        ),
-                    ));
-                }
-                if interfaces.contains(name) {
-                    return Err(self.error(
-                        v.span(),
-                        field,
-                        format!("interface {name:?} is listed twice"),
-                    ));
-                }
-                interfaces.push(name.clone());
-            }
-        }
-
-        let xdp_mode = match &raw.xdp_mode {
-            Some(v) => self.keyword(v, "agent.xdp_mode")?,
-            None => XdpModeSetting::Auto,
-        };
-
-        let control_socket = match &raw.control_socket {
-            Some(v) => {
-                let s = v.get_ref();
-                if s.is_empty() || s.len() > MAX_SOCKET_PATH || s.contains('\0') {
-                    return Err(self.error(
-                        v.span(),
-                        "agent.control_socket",
-                        format!(
-                            "invalid socket path {s:?}: expected 1 to {MAX_SOCKET_PATH} bytes without NUL"
-                        ),
-                    ));
-                }
-                PathBuf::from(s)
-            }
-            None => PathBuf::from(format!("/run/lb/{instance}.sock")),
-        };
-
-        let control_group = match &raw.control_group {
-            Some(v) => {
-                let g = v.get_ref();
-                let ok = (1..=32).contains(&g.len())
-                    && !g.starts_with('-')
-                    && g.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-                if !ok {
-                    return Err(self.error(
-                        v.span(),
-                        "agent.control_group",
-                        format!(
-                            "invalid group {g:?}: expected a group name (1 to 32 of A-Z a-z 0-9 _ - .) or a numeric gid"
-                        ),
-                    ));
-                }
-                Some(g.clone())
-            }
-            None => None,
-        };
-
-        let metrics_listen = match &raw.metrics_listen {
-            Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|_| {
-                self.error(
-                    v.span(),
-                    "agent.metrics_listen",
-                    format!(
-                        "invalid socket address {:?}: expected e.g. \"127.0.0.1:9100\" or \"[::1]:9100\"",
-                        v.get_ref()
-                    ),
-                )
-            })?),
-            None => None,
-        };
-
-        let conntrack_entries = self.opt_int(
-            raw.conntrack_entries.as_ref(),
-            "agent.conntrack_entries",
-            1,
-            MAX_CONNTRACK_ENTRIES,
-            lb_common::DEFAULT_CONNTRACK_ENTRIES,
-        )?;
-        let max_vips = self.opt_int(
-            raw.max_vips.as_ref(),
-            "agent.max_vips",
-            1,
-            VIPS_LIMIT,
-            lb_common::DEFAULT_MAX_VIPS,
-        )?;
-        let max_backends = self.opt_int(
-            raw.max_backends.as_ref(),
-            "agent.max_backends",
-            1,
-            BACKENDS_LIMIT,
-            lb_common::DEFAULT_MAX_BACKENDS,
-        )?;
-        let ring_size = match &raw.ring_size {
-            Some(v) => self.ring_size(v, "agent.ring_size")?,
-            None => lb_common::DEFAULT_RING_SIZE,
-        };
-        let slots = u64::from(max_vips) * u64::from(ring_size);
-        if slots > RING_SLOTS_LIMIT {
-            let (span, field) = match (&raw.ring_size, &raw.max_vips) {
-                (Some(v), _) => (v.span(), "agent.ring_size"),
-                (None, Some(v)) => (v.span(), "agent.max_vips"),
-                (None, None) => unreachable!("the defaults fit"),
-            };
-            return Err(self.error(
-                span,
-                field,
-                format!(
-                    "max_vips * ring_size = {max_vips} * {ring_size} = {slots} ring slots, more than the limit {RING_SLOTS_LIMIT}"
-                ),
-            ));
-        }
-
-        let timeout = |v: &Option<S<i64>>, field: &str, default: Duration| {
-            let (lo, hi) = CONNTRACK_TIMEOUT_MS;
-            let d = u32::try_from(default.as_millis()).expect("defaults fit");
-            self.opt_int(v.as_ref(), field, lo, hi, d)
-                .map(|ms| Duration::from_millis(ms.into()))
-        };
-        let conntrack = ConntrackSettings {
-            udp_idle: timeout(
-                &raw.conntrack_udp_idle_ms,
-                "agent.conntrack_udp_idle_ms",
-                DEFAULT_UDP_IDLE,
-            )?,
-            tcp_idle: timeout(
-                &raw.conntrack_tcp_idle_ms,
-                "agent.conntrack_tcp_idle_ms",
-                DEFAULT_TCP_IDLE,
-            )?,
-            tcp_closing: timeout(
-                &raw.conntrack_tcp_closing_ms,
-                "agent.conntrack_tcp_closing_ms",
-                DEFAULT_TCP_CLOSING,
-            )?,
-        };
-
-        Ok(AgentConfig {
-            conntrack,
-            kernel: KernelSettings {
-                instance,
-                conntrack_entries,
-                max_vips,
-                max_backends,
-                ring_size,
-            },
-            start: StartSettings {
-                interfaces,
-                xdp_mode,
-                control_socket,
-                control_group,
-                metrics_listen,
-            },
         })
     }
 

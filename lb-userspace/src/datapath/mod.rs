@@ -16,16 +16,18 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, BackendStats, FlowEntry, FlowKey, Reason, Runtime, VIP_SLOT_EMPTY, VIP_SLOT_TOMBSTONE,
-    VipInfo, VipKey, VipSlot, VipStats, map_names, program_names,
+    Backend, BackendStats, FlowEntry, FlowKey, Reason, VIP_SLOT_EMPTY, VIP_SLOT_TOMBSTONE, VipInfo,
+    VipKey, VipSlot, VipStats, map_names, program_names,
 };
 use thiserror::Error;
 
-use crate::{
-    flow_keeper::{FlowCount, FlowKeeper, FlowTimeouts},
-    pins,
-    reconcile::{KernelImage, KernelMaps},
-};
+mod batch;
+mod flows;
+mod kernel_maps;
+
+use self::batch::{batch_unsupported, update_batch};
+
+use crate::{flow_keeper::FlowKeeper, pins};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -78,35 +80,7 @@ pub enum DatapathError {
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
-/// Sizes of the kernel maps, fixed when the maps are created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    pub max_vips: u32,
-    pub max_backends: u32,
-    /// Ring stride: every VIP owns `ring_size` consecutive RINGS elements,
-    /// and a VIP's own ring size may be anything up to it.
-    pub ring_size: u32,
-    pub conntrack_entries: u32,
-}
-
-impl MapSizes {
-    /// Elements of the backend arrays: ids `0..=max_backends`, id 0 never
-    /// given out (see [`lb_common::FIRST_BACKEND_ID`]).
-    pub fn backend_slots(&self) -> u32 {
-        self.max_backends.saturating_add(1)
-    }
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            max_vips: lb_common::DEFAULT_MAX_VIPS,
-            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
-            ring_size: lb_common::DEFAULT_RING_SIZE,
-            conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
-        }
-    }
-}
+pub use crate::map_sizes::MapSizes;
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -506,137 +480,6 @@ impl Datapath {
             .collect()
     }
 
-    /// Starts the flow keeper (see [`crate::flow_keeper`]): the clock, the
-    /// conntrack timeouts and the length limit of the egress interfaces
-    /// (`egress`: the attached ones; redirect targets join as they are
-    /// added), and the count of active flows. Needs the pinned maps.
-    pub fn start_flow_keeper(
-        &mut self,
-        timeouts: FlowTimeouts,
-        egress: impl IntoIterator<Item = u32>,
-    ) -> anyhow::Result<()> {
-        let mut egress: Vec<u32> = egress.into_iter().collect();
-        egress.extend(self.tx_ports()?);
-        let cache = {
-            use std::os::fd::AsFd as _;
-            self.flow_cache_fd()?.as_fd().try_clone_to_owned()?
-        };
-        self.keeper = Some(FlowKeeper::start(&self.pin_dir, cache, timeouts, egress)?);
-        Ok(())
-    }
-
-    fn flow_cache_fd(&self) -> anyhow::Result<&aya::maps::MapFd> {
-        match self.map(map_names::FLOW_CACHE) {
-            aya::maps::Map::Array(d) => Ok(d.fd()),
-            _ => anyhow::bail!("map {} is not an array", map_names::FLOW_CACHE),
-        }
-    }
-
-    /// Empties the flow cache, as the flow keeper does once per tick of
-    /// the clock (tests drive the ticks with this and [`Self::set_runtime`]).
-    pub fn clear_flow_cache(&self) -> anyhow::Result<()> {
-        use std::os::fd::AsFd as _;
-        crate::flow_keeper::clear_flow_cache(self.flow_cache_fd()?.as_fd())
-    }
-
-    /// New conntrack timeouts for the running keeper (a reload).
-    pub fn set_flow_timeouts(&self, timeouts: FlowTimeouts) {
-        if let Some(k) = &self.keeper {
-            k.set_timeouts(timeouts);
-        }
-    }
-
-    /// The keeper's latest count of active flows (None: no keeper).
-    pub fn flow_count(&self) -> Option<FlowCount> {
-        self.keeper.as_ref().map(|k| k.count())
-    }
-
-    /// Counts the active flows per backend now, as the keeper does (one
-    /// pass over CONNTRACK under the RUNTIME clock and timeouts).
-    pub fn count_flows(&self) -> anyhow::Result<FlowCount> {
-        use std::os::fd::AsFd as _;
-        let rt = self.runtime()?;
-        match self.map(map_names::CONNTRACK) {
-            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
-                crate::flow_keeper::count_flows(d.fd().as_fd(), &rt)
-            }
-            _ => anyhow::bail!("map {} is not a hash map", map_names::CONNTRACK),
-        }
-    }
-
-    /// The RUNTIME element: clock, timeouts, length limit.
-    pub fn runtime(&self) -> Result<Runtime> {
-        let map: Array<&MapData, Runtime> =
-            Array::try_from(self.map(map_names::RUNTIME)).map_err(map_err(map_names::RUNTIME))?;
-        map.get(&0, 0).map_err(map_err(map_names::RUNTIME))
-    }
-
-    /// Writes the RUNTIME element (the keeper does this while the agent
-    /// runs; tests drive the clock with it).
-    pub fn set_runtime(&mut self, rt: Runtime) -> Result<()> {
-        let mut map: Array<&mut MapData, Runtime> =
-            Array::try_from(self.map_mut(map_names::RUNTIME))
-                .map_err(map_err(map_names::RUNTIME))?;
-        map.set(0, rt, 0).map_err(map_err(map_names::RUNTIME))
-    }
-
-    /// Checks what the attachments need of the interfaces, at start-up.
-    /// `attached`: (interface, ifindex, mode) of each attachment.
-    ///
-    /// - Native mode: every redirect target must be able to transmit XDP
-    ///   frames (`ndo_xdp_xmit`); otherwise the kernel drops what the
-    ///   program redirects there while lb counts it forwarded: an error.
-    /// - Generic (skb) mode: GRO hands the program aggregated frames
-    ///   larger than the MTU; lb drops them (`drop_too_big`): a warning
-    ///   that says how to keep them from forming.
-    pub fn check_attachments(
-        &self,
-        attached: &[(String, u32, String)],
-        targets: &std::collections::BTreeSet<u32>,
-    ) -> anyhow::Result<()> {
-        for (iface, _, _) in attached.iter().filter(|a| a.2 == "skb") {
-            log::warn!(
-                "{iface}: generic (skb) mode: packets for a VIP longer than the egress MTU \
-                 (GRO/LRO aggregates) are dropped and counted as drop_too_big; \
-                 turn aggregation off with `ethtool -K {iface} gro off lro off`"
-            );
-        }
-        if !attached.iter().any(|a| a.2 == "native") {
-            return Ok(());
-        }
-        for &ifindex in targets {
-            if attached.iter().any(|a| a.1 == ifindex) {
-                continue;
-            }
-            let name = ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"));
-            match crate::xdp_features::xdp_features(ifindex) {
-                Ok(Some(f)) if f & crate::xdp_features::NDO_XMIT == 0 => anyhow::bail!(
-                    "backends behind {name} are reached by XDP redirect, but {name} cannot \
-                     transmit XDP frames (no ndo_xdp_xmit: a bridge, a driver without XDP \
-                     support, or a veth whose peer runs no XDP program); the kernel would drop \
-                     them after lb counted them forwarded. Attach in generic mode \
-                     (--xdp-mode skb) or give {name} a driver that supports XDP transmit"
-                ),
-                Ok(Some(_)) => {}
-                Ok(None) => log::warn!(
-                    "{name}: the kernel does not report XDP features (before Linux 6.3): \
-                     not checked whether it can transmit redirected XDP frames"
-                ),
-                Err(e) => log::warn!("{name}: cannot read its XDP features ({e}); not checked"),
-            }
-        }
-        Ok(())
-    }
-
-    /// The redirect targets in TX_PORTS.
-    pub fn tx_ports(&self) -> Result<Vec<u32>> {
-        let map: DevMapHash<&MapData> = DevMapHash::try_from(self.map(map_names::TX_PORTS))
-            .map_err(map_err(map_names::TX_PORTS))?;
-        map.keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::TX_PORTS))
-    }
-
     /// Makes `ifindex` a redirect target for backends behind another
     /// interface than the one a packet arrived on.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
@@ -742,56 +585,6 @@ pub fn reset(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `attr.batch` of the bpf(2) syscall (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` on the array `fd`.
-fn update_batch(fd: std::os::fd::RawFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    assert_eq!(keys.len(), values.len());
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for this command; the key
-    // and value buffers hold `count` u32 elements each and outlive the
-    // call; the kernel writes back only `attr.count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if attr.count as usize != keys.len() {
-        return Err(std::io::Error::other(format!(
-            "batch update wrote {} of {} elements",
-            attr.count,
-            keys.len()
-        )));
-    }
-    Ok(())
-}
-
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
 fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 6] {
     [
@@ -831,16 +624,6 @@ pub fn pinned_map_specs(sizes: MapSizes) -> Result<Vec<pins::MapSpec>> {
     Ok(specs)
 }
 
-/// The kernel has no batch update for this map (EINVAL on kernels before
-/// 5.6, ENOTSUPP/EOPNOTSUPP where the map type has none).
-fn batch_unsupported(e: &std::io::Error) -> bool {
-    const ENOTSUPP: i32 = 524;
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-    )
-}
-
 /// Removes a pin directory and everything pinned in it.
 pub fn remove_pins(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
@@ -873,80 +656,5 @@ pub fn backend_entry(
         },
         dst_mac,
         src_mac,
-    }
-}
-
-impl KernelMaps for Datapath {
-    type Error = DatapathError;
-
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        Datapath::set_backend(self, id, backend)
-    }
-
-    fn remove_backend(&mut self, id: u32) -> Result<()> {
-        Datapath::set_backend(self, id, Backend::EMPTY)
-    }
-
-    fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<()> {
-        Datapath::write_ring(self, ring_base, slots.iter().copied()).map(|_| ())
-    }
-
-    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
-        Datapath::set_vip(self, key, info)
-    }
-
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        Datapath::remove_vip(self, key)
-    }
-
-    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
-        Datapath::add_tx_port(self, ifindex)
-    }
-
-    /// What an earlier agent (or this one) left in the maps.
-    fn read_image(&self) -> Result<KernelImage> {
-        let mut img = KernelImage::default();
-        for (key, info) in self.vips()? {
-            if !info.is_address_only() {
-                img.rings.insert(
-                    info.ring_base,
-                    self.read_ring(info.ring_base, info.ring_size)?,
-                );
-            }
-            img.vips.insert(key, info);
-        }
-        for id in 0..self.sizes.backend_slots() {
-            let b = self.backend(id)?;
-            if b.is_present() {
-                img.backends.insert(id, b);
-            }
-        }
-        Ok(img)
-    }
-
-    fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
-        Datapath::conntrack_lookup(self, key)
-    }
-
-    fn conntrack_len(&self) -> Result<usize> {
-        self.conntrack_entries().map(|c| c.len())
-    }
-
-    fn vip_stats(&self, index: u32) -> Result<VipStats> {
-        Datapath::vip_stats(self, index)
-    }
-
-    fn backend_stats(&self, id: u32) -> Result<BackendStats> {
-        Datapath::backend_stats(self, id)
-    }
-
-    fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
-        Datapath::reason_stats(self)
-    }
-
-    fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
-        self.flow_count()
-            .filter(|c| c.at.is_some())
-            .map(|c| c.per_backend)
     }
 }

@@ -1,0 +1,141 @@
+//! The data path's side of the flow keeper (clock, timeouts, flow counts,
+//! flow cache) and the start-up checks of what the attachments need.
+
+use aya::maps::{Array, MapData, xdp::DevMapHash};
+use lb_common::{Runtime, map_names};
+
+use super::{Datapath, Result, ifname, map_err};
+use crate::flow_keeper::{FlowCount, FlowKeeper, FlowTimeouts};
+
+impl Datapath {
+    /// Starts the flow keeper (see [`crate::flow_keeper`]): the clock, the
+    /// conntrack timeouts and the length limit of the egress interfaces
+    /// (`egress`: the attached ones; redirect targets join as they are
+    /// added), and the count of active flows. Needs the pinned maps.
+    pub fn start_flow_keeper(
+        &mut self,
+        timeouts: FlowTimeouts,
+        egress: impl IntoIterator<Item = u32>,
+    ) -> anyhow::Result<()> {
+        let mut egress: Vec<u32> = egress.into_iter().collect();
+        egress.extend(self.tx_ports()?);
+        let cache = {
+            use std::os::fd::AsFd as _;
+            self.flow_cache_fd()?.as_fd().try_clone_to_owned()?
+        };
+        self.keeper = Some(FlowKeeper::start(&self.pin_dir, cache, timeouts, egress)?);
+        Ok(())
+    }
+
+    fn flow_cache_fd(&self) -> anyhow::Result<&aya::maps::MapFd> {
+        match self.map(map_names::FLOW_CACHE) {
+            aya::maps::Map::Array(d) => Ok(d.fd()),
+            _ => anyhow::bail!("map {} is not an array", map_names::FLOW_CACHE),
+        }
+    }
+
+    /// Empties the flow cache, as the flow keeper does once per tick of
+    /// the clock (tests drive the ticks with this and [`Self::set_runtime`]).
+    pub fn clear_flow_cache(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsFd as _;
+        crate::flow_keeper::clear_flow_cache(self.flow_cache_fd()?.as_fd())
+    }
+
+    /// New conntrack timeouts for the running keeper (a reload).
+    pub fn set_flow_timeouts(&self, timeouts: FlowTimeouts) {
+        if let Some(k) = &self.keeper {
+            k.set_timeouts(timeouts);
+        }
+    }
+
+    /// The keeper's latest count of active flows (None: no keeper).
+    pub fn flow_count(&self) -> Option<FlowCount> {
+        self.keeper.as_ref().map(|k| k.count())
+    }
+
+    /// Counts the active flows per backend now, as the keeper does (one
+    /// pass over CONNTRACK under the RUNTIME clock and timeouts).
+    pub fn count_flows(&self) -> anyhow::Result<FlowCount> {
+        use std::os::fd::AsFd as _;
+        let rt = self.runtime()?;
+        match self.map(map_names::CONNTRACK) {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
+                crate::flow_keeper::count_flows(d.fd().as_fd(), &rt)
+            }
+            _ => anyhow::bail!("map {} is not a hash map", map_names::CONNTRACK),
+        }
+    }
+
+    /// The RUNTIME element: clock, timeouts, length limit.
+    pub fn runtime(&self) -> Result<Runtime> {
+        let map: Array<&MapData, Runtime> =
+            Array::try_from(self.map(map_names::RUNTIME)).map_err(map_err(map_names::RUNTIME))?;
+        map.get(&0, 0).map_err(map_err(map_names::RUNTIME))
+    }
+
+    /// Writes the RUNTIME element (the keeper does this while the agent
+    /// runs; tests drive the clock with it).
+    pub fn set_runtime(&mut self, rt: Runtime) -> Result<()> {
+        let mut map: Array<&mut MapData, Runtime> =
+            Array::try_from(self.map_mut(map_names::RUNTIME))
+                .map_err(map_err(map_names::RUNTIME))?;
+        map.set(0, rt, 0).map_err(map_err(map_names::RUNTIME))
+    }
+
+    /// Checks what the attachments need of the interfaces, at start-up.
+    /// `attached`: (interface, ifindex, mode) of each attachment.
+    ///
+    /// - Native mode: every redirect target must be able to transmit XDP
+    ///   frames (`ndo_xdp_xmit`); otherwise the kernel drops what the
+    ///   program redirects there while lb counts it forwarded: an error.
+    /// - Generic (skb) mode: GRO hands the program aggregated frames
+    ///   larger than the MTU; lb drops them (`drop_too_big`): a warning
+    ///   that says how to keep them from forming.
+    pub fn check_attachments(
+        &self,
+        attached: &[(String, u32, String)],
+        targets: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        for (iface, _, _) in attached.iter().filter(|a| a.2 == "skb") {
+            log::warn!(
+                "{iface}: generic (skb) mode: packets for a VIP longer than the egress MTU \
+                 (GRO/LRO aggregates) are dropped and counted as drop_too_big; \
+                 turn aggregation off with `ethtool -K {iface} gro off lro off`"
+            );
+        }
+        if !attached.iter().any(|a| a.2 == "native") {
+            return Ok(());
+        }
+        for &ifindex in targets {
+            if attached.iter().any(|a| a.1 == ifindex) {
+                continue;
+            }
+            let name = ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"));
+            match crate::xdp_features::xdp_features(ifindex) {
+                Ok(Some(f)) if f & crate::xdp_features::NDO_XMIT == 0 => anyhow::bail!(
+                    "backends behind {name} are reached by XDP redirect, but {name} cannot \
+                     transmit XDP frames (no ndo_xdp_xmit: a bridge, a driver without XDP \
+                     support, or a veth whose peer runs no XDP program); the kernel would drop \
+                     them after lb counted them forwarded. Attach in generic mode \
+                     (--xdp-mode skb) or give {name} a driver that supports XDP transmit"
+                ),
+                Ok(Some(_)) => {}
+                Ok(None) => log::warn!(
+                    "{name}: the kernel does not report XDP features (before Linux 6.3): \
+                     not checked whether it can transmit redirected XDP frames"
+                ),
+                Err(e) => log::warn!("{name}: cannot read its XDP features ({e}); not checked"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The redirect targets in TX_PORTS.
+    pub fn tx_ports(&self) -> Result<Vec<u32>> {
+        let map: DevMapHash<&MapData> = DevMapHash::try_from(self.map(map_names::TX_PORTS))
+            .map_err(map_err(map_names::TX_PORTS))?;
+        map.keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::TX_PORTS))
+    }
+}

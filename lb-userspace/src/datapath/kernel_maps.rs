@@ -1,0 +1,83 @@
+//! [`KernelMaps`] on the real maps: what the agent's core writes and reads.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, VipInfo, VipKey, VipStats};
+
+use super::{Datapath, DatapathError, Result};
+use crate::reconcile::{KernelImage, KernelMaps};
+
+impl KernelMaps for Datapath {
+    type Error = DatapathError;
+
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        Datapath::set_backend(self, id, backend)
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<()> {
+        Datapath::set_backend(self, id, Backend::EMPTY)
+    }
+
+    fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<()> {
+        Datapath::write_ring(self, ring_base, slots.iter().copied()).map(|_| ())
+    }
+
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
+        Datapath::set_vip(self, key, info)
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        Datapath::remove_vip(self, key)
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        Datapath::add_tx_port(self, ifindex)
+    }
+
+    /// What an earlier agent (or this one) left in the maps.
+    fn read_image(&self) -> Result<KernelImage> {
+        let mut img = KernelImage::default();
+        for (key, info) in self.vips()? {
+            if !info.is_address_only() {
+                img.rings.insert(
+                    info.ring_base,
+                    self.read_ring(info.ring_base, info.ring_size)?,
+                );
+            }
+            img.vips.insert(key, info);
+        }
+        for id in 0..self.sizes.backend_slots() {
+            let b = self.backend(id)?;
+            if b.is_present() {
+                img.backends.insert(id, b);
+            }
+        }
+        Ok(img)
+    }
+
+    fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
+        Datapath::conntrack_lookup(self, key)
+    }
+
+    fn conntrack_len(&self) -> Result<usize> {
+        self.conntrack_entries().map(|c| c.len())
+    }
+
+    fn vip_stats(&self, index: u32) -> Result<VipStats> {
+        Datapath::vip_stats(self, index)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        Datapath::backend_stats(self, id)
+    }
+
+    fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>> {
+        Datapath::reason_stats(self)
+    }
+
+    fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
+        self.flow_count()
+            .filter(|c| c.at.is_some())
+            .map(|c| c.per_backend)
+    }
+}
