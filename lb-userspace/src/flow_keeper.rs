@@ -38,7 +38,10 @@ use aya::maps::{Array, Map, MapData};
 use lb_common::{FLOW_CACHE_SLOTS, FlowEntry, FlowKey, Runtime, map_names};
 use log::warn;
 
-use crate::timing;
+use crate::{
+    bpf_batch::{BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, bpf_batch},
+    timing,
+};
 
 /// The conntrack timeouts given to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,39 +285,6 @@ pub fn count_flows(conntrack: BorrowedFd<'_>, rt: &Runtime) -> anyhow::Result<Fl
     })?;
     count.at = Some(Instant::now());
     Ok(count)
-}
-
-/// `union bpf_attr` for the BPF_MAP_*_BATCH commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    // SAFETY: `attr` is a valid union bpf_attr prefix for the batch
-    // commands; the pointers in it are the caller's live buffers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Empties every slot of the flow cache (`map`: FLOW_CACHE) in one

@@ -1,6 +1,7 @@
 //! lb's userspace: the agent, the CLI and the pieces they share.
 
 pub mod agent;
+mod bpf_batch;
 pub mod budget;
 pub mod config;
 pub mod control;

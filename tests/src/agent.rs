@@ -108,20 +108,7 @@ impl LbAgent {
         config_text: &str,
         extra: &[&str],
     ) -> Result<Self> {
-        std::fs::write(&paths.config, config_text)
-            .with_context(|| format!("writing {}", paths.config.display()))?;
-        let mut agent = LbAgent {
-            instance: paths.instance,
-            socket: paths.socket,
-            config: paths.config,
-            ns: ns.name().to_string(),
-            dir: paths.dir,
-            child: None,
-            log: PathBuf::new(),
-            nofile: None,
-        };
-        agent.spawn(extra)?;
-        Ok(agent)
+        Self::launch(ns, paths, config_text, extra, None)
     }
 
     /// Like [`LbAgent::start_with`], the agent started with RLIMIT_NOFILE
@@ -131,6 +118,16 @@ impl LbAgent {
         paths: AgentPaths,
         config_text: &str,
         nofile: u64,
+    ) -> Result<Self> {
+        Self::launch(ns, paths, config_text, &[], Some(nofile))
+    }
+
+    fn launch(
+        ns: &Netns,
+        paths: AgentPaths,
+        config_text: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
     ) -> Result<Self> {
         std::fs::write(&paths.config, config_text)
             .with_context(|| format!("writing {}", paths.config.display()))?;
@@ -142,9 +139,9 @@ impl LbAgent {
             dir: paths.dir,
             child: None,
             log: PathBuf::new(),
-            nofile: Some(nofile),
+            nofile,
         };
-        agent.spawn(&[])?;
+        agent.spawn(extra)?;
         Ok(agent)
     }
 

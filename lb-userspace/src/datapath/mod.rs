@@ -21,11 +21,10 @@ use lb_common::{
 };
 use thiserror::Error;
 
-mod batch;
 mod flows;
 mod kernel_maps;
 
-use self::batch::{batch_unsupported, update_batch};
+use crate::bpf_batch::{batch_unsupported, update_batch};
 
 use crate::{flow_keeper::FlowKeeper, pins};
 
