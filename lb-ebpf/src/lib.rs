@@ -7,4 +7,5 @@
 //! that cargo rebuilds the object when this crate changes.
 #![no_std]
 
+pub mod encap;
 pub mod parse;

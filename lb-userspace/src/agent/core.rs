@@ -151,23 +151,27 @@ impl<M: KernelMaps> Core<M> {
     /// the backend out of the ring, a pending one keeps what was known.
     /// True when the kernel maps need an update.
     fn apply_next_hops(&mut self) -> bool {
-        let overrides: BTreeMap<BackendKey, [u8; 6]> = self
+        // Per backend: its `mac` override and whether its VIP tunnels.
+        let how: BTreeMap<BackendKey, (Option<[u8; 6]>, bool)> = self
             .cfg
             .vips
             .iter()
             .flat_map(|v| {
                 let vip = VipId::of(v);
-                v.backends.iter().filter_map(move |b| {
+                let tunnel = v.forwarding.is_tunnel();
+                v.backends.iter().map(move |b| {
                     let address = b.address;
-                    b.mac.map(|m| (BackendKey { vip, address }, m))
+                    (BackendKey { vip, address }, (b.mac, tunnel))
                 })
             })
             .collect();
+        let encap_source = self.cfg.agent.encap.source_v4;
         let keys: Vec<BackendKey> = self.state.backends().map(|(k, _)| *k).collect();
         let mut changed = false;
         for k in keys {
+            let (mac, tunnel) = how.get(&k).copied().unwrap_or_default();
             let lookup = match self.resolutions.get(&k.address) {
-                Some(r) => r.lookup(k.address, overrides.get(&k).copied()),
+                Some(r) => r.lookup(k.address, mac, tunnel, encap_source),
                 None => Lookup::Pending(NeighError::Unknown),
             };
             changed |= self.apply_lookup(&k, lookup);
@@ -305,6 +309,7 @@ mod tests {
                     ifindex: self.ifindex,
                     gateway: None,
                     mac: [2, 0, 0, 0, 0, 0xfe],
+                    source: Some(Ipv4Addr::new(198, 18, 0, 10)),
                 }),
                 neighbour: match self.macs.get(&b) {
                     Some(&m) => Neighbour::Known([2, 0, 0, 0, 0, m]),
@@ -830,7 +835,11 @@ mod tests {
         let mut core = started(cfg.clone(), FakeMaps::new(4, M, 16));
         assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x77]);
         let addr = Ipv4Addr::new(198, 18, 0, 12);
-        assert_eq!(core.wanted_next_hops().get(&addr), Some(&false), "no ARP");
+        assert_eq!(
+            core.wanted_next_hops().get(&addr).map(|n| n.arp),
+            Some(false),
+            "no ARP"
+        );
         cfg.vips[0].backends[1].mac = Some([2, 0, 0, 0, 0, 0x78]);
         core.apply_reload(cfg.clone()).unwrap();
         core.after_change().unwrap();
@@ -842,7 +851,10 @@ mod tests {
         core.after_change().unwrap();
         core.assert_true_and_safe();
         assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 12]);
-        assert_eq!(core.wanted_next_hops().get(&addr), Some(&true));
+        assert_eq!(
+            core.wanted_next_hops().get(&addr).map(|n| n.arp),
+            Some(true)
+        );
     }
 
     #[test]

@@ -124,12 +124,14 @@ fn full_example() {
                 tcp_idle: Duration::from_secs(7200),
                 tcp_closing: Duration::from_secs(5),
             },
+            encap: EncapSettings::default(),
         },
         vips: vec![VipConfig {
             name: "web".into(),
             address: Ipv4Addr::new(198, 18, 10, 1),
             port: 80,
             protocol: Protocol::Tcp,
+            forwarding: Forwarding::DsrL2,
             ring_size: 65537,
             health_check: web_check.clone(),
             backends: vec![BackendConfig {
@@ -184,6 +186,10 @@ address = "198.18.0.11"
                 tcp_idle: Duration::from_secs(3600),
                 tcp_closing: Duration::from_secs(30),
             },
+            encap: EncapSettings {
+                source_v4: None,
+                gue_port: 6080,
+            },
         }
     );
     assert_eq!(
@@ -193,6 +199,7 @@ address = "198.18.0.11"
             address: Ipv4Addr::new(198, 18, 10, 1),
             port: 443,
             protocol: Protocol::Tcp,
+            forwarding: Forwarding::DsrL2,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             health_check: tcp_check(443),
             backends: vec![BackendConfig {
