@@ -594,6 +594,91 @@ mod tests {
         );
     }
 
+    /// A resolution through gateway 198.18.0.1, whose neighbour entry is
+    /// `gateway_entry`, with `source` as the route's source.
+    fn routed(gateway_entry: Neighbour, source: Option<Ipv4Addr>) -> Resolution {
+        let mut r = resolution(gateway_entry);
+        if let Ok(e) = &mut r.egress {
+            e.gateway = Some(GW);
+            e.source = source;
+        }
+        r
+    }
+
+    const GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+    #[test]
+    fn a_tunnel_backend_behind_a_gateway_is_reached_through_the_gateways_mac() {
+        let gw_mac = [2, 0, 0, 0, 0, 0x01];
+        let r = routed(Neighbour::Known(gw_mac), Some(SRC));
+        let Lookup::Found(nh) = r.lookup(A, None, true, None) else {
+            panic!("{:?}", r.lookup(A, None, true, None))
+        };
+        assert_eq!(
+            (nh.ifindex, nh.dst_mac, nh.gateway, nh.encap_src),
+            (2, gw_mac, Some(GW), Some(SRC))
+        );
+        // The same route is refused for DSR at L2, naming the way out.
+        let Lookup::Failed(e) = r.lookup(A, None, false, None) else {
+            panic!()
+        };
+        assert!(
+            e.to_string().contains("forwarding = \"ipip\" or \"gue\""),
+            "{e}"
+        );
+        // The gateway's ARP: pending, then failed, named as the gateway's.
+        let pending = routed(Neighbour::Resolving, Some(SRC));
+        assert!(matches!(
+            pending.lookup(A, None, true, None),
+            Lookup::Pending(NeighError::GatewayResolving { gateway: GW, .. })
+        ));
+        let need = Need {
+            arp: true,
+            routed: true,
+        };
+        assert!(pending.is_pending(need));
+        assert!(!pending.is_pending(Need {
+            arp: true,
+            routed: false
+        }));
+        let Lookup::Failed(e) = routed(Neighbour::Failed, Some(SRC)).lookup(A, None, true, None)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no ARP answer from gateway 198.18.0.1 (next hop to 198.18.0.11) on eth0"
+        );
+    }
+
+    #[test]
+    fn the_outer_source_is_the_operators_else_the_routes_else_an_error() {
+        let mine = Ipv4Addr::new(198, 18, 0, 99);
+        let r = routed(Neighbour::Known([2; 6]), Some(SRC));
+        let src = |r: &Resolution, over| match r.lookup(A, None, true, over) {
+            Lookup::Found(nh) => Ok(nh.encap_src),
+            Lookup::Failed(e) | Lookup::Pending(e) => Err(e.to_string()),
+        };
+        assert_eq!(src(&r, None), Ok(Some(SRC)), "the route's");
+        assert_eq!(src(&r, Some(mine)), Ok(Some(mine)), "encap_source_v4 wins");
+        let none = routed(Neighbour::Known([2; 6]), None);
+        assert_eq!(src(&none, Some(mine)), Ok(Some(mine)));
+        assert_eq!(
+            src(&none, None),
+            Err("no outer source address for 198.18.0.11: the route has no preferred source and eth0 has no IPv4 address; set [agent] encap_source_v4".into())
+        );
+        // DSR at L2 needs none, and gets none.
+        let on_link = resolution(Neighbour::Known([2; 6]));
+        assert!(
+            matches!(on_link.lookup(A, None, false, None), Lookup::Found(nh) if nh.encap_src.is_none() && nh.gateway.is_none())
+        );
+        // An on-link tunnel backend: its own MAC, no gateway.
+        assert!(
+            matches!(on_link.lookup(A, None, true, None), Lookup::Found(nh) if nh.encap_src == Some(SRC) && nh.gateway.is_none() && nh.dst_mac == [2; 6])
+        );
+    }
+
     #[test]
     fn neighbour_states_map_to_entries() {
         let mut m = NeighbourMessage::default();
