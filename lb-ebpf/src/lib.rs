@@ -1,5 +1,6 @@
 //! Kernel-side code shared by lb's XDP programs. The balancer (`lb_xdp`)
-//! is the `lb-ebpf` binary (main.rs); the test and benchmark programs
+//! is the `lb-ebpf` binary (main.rs), the backends' decapsulation program
+//! (`lb_decap`) the `lb-decap` binary (bin/lb-decap.rs, tunnel.rs); the test and benchmark programs
 //! (lb-ebpf-testprogs) parse frames with the same helpers, so that the
 //! benchmark floor does the balancer's parsing work.
 //!
@@ -8,3 +9,4 @@
 #![no_std]
 
 pub mod parse;
+pub mod tunnel;
