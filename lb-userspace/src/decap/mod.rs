@@ -227,8 +227,10 @@ impl DecapProgram {
     pub fn load_private() -> Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = Path::new(PIN_ROOT).join(format!(
-            ".private-{}-{}",
+        // Outside PIN_ROOT, whose entries are interfaces (bpffs refuses
+        // names starting with a dot).
+        let dir = Path::new(datapath::BPFFS).join(format!(
+            "lb-decap-private-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
@@ -306,7 +308,7 @@ pub fn pinned_interfaces() -> Result<Vec<String>> {
     for e in entries {
         let e = e.with_context(|| format!("reading {PIN_ROOT}"))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && e.path().is_dir() {
+        if e.path().is_dir() {
             out.push(name);
         }
     }
