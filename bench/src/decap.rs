@@ -7,6 +7,7 @@
 
 use std::net::Ipv4Addr;
 
+use crate::report::{Better, Row, Stats, Target, TargetOn, fmt_num};
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb::decap::{Cidr, DecapProgram, Settings};
@@ -18,6 +19,8 @@ use lb_tests::{
 
 const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
+/// The issue's target, as a ratio to the floor.
+const TARGET: f64 = 2.0;
 /// Calls of each kind per interleaved chunk.
 const CHUNK: usize = 100;
 
@@ -27,12 +30,17 @@ pub struct DecapBench {
     prog: DecapProgram,
     ipip: Vec<u8>,
     gue: Vec<u8>,
+    /// The inner packet as a plain frame (for the floor).
+    plain: Vec<u8>,
 }
 
 /// One run's costs (ns per packet): kernel-reported − lb_return's.
 pub struct DecapRun {
     pub ipip: f64,
     pub gue: f64,
+    /// The floor program measured the same way (one call per packet), on
+    /// the inner packet: the like-for-like baseline.
+    pub floor: f64,
 }
 
 fn kernel_ns(prog: &Xdp, frame: &[u8], out: &mut [u8], calls: usize) -> Result<(u64, usize)> {
@@ -71,7 +79,8 @@ impl DecapBench {
             80,
         );
         inner.tcp_flags = TCP_ACK;
-        let inner = inner.build()[14..].to_vec();
+        let plain = inner.build();
+        let inner = plain[14..].to_vec();
         let gue = Encap::Gue {
             src_port: 40000,
             port: DEFAULT_GUE_PORT,
@@ -80,6 +89,7 @@ impl DecapBench {
             ipip: tunnel_frame(&inner, LB.into(), BACKEND.into(), Encap::Ipip, None),
             gue: tunnel_frame(&inner, LB.into(), BACKEND.into(), gue, None),
             prog,
+            plain,
         })
     }
 
@@ -96,29 +106,41 @@ impl DecapBench {
     /// `calls` packets of each kind (IPIP, GUE, lb_return on each frame),
     /// interleaved by chunks in rotating order; checks every action and
     /// that the decap counters moved by exactly `calls` each.
-    pub fn run(&self, ret: &Xdp, calls: usize) -> Result<DecapRun> {
+    pub fn run(&self, ret: &Xdp, floor: &Xdp, calls: usize) -> Result<DecapRun> {
         let mut out = vec![0u8; self.gue.len() + 256];
         let before = self.decapsulated()?;
         let prog = self.prog.program();
-        // [ipip, gue, return on ipip, return on gue]
-        let mut ns = [0u64; 4];
+        // [ipip, gue, return on ipip, return on gue, floor, return on plain]
+        let mut ns = [0u64; 6];
         let mut bad = 0;
+        let mut floor_bad = 0;
         for c in 0..calls.div_ceil(CHUNK) {
             let n = CHUNK.min(calls - c * CHUNK);
-            for j in 0..4 {
-                let which = (c + j) % 4;
+            for j in 0..6 {
+                let which = (c + j) % 6;
                 let (p, frame) = match which {
                     0 => (prog, &self.ipip),
                     1 => (prog, &self.gue),
                     2 => (ret, &self.ipip),
-                    _ => (ret, &self.gue),
+                    3 => (ret, &self.gue),
+                    4 => (floor, &self.plain),
+                    _ => (ret, &self.plain),
                 };
                 let (k, b) = kernel_ns(p, frame, &mut out, n)?;
                 ns[which] += k;
-                bad += b;
+                // The floor answers XDP_TX (3), every other XDP_PASS.
+                if which == 4 {
+                    floor_bad += n - b;
+                } else {
+                    bad += b;
+                }
             }
         }
         ensure!(bad == 0, "lb_decap: {bad} calls did not return XDP_PASS");
+        ensure!(
+            floor_bad == 0,
+            "lb_floor: {floor_bad} calls returned XDP_PASS"
+        );
         let after = self.decapsulated()?;
         let moved = (after.0 - before.0, after.1 - before.1);
         ensure!(
@@ -129,6 +151,37 @@ impl DecapBench {
         Ok(DecapRun {
             ipip: per(0) - per(2),
             gue: per(1) - per(3),
+            floor: per(4) - per(5),
         })
     }
+}
+
+/// The kernel section's rows: IPIP and GUE against the floor (`floor`,
+/// measured with `repeat`), with the like-for-like ratio to the floor
+/// measured one call per packet (`single_floor`) in the notes.
+pub fn rows(ipip: &[f64], gue: &[f64], single_floor: &[f64], floor: &Stats, k: usize) -> Vec<Row> {
+    let single = Stats::of(single_floor).median;
+    let target = Target {
+        text: format!("≤ {TARGET}× floor"),
+        limit: TARGET,
+        on: TargetOn::Ratio,
+        better: Better::Lower,
+    };
+    let row = |name: &str, v: &[f64]| {
+        let st = Stats::of(v);
+        Row::new(name, "ns/packet", st)
+            .ratio(floor)
+            .target(target.clone())
+            .note(format!(
+                "backends' lb_decap, {k} tunnel frames (inner TCP ACK) per run, 1 call each: \
+                 kernel-reported duration per call − lb_return's on the same frames; lb_floor \
+                 measured the same way: {} ns, {:.2}× that",
+                fmt_num(single),
+                st.median / single
+            ))
+    };
+    vec![
+        row("lb_decap IPIP (4in4) strip", ipip),
+        row("lb_decap GUE (4 over 4) strip", gue),
+    ]
 }

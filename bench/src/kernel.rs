@@ -57,7 +57,6 @@ pub struct Config {
 /// Targets of the issue, as ratios to the floor.
 const HIT_TARGET: f64 = 3.0;
 const NEW_FLOW_TARGET: f64 = 8.0;
-const DECAP_TARGET: f64 = 2.0;
 
 /// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex,
 /// rx_queue_index, egress_ifindex (as the fixture passes it).
@@ -272,6 +271,7 @@ struct Samples {
     single_hit_kernel: Vec<f64>,
     decap_ipip: Vec<f64>,
     decap_gue: Vec<f64>,
+    decap_floor: Vec<f64>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -356,7 +356,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         &mut out,
     )?;
 
-    decap.run(progs.return_only(), warm_flows)?;
+    decap.run(progs.return_only(), floor, warm_flows)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -445,9 +445,10 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.new_ret_kernel.push(nf.ret_kernel);
         s.new_cost_wall.push(nf.new_cost_wall);
         s.new_cost_kernel.push(nf.lb_kernel - nf.ret_kernel);
-        let d = decap.run(progs.return_only(), cfg.new_flows)?;
+        let d = decap.run(progs.return_only(), floor, cfg.new_flows)?;
         s.decap_ipip.push(d.ipip);
         s.decap_gue.push(d.gue);
+        s.decap_floor.push(d.floor);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -504,32 +505,9 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
              {CHUNK} (syscall noise and machine load included)"
         )),
     ];
-    let decap_target = Target {
-        text: format!("≤ {DECAP_TARGET}× floor"),
-        limit: DECAP_TARGET,
-        on: TargetOn::Ratio,
-        better: Better::Lower,
-    };
-    let decap_note = format!(
-        "backends' lb_decap, {k} tunnel frames (inner TCP ACK) per run, 1 call each: \
-         kernel-reported duration per call − lb_return's on the same frames"
-    );
     let rows = [
         rows,
-        vec![
-            Row::new("lb_decap IPIP (4in4) strip", "ns/packet", st(&s.decap_ipip))
-                .ratio(&floor_s)
-                .target(decap_target.clone())
-                .note(decap_note.clone()),
-            Row::new(
-                "lb_decap GUE (4 over 4) strip",
-                "ns/packet",
-                st(&s.decap_gue),
-            )
-            .ratio(&floor_s)
-            .target(decap_target)
-            .note(decap_note),
-        ],
+        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
     ]
     .concat();
 

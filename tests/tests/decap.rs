@@ -236,6 +236,10 @@ fn the_allow_list_is_a_longest_prefix_match_and_updates_in_place() {
     assert_eq!(verdict(&d, v6("2001:2:0:1:ffff:ffff:ffff:ffff")), XDP_PASS);
     assert_eq!(verdict(&d, v6("2001:2:0:0:ffff:ffff:ffff:ffff")), XDP_DROP);
     assert_eq!(verdict(&d, v6("2001:2:0:2::")), XDP_DROP);
+    // Families apart: an IPv6 source whose first 32 bits are an allowed
+    // IPv4 address.
+    assert_eq!(verdict(&d, v4("198.18.1.10")), XDP_PASS);
+    assert_eq!(verdict(&d, v6("c612:10a::")), XDP_DROP);
 
     // Replace the list: one host and a /16; the /24 and /64 are removed.
     let applied = d
@@ -261,6 +265,7 @@ fn the_allow_list_is_a_longest_prefix_match_and_updates_in_place() {
     assert_eq!(verdict(&d, v4("198.18.2.7")), XDP_PASS);
     assert_eq!(verdict(&d, v4("198.18.2.6")), XDP_DROP);
     assert_eq!(verdict(&d, v4("198.18.2.8")), XDP_DROP);
+    // Allowed before the update, not after.
     assert_eq!(verdict(&d, v4("198.18.1.10")), XDP_DROP);
     assert_eq!(verdict(&d, v6("2001:3:ffff::1")), XDP_PASS);
     assert_eq!(verdict(&d, v6("2001:2:0:1::10")), XDP_DROP);
