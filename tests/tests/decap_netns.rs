@@ -8,7 +8,7 @@
 
 use std::{
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -18,7 +18,7 @@ use aya::programs::XdpMode;
 use lb_tests::{
     agent::lb_in_ns,
     netns::{NAME_PREFIX, Netns, run_command},
-    packet::ipv4_udp_l3,
+    packet::{ipv4_udp_l3, ipv6_udp_l3},
     testprogs::{RETURN_ONLY, TestProgs},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -435,5 +435,146 @@ fn attach_again_updates_in_place_and_errors_change_nothing() -> Result<()> {
     );
     p.lb_ok(&p.backend, &["detach", "--iface", b_if])?;
     assert_eq!(p.backend_xdp()?, None);
+    Ok(())
+}
+
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x20, 0, 0, 0, 1);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x20, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x30, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 1);
+
+impl Pair {
+    /// IPv6 next to IPv4: the LB 2001:2:0:20::1, the backend ::2, the
+    /// client 2001:2:0:30::1 on the sender's lo, the VIP 2001:2:0:10::1 on
+    /// the backend's lo (no duplicate address detection, so usable at once).
+    fn add_ipv6(&self) -> Result<()> {
+        let s = &self.sender;
+        s.ip([
+            "addr",
+            "add",
+            "2001:2:0:20::1/64",
+            "dev",
+            &self.s_if,
+            "nodad",
+        ])?;
+        s.ip(["addr", "add", "2001:2:0:30::1/128", "dev", "lo", "nodad"])?;
+        s.ip([
+            "-6",
+            "route",
+            "add",
+            "2001:2:0:10::/64",
+            "via",
+            "2001:2:0:20::2",
+        ])?;
+        let b = &self.backend;
+        b.ip([
+            "addr",
+            "add",
+            "2001:2:0:20::2/64",
+            "dev",
+            &self.b_if,
+            "nodad",
+        ])?;
+        b.ip(["addr", "add", "2001:2:0:10::1/128", "dev", "lo", "nodad"])?;
+        b.ip([
+            "-6",
+            "route",
+            "add",
+            "2001:2:0:30::/64",
+            "via",
+            "2001:2:0:20::1",
+        ])?;
+        Ok(())
+    }
+}
+
+/// Sends `inner` over IPv6 from the LB to the backend: a raw socket of
+/// next header `proto` (41: 6in6, 4: 4in6), or UDP to the GUE port.
+fn send_v6(p: &Pair, how: &str, inner: &[u8]) -> Result<()> {
+    let inner = inner.to_vec();
+    let how = how.to_string();
+    p.sender.run(move || -> Result<()> {
+        let to = SocketAddrV6::new(BACKEND6, 0, 0, 0);
+        match how.as_str() {
+            "gue" => {
+                let s = UdpSocket::bind(SocketAddrV6::new(LB6, 0, 0, 0))?;
+                s.send_to(&inner, SocketAddrV6::new(BACKEND6, GUE_PORT, 0, 0))?;
+            }
+            _ => {
+                let proto = if how == "6in6" { 41 } else { 4 };
+                let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(proto)))?;
+                s.bind(&SockAddr::from(SocketAddrV6::new(LB6, 0, 0, 0)))?;
+                s.send_to(&inner, &SockAddr::from(to))?;
+            }
+        }
+        Ok(())
+    })?
+}
+
+#[test]
+fn ipv6_tunnels_6in6_4in6_and_gue_over_ipv6_reach_the_vips() -> Result<()> {
+    let p = Pair::new("c")?;
+    p.add_ipv6()?;
+    let server4 = p
+        .backend
+        .run(|| UdpSocket::bind(SocketAddrV4::new(VIP, VIP_PORT)))??;
+    let server6 = p
+        .backend
+        .run(|| UdpSocket::bind(SocketAddrV6::new(VIP6, VIP_PORT, 0, 0)))??;
+    p.lb_ok(
+        &p.backend,
+        &[
+            "attach",
+            "--iface",
+            &p.b_if,
+            "--allow-source",
+            "2001:2:0:20::1/128",
+        ],
+    )?;
+    for (i, how) in ["6in6", "4in6", "gue"].into_iter().enumerate() {
+        let port = 41000 + i as u16;
+        let payload = format!("hello over {how}");
+        let v4 = how == "4in6";
+        let (inner, client, server) = if v4 {
+            let c = p
+                .sender
+                .run(move || UdpSocket::bind(SocketAddrV4::new(CLIENT, port)))??;
+            let inner = ipv4_udp_l3(CLIENT, port, VIP, VIP_PORT, payload.as_bytes());
+            (inner, c, &server4)
+        } else {
+            let c = p
+                .sender
+                .run(move || UdpSocket::bind(SocketAddrV6::new(CLIENT6, port, 0, 0)))??;
+            let inner = ipv6_udp_l3(CLIENT6, port, VIP6, VIP_PORT, payload.as_bytes());
+            (inner, c, &server6)
+        };
+        send_v6(&p, how, &inner)?;
+        let (got, from) = recv(server).with_context(|| format!("server, {how}"))?;
+        assert_eq!(got, payload.as_bytes(), "{how}");
+        let want_from: SocketAddr = if v4 {
+            SocketAddrV4::new(CLIENT, port).into()
+        } else {
+            SocketAddrV6::new(CLIENT6, port, 0, 0).into()
+        };
+        assert_eq!(from, want_from, "{how}: the server sees the client");
+        server.send_to(b"reply", from)?;
+        let (got, from) = recv(&client).with_context(|| format!("client, {how}"))?;
+        assert_eq!(got, b"reply", "{how}");
+        assert_eq!(
+            from,
+            server.local_addr()?,
+            "{how}: the reply comes from the VIP"
+        );
+    }
+    let st = p.status()?;
+    assert_eq!(st["counters"]["decap_ipip"], 2, "{st}");
+    assert_eq!(st["counters"]["decap_gue"], 1, "{st}");
+    // The IPv4 LB address is not on this allow-list.
+    let inner = ipv4_udp_l3(CLIENT, 41100, VIP, VIP_PORT, b"not allowed");
+    send_ipip(&p, LB, &inner)?;
+    wait_until("the IPv4 source counted as not allowed", || {
+        Ok(p.counter("drop_not_allowed")? == 1)
+    })?;
+    p.lb_ok(&p.backend, &["detach", "--iface", &p.b_if])?;
     Ok(())
 }
