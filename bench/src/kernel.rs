@@ -269,6 +269,9 @@ struct Samples {
     new_cost_kernel: Vec<f64>,
     single_hit_wall: Vec<f64>,
     single_hit_kernel: Vec<f64>,
+    decap_ipip: Vec<f64>,
+    decap_gue: Vec<f64>,
+    decap_floor: Vec<f64>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -293,6 +296,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);
     let progs = TestProgs::load()?;
+    let decap = crate::decap::DecapBench::new()?;
     eprintln!(
         "lb-bench:   fixture loaded in {:.1} s (conntrack: {conntrack_entries} entries)",
         t.elapsed().as_secs_f64()
@@ -351,6 +355,8 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         &established,
         &mut out,
     )?;
+
+    decap.run(progs.return_only(), floor, warm_flows)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -439,6 +445,10 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.new_ret_kernel.push(nf.ret_kernel);
         s.new_cost_wall.push(nf.new_cost_wall);
         s.new_cost_kernel.push(nf.lb_kernel - nf.ret_kernel);
+        let d = decap.run(progs.return_only(), floor, cfg.new_flows)?;
+        s.decap_ipip.push(d.ipip);
+        s.decap_gue.push(d.gue);
+        s.decap_floor.push(d.floor);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -495,6 +505,11 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
              {CHUNK} (syscall noise and machine load included)"
         )),
     ];
+    let rows = [
+        rows,
+        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
+    ]
+    .concat();
 
     let mut detail = Table::new(
         "Detail and breakdown (ns)",

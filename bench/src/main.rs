@@ -11,6 +11,7 @@
 //! `--strict`: then 3), 1 on an error, 2 on bad arguments.
 
 mod charts;
+mod decap;
 mod e2e;
 mod kernel;
 mod maglev;

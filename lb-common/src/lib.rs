@@ -11,6 +11,8 @@
 
 use core::mem::size_of;
 
+pub mod decap;
+
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";

@@ -1,7 +1,9 @@
 //! Kernel-side code shared by lb's XDP programs. The balancer (`lb_xdp`)
-//! is the `lb-ebpf` binary (main.rs); the test and benchmark programs
-//! (lb-ebpf-testprogs) parse frames with the same helpers, so that the
-//! benchmark floor does the balancer's parsing work.
+//! is the `lb-ebpf` binary (main.rs), the backends' decapsulation program
+//! (`lb_decap`) the `lb-decap` binary (bin/lb-decap.rs, over tunnel.rs);
+//! the test and benchmark programs (lb-ebpf-testprogs) parse frames with
+//! the same helpers, so that the benchmark floor does the balancer's
+//! parsing work.
 //!
 //! The library is also what lb-userspace names as a build dependency, so
 //! that cargo rebuilds the object when this crate changes.
@@ -9,3 +11,4 @@
 
 pub mod encap;
 pub mod parse;
+pub mod tunnel;

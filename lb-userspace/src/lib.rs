@@ -6,6 +6,7 @@ pub mod budget;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod decap;
 #[cfg(test)]
 mod fake_maps;
 pub mod flow_keeper;

@@ -98,6 +98,44 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OverrideCmd,
     },
+    /// On a backend behind encapsulating load balancers: strip IPIP/GUE
+    /// from allowed sources in XDP (no tunnel modules, no agent needed).
+    Decap {
+        #[command(subcommand)]
+        cmd: DecapCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DecapCmd {
+    /// Load and attach lb-decap (pinned, stays after the command exits);
+    /// on an interface it serves already, update its allow-list and GUE
+    /// port in place.
+    Attach {
+        #[arg(long)]
+        iface: String,
+        /// Outer source prefix allowed to send tunnel packets (repeatable,
+        /// at least one): the load balancers' addresses.
+        #[arg(long = "allow-source", value_name = "CIDR")]
+        allow_source: Vec<String>,
+        /// UDP destination port of GUE packets.
+        #[arg(long, default_value_t = lb_common::decap::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: lb::decap::cli::DecapXdpMode,
+    },
+    /// Detach lb-decap and remove its pins.
+    Detach {
+        #[arg(long)]
+        iface: String,
+    },
+    /// Interfaces served by lb-decap: allow-list, GUE port, counters.
+    Status {
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +226,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.instance)));
     let call = |req: Request| control::call(&socket, &req, timing::CONTROL_CALL_TIMEOUT);
     match cli.cmd {
+        Cmd::Decap { cmd } => {
+            let out = match cmd {
+                DecapCmd::Attach {
+                    iface,
+                    allow_source,
+                    gue_port,
+                    xdp_mode,
+                } => lb::decap::cli::attach(&iface, &allow_source, gue_port, xdp_mode)?,
+                DecapCmd::Detach { iface } => lb::decap::cli::detach(&iface)?,
+                DecapCmd::Status { iface, json } => lb::decap::cli::status(iface.as_deref(), json)?,
+            };
+            println!("{out}");
+        }
         Cmd::Run {
             config,
             ifaces,

@@ -181,3 +181,215 @@ pub fn checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+// ---------------------------------------------------------------------------
+// Tunnel frames (for lb-decap): IP headers built from their parts, the
+// outer headers of IP-in-IP and GUE, and Ethernet framing with an optional
+// VLAN tag.
+// ---------------------------------------------------------------------------
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// The MACs [`tunnel_frame`] uses.
+pub const TUNNEL_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const TUNNEL_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+
+/// An IPv4 packet (20-byte header, DF set, checksummed) carrying `payload`.
+pub fn ipv4_l3(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An IPv6 packet (no extension headers) carrying `payload`.
+pub fn ipv6_l3(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A UDP header and `payload`, checksum 0 ("none", valid over IPv4 only).
+pub fn udp_l4(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&src_port.to_be_bytes());
+    u.extend_from_slice(&dst_port.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// An IPv4/UDP packet (UDP checksum 0).
+pub fn ipv4_udp_l3(
+    src: Ipv4Addr,
+    src_port: u16,
+    dst: Ipv4Addr,
+    dst_port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv4_l3(src, dst, IPPROTO_UDP, &udp_l4(src_port, dst_port, payload))
+}
+
+/// An IPv6/UDP packet with its (mandatory) UDP checksum.
+pub fn ipv6_udp_l3(
+    src: Ipv6Addr,
+    src_port: u16,
+    dst: Ipv6Addr,
+    dst_port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut u = udp_l4(src_port, dst_port, payload);
+    let mut pseudo = Vec::with_capacity(40 + u.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(u.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+    pseudo.extend_from_slice(&u);
+    let c = match checksum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv6_l3(src, dst, IPPROTO_UDP, &u)
+}
+
+/// How [`encapsulate`] wraps the inner packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encap {
+    /// IP-in-IP: protocol/next header 4 (inner IPv4) or 41 (inner IPv6).
+    Ipip,
+    /// GUE variant 1: the inner packet directly in UDP to `port`.
+    Gue { src_port: u16, port: u16 },
+}
+
+/// The outer packet (IP header [+ UDP] + `inner`) from `src` to `dst`
+/// (both IPv4 or both IPv6); for IP-in-IP the protocol follows the inner
+/// packet's version nibble.
+pub fn encapsulate(
+    inner: &[u8],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    encap: Encap,
+) -> Vec<u8> {
+    use std::net::IpAddr;
+    let (proto, payload) = match encap {
+        Encap::Ipip => {
+            let proto = if inner[0] >> 4 == 6 {
+                IPPROTO_IPV6
+            } else {
+                IPPROTO_IPIP
+            };
+            (proto, inner.to_vec())
+        }
+        Encap::Gue { src_port, port } => (IPPROTO_UDP, udp_l4(src_port, port, inner)),
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_l3(s, d, proto, &payload),
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = payload;
+            if let Encap::Gue { .. } = encap {
+                // Over IPv6 a UDP checksum is due; lb-decap does not check
+                // it, but keep the frame honest.
+                let mut pseudo = Vec::new();
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+                pseudo.extend_from_slice(&p);
+                let c = match checksum(&pseudo) {
+                    0 => 0xffff,
+                    c => c,
+                };
+                p[6..8].copy_from_slice(&c.to_be_bytes());
+            }
+            ipv6_l3(s, d, proto, &p)
+        }
+        _ => panic!("encapsulate: outer addresses of two families ({src}, {dst})"),
+    }
+}
+
+/// An Ethernet frame (with one 802.1Q tag when `vlan` is set) around `l3`.
+pub fn ethernet_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    vlan: Option<u16>,
+    ether_type: u16,
+    l3: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(18 + l3.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    if let Some(vid) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&(vid & 0x0FFF).to_be_bytes());
+    }
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+/// The EtherType of an IP packet, by its version nibble.
+pub fn ether_type_of(l3: &[u8]) -> u16 {
+    if l3[0] >> 4 == 6 {
+        ETH_P_IPV6
+    } else {
+        ETH_P_IPV4
+    }
+}
+
+/// A tunnel frame: `inner` encapsulated from `src` to `dst`, framed with
+/// [`TUNNEL_DST_MAC`]/[`TUNNEL_SRC_MAC`] and `vlan`.
+pub fn tunnel_frame(
+    inner: &[u8],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    encap: Encap,
+    vlan: Option<u16>,
+) -> Vec<u8> {
+    let outer = encapsulate(inner, src, dst, encap);
+    ethernet_frame(
+        TUNNEL_DST_MAC,
+        TUNNEL_SRC_MAC,
+        vlan,
+        ether_type_of(&outer),
+        &outer,
+    )
+}
+
+/// An ICMPv6 neighbour solicitation for `target` from `src`.
+pub fn icmpv6_neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    let o = target.octets();
+    let solicited = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | o[13] as u16,
+        u16::from_be_bytes([o[14], o[15]]),
+    );
+    let l3 = ipv6_l3(src, solicited, IPPROTO_ICMPV6, &icmp);
+    ethernet_frame(
+        [0x33, 0x33, 0xff, o[13], o[14], o[15]],
+        TUNNEL_SRC_MAC,
+        None,
+        ETH_P_IPV6,
+        &l3,
+    )
+}
