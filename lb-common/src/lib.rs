@@ -46,7 +46,7 @@ pub mod program_names {
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_IPIP: u8 = 4;
+pub use decap::{DEFAULT_GUE_PORT, IPPROTO_IPIP};
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -137,8 +137,6 @@ pub const FORWARD_GUE: u8 = 2;
 pub const IPIP_OVERHEAD: u32 = 20;
 /// Bytes `FORWARD_GUE` adds: an IPv4 header and a UDP header.
 pub const GUE_OVERHEAD: u32 = 28;
-/// Default GUE destination port (what `lb decap` listens on by default).
-pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// The outer UDP source port of a GUE packet, from the flow hash: the
 /// same for every packet of a flow, spread over 16384 ports so that the
