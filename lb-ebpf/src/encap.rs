@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{GUE_OVERHEAD, IPIP_OVERHEAD, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_UDP};
 
-use crate::parse::{ETH_P_IP, ptr_at, write_macs};
+use crate::parse::{ETH_P_IP, ptr_at};
 
 const IPV4_HDR_LEN: usize = 20;
 const ICMP_HDR_LEN: usize = 8;
@@ -22,8 +22,8 @@ pub const IP_DF: u16 = 0x4000;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// The embedded packet of the ICMP answer: its IP header (at most 60 bytes)
-/// and the first 8 bytes of its payload (RFC 792), in 4-byte words.
-const MAX_EMBEDDED_WORDS: usize = (60 + 8) / 4;
+/// and the first 8 bytes of its payload (RFC 792), in 16-bit words.
+const MAX_EMBEDDED_WORDS: usize = (60 + 8) / 2;
 
 /// Why a header could not be pushed.
 pub enum PushError {
@@ -64,33 +64,71 @@ fn halves(w: u32) -> u32 {
     (w >> 16) + (w & 0xFFFF)
 }
 
-/// Writes a 20-byte IPv4 header (no options, id 0) at `p`, its checksum
-/// computed. `src`/`dst` as on the wire.
+/// Stores `v` (host order) big-endian at `p + off` as one 16-bit store.
+/// The BPF backend splits an unaligned store into byte stores (and
+/// shifts); XDP data is at least 2-byte aligned (as `parse::l4_ports`
+/// relies on too) and every field lb writes sits at an even offset, so
+/// aligned 16-bit stores halve the work.
 ///
 /// # Safety
-/// `p` points to 20 writable bytes of the packet (bounds checked).
+/// `p + off .. p + off + 2` is writable packet memory (bounds checked) and
+/// `p + off` is even.
 #[inline(always)]
-unsafe fn write_ipv4(p: *mut u8, tos: u8, tot_len: u16, frags: u16, proto: u8, src: u32, dst: u32) {
-    let w0 = 0x4500_0000 | (tos as u32) << 16 | tot_len as u32;
-    let w1 = frags as u32;
-    let w2 = (TTL as u32) << 24 | (proto as u32) << 16;
+unsafe fn put16(p: *mut u8, off: usize, v: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (p.add(off) as *mut u16).write(v.to_be()) }
+}
+
+/// Stores the bytes `b` at `p + off` as 16-bit stores. Same contract as
+/// [`put16`] for `N` bytes (`N` even).
+#[inline(always)]
+unsafe fn put_bytes<const N: usize>(p: *mut u8, off: usize, b: [u8; N]) {
+    let mut i = 0;
+    while i + 1 < N {
+        // SAFETY: guaranteed by the caller.
+        unsafe { (p.add(off + i) as *mut u16).write(u16::from_ne_bytes([b[i], b[i + 1]])) };
+        i += 2;
+    }
+}
+
+/// Writes a 20-byte IPv4 header (no options, id 0) at `p + off`, its
+/// checksum computed. `src`/`dst` as on the wire.
+///
+/// # Safety
+/// `p + off` points to 20 writable bytes of the packet (bounds checked),
+/// at an even address.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one per header field")]
+unsafe fn write_ipv4(
+    p: *mut u8,
+    off: usize,
+    tos: u8,
+    tot_len: u16,
+    frags: u16,
+    proto: u8,
+    src: u32,
+    dst: u32,
+) {
+    let w0 = 0x4500 | tos as u16;
+    let w4 = (TTL as u16) << 8 | proto as u16;
     let check = fold(
-        halves(w0)
-            + halves(w1)
-            + halves(w2)
+        w0 as u32
+            + tot_len as u32
+            + frags as u32
+            + w4 as u32
             + halves(u32::from_be(src))
             + halves(u32::from_be(dst)),
     );
-    let w2 = w2 | check as u32;
-    // SAFETY: the caller guarantees 20 writable bytes; unaligned stores are
-    // fine on the architectures lb supports.
+    // SAFETY: the caller guarantees 20 writable bytes at an even address.
     unsafe {
-        let p = p as *mut u32;
-        p.write_unaligned(w0.to_be());
-        p.add(1).write_unaligned(w1.to_be());
-        p.add(2).write_unaligned(w2.to_be());
-        p.add(3).write_unaligned(src);
-        p.add(4).write_unaligned(dst);
+        put16(p, off, w0);
+        put16(p, off + 2, tot_len);
+        put16(p, off + 4, 0);
+        put16(p, off + 6, frags);
+        put16(p, off + 8, w4);
+        put16(p, off + 10, check);
+        put_bytes(p, off + 12, src.to_ne_bytes());
+        put_bytes(p, off + 16, dst.to_ne_bytes());
     }
 }
 
@@ -120,14 +158,16 @@ fn push_l2(
     let start: *mut [u8; 18 + GUE_OVERHEAD as usize] =
         ptr_at(ctx, 0).ok_or(PushError::Malformed)?;
     let start = start as *mut u8;
-    // SAFETY: 18 + 28 bytes checked above, l3 <= 18 and by <= 28.
+    // SAFETY: 18 + 28 bytes checked above, l3 <= 18 and by <= 28; the
+    // frame starts at an even address and `by` is even.
     unsafe {
         if l3 > 14 {
-            let tag = (start.add(by + 12) as *const u32).read_unaligned();
-            (start.add(12) as *mut u32).write_unaligned(tag);
+            let tag = start.add(by + 12) as *const [u16; 2];
+            (start.add(12) as *mut [u16; 2]).write(tag.read());
         }
-        (start.add(l3 - 2) as *mut u16).write_unaligned(ETH_P_IP.to_be());
-        write_macs(start, dst, src);
+        put16(start, l3 - 2, ETH_P_IP);
+        put_bytes(start, 0, dst);
+        put_bytes(start, 6, src);
     }
     Ok(start)
 }
@@ -141,7 +181,8 @@ pub fn push_ipip(ctx: &XdpContext, l3: usize, o: &Outer) -> Result<(), PushError
     // SAFETY: push_l2 checked 46 bytes, l3 <= 18: l3 + 20 fits.
     unsafe {
         write_ipv4(
-            start.add(l3),
+            start,
+            l3,
             o.tos,
             o.inner_len + by as u16,
             IP_DF,
@@ -171,7 +212,8 @@ pub fn push_gue(
     // SAFETY: push_l2 checked 46 bytes, l3 <= 18: l3 + 28 fits.
     unsafe {
         write_ipv4(
-            start.add(l3),
+            start,
+            l3,
             o.tos,
             udp_len + IPV4_HDR_LEN as u16,
             IP_DF,
@@ -179,11 +221,11 @@ pub fn push_gue(
             o.src,
             o.dst,
         );
-        let udp = start.add(l3 + IPV4_HDR_LEN) as *mut u16;
-        udp.write_unaligned(src_port);
-        udp.add(1).write_unaligned(dst_port);
-        udp.add(2).write_unaligned(udp_len.to_be());
-        udp.add(3).write_unaligned(0);
+        let udp = l3 + IPV4_HDR_LEN;
+        put16(start, udp, u16::from_be(src_port));
+        put16(start, udp + 2, u16::from_be(dst_port));
+        put16(start, udp + 4, udp_len);
+        put16(start, udp + 6, 0);
     }
     Ok(())
 }
@@ -207,11 +249,13 @@ pub fn icmp_frag_needed(
     let frame: *const [u8; 14] = ptr_at(ctx, 0).ok_or(PushError::Malformed)?;
     // SAFETY: 14 bytes checked by ptr_at.
     let (dst_mac, src_mac) = unsafe { crate::parse::read_macs(frame as *const u8) };
-    let addrs: *const [u32; 2] = ptr_at(ctx, l3 + 12).ok_or(PushError::Malformed)?;
-    // SAFETY: bounds checked by ptr_at; the IPv4 header is at least 2-byte
-    // aligned, and unaligned loads are fine on the architectures lb
-    // supports.
-    let [src, dst] = unsafe { addrs.read_unaligned() };
+    let addrs: *const [[u8; 2]; 4] = ptr_at(ctx, l3 + 12).ok_or(PushError::Malformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [[s0, s1], [s2, s3], [d0, d1], [d2, d3]] = unsafe { addrs.read() };
+    let (src, dst) = (
+        u32::from_ne_bytes([s0, s1, s2, s3]),
+        u32::from_ne_bytes([d0, d1, d2, d3]),
+    );
 
     let by = IPV4_HDR_LEN + ICMP_HDR_LEN;
     let start = push_l2(ctx, by, l3, src_mac, dst_mac)?;
@@ -220,19 +264,20 @@ pub fn icmp_frag_needed(
     let mut sum =
         halves((ICMP_DEST_UNREACH as u32) << 24 | (ICMP_FRAG_NEEDED as u32) << 16) + mtu as u32;
     let embedded = l3 + by;
-    let words = (ihl + 8) / 4;
+    let words = (ihl + 8) / 2;
     for i in 0..MAX_EMBEDDED_WORDS {
         if i >= words {
             break;
         }
-        let w: *const u32 = ptr_at(ctx, embedded + i * 4).ok_or(PushError::Malformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        sum += halves(u32::from_be(unsafe { w.read_unaligned() }));
+        let w: *const u16 = ptr_at(ctx, embedded + i * 2).ok_or(PushError::Malformed)?;
+        // SAFETY: bounds checked by ptr_at; an even offset (see put16).
+        sum += u16::from_be(unsafe { w.read() }) as u32;
     }
     // SAFETY: push_l2 checked 46 bytes, l3 <= 18: l3 + 28 fits.
     unsafe {
         write_ipv4(
-            start.add(l3),
+            start,
+            l3,
             0,
             (IPV4_HDR_LEN + icmp_len) as u16,
             0,
@@ -240,11 +285,15 @@ pub fn icmp_frag_needed(
             dst,
             src,
         );
-        let icmp = start.add(l3 + IPV4_HDR_LEN) as *mut u16;
-        icmp.write_unaligned(((ICMP_DEST_UNREACH as u16) << 8 | ICMP_FRAG_NEEDED as u16).to_be());
-        icmp.add(1).write_unaligned(fold(sum).to_be());
-        icmp.add(2).write_unaligned(0);
-        icmp.add(3).write_unaligned(mtu.to_be());
+        let icmp = l3 + IPV4_HDR_LEN;
+        put16(
+            start,
+            icmp,
+            (ICMP_DEST_UNREACH as u16) << 8 | ICMP_FRAG_NEEDED as u16,
+        );
+        put16(start, icmp + 2, fold(sum));
+        put16(start, icmp + 4, 0);
+        put16(start, icmp + 6, mtu);
     }
     // (The length is not taken from the context again: the verifier
     // refuses arithmetic on the end-of-packet pointer.)
