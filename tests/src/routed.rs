@@ -226,8 +226,12 @@ impl RoutedTopology {
         self.front.lb_iface()
     }
 
+    /// Backend `i`'s interface. Its name carries the test process's id:
+    /// `lb decap` pins under `/sys/fs/bpf/lb-decap/<interface>`, and bpffs
+    /// is shared by every namespace, so two test processes (two worktrees,
+    /// say) must not use the same names.
     pub fn backend_iface(&self, i: usize) -> String {
-        format!("{NAME_PREFIX}{}r{i}", self.front.index())
+        format!("r{:x}{}b{i}", std::process::id(), self.front.index())
     }
 
     fn router_front_iface(&self) -> String {
