@@ -375,31 +375,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
-    // The header first: a frame that cannot take it is dropped, not counted
-    // as forwarded.
-    match vip.forwarding {
-        FORWARD_IPIP | FORWARD_GUE => {
-            let outer = Outer {
-                dst_mac: backend.dst_mac,
-                src_mac: backend.src_mac,
-                src: backend.encap_src,
-                dst: backend.addr,
-                tos,
-                inner_len: tot_len as u16,
-            };
-            if vip.forwarding == FORWARD_IPIP {
-                push_ipip(ctx, l3, &outer)
-            } else {
-                let src_port = gue_source_port(flow.hash()).to_be();
-                push_gue(ctx, l3, &outer, src_port, vip.gue_port)
-            }
-            .map_err(push_reason)?;
-        }
-        // SAFETY: the 14-byte Ethernet header was bounds checked by
-        // ethernet().
-        _ => unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) },
-    }
-
     // Bytes as received: the client's frame, without any outer header lb
     // adds (the same count whatever the VIP's mode).
     let bytes = frame_len as u64;
@@ -423,6 +398,28 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
+    match vip.forwarding {
+        FORWARD_IPIP | FORWARD_GUE => {
+            let outer = Outer {
+                dst_mac: backend.dst_mac,
+                src_mac: backend.src_mac,
+                src: backend.encap_src,
+                dst: backend.addr,
+                tos,
+                inner_len: tot_len as u16,
+            };
+            if vip.forwarding == FORWARD_IPIP {
+                push_ipip(ctx, l3, &outer)
+            } else {
+                let src_port = gue_source_port(flow.hash()).to_be();
+                push_gue(ctx, l3, &outer, src_port, vip.gue_port)
+            }
+            .map_err(push_reason)?;
+        }
+        // SAFETY: the 14-byte Ethernet header was bounds checked by
+        // ethernet().
+        _ => unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) },
+    }
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)
     } else {
