@@ -272,6 +272,9 @@ struct Samples {
     decap_ipip: Vec<f64>,
     decap_gue: Vec<f64>,
     decap_floor: Vec<f64>,
+    encap_dsr: Vec<f64>,
+    encap_ipip: Vec<f64>,
+    encap_gue: Vec<f64>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -312,6 +315,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         let b = backend_entry(addr, INGRESS_IFINDEX, 1, false, backend_mac(id), LB_MAC);
         f.dp.set_backend(id, b)?;
     }
+    let encap = crate::encap::EncapBench::new(&mut f, VIP)?;
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -357,6 +361,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     )?;
 
     decap.run(progs.return_only(), floor, warm_flows)?;
+    encap.run(&f, progs.return_only(), warm_flows)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -449,6 +454,10 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.decap_ipip.push(d.ipip);
         s.decap_gue.push(d.gue);
         s.decap_floor.push(d.floor);
+        let e = encap.run(&f, progs.return_only(), cfg.new_flows)?;
+        s.encap_dsr.push(e.dsr);
+        s.encap_ipip.push(e.ipip);
+        s.encap_gue.push(e.gue);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -508,6 +517,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let rows = [
         rows,
         crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
+        crate::encap::rows(&s.encap_dsr, &s.encap_ipip, &s.encap_gue, &floor_s, k),
     ]
     .concat();
 

@@ -13,6 +13,7 @@
 mod charts;
 mod decap;
 mod e2e;
+mod encap;
 mod kernel;
 mod maglev;
 mod report;

@@ -33,7 +33,10 @@ pub mod map_names {
 /// meaning of a pinned map's contents changes without its sizes changing
 /// (a field reinterpreted, a flag added): an agent refuses pins recorded
 /// with another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: `VipInfo` carries the forwarding mode and the GUE port (its `flags`
+/// narrowed to a byte), `Backend` the outer source address.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -42,6 +45,8 @@ pub mod program_names {
     pub const BALANCER: &str = "lb_xdp";
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
+pub use decap::{DEFAULT_GUE_PORT, IPPROTO_IPIP};
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -97,6 +102,9 @@ impl VipKey {
 }
 
 /// Value of the VIP map.
+///
+/// 16 bytes; an IPv6 slice keeps it as is (the mode and port are family
+/// independent) and widens only the key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
@@ -106,11 +114,39 @@ pub struct VipInfo {
     pub ring_base: u32,
     /// Ring size M (prime); slots `ring_base .. ring_base + ring_size`.
     pub ring_size: u32,
-    pub flags: u32,
+    /// [`VIP_FLAG_ADDR_ONLY`].
+    pub flags: u8,
+    /// How packets reach the backend: one of the `FORWARD_*` values.
+    pub forwarding: u8,
+    /// GUE: the outer UDP destination port, network byte order (the port
+    /// the backends' decap listens on); 0 in other modes.
+    pub gue_port: u16,
 }
 
 /// The entry marks a VIP address, not a service.
-pub const VIP_FLAG_ADDR_ONLY: u32 = 1;
+pub const VIP_FLAG_ADDR_ONLY: u8 = 1;
+
+/// Direct server return at L2: rewrite both MACs, nothing else.
+pub const FORWARD_DSR_L2: u8 = 0;
+/// IPv4-in-IPv4: an outer IPv4 header (protocol 4) in front of the packet.
+pub const FORWARD_IPIP: u8 = 1;
+/// GUE variant 1: an outer IPv4 + UDP header, the packet right after it.
+pub const FORWARD_GUE: u8 = 2;
+
+/// Bytes `FORWARD_IPIP` adds: an IPv4 header without options.
+pub const IPIP_OVERHEAD: u32 = 20;
+/// Bytes `FORWARD_GUE` adds: an IPv4 header and a UDP header.
+pub const GUE_OVERHEAD: u32 = 28;
+
+/// The outer UDP source port of a GUE packet, from the flow hash: the
+/// same for every packet of a flow, spread over 16384 ports so that the
+/// backend's NIC hashes flows onto its receive queues; kept in
+/// 49152..=65535 (the dynamic range, never a well-known port). The kernel
+/// and `lb explain` call this same function.
+#[inline(always)]
+pub const fn gue_source_port(flow_hash: u32) -> u16 {
+    0xC000 | (flow_hash & 0x3FFF) as u16
+}
 
 impl VipInfo {
     /// The entry marks a VIP address (for fragments and malformed L4
@@ -118,6 +154,16 @@ impl VipInfo {
     #[inline(always)]
     pub const fn is_address_only(&self) -> bool {
         self.flags & VIP_FLAG_ADDR_ONLY != 0
+    }
+
+    /// Bytes the VIP's forwarding mode puts in front of a packet.
+    #[inline(always)]
+    pub const fn encap_overhead(&self) -> u32 {
+        match self.forwarding {
+            FORWARD_IPIP => IPIP_OVERHEAD,
+            FORWARD_GUE => GUE_OVERHEAD,
+            _ => 0,
+        }
     }
 }
 
@@ -211,6 +257,10 @@ pub struct Backend {
     pub dst_mac: [u8; 6],
     /// The egress interface's MAC.
     pub src_mac: [u8; 6],
+    /// Outer source address of encapsulated packets (ipip, gue), network
+    /// byte order; 0 for DSR at L2. An IPv6 slice widens this and `addr`
+    /// to 16 bytes (and adds a family flag).
+    pub encap_src: u32,
 }
 
 /// The backend exists and is healthy: conntrack entries pointing to it are
@@ -231,6 +281,7 @@ impl Backend {
         flags: 0,
         dst_mac: [0; 6],
         src_mac: [0; 6],
+        encap_src: 0,
     };
 
     /// The slot holds a backend: every backend has an address (the agent
@@ -446,10 +497,20 @@ pub enum Reason {
     /// Addressed to a VIP, longer than the egress interfaces' MTU (a GRO
     /// aggregate in generic mode): forwarding it would fail or be wrong.
     DropTooBig = 9,
+    /// Addressed to an encapsulating VIP, fits the egress MTU but not with
+    /// the outer header, DF set: answered with ICMP "fragmentation needed"
+    /// (sent back out, `XDP_TX`), so the client lowers its path MTU.
+    TxIcmpTooBig = 10,
+    /// As [`Reason::TxIcmpTooBig`] with DF clear: dropped (lb never
+    /// fragments).
+    DropTooBigNoDf = 11,
+    /// The driver left no room in front of the frame for an outer header
+    /// (or an ICMP answer).
+    DropNoHeadroom = 12,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIpv4,
@@ -461,6 +522,9 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropNoTxPort,
         Reason::DropTooBig,
+        Reason::TxIcmpTooBig,
+        Reason::DropTooBigNoDf,
+        Reason::DropNoHeadroom,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -475,6 +539,9 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoTxPort => "drop_no_tx_port",
             Reason::DropTooBig => "drop_too_big",
+            Reason::TxIcmpTooBig => "tx_icmp_too_big",
+            Reason::DropTooBigNoDf => "drop_too_big_no_df",
+            Reason::DropNoHeadroom => "drop_no_headroom",
         }
     }
 
@@ -486,6 +553,8 @@ impl Reason {
                 | Reason::DropNoBackend
                 | Reason::DropNoTxPort
                 | Reason::DropTooBig
+                | Reason::DropTooBigNoDf
+                | Reason::DropNoHeadroom
         )
     }
 }
@@ -494,7 +563,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<VipSlot>() == 24);
-    assert!(size_of::<Backend>() == 28);
+    assert!(size_of::<Backend>() == 32);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
@@ -642,6 +711,21 @@ mod tests {
                 ..Runtime::default()
             }
         ));
+    }
+
+    #[test]
+    fn gue_source_ports_stay_in_the_dynamic_range_and_spread() {
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 1000u16..5000 {
+            let k = FlowKey::new(0xC612_0001, port, 0xC612_0A01, 80, IPPROTO_TCP);
+            let p = gue_source_port(k.hash());
+            assert!(p >= 0xC000, "{p}");
+            seen.insert(p);
+        }
+        // 4000 flows over 16384 ports: most get a port of their own.
+        assert!(seen.len() > 3400, "{}", seen.len());
+        assert_eq!(gue_source_port(u32::MAX), 0xFFFF);
+        assert_eq!(gue_source_port(0x4000), 0xC000);
     }
 
     #[test]

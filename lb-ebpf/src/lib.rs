@@ -9,5 +9,6 @@
 //! that cargo rebuilds the object when this crate changes.
 #![no_std]
 
+pub mod encap;
 pub mod parse;
 pub mod tunnel;

@@ -2,8 +2,11 @@
 //!
 //! Per packet: parse Ethernet (one VLAN tag), IPv4 (honouring IHL), TCP or
 //! UDP; anything that is not for a configured VIP goes to the kernel
-//! untouched. For a VIP: conntrack lookup, else Maglev ring; then direct
-//! server return at L2 (rewrite both MACs, `XDP_TX` or redirect).
+//! untouched. For a VIP: conntrack lookup, else Maglev ring; then by the
+//! VIP's forwarding mode: direct server return at L2 (rewrite both MACs),
+//! or an outer IPv4 (ipip) or IPv4 + UDP (gue) header pushed in front;
+//! `XDP_TX` or redirect. A packet the outer header would make too big for
+//! the egress MTU is answered with ICMP "fragmentation needed".
 #![no_std]
 #![no_main]
 
@@ -15,13 +18,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowEntry, FlowKey,
-    IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime, VipInfo, VipKey, VipSlot, VipStats,
-    flow_cache_mix, flow_cache_slot, ring_slot, vip_table_probe, vip_table_size,
+    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FORWARD_GUE, FORWARD_IPIP,
+    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime,
+    VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
+    ring_slot, vip_table_probe, vip_table_size,
 };
-use lb_ebpf::parse::{
-    ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST, TCP_SYN,
-    UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+use lb_ebpf::{
+    encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
+    parse::{
+        ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST,
+        TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+    },
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -169,6 +176,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     let frame_len = ctx.data_end() - ctx.data();
+    let tos = ip.tos;
+    let frags = u16::from_be_bytes(ip.frags);
     if ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > frame_len {
         return Err(unsteerable(
             dst,
@@ -176,7 +185,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             Reason::PassMalformed,
         ));
     }
-    if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
+    if frags & IP_MF_OR_OFFSET != 0 {
         return Err(unsteerable(dst, Reason::DropFragment, Reason::PassFragment));
     }
     let proto = ip.proto;
@@ -220,16 +229,39 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
-    // Packets longer than the smallest egress MTU (GRO aggregates in
-    // generic mode) must not be forwarded. The limit is read only for
-    // packets longer than IPv4's minimum datagram size: shorter ones fit
-    // any MTU lb accepts, and cost nothing here.
-    if tot_len > MIN_LIMITED_L3_LEN
-        && let Some(rt) = RUNTIME.get(0)
-        && rt.max_l3_len != 0
-        && tot_len as u32 > rt.max_l3_len
-    {
-        return Err(Reason::DropTooBig);
+    // Size limits. The limit (max_l3_len) is the smallest egress MTU, and
+    // lb takes it for the ingress MTU too (one interface, or all alike):
+    // - a packet longer than it cannot have come over the wire as one
+    //   packet (a GRO aggregate in generic mode): dropped, never forwarded;
+    // - a packet that fits it but not with the VIP's outer header could
+    //   have been sent smaller: with DF set it is answered with ICMP
+    //   "fragmentation needed" carrying the limit minus the outer header
+    //   (the client lowers its path MTU and sends again); with DF clear it
+    //   is dropped (lb never fragments).
+    // The limit is read only for packets longer than IPv4's minimum
+    // datagram size once encapsulated: shorter ones fit any MTU lb
+    // accepts, and cost nothing here.
+    let overhead = vip.encap_overhead() as usize;
+    if tot_len + overhead > MIN_LIMITED_L3_LEN {
+        if tot_len + overhead > u16::MAX as usize {
+            return Err(Reason::DropTooBig);
+        }
+        if let Some(rt) = RUNTIME.get(0)
+            && rt.max_l3_len != 0
+            && (tot_len + overhead) as u32 > rt.max_l3_len
+        {
+            let limit = rt.max_l3_len as usize;
+            if tot_len > limit {
+                return Err(Reason::DropTooBig);
+            }
+            if frags & IP_DF == 0 {
+                return Err(Reason::DropTooBigNoDf);
+            }
+            icmp_frag_needed(ctx, frame_len, l3, ihl, (limit - overhead) as u16)
+                .map_err(push_reason)?;
+            count_reason(Reason::TxIcmpTooBig);
+            return Ok(XDP_TX);
+        }
     }
 
     let flow = FlowKey {
@@ -343,6 +375,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
+    // Bytes as received: the client's frame, without any outer header lb
+    // adds (the same count whatever the VIP's mode).
     let bytes = frame_len as u64;
     if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
         // SAFETY: per-CPU slot.
@@ -364,14 +398,42 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
-    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
-    unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) };
+    match vip.forwarding {
+        FORWARD_IPIP | FORWARD_GUE => {
+            let outer = Outer {
+                dst_mac: backend.dst_mac,
+                src_mac: backend.src_mac,
+                src: backend.encap_src,
+                dst: backend.addr,
+                tos,
+                inner_len: tot_len as u16,
+            };
+            if vip.forwarding == FORWARD_IPIP {
+                push_ipip(ctx, l3, &outer)
+            } else {
+                let src_port = gue_source_port(flow.hash()).to_be();
+                push_gue(ctx, l3, &outer, src_port, vip.gue_port)
+            }
+            .map_err(push_reason)?;
+        }
+        // SAFETY: the 14-byte Ethernet header was bounds checked by
+        // ethernet().
+        _ => unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) },
+    }
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)
     } else {
         TX_PORTS
             .redirect(backend.ifindex, 0)
             .map_err(|_| Reason::DropNoTxPort)
+    }
+}
+
+#[inline(always)]
+fn push_reason(e: PushError) -> Reason {
+    match e {
+        PushError::NoHeadroom => Reason::DropNoHeadroom,
+        PushError::Malformed => Reason::DropMalformed,
     }
 }
 

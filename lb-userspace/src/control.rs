@@ -22,7 +22,10 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
 };
 
-use crate::{config::Protocol, timing};
+use crate::{
+    config::{Forwarding, Protocol},
+    timing,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -141,6 +144,9 @@ pub struct VipView {
     pub backends: usize,
     pub backends_in_ring: usize,
     pub health_check: String,
+    /// How packets reach the backends.
+    #[serde(default)]
+    pub forwarding: Forwarding,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -156,6 +162,10 @@ pub struct BackendView {
     pub slots: u32,
     pub mac: Option<String>,
     pub iface: Option<String>,
+    /// The route's gateway, when the backend is routed (tunnel modes):
+    /// `mac` is the gateway's.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
     /// Why the next hop is unknown (health `unresolved`), or not known yet.
     #[serde(default)]
     pub next_hop_error: Option<String>,
@@ -245,6 +255,22 @@ pub struct ExplainView {
     /// Where the next packet of this flow goes.
     pub backend: Option<Ipv4Addr>,
     pub reason: String,
+    /// The outer header that packet gets (tunnel modes, when it goes to a
+    /// backend).
+    #[serde(default)]
+    pub outer: Option<OuterView>,
+}
+
+/// The outer header of an encapsulated packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OuterView {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// `"ipip"` (IPv4 protocol 4) or `"gue"` (IPv4 protocol 17, UDP).
+    pub forwarding: Forwarding,
+    /// GUE: the UDP ports.
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -306,14 +306,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let vips: Vec<VipView> = serde_json::from_value(v)?;
             println!(
-                "{:<16} {:<22} {:>5} {:>8} {:>8} {:>8}  CHECK",
-                "NAME", "VIP", "INDEX", "RING", "BACKENDS", "IN RING"
+                "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  CHECK",
+                "NAME", "VIP", "FORWARDING", "INDEX", "RING", "BACKENDS", "IN RING"
             );
             for v in vips {
                 println!(
-                    "{:<16} {:<22} {:>5} {:>8} {:>8} {:>8}  {}",
+                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}",
                     v.name,
                     format!("{}:{}/{}", v.address, v.port, v.protocol.as_str()),
+                    v.forwarding.as_str(),
                     v.index,
                     v.ring_size,
                     v.backends,
@@ -330,12 +331,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 let list: Vec<BackendView> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  LAST CHECK (UNRESOLVED: WHY)",
-                    "VIP", "BACKEND", "ID", "WEIGHT", "STATE", "HEALTH", "SLOTS", "FLOWS", "MAC"
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  LAST CHECK (UNRESOLVED: WHY)",
+                    "VIP",
+                    "BACKEND",
+                    "ID",
+                    "WEIGHT",
+                    "STATE",
+                    "HEALTH",
+                    "SLOTS",
+                    "FLOWS",
+                    "MAC",
+                    "VIA"
                 );
                 for b in list {
                     println!(
-                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {}",
+                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  {}",
                         b.vip,
                         b.address,
                         b.id,
@@ -345,6 +355,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         b.slots,
                         b.flows.map_or_else(|| "-".into(), |n| n.to_string()),
                         b.mac.unwrap_or_else(|| "-".into()),
+                        // The gateway whose MAC that is, for a routed one.
+                        b.gateway.map_or_else(|| "-".into(), |g| g.to_string()),
                         // An unresolved backend: why, rather than its checks.
                         match (b.health, b.next_hop_error) {
                             (Health::Unresolved, Some(e)) => e,
@@ -430,6 +442,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             println!("conntrack  {}", show(e.conntrack_backend));
             println!("backend    {} ({})", show(e.backend), e.reason);
+            if let Some(o) = e.outer {
+                let ports = match (o.src_port, o.dst_port) {
+                    (Some(s), Some(d)) => format!(", UDP {s} -> {d}"),
+                    _ => String::new(),
+                };
+                let proto = match o.forwarding {
+                    lb::config::Forwarding::Gue => "gue: IPv4 protocol 17",
+                    _ => "ipip: IPv4 protocol 4",
+                };
+                println!("outer      {} -> {} ({proto}{ports})", o.src, o.dst);
+            }
         }
         Cmd::Reload => print_msg(call(Request::Reload)?),
         Cmd::Override {

@@ -19,6 +19,7 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
+        address::{AddressAttribute, AddressMessage},
         link::{LinkAttribute, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
@@ -32,9 +33,27 @@ pub enum NeighError {
     #[error("no route to {addr}: {reason}")]
     NoRoute { addr: Ipv4Addr, reason: String },
     #[error(
-        "{addr} is reached through gateway {gateway}: direct server return needs backends on the same L2 segment"
+        "{addr} is reached through gateway {gateway}: direct server return needs backends on the same L2 segment (forwarding = \"ipip\" or \"gue\" reaches routed backends)"
     )]
     NotOnLink { addr: Ipv4Addr, gateway: Ipv4Addr },
+    #[error("no ARP answer from gateway {gateway} (next hop to {addr}) on {iface}")]
+    GatewayUnresolved {
+        addr: Ipv4Addr,
+        gateway: Ipv4Addr,
+        iface: String,
+    },
+    #[error(
+        "resolving: ARP request for gateway {gateway} (next hop to {addr}) sent on {iface}, no answer yet"
+    )]
+    GatewayResolving {
+        addr: Ipv4Addr,
+        gateway: Ipv4Addr,
+        iface: String,
+    },
+    #[error(
+        "no outer source address for {addr}: the route has no preferred source and {iface} has no IPv4 address; set [agent] encap_source_v4"
+    )]
+    NoSource { addr: Ipv4Addr, iface: String },
     #[error("{0} is an address of this host")]
     Local(Ipv4Addr),
     #[error("the route to {addr} leaves through interface index {ifindex}, which is gone")]
@@ -53,7 +72,13 @@ pub struct NextHop {
     pub iface: String,
     pub ifindex: u32,
     pub src_mac: [u8; 6],
+    /// The backend's MAC, or the gateway's when it is routed.
     pub dst_mac: [u8; 6],
+    /// The route's gateway (tunnel modes only; DSR at L2 refuses one).
+    pub gateway: Option<Ipv4Addr>,
+    /// The outer source address of encapsulated packets (tunnel modes
+    /// only).
+    pub encap_src: Option<Ipv4Addr>,
 }
 
 /// An interface packets leave through.
@@ -66,6 +91,21 @@ pub struct Egress {
     pub gateway: Option<Ipv4Addr>,
     /// The interface's own MAC (the source MAC of forwarded frames).
     pub mac: [u8; 6],
+    /// The source address the kernel would use towards the address: the
+    /// route's preferred source (RTA_PREFSRC), else the interface's first
+    /// IPv4 address. The default outer source of encapsulated packets.
+    pub source: Option<Ipv4Addr>,
+}
+
+/// How one address's backends are reached, as far as following it goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Need {
+    /// Some backend at the address has no `mac` override: its next hop's
+    /// MAC is to be resolved.
+    pub arp: bool,
+    /// Some backend at the address is forwarded through a tunnel: a route
+    /// through a gateway is fine for it.
+    pub routed: bool,
 }
 
 /// The kernel's neighbour entry for an address on an interface.
@@ -86,9 +126,10 @@ pub enum Neighbour {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolution {
     /// The interface the route to the address leaves through, or why
-    /// there is none usable for direct server return.
+    /// there is none.
     pub egress: Result<Egress, NeighError>,
-    /// The neighbour entry on that interface.
+    /// The neighbour entry of the next hop (the route's gateway if it has
+    /// one, else the address itself) on that interface.
     pub neighbour: Neighbour,
 }
 
@@ -105,39 +146,76 @@ pub enum Lookup {
 
 impl Resolution {
     /// The next hop of backend `addr`; `mac` is an operator's override,
-    /// used instead of the neighbour table.
-    pub fn lookup(&self, addr: Ipv4Addr, mac: Option<[u8; 6]>) -> Lookup {
+    /// used instead of the neighbour table. `tunnel`: the backend's VIP
+    /// encapsulates (a gateway is fine, an outer source is needed);
+    /// `encap_source`: the operator's outer source, over the route's.
+    pub fn lookup(
+        &self,
+        addr: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+        tunnel: bool,
+        encap_source: Option<Ipv4Addr>,
+    ) -> Lookup {
         let egress = match &self.egress {
             Ok(e) => e,
             Err(e) => return Lookup::Failed(e.clone()),
         };
+        let iface = egress.iface.clone();
+        let encap_src = if tunnel {
+            match encap_source.or(egress.source) {
+                Some(s) => Some(s),
+                None => return Lookup::Failed(NeighError::NoSource { addr, iface }),
+            }
+        } else {
+            None
+        };
+        let gateway = egress.gateway.filter(|_| tunnel);
         let next_hop = |dst_mac| NextHop {
             iface: egress.iface.clone(),
             ifindex: egress.ifindex,
             src_mac: egress.mac,
             dst_mac,
+            gateway,
+            encap_src,
         };
         if let Some(m) = mac {
             return Lookup::Found(next_hop(m));
         }
-        if let Some(gateway) = egress.gateway {
-            return Lookup::Failed(NeighError::NotOnLink { addr, gateway });
-        }
-        let iface = egress.iface.clone();
-        match self.neighbour {
-            Neighbour::Known(m) => Lookup::Found(next_hop(m)),
-            Neighbour::Failed => Lookup::Failed(NeighError::Unresolved { addr, iface }),
-            Neighbour::Resolving | Neighbour::Missing => {
-                Lookup::Pending(NeighError::Resolving { addr, iface })
-            }
+        match (egress.gateway, tunnel) {
+            (Some(gateway), false) => Lookup::Failed(NeighError::NotOnLink { addr, gateway }),
+            (Some(gateway), true) => match self.neighbour {
+                Neighbour::Known(m) => Lookup::Found(next_hop(m)),
+                Neighbour::Failed => Lookup::Failed(NeighError::GatewayUnresolved {
+                    addr,
+                    gateway,
+                    iface,
+                }),
+                Neighbour::Resolving | Neighbour::Missing => {
+                    Lookup::Pending(NeighError::GatewayResolving {
+                        addr,
+                        gateway,
+                        iface,
+                    })
+                }
+            },
+            (None, _) => match self.neighbour {
+                Neighbour::Known(m) => Lookup::Found(next_hop(m)),
+                Neighbour::Failed => Lookup::Failed(NeighError::Unresolved { addr, iface }),
+                Neighbour::Resolving | Neighbour::Missing => {
+                    Lookup::Pending(NeighError::Resolving { addr, iface })
+                }
+            },
         }
     }
 
-    /// An answer may still come: the route is known and, when the MAC is
-    /// to be resolved (`needs_arp`), ARP has not answered nor failed.
-    pub fn is_pending(&self, needs_arp: bool) -> bool {
-        self.egress.as_ref().is_ok_and(|e| e.gateway.is_none())
-            && needs_arp
+    /// An answer may still come: the route is known and usable for what
+    /// `need` says, and, when a MAC is to be resolved, ARP has not
+    /// answered nor failed.
+    pub fn is_pending(&self, need: Need) -> bool {
+        self.egress
+            .as_ref()
+            .is_ok_and(|e| e.gateway.is_none() || need.routed)
+            && need.arp
             && matches!(self.neighbour, Neighbour::Resolving | Neighbour::Missing)
     }
 }
@@ -169,7 +247,8 @@ pub enum TableEvent {
         addr: Ipv4Addr,
         entry: Option<Neighbour>,
     },
-    /// Routes or links changed: every route may have.
+    /// Routes, links or addresses changed: every route (and outer source)
+    /// may have.
     Routes,
     /// Events were lost (the socket's buffer overflowed): everything may
     /// have changed.
@@ -207,13 +286,14 @@ impl Tables {
         Ok(Self { handle })
     }
 
-    /// Subscribes to neighbour, IPv4 route and link events. Subscribe
+    /// Subscribes to neighbour, IPv4 route, link and IPv4 address events. Subscribe
     /// before reading the tables, so that no change falls in between.
     pub fn subscribe() -> std::io::Result<impl Stream<Item = TableEvent> + Unpin> {
         let (conn, _, messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Route,
             MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
         ])?;
         tokio::spawn(conn);
         Ok(messages.map(|(m, _): EventMessage| classify(m)))
@@ -223,6 +303,32 @@ impl Tables {
     pub async fn links(&self) -> Result<BTreeMap<u32, Link>, NetlinkError> {
         let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await?;
         Ok(msgs.iter().filter_map(parse_link).collect())
+    }
+
+    /// Every interface's IPv4 addresses, in the kernel's order (the first
+    /// is the primary one): interface index → addresses.
+    pub async fn addresses(&self) -> Result<BTreeMap<u32, Vec<Ipv4Addr>>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
+        let mut out: BTreeMap<u32, Vec<Ipv4Addr>> = BTreeMap::new();
+        for m in &msgs {
+            if m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
+            // peer's on point-to-point links).
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(std::net::IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            });
+            let address = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(std::net::IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            });
+            if let Some(a) = local.or(address) {
+                out.entry(m.header.index).or_default().push(a);
+            }
+        }
+        Ok(out)
     }
 
     /// Every IPv4 neighbour entry: (interface index, address) → entry.
@@ -278,6 +384,8 @@ impl Tables {
 pub struct Route {
     pub ifindex: u32,
     pub gateway: Option<Ipv4Addr>,
+    /// The route's preferred source address (RTA_PREFSRC).
+    pub prefsrc: Option<Ipv4Addr>,
 }
 
 fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
@@ -293,9 +401,11 @@ fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
     }
     let mut oif = None;
     let mut gateway = None;
+    let mut prefsrc = None;
     for a in &r.attributes {
         match a {
             RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g != addr => gateway = Some(*g),
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => prefsrc = Some(*s),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
@@ -304,7 +414,11 @@ fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
         addr,
         reason: "the route names no interface".into(),
     })?;
-    Ok(Route { ifindex, gateway })
+    Ok(Route {
+        ifindex,
+        gateway,
+        prefsrc,
+    })
 }
 
 fn mac_of(bytes: &[u8]) -> Option<[u8; 6]> {
@@ -376,6 +490,8 @@ pub fn classify(m: NetlinkMessage<RouteNetlinkMessage>) -> TableEvent {
             },
             RouteNetlinkMessage::NewRoute(_)
             | RouteNetlinkMessage::DelRoute(_)
+            | RouteNetlinkMessage::NewAddress(_)
+            | RouteNetlinkMessage::DelAddress(_)
             | RouteNetlinkMessage::NewLink(_)
             | RouteNetlinkMessage::DelLink(_) => TableEvent::Routes,
             _ => TableEvent::Other,
@@ -395,6 +511,7 @@ mod tests {
                 ifindex: 2,
                 gateway: None,
                 mac: [2, 0, 0, 0, 0, 0xfe],
+                source: Some(Ipv4Addr::new(198, 18, 0, 10)),
             }),
             neighbour,
         }
@@ -405,7 +522,7 @@ mod tests {
     #[test]
     fn a_known_entry_or_an_override_gives_the_next_hop() {
         let r = resolution(Neighbour::Known([2, 0, 0, 0, 0, 0x11]));
-        let Lookup::Found(nh) = r.lookup(A, None) else {
+        let Lookup::Found(nh) = r.lookup(A, None, false, None) else {
             panic!()
         };
         assert_eq!(
@@ -419,19 +536,24 @@ mod tests {
             Neighbour::Failed,
             Neighbour::Missing,
         ] {
-            assert!(matches!(resolution(n).lookup(A, Some(o)), Lookup::Found(h) if h.dst_mac == o));
+            assert!(
+                matches!(resolution(n).lookup(A, Some(o), false, None), Lookup::Found(h) if h.dst_mac == o)
+            );
         }
     }
 
     #[test]
     fn arp_in_flight_is_pending_and_a_failed_one_is_a_failure() {
         assert!(matches!(
-            resolution(Neighbour::Resolving).lookup(A, None),
+            resolution(Neighbour::Resolving).lookup(A, None, false, None),
             Lookup::Pending(NeighError::Resolving { .. })
         ));
-        assert!(resolution(Neighbour::Missing).is_pending(true));
-        assert!(!resolution(Neighbour::Missing).is_pending(false));
-        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A, None) else {
+        assert!(resolution(Neighbour::Missing).is_pending(Need {
+            arp: true,
+            routed: false
+        }));
+        assert!(!resolution(Neighbour::Missing).is_pending(Need::default()));
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A, None, false, None) else {
             panic!()
         };
         assert_eq!(e.to_string(), "no ARP answer from 198.18.0.11 on eth0");
@@ -443,8 +565,14 @@ mod tests {
             }),
             neighbour: Neighbour::Missing,
         };
-        assert!(!r.is_pending(true));
-        assert!(matches!(r.lookup(A, Some([2; 6])), Lookup::Failed(_)));
+        assert!(!r.is_pending(Need {
+            arp: true,
+            routed: false
+        }));
+        assert!(matches!(
+            r.lookup(A, Some([2; 6]), false, None),
+            Lookup::Failed(_)
+        ));
     }
 
     #[test]
@@ -453,12 +581,102 @@ mod tests {
         if let Ok(e) = &mut r.egress {
             e.gateway = Some(Ipv4Addr::new(198, 18, 0, 1));
         }
-        assert!(!r.is_pending(true));
-        let Lookup::Failed(e) = r.lookup(A, None) else {
+        assert!(!r.is_pending(Need {
+            arp: true,
+            routed: false
+        }));
+        let Lookup::Failed(e) = r.lookup(A, None, false, None) else {
             panic!()
         };
         assert!(e.to_string().contains("through gateway 198.18.0.1"), "{e}");
-        assert!(matches!(r.lookup(A, Some([2; 6])), Lookup::Found(h) if h.dst_mac == [2; 6]));
+        assert!(
+            matches!(r.lookup(A, Some([2; 6]), false, None), Lookup::Found(h) if h.dst_mac == [2; 6])
+        );
+    }
+
+    /// A resolution through gateway 198.18.0.1, whose neighbour entry is
+    /// `gateway_entry`, with `source` as the route's source.
+    fn routed(gateway_entry: Neighbour, source: Option<Ipv4Addr>) -> Resolution {
+        let mut r = resolution(gateway_entry);
+        if let Ok(e) = &mut r.egress {
+            e.gateway = Some(GW);
+            e.source = source;
+        }
+        r
+    }
+
+    const GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+    #[test]
+    fn a_tunnel_backend_behind_a_gateway_is_reached_through_the_gateways_mac() {
+        let gw_mac = [2, 0, 0, 0, 0, 0x01];
+        let r = routed(Neighbour::Known(gw_mac), Some(SRC));
+        let Lookup::Found(nh) = r.lookup(A, None, true, None) else {
+            panic!("{:?}", r.lookup(A, None, true, None))
+        };
+        assert_eq!(
+            (nh.ifindex, nh.dst_mac, nh.gateway, nh.encap_src),
+            (2, gw_mac, Some(GW), Some(SRC))
+        );
+        // The same route is refused for DSR at L2, naming the way out.
+        let Lookup::Failed(e) = r.lookup(A, None, false, None) else {
+            panic!()
+        };
+        assert!(
+            e.to_string().contains("forwarding = \"ipip\" or \"gue\""),
+            "{e}"
+        );
+        // The gateway's ARP: pending, then failed, named as the gateway's.
+        let pending = routed(Neighbour::Resolving, Some(SRC));
+        assert!(matches!(
+            pending.lookup(A, None, true, None),
+            Lookup::Pending(NeighError::GatewayResolving { gateway: GW, .. })
+        ));
+        let need = Need {
+            arp: true,
+            routed: true,
+        };
+        assert!(pending.is_pending(need));
+        assert!(!pending.is_pending(Need {
+            arp: true,
+            routed: false
+        }));
+        let Lookup::Failed(e) = routed(Neighbour::Failed, Some(SRC)).lookup(A, None, true, None)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no ARP answer from gateway 198.18.0.1 (next hop to 198.18.0.11) on eth0"
+        );
+    }
+
+    #[test]
+    fn the_outer_source_is_the_operators_else_the_routes_else_an_error() {
+        let mine = Ipv4Addr::new(198, 18, 0, 99);
+        let r = routed(Neighbour::Known([2; 6]), Some(SRC));
+        let src = |r: &Resolution, over| match r.lookup(A, None, true, over) {
+            Lookup::Found(nh) => Ok(nh.encap_src),
+            Lookup::Failed(e) | Lookup::Pending(e) => Err(e.to_string()),
+        };
+        assert_eq!(src(&r, None), Ok(Some(SRC)), "the route's");
+        assert_eq!(src(&r, Some(mine)), Ok(Some(mine)), "encap_source_v4 wins");
+        let none = routed(Neighbour::Known([2; 6]), None);
+        assert_eq!(src(&none, Some(mine)), Ok(Some(mine)));
+        assert_eq!(
+            src(&none, None),
+            Err("no outer source address for 198.18.0.11: the route has no preferred source and eth0 has no IPv4 address; set [agent] encap_source_v4".into())
+        );
+        // DSR at L2 needs none, and gets none.
+        let on_link = resolution(Neighbour::Known([2; 6]));
+        assert!(
+            matches!(on_link.lookup(A, None, false, None), Lookup::Found(nh) if nh.encap_src.is_none() && nh.gateway.is_none())
+        );
+        // An on-link tunnel backend: its own MAC, no gateway.
+        assert!(
+            matches!(on_link.lookup(A, None, true, None), Lookup::Found(nh) if nh.encap_src == Some(SRC) && nh.gateway.is_none() && nh.dst_mac == [2; 6])
+        );
     }
 
     #[test]

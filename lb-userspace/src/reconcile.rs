@@ -283,6 +283,7 @@ mod tests {
             flags: if usable { BACKEND_FLAG_USABLE } else { 0 },
             dst_mac: [2, 0, 0, 0, 0, id as u8],
             src_mac: [2, 0, 0, 0, 0, 0xfe],
+            encap_src: 0,
         }
     }
 
@@ -311,7 +312,7 @@ mod tests {
                 index: n as u32,
                 ring_base: n as u32 * M,
                 ring_size: M,
-                flags: 0,
+                ..VipInfo::default()
             };
             img.vips.insert(vip_key(n), info);
             img.rings.insert(info.ring_base, ring);

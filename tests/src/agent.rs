@@ -43,6 +43,8 @@ pub struct VipSpec {
     pub backends: Vec<(Ipv4Addr, u32)>,
     /// The `[vip.health_check]` table body, e.g. `kind = "none"`.
     pub health_check: String,
+    /// `dsr-l2`, `ipip` or `gue`.
+    pub forwarding: &'static str,
 }
 
 impl VipSpec {
@@ -55,6 +57,7 @@ impl VipSpec {
             backends: backends.iter().map(|&a| (a, 1)).collect(),
             health_check: "kind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2"
                 .into(),
+            forwarding: "dsr-l2",
         }
     }
 }
@@ -74,8 +77,8 @@ pub fn render_config(instance: &str, socket: &Path, iface: &str, vips: &[VipSpec
     for v in vips {
         let _ = writeln!(
             s,
-            "[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\n[vip.health_check]\n{}\n",
-            v.name, v.address, v.port, v.protocol, v.health_check
+            "[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\nforwarding = \"{}\"\n[vip.health_check]\n{}\n",
+            v.name, v.address, v.port, v.protocol, v.forwarding, v.health_check
         );
         for (a, w) in &v.backends {
             let _ = writeln!(s, "[[vip.backend]]\naddress = \"{a}\"\nweight = {w}\n");

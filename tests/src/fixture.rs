@@ -13,7 +13,7 @@ use lb::{
     datapath::{Datapath, MapSizes, backend_entry, pin_dir, remove_pins},
     maglev::{MaglevBackend, MaglevTable},
 };
-use lb_common::{VipInfo, VipKey, program_names};
+use lb_common::{FORWARD_DSR_L2, VipInfo, VipKey, program_names};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -30,6 +30,18 @@ pub const INGRESS_IFINDEX: u32 = 1;
 
 /// The MAC the fixture gives the egress interface.
 pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xfe];
+
+/// The outer source address the fixture gives encapsulating backends.
+pub const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+/// The GUE port of the fixture's GUE VIPs (not the default, so that a
+/// test sees it comes from the VIP entry).
+pub const GUE_PORT: u16 = 7777;
+
+/// Backend `id`'s address.
+pub fn backend_addr(id: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, id as u8)
+}
 
 pub fn backend_mac(id: u32) -> [u8; 6] {
     let b = id.to_be_bytes();
@@ -75,20 +87,38 @@ impl Fixture {
         Self { dp, dir }
     }
 
-    /// Configures VIP number `index` with `(backend id, weight)` pairs;
-    /// backend `id` gets MAC `backend_mac(id)` and sits behind the ingress
-    /// interface.
+    /// Configures VIP number `index` with `(backend id, weight)` pairs,
+    /// forwarded at L2; backend `id` gets MAC `backend_mac(id)` and sits
+    /// behind the ingress interface.
     pub fn add_vip(&mut self, index: u32, vip: (Ipv4Addr, u16, u8), backends: &[(u32, u32)]) {
+        self.add_vip_forwarding(index, vip, backends, FORWARD_DSR_L2);
+    }
+
+    /// [`Fixture::add_vip`] with a forwarding mode (`lb_common::FORWARD_*`):
+    /// backend `id` has address [`backend_addr`]`(id)` and outer source
+    /// [`ENCAP_SRC`]; a GUE VIP sends to [`GUE_PORT`].
+    pub fn add_vip_forwarding(
+        &mut self,
+        index: u32,
+        vip: (Ipv4Addr, u16, u8),
+        backends: &[(u32, u32)],
+        forwarding: u8,
+    ) {
         let ring_size = self.dp.sizes().ring_size;
         let ring_base = index * ring_size;
         for &(id, _) in backends {
-            let addr = Ipv4Addr::new(198, 18, 1, id as u8);
-            self.dp
-                .set_backend(
-                    id,
-                    backend_entry(addr, INGRESS_IFINDEX, index, true, backend_mac(id), LB_MAC),
-                )
-                .unwrap();
+            let mut b = backend_entry(
+                backend_addr(id),
+                INGRESS_IFINDEX,
+                index,
+                true,
+                backend_mac(id),
+                LB_MAC,
+            );
+            if forwarding != FORWARD_DSR_L2 {
+                b.encap_src = ENCAP_SRC.to_bits().to_be();
+            }
+            self.dp.set_backend(id, b).unwrap();
         }
         self.write_ring(index, backends);
         let (addr, port, proto) = vip;
@@ -100,6 +130,8 @@ impl Fixture {
                     ring_base,
                     ring_size,
                     flags: 0,
+                    forwarding,
+                    gue_port: GUE_PORT.to_be(),
                 },
             )
             .unwrap();
@@ -111,6 +143,8 @@ impl Fixture {
                     ring_base,
                     ring_size,
                     flags: lb_common::VIP_FLAG_ADDR_ONLY,
+                    forwarding,
+                    gue_port: GUE_PORT.to_be(),
                 },
             )
             .unwrap();

@@ -2,13 +2,14 @@
 //! lb-bench and lb-demo tools: crafted packets (`packet`), a fixture that
 //! loads the real XDP program with its own pinned maps (`fixture`), the
 //! test and benchmark XDP programs (`testprogs`), network-namespace
-//! topologies (`netns`), test servers (`servers`) and the real agent run
-//! in a namespace (`agent`).
+//! topologies (`netns`, and `routed`: backends behind a router), test
+//! servers (`servers`) and the real agent run in a namespace (`agent`).
 
 pub mod agent;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod routed;
 pub mod servers;
 pub mod testprogs;
 

@@ -20,6 +20,8 @@ pub struct Ipv4Packet {
     pub dst_port: u16,
     /// IPv4 options; padded with zeros to a multiple of 4 bytes.
     pub options: Vec<u8>,
+    /// The TOS (DSCP + ECN) byte.
+    pub tos: u8,
     /// The 16-bit flags + fragment offset field (host order).
     pub frag: u16,
     pub ttl: u8,
@@ -45,6 +47,7 @@ impl Ipv4Packet {
             src_port,
             dst_port,
             options: Vec::new(),
+            tos: 0,
             frag: 0x4000, // don't fragment
             ttl: 64,
             tcp_flags: TCP_SYN,
@@ -79,7 +82,7 @@ impl Ipv4Packet {
         let tot_len = (ihl + l4.len()) as u16;
         let ip_start = f.len();
         f.push(0x40 | (ihl / 4) as u8);
-        f.push(0);
+        f.push(self.tos);
         f.extend_from_slice(&tot_len.to_be_bytes());
         f.extend_from_slice(&0x1234u16.to_be_bytes());
         f.extend_from_slice(&self.frag.to_be_bytes());

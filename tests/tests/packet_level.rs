@@ -519,7 +519,7 @@ fn the_vip_table_finds_every_vip_after_removals_and_reinserts() {
         index: 0,
         ring_base: 0,
         ring_size: f.dp.sizes().ring_size,
-        flags: 0,
+        ..VipInfo::default()
     };
     let key = |port: u16| VipKey::new(VIP.to_bits(), port, IPPROTO_TCP);
     for port in 1000..1010u16 {

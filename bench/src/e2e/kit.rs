@@ -310,7 +310,7 @@ impl Sink {
                     index,
                     ring_base,
                     ring_size: SINK_RING,
-                    flags: 0,
+                    ..VipInfo::default()
                 },
             )?;
         }

@@ -151,23 +151,27 @@ impl<M: KernelMaps> Core<M> {
     /// the backend out of the ring, a pending one keeps what was known.
     /// True when the kernel maps need an update.
     fn apply_next_hops(&mut self) -> bool {
-        let overrides: BTreeMap<BackendKey, [u8; 6]> = self
+        // Per backend: its `mac` override and whether its VIP tunnels.
+        let how: BTreeMap<BackendKey, (Option<[u8; 6]>, bool)> = self
             .cfg
             .vips
             .iter()
             .flat_map(|v| {
                 let vip = VipId::of(v);
-                v.backends.iter().filter_map(move |b| {
+                let tunnel = v.forwarding.is_tunnel();
+                v.backends.iter().map(move |b| {
                     let address = b.address;
-                    b.mac.map(|m| (BackendKey { vip, address }, m))
+                    (BackendKey { vip, address }, (b.mac, tunnel))
                 })
             })
             .collect();
+        let encap_source = self.cfg.agent.encap.source_v4;
         let keys: Vec<BackendKey> = self.state.backends().map(|(k, _)| *k).collect();
         let mut changed = false;
         for k in keys {
+            let (mac, tunnel) = how.get(&k).copied().unwrap_or_default();
             let lookup = match self.resolutions.get(&k.address) {
-                Some(r) => r.lookup(k.address, overrides.get(&k).copied()),
+                Some(r) => r.lookup(k.address, mac, tunnel, encap_source),
                 None => Lookup::Pending(NeighError::Unknown),
             };
             changed |= self.apply_lookup(&k, lookup);
@@ -305,6 +309,7 @@ mod tests {
                     ifindex: self.ifindex,
                     gateway: None,
                     mac: [2, 0, 0, 0, 0, 0xfe],
+                    source: Some(Ipv4Addr::new(198, 18, 0, 10)),
                 }),
                 neighbour: match self.macs.get(&b) {
                     Some(&m) => Neighbour::Known([2, 0, 0, 0, 0, m]),
@@ -830,7 +835,11 @@ mod tests {
         let mut core = started(cfg.clone(), FakeMaps::new(4, M, 16));
         assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x77]);
         let addr = Ipv4Addr::new(198, 18, 0, 12);
-        assert_eq!(core.wanted_next_hops().get(&addr), Some(&false), "no ARP");
+        assert_eq!(
+            core.wanted_next_hops().get(&addr).map(|n| n.arp),
+            Some(false),
+            "no ARP"
+        );
         cfg.vips[0].backends[1].mac = Some([2, 0, 0, 0, 0, 0x78]);
         core.apply_reload(cfg.clone()).unwrap();
         core.after_change().unwrap();
@@ -842,7 +851,10 @@ mod tests {
         core.after_change().unwrap();
         core.assert_true_and_safe();
         assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 12]);
-        assert_eq!(core.wanted_next_hops().get(&addr), Some(&true));
+        assert_eq!(
+            core.wanted_next_hops().get(&addr).map(|n| n.arp),
+            Some(true)
+        );
     }
 
     #[test]
@@ -867,6 +879,176 @@ mod tests {
         assert!(
             v1.iter().all(|b| b.health == Health::Up && b.slots > 0),
             "{v1:?}"
+        );
+    }
+
+    const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
+    const ROUTE_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+    /// What the follower reports when every backend is routed through
+    /// [`GATEWAY`] (known by ARP), the route's source being `source`.
+    fn routed_batch(core: &Core<FakeMaps>, source: Option<Ipv4Addr>) -> Batch {
+        core.wanted_next_hops()
+            .keys()
+            .map(|&a| {
+                (
+                    a,
+                    Resolution {
+                        egress: Ok(Egress {
+                            iface: "eth0".into(),
+                            ifindex: 2,
+                            gateway: Some(GATEWAY),
+                            mac: [2, 0, 0, 0, 0, 0xfe],
+                            source,
+                        }),
+                        neighbour: Neighbour::Known(GATEWAY_MAC),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// `cfg` with VIP 0 forwarded in `mode`.
+    fn with_mode(mut cfg: Config, mode: crate::config::Forwarding) -> Config {
+        cfg.vips[0].forwarding = mode;
+        cfg
+    }
+
+    fn vip_info(core: &Core<FakeMaps>) -> lb_common::VipInfo {
+        core.image.vips[&VipId::of(&core.cfg.vips[0]).kernel_key()]
+    }
+
+    fn reload(core: &mut Core<FakeMaps>, cfg: Config) {
+        core.apply_reload(cfg).unwrap();
+        core.after_change().unwrap();
+        core.assert_true_and_safe();
+    }
+
+    #[test]
+    fn routed_backends_are_refused_for_dsr_and_reached_through_the_gateway_when_tunnelled() {
+        use crate::config::Forwarding;
+        let dsr = config(&[(11, 1), (12, 1)]);
+        let mut core = started(dsr.clone(), FakeMaps::new(4, M, 16));
+        core.on_next_hops(routed_batch(&core, Some(ROUTE_SRC)));
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        for b in [11, 12] {
+            let v = core.backend(b);
+            assert_eq!(v.health, Health::Unresolved);
+            assert!(
+                v.next_hop_error
+                    .as_deref()
+                    .unwrap()
+                    .contains("through gateway 198.18.0.1"),
+                "{v:?}"
+            );
+        }
+
+        // The same file in ipip: applied by a reload; both backends are
+        // reached through the gateway's MAC, with the route's source.
+        reload(&mut core, with_mode(dsr.clone(), Forwarding::Ipip));
+        assert_eq!(vip_info(&core).forwarding, lb_common::FORWARD_IPIP);
+        for b in [11, 12] {
+            let v = core.backend(b);
+            assert_eq!(v.health, Health::Up, "{v:?}");
+            assert_eq!(v.gateway, Some(GATEWAY));
+            assert_eq!(v.mac.as_deref(), Some("02:00:00:00:00:01"));
+            assert!(v.slots > 0);
+            let e = entry_of(&core, b);
+            assert_eq!(e.dst_mac, GATEWAY_MAC);
+            assert_eq!(e.encap_src, ROUTE_SRC.to_bits().to_be());
+        }
+        let vips: Vec<crate::control::VipView> =
+            serde_json::from_value(core.ask(Request::VipList).unwrap().data).unwrap();
+        assert_eq!(vips[0].forwarding, Forwarding::Ipip);
+
+        // gue with an operator's outer source and port.
+        let mut gue = with_mode(dsr.clone(), Forwarding::Gue);
+        gue.agent.encap.source_v4 = Some(Ipv4Addr::new(198, 18, 0, 99));
+        gue.agent.encap.gue_port = 7000;
+        reload(&mut core, gue);
+        let info = vip_info(&core);
+        assert_eq!(
+            (info.forwarding, u16::from_be(info.gue_port)),
+            (lb_common::FORWARD_GUE, 7000)
+        );
+        assert_eq!(
+            entry_of(&core, 11).encap_src,
+            Ipv4Addr::new(198, 18, 0, 99).to_bits().to_be()
+        );
+        let src: SocketAddrV4 = "198.18.1.1:40000".parse().unwrap();
+        let e: ExplainView = serde_json::from_value(
+            core.ask(Request::Explain {
+                src,
+                dst: "198.19.0.1:80".parse().unwrap(),
+                protocol: Protocol::Tcp,
+            })
+            .unwrap()
+            .data,
+        )
+        .unwrap();
+        let outer = e.outer.expect("a tunnelled flow shows its outer header");
+        assert_eq!(outer.src, Ipv4Addr::new(198, 18, 0, 99));
+        assert_eq!(Some(outer.dst), e.backend);
+        assert_eq!(outer.src_port, Some(lb_common::gue_source_port(e.hash)));
+        assert_eq!(outer.dst_port, Some(7000));
+
+        // Back to DSR at L2: routed backends leave the ring again.
+        reload(&mut core, dsr);
+        assert_eq!(vip_info(&core).forwarding, lb_common::FORWARD_DSR_L2);
+        assert_eq!(core.backend(11).health, Health::Unresolved);
+        assert_eq!(core.backend(11).slots, 0);
+    }
+
+    #[test]
+    fn a_mode_change_keeps_ids_and_ring_and_needs_an_outer_source() {
+        use crate::config::Forwarding;
+        let dsr = config(&[(11, 1), (12, 1)]);
+        let mut core = started(dsr.clone(), FakeMaps::new(4, M, 16));
+        let ring_before = core
+            .image
+            .ring(&VipId::of(&core.cfg.vips[0]).kernel_key())
+            .unwrap()
+            .to_vec();
+        let id11 = core.backend(11).id;
+        assert_eq!(entry_of(&core, 11).encap_src, 0, "DSR: no outer source");
+        let writes = core.maps.writes;
+        reload(&mut core, with_mode(dsr.clone(), Forwarding::Gue));
+        assert_eq!(core.backend(11).id, id11);
+        assert_eq!(
+            core.image
+                .ring(&VipId::of(&core.cfg.vips[0]).kernel_key())
+                .unwrap(),
+            ring_before.as_slice(),
+            "the ring does not move"
+        );
+        // Two backend entries gain their outer source, then the VIP entry
+        // (and its address marker, a copy) switch: four writes, no ring
+        // slot.
+        assert_eq!(core.maps.writes - writes, 4);
+        assert_eq!(
+            entry_of(&core, 11).encap_src,
+            ROUTE_SRC.to_bits().to_be(),
+            "on-link: the egress interface's address"
+        );
+        // Without a source from the route or the operator: out, with why.
+        let mut batch = FakeNeighbours::all().batch(&core);
+        for (_, r) in &mut batch {
+            if let Ok(e) = &mut r.egress {
+                e.source = None;
+            }
+        }
+        core.on_next_hops(batch);
+        core.reconcile().unwrap();
+        core.assert_true_and_safe();
+        let v = core.backend(11);
+        assert_eq!(v.health, Health::Unresolved);
+        assert!(
+            v.next_hop_error
+                .unwrap()
+                .contains("set [agent] encap_source_v4"),
+            "clear reason"
         );
     }
 

@@ -32,14 +32,14 @@ use tokio::{
 
 use crate::{
     config::Config,
-    neigh::{Egress, Link, NeighError, Neighbour, Resolution, Route, TableEvent, Tables},
+    neigh::{Egress, Link, Need, NeighError, Neighbour, Resolution, Route, TableEvent, Tables},
     timing,
 };
 
-/// The addresses to follow: backend address → whether its MAC is to be
-/// resolved (false: every backend at that address has a `mac` override,
-/// only its route matters).
-pub type Wanted = BTreeMap<Ipv4Addr, bool>;
+/// The addresses to follow: backend address → whether its next hop's MAC
+/// is to be resolved (false: every backend at that address has a `mac`
+/// override, only its route matters) and whether a gateway is fine.
+pub type Wanted = BTreeMap<Ipv4Addr, Need>;
 
 /// What changed, per address.
 pub type Batch = Vec<(Ipv4Addr, Resolution)>;
@@ -47,8 +47,12 @@ pub type Batch = Vec<(Ipv4Addr, Resolution)>;
 /// The addresses `cfg`'s backends need followed.
 pub fn wanted(cfg: &Config) -> Wanted {
     let mut w = Wanted::new();
-    for b in cfg.vips.iter().flat_map(|v| &v.backends) {
-        *w.entry(b.address).or_default() |= b.mac.is_none();
+    for v in &cfg.vips {
+        for b in &v.backends {
+            let need = w.entry(b.address).or_default();
+            need.arp |= b.mac.is_none();
+            need.routed |= v.forwarding.is_tunnel();
+        }
     }
     w
 }
@@ -71,6 +75,7 @@ pub fn spawn(
         tables,
         wanted: wanted.borrow().clone(),
         links: BTreeMap::new(),
+        addresses: BTreeMap::new(),
         routes: BTreeMap::new(),
         neighbours: BTreeMap::new(),
         sent: BTreeMap::new(),
@@ -94,7 +99,7 @@ pub async fn first_answers(
     let done = |got: &BTreeMap<Ipv4Addr, Resolution>| {
         wanted
             .iter()
-            .all(|(a, &arp)| got.get(a).is_some_and(|r| !r.is_pending(arp)))
+            .all(|(a, &need)| got.get(a).is_some_and(|r| !r.is_pending(need)))
     };
     while !done(&got) {
         tokio::select! {
@@ -112,9 +117,12 @@ struct Follower {
     tables: Tables,
     wanted: Wanted,
     links: BTreeMap<u32, Link>,
+    /// Each interface's IPv4 addresses, the primary first.
+    addresses: BTreeMap<u32, Vec<Ipv4Addr>>,
     /// Per address: the egress interface index, or why there is none.
     routes: BTreeMap<Ipv4Addr, Result<Route, NeighError>>,
-    /// Neighbour entries of followed addresses: (ifindex, address).
+    /// Neighbour entries of followed addresses and of the gateways their
+    /// routes go through: (ifindex, address).
     neighbours: BTreeMap<(u32, Ipv4Addr), Neighbour>,
     /// What the event loop was last told, per address.
     sent: BTreeMap<Ipv4Addr, Resolution>,
@@ -144,7 +152,7 @@ impl Follower {
                 }
                 ev = async { events.as_mut()?.next().await }, if events.is_some() => match ev {
                     Some(TableEvent::Neighbour { ifindex, addr, entry }) => {
-                        if self.wanted.contains_key(&addr) {
+                        if self.follows_neighbour(addr) {
                             match entry {
                                 Some(n) => self.neighbours.insert((ifindex, addr), n),
                                 None => self.neighbours.remove(&(ifindex, addr)),
@@ -175,19 +183,20 @@ impl Follower {
     /// Re-reads links, neighbours and every followed route, then tells
     /// what changed. `reprobe_failed`: ask again where ARP failed.
     async fn full_round(&mut self, reprobe_failed: bool) {
-        let (links, neighbours) = tokio::join!(self.tables.links(), self.tables.neighbours());
-        let (links, neighbours) = match (links, neighbours) {
-            (Ok(l), Ok(n)) => (l, n),
-            (Err(e), _) | (_, Err(e)) => {
+        let (links, neighbours, addresses) = tokio::join!(
+            self.tables.links(),
+            self.tables.neighbours(),
+            self.tables.addresses()
+        );
+        let (links, neighbours, addresses) = match (links, neighbours, addresses) {
+            (Ok(l), Ok(n), Ok(a)) => (l, n, a),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 warn!("reading the kernel's tables for next hops: {e}; what was known stays");
                 return;
             }
         };
         self.links = links;
-        self.neighbours = neighbours
-            .into_iter()
-            .filter(|((_, a), _)| self.wanted.contains_key(a))
-            .collect();
+        self.addresses = addresses;
         let tables = &self.tables;
         let routes: Vec<_> = stream::iter(self.wanted.keys().copied())
             .map(|a| async move { (a, tables.route(a).await) })
@@ -205,26 +214,52 @@ impl Follower {
         let wanted = &self.wanted;
         self.routes.retain(|a, _| wanted.contains_key(a));
         self.probed.retain(|a, _| wanted.contains_key(a));
+        // Kept after the routes: which gateways matter depends on them.
+        self.neighbours = neighbours
+            .into_iter()
+            .filter(|((_, a), _)| self.follows_neighbour(*a))
+            .collect();
         self.emit(reprobe_failed);
+    }
+
+    /// `addr` is a followed address, or the gateway of a followed
+    /// address's route.
+    fn follows_neighbour(&self, addr: Ipv4Addr) -> bool {
+        self.wanted.contains_key(&addr)
+            || self
+                .routes
+                .values()
+                .any(|r| matches!(r, Ok(r) if r.gateway == Some(addr)))
     }
 
     fn resolution(&self, addr: Ipv4Addr) -> Option<Resolution> {
         let route = self.routes.get(&addr)?;
-        let egress = route.clone().and_then(|Route { ifindex, gateway }| {
-            self.links
-                .get(&ifindex)
-                .map(|l| Egress {
-                    iface: l.name.clone(),
-                    ifindex,
-                    gateway,
-                    mac: l.mac,
-                })
-                .ok_or(NeighError::NoInterface { addr, ifindex })
-        });
+        let egress = route.clone().and_then(
+            |Route {
+                 ifindex,
+                 gateway,
+                 prefsrc,
+             }| {
+                self.links
+                    .get(&ifindex)
+                    .map(|l| Egress {
+                        iface: l.name.clone(),
+                        ifindex,
+                        gateway,
+                        mac: l.mac,
+                        source: prefsrc.or_else(|| {
+                            self.addresses
+                                .get(&ifindex)
+                                .and_then(|a| a.first().copied())
+                        }),
+                    })
+                    .ok_or(NeighError::NoInterface { addr, ifindex })
+            },
+        );
         let neighbour = match &egress {
             Ok(e) => self
                 .neighbours
-                .get(&(e.ifindex, addr))
+                .get(&(e.ifindex, e.gateway.unwrap_or(addr)))
                 .copied()
                 .unwrap_or(Neighbour::Missing),
             Err(_) => Neighbour::Missing,
@@ -236,12 +271,16 @@ impl Follower {
     fn emit(&mut self, reprobe_failed: bool) {
         let mut batch = Batch::new();
         let mut probe = Vec::new();
-        for (&a, &needs_arp) in &self.wanted {
+        for (&a, &need) in &self.wanted {
             let Some(r) = self.resolution(a) else {
                 continue;
             };
-            if needs_arp
-                && r.egress.is_ok()
+            // A datagram to a routed address makes the kernel resolve its
+            // gateway.
+            if need.arp
+                && r.egress
+                    .as_ref()
+                    .is_ok_and(|e| e.gateway.is_none() || need.routed)
                 && (r.neighbour == Neighbour::Missing
                     || (reprobe_failed && r.neighbour == Neighbour::Failed))
             {

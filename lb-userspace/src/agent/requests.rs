@@ -14,8 +14,8 @@ use log::{info, warn};
 
 use super::{core::Core, overrides};
 use crate::{
-    config::{BackendConfig, BackendState, Config, Protocol},
-    control::{BackendView, ExplainView, Request, VipView},
+    config::{BackendConfig, BackendState, Config, Forwarding, Protocol},
+    control::{BackendView, ExplainView, OuterView, Request, VipView},
     keys::{BackendKey, VipId},
     mac::MacAddr,
     reconcile::KernelMaps,
@@ -221,6 +221,7 @@ impl<M: KernelMaps> Core<M> {
                     backends: v.backends.len(),
                     backends_in_ring: in_ring.len(),
                     health_check: v.health_check.kind.to_string(),
+                    forwarding: v.forwarding,
                 }
             })
             .collect()
@@ -262,6 +263,7 @@ impl<M: KernelMaps> Core<M> {
                         .as_ref()
                         .map(|n| MacAddr(n.dst_mac).to_string()),
                     iface: status.next_hop.as_ref().map(|n| n.iface.clone()),
+                    gateway: status.next_hop.as_ref().and_then(|n| n.gateway),
                     next_hop_error: status.next_hop_error.clone(),
                     flows: flows
                         .as_ref()
@@ -330,11 +332,11 @@ impl<M: KernelMaps> Core<M> {
                 .filter(|b| b.is_usable() && Some(b.vip_index) == index)
         });
         let conntrack_backend = tracked.and_then(addr_of);
-        let (backend, reason) = match (tracked_ok, ring_backend) {
-            (Some(b), _) => (
-                Some(Ipv4Addr::from(u32::from_be(b.addr))),
-                "established flow: conntrack entry".to_string(),
-            ),
+        let ring_entry = ring_id
+            .filter(|&id| id != NO_BACKEND)
+            .and_then(|id| self.image.backends.get(&id));
+        let (entry, reason) = match (tracked_ok, ring_entry) {
+            (Some(b), _) => (Some(b), "established flow: conntrack entry".to_string()),
             (None, Some(r)) if tracked.is_some() => (
                 Some(r),
                 "conntrack entry names an unusable backend: re-steered by the ring".into(),
@@ -342,6 +344,20 @@ impl<M: KernelMaps> Core<M> {
             (None, Some(r)) => (Some(r), "new flow: Maglev ring slot".into()),
             (None, None) => (None, "no usable backend: packets are dropped".into()),
         };
+        let backend = entry.map(|b| Ipv4Addr::from(u32::from_be(b.addr)));
+        // What the kernel writes in front of the packet: the same entry
+        // fields and the same port function.
+        let outer = entry
+            .filter(|_| vip.forwarding.is_tunnel())
+            .map(|b| OuterView {
+                src: Ipv4Addr::from(u32::from_be(b.encap_src)),
+                dst: Ipv4Addr::from(u32::from_be(b.addr)),
+                forwarding: vip.forwarding,
+                src_port: (vip.forwarding == Forwarding::Gue)
+                    .then(|| lb_common::gue_source_port(hash)),
+                dst_port: (vip.forwarding == Forwarding::Gue)
+                    .then_some(self.cfg.agent.encap.gue_port),
+            });
         Ok(ExplainView {
             vip: vip.name.clone(),
             hash,
@@ -351,6 +367,7 @@ impl<M: KernelMaps> Core<M> {
             conntrack_backend,
             backend,
             reason,
+            outer,
         })
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VipInfo};
 
 use crate::{
-    config::{BackendState, Config},
+    config::{BackendState, Config, Forwarding},
     control::Health,
     datapath::backend_entry,
     health::starts_up,
@@ -91,6 +91,9 @@ impl State {
                         ifindex: b.ifindex,
                         src_mac: b.src_mac,
                         dst_mac: b.dst_mac,
+                        gateway: None,
+                        encap_src: (b.encap_src != 0)
+                            .then(|| Ipv4Addr::from(u32::from_be(b.encap_src))),
                     });
                 }
                 state.backends.insert(BackendKey { vip, address }, status);
@@ -251,6 +254,11 @@ impl State {
                 ring_base: index * cfg.agent.kernel.ring_size,
                 ring_size: vip.ring_size,
                 flags: 0,
+                forwarding: vip.forwarding.kernel_value(),
+                gue_port: match vip.forwarding {
+                    Forwarding::Gue => cfg.agent.encap.gue_port.to_be(),
+                    _ => 0,
+                },
             };
             let mut members = Vec::new();
             for b in &vip.backends {
@@ -261,15 +269,16 @@ impl State {
                     continue;
                 };
                 let usable = status.is_usable();
-                let (ifindex, dst, src) = status
+                let (ifindex, dst, src, encap_src) = status
                     .next_hop
                     .as_ref()
-                    .map(|n| (n.ifindex, n.dst_mac, n.src_mac))
+                    .map(|n| (n.ifindex, n.dst_mac, n.src_mac, n.encap_src))
                     .unwrap_or_default();
-                img.backends.insert(
-                    status.id,
-                    backend_entry(b.address, ifindex, index, usable, dst, src),
-                );
+                let mut entry = backend_entry(b.address, ifindex, index, usable, dst, src);
+                if vip.forwarding.is_tunnel() {
+                    entry.encap_src = encap_src.map_or(0, |a| a.to_bits().to_be());
+                }
+                img.backends.insert(status.id, entry);
                 let weight = match b.state {
                     BackendState::Drain => 0,
                     BackendState::Active => b.weight,
@@ -382,6 +391,8 @@ pub(crate) mod tests {
             ifindex: 2,
             src_mac: [2, 0, 0, 0, 0, 1],
             dst_mac: [2, 0, 0, 0, 0, b],
+            gateway: None,
+            encap_src: None,
         }
     }
 

@@ -22,12 +22,18 @@
 //! conntrack_tcp_idle_ms = 3600000      # optional, same range: a TCP flow idle this long is over
 //! conntrack_tcp_closing_ms = 30000     # optional, same range: idle time after a FIN or RST
 //!                                      # (the three apply at once on reload)
+//! encap_source_v4 = "198.18.0.10"      # optional: outer source of ipip/gue packets (default: per
+//!                                      # backend, the route's preferred source, else the egress
+//!                                      # interface's first IPv4 address); applied on reload
+//! gue_port = 6080                      # optional, 1..=65535, default 6080: GUE destination port
 //!
 //! [[vip]]                              # zero or more; identified by (address, port, protocol)
 //! name = "web"                         # optional, default "<address>:<port>/<protocol>"; unique
 //! address = "198.18.10.1"
 //! port = 80                            # 1..=65535
 //! protocol = "tcp"                     # tcp | udp
+//! forwarding = "dsr-l2"                # dsr-l2 (default) | ipip | gue; a reload that changes it
+//!                                      # is applied (established flows go on in the new mode)
 //! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
 //!                                      # (default: [agent] ring_size); >= the number of backends
 //!
@@ -83,9 +89,9 @@ mod validate;
 
 pub use model::{
     AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
-    DEFAULT_INSTANCE, HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES,
-    MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT,
-    StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
+    DEFAULT_INSTANCE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
+    MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol,
+    RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
 };
 pub use validate::ConfigError;
 

@@ -47,6 +47,29 @@ pub struct AgentConfig {
     pub kernel: KernelSettings,
     pub start: StartSettings,
     pub conntrack: ConntrackSettings,
+    pub encap: EncapSettings,
+}
+
+/// What the tunnel forwarding modes (ipip, gue) put in the outer header.
+/// Applied at once by a reload (backend and VIP entries are rewritten).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncapSettings {
+    /// The outer source address of every encapsulated packet; `None`: per
+    /// backend, the preferred source of the kernel's route to it, else the
+    /// first IPv4 address of its egress interface.
+    pub source_v4: Option<Ipv4Addr>,
+    /// The outer UDP destination port of GUE packets: the port the
+    /// backends' decap program listens on.
+    pub gue_port: u16,
+}
+
+impl Default for EncapSettings {
+    fn default() -> Self {
+        Self {
+            source_v4: None,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
+        }
+    }
 }
 
 /// How long a conntrack record steers its flow without packets. Applied
@@ -130,6 +153,47 @@ pub enum Protocol {
     Udp,
 }
 
+/// How a VIP's packets reach its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Forwarding {
+    /// Direct server return at L2: the frame's MACs rewritten; backends on
+    /// lb's L2 segment.
+    #[default]
+    #[serde(rename = "dsr-l2")]
+    DsrL2,
+    /// IPv4-in-IPv4 to the backend's address; backends anywhere routed.
+    #[serde(rename = "ipip")]
+    Ipip,
+    /// GUE (the packet in UDP to `gue_port`); backends anywhere routed.
+    #[serde(rename = "gue")]
+    Gue,
+}
+
+impl Forwarding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::DsrL2 => "dsr-l2",
+            Forwarding::Ipip => "ipip",
+            Forwarding::Gue => "gue",
+        }
+    }
+
+    /// The mode's number in the kernel's VIP entry.
+    pub fn kernel_value(self) -> u8 {
+        match self {
+            Forwarding::DsrL2 => lb_common::FORWARD_DSR_L2,
+            Forwarding::Ipip => lb_common::FORWARD_IPIP,
+            Forwarding::Gue => lb_common::FORWARD_GUE,
+        }
+    }
+
+    /// Puts an outer header in front of packets: the backend may sit
+    /// behind a gateway, and needs an outer source address.
+    pub fn is_tunnel(self) -> bool {
+        self != Forwarding::DsrL2
+    }
+}
+
 /// One `[[vip]]`, with defaults applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
@@ -137,6 +201,7 @@ pub struct VipConfig {
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub forwarding: Forwarding,
     /// Prime, at most the agent's ring size.
     pub ring_size: u32,
     pub health_check: HealthCheck,
@@ -222,11 +287,12 @@ impl Config {
 pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String> {
     // Exhaustive on purpose: a new `[agent]` setting must join one of the
     // groups (and so be refused or reported on reload), or be handled here.
-    // `conntrack` is applied live.
+    // `conntrack` and `encap` are applied live.
     let AgentConfig {
         kernel,
         start,
         conntrack: _,
+        encap: _,
     } = &new.agent;
     if *kernel != old.agent.kernel {
         return Err(format!(
@@ -334,6 +400,11 @@ macro_rules! keyword_enum {
 }
 
 keyword_enum!(Protocol, "protocol", ["tcp" => Protocol::Tcp, "udp" => Protocol::Udp]);
+keyword_enum!(Forwarding, "forwarding", [
+    "dsr-l2" => Forwarding::DsrL2,
+    "ipip" => Forwarding::Ipip,
+    "gue" => Forwarding::Gue,
+]);
 keyword_enum!(XdpModeSetting, "xdp_mode", [
     "auto" => XdpModeSetting::Auto,
     "native" => XdpModeSetting::Native,
@@ -401,6 +472,16 @@ mod tests {
             "invalid protocol \"TCP\", expected tcp or udp"
         );
         assert_eq!(HealthCheckKind::None.to_string(), "none");
+        assert_eq!("gue".parse::<Forwarding>(), Ok(Forwarding::Gue));
+        assert_eq!(Forwarding::DsrL2.to_string(), "dsr-l2");
+        assert_eq!(
+            "IPIP".parse::<Forwarding>().unwrap_err().to_string(),
+            "invalid forwarding \"IPIP\", expected one of dsr-l2, ipip, gue"
+        );
+        assert_eq!(
+            serde_json::to_string(&Forwarding::DsrL2).unwrap(),
+            "\"dsr-l2\""
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub(super) struct RawAgent {
     pub conntrack_udp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_closing_ms: Option<S<i64>>,
+    pub encap_source_v4: Option<S<String>>,
+    pub gue_port: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +46,7 @@ pub(super) struct RawVip {
     pub address: S<String>,
     pub port: S<i64>,
     pub protocol: S<String>,
+    pub forwarding: Option<S<String>>,
     pub ring_size: Option<S<i64>>,
     pub health_check: Option<S<RawHealthCheck>>,
     #[serde(default)]

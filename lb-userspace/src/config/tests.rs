@@ -124,12 +124,14 @@ fn full_example() {
                 tcp_idle: Duration::from_secs(7200),
                 tcp_closing: Duration::from_secs(5),
             },
+            encap: EncapSettings::default(),
         },
         vips: vec![VipConfig {
             name: "web".into(),
             address: Ipv4Addr::new(198, 18, 10, 1),
             port: 80,
             protocol: Protocol::Tcp,
+            forwarding: Forwarding::DsrL2,
             ring_size: 65537,
             health_check: web_check.clone(),
             backends: vec![BackendConfig {
@@ -184,6 +186,10 @@ address = "198.18.0.11"
                 tcp_idle: Duration::from_secs(3600),
                 tcp_closing: Duration::from_secs(30),
             },
+            encap: EncapSettings {
+                source_v4: None,
+                gue_port: 6080,
+            },
         }
     );
     assert_eq!(
@@ -193,6 +199,7 @@ address = "198.18.0.11"
             address: Ipv4Addr::new(198, 18, 10, 1),
             port: 443,
             protocol: Protocol::Tcp,
+            forwarding: Forwarding::DsrL2,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             health_check: tcp_check(443),
             backends: vec![BackendConfig {
@@ -833,6 +840,66 @@ fn load_from_file() {
             .contains("missing.toml: cannot read the configuration file"),
         "{e}"
     );
+}
+
+#[test]
+fn forwarding_modes_and_encap_settings() {
+    let c = ok(&format!(
+        "[agent]\nencap_source_v4 = \"198.18.0.10\"\ngue_port = 7000\n{HEAD}forwarding = \"gue\"\n[[vip]]\naddress = \"198.18.10.2\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n[[vip]]\naddress = \"198.18.10.3\"\nport = 80\nprotocol = \"tcp\"\n"
+    ));
+    assert_eq!(
+        c.agent.encap,
+        EncapSettings {
+            source_v4: Some(Ipv4Addr::new(198, 18, 0, 10)),
+            gue_port: 7000,
+        }
+    );
+    let modes: Vec<Forwarding> = c.vips.iter().map(|v| v.forwarding).collect();
+    assert_eq!(
+        modes,
+        [Forwarding::Gue, Forwarding::Ipip, Forwarding::DsrL2],
+        "the default is dsr-l2"
+    );
+
+    let e = err(&format!("{HEAD}forwarding = \"nat\"\n"));
+    check(
+        &e,
+        5,
+        "vip[0].forwarding",
+        "invalid forwarding \"nat\", expected one of dsr-l2, ipip, gue",
+    );
+    assert_eq!(e.column, Some(14));
+    let e = err(&format!("{HEAD}forwarding = 4\n"));
+    check(&e, 5, "vip[0].forwarding", "");
+    for (value, needle) in [
+        ("0", "0 is out of range 1..=65535"),
+        ("65536", "65536 is out of range 1..=65535"),
+    ] {
+        let e = err(&format!("[agent]\nmax_vips = 2\ngue_port = {value}\n"));
+        check(&e, 3, "agent.gue_port", needle);
+    }
+    for (value, needle) in [
+        (
+            "2001:2::1",
+            "expected an IPv4 address, got IPv6 address 2001:2::1",
+        ),
+        (
+            "224.0.0.1",
+            "224.0.0.1 is a multicast address, not usable as a source address",
+        ),
+        ("0.0.0.0", "the unspecified address"),
+        ("lb.example", "invalid IPv4 address \"lb.example\""),
+    ] {
+        let e = err(&format!("[agent]\nencap_source_v4 = \"{value}\"\n"));
+        check(&e, 2, "agent.encap_source_v4", needle);
+    }
+}
+
+#[test]
+fn reload_applies_encap_settings_live() {
+    let old = ok("[agent]\n");
+    let new = ok("[agent]\nencap_source_v4 = \"198.18.0.10\"\ngue_port = 7000\n");
+    assert_eq!(reload_check(&old, &new), Ok(None));
 }
 
 #[test]

@@ -15,9 +15,10 @@ use super::{
     model::{
         AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, CONNTRACK_TIMEOUT_MS, Config,
         ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
-        DEFAULT_UDP_IDLE, HealthCheck, HealthCheckKind, KernelSettings, KindTag,
-        MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError,
-        Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting,
+        DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
+        KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
+        ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig,
+        XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
@@ -279,6 +280,10 @@ impl Ctx<'_> {
         let address = self.ipv4(&r.address, &f("address"), "VIP")?;
         let port = self.int(&r.port, &f("port"), 1u16, u16::MAX)?;
         let protocol: Protocol = self.keyword(&r.protocol, &f("protocol"))?;
+        let forwarding: Forwarding = match &r.forwarding {
+            Some(v) => self.keyword(v, &f("forwarding"))?,
+            None => Forwarding::DsrL2,
+        };
         let name = match &r.name {
             Some(v) => {
                 let s = v.get_ref();
@@ -403,6 +408,7 @@ impl Ctx<'_> {
             address,
             port,
             protocol,
+            forwarding,
             ring_size,
             health_check,
             backends,

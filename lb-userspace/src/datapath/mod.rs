@@ -655,5 +655,6 @@ pub fn backend_entry(
         },
         dst_mac,
         src_mac,
+        encap_src: 0,
     }
 }

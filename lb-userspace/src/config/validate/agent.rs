@@ -184,8 +184,24 @@ impl Ctx<'_> {
             )?,
         };
 
+        let source_v4 = match &raw.encap_source_v4 {
+            Some(v) => Some(self.ipv4(v, "agent.encap_source_v4", "source")?),
+            None => None,
+        };
+        let gue_port = self.opt_int(
+            raw.gue_port.as_ref(),
+            "agent.gue_port",
+            1,
+            u16::MAX,
+            lb_common::DEFAULT_GUE_PORT,
+        )?;
+
         Ok(AgentConfig {
             conntrack,
+            encap: EncapSettings {
+                source_v4,
+                gue_port,
+            },
             kernel: KernelSettings {
                 instance,
                 conntrack_entries,

@@ -1,0 +1,287 @@
+//! A routed topology for the tunnel forwarding modes: backends in another
+//! subnet than lb, behind a router namespace.
+//!
+//! ```text
+//!  client ─┐                 front segment 198.18.k.0/24 (bridge "front")
+//!  lb ─────┼── switch ──┐    client .1, lb .2, router .254; MTU 1500
+//!  router ─┘            │
+//!  router ──────────────┴── back segment 198.18.(k^128).0/24 (bridge "back")
+//!  backends 0..n ─────────  router .1, backends .11, .12, …
+//! ```
+//!
+//! The front part is a [`Topology`] without backends (client, lb, the
+//! switch namespace and its bridge, the XDP program on lb's switch port);
+//! this adds a router namespace with a leg on each segment, a second bridge
+//! in the switch namespace, and backends on it. lb reaches the backends
+//! through the router (its route to the back subnet), the backends hold the
+//! VIP on lo (ARP for it suppressed) and answer the client directly through
+//! the router (their default route). Nothing is added to the root
+//! namespace; dropping it removes everything, also when a test fails.
+
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail, ensure};
+
+use crate::netns::{COMMAND_TIMEOUT, NAME_PREFIX, Netns, Topology, TopologyOpts, run_command};
+
+/// MAC roles (02:18:k:role:index:side), after those of [`Topology`].
+const ROLE_ROUTER: u8 = 4;
+const ROLE_BACKEND: u8 = 5;
+
+/// See the module docs.
+pub struct RoutedTopology {
+    // Drop order = field order: backends and router before the front
+    // (whose switch namespace holds both bridges).
+    backends: Vec<Netns>,
+    router: Netns,
+    front: Topology,
+}
+
+impl RoutedTopology {
+    /// Builds the topology with `backends` backends; on any error
+    /// everything already created is removed again.
+    pub fn new(backends: usize) -> Result<Self> {
+        ensure!(backends <= 200, "at most 200 backends");
+        let front = Topology::new(TopologyOpts {
+            backends: 0,
+            ipv6: false,
+        })?;
+        let tag = front.lb_ns().name().trim_end_matches("-lb").to_owned();
+        let router = Netns::create(format!("{tag}-rt"))?;
+        let mut topo = RoutedTopology {
+            backends: Vec::new(),
+            router,
+            front,
+        };
+        let sw = topo.front.switch_ns();
+        let back = topo.back_bridge();
+        sw.ip(["link", "add", &back, "type", "bridge", "forward_delay", "0"])?;
+        sw.ip(["link", "set", &back, "up"])?;
+
+        // The router: a leg on each segment, forwarding.
+        topo.router.sysctl(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ])?;
+        let (rf, rb) = (topo.router_front_iface(), topo.router_back_iface());
+        topo.plug(&topo.router, &rf, &topo.front.bridge(), ROLE_ROUTER, 0)?;
+        topo.plug(&topo.router, &rb, &back, ROLE_ROUTER, 1)?;
+        let cidr = format!("{}/24", topo.router_front_addr());
+        topo.router.ip(["addr", "add", &cidr, "dev", &rf])?;
+        let cidr = format!("{}/24", topo.router_back_addr());
+        topo.router.ip(["addr", "add", &cidr, "dev", &rb])?;
+
+        // lb reaches the back subnet through the router.
+        let net = format!("{}/24", topo.back_net());
+        topo.front.lb_ns().ip([
+            "route",
+            "add",
+            &net,
+            "via",
+            &topo.router_front_addr().to_string(),
+        ])?;
+
+        for _ in 0..backends {
+            topo.add_backend()?;
+        }
+        Ok(topo)
+    }
+
+    /// Adds a backend on the back segment (address .11 + index, default
+    /// route via the router, VIP on lo with ARP for it suppressed).
+    pub fn add_backend(&mut self) -> Result<usize> {
+        let i = self.backends.len();
+        let tag = self.front.lb_ns().name().trim_end_matches("-lb").to_owned();
+        let ns = Netns::create(format!("{tag}-rb{i}"))?;
+        ns.sysctl(&[
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.lo.rp_filter", "0"),
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ])?;
+        let iface = self.backend_iface(i);
+        self.plug(&ns, &iface, &self.back_bridge(), ROLE_BACKEND, i as u8)?;
+        // Complete TCP checksums: the backends' replies are not offloaded.
+        ns.ethtool_features(&iface, &[("tx", false)])?;
+        let cidr = format!("{}/24", self.backend_addr(i));
+        ns.ip(["addr", "add", &cidr, "dev", &iface])?;
+        ns.ip([
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.router_back_addr().to_string(),
+        ])?;
+        let vip = format!("{}/32", self.vip());
+        ns.ip(["addr", "add", &vip, "dev", "lo"])?;
+        self.backends.push(ns);
+        self.wait_forwarding(Duration::from_secs(5))?;
+        Ok(i)
+    }
+
+    /// A veth pair `iface` (in `ns`) / `iface`+"s" (in the switch
+    /// namespace, enslaved to `bridge`), both up, GRO off on both ends
+    /// (XDP must see wire-sized frames).
+    fn plug(&self, ns: &Netns, iface: &str, bridge: &str, role: u8, index: u8) -> Result<()> {
+        let port = format!("{iface}s");
+        ensure!(port.len() <= 15, "interface name {port:?} too long");
+        let k = self.front.index();
+        let mac = lb::mac::MacAddr([0x02, 0x18, k, role, index, 0]).to_string();
+        let port_mac = lb::mac::MacAddr([0x02, 0x18, k, role, index, 1]).to_string();
+        let sw = self.front.switch_ns();
+        // Both ends are created directly in their namespaces.
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "link",
+            "add",
+            iface,
+            "address",
+            &mac,
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "address",
+            &port_mac,
+            "netns",
+            sw.name(),
+        ]);
+        run_command(cmd, COMMAND_TIMEOUT)?;
+        sw.ip(["link", "set", &port, "master", bridge])?;
+        sw.ethtool_features(&port, &[("gro", false)])?;
+        sw.ip(["link", "set", &port, "up"])?;
+        ns.ethtool_features(iface, &[("gro", false)])?;
+        ns.ip(["link", "set", iface, "up"])?;
+        Ok(())
+    }
+
+    /// Waits (bounded) until every port of the back bridge forwards.
+    fn wait_forwarding(&self, timeout: Duration) -> Result<()> {
+        let expected = 1 + self.backends.len();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.front.switch_ns().ip([
+                "-d",
+                "-o",
+                "link",
+                "show",
+                "master",
+                &self.back_bridge(),
+            ])?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let n = text
+                .lines()
+                .filter(|l| l.contains("bridge_slave state forwarding"))
+                .count();
+            if n >= expected {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("back bridge ports not forwarding after {timeout:?} ({n}/{expected})");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The front part: client, lb, switch.
+    pub fn front(&self) -> &Topology {
+        &self.front
+    }
+
+    pub fn client_ns(&self) -> &Netns {
+        self.front.client_ns()
+    }
+
+    pub fn lb_ns(&self) -> &Netns {
+        self.front.lb_ns()
+    }
+
+    pub fn router_ns(&self) -> &Netns {
+        &self.router
+    }
+
+    pub fn backend_ns(&self, i: usize) -> &Netns {
+        &self.backends[i]
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    pub fn lb_iface(&self) -> String {
+        self.front.lb_iface()
+    }
+
+    /// Backend `i`'s interface. Its name carries the test process's id:
+    /// `lb decap` pins under `/sys/fs/bpf/lb-decap/<interface>`, and bpffs
+    /// is shared by every namespace, so two test processes (two worktrees,
+    /// say) must not use the same names.
+    pub fn backend_iface(&self, i: usize) -> String {
+        format!("r{:x}{}b{i}", std::process::id(), self.front.index())
+    }
+
+    fn router_front_iface(&self) -> String {
+        format!("{NAME_PREFIX}{}rf", self.front.index())
+    }
+
+    fn router_back_iface(&self) -> String {
+        format!("{NAME_PREFIX}{}rb", self.front.index())
+    }
+
+    fn back_bridge(&self) -> String {
+        format!("{NAME_PREFIX}{}bk", self.front.index())
+    }
+
+    pub fn client_addr(&self) -> Ipv4Addr {
+        self.front.client_addr()
+    }
+
+    /// lb's address: the outer source of its encapsulated packets.
+    pub fn lb_addr(&self) -> Ipv4Addr {
+        self.front.lb_addr()
+    }
+
+    pub fn vip(&self) -> Ipv4Addr {
+        self.front.vip()
+    }
+
+    pub fn router_front_addr(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.front.client_addr().octets();
+        Ipv4Addr::new(a, b, c, 254)
+    }
+
+    /// The back subnet, 198.18.(k^128).0.
+    pub fn back_net(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.front.index() ^ 0x80, 0)
+    }
+
+    pub fn router_back_addr(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.back_net().octets();
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    pub fn backend_addr(&self, i: usize) -> Ipv4Addr {
+        let [a, b, c, _] = self.back_net().octets();
+        Ipv4Addr::new(a, b, c, 11 + i as u8)
+    }
+
+    pub fn backend_addrs(&self) -> Vec<Ipv4Addr> {
+        (0..self.backends.len())
+            .map(|i| self.backend_addr(i))
+            .collect()
+    }
+}

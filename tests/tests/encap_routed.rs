@@ -1,0 +1,389 @@
+//! The tunnel forwarding modes end to end, in network namespaces: a client
+//! and lb on one segment, three backends in another subnet behind a router
+//! (see `lb_tests::routed`). lb encapsulates (ipip or gue) to the backends'
+//! addresses through the router; each backend strips the outer header with
+//! `lb decap` (only from lb's address) and answers the client directly
+//! through the router. One test per mode walks the behaviour suite in
+//! sequence on one topology: distribution, affinity, a 1 MB upload from a
+//! client with MTU 1500 (path MTU discovery through lb's ICMP answer), UDP,
+//! drain, failover and rejoin, and established connections across an agent
+//! restart with --keep-datapath. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use lb_tests::{
+    agent::{AgentPaths, LbAgent, VipSpec, lb_in_ns, render_config},
+    netns::{ChildGuard, Netns, run_command},
+    require_root,
+    routed::RoutedTopology,
+    servers::{
+        ServerKind, backend_name, http_get_from, spawn_server, tcp_connect, udp_request_from,
+    },
+};
+
+const WEB: u16 = 80;
+const STREAM: u16 = 7000;
+const DNS: u16 = 5353;
+const T: Duration = Duration::from_secs(3);
+
+/// `lb decap` attached to a backend's interface; detached on drop (its
+/// pins live in the host-wide bpffs, not in the namespace).
+struct Decap {
+    ns: String,
+    iface: String,
+}
+
+impl Decap {
+    fn attach(ns: &Netns, iface: &str, allow: Ipv4Addr) -> Result<Self> {
+        let mut cmd = lb_in_ns(ns.name());
+        cmd.args([
+            "decap",
+            "attach",
+            "--iface",
+            iface,
+            "--allow-source",
+            &format!("{allow}/32"),
+        ]);
+        run_command(cmd, Duration::from_secs(20)).context("lb decap attach")?;
+        Ok(Decap {
+            ns: ns.name().into(),
+            iface: iface.into(),
+        })
+    }
+}
+
+impl Drop for Decap {
+    fn drop(&mut self) {
+        let mut cmd = lb_in_ns(&self.ns);
+        cmd.args(["decap", "detach", "--iface", &self.iface]);
+        if let Err(e) = run_command(cmd, Duration::from_secs(20)) {
+            eprintln!("lb decap detach in {}: {e:#}", self.ns);
+        }
+    }
+}
+
+/// The routed topology with servers on every backend, `lb decap` on each,
+/// and an agent forwarding three VIPs (web, stream, dns) in `mode`.
+struct Setup {
+    // Field order is drop order: agent, servers and decap before the
+    // namespaces.
+    agent: LbAgent,
+    servers: BTreeMap<(usize, &'static str), ChildGuard>,
+    _decap: Vec<Decap>,
+    topo: RoutedTopology,
+}
+
+fn setup(mode: &'static str) -> Result<Setup> {
+    require_root();
+    let topo = RoutedTopology::new(3)?;
+    let mut servers = BTreeMap::new();
+    let mut decap = Vec::new();
+    for i in 0..topo.backend_count() {
+        for (kind, port) in [
+            (ServerKind::Http, WEB),
+            (ServerKind::Stream, STREAM),
+            (ServerKind::UdpEcho, DNS),
+        ] {
+            servers.insert((i, kind.as_str()), server(&topo, i, kind, port)?);
+        }
+        decap.push(Decap::attach(
+            topo.backend_ns(i),
+            &topo.backend_iface(i),
+            topo.lb_addr(),
+        )?);
+    }
+    let backends = topo.backend_addrs();
+    let mut web = VipSpec::tcp("web", topo.vip(), WEB, &backends);
+    let mut stream = VipSpec::tcp("stream", topo.vip(), STREAM, &backends);
+    let mut dns = VipSpec::tcp("dns", topo.vip(), DNS, &backends);
+    dns.protocol = "udp";
+    dns.health_check = "kind = \"none\"".into();
+    for v in [&mut web, &mut stream, &mut dns] {
+        v.forwarding = mode;
+    }
+    let paths = AgentPaths::new()?;
+    let text = render_config(
+        &paths.instance,
+        &paths.socket,
+        &topo.lb_iface(),
+        &[web, stream, dns],
+    );
+    let agent = LbAgent::start_with(topo.lb_ns(), paths, &text, &["--keep-datapath"])?;
+    Ok(Setup {
+        agent,
+        servers,
+        _decap: decap,
+        topo,
+    })
+}
+
+fn server(topo: &RoutedTopology, i: usize, kind: ServerKind, port: u16) -> Result<ChildGuard> {
+    spawn_server(
+        topo.backend_ns(i),
+        kind,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+        &backend_name(i),
+    )
+}
+
+impl Setup {
+    fn vip(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.topo.vip(), port)
+    }
+
+    /// GETs from the client namespace from each source port: the backend
+    /// that answered each (every request must succeed).
+    fn get_from_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<Vec<String>> {
+        let vip = self.vip(WEB);
+        let ports: Vec<u16> = ports.into_iter().collect();
+        self.topo.client_ns().run(move || {
+            ports
+                .into_iter()
+                .map(|p| {
+                    http_get_from(Some(p), vip, T)
+                        .map(|b| b.trim().to_string())
+                        .with_context(|| format!("GET from port {p}"))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?
+    }
+
+    /// Waits (bounded) until `lb backend list --vip VIP` shows `addr` with
+    /// `health`.
+    fn wait_health(&self, vip: &str, addr: Ipv4Addr, health: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.agent.json(&["backend", "list", "--vip", vip])?;
+            let now = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["address"] == addr.to_string())
+                .map(|b| b["health"].as_str().unwrap_or("").to_string());
+            if now.as_deref() == Some(health) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{vip} {addr} is {now:?}, not {health}: {list}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn reason(&self, name: &str) -> Result<u64> {
+        let stats = self.agent.json(&["stats"])?;
+        Ok(stats["reasons"][name][0].as_u64().unwrap_or(0))
+    }
+
+    /// A connection to the stream (echo) VIP from `port`.
+    fn stream_from(&self, port: u16) -> Result<Echo> {
+        let vip = self.vip(STREAM);
+        let conn = self
+            .topo
+            .client_ns()
+            .run(move || tcp_connect(Some(port), vip, T))??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Echo { conn, sent: 0 })
+    }
+
+    /// The backend `lb explain` says the flow from `port` to `vip_port`
+    /// takes, with the whole answer.
+    fn explain(&self, port: u16, vip_port: u16, proto: &str) -> Result<serde_json::Value> {
+        self.agent.json(&[
+            "explain",
+            &format!("{}:{port}", self.topo.client_addr()),
+            &self.vip(vip_port).to_string(),
+            proto,
+        ])
+    }
+}
+
+/// A long-lived connection to an echo server: every byte sent comes back.
+struct Echo {
+    conn: TcpStream,
+    sent: u64,
+}
+
+impl Echo {
+    /// Sends `n` bytes (written by a second thread, so that neither side
+    /// blocks on a full window) and checks they all come back in order.
+    fn roundtrip(&mut self, n: usize) -> Result<()> {
+        let start = self.sent as usize;
+        let chunk: Vec<u8> = (0..n).map(|i| ((start + i) % 251) as u8).collect();
+        let mut writer = self.conn.try_clone()?;
+        let data = chunk.clone();
+        let w = thread::spawn(move || writer.write_all(&data));
+        let mut back = vec![0u8; n];
+        let read = self.conn.read_exact(&mut back);
+        let wrote = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        wrote.context("write on the connection")?;
+        read.context("read on the connection (reset or lost bytes?)")?;
+        ensure!(back == chunk, "echoed bytes differ after offset {start}");
+        self.sent += n as u64;
+        Ok(())
+    }
+}
+
+fn index_of(name: &str) -> Result<usize> {
+    Ok(name
+        .strip_prefix("backend-")
+        .with_context(|| format!("answer {name:?}"))?
+        .parse()?)
+}
+
+/// The behaviour suite for one mode (see the module docs).
+fn suite(mode: &'static str) -> Result<()> {
+    let mut s = setup(mode)?;
+    let backends = s.topo.backend_addrs();
+
+    // The CLI shows the mode and the routed next hops.
+    let vips = s.agent.json(&["vip", "list"])?;
+    ensure!(
+        vips.as_array()
+            .into_iter()
+            .flatten()
+            .all(|v| v["forwarding"] == mode),
+        "{vips}"
+    );
+    for b in &backends {
+        s.wait_health("web", *b, "up")?;
+    }
+    let list = s.agent.json(&["backend", "list", "--vip", "web"])?;
+    for b in list.as_array().into_iter().flatten() {
+        ensure!(
+            b["gateway"] == s.topo.router_front_addr().to_string(),
+            "routed through the router: {b}"
+        );
+    }
+
+    // Distribution: 900 connections from distinct source ports.
+    let answers = s.get_from_ports(20_000..20_900)?;
+    let mut counts = BTreeMap::<String, usize>::new();
+    for a in &answers {
+        *counts.entry(a.clone()).or_default() += 1;
+    }
+    for i in 0..3 {
+        let pct = 100.0 * counts.get(&backend_name(i)).copied().unwrap_or(0) as f64 / 900.0;
+        ensure!(
+            (pct - 33.3).abs() <= 6.0,
+            "{mode}: backend {i} {pct:.1}% ({counts:?})"
+        );
+    }
+
+    // Affinity: one source port, one backend, the one explain predicts,
+    // with the outer header it names.
+    for port in [30_001u16, 30_002, 30_003] {
+        let got = s.get_from_ports([port; 5])?;
+        ensure!(got.iter().all(|b| *b == got[0]), "port {port}: {got:?}");
+        let e = s.explain(port, WEB, "tcp")?;
+        let i = index_of(&got[0])?;
+        ensure!(e["backend"] == backends[i].to_string(), "{e}");
+        ensure!(e["outer"]["dst"] == backends[i].to_string(), "{e}");
+        ensure!(e["outer"]["src"] == s.topo.lb_addr().to_string(), "{e}");
+        ensure!(e["outer"]["forwarding"] == mode, "{e}");
+    }
+
+    // A 1 MB upload (echoed back) from the client, whose MTU is 1500 like
+    // the path lb sends on: its full-size segments no longer fit once
+    // encapsulated, lb answers them with "fragmentation needed", the
+    // client lowers its path MTU and the upload completes.
+    let icmp_before = s.reason("tx_icmp_too_big")?;
+    let mut long = s.stream_from(40_000)?;
+    long.roundtrip(1 << 20).context("1 MB upload")?;
+    let icmp = s.reason("tx_icmp_too_big")? - icmp_before;
+    ensure!(icmp >= 1, "{mode}: no ICMP fragmentation-needed sent");
+    let e = s.explain(40_000, STREAM, "tcp")?;
+    let serving: Ipv4Addr = e["backend"].as_str().unwrap_or_default().parse()?;
+
+    // UDP: one flow, one backend, echoed.
+    let dns = s.vip(DNS);
+    let replies = s.topo.client_ns().run(move || {
+        (0..10)
+            .map(|i| udp_request_from(Some(45_000), dns, format!("q{i}").as_bytes(), T))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    let names: Vec<String> = replies
+        .iter()
+        .map(|r| {
+            String::from_utf8_lossy(r)
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    ensure!(
+        names[0].starts_with("backend-") && names.iter().all(|n| *n == names[0]),
+        "{names:?}"
+    );
+    ensure!(String::from_utf8_lossy(&replies[3]).ends_with("q3"));
+
+    // Drain the stream connection's backend: its connection goes on, new
+    // web connections avoid the backend drained there.
+    let drained = index_of(&s.get_from_ports([30_001])?[0])?;
+    let drained_addr = backends[drained].to_string();
+    s.agent
+        .cli_ok(&["backend", "drain", "web", &drained_addr])?;
+    s.agent
+        .cli_ok(&["backend", "drain", "stream", &serving.to_string()])?;
+    let answers = s.get_from_ports(31_000..31_150)?;
+    ensure!(
+        answers.iter().all(|b| *b != backend_name(drained)),
+        "a new connection went to the drained backend"
+    );
+    long.roundtrip(64 * 1024).context("after the drain")?;
+    s.agent
+        .cli_ok(&["backend", "undrain", "web", &drained_addr])?;
+
+    // Failover and rejoin: backend 1's web server dies, then comes back.
+    let victim = backends[1];
+    if let Some(g) = s.servers.remove(&(1, ServerKind::Http.as_str())) {
+        g.kill()?;
+    }
+    s.wait_health("web", victim, "down")?;
+    let answers = s.get_from_ports(32_000..32_300)?;
+    ensure!(
+        answers.iter().all(|b| *b != backend_name(1)),
+        "a connection went to the dead backend"
+    );
+    s.servers.insert(
+        (1, ServerKind::Http.as_str()),
+        server(&s.topo, 1, ServerKind::Http, WEB)?,
+    );
+    s.wait_health("web", victim, "up")?;
+    let answers = s.get_from_ports(33_000..33_300)?;
+    let back = answers.iter().filter(|b| **b == backend_name(1)).count();
+    ensure!(back > 50, "only {back} of 300 reached the rejoined backend");
+
+    // The agent stops with --keep-datapath: the pinned program goes on
+    // encapsulating; a new agent takes over; the connection survives.
+    let log = s.agent.stop()?;
+    ensure!(log.contains("left attached"), "agent log:\n{log}");
+    long.roundtrip(64 * 1024).context("with no agent running")?;
+    s.agent.spawn(&[])?;
+    let status = s.agent.json(&["status"])?;
+    ensure!(status["restored"] == true, "{status}");
+    long.roundtrip(64 * 1024).context("after the restart")?;
+    let e = s.explain(40_000, STREAM, "tcp")?;
+    ensure!(e["backend"] == serving.to_string(), "the flow moved: {e}");
+    s.agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn ipip_to_routed_backends() -> Result<()> {
+    suite("ipip")
+}
+
+#[test]
+fn gue_to_routed_backends() -> Result<()> {
+    suite("gue")
+}
