@@ -19,12 +19,13 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FORWARD_GUE, FORWARD_IPIP,
-    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime,
-    VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
+    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason,
+    Runtime, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
     ring_slot, vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
     encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
+    icmp::{ICMP_ECHO_REQUEST, ICMP_HDR_LEN, echo_reply},
     parse::{
         ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST,
         TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
@@ -156,6 +157,44 @@ fn unsteerable(dst: u32, drop: Reason, pass: Reason) -> Reason {
     if is_vip_addr(dst) { drop } else { pass }
 }
 
+/// ICMP to `dst`: an echo request to a VIP address that answers echo is
+/// answered here; everything else passes to the kernel as before.
+#[inline(always)]
+fn icmp_to(
+    ctx: &XdpContext,
+    l3: usize,
+    ihl: usize,
+    tot_len: usize,
+    dst: u32,
+) -> Result<u32, Reason> {
+    // The bounds check comes first: after the length check below, the
+    // compiler would drop it as implied, and the verifier cannot follow.
+    let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at(ctx, l3 + ihl).ok_or(Reason::PassNotVip)?;
+    if ihl + ICMP_HDR_LEN > tot_len {
+        return Err(Reason::PassNotVip);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let [icmp_type, code, ..] = unsafe { *icmp };
+    if (icmp_type, code) != (ICMP_ECHO_REQUEST, 0) {
+        return Err(Reason::PassNotVip);
+    }
+    let marker = VipKey {
+        addr: dst,
+        port: 0,
+        proto: 0,
+        _pad: 0,
+    };
+    match find_vip(&marker) {
+        Some(info) if info.answers_echo() => {
+            // SAFETY: `icmp` was bounds checked above.
+            unsafe { echo_reply(ctx, l3, icmp) }.ok_or(Reason::PassMalformed)?;
+            count_reason(Reason::TxIcmpEchoReply);
+            Ok(XDP_TX)
+        }
+        _ => Err(Reason::PassNotVip),
+    }
+}
+
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -192,6 +231,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let l4_min = match proto {
         IPPROTO_TCP => TCP_MIN_LEN,
         IPPROTO_UDP => UDP_LEN,
+        IPPROTO_ICMP => return icmp_to(ctx, l3, ihl, tot_len, dst),
         _ => return Err(Reason::PassNotVip),
     };
     let l4 = l3 + ihl;
