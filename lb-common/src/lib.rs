@@ -519,10 +519,15 @@ pub enum Reason {
     /// An ICMP echo request to a VIP address that answers echo: answered
     /// by lb itself (sent back out, `XDP_TX`).
     TxIcmpEchoReply = 13,
+    /// An ICMP "fragmentation needed" to a VIP address about a packet a
+    /// backend sent from the VIP: forwarded to the backend that owns the
+    /// embedded flow (its conntrack entry, else the ring), in the VIP's
+    /// forwarding mode, so path MTU discovery works for backends.
+    FwdIcmpError = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIpv4,
@@ -538,6 +543,7 @@ impl Reason {
         Reason::DropTooBigNoDf,
         Reason::DropNoHeadroom,
         Reason::TxIcmpEchoReply,
+        Reason::FwdIcmpError,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -556,6 +562,7 @@ impl Reason {
             Reason::DropTooBigNoDf => "drop_too_big_no_df",
             Reason::DropNoHeadroom => "drop_no_headroom",
             Reason::TxIcmpEchoReply => "tx_icmp_echo_reply",
+            Reason::FwdIcmpError => "fwd_icmp_error",
         }
     }
 

@@ -1,13 +1,19 @@
-//! ICMP that lb answers itself: echo requests to a VIP address, so that
+//! ICMP to VIP addresses: echo requests lb answers itself, so that
 //! operators can ping a VIP (the backends hold it only on lo, and lb's host
-//! does not hold it at all).
+//! does not hold it at all); and the packet embedded in an ICMP error,
+//! whose flow says which backend the error is for.
 
 use aya_ebpf::programs::XdpContext;
 
-use crate::parse::{ptr_at, read_macs, write_macs};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::parse::{ipv4, ipv4_header_len, l4_ports, ptr_at, read_macs, write_macs};
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// "Destination unreachable", code "fragmentation needed and DF set".
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// The ICMP header: type, code, checksum, identifier, sequence number.
 pub const ICMP_HDR_LEN: usize = 8;
 /// The TTL of lb's answers.
@@ -67,4 +73,46 @@ pub unsafe fn echo_reply(ctx: &XdpContext, l3: usize, icmp: *mut [u8; ICMP_HDR_L
             .write_unaligned(csum_replace(sum, old, new).to_be());
     }
     Some(())
+}
+
+/// The flow an ICMP error is about, read from the packet it embeds (IPv4
+/// header + the first 8 bytes of its payload): as the backend sent it,
+/// from the VIP (`vip_addr`, `vip_port`) to the client.
+pub struct Embedded {
+    pub vip_addr: u32,
+    pub client_addr: u32,
+    /// Network order.
+    pub vip_port: u16,
+    pub client_port: u16,
+    pub proto: u8,
+}
+
+/// Reads the packet embedded in the ICMP error at `l4` (`room` bytes of
+/// ICMP message, as the outer IPv4 total length says): `None` unless it is
+/// an IPv4 TCP or UDP header with its ports, all within `room`.
+#[inline(always)]
+pub fn embedded(ctx: &XdpContext, l4: usize, room: usize) -> Option<Embedded> {
+    let inner = l4 + ICMP_HDR_LEN;
+    let ip = ipv4(ctx, inner)?;
+    let ihl = ipv4_header_len(ip);
+    // The ports' bounds check comes before the length checks (after them
+    // the compiler would drop it as implied, and the verifier cannot
+    // follow).
+    let ports = l4_ports(ctx, inner + ihl)?;
+    let proto = ip.proto;
+    if ip.vihl >> 4 != 4
+        || ihl < 20
+        || ICMP_HDR_LEN + ihl + 8 > room
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+    {
+        return None;
+    }
+    let [vip_port, client_port] = ports;
+    Some(Embedded {
+        vip_addr: u32::from_ne_bytes(ip.src_addr),
+        client_addr: u32::from_ne_bytes(ip.dst_addr),
+        vip_port,
+        client_port,
+        proto,
+    })
 }
