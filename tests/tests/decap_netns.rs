@@ -588,3 +588,63 @@ fn ipv6_tunnels_6in6_4in6_and_gue_over_ipv6_reach_the_vips() -> Result<()> {
     p.lb_ok(&p.backend, &["detach", "--iface", &p.b_if])?;
     Ok(())
 }
+
+#[test]
+fn two_namespaces_with_the_same_interface_name_each_get_their_own_pins() -> Result<()> {
+    lb_tests::require_root();
+    let pid = std::process::id();
+    let a = Netns::create(format!("{NAME_PREFIX}{pid}-dupa"))?;
+    let b = Netns::create(format!("{NAME_PREFIX}{pid}-dupb"))?;
+    let mut pins = Vec::new();
+    for ns in [&a, &b] {
+        ns.ip([
+            "link", "add", "eth7", "type", "veth", "peer", "name", "eth8",
+        ])?;
+        ns.ip(["link", "set", "eth7", "up"])?;
+        ns.ip(["link", "set", "eth8", "up"])?;
+        pins.push(PinGuard(ns.run(|| lb::decap::pin_dir("eth7"))?));
+    }
+    ensure!(
+        pins[0].0 != pins[1].0,
+        "one directory for both: {:?}",
+        pins[0].0
+    );
+    let decap = |ns: &Netns, args: &[&str]| -> Result<String> {
+        let mut cmd = lb_in_ns(ns.name());
+        cmd.arg("decap").args(args);
+        let out = run_command(cmd, TIMEOUT)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for ns in [&a, &b] {
+        let out = decap(
+            ns,
+            &[
+                "attach",
+                "--iface",
+                "eth7",
+                "--allow-source",
+                "198.18.20.1/32",
+            ],
+        )?;
+        ensure!(out.contains("attached lb-decap"), "{out}");
+    }
+    for (ns, dir) in [(&a, &pins[0].0), (&b, &pins[1].0)] {
+        ensure!(dir.join("link").exists(), "{dir:?}");
+        let status = decap(ns, &["status", "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&status)?;
+        ensure!(
+            v["interfaces"].as_array().map(Vec::len) == Some(1),
+            "each namespace lists its own interface only: {status}"
+        );
+    }
+    // Detaching in one leaves the other attached.
+    decap(&a, &["detach", "--iface", "eth7"])?;
+    ensure!(!pins[0].0.exists() && pins[1].0.join("link").exists());
+    decap(&b, &["detach", "--iface", "eth7"])?;
+    ensure!(!pins[1].0.exists());
+    for p in &pins {
+        let root = p.0.parent().expect("a parent");
+        ensure!(!root.exists(), "{root:?} left behind");
+    }
+    Ok(())
+}

@@ -47,13 +47,23 @@ const NETNS_PREFIX: &str = "netns-";
 pub fn pin_root() -> PathBuf {
     use std::os::unix::fs::MetadataExt as _;
     let inode = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
-    match (inode("/proc/thread-self/ns/net"), inode("/proc/1/ns/net")) {
-        (Some(own), Some(host)) if own != host => {
-            Path::new(PIN_ROOT).join(format!("{NETNS_PREFIX}{own}"))
-        }
-        _ => PathBuf::from(PIN_ROOT),
+    let Some(own) = inode("/proc/thread-self/ns/net") else {
+        return PathBuf::from(PIN_ROOT);
+    };
+    // The host's namespace: init's, when /proc/1 may be read (a sandbox
+    // may forbid it), else the inode the kernel gives the initial
+    // namespace (fixed since Linux 6.x; older kernels number it like any
+    // other, and the host then gets a netns- directory of its own too).
+    let host = inode("/proc/1/ns/net").unwrap_or(INIT_NET_INODE);
+    if own == host {
+        PathBuf::from(PIN_ROOT)
+    } else {
+        Path::new(PIN_ROOT).join(format!("{NETNS_PREFIX}{own}"))
     }
 }
+
+/// `PROC_NET_INIT_INO` (include/linux/proc_ns.h).
+const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
 
 pub fn pin_dir(iface: &str) -> PathBuf {
     pin_root().join(iface)
