@@ -13,8 +13,12 @@
 //! - at 20 s it is restarted: once lb marks it up (bounded wait) it takes
 //!   its share again, and no request fails.
 //!
+//! `--forwarding ipip|gue` tells the same story through routed backends:
+//! they sit in another subnet behind a router, lb encapsulates to them and
+//! each strips the tunnel with `lb decap` (see net.rs).
+//!
 //! Exit status: 0 when every check held, 1 when one did not or on an error,
-//! 130 when interrupted. Everything (agent, servers, namespaces, pins) is
+//! 2 on a bad argument, 130 when interrupted. Everything (agent, servers, namespaces, pins) is
 //! removed by RAII guards, also on errors and panics; `LB_BIN` and
 //! `LB_TEST_SERVER` name the binaries (set by `cargo xtask demo`).
 
@@ -32,9 +36,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
-    netns::{ChildGuard, Netns, Topology, namespaces_still_present},
-    servers::{ServerKind, backend_name, http_get, spawn_on_backends, spawn_server},
+    netns::{ChildGuard, Netns, namespaces_still_present},
+    servers::{backend_name, http_get},
 };
+use net::{Forwarding, Net};
+
+mod net;
 
 const PORT: u16 = 80;
 const BACKENDS: usize = 3;
@@ -90,7 +97,22 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
         libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
-    let result = demo();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let forwarding = match args.as_slice() {
+        [] => Forwarding::DsrL2,
+        [flag, mode] if flag == "--forwarding" => match Forwarding::parse(mode) {
+            Some(f) => f,
+            None => {
+                println!("lb-demo: --forwarding {mode:?}: expected dsr-l2, ipip or gue");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue]");
+            return ExitCode::from(2);
+        }
+    };
+    let result = demo(forwarding);
     if interrupted() {
         println!("lb-demo: interrupted; everything was torn down");
         return ExitCode::from(130);
@@ -201,7 +223,7 @@ impl Timeline {
     }
 }
 
-fn demo() -> Result<bool> {
+fn demo(forwarding: Forwarding) -> Result<bool> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root");
@@ -212,14 +234,14 @@ fn demo() -> Result<bool> {
     // Locals drop in reverse order: the agent, then the servers, then the
     // namespaces, also on every early return.
     let setup_started = Instant::now();
-    let topo = Topology::with_backends(BACKENDS).context("building the topology")?;
-    let mut servers: Vec<Option<ChildGuard>> = spawn_on_backends(&topo, ServerKind::Http, PORT)
-        .context("starting the HTTP servers")?
-        .into_iter()
-        .map(Some)
-        .collect();
+    let topo = Net::build(forwarding, BACKENDS).context("building the topology")?;
+    let mut servers: Vec<Option<ChildGuard>> = (0..BACKENDS)
+        .map(|i| topo.spawn_http(i, PORT).map(Some))
+        .collect::<Result<_>>()
+        .context("starting the HTTP servers")?;
     let addrs: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
     let mut vip = VipSpec::tcp("web", topo.vip(), PORT, &addrs);
+    vip.forwarding = forwarding.as_str();
     vip.health_check = format!(
         "kind = \"http\"\npath = \"/\"\ninterval_ms = {HC_INTERVAL_MS}\ntimeout_ms = {HC_TIMEOUT_MS}\nrise = {HC_RISE}\nfall = {HC_FALL}"
     );
@@ -230,7 +252,7 @@ fn demo() -> Result<bool> {
     wait_all_up(&agent, &addrs)?;
     let mode = xdp_mode(&agent).unwrap_or_else(|_| "?".into());
     let vip_addr = SocketAddrV4::new(topo.vip(), PORT);
-    intro(&topo, &mode, setup_started.elapsed());
+    intro(&topo, forwarding, &mode, setup_started.elapsed());
 
     if interrupted() {
         return Ok(false);
@@ -326,15 +348,9 @@ fn xdp_mode(agent: &LbAgent) -> Result<String> {
         .to_string())
 }
 
-fn intro(topo: &Topology, mode: &str, setup: Duration) {
+fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
     let ns = |n: &Netns| n.name().to_string();
-    println!(
-        "set up in {:.1} s: {} network namespaces on one L2 segment (bridge {} in {})",
-        setup.as_secs_f64(),
-        topo.namespaces().len(),
-        topo.bridge(),
-        ns(topo.switch_ns())
-    );
+    println!("set up in {:.1} s: {}", setup.as_secs_f64(), topo.layout());
     let line = |role: &str, addr: String, ns: String, what: String| {
         println!("  {role:<10} {addr:<13} {ns:<15} {what}");
     };
@@ -351,7 +367,11 @@ fn intro(topo: &Topology, mode: &str, setup: Duration) {
         "lb",
         topo.lb_addr().to_string(),
         ns(topo.lb_ns()),
-        format!("`lb run`, XDP program ({mode} mode) on {}", topo.lb_iface()),
+        format!(
+            "`lb run`, XDP program ({mode} mode) on {}, forwarding {}",
+            topo.lb_iface(),
+            forwarding.as_str()
+        ),
     );
     for i in 0..topo.backend_count() {
         line(
@@ -371,7 +391,7 @@ fn intro(topo: &Topology, mode: &str, setup: Duration) {
         "  {:<40} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
         ""
     );
-    println!("backends reply straight to the client (direct server return at L2)");
+    println!("{}", topo.path(forwarding));
     println!();
     println!(
         "plan: all up until {} s; then {}'s server is killed; restarted at {} s; the end at {} s",
@@ -569,7 +589,7 @@ struct Transitions {
 /// Runs the load and the timeline; prints the live table. Returns every
 /// request, the timeline and the checks about the transitions.
 fn drive(
-    topo: &Topology,
+    topo: &Net,
     agent: &LbAgent,
     servers: &mut [Option<ChildGuard>],
     addrs: &[Ipv4Addr],
@@ -627,12 +647,7 @@ fn drive(
                         ),
                     ));
                 }
-                servers[VICTIM] = Some(spawn_server(
-                    topo.backend_ns(VICTIM),
-                    ServerKind::Http,
-                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-                    &victim,
-                )?);
+                servers[VICTIM] = Some(topo.spawn_http(VICTIM, PORT)?);
                 let t = t0.elapsed();
                 tl.restarted = Some(t);
                 event(t, format!("restarted {victim}'s HTTP server"));

@@ -114,7 +114,7 @@ pub struct VipInfo {
     pub ring_base: u32,
     /// Ring size M (prime); slots `ring_base .. ring_base + ring_size`.
     pub ring_size: u32,
-    /// [`VIP_FLAG_ADDR_ONLY`].
+    /// [`VIP_FLAG_ADDR_ONLY`], [`VIP_FLAG_ECHO`].
     pub flags: u8,
     /// How packets reach the backend: one of the `FORWARD_*` values.
     pub forwarding: u8,
@@ -125,6 +125,9 @@ pub struct VipInfo {
 
 /// The entry marks a VIP address, not a service.
 pub const VIP_FLAG_ADDR_ONLY: u8 = 1;
+/// On an address-only entry: lb answers ICMP echo requests to the address
+/// itself, in XDP (every service at the address allows it).
+pub const VIP_FLAG_ECHO: u8 = 2;
 
 /// Direct server return at L2: rewrite both MACs, nothing else.
 pub const FORWARD_DSR_L2: u8 = 0;
@@ -154,6 +157,12 @@ impl VipInfo {
     #[inline(always)]
     pub const fn is_address_only(&self) -> bool {
         self.flags & VIP_FLAG_ADDR_ONLY != 0
+    }
+
+    /// An address-only entry whose address answers ICMP echo requests.
+    #[inline(always)]
+    pub const fn answers_echo(&self) -> bool {
+        self.flags & VIP_FLAG_ECHO != 0
     }
 
     /// Bytes the VIP's forwarding mode puts in front of a packet.
@@ -507,10 +516,18 @@ pub enum Reason {
     /// The driver left no room in front of the frame for an outer header
     /// (or an ICMP answer).
     DropNoHeadroom = 12,
+    /// An ICMP echo request to a VIP address that answers echo: answered
+    /// by lb itself (sent back out, `XDP_TX`).
+    TxIcmpEchoReply = 13,
+    /// An ICMP "fragmentation needed" to a VIP address about a packet a
+    /// backend sent from the VIP: forwarded to the backend that owns the
+    /// embedded flow (its conntrack entry, else the ring), in the VIP's
+    /// forwarding mode, so path MTU discovery works for backends.
+    FwdIcmpError = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIpv4,
@@ -525,6 +542,8 @@ impl Reason {
         Reason::TxIcmpTooBig,
         Reason::DropTooBigNoDf,
         Reason::DropNoHeadroom,
+        Reason::TxIcmpEchoReply,
+        Reason::FwdIcmpError,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -542,6 +561,8 @@ impl Reason {
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropTooBigNoDf => "drop_too_big_no_df",
             Reason::DropNoHeadroom => "drop_no_headroom",
+            Reason::TxIcmpEchoReply => "tx_icmp_echo_reply",
+            Reason::FwdIcmpError => "fwd_icmp_error",
         }
     }
 

@@ -10,5 +10,6 @@
 #![no_std]
 
 pub mod encap;
+pub mod icmp;
 pub mod parse;
 pub mod tunnel;

@@ -19,18 +19,21 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FORWARD_GUE, FORWARD_IPIP,
-    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason, Runtime,
-    VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
+    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason,
+    Runtime, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
     ring_slot, vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
     encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
+    icmp::{
+        ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, echo_reply, embedded,
+    },
     parse::{
-        ETH_P_IP, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST,
-        TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+        ETH_P_IP, Ethernet, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN,
+        TCP_RST, TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
     },
 };
-use network_types::ip::Ipv4Hdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 // Every map is pinned by name under the directory the agent chooses, so a
 // restarted agent finds the same maps (and the flows in CONNTRACK).
@@ -156,6 +159,111 @@ fn unsteerable(dst: u32, drop: Reason, pass: Reason) -> Reason {
     if is_vip_addr(dst) { drop } else { pass }
 }
 
+/// ICMP to `dst`: an echo request to a VIP address that answers echo is
+/// answered here, a "fragmentation needed" about a VIP's flow goes to the
+/// flow's backend; everything else passes to the kernel as before.
+#[inline(always)]
+fn icmp_to(
+    ctx: &XdpContext,
+    eth: &Ethernet,
+    ihl: usize,
+    tot_len: usize,
+    dst: u32,
+    tos: u8,
+) -> Result<u32, Reason> {
+    let l3 = eth.l3;
+    let l4 = l3 + ihl;
+    // The bounds check comes first: after the length check below, the
+    // compiler would drop it as implied, and the verifier cannot follow.
+    let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(Reason::PassNotVip)?;
+    if ihl + ICMP_HDR_LEN > tot_len {
+        return Err(Reason::PassNotVip);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let [icmp_type, code, ..] = unsafe { *icmp };
+    match (icmp_type, code) {
+        (ICMP_ECHO_REQUEST, 0) => {
+            let marker = VipKey {
+                addr: dst,
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            match find_vip(&marker) {
+                Some(info) if info.answers_echo() => {
+                    // SAFETY: `icmp` was bounds checked above.
+                    unsafe { echo_reply(ctx, l3, icmp) }.ok_or(Reason::PassMalformed)?;
+                    count_reason(Reason::TxIcmpEchoReply);
+                    Ok(XDP_TX)
+                }
+                _ => Err(Reason::PassNotVip),
+            }
+        }
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => {
+            let action = icmp_error_to_backend(ctx, eth, l4, tot_len - ihl, dst, tos, tot_len)?;
+            count_reason(Reason::FwdIcmpError);
+            Ok(action)
+        }
+        _ => Err(Reason::PassNotVip),
+    }
+}
+
+/// A "fragmentation needed" to VIP address `dst` (from a router on the
+/// client's side, about a packet a backend sent from the VIP): steered
+/// like the flow it embeds, reversed (client → VIP), so that it reaches
+/// the backend that sent the packet: the flow's conntrack entry if it is
+/// honoured, else the VIP's ring (read only: an error creates no entry).
+/// The backend lowers its path MTU towards the client. Errors about
+/// anything else pass to the kernel.
+#[inline(always)]
+fn icmp_error_to_backend(
+    ctx: &XdpContext,
+    eth: &Ethernet,
+    l4: usize,
+    room: usize,
+    dst: u32,
+    tos: u8,
+    tot_len: usize,
+) -> Result<u32, Reason> {
+    let e = embedded(ctx, l4, room).ok_or(Reason::PassNotVip)?;
+    if e.vip_addr != dst {
+        return Err(Reason::PassNotVip);
+    }
+    let vip = find_vip(&VipKey {
+        addr: e.vip_addr,
+        port: e.vip_port,
+        proto: e.proto,
+        _pad: 0,
+    })
+    .ok_or(Reason::PassNotVip)?;
+    let flow = FlowKey {
+        src_addr: e.client_addr,
+        dst_addr: e.vip_addr,
+        src_port: e.client_port,
+        dst_port: e.vip_port,
+        proto: e.proto as u32,
+    };
+    // SAFETY: the map value stays valid for the program's run (RCU); it is
+    // only read. (The key by reference: by value it is copied once more.)
+    #[expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
+    let tracked = CONNTRACK
+        .get_ptr(&flow)
+        .map(|entry| unsafe { (*entry).backend_id });
+    let backend = match tracked.and_then(|id| BACKENDS.get(id)) {
+        Some(b) if b.is_usable() && b.vip_index == vip.index => b,
+        _ => {
+            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+            let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
+            let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+            if !b.is_usable() {
+                return Err(Reason::DropNoBackend);
+            }
+            b
+        }
+    };
+    forward(ctx, eth.hdr, eth.l3, &vip, backend, tos, tot_len, &flow)
+}
+
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -192,6 +300,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let l4_min = match proto {
         IPPROTO_TCP => TCP_MIN_LEN,
         IPPROTO_UDP => UDP_LEN,
+        IPPROTO_ICMP => return icmp_to(ctx, &eth, ihl, tot_len, dst, tos),
         _ => return Err(Reason::PassNotVip),
     };
     let l4 = l3 + ihl;
@@ -398,6 +507,27 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
 
+    forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
+}
+
+/// Sends the packet at `l3` (`tot_len` bytes, TOS `tos`) of `flow` to
+/// `backend` in `vip`'s forwarding mode: next hop's MACs (DSR at L2), or an
+/// outer header pushed in front (ipip, gue); then `XDP_TX` or a redirect.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
+fn forward(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    l3: usize,
+    vip: &VipInfo,
+    backend: &Backend,
+    tos: u8,
+    tot_len: usize,
+    flow: &FlowKey,
+) -> Result<u32, Reason> {
     match vip.forwarding {
         FORWARD_IPIP | FORWARD_GUE => {
             let outer = Outer {
@@ -418,7 +548,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
         // SAFETY: the 14-byte Ethernet header was bounds checked by
         // ethernet().
-        _ => unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) },
+        _ => unsafe { write_macs(eth as *mut u8, backend.dst_mac, backend.src_mac) },
     }
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)

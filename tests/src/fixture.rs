@@ -150,6 +150,27 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Sets (or clears) on VIP `index`'s address-only entry the flag that
+    /// makes lb answer pings to `addr`, as the agent does from the VIPs'
+    /// `icmp_echo` settings.
+    pub fn set_echo(&mut self, index: u32, addr: Ipv4Addr, on: bool) {
+        let ring_size = self.dp.sizes().ring_size;
+        let echo = if on { lb_common::VIP_FLAG_ECHO } else { 0 };
+        self.dp
+            .set_vip(
+                VipKey::addr_only(addr.to_bits()),
+                VipInfo {
+                    index,
+                    ring_base: index * ring_size,
+                    ring_size,
+                    flags: lb_common::VIP_FLAG_ADDR_ONLY | echo,
+                    forwarding: FORWARD_DSR_L2,
+                    gue_port: GUE_PORT.to_be(),
+                },
+            )
+            .unwrap();
+    }
+
     /// Rewrites VIP `index`'s ring for the given `(backend id, weight)` set.
     pub fn write_ring(&mut self, index: u32, backends: &[(u32, u32)]) {
         let ring_size = self.dp.sizes().ring_size;

@@ -3,9 +3,11 @@
 //! loads the real XDP program with its own pinned maps (`fixture`), the
 //! test and benchmark XDP programs (`testprogs`), network-namespace
 //! topologies (`netns`, and `routed`: backends behind a router), test
-//! servers (`servers`) and the real agent run in a namespace (`agent`).
+//! servers (`servers`), the real agent run in a namespace (`agent`) and
+//! `lb decap` attached to a backend (`decap`).
 
 pub mod agent;
+pub mod decap;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

@@ -234,7 +234,8 @@ impl RoutedTopology {
         format!("r{:x}{}b{i}", std::process::id(), self.front.index())
     }
 
-    fn router_front_iface(&self) -> String {
+    /// The router's leg on the front segment (client and lb).
+    pub fn router_front_iface(&self) -> String {
         format!("{NAME_PREFIX}{}rf", self.front.index())
     }
 

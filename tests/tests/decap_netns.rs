@@ -9,7 +9,7 @@
 use std::{
     io::ErrorKind,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -33,12 +33,18 @@ const GUE_PORT: u16 = 6080;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Removes an interface's lb-decap pins on drop (a failed test must not
-/// leave them in bpffs, which outlives its namespaces).
+/// leave them in bpffs, which outlives its namespaces), and its
+/// namespace's directory once empty.
 struct PinGuard(PathBuf);
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent()
+            && parent != Path::new(lb::decap::PIN_ROOT)
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -55,15 +61,19 @@ impl Pair {
     fn new(tag: &str) -> Result<Pair> {
         lb_tests::require_root();
         let pid = std::process::id();
-        // Interface names are unique across namespaces too: lb-decap's pin
-        // directory is named after the interface, in the one bpffs.
         let (s_if, b_if) = (format!("ds{tag}{pid}"), format!("db{tag}{pid}"));
-        let pins = (
-            PinGuard(lb::decap::pin_dir(&s_if)),
-            PinGuard(lb::decap::pin_dir(&b_if)),
-        );
         let sender = Netns::create(format!("{NAME_PREFIX}{pid}-{tag}snd"))?;
         let backend = Netns::create(format!("{NAME_PREFIX}{pid}-{tag}be"))?;
+        // lb-decap's pin directories, as the CLI run in each namespace
+        // names them (per namespace: see lb::decap::pin_root).
+        let pin_dir_in = |ns: &Netns, iface: &str| {
+            let iface = iface.to_string();
+            ns.run(move || lb::decap::pin_dir(&iface))
+        };
+        let pins = (
+            PinGuard(pin_dir_in(&sender, &s_if)?),
+            PinGuard(pin_dir_in(&backend, &b_if)?),
+        );
         sender.ip([
             "link",
             "add",
@@ -214,7 +224,7 @@ fn tunnelled_datagrams_reach_the_vip_and_the_reply_goes_to_the_client() -> Resul
     ensure!(out.contains("attached lb-decap"), "{out}");
     let prog = p.backend_xdp()?.context("no XDP program after attach")?;
     ensure!(prog.contains("lb_decap"), "{prog}");
-    ensure!(lb::decap::pin_dir(&p.b_if).join("link").exists());
+    ensure!(p._pins.1.0.join("link").exists());
 
     for (i, kind) in ["ipip", "gue"].into_iter().enumerate() {
         let client_port = 40000 + i as u16;
@@ -280,7 +290,7 @@ fn tunnelled_datagrams_reach_the_vip_and_the_reply_goes_to_the_client() -> Resul
     let out = p.lb_ok(&p.backend, &["detach", "--iface", &p.b_if])?;
     ensure!(out.contains("detached"), "{out}");
     assert_eq!(p.backend_xdp()?, None, "still attached after detach");
-    assert!(!lb::decap::pin_dir(&p.b_if).exists(), "pins left");
+    assert!(!p._pins.1.0.exists(), "pins left");
     let (ok, _, err) = p.lb(&p.backend, &["detach", "--iface", &p.b_if])?;
     assert!(!ok && err.contains("not attached"), "{err}");
     Ok(())
@@ -402,7 +412,7 @@ fn attach_again_updates_in_place_and_errors_change_nothing() -> Result<()> {
         );
         assert_eq!(p.backend_xdp()?.as_deref(), Some(prog.as_str()));
     }
-    assert!(!lb::decap::pin_dir("nosuch0").exists());
+    assert!(!p.backend.run(|| lb::decap::pin_dir("nosuch0"))?.exists());
 
     // Another XDP program on the interface (here the test's return-only
     // program, as the balancer would be): refused, nothing pinned.
@@ -424,7 +434,7 @@ fn attach_again_updates_in_place_and_errors_change_nothing() -> Result<()> {
     )?;
     assert!(!ok, "attached over another XDP program");
     assert!(err.contains("not lb-decap"), "{err}");
-    assert!(!lb::decap::pin_dir(&p.s_if).exists(), "pins left behind");
+    assert!(!p._pins.0.0.exists(), "pins left behind");
     drop(other);
 
     // Text status names the interface, the list and the counters.
@@ -576,5 +586,65 @@ fn ipv6_tunnels_6in6_4in6_and_gue_over_ipv6_reach_the_vips() -> Result<()> {
         Ok(p.counter("drop_not_allowed")? == 1)
     })?;
     p.lb_ok(&p.backend, &["detach", "--iface", &p.b_if])?;
+    Ok(())
+}
+
+#[test]
+fn two_namespaces_with_the_same_interface_name_each_get_their_own_pins() -> Result<()> {
+    lb_tests::require_root();
+    let pid = std::process::id();
+    let a = Netns::create(format!("{NAME_PREFIX}{pid}-dupa"))?;
+    let b = Netns::create(format!("{NAME_PREFIX}{pid}-dupb"))?;
+    let mut pins = Vec::new();
+    for ns in [&a, &b] {
+        ns.ip([
+            "link", "add", "eth7", "type", "veth", "peer", "name", "eth8",
+        ])?;
+        ns.ip(["link", "set", "eth7", "up"])?;
+        ns.ip(["link", "set", "eth8", "up"])?;
+        pins.push(PinGuard(ns.run(|| lb::decap::pin_dir("eth7"))?));
+    }
+    ensure!(
+        pins[0].0 != pins[1].0,
+        "one directory for both: {:?}",
+        pins[0].0
+    );
+    let decap = |ns: &Netns, args: &[&str]| -> Result<String> {
+        let mut cmd = lb_in_ns(ns.name());
+        cmd.arg("decap").args(args);
+        let out = run_command(cmd, TIMEOUT)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for ns in [&a, &b] {
+        let out = decap(
+            ns,
+            &[
+                "attach",
+                "--iface",
+                "eth7",
+                "--allow-source",
+                "198.18.20.1/32",
+            ],
+        )?;
+        ensure!(out.contains("attached lb-decap"), "{out}");
+    }
+    for (ns, dir) in [(&a, &pins[0].0), (&b, &pins[1].0)] {
+        ensure!(dir.join("link").exists(), "{dir:?}");
+        let status = decap(ns, &["status", "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&status)?;
+        ensure!(
+            v["interfaces"].as_array().map(Vec::len) == Some(1),
+            "each namespace lists its own interface only: {status}"
+        );
+    }
+    // Detaching in one leaves the other attached.
+    decap(&a, &["detach", "--iface", "eth7"])?;
+    ensure!(!pins[0].0.exists() && pins[1].0.join("link").exists());
+    decap(&b, &["detach", "--iface", "eth7"])?;
+    ensure!(!pins[1].0.exists());
+    for p in &pins {
+        let root = p.0.parent().expect("a parent");
+        ensure!(!root.exists(), "{root:?} left behind");
+    }
     Ok(())
 }

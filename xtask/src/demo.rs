@@ -12,7 +12,7 @@ use crate::{
     util::{Ctx, describe, run},
 };
 
-pub fn demo(ctx: &Ctx) -> Result<ExitCode> {
+pub fn demo(ctx: &Ctx, forwarding: &str) -> Result<ExitCode> {
     if !ctx.privilege.can_escalate() {
         bail!(
             "the demo needs root (network namespaces, XDP, bpffs): this process is not root \
@@ -47,7 +47,8 @@ pub fn demo(ctx: &Ctx) -> Result<ExitCode> {
     let mut cmd = ctx.privileged(absolute(demo), "running the demo")?;
     cmd.current_dir(&ctx.root)
         .env("LB_BIN", &lb)
-        .env("LB_TEST_SERVER", &server);
+        .env("LB_TEST_SERVER", &server)
+        .args(["--forwarding", forwarding]);
     println!("running: {}", describe(&cmd));
     println!();
     let status = cmd

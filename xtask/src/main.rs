@@ -75,7 +75,12 @@ enum Command {
     /// Full setup, then a 30-second live demo in network namespaces as
     /// root: traffic, a backend failing and rejoining; exit 0 if all checks
     /// pass.
-    Demo,
+    Demo {
+        /// The VIP's forwarding mode: dsr-l2 (backends on lb's segment), or
+        /// ipip / gue (backends behind a router, running `lb decap`).
+        #[arg(long, default_value = "dsr-l2", value_parser = ["dsr-l2", "ipip", "gue"])]
+        forwarding: String,
+    },
     /// Full setup, then the whole test suite as root, one test at a time.
     Test {
         /// Extra arguments for the test binaries (after `--`).
@@ -127,7 +132,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Err(exec(cmd))
         }
         Command::Test { args } => test(&ctx, &args),
-        Command::Demo => demo::demo(&ctx),
+        Command::Demo { forwarding } => demo::demo(&ctx, &forwarding),
         Command::Bench { quick, strict } => bench::bench(&ctx, quick, strict),
     }
 }

@@ -7,7 +7,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VipInfo};
+use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo};
 
 use crate::{
     config::{BackendState, Config, Forwarding},
@@ -296,10 +296,15 @@ impl State {
             let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
             img.rings.insert(info.ring_base, ring);
-            img.vips.entry(vid.address_key()).or_insert(VipInfo {
-                flags: VIP_FLAG_ADDR_ONLY,
-                ..info
-            });
+            // The address answers pings only if every VIP at it allows it.
+            let echo = if vip.icmp_echo { VIP_FLAG_ECHO } else { 0 };
+            img.vips
+                .entry(vid.address_key())
+                .and_modify(|marker| marker.flags &= echo | VIP_FLAG_ADDR_ONLY)
+                .or_insert(VipInfo {
+                    flags: VIP_FLAG_ADDR_ONLY | echo,
+                    ..info
+                });
         }
         Ok(img)
     }
@@ -443,6 +448,32 @@ pub(crate) mod tests {
             second.target(&reordered).unwrap(),
             kernel,
             "nothing to write after a restart"
+        );
+    }
+
+    #[test]
+    fn an_address_answers_echo_only_if_every_vip_at_it_allows_it() {
+        let mut text = format!("[agent]\nmax_vips = 4\nmax_backends = 16\nring_size = {M}\n");
+        // 198.19.0.1: two VIPs, one refusing echo; 198.19.0.2: the default.
+        for (addr, port, echo) in [(1, 80, ""), (1, 81, "icmp_echo = false\n"), (2, 80, "")] {
+            text += &format!(
+                "[[vip]]\naddress = \"198.19.0.{addr}\"\nport = {port}\nprotocol = \"tcp\"\nring_size = {M}\n{echo}"
+            );
+        }
+        let cfg = Config::parse(&text, Path::new("test.toml")).unwrap();
+        let img = resolved(&cfg, &KernelImage::default())
+            .target(&cfg)
+            .unwrap();
+        let marker = |a: u8| {
+            img.vips[&lb_common::VipKey::addr_only(u32::from(Ipv4Addr::new(198, 19, 0, a)))]
+        };
+        assert!(marker(1).is_address_only() && !marker(1).answers_echo());
+        assert!(marker(2).is_address_only() && marker(2).answers_echo());
+        // Service entries never carry the flag.
+        assert!(
+            img.vips
+                .iter()
+                .all(|(_, i)| i.is_address_only() || !i.answers_echo())
         );
     }
 

@@ -34,6 +34,8 @@
 //! protocol = "tcp"                     # tcp | udp
 //! forwarding = "dsr-l2"                # dsr-l2 (default) | ipip | gue; a reload that changes it
 //!                                      # is applied (established flows go on in the new mode)
+//! icmp_echo = true                     # default true: lb answers pings to the VIP address itself
+//!                                      # (in XDP); an address answers if all its VIPs allow it
 //! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
 //!                                      # (default: [agent] ring_size); >= the number of backends
 //!

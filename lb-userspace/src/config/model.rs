@@ -202,6 +202,9 @@ pub struct VipConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
+    /// lb answers ICMP echo requests to the VIP's address itself (in XDP);
+    /// an address answers only if every VIP at it allows it.
+    pub icmp_echo: bool,
     /// Prime, at most the agent's ring size.
     pub ring_size: u32,
     pub health_check: HealthCheck,

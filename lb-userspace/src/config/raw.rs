@@ -47,6 +47,7 @@ pub(super) struct RawVip {
     pub port: S<i64>,
     pub protocol: S<String>,
     pub forwarding: Option<S<String>>,
+    pub icmp_echo: Option<S<bool>>,
     pub ring_size: Option<S<i64>>,
     pub health_check: Option<S<RawHealthCheck>>,
     #[serde(default)]

@@ -132,6 +132,7 @@ fn full_example() {
             port: 80,
             protocol: Protocol::Tcp,
             forwarding: Forwarding::DsrL2,
+            icmp_echo: true,
             ring_size: 65537,
             health_check: web_check.clone(),
             backends: vec![BackendConfig {
@@ -200,6 +201,7 @@ address = "198.18.0.11"
             port: 443,
             protocol: Protocol::Tcp,
             forwarding: Forwarding::DsrL2,
+            icmp_echo: true,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             health_check: tcp_check(443),
             backends: vec![BackendConfig {
@@ -840,6 +842,17 @@ fn load_from_file() {
             .contains("missing.toml: cannot read the configuration file"),
         "{e}"
     );
+}
+
+#[test]
+fn icmp_echo_is_on_by_default_and_can_be_turned_off() {
+    let c = ok(&format!(
+        "{HEAD}icmp_echo = false\n[[vip]]\naddress = \"198.18.10.2\"\nport = 80\nprotocol = \"tcp\"\n"
+    ));
+    let echo: Vec<bool> = c.vips.iter().map(|v| v.icmp_echo).collect();
+    assert_eq!(echo, [false, true]);
+    let e = err(&format!("{HEAD}icmp_echo = \"yes\"\n"));
+    check(&e, 5, "vip[0].icmp_echo", "");
 }
 
 #[test]

@@ -284,6 +284,7 @@ impl Ctx<'_> {
             Some(v) => self.keyword(v, &f("forwarding"))?,
             None => Forwarding::DsrL2,
         };
+        let icmp_echo = r.icmp_echo.as_ref().is_none_or(|v| *v.get_ref());
         let name = match &r.name {
             Some(v) => {
                 let s = v.get_ref();
@@ -409,6 +410,7 @@ impl Ctx<'_> {
             port,
             protocol,
             forwarding,
+            icmp_echo,
             ring_size,
             health_check,
             backends,

@@ -11,7 +11,7 @@ use log::warn;
 use serde_json::json;
 
 use super::{
-    AttachError, DecapMaps, DecapProgram, LINK_PIN, PIN_ROOT, Settings, parse_allow_list, pin_dir,
+    AttachError, DecapMaps, DecapProgram, LINK_PIN, Settings, parse_allow_list, pin_dir,
     pinned_interfaces, remove_dir,
 };
 use crate::{
@@ -46,7 +46,7 @@ pub fn attach(iface: &str, allow: &[String], gue_port: u16, mode: DecapXdpMode) 
     need_root()?;
     let ifindex = datapath::ifindex(iface)?;
     datapath::ensure_bpffs()?;
-    pins::secure_dir(Path::new(PIN_ROOT), false)?;
+    super::secure_pin_root()?;
     let dir = pin_dir(iface);
     let link_pin = dir.join(LINK_PIN);
     let settings = Settings { allow, gue_port };
@@ -187,6 +187,12 @@ pub fn detach(iface: &str) -> Result<String> {
             .with_context(|| format!("unpinning {}", link_pin.display()))?,
     );
     remove_dir(&dir)?;
+    // A namespace's own directory goes with its last interface (it fails,
+    // harmlessly, while others remain).
+    let root = super::pin_root();
+    if root != Path::new(super::PIN_ROOT) {
+        let _ = std::fs::remove_dir(&root);
+    }
     Ok(format!(
         "detached lb-decap from {iface} and removed {}",
         dir.display()
@@ -230,7 +236,10 @@ pub fn status(iface: Option<&str>, json_out: bool) -> Result<String> {
     let ifaces = match iface {
         Some(i) => {
             if !pin_dir(i).join(LINK_PIN).exists() {
-                bail!("lb-decap is not attached to {i} (nothing pinned under {PIN_ROOT}/{i})");
+                bail!(
+                    "lb-decap is not attached to {i} (nothing pinned under {})",
+                    pin_dir(i).display()
+                );
             }
             vec![i.to_string()]
         }

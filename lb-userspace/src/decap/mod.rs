@@ -30,13 +30,53 @@ pub use cidr::{Cidr, parse_allow_list};
 /// The compiled decap object, built by build.rs next to the balancer's.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 
-/// Where `lb decap` pins, one directory per interface.
+/// Where `lb decap` pins, one directory per interface (see [`pin_root`]).
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-decap";
 /// The pinned link's name in an interface's directory.
 pub const LINK_PIN: &str = "link";
+/// Prefix of the directories under [`PIN_ROOT`] that belong to other
+/// network namespaces than the host's.
+const NETNS_PREFIX: &str = "netns-";
+
+/// The directory holding this network namespace's interface directories.
+/// bpffs is one per host, interface names are one per namespace: two
+/// namespaces (containers, test namespaces) may both have an `eth0`. The
+/// host's own namespace uses [`PIN_ROOT`] itself; any other uses
+/// `PIN_ROOT/netns-<inode of its namespace>` (the calling thread's: a
+/// test may enter a namespace on one thread only).
+pub fn pin_root() -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
+    let Some(own) = inode("/proc/thread-self/ns/net") else {
+        return PathBuf::from(PIN_ROOT);
+    };
+    // The host's namespace: init's, when /proc/1 may be read (a sandbox
+    // may forbid it), else the inode the kernel gives the initial
+    // namespace (fixed since Linux 6.x; older kernels number it like any
+    // other, and the host then gets a netns- directory of its own too).
+    let host = inode("/proc/1/ns/net").unwrap_or(INIT_NET_INODE);
+    if own == host {
+        PathBuf::from(PIN_ROOT)
+    } else {
+        Path::new(PIN_ROOT).join(format!("{NETNS_PREFIX}{own}"))
+    }
+}
+
+/// `PROC_NET_INIT_INO` (include/linux/proc_ns.h).
+const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
 
 pub fn pin_dir(iface: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(iface)
+    pin_root().join(iface)
+}
+
+/// Creates (or checks) [`PIN_ROOT`] and this namespace's [`pin_root`].
+pub(super) fn secure_pin_root() -> Result<()> {
+    crate::pins::secure_dir(Path::new(PIN_ROOT), false)?;
+    let root = pin_root();
+    if root != Path::new(PIN_ROOT) {
+        crate::pins::secure_dir(&root, false)?;
+    }
+    Ok(())
 }
 
 type Result<T> = anyhow::Result<T>;
@@ -203,7 +243,7 @@ impl DecapProgram {
             anyhow::bail!("lb decap needs root (CAP_BPF, CAP_NET_ADMIN): run it as root");
         }
         datapath::ensure_bpffs()?;
-        crate::pins::secure_dir(Path::new(PIN_ROOT), false)?;
+        secure_pin_root()?;
         crate::pins::secure_dir(dir, true)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
@@ -297,18 +337,22 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// The interfaces with a pin directory, sorted.
+/// This namespace's interfaces with a pin directory, sorted.
 pub fn pinned_interfaces() -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let entries = match fs::read_dir(PIN_ROOT) {
+    let root = pin_root();
+    let entries = match fs::read_dir(&root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {PIN_ROOT}"))),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading {}", root.display())));
+        }
     };
     for e in entries {
-        let e = e.with_context(|| format!("reading {PIN_ROOT}"))?;
+        let e = e.with_context(|| format!("reading {}", root.display()))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_dir() {
+        // Other namespaces' directories, in the host's root.
+        if e.path().is_dir() && !name.starts_with(NETNS_PREFIX) {
             out.push(name);
         }
     }

@@ -1,0 +1,50 @@
+//! `lb decap` attached to a backend's interface by the real CLI, detached
+//! when the guard drops (its pins live in the host-wide bpffs, not in the
+//! namespace, so a test must not leave them behind).
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    agent::lb_in_ns,
+    netns::{Netns, run_command},
+};
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct DecapAttachment {
+    ns: String,
+    iface: String,
+}
+
+impl DecapAttachment {
+    /// `lb decap attach --iface IFACE --allow-source ALLOW/32` in `ns`.
+    pub fn attach(ns: &Netns, iface: &str, allow: Ipv4Addr) -> Result<Self> {
+        let mut cmd = lb_in_ns(ns.name());
+        let allow = format!("{allow}/32");
+        cmd.args([
+            "decap",
+            "attach",
+            "--iface",
+            iface,
+            "--allow-source",
+            &allow,
+        ]);
+        run_command(cmd, CLI_TIMEOUT).context("lb decap attach")?;
+        Ok(Self {
+            ns: ns.name().into(),
+            iface: iface.into(),
+        })
+    }
+}
+
+impl Drop for DecapAttachment {
+    fn drop(&mut self) {
+        let mut cmd = lb_in_ns(&self.ns);
+        cmd.args(["decap", "detach", "--iface", &self.iface]);
+        if let Err(e) = run_command(cmd, CLI_TIMEOUT) {
+            eprintln!("lb decap detach in {}: {e:#}", self.ns);
+        }
+    }
+}
