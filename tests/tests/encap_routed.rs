@@ -19,8 +19,9 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
-    agent::{AgentPaths, LbAgent, VipSpec, lb_in_ns, render_config},
-    netns::{ChildGuard, Netns, run_command},
+    agent::{AgentPaths, LbAgent, VipSpec, render_config},
+    decap::DecapAttachment,
+    netns::ChildGuard,
     require_root,
     routed::RoutedTopology,
     servers::{
@@ -33,42 +34,6 @@ const STREAM: u16 = 7000;
 const DNS: u16 = 5353;
 const T: Duration = Duration::from_secs(3);
 
-/// `lb decap` attached to a backend's interface; detached on drop (its
-/// pins live in the host-wide bpffs, not in the namespace).
-struct Decap {
-    ns: String,
-    iface: String,
-}
-
-impl Decap {
-    fn attach(ns: &Netns, iface: &str, allow: Ipv4Addr) -> Result<Self> {
-        let mut cmd = lb_in_ns(ns.name());
-        cmd.args([
-            "decap",
-            "attach",
-            "--iface",
-            iface,
-            "--allow-source",
-            &format!("{allow}/32"),
-        ]);
-        run_command(cmd, Duration::from_secs(20)).context("lb decap attach")?;
-        Ok(Decap {
-            ns: ns.name().into(),
-            iface: iface.into(),
-        })
-    }
-}
-
-impl Drop for Decap {
-    fn drop(&mut self) {
-        let mut cmd = lb_in_ns(&self.ns);
-        cmd.args(["decap", "detach", "--iface", &self.iface]);
-        if let Err(e) = run_command(cmd, Duration::from_secs(20)) {
-            eprintln!("lb decap detach in {}: {e:#}", self.ns);
-        }
-    }
-}
-
 /// The routed topology with servers on every backend, `lb decap` on each,
 /// and an agent forwarding three VIPs (web, stream, dns) in `mode`.
 struct Setup {
@@ -76,7 +41,7 @@ struct Setup {
     // namespaces.
     agent: LbAgent,
     servers: BTreeMap<(usize, &'static str), ChildGuard>,
-    _decap: Vec<Decap>,
+    _decap: Vec<DecapAttachment>,
     topo: RoutedTopology,
 }
 
@@ -93,7 +58,7 @@ fn setup(mode: &'static str) -> Result<Setup> {
         ] {
             servers.insert((i, kind.as_str()), server(&topo, i, kind, port)?);
         }
-        decap.push(Decap::attach(
+        decap.push(DecapAttachment::attach(
             topo.backend_ns(i),
             &topo.backend_iface(i),
             topo.lb_addr(),
