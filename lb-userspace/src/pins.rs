@@ -158,7 +158,10 @@ impl Layout {
     pub fn of(sizes: crate::map_sizes::MapSizes) -> Self {
         use std::mem::size_of;
 
-        use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, Reason, VipSlot, VipStats};
+        use lb_common::{
+            Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, Reason, VipSlot, VipSlot6,
+            VipStats,
+        };
         let e = |k: &str, v: u64| (k.to_string(), v.to_string());
         Layout(vec![
             e("layout_version", lb_common::LAYOUT_VERSION.into()),
@@ -166,10 +169,13 @@ impl Layout {
             e("max_backends", sizes.max_backends.into()),
             e("ring_size", sizes.ring_size.into()),
             e("conntrack_entries", sizes.conntrack_entries.into()),
+            e("conntrack6_entries", sizes.conntrack6_entries.into()),
             e("reasons", Reason::COUNT.into()),
             e("size_of_VipSlot", size_of::<VipSlot>() as u64),
             e("size_of_Backend", size_of::<Backend>() as u64),
             e("size_of_FlowKey", size_of::<FlowKey>() as u64),
+            e("size_of_VipSlot6", size_of::<VipSlot6>() as u64),
+            e("size_of_FlowKey6", size_of::<FlowKey6>() as u64),
             e("size_of_FlowEntry", size_of::<FlowEntry>() as u64),
             e("size_of_VipStats", size_of::<VipStats>() as u64),
             e("size_of_BackendStats", size_of::<BackendStats>() as u64),

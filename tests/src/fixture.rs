@@ -71,6 +71,7 @@ impl Fixture {
             max_backends: 64,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             conntrack_entries: 1 << 16,
+            conntrack6_entries: 1 << 16,
         })
     }
 

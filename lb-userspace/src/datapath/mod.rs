@@ -585,9 +585,11 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 6] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 8] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
+        (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
+        (map_names::CONNTRACK6, sizes.conntrack6_entries),
         (map_names::BACKENDS, sizes.backend_slots()),
         (
             map_names::RINGS,
@@ -656,5 +658,7 @@ pub fn backend_entry(
         dst_mac,
         src_mac,
         encap_src: 0,
+        addr6: [0; 4],
+        encap_src6: [0; 4],
     }
 }
