@@ -23,6 +23,9 @@ use thiserror::Error;
 
 mod flows;
 mod kernel_maps;
+mod v6;
+
+pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
 
@@ -61,6 +64,8 @@ pub enum DatapathError {
         "the VIP table ({slots} slots) has no free slot near this VIP's home slot; raise max_vips"
     )]
     VipTableFull { slots: usize },
+    #[error("IPv6 VIP address {0} is reserved (:: marks an empty slot, all ones a removed one)")]
+    BadVip6(std::net::Ipv6Addr),
     #[error("map TX_PORTS: {0}")]
     TxPort(String),
     #[error("interface {0} does not exist")]
