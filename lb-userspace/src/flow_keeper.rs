@@ -311,13 +311,10 @@ pub fn count_flows(conntrack: BorrowedFd<'_>, rt: &Runtime) -> anyhow::Result<Fl
 }
 
 /// Empties every slot of a flow cache (`map`: FLOW_CACHE or FLOW_CACHE6,
-/// named `name`, values of `value_size` bytes) in one batched update. A packet reading a slot meanwhile sees the old entry,
-/// an empty one, or a torn mix that its check word rejects.
-pub fn clear_flow_cache(
-    map: BorrowedFd<'_>,
-    value_size: usize,
-    name: &str,
-) -> anyhow::Result<()> {
+/// named `name`, values of `value_size` bytes) in one batched update. A
+/// packet reading a slot meanwhile sees the old entry, an empty one, or a
+/// torn mix that its check word rejects.
+pub fn clear_flow_cache(map: BorrowedFd<'_>, value_size: usize, name: &str) -> anyhow::Result<()> {
     let keys: Vec<u32> = (0..FLOW_CACHE_SLOTS).collect();
     let values = vec![0u8; FLOW_CACHE_SLOTS as usize * value_size];
     let mut attr = BatchAttr {

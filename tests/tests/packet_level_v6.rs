@@ -66,7 +66,11 @@ fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {
 /// Runs `frame`, expects DROP and exactly one `reason` counted.
 fn assert_dropped(f: &Fixture, frame: &[u8], reason: &'static str) {
     let before = f.reasons();
-    assert_eq!(f.run(frame).action, XDP_DROP, "expected XDP_DROP for {reason}");
+    assert_eq!(
+        f.run(frame).action,
+        XDP_DROP,
+        "expected XDP_DROP for {reason}"
+    );
     assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
 }
 
@@ -104,7 +108,10 @@ fn v6_syn_is_sent_to_the_backend_the_v6_hash_predicts_and_recorded() {
     assert!((1..=3).contains(&backend));
     assert_eq!(&f.run(&pkt).frame[0..6], &backend_mac(backend));
     assert_eq!(ring_backend(&f, &key(40000)), backend);
-    let entry = f.dp.conntrack6_lookup(&key(40000)).unwrap().expect("recorded");
+    let entry =
+        f.dp.conntrack6_lookup(&key(40000))
+            .unwrap()
+            .expect("recorded");
     assert_eq!(entry.backend_id, backend);
     // IPv4's conntrack holds nothing.
     assert!(f.dp.conntrack_entries().unwrap().is_empty());
@@ -161,7 +168,13 @@ fn an_established_v6_flow_keeps_its_backend_after_a_ring_change_and_a_syn_re_ste
     let now = assert_steered(&f, &p.build());
     assert_ne!(now, b);
     assert_eq!(now, ring_backend(&f, &key(40100)));
-    assert_eq!(f.dp.conntrack6_lookup(&key(40100)).unwrap().unwrap().backend_id, now);
+    assert_eq!(
+        f.dp.conntrack6_lookup(&key(40100))
+            .unwrap()
+            .unwrap()
+            .backend_id,
+        now
+    );
 }
 
 #[test]
@@ -178,7 +191,11 @@ fn fin_and_rst_mark_the_v6_record_closing() {
         p.tcp_flags = TCP_ACK | flag;
         assert_eq!(assert_steered(&f, &p.build()), b);
         let e = f.dp.conntrack6_lookup(&key(port)).unwrap().unwrap();
-        assert_eq!(e.flags & FLOW_FLAG_CLOSING, FLOW_FLAG_CLOSING, "flag {flag:#x}");
+        assert_eq!(
+            e.flags & FLOW_FLAG_CLOSING,
+            FLOW_FLAG_CLOSING,
+            "flag {flag:#x}"
+        );
     }
 }
 
@@ -213,7 +230,12 @@ fn each_extension_header_type_is_skipped_and_the_flow_still_steered() {
         &[IPV6_DEST_OPTS],
         &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTS, IPV6_ROUTING],
         // As many as the fast path walks.
-        &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTS, IPV6_ROUTING, IPV6_DEST_OPTS],
+        &[
+            IPV6_HOP_BY_HOP,
+            IPV6_DEST_OPTS,
+            IPV6_ROUTING,
+            IPV6_DEST_OPTS,
+        ],
     ];
     for (i, chain) in chains.iter().enumerate() {
         let port = 41000 + i as u16;
@@ -388,7 +410,13 @@ fn v4_and_v6_vips_side_by_side_keep_their_own_flows_and_counters() {
         assert!([3, 4].contains(&b6), "{b6}");
         let k4 = FlowKey::new(client4.to_bits(), port, vip4.to_bits(), 80, IPPROTO_TCP);
         assert_eq!(f.dp.conntrack_lookup(&k4).unwrap().unwrap().backend_id, b4);
-        assert_eq!(f.dp.conntrack6_lookup(&key(port)).unwrap().unwrap().backend_id, b6);
+        assert_eq!(
+            f.dp.conntrack6_lookup(&key(port))
+                .unwrap()
+                .unwrap()
+                .backend_id,
+            b6
+        );
     }
     assert_eq!(f.dp.vip_stats(0).unwrap().packets, 50);
     assert_eq!(f.dp.vip_stats(1).unwrap().packets, 50);
@@ -417,8 +445,7 @@ fn a_v6_vip_in_a_tunnel_mode_is_dropped_until_the_fast_path_encapsulates_v6() {
 #[test]
 fn a_removed_v6_vip_passes_and_a_v6_vip_without_backends_drops() {
     let mut f = three_backends();
-    f.dp
-        .remove_vip6(&lb_common::VipKey6::new(VIP, 80, IPPROTO_TCP))
+    f.dp.remove_vip6(&lb_common::VipKey6::new(VIP, 80, IPPROTO_TCP))
         .unwrap();
     assert_passed_untouched(
         &f,
