@@ -222,6 +222,9 @@ impl Layout {
         for (k, w) in &wanted.0 {
             let why = if SETTINGS.contains(&k.as_str()) {
                 format!("[agent] {k}")
+            } else if k == "conntrack6_entries" {
+                // Sized from the IPv4 setting until IPv6 has its own.
+                "[agent] conntrack_entries".to_string()
             } else {
                 "made by another lb version".to_string()
             };
@@ -570,16 +573,21 @@ mod tests {
     fn differences_name_the_setting_and_both_values() {
         let pinned = Layout::of(MapSizes {
             conntrack_entries: 65536,
+            conntrack6_entries: 65536,
             ..MapSizes::default()
         });
         let wanted = Layout::of(MapSizes {
             conntrack_entries: 32768,
+            conntrack6_entries: 32768,
             ..MapSizes::default()
         });
         let d = Layout::diff(&pinned, &wanted);
         assert_eq!(
             d,
-            ["conntrack_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)"]
+            [
+                "conntrack_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)",
+                "conntrack6_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)"
+            ]
         );
     }
 
