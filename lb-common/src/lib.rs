@@ -26,6 +26,12 @@ pub mod map_names {
     pub const RUNTIME: &str = "RUNTIME";
     /// Not pinned: it belongs to the loaded program.
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// The IPv6 VIP table (same size and conventions as VIPS).
+    pub const VIPS6: &str = "VIPS6";
+    /// IPv6 flows (`FlowKey6` → `FlowEntry`).
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    /// Not pinned, like FLOW_CACHE; cleared with it.
+    pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -36,7 +42,9 @@ pub mod map_names {
 ///
 /// 2: `VipInfo` carries the forwarding mode and the GUE port (its `flags`
 /// narrowed to a byte), `Backend` the outer source address.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: IPv6: `Backend` grows IPv6 addresses and [`BACKEND_FLAG_V6`], reason
+/// 1 becomes `pass_not_ip`, VIPS6 and CONNTRACK6 join the pinned maps.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -49,6 +57,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub use decap::{DEFAULT_GUE_PORT, IPPROTO_IPIP};
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Default map sizes; the agent may override each at load time.
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -267,15 +276,24 @@ pub struct Backend {
     /// The egress interface's MAC.
     pub src_mac: [u8; 6],
     /// Outer source address of encapsulated packets (ipip, gue), network
-    /// byte order; 0 for DSR at L2. An IPv6 slice widens this and `addr`
-    /// to 16 bytes (and adds a family flag).
+    /// byte order; 0 for DSR at L2. IPv4 backends only.
     pub encap_src: u32,
+    /// IPv6 backends ([`BACKEND_FLAG_V6`]): the address, as on the wire
+    /// (`addr` is then 0). One backend array serves both families, so
+    /// that backend ids, rings and BACKEND_STATS are shared.
+    pub addr6: [u32; 4],
+    /// IPv6 backends: the outer source of encapsulated packets, as on the
+    /// wire; zero for DSR at L2.
+    pub encap_src6: [u32; 4],
 }
 
 /// The backend exists and is healthy: conntrack entries pointing to it are
 /// honoured. Cleared when a backend goes down or is removed, so that its
 /// flows are re-steered by the ring.
 pub const BACKEND_FLAG_USABLE: u32 = 1;
+/// The backend is an IPv6 host: its address is `addr6` (and its outer
+/// source `encap_src6`), `addr` is 0.
+pub const BACKEND_FLAG_V6: u32 = 2;
 
 /// Backend id 0 is never given to a backend, so a ring slot that was never
 /// written (0 in the kernel array) names no backend that exists.
@@ -291,13 +309,21 @@ impl Backend {
         dst_mac: [0; 6],
         src_mac: [0; 6],
         encap_src: 0,
+        addr6: [0; 4],
+        encap_src6: [0; 4],
     };
 
     /// The slot holds a backend: every backend has an address (the agent
-    /// refuses 0.0.0.0), an empty slot has none.
+    /// refuses 0.0.0.0 and ::), an empty slot has none.
     #[inline(always)]
     pub const fn is_present(&self) -> bool {
-        self.addr != 0
+        self.addr != 0 || self.flags & BACKEND_FLAG_V6 != 0
+    }
+
+    /// An IPv6 backend (address in `addr6`).
+    #[inline(always)]
+    pub const fn is_v6(&self) -> bool {
+        self.flags & BACKEND_FLAG_V6 != 0
     }
 
     /// Conntrack entries naming this backend are honoured and ring slots
@@ -486,8 +512,8 @@ pub struct BackendStats {
 pub enum Reason {
     /// Frame too short for its Ethernet (or VLAN) header.
     PassShortFrame = 0,
-    /// Not IPv4 (ARP, IPv6, LLDP…), or more than one VLAN tag.
-    PassNotIpv4 = 1,
+    /// Neither IPv4 nor IPv6 (ARP, LLDP…), or more than one VLAN tag.
+    PassNotIp = 1,
     /// IPv4 or TCP/UDP header truncated or invalid, not for a VIP address.
     PassMalformed = 2,
     /// Not addressed to a configured VIP (address, port, protocol).
@@ -524,13 +550,28 @@ pub enum Reason {
     /// embedded flow (its conntrack entry, else the ring), in the VIP's
     /// forwarding mode, so path MTU discovery works for backends.
     FwdIcmpError = 14,
+    /// IPv6 with more extension headers before the L4 header than the
+    /// fast path walks ([`MAX_IPV6_EXT_HEADERS`]), not to a VIP address.
+    PassTooManyExtHeaders = 15,
+    /// As [`Reason::PassTooManyExtHeaders`], to a VIP address: it cannot
+    /// be steered and must not reach the host's stack as if it were.
+    DropTooManyExtHeaders = 16,
+    /// A VIP's forwarding mode the fast path cannot apply to this packet
+    /// yet: an IPv6 VIP in a tunnel mode, or a tunnel to an IPv6 backend
+    /// (6in6, 4in6 come in a later slice). Dropped, never misdelivered.
+    DropUnsupportedForwarding = 17,
 }
 
+/// Extension headers (hop-by-hop, routing, destination options) the fast
+/// path skips in front of an IPv6 packet's L4 header; more are counted and
+/// not steered. Real traffic carries at most two or three.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
+
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassMalformed,
         Reason::PassNotVip,
         Reason::PassFragment,
@@ -544,12 +585,15 @@ impl Reason {
         Reason::DropNoHeadroom,
         Reason::TxIcmpEchoReply,
         Reason::FwdIcmpError,
+        Reason::PassTooManyExtHeaders,
+        Reason::DropTooManyExtHeaders,
+        Reason::DropUnsupportedForwarding,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Reason::PassShortFrame => "pass_short_frame",
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
             Reason::PassMalformed => "pass_malformed",
             Reason::PassNotVip => "pass_not_vip",
             Reason::PassFragment => "pass_fragment",
@@ -563,6 +607,9 @@ impl Reason {
             Reason::DropNoHeadroom => "drop_no_headroom",
             Reason::TxIcmpEchoReply => "tx_icmp_echo_reply",
             Reason::FwdIcmpError => "fwd_icmp_error",
+            Reason::PassTooManyExtHeaders => "pass_too_many_ext_headers",
+            Reason::DropTooManyExtHeaders => "drop_too_many_ext_headers",
+            Reason::DropUnsupportedForwarding => "drop_unsupported_forwarding",
         }
     }
 
@@ -576,6 +623,8 @@ impl Reason {
                 | Reason::DropTooBig
                 | Reason::DropTooBigNoDf
                 | Reason::DropNoHeadroom
+                | Reason::DropTooManyExtHeaders
+                | Reason::DropUnsupportedForwarding
         )
     }
 }
@@ -584,7 +633,11 @@ const _: () = {
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<VipSlot>() == 24);
-    assert!(size_of::<Backend>() == 32);
+    assert!(size_of::<Backend>() == 64);
+    assert!(size_of::<VipKey6>() == 20);
+    assert!(size_of::<VipSlot6>() == 36);
+    assert!(size_of::<FlowKey6>() == 40);
+    assert!(size_of::<FlowCacheEntry6>() == 48);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
@@ -622,6 +675,9 @@ pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
     ((hash as u64 * ring_size as u64) >> 32) as u32
 }
 
+mod v6;
+pub use v6::*;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -636,6 +692,10 @@ mod pod {
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for VipKey6 {}
+    unsafe impl aya::Pod for VipSlot6 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for FlowCacheEntry6 {}
 }
 
 #[cfg(test)]

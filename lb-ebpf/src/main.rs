@@ -18,10 +18,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_FLAG_CLOSING, FORWARD_GUE, FORWARD_IPIP,
-    FlowCacheEntry, FlowEntry, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND, Reason,
-    Runtime, VipInfo, VipKey, VipSlot, VipStats, flow_cache_mix, flow_cache_slot, gue_source_port,
-    ring_slot, vip_table_probe, vip_table_size,
+    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP, FlowCacheEntry,
+    FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason,
+    Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats, gue_source_port, ring_slot,
+    vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
     encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
@@ -29,11 +29,16 @@ use lb_ebpf::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, echo_reply, embedded,
     },
     parse::{
-        ETH_P_IP, Ethernet, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN,
-        TCP_RST, TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
+        ETH_P_IP, ETH_P_IPV6, Ethernet, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET,
+        TCP_MIN_LEN, TCP_RST, TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at,
+        write_macs,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+mod balance6;
+mod steer;
+use steer::steer;
 
 // Every map is pinned by name under the directory the agent chooses, so a
 // restarted agent finds the same maps (and the flows in CONNTRACK).
@@ -58,6 +63,16 @@ static RINGS: Array<u32> = Array::pinned(DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
 
+/// The IPv6 VIP table: the same size (`VIP_TABLE_MASK + 1` slots), probe
+/// sequence and conventions as VIPS (see lb_common::VipSlot6).
+#[map]
+static VIPS6: Array<VipSlot6> = Array::pinned(vip_table_size(DEFAULT_MAX_VIPS), 0);
+
+/// IPv6 flows; sized by the agent (its conntrack6_entries).
+#[map]
+static CONNTRACK6: LruHashMap<FlowKey6, FlowEntry> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+
 /// Direct-mapped cache of recent flows (slot = a one-multiply hash of the
 /// flow), in front of CONNTRACK: a hit costs an inlined array load and two
 /// compares instead of a hash-map lookup. Shared by all CPUs, so that a
@@ -80,6 +95,11 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_CO
 /// CONNTRACK.
 #[map]
 static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// FLOW_CACHE for IPv6 flows, in front of CONNTRACK6: the same design,
+/// cleared by the agent with FLOW_CACHE.
+#[map]
+static FLOW_CACHE6: Array<FlowCacheEntry6> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[map]
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::pinned(DEFAULT_MAX_VIPS, 0);
@@ -265,14 +285,13 @@ fn icmp_error_to_backend(
 }
 
 #[inline(always)]
-#[expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "CONNTRACK's key and value by reference: by value, they are copied to the stack once more"
-)]
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let eth = ethernet(ctx).ok_or(Reason::PassShortFrame)?;
+    if eth.ether_type == ETH_P_IPV6 {
+        return balance6::balance6(ctx, &eth);
+    }
     if eth.ether_type != ETH_P_IP {
-        return Err(Reason::PassNotIpv4);
+        return Err(Reason::PassNotIp);
     }
     let l3 = eth.l3;
 
@@ -380,132 +399,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
-
-    // Established flow: honoured while its backend is usable and still
-    // serves this VIP, and its record has not expired; otherwise it falls
-    // through to the ring. The flow cache answers for flows it already
-    // answered since the agent last cleared it (once per tick of the flow
-    // clock) with one inlined array load; the first packet of a flow in a
-    // tick (and every FIN or RST) goes through CONNTRACK (the LRU), the
-    // record: the lookup keeps the record fresh in the LRU, checks its
-    // expiry and stamps it with the clock. So a flow in use refreshes its
-    // record once per tick at the cost of one lookup, whatever else
-    // shares its cache slot, and a cache hit reads no clock.
-    // The cache slot comes from one multiply (the full flow hash is only
-    // needed, and computed, on the way to the ring).
-    let mix = flow_cache_mix(&flow);
-    let cache_slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(mix));
-    let mut cached = false;
-    // The clock, once read (on the way to CONNTRACK); 0 without an agent.
-    let mut now = 0;
-    let tracked = if new_connection {
-        None
-    } else {
-        // SAFETY: an array value, valid for the program's run; it is copied
-        // out, and a copy torn by a concurrent writer is handled as
-        // FLOW_CACHE describes.
-        match cache_slot.map(|c| unsafe { *c }) {
-            Some(c)
-                if c.key.as_words() == flow.as_words()
-                    && c.check == mix ^ c.backend_id
-                    && !closing =>
-            {
-                cached = true;
-                Some(c.backend_id)
-            }
-            _ => match CONNTRACK.get_ptr_mut(&flow) {
-                Some(e) => {
-                    // SAFETY: the map value stays valid for the program's
-                    // run (RCU); concurrent writers store whole words.
-                    let entry = unsafe { &mut *e };
-                    let rt = RUNTIME.get(0);
-                    now = rt.map_or(0, |rt| rt.now_ms);
-                    if rt.is_some_and(|rt| entry.is_expired(proto as u32, rt)) {
-                        None
-                    } else {
-                        entry.last_seen_ms = now;
-                        if closing {
-                            entry.flags |= FLOW_FLAG_CLOSING;
-                        }
-                        Some(entry.backend_id)
-                    }
-                }
-                None => None,
-            },
-        }
-    };
-    let mut hit = false;
-    let mut backend_id = NO_BACKEND;
-    let mut backend: Option<&Backend> = None;
-    if let Some(id) = tracked
-        && let Some(b) = BACKENDS.get(id)
-        && b.is_usable()
-        && b.vip_index == vip.index
-    {
-        hit = true;
-        backend_id = id;
-        backend = Some(b);
-    }
-    let backend = match backend {
-        Some(b) => b,
-        None => {
-            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
-            backend_id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
-            let b = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
-            if !b.is_usable() {
-                return Err(Reason::DropNoBackend);
-            }
-            if now == 0 {
-                now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
-            }
-            let _ = CONNTRACK.insert(
-                &flow,
-                &FlowEntry {
-                    backend_id,
-                    flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
-                    last_seen_ms: now,
-                },
-                0,
-            );
-            b
-        }
-    };
-    if !(cached && hit)
-        && let Some(c) = cache_slot
-    {
-        // SAFETY: a plain store into the array value; concurrent readers
-        // validate with `check`.
-        unsafe {
-            *c = FlowCacheEntry {
-                key: flow,
-                backend_id,
-                check: mix ^ backend_id,
-            };
-        }
-    }
-
     // Bytes as received: the client's frame, without any outer header lb
     // adds (the same count whatever the VIP's mode).
-    let bytes = frame_len as u64;
-    if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
-        // SAFETY: per-CPU slot.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-            if hit {
-                (*s).conntrack_hits += 1;
-            } else {
-                (*s).new_flows += 1;
-            }
-        }
-    }
-    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: per-CPU slot.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-        }
-    }
+    let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
 
     forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
 }
@@ -530,6 +426,9 @@ fn forward(
 ) -> Result<u32, Reason> {
     match vip.forwarding {
         FORWARD_IPIP | FORWARD_GUE => {
+            if backend.is_v6() {
+                return Err(Reason::DropUnsupportedForwarding);
+            }
             let outer = Outer {
                 dst_mac: backend.dst_mac,
                 src_mac: backend.src_mac,

@@ -129,3 +129,92 @@ pub unsafe fn write_macs(frame: *mut u8, dst: [u8; 6], src: [u8; 6]) {
         (frame.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([s2, s3, s4, s5]));
     }
 }
+
+/// The fixed IPv6 header's length.
+pub const IPV6_HDR_LEN: usize = 40;
+pub const IPV6_NEXT_HOP_BY_HOP: u8 = 0;
+pub const IPV6_NEXT_ROUTING: u8 = 43;
+pub const IPV6_NEXT_FRAGMENT: u8 = 44;
+pub const IPV6_NEXT_DEST_OPTS: u8 = 60;
+
+/// The fixed IPv6 header, as the fast path reads it: the addresses as four
+/// native words of wire bytes each (as `lb_common::FlowKey6` holds them).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    pub vcf: [u8; 4],
+    /// Payload length, network order.
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// The IPv6 header at `l3`, bounds checked for its fixed 40 bytes.
+#[inline(always)]
+pub fn ipv6(ctx: &XdpContext, l3: usize) -> Option<&Ipv6Hdr> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: bounds checked by ptr_at; the frame outlives `ctx`'s borrow.
+    // The words may be only 2-byte aligned: XDP data is, and BPF loads of
+    // any alignment are fine on the architectures lb supports.
+    Some(unsafe { &*ip })
+}
+
+/// Where an IPv6 packet's extension headers lead.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Next {
+    /// The upper-layer header: its protocol and offset in the frame.
+    Upper { proto: u8, l4: usize },
+    /// A fragment header: the packet is a fragment (even at offset 0, its
+    /// L4 header may be split), never steered by flow.
+    Fragment,
+    /// More than `MAX_IPV6_EXT_HEADERS` extension headers.
+    TooMany,
+    /// An extension header runs past the payload (or the frame).
+    Truncated,
+}
+
+/// Walks the extension headers (hop-by-hop, routing, destination options)
+/// after the fixed header at `l3`, at most `max` of them; `end` is the
+/// payload's end (offset in the frame, checked against the frame by the
+/// caller). A bounded loop: the verifier sees at most `max` rounds.
+#[inline(always)]
+pub fn ipv6_upper(ctx: &XdpContext, l3: usize, first: u8, end: usize, max: u32) -> Ipv6Next {
+    let mut next = first;
+    let mut off = l3 + IPV6_HDR_LEN;
+    for _ in 0..max {
+        match next {
+            IPV6_NEXT_HOP_BY_HOP | IPV6_NEXT_ROUTING | IPV6_NEXT_DEST_OPTS => {
+                // Next header and length (in 8-byte units, not counting
+                // the first 8) are the first two bytes.
+                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
+                    return Ipv6Next::Truncated;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let [n, len] = unsafe { *h };
+                next = n;
+                off += (len as usize + 1) * 8;
+                if off > end {
+                    return Ipv6Next::Truncated;
+                }
+            }
+            IPV6_NEXT_FRAGMENT => return Ipv6Next::Fragment,
+            _ => {
+                return Ipv6Next::Upper {
+                    proto: next,
+                    l4: off,
+                };
+            }
+        }
+    }
+    match next {
+        IPV6_NEXT_HOP_BY_HOP | IPV6_NEXT_ROUTING | IPV6_NEXT_DEST_OPTS => Ipv6Next::TooMany,
+        IPV6_NEXT_FRAGMENT => Ipv6Next::Fragment,
+        _ => Ipv6Next::Upper {
+            proto: next,
+            l4: off,
+        },
+    }
+}

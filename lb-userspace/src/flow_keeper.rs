@@ -110,7 +110,7 @@ impl FlowKeeper {
     /// pinned clock. `egress`: the ifindexes of the attached interfaces.
     pub fn start(
         pin_dir: &Path,
-        flow_cache: OwnedFd,
+        flow_caches: FlowCaches,
         timeouts: FlowTimeouts,
         egress: impl IntoIterator<Item = u32>,
     ) -> anyhow::Result<Self> {
@@ -142,7 +142,7 @@ impl FlowKeeper {
             started,
             max_l3_len: 0,
             next_mtu: started,
-            flow_cache,
+            flow_caches,
         };
         state.step(&shared, &mut runtime)?;
         let clock_shared = shared.clone();
@@ -233,8 +233,31 @@ impl Drop for FlowKeeper {
     }
 }
 
+/// The flow caches the keeper clears each tick: FLOW_CACHE (IPv4) and
+/// FLOW_CACHE6 (IPv6), both belonging to the loaded program (not pinned).
+pub struct FlowCaches {
+    pub v4: OwnedFd,
+    pub v6: OwnedFd,
+}
+
+impl FlowCaches {
+    /// Empties both caches.
+    pub fn clear(&self) -> anyhow::Result<()> {
+        clear_flow_cache(
+            self.v4.as_fd(),
+            std::mem::size_of::<lb_common::FlowCacheEntry>(),
+            map_names::FLOW_CACHE,
+        )?;
+        clear_flow_cache(
+            self.v6.as_fd(),
+            std::mem::size_of::<lb_common::FlowCacheEntry6>(),
+            map_names::FLOW_CACHE6,
+        )
+    }
+}
+
 struct KeeperState {
-    flow_cache: OwnedFd,
+    flow_caches: FlowCaches,
     base: u64,
     started: Instant,
     max_l3_len: u32,
@@ -267,7 +290,7 @@ impl KeeperState {
         runtime
             .set(0, rt, 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", map_names::RUNTIME))?;
-        clear_flow_cache(self.flow_cache.as_fd())?;
+        self.flow_caches.clear()?;
         shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt = rt;
         Ok(())
     }
@@ -287,13 +310,13 @@ pub fn count_flows(conntrack: BorrowedFd<'_>, rt: &Runtime) -> anyhow::Result<Fl
     Ok(count)
 }
 
-/// Empties every slot of the flow cache (`map`: FLOW_CACHE) in one
-/// batched update. A packet reading a slot meanwhile sees the old entry,
-/// an empty one, or a torn mix that its check word rejects.
-pub fn clear_flow_cache(map: BorrowedFd<'_>) -> anyhow::Result<()> {
+/// Empties every slot of a flow cache (`map`: FLOW_CACHE or FLOW_CACHE6,
+/// named `name`, values of `value_size` bytes) in one batched update. A
+/// packet reading a slot meanwhile sees the old entry, an empty one, or a
+/// torn mix that its check word rejects.
+pub fn clear_flow_cache(map: BorrowedFd<'_>, value_size: usize, name: &str) -> anyhow::Result<()> {
     let keys: Vec<u32> = (0..FLOW_CACHE_SLOTS).collect();
-    let values =
-        vec![0u8; FLOW_CACHE_SLOTS as usize * std::mem::size_of::<lb_common::FlowCacheEntry>()];
+    let values = vec![0u8; FLOW_CACHE_SLOTS as usize * value_size];
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
@@ -305,7 +328,7 @@ pub fn clear_flow_cache(map: BorrowedFd<'_>) -> anyhow::Result<()> {
         flags: 0,
     };
     bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)
-        .map_err(|e| anyhow::anyhow!("clearing FLOW_CACHE (BPF_MAP_UPDATE_BATCH): {e}"))
+        .map_err(|e| anyhow::anyhow!("clearing {name} (BPF_MAP_UPDATE_BATCH): {e}"))
 }
 /// Records per batched lookup.
 const BATCH: usize = 1024;

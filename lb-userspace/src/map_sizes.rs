@@ -9,6 +9,9 @@ pub struct MapSizes {
     /// and a VIP's own ring size may be anything up to it.
     pub ring_size: u32,
     pub conntrack_entries: u32,
+    /// Elements of CONNTRACK6 (IPv6 flows); the agent gives it
+    /// `conntrack_entries`.
+    pub conntrack6_entries: u32,
 }
 
 impl MapSizes {
@@ -26,6 +29,7 @@ impl Default for MapSizes {
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+            conntrack6_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
         }
     }
 }

@@ -158,7 +158,10 @@ impl Layout {
     pub fn of(sizes: crate::map_sizes::MapSizes) -> Self {
         use std::mem::size_of;
 
-        use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, Reason, VipSlot, VipStats};
+        use lb_common::{
+            Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, Reason, VipSlot, VipSlot6,
+            VipStats,
+        };
         let e = |k: &str, v: u64| (k.to_string(), v.to_string());
         Layout(vec![
             e("layout_version", lb_common::LAYOUT_VERSION.into()),
@@ -166,10 +169,13 @@ impl Layout {
             e("max_backends", sizes.max_backends.into()),
             e("ring_size", sizes.ring_size.into()),
             e("conntrack_entries", sizes.conntrack_entries.into()),
+            e("conntrack6_entries", sizes.conntrack6_entries.into()),
             e("reasons", Reason::COUNT.into()),
             e("size_of_VipSlot", size_of::<VipSlot>() as u64),
             e("size_of_Backend", size_of::<Backend>() as u64),
             e("size_of_FlowKey", size_of::<FlowKey>() as u64),
+            e("size_of_VipSlot6", size_of::<VipSlot6>() as u64),
+            e("size_of_FlowKey6", size_of::<FlowKey6>() as u64),
             e("size_of_FlowEntry", size_of::<FlowEntry>() as u64),
             e("size_of_VipStats", size_of::<VipStats>() as u64),
             e("size_of_BackendStats", size_of::<BackendStats>() as u64),
@@ -216,6 +222,9 @@ impl Layout {
         for (k, w) in &wanted.0 {
             let why = if SETTINGS.contains(&k.as_str()) {
                 format!("[agent] {k}")
+            } else if k == "conntrack6_entries" {
+                // Sized from the IPv4 setting until IPv6 has its own.
+                "[agent] conntrack_entries".to_string()
             } else {
                 "made by another lb version".to_string()
             };
@@ -564,16 +573,21 @@ mod tests {
     fn differences_name_the_setting_and_both_values() {
         let pinned = Layout::of(MapSizes {
             conntrack_entries: 65536,
+            conntrack6_entries: 65536,
             ..MapSizes::default()
         });
         let wanted = Layout::of(MapSizes {
             conntrack_entries: 32768,
+            conntrack6_entries: 32768,
             ..MapSizes::default()
         });
         let d = Layout::diff(&pinned, &wanted);
         assert_eq!(
             d,
-            ["conntrack_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)"]
+            [
+                "conntrack_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)",
+                "conntrack6_entries: pinned 65536, this agent 32768 ([agent] conntrack_entries)"
+            ]
         );
     }
 

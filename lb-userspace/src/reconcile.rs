@@ -284,6 +284,8 @@ mod tests {
             dst_mac: [2, 0, 0, 0, 0, id as u8],
             src_mac: [2, 0, 0, 0, 0, 0xfe],
             encap_src: 0,
+            addr6: [0; 4],
+            encap_src6: [0; 4],
         }
     }
 

@@ -3,17 +3,17 @@
 //! runs the programs of [`crate::testprogs`]).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb::{
-    datapath::{Datapath, MapSizes, backend_entry, pin_dir, remove_pins},
+    datapath::{Datapath, MapSizes, backend_entry, backend_entry6, pin_dir, remove_pins},
     maglev::{MaglevBackend, MaglevTable},
 };
-use lb_common::{FORWARD_DSR_L2, VipInfo, VipKey, program_names};
+use lb_common::{FORWARD_DSR_L2, VipInfo, VipKey, VipKey6, program_names};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -37,6 +37,11 @@ pub const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// The GUE port of the fixture's GUE VIPs (not the default, so that a
 /// test sees it comes from the VIP entry).
 pub const GUE_PORT: u16 = 7777;
+
+/// IPv6 backend `id`'s address.
+pub fn backend_addr6(id: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, id as u16)
+}
 
 /// Backend `id`'s address.
 pub fn backend_addr(id: u32) -> Ipv4Addr {
@@ -71,6 +76,7 @@ impl Fixture {
             max_backends: 64,
             ring_size: lb_common::DEFAULT_RING_SIZE,
             conntrack_entries: 1 << 16,
+            conntrack6_entries: 1 << 16,
         })
     }
 
@@ -146,6 +152,50 @@ impl Fixture {
                     forwarding,
                     gue_port: GUE_PORT.to_be(),
                 },
+            )
+            .unwrap();
+    }
+
+    /// The IPv6 [`Fixture::add_vip`]: VIP number `index` at an IPv6
+    /// address, forwarded in mode `forwarding`; backend `id` is IPv6
+    /// ([`backend_addr6`]) with MAC `backend_mac(id)`, behind the ingress
+    /// interface. Service entry and address marker in VIPS6.
+    pub fn add_vip6(
+        &mut self,
+        index: u32,
+        vip: (Ipv6Addr, u16, u8),
+        backends: &[(u32, u32)],
+        forwarding: u8,
+    ) {
+        let ring_size = self.dp.sizes().ring_size;
+        for &(id, _) in backends {
+            let b = backend_entry6(
+                backend_addr6(id),
+                INGRESS_IFINDEX,
+                index,
+                true,
+                backend_mac(id),
+                LB_MAC,
+            );
+            self.dp.set_backend(id, b).unwrap();
+        }
+        self.write_ring(index, backends);
+        let (addr, port, proto) = vip;
+        let info = |flags| VipInfo {
+            index,
+            ring_base: index * ring_size,
+            ring_size,
+            flags,
+            forwarding,
+            gue_port: GUE_PORT.to_be(),
+        };
+        self.dp
+            .set_vip6(VipKey6::new(addr, port, proto), info(0))
+            .unwrap();
+        self.dp
+            .set_vip6(
+                VipKey6::addr_only(addr),
+                info(lb_common::VIP_FLAG_ADDR_ONLY),
             )
             .unwrap();
     }

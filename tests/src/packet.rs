@@ -393,3 +393,117 @@ pub fn icmpv6_neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> 
         &l3,
     )
 }
+
+// ---------------------------------------------------------------------------
+// IPv6 frames for the fast path's IPv6 tests: extension headers, VLAN,
+// fragments.
+// ---------------------------------------------------------------------------
+
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_DEST_OPTS: u8 = 60;
+
+/// An Ethernet/IPv6/TCP-or-UDP frame, field by field.
+#[derive(Clone, Debug)]
+pub struct Ipv6Packet {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// One 802.1Q tag (VLAN id).
+    pub vlan: Option<u16>,
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    /// Extension headers in order, by type (0, 43, 44, 60 or any other
+    /// number, written as an 8-byte header: options are one PadN, the
+    /// routing header has no segments left, the fragment header has
+    /// offset 0 and M set).
+    pub ext: Vec<u8>,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP flags (ignored for UDP).
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Ipv6Packet {
+    pub fn tcp(src: Ipv6Addr, src_port: u16, dst: Ipv6Addr, dst_port: u16) -> Self {
+        Self {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0, 0x02],
+            vlan: None,
+            src,
+            dst,
+            ext: Vec::new(),
+            proto: IPPROTO_TCP,
+            src_port,
+            dst_port,
+            tcp_flags: TCP_SYN,
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn udp(src: Ipv6Addr, src_port: u16, dst: Ipv6Addr, dst_port: u16) -> Self {
+        Self {
+            proto: IPPROTO_UDP,
+            payload: b"hello".to_vec(),
+            ..Self::tcp(src, src_port, dst, dst_port)
+        }
+    }
+
+    /// The L3 packet (fixed header, extension headers, L4).
+    pub fn l3(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        let chain: Vec<u8> = self.ext.iter().copied().chain([self.proto]).collect();
+        for (i, &kind) in self.ext.iter().enumerate() {
+            let next = chain[i + 1];
+            match kind {
+                IPV6_FRAGMENT => body.extend_from_slice(&[next, 0, 0, 1, 0, 0, 0x12, 0x34]),
+                IPV6_ROUTING => body.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]),
+                _ => body.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+            }
+        }
+        body.extend_from_slice(&self.src_port.to_be_bytes());
+        body.extend_from_slice(&self.dst_port.to_be_bytes());
+        match self.proto {
+            IPPROTO_TCP => {
+                body.extend_from_slice(&1u32.to_be_bytes());
+                body.extend_from_slice(&0u32.to_be_bytes());
+                body.push(5 << 4);
+                body.push(self.tcp_flags);
+                body.extend_from_slice(&65535u16.to_be_bytes());
+                body.extend_from_slice(&[0, 0, 0, 0]);
+            }
+            IPPROTO_UDP => {
+                body.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                body.extend_from_slice(&[0, 0]);
+            }
+            _ => {}
+        }
+        body.extend_from_slice(&self.payload);
+        ipv6_l3(self.src, self.dst, chain[0], &body)
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        ethernet_frame(
+            self.dst_mac,
+            self.src_mac,
+            self.vlan,
+            ETH_P_IPV6,
+            &self.l3(),
+        )
+    }
+}
+
+/// An ICMPv6 echo request from `src` to `dst` (checksum not computed:
+/// nothing here checks it).
+pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let icmp = [128, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
+    ethernet_frame(
+        [0x02, 0, 0, 0, 0, 0x01],
+        [0x02, 0, 0, 0, 0, 0x02],
+        None,
+        ETH_P_IPV6,
+        &ipv6_l3(src, dst, IPPROTO_ICMPV6, &icmp),
+    )
+}

@@ -25,6 +25,7 @@ fn fixture(conntrack_entries: u32, proto: u8) -> Fixture {
         max_backends: 64,
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
+        conntrack6_entries: conntrack_entries,
     });
     f.add_vip(0, (VIP, 80, proto), &[(1, 1), (2, 1), (3, 1)]);
     f

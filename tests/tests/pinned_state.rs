@@ -115,6 +115,10 @@ fn pins_of_another_layout_are_refused_until_reset() -> Result<()> {
         record.get("conntrack_entries") == Some("65536"),
         "{record:?}"
     );
+    // The IPv6 maps are created and pinned with the others, CONNTRACK6
+    // sized like CONNTRACK, VIPS6 like VIPS.
+    ensure!(pinned_max_entries(&dir, "CONNTRACK6")? == 65536);
+    ensure!(pinned_max_entries(&dir, "VIPS6")? == pinned_max_entries(&dir, "VIPS")?);
     s.get_through_lb(20_000, 5)?;
     let log = agent.stop()?;
     ensure!(log.contains("left attached"), "agent log:\n{log}");

@@ -287,6 +287,7 @@ impl Sink {
             max_backends: 1,
             ring_size: SINK_RING,
             conntrack_entries: 16,
+            conntrack6_entries: 16,
         })
         .context("loading the sink's XDP object")?;
         dp.set_backend(

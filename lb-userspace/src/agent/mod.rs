@@ -117,6 +117,9 @@ impl Agent {
             max_backends: cfg.agent.kernel.max_backends,
             ring_size: cfg.agent.kernel.ring_size,
             conntrack_entries: cfg.agent.kernel.conntrack_entries,
+            // IPv6 flows get as many records as IPv4 ones (no setting of
+            // their own until the agent serves IPv6 VIPs).
+            conntrack6_entries: cfg.agent.kernel.conntrack_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);

@@ -5,7 +5,7 @@ use aya::maps::{Array, MapData, xdp::DevMapHash};
 use lb_common::{Runtime, map_names};
 
 use super::{Datapath, Result, ifname, map_err};
-use crate::flow_keeper::{FlowCount, FlowKeeper, FlowTimeouts};
+use crate::flow_keeper::{FlowCaches, FlowCount, FlowKeeper, FlowTimeouts};
 
 impl Datapath {
     /// Starts the flow keeper (see [`crate::flow_keeper`]): the clock, the
@@ -19,26 +19,28 @@ impl Datapath {
     ) -> anyhow::Result<()> {
         let mut egress: Vec<u32> = egress.into_iter().collect();
         egress.extend(self.tx_ports()?);
-        let cache = {
-            use std::os::fd::AsFd as _;
-            self.flow_cache_fd()?.as_fd().try_clone_to_owned()?
-        };
-        self.keeper = Some(FlowKeeper::start(&self.pin_dir, cache, timeouts, egress)?);
+        let caches = self.flow_caches()?;
+        self.keeper = Some(FlowKeeper::start(&self.pin_dir, caches, timeouts, egress)?);
         Ok(())
     }
 
-    fn flow_cache_fd(&self) -> anyhow::Result<&aya::maps::MapFd> {
-        match self.map(map_names::FLOW_CACHE) {
-            aya::maps::Map::Array(d) => Ok(d.fd()),
-            _ => anyhow::bail!("map {} is not an array", map_names::FLOW_CACHE),
-        }
+    fn flow_caches(&self) -> anyhow::Result<FlowCaches> {
+        use std::os::fd::AsFd as _;
+        let fd = |name: &'static str| match self.map(name) {
+            aya::maps::Map::Array(d) => Ok(d.fd().as_fd().try_clone_to_owned()?),
+            _ => anyhow::bail!("map {name} is not an array"),
+        };
+        Ok(FlowCaches {
+            v4: fd(map_names::FLOW_CACHE)?,
+            v6: fd(map_names::FLOW_CACHE6)?,
+        })
     }
 
-    /// Empties the flow cache, as the flow keeper does once per tick of
-    /// the clock (tests drive the ticks with this and [`Self::set_runtime`]).
+    /// Empties the flow caches (IPv4 and IPv6), as the flow keeper does
+    /// once per tick of the clock (tests drive the ticks with this and
+    /// [`Self::set_runtime`]).
     pub fn clear_flow_cache(&self) -> anyhow::Result<()> {
-        use std::os::fd::AsFd as _;
-        crate::flow_keeper::clear_flow_cache(self.flow_cache_fd()?.as_fd())
+        self.flow_caches()?.clear()
     }
 
     /// New conntrack timeouts for the running keeper (a reload).

@@ -23,6 +23,9 @@ use thiserror::Error;
 
 mod flows;
 mod kernel_maps;
+mod v6;
+
+pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
 
@@ -61,6 +64,8 @@ pub enum DatapathError {
         "the VIP table ({slots} slots) has no free slot near this VIP's home slot; raise max_vips"
     )]
     VipTableFull { slots: usize },
+    #[error("IPv6 VIP address {0} is reserved (:: marks an empty slot, all ones a removed one)")]
+    BadVip6(std::net::Ipv6Addr),
     #[error("map TX_PORTS: {0}")]
     TxPort(String),
     #[error("interface {0} does not exist")]
@@ -585,9 +590,11 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 6] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 8] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
+        (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
+        (map_names::CONNTRACK6, sizes.conntrack6_entries),
         (map_names::BACKENDS, sizes.backend_slots()),
         (
             map_names::RINGS,
@@ -656,5 +663,7 @@ pub fn backend_entry(
         dst_mac,
         src_mac,
         encap_src: 0,
+        addr6: [0; 4],
+        encap_src6: [0; 4],
     }
 }

@@ -1,0 +1,246 @@
+//! Module of the lb-ebpf binary (main.rs), not of the library: the steps
+//! a VIP's packet takes to its backend, shared by IPv4 and IPv6 over the
+//! [`Flow`] trait (each family has its own flow key, flow cache and
+//! conntrack map; the backends, rings and counters are shared). Inlined
+//! per family, so each compiles to what a hand-written path would.
+
+use lb_common::{
+    Backend, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6,
+    NO_BACKEND, Reason, VipInfo, flow_cache_mix, flow_cache_mix6, flow_cache_slot, ring_slot,
+};
+
+use crate::{
+    BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK6, FLOW_CACHE, FLOW_CACHE6, RINGS, RUNTIME,
+    VIP_STATS,
+};
+
+/// A family's flow key, with its flow cache and conntrack map.
+pub(crate) trait Flow: Copy {
+    type Cache: Copy;
+    /// The flow cache's one-multiply mix.
+    fn mix(&self) -> u32;
+    /// The flow hash (the ring's).
+    fn hash(&self) -> u32;
+    fn proto(&self) -> u32;
+    fn cache_slot(slot: u32) -> Option<*mut Self::Cache>;
+    /// The backend id of a cache copy that holds this flow and passes the
+    /// check.
+    fn cached(&self, c: &Self::Cache, mix: u32) -> Option<u32>;
+    fn cache_entry(&self, backend_id: u32, mix: u32) -> Self::Cache;
+    fn tracked(&self) -> Option<*mut FlowEntry>;
+    fn track(&self, entry: &FlowEntry);
+}
+
+impl Flow for FlowKey {
+    type Cache = FlowCacheEntry;
+    #[inline(always)]
+    fn mix(&self) -> u32 {
+        flow_cache_mix(self)
+    }
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        FlowKey::hash(self)
+    }
+    #[inline(always)]
+    fn proto(&self) -> u32 {
+        self.proto
+    }
+    #[inline(always)]
+    fn cache_slot(slot: u32) -> Option<*mut FlowCacheEntry> {
+        FLOW_CACHE.get_ptr_mut(slot)
+    }
+    #[inline(always)]
+    fn cached(&self, c: &FlowCacheEntry, mix: u32) -> Option<u32> {
+        (c.key.as_words() == self.as_words() && c.check == mix ^ c.backend_id)
+            .then_some(c.backend_id)
+    }
+    #[inline(always)]
+    fn cache_entry(&self, backend_id: u32, mix: u32) -> FlowCacheEntry {
+        FlowCacheEntry {
+            key: *self,
+            backend_id,
+            check: mix ^ backend_id,
+        }
+    }
+    #[inline(always)]
+    fn tracked(&self) -> Option<*mut FlowEntry> {
+        // The key by reference: by value it is copied to the stack once
+        // more.
+        CONNTRACK.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn track(&self, entry: &FlowEntry) {
+        let _ = CONNTRACK.insert(self, entry, 0);
+    }
+}
+
+impl Flow for FlowKey6 {
+    type Cache = FlowCacheEntry6;
+    #[inline(always)]
+    fn mix(&self) -> u32 {
+        flow_cache_mix6(self)
+    }
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        FlowKey6::hash(self)
+    }
+    #[inline(always)]
+    fn proto(&self) -> u32 {
+        self.proto
+    }
+    #[inline(always)]
+    fn cache_slot(slot: u32) -> Option<*mut FlowCacheEntry6> {
+        FLOW_CACHE6.get_ptr_mut(slot)
+    }
+    #[inline(always)]
+    fn cached(&self, c: &FlowCacheEntry6, mix: u32) -> Option<u32> {
+        (c.key.as_words() == self.as_words() && c.check == mix ^ c.backend_id)
+            .then_some(c.backend_id)
+    }
+    #[inline(always)]
+    fn cache_entry(&self, backend_id: u32, mix: u32) -> FlowCacheEntry6 {
+        FlowCacheEntry6 {
+            key: *self,
+            backend_id,
+            check: mix ^ backend_id,
+        }
+    }
+    #[inline(always)]
+    fn tracked(&self) -> Option<*mut FlowEntry> {
+        CONNTRACK6.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn track(&self, entry: &FlowEntry) {
+        let _ = CONNTRACK6.insert(self, entry, 0);
+    }
+}
+
+/// The backend for `flow` of `vip`, with the VIP's and the backend's
+/// counters moved (`bytes`: the frame as received).
+///
+/// Established flow: honoured while its backend is usable and still
+/// serves this VIP, and its record has not expired; otherwise it falls
+/// through to the ring. The flow cache answers for flows it already
+/// answered since the agent last cleared it (once per tick of the flow
+/// clock) with one inlined array load; the first packet of a flow in a
+/// tick (and every FIN or RST) goes through the conntrack map (the LRU),
+/// the record: the lookup keeps the record fresh in the LRU, checks its
+/// expiry and stamps it with the clock. So a flow in use refreshes its
+/// record once per tick at the cost of one lookup, whatever else shares
+/// its cache slot, and a cache hit reads no clock. The cache slot comes
+/// from one multiply (the full flow hash is only needed, and computed, on
+/// the way to the ring).
+///
+/// A TCP SYN without ACK (`new_connection`) is steered by the ring even
+/// when a record exists (a reused source port must follow the current
+/// ring); a FIN or RST (`closing`) moves the record to the closing
+/// timeout.
+#[inline(always)]
+pub(crate) fn steer<F: Flow>(
+    flow: &F,
+    vip: &VipInfo,
+    new_connection: bool,
+    closing: bool,
+    bytes: u64,
+) -> Result<&'static Backend, Reason> {
+    let mix = flow.mix();
+    let cache_slot = F::cache_slot(flow_cache_slot(mix));
+    let mut cached = false;
+    // The clock, once read (on the way to conntrack); 0 without an agent.
+    let mut now = 0;
+    let tracked = if new_connection {
+        None
+    } else {
+        let copy = cache_slot.map(|c| {
+            // SAFETY: an array value, valid for the program's run; it is
+            // copied out, and a copy torn by a concurrent writer is handled
+            // as FLOW_CACHE describes.
+            unsafe { *c }
+        });
+        match copy.and_then(|c| flow.cached(&c, mix)) {
+            Some(id) if !closing => {
+                cached = true;
+                Some(id)
+            }
+            _ => match flow.tracked() {
+                Some(e) => {
+                    // SAFETY: the map value stays valid for the program's
+                    // run (RCU); concurrent writers store whole words.
+                    let entry = unsafe { &mut *e };
+                    let rt = RUNTIME.get(0);
+                    now = rt.map_or(0, |rt| rt.now_ms);
+                    if rt.is_some_and(|rt| entry.is_expired(flow.proto(), rt)) {
+                        None
+                    } else {
+                        entry.last_seen_ms = now;
+                        if closing {
+                            entry.flags |= FLOW_FLAG_CLOSING;
+                        }
+                        Some(entry.backend_id)
+                    }
+                }
+                None => None,
+            },
+        }
+    };
+    let mut hit = false;
+    let mut backend_id = NO_BACKEND;
+    let mut backend: Option<&'static Backend> = None;
+    if let Some(id) = tracked
+        && let Some(b) = BACKENDS.get(id)
+        && b.is_usable()
+        && b.vip_index == vip.index
+    {
+        hit = true;
+        backend_id = id;
+        backend = Some(b);
+    }
+    let backend = match backend {
+        Some(b) => b,
+        None => {
+            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+            backend_id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
+            let b = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
+            if !b.is_usable() {
+                return Err(Reason::DropNoBackend);
+            }
+            if now == 0 {
+                now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
+            }
+            flow.track(&FlowEntry {
+                backend_id,
+                flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
+                last_seen_ms: now,
+            });
+            b
+        }
+    };
+    if !(cached && hit)
+        && let Some(c) = cache_slot
+    {
+        // SAFETY: a plain store into the array value; concurrent readers
+        // validate with `check`.
+        unsafe { *c = flow.cache_entry(backend_id, mix) };
+    }
+
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            if hit {
+                (*s).conntrack_hits += 1;
+            } else {
+                (*s).new_flows += 1;
+            }
+        }
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+    Ok(backend)
+}
