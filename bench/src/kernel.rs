@@ -94,7 +94,7 @@ fn test_run(
 /// repeat, fixed cost of the call in ms = wall time − repeat × the kernel's
 /// figure). The fixed cost is large: with repeat > 1 the kernel swaps the
 /// XDP dispatcher before and after the loop, each time waiting for RCU.
-fn repeated(
+pub(crate) fn repeated(
     prog: &Xdp,
     frame: &[u8],
     out: &mut [u8],
@@ -260,6 +260,7 @@ struct Samples {
     pass_fixed: Vec<f64>,
     hit: Vec<f64>,
     hit_fixed: Vec<f64>,
+    hit6: Vec<f64>,
     dead: Vec<f64>,
     new_lb_wall: Vec<f64>,
     new_ret_wall: Vec<f64>,
@@ -291,7 +292,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     };
     let conntrack_entries = u32::try_from(conntrack_entries).context("too many flows")?;
     let sizes = MapSizes {
-        max_vips: 4,
+        max_vips: 8,
         max_backends: 64,
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
@@ -317,6 +318,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         f.dp.set_backend(id, b)?;
     }
     let encap = crate::encap::EncapBench::new(&mut f, VIP)?;
+    let mut v6 = crate::v6::V6Bench::new(&mut f)?;
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -412,6 +414,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         hits_counted += hits;
         s.hit.push(k);
         s.hit_fixed.push(w);
+        s.hit6.push(v6.hit(&f, lb, cfg.repeat)?);
 
         let before = f.reasons();
         let (k, _) = repeated(lb, &to_dead, &mut out, cfg.repeat, XDP_DROP, "no backend")?;
@@ -519,6 +522,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         rows,
         crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
         crate::encap::rows(&s.encap_dsr, &s.encap_ipip, &s.encap_gue, &floor_s, k),
+        crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
     ]
     .concat();
 

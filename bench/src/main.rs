@@ -17,6 +17,7 @@ mod encap;
 mod kernel;
 mod maglev;
 mod report;
+mod v6;
 
 use std::{
     fs,
