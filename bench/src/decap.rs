@@ -8,12 +8,13 @@
 use std::net::Ipv4Addr;
 
 use crate::report::{Better, Row, Stats, Target, TargetOn, fmt_num};
-use anyhow::{Context, Result, ensure};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use crate::single::{Kind, interleaved};
+use anyhow::{Result, ensure};
+use aya::programs::Xdp;
 use lb::decap::{Cidr, DecapProgram, Settings};
 use lb_common::decap::DEFAULT_GUE_PORT;
 use lb_tests::{
-    fixture::XDP_PASS,
+    fixture::{XDP_PASS, XDP_TX},
     packet::{Encap, Ipv4Packet, TCP_ACK, tunnel_frame},
 };
 
@@ -21,8 +22,6 @@ const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
 /// The target, as a ratio to the floor.
 const TARGET: f64 = 2.0;
-/// Calls of each kind per interleaved chunk.
-const CHUNK: usize = 100;
 
 /// The decap program with an allow-list holding the bench's LB source,
 /// and the two tunnel frames it strips.
@@ -41,22 +40,6 @@ pub struct DecapRun {
     /// The floor program measured the same way (one call per packet), on
     /// the inner packet: the like-for-like baseline.
     pub floor: f64,
-}
-
-fn kernel_ns(prog: &Xdp, frame: &[u8], out: &mut [u8], calls: usize) -> Result<(u64, usize)> {
-    let (mut ns, mut bad) = (0u64, 0usize);
-    for _ in 0..calls {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut *out),
-                ..TestRunOptions::new()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        ns += r.duration.as_nanos() as u64;
-        bad += usize::from(r.return_value != XDP_PASS);
-    }
-    Ok((ns, bad))
 }
 
 impl DecapBench {
@@ -107,40 +90,19 @@ impl DecapBench {
     /// interleaved by chunks in rotating order; checks every action and
     /// that the decap counters moved by exactly `calls` each.
     pub fn run(&self, ret: &Xdp, floor: &Xdp, calls: usize) -> Result<DecapRun> {
-        let mut out = vec![0u8; self.gue.len() + 256];
         let before = self.decapsulated()?;
         let prog = self.prog.program();
-        // [ipip, gue, return on ipip, return on gue, floor, return on plain]
-        let mut ns = [0u64; 6];
-        let mut bad = 0;
-        let mut floor_bad = 0;
-        for c in 0..calls.div_ceil(CHUNK) {
-            let n = CHUNK.min(calls - c * CHUNK);
-            for j in 0..6 {
-                let which = (c + j) % 6;
-                let (p, frame) = match which {
-                    0 => (prog, &self.ipip),
-                    1 => (prog, &self.gue),
-                    2 => (ret, &self.ipip),
-                    3 => (ret, &self.gue),
-                    4 => (floor, &self.plain),
-                    _ => (ret, &self.plain),
-                };
-                let (k, b) = kernel_ns(p, frame, &mut out, n)?;
-                ns[which] += k;
-                // The floor answers XDP_TX (3), every other XDP_PASS.
-                if which == 4 {
-                    floor_bad += n - b;
-                } else {
-                    bad += b;
-                }
-            }
-        }
-        ensure!(bad == 0, "lb_decap: {bad} calls did not return XDP_PASS");
-        ensure!(
-            floor_bad == 0,
-            "lb_floor: {floor_bad} calls returned XDP_PASS"
-        );
+        let ns = interleaved(
+            &[
+                Kind::new(prog, &self.ipip, XDP_PASS, "lb_decap IPIP"),
+                Kind::new(prog, &self.gue, XDP_PASS, "lb_decap GUE"),
+                Kind::new(ret, &self.ipip, XDP_PASS, "lb_return"),
+                Kind::new(ret, &self.gue, XDP_PASS, "lb_return"),
+                Kind::new(floor, &self.plain, XDP_TX, "lb_floor"),
+                Kind::new(ret, &self.plain, XDP_PASS, "lb_return"),
+            ],
+            calls,
+        )?;
         let after = self.decapsulated()?;
         let moved = (after.0 - before.0, after.1 - before.1);
         ensure!(

@@ -11,8 +11,9 @@
 use std::net::Ipv4Addr;
 
 use crate::report::{Better, Row, Stats, Target, TargetOn, fmt_num};
-use anyhow::{Context, Result, ensure};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use crate::single::{Kind, interleaved};
+use anyhow::{Result, ensure};
+use aya::programs::Xdp;
 use lb_common::{FORWARD_DSR_L2, FORWARD_GUE, FORWARD_IPIP, IPPROTO_TCP, program_names};
 use lb_tests::{
     fixture::{Fixture, XDP_PASS, XDP_TX},
@@ -27,8 +28,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PORT: u16 = 80;
 /// The target: what encapsulation adds to a hit, in ns.
 const TARGET_NS: f64 = 25.0;
-/// Calls of each kind per interleaved chunk.
-const CHUNK: usize = 100;
 
 /// ACK frames of one established flow per mode.
 pub struct EncapBench {
@@ -40,26 +39,6 @@ pub struct EncapRun {
     pub dsr: f64,
     pub ipip: f64,
     pub gue: f64,
-}
-
-fn kernel_ns(prog: &Xdp, frame: &[u8], out: &mut [u8], calls: usize, want: u32) -> Result<u64> {
-    let mut ns = 0u64;
-    for _ in 0..calls {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut *out),
-                ..TestRunOptions::new()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        ensure!(
-            r.return_value == want,
-            "action {}, want {want}",
-            r.return_value
-        );
-        ns += r.duration.as_nanos() as u64;
-    }
-    Ok(ns)
 }
 
 impl EncapBench {
@@ -100,7 +79,6 @@ impl EncapBench {
     /// action and that each VIP counted exactly `calls` conntrack hits.
     pub fn run(&self, f: &Fixture, ret: &Xdp, calls: usize) -> Result<EncapRun> {
         let lb = f.dp.program(program_names::BALANCER);
-        let mut out = vec![0u8; self.frames[0].len() + 256];
         let hits = |f: &Fixture| -> Result<[u64; 3]> {
             Ok([
                 f.dp.vip_stats(0)?.conntrack_hits,
@@ -109,20 +87,18 @@ impl EncapBench {
             ])
         };
         let before = hits(f)?;
-        // [dsr, ipip, gue, return on each]
-        let mut ns = [0u64; 6];
-        for c in 0..calls.div_ceil(CHUNK) {
-            let n = CHUNK.min(calls - c * CHUNK);
-            for j in 0..6 {
-                let which = (c + j) % 6;
-                let frame = &self.frames[which % 3];
-                ns[which] += if which < 3 {
-                    kernel_ns(lb, frame, &mut out, n, XDP_TX)?
-                } else {
-                    kernel_ns(ret, frame, &mut out, n, XDP_PASS)?
-                };
-            }
-        }
+        let [dsr, ipip, gue] = &self.frames;
+        let ns = interleaved(
+            &[
+                Kind::new(lb, dsr, XDP_TX, "lb_xdp dsr-l2"),
+                Kind::new(lb, ipip, XDP_TX, "lb_xdp ipip"),
+                Kind::new(lb, gue, XDP_TX, "lb_xdp gue"),
+                Kind::new(ret, dsr, XDP_PASS, "lb_return"),
+                Kind::new(ret, ipip, XDP_PASS, "lb_return"),
+                Kind::new(ret, gue, XDP_PASS, "lb_return"),
+            ],
+            calls,
+        )?;
         let after = hits(f)?;
         for i in 0..3 {
             ensure!(

@@ -17,6 +17,7 @@ mod encap;
 mod kernel;
 mod maglev;
 mod report;
+mod single;
 mod v6;
 
 use std::{

@@ -237,14 +237,28 @@ pub const MIX_MULTIPLIER: u32 = 0x9E37_79B1;
 /// Home slot of `key` in a table of `mask + 1` slots.
 #[inline(always)]
 pub fn vip_table_index(key: &VipKey, mask: u32) -> u32 {
-    // murmur3's finalizer over address, port and protocol.
-    let mut h = key.addr ^ ((key.port as u32) << 8 | key.proto as u32).wrapping_mul(MIX_MULTIPLIER);
+    vip_table_home(key.addr, key.port, key.proto, mask)
+}
+
+/// murmur3's finalizer over an address word (IPv6: its words folded),
+/// port and protocol: the home slot in a table of `mask + 1` slots, for
+/// both families' VIP tables.
+#[inline(always)]
+pub(crate) fn vip_table_home(addr: u32, port: u16, proto: u8, mask: u32) -> u32 {
+    let mut h = addr ^ ((port as u32) << 8 | proto as u32).wrapping_mul(MIX_MULTIPLIER);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85EB_CA6B);
     h ^= h >> 13;
     h = h.wrapping_mul(0xC2B2_AE35);
     h ^= h >> 16;
     h & mask
+}
+
+/// The probe sequence from `home`: it and the
+/// [`VIP_TABLE_PROBES`]` - 1` slots after it, wrapping.
+#[inline(always)]
+pub(crate) fn vip_table_probe_from(home: u32, mask: u32) -> impl Iterator<Item = u32> + use<> {
+    (0..VIP_TABLE_PROBES).map(move |i| (home + i) & mask)
 }
 
 /// The slots where `key` may be, in the order a lookup visits them: its
@@ -254,8 +268,7 @@ pub fn vip_table_index(key: &VipKey, mask: u32) -> u32 {
 /// or [`VIP_SLOT_EMPTY`]; it goes on past [`VIP_SLOT_TOMBSTONE`]s.
 #[inline(always)]
 pub fn vip_table_probe(key: &VipKey, mask: u32) -> impl Iterator<Item = u32> + use<> {
-    let home = vip_table_index(key, mask);
-    (0..VIP_TABLE_PROBES).map(move |i| (home + i) & mask)
+    vip_table_probe_from(vip_table_index(key, mask), mask)
 }
 
 /// Value of the backend array, indexed by backend id.

@@ -7,7 +7,7 @@
 
 use core::net::Ipv6Addr;
 
-use crate::{MIX_MULTIPLIER, VIP_TABLE_PROBES, VipInfo};
+use crate::{MIX_MULTIPLIER, VipInfo};
 
 /// An IPv6 address as four words of wire bytes, read natively.
 pub const fn addr6_words(addr: Ipv6Addr) -> [u32; 4] {
@@ -109,25 +109,15 @@ pub struct VipSlot6 {
 #[inline(always)]
 pub fn vip_table_index6(key: &VipKey6, mask: u32) -> u32 {
     let [a, b, c, d] = key.addr;
-    let mut h = a
-        ^ b.rotate_left(8)
-        ^ c.rotate_left(16)
-        ^ d.rotate_left(24)
-        ^ ((key.port as u32) << 8 | key.proto as u32).wrapping_mul(MIX_MULTIPLIER);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85EB_CA6B);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xC2B2_AE35);
-    h ^= h >> 16;
-    h & mask
+    let folded = a ^ b.rotate_left(8) ^ c.rotate_left(16) ^ d.rotate_left(24);
+    crate::vip_table_home(folded, key.port, key.proto, mask)
 }
 
 /// The slots where `key` may be, in lookup order (as
 /// [`crate::vip_table_probe`]).
 #[inline(always)]
 pub fn vip_table_probe6(key: &VipKey6, mask: u32) -> impl Iterator<Item = u32> + use<> {
-    let home = vip_table_index6(key, mask);
-    (0..VIP_TABLE_PROBES).map(move |i| (home + i) & mask)
+    crate::vip_table_probe_from(vip_table_index6(key, mask), mask)
 }
 
 /// IPv6 connection-tracking key: the 5-tuple as on the wire, ten words
@@ -235,7 +225,7 @@ pub struct FlowCacheEntry6 {
 mod tests {
     extern crate std;
     use super::*;
-    use crate::{FLOW_CACHE_SLOTS, IPPROTO_TCP, flow_cache_slot, ring_slot};
+    use crate::{FLOW_CACHE_SLOTS, IPPROTO_TCP, VIP_TABLE_PROBES, flow_cache_slot, ring_slot};
 
     const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
     const VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 1);

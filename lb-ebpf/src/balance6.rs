@@ -5,17 +5,17 @@
 //! VIPs (6in6, GUE over IPv6) are a later slice: such a VIP's packets are
 //! dropped as `drop_unsupported_forwarding`, never misdelivered.
 
-use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FORWARD_DSR_L2, FlowKey6, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, Reason, VipInfo,
     VipKey6, vip_table_probe6,
 };
 use lb_ebpf::parse::{
-    Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_LEN, TCP_RST,
-    TCP_SYN, UDP_LEN, ipv6, ipv6_upper, l4_ports, ptr_at, write_macs,
+    Connection, Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_MIN_LEN, UDP_LEN, connection, ipv6,
+    ipv6_upper, l4_ports, write_macs,
 };
 
-use crate::{MIN_LIMITED_L3_LEN, RUNTIME, TX_PORTS, VIP_TABLE_MASK, VIPS6, steer};
+use crate::{MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, steer};
 
 /// Finds `key` in the IPv6 VIP table: a few inlined array loads.
 #[inline(always)]
@@ -126,15 +126,10 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     .ok_or(Reason::PassNotVip)?;
 
     // TCP flags: as for IPv4 (see main.rs).
-    let tcp_flags = if proto == IPPROTO_TCP {
-        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::DropMalformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *flags }
-    } else {
-        0
-    };
-    let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let Connection {
+        new_connection,
+        closing,
+    } = connection(ctx, proto, l4).ok_or(Reason::DropMalformed)?;
 
     // Size limit, as for IPv4 at L2 (no outer header): a packet longer
     // than the egress MTU (a GRO aggregate in generic mode) is dropped.
@@ -160,11 +155,5 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
 
     // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
     unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) };
-    if backend.ifindex == ctx.ingress_ifindex() as u32 {
-        Ok(XDP_TX)
-    } else {
-        TX_PORTS
-            .redirect(backend.ifindex, 0)
-            .map_err(|_| Reason::DropNoTxPort)
-    }
+    crate::send(ctx, backend)
 }

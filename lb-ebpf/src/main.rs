@@ -29,9 +29,8 @@ use lb_ebpf::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, echo_reply, embedded,
     },
     parse::{
-        ETH_P_IP, ETH_P_IPV6, Ethernet, IP_MF_OR_OFFSET, TCP_ACK, TCP_FIN, TCP_FLAGS_OFFSET,
-        TCP_MIN_LEN, TCP_RST, TCP_SYN, UDP_LEN, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at,
-        write_macs,
+        Connection, ETH_P_IP, ETH_P_IPV6, Ethernet, IP_MF_OR_OFFSET, TCP_MIN_LEN, UDP_LEN,
+        connection, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, write_macs,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -347,15 +346,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // source port must follow the current ring, not a closed connection).
     // A FIN or RST starts the end of a connection: its record goes to the
     // shorter closing timeout.
-    let tcp_flags = if proto == IPPROTO_TCP {
-        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Reason::DropMalformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *flags }
-    } else {
-        0
-    };
-    let new_connection = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let Connection {
+        new_connection,
+        closing,
+    } = connection(ctx, proto, l4).ok_or(Reason::DropMalformed)?;
 
     // Size limits. The limit (max_l3_len) is the smallest egress MTU, and
     // lb takes it for the ingress MTU too (one interface, or all alike):
@@ -449,6 +443,13 @@ fn forward(
         // ethernet().
         _ => unsafe { write_macs(eth as *mut u8, backend.dst_mac, backend.src_mac) },
     }
+    send(ctx, backend)
+}
+
+/// Sends the rewritten frame towards `backend`: back out the ingress
+/// interface (`XDP_TX`) or redirected to its egress interface.
+#[inline(always)]
+pub(crate) fn send(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         Ok(XDP_TX)
     } else {

@@ -218,3 +218,30 @@ pub fn ipv6_upper(ctx: &XdpContext, l3: usize, first: u8, end: usize, max: u32) 
         },
     }
 }
+
+/// What a packet's TCP flags say about its connection (UDP: neither).
+#[derive(Clone, Copy)]
+pub struct Connection {
+    /// A SYN without ACK: steered by the ring even when conntrack has the
+    /// 5-tuple.
+    pub new_connection: bool,
+    /// A FIN or RST: its record goes to the closing timeout.
+    pub closing: bool,
+}
+
+/// [`Connection`] of the packet whose L4 header (of `proto`) is at `l4`;
+/// `None` if the TCP flags are not in the frame.
+#[inline(always)]
+pub fn connection(ctx: &XdpContext, proto: u8, l4: usize) -> Option<Connection> {
+    let flags = if proto == lb_common::IPPROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4 + TCP_FLAGS_OFFSET)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *flags }
+    } else {
+        0
+    };
+    Some(Connection {
+        new_connection: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        closing: flags & (TCP_FIN | TCP_RST) != 0,
+    })
+}

@@ -324,3 +324,49 @@ fn xdp_md(data: u32, data_end: u32) -> [u8; 24] {
     }
     b
 }
+
+/// Counter deltas between two reason snapshots ([`Fixture::reasons`]),
+/// only the ones that moved.
+pub fn moved(
+    before: &std::collections::BTreeMap<&'static str, u64>,
+    after: &std::collections::BTreeMap<&'static str, u64>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d != 0).then_some((*k, d))
+        })
+        .collect()
+}
+
+/// Runs `frame` through the balancer, expects PASS with the frame byte for
+/// byte untouched and exactly one `reason` counted.
+pub fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {
+    let before = f.reasons();
+    let r = f.run(frame);
+    assert_eq!(r.action, XDP_PASS, "expected XDP_PASS for {reason}");
+    assert_eq!(
+        r.frame, frame,
+        "a passed frame must be byte for byte untouched"
+    );
+    assert_eq!(
+        moved(&before, &f.reasons()),
+        std::collections::BTreeMap::from([(reason, 1)])
+    );
+}
+
+/// Runs `frame` through the balancer, expects DROP and exactly one
+/// `reason` counted.
+pub fn assert_dropped(f: &Fixture, frame: &[u8], reason: &'static str) {
+    let before = f.reasons();
+    assert_eq!(
+        f.run(frame).action,
+        XDP_DROP,
+        "expected XDP_DROP for {reason}"
+    );
+    assert_eq!(
+        moved(&before, &f.reasons()),
+        std::collections::BTreeMap::from([(reason, 1)])
+    );
+}

@@ -716,6 +716,20 @@ impl Topology {
     /// namespace, enslaved to the bridge), with GRO on both ends and, if
     /// `tx_off`, TX checksum offload off on `iface`.
     fn plug(&self, ns: &Netns, iface: &str, role: u8, index: u8, tx_off: bool) -> Result<()> {
+        self.plug_into(ns, iface, &self.bridge(), role, index, tx_off)
+    }
+
+    /// [`Topology::plug`] into another bridge of the switch namespace (a
+    /// topology built on this one, e.g. `routed`'s back segment).
+    pub(crate) fn plug_into(
+        &self,
+        ns: &Netns,
+        iface: &str,
+        bridge: &str,
+        role: u8,
+        index: u8,
+        tx_off: bool,
+    ) -> Result<()> {
         let port = format!("{iface}s");
         check_ifname(&port)?;
         let mac = mac_string([0x02, 0x18, self.k, role, index, 0]);
@@ -742,8 +756,7 @@ impl Topology {
         ])?;
         let rp = format!("net.ipv4.conf.{iface}.rp_filter");
         ns.sysctl(&[(&rp, "0")])?;
-        self.switch
-            .ip(["link", "set", &port, "master", &self.bridge()])?;
+        self.switch.ip(["link", "set", &port, "master", bridge])?;
         // GRO off everywhere: as on a real NIC, XDP must see wire-sized
         // frames. A veth with GRO aggregates segments before the next hop,
         // and lb would forward a super-frame whose TCP checksum is only
@@ -763,12 +776,22 @@ impl Topology {
 
     /// Waits (bounded) until every bridge port is forwarding.
     fn wait_bridge_forwarding(&self, timeout: Duration) -> Result<()> {
-        let expected = 2 + self.backends.len();
+        self.wait_ports_forwarding(&self.bridge(), 2 + self.backends.len(), timeout)
+    }
+
+    /// Waits (bounded) until `expected` ports of `bridge` (in the switch
+    /// namespace) are forwarding.
+    pub(crate) fn wait_ports_forwarding(
+        &self,
+        bridge: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let out = self
                 .switch
-                .ip(["-d", "-o", "link", "show", "master", &self.bridge()])?;
+                .ip(["-d", "-o", "link", "show", "master", bridge])?;
             let text = String::from_utf8_lossy(&out.stdout);
             let forwarding = text
                 .lines()
@@ -779,7 +802,7 @@ impl Topology {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "bridge ports in {} not forwarding after {timeout:?} ({forwarding}/{expected}):\n{text}",
+                    "ports of {bridge} in {} not forwarding after {timeout:?} ({forwarding}/{expected}):\n{text}",
                     self.switch.name()
                 );
             }

@@ -122,6 +122,26 @@ impl Ipv4Packet {
     }
 }
 
+/// An ICMP message in `base`'s IPv4 packet (its MACs, VLAN, TTL and
+/// addresses): type, code, a valid checksum, the 4 header bytes `rest`
+/// (identifier and sequence, or unused and next-hop MTU), then `data`.
+pub fn icmp4(base: Ipv4Packet, icmp_type: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut payload = rest.to_vec();
+    payload.extend_from_slice(data);
+    let p = Ipv4Packet {
+        proto: IPPROTO_ICMP,
+        src_port: u16::from(icmp_type) << 8 | u16::from(code),
+        dst_port: 0,
+        payload,
+        ..base
+    };
+    let mut f = p.build();
+    let l4 = f.len() - (4 + p.payload.len());
+    let sum = checksum(&f[l4..]);
+    f[l4 + 2..l4 + 4].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
 /// An ICMP echo request.
 pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let p = Ipv4Packet {

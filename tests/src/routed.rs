@@ -18,16 +18,11 @@
 //! the router (their default route). Nothing is added to the root
 //! namespace; dropping it removes everything, also when a test fails.
 
-use std::{
-    net::Ipv4Addr,
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 
-use crate::netns::{COMMAND_TIMEOUT, NAME_PREFIX, Netns, Topology, TopologyOpts, run_command};
+use crate::netns::{NAME_PREFIX, Netns, Topology, TopologyOpts};
 
 /// MAC roles (02:18:k:role:index:side), after those of [`Topology`].
 const ROLE_ROUTER: u8 = 4;
@@ -131,70 +126,16 @@ impl RoutedTopology {
     }
 
     /// A veth pair `iface` (in `ns`) / `iface`+"s" (in the switch
-    /// namespace, enslaved to `bridge`), both up, GRO off on both ends
-    /// (XDP must see wire-sized frames).
+    /// namespace, enslaved to `bridge`), as the front topology plugs its
+    /// own (GRO off: XDP must see wire-sized frames).
     fn plug(&self, ns: &Netns, iface: &str, bridge: &str, role: u8, index: u8) -> Result<()> {
-        let port = format!("{iface}s");
-        ensure!(port.len() <= 15, "interface name {port:?} too long");
-        let k = self.front.index();
-        let mac = lb::mac::MacAddr([0x02, 0x18, k, role, index, 0]).to_string();
-        let port_mac = lb::mac::MacAddr([0x02, 0x18, k, role, index, 1]).to_string();
-        let sw = self.front.switch_ns();
-        // Both ends are created directly in their namespaces.
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "link",
-            "add",
-            iface,
-            "address",
-            &mac,
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "address",
-            &port_mac,
-            "netns",
-            sw.name(),
-        ]);
-        run_command(cmd, COMMAND_TIMEOUT)?;
-        sw.ip(["link", "set", &port, "master", bridge])?;
-        sw.ethtool_features(&port, &[("gro", false)])?;
-        sw.ip(["link", "set", &port, "up"])?;
-        ns.ethtool_features(iface, &[("gro", false)])?;
-        ns.ip(["link", "set", iface, "up"])?;
-        Ok(())
+        self.front.plug_into(ns, iface, bridge, role, index, false)
     }
 
     /// Waits (bounded) until every port of the back bridge forwards.
     fn wait_forwarding(&self, timeout: Duration) -> Result<()> {
-        let expected = 1 + self.backends.len();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.front.switch_ns().ip([
-                "-d",
-                "-o",
-                "link",
-                "show",
-                "master",
-                &self.back_bridge(),
-            ])?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let n = text
-                .lines()
-                .filter(|l| l.contains("bridge_slave state forwarding"))
-                .count();
-            if n >= expected {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("back bridge ports not forwarding after {timeout:?} ({n}/{expected})");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.front
+            .wait_ports_forwarding(&self.back_bridge(), 1 + self.backends.len(), timeout)
     }
 
     /// The front part: client, lb, switch.

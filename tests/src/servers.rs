@@ -679,3 +679,35 @@ pub fn udp_request_from(
     buf.truncate(n);
     Ok(buf)
 }
+
+/// A connection to a `stream` (echo) server: every round trip writes a
+/// chunk (from a second thread, so that neither side blocks on a full
+/// window however large the chunk) and checks that all of it comes back,
+/// in order.
+pub struct EchoStream {
+    pub conn: TcpStream,
+    /// Bytes echoed so far.
+    pub sent: u64,
+}
+
+impl EchoStream {
+    pub fn new(conn: TcpStream) -> Self {
+        Self { conn, sent: 0 }
+    }
+
+    pub fn roundtrip(&mut self, n: usize) -> Result<()> {
+        let start = self.sent as usize;
+        let chunk: Vec<u8> = (0..n).map(|i| ((start + i) % 251) as u8).collect();
+        let mut writer = self.conn.try_clone()?;
+        let data = chunk.clone();
+        let w = thread::spawn(move || writer.write_all(&data));
+        let mut back = vec![0u8; n];
+        let read = self.conn.read_exact(&mut back);
+        let wrote = w.join().map_err(|_| anyhow!("writer panicked"))?;
+        wrote.context("write on the connection")?;
+        read.context("read on the connection (reset or lost bytes?)")?;
+        ensure!(back == chunk, "echoed bytes differ after offset {start}");
+        self.sent += n as u64;
+        Ok(())
+    }
+}

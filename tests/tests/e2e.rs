@@ -17,8 +17,8 @@ use lb_tests::{
     netns::{ChildGuard, Topology},
     require_root,
     servers::{
-        ServerKind, backend_name, http_get_from, spawn_on_backends, spawn_server, tcp_connect,
-        udp_request_from,
+        EchoStream, ServerKind, backend_name, http_get_from, spawn_on_backends, spawn_server,
+        tcp_connect, udp_request_from,
     },
 };
 
@@ -268,31 +268,6 @@ fn failover_and_rejoin() -> Result<()> {
     Ok(())
 }
 
-/// A long-lived connection through the VIP to a `stream` (echo) server:
-/// writes a chunk, reads it back, checks every byte.
-struct Stream {
-    conn: std::net::TcpStream,
-    sent: u64,
-}
-
-impl Stream {
-    fn roundtrip(&mut self, n: usize) -> Result<()> {
-        let chunk: Vec<u8> = (0..n)
-            .map(|i| ((self.sent as usize + i) % 251) as u8)
-            .collect();
-        self.conn
-            .write_all(&chunk)
-            .context("write on the long-lived connection")?;
-        let mut back = vec![0u8; n];
-        self.conn
-            .read_exact(&mut back)
-            .context("read on the long-lived connection (reset or lost bytes?)")?;
-        ensure!(back == chunk, "echoed bytes differ at offset {}", self.sent);
-        self.sent += n as u64;
-        Ok(())
-    }
-}
-
 const STREAM_PORT: u16 = 7000;
 
 #[test]
@@ -314,7 +289,7 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
         .client_ns()
         .run(move || tcp_connect(Some(40_000), vip_sa, T))??;
     conn.set_read_timeout(Some(T))?;
-    let mut stream = Stream { conn, sent: 0 };
+    let mut stream = EchoStream::new(conn);
     let mut step = |what: &str| -> Result<u64> {
         stream
             .roundtrip(64 * 1024)
@@ -419,7 +394,7 @@ fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
         .client_ns()
         .run(move || tcp_connect(Some(41_000), vip_sa, T))??;
     conn.set_read_timeout(Some(T))?;
-    let mut stream = Stream { conn, sent: 0 };
+    let mut stream = EchoStream::new(conn);
     stream.roundtrip(1000)?;
     // Drain the backend of the stream VIP's flow and of the web VIP.
     agent.cli_ok(&["backend", "drain", "stream", &serving.to_string()])?;

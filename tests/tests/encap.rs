@@ -11,7 +11,7 @@ use lb_common::{
 use lb_tests::{
     fixture::{
         ENCAP_SRC, Fixture, GUE_PORT, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX,
-        backend_addr, backend_mac, backend_of_mac,
+        backend_addr, backend_mac, backend_of_mac, moved,
     },
     packet::{Ipv4Packet, TCP_ACK, checksum},
 };
@@ -27,20 +27,6 @@ fn fixture(mode: u8) -> Fixture {
     let mut f = Fixture::new();
     f.add_vip_forwarding(0, (VIP, 80, IPPROTO_TCP), &[(1, 1), (2, 1), (3, 1)], mode);
     f
-}
-
-/// Counter deltas between two reason snapshots, only the ones that moved.
-fn moved(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d != 0).then_some((*k, d))
-        })
-        .collect()
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {

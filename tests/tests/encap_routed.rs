@@ -11,8 +11,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
 };
@@ -25,7 +24,8 @@ use lb_tests::{
     require_root,
     routed::RoutedTopology,
     servers::{
-        ServerKind, backend_name, http_get_from, spawn_server, tcp_connect, udp_request_from,
+        EchoStream, ServerKind, backend_name, http_get_from, spawn_server, tcp_connect,
+        udp_request_from,
     },
 };
 
@@ -149,14 +149,14 @@ impl Setup {
     }
 
     /// A connection to the stream (echo) VIP from `port`.
-    fn stream_from(&self, port: u16) -> Result<Echo> {
+    fn stream_from(&self, port: u16) -> Result<EchoStream> {
         let vip = self.vip(STREAM);
         let conn = self
             .topo
             .client_ns()
             .run(move || tcp_connect(Some(port), vip, T))??;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Echo { conn, sent: 0 })
+        Ok(EchoStream::new(conn))
     }
 
     /// The backend `lb explain` says the flow from `port` to `vip_port`
@@ -168,32 +168,6 @@ impl Setup {
             &self.vip(vip_port).to_string(),
             proto,
         ])
-    }
-}
-
-/// A long-lived connection to an echo server: every byte sent comes back.
-struct Echo {
-    conn: TcpStream,
-    sent: u64,
-}
-
-impl Echo {
-    /// Sends `n` bytes (written by a second thread, so that neither side
-    /// blocks on a full window) and checks they all come back in order.
-    fn roundtrip(&mut self, n: usize) -> Result<()> {
-        let start = self.sent as usize;
-        let chunk: Vec<u8> = (0..n).map(|i| ((start + i) % 251) as u8).collect();
-        let mut writer = self.conn.try_clone()?;
-        let data = chunk.clone();
-        let w = thread::spawn(move || writer.write_all(&data));
-        let mut back = vec![0u8; n];
-        let read = self.conn.read_exact(&mut back);
-        let wrote = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
-        wrote.context("write on the connection")?;
-        read.context("read on the connection (reset or lost bytes?)")?;
-        ensure!(back == chunk, "echoed bytes differ after offset {start}");
-        self.sent += n as u64;
-        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ use lb_common::{
     ring_slot,
 };
 use lb_tests::{
-    fixture::{Fixture, XDP_DROP, XDP_PASS, XDP_TX, backend_of_mac},
+    fixture::{Fixture, XDP_DROP, XDP_PASS, XDP_TX, backend_of_mac, moved},
     packet::{Ipv4Packet, TCP_ACK},
 };
 
@@ -263,20 +263,6 @@ fn without_an_agent_the_clock_stands_still_and_nothing_expires() {
     ring_without(&mut f, b);
     assert_eq!(backend(&f, &p), b);
     assert_eq!(f.dp.runtime().unwrap(), Runtime::default());
-}
-
-/// Counter deltas between two reason snapshots, only the ones that moved.
-fn moved(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d != 0).then_some((*k, d))
-        })
-        .collect()
 }
 
 /// A TCP segment of `tot_len` bytes of IP packet.

@@ -14,9 +14,10 @@ use lb_tests::{
     agent::{LbAgent, VipSpec},
     fixture::{
         Fixture, LB_MAC, XDP_ABORTED, XDP_PASS, XDP_TX, backend_addr, backend_mac, backend_of_mac,
+        moved,
     },
     netns::Topology,
-    packet::{Ipv4Packet, TCP_SYN, checksum},
+    packet::{Ipv4Packet, TCP_SYN, checksum, icmp4},
     require_root,
 };
 
@@ -38,9 +39,7 @@ fn icmp(
     vlan: Option<u16>,
     data: &[u8],
 ) -> Vec<u8> {
-    let mut payload = vec![0x12, 0x34, 0x00, 0x07];
-    payload.extend_from_slice(data);
-    let p = Ipv4Packet {
+    let base = Ipv4Packet {
         dst_mac: if src == CLIENT {
             LB_SIDE_MAC
         } else {
@@ -52,18 +51,10 @@ fn icmp(
             LB_SIDE_MAC
         },
         vlan,
-        proto: IPPROTO_ICMP,
-        src_port: u16::from(icmp_type) << 8,
-        dst_port: 0,
         ttl,
-        payload,
         ..Ipv4Packet::tcp(src, 0, dst, 0)
     };
-    let mut f = p.build();
-    let l4 = f.len() - (4 + p.payload.len());
-    let sum = checksum(&f[l4..]);
-    f[l4 + 2..l4 + 4].copy_from_slice(&sum.to_be_bytes());
-    f
+    icmp4(base, icmp_type, 0, [0x12, 0x34, 0x00, 0x07], data)
 }
 
 fn data(len: usize) -> Vec<u8> {
@@ -75,19 +66,6 @@ fn fixture(echo: bool) -> Fixture {
     f.add_vip(0, (VIP, 80, IPPROTO_TCP), &[(1, 1), (2, 1)]);
     f.set_echo(0, VIP, echo);
     f
-}
-
-fn moved(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d != 0).then_some((*k, d))
-        })
-        .collect()
 }
 
 #[test]
@@ -264,22 +242,12 @@ fn backend_packet(src: Ipv4Addr, src_port: u16, dst_port: u16, proto: u8) -> Vec
 /// ICMP `icmp_type`/`code` from ROUTER to the VIP with next-hop MTU 1400,
 /// embedding `embedded`; the ICMP checksum valid.
 fn icmp_error(icmp_type: u8, code: u8, embedded: &[u8]) -> Vec<u8> {
-    let mut payload = vec![0, 0, 0x05, 0x78];
-    payload.extend_from_slice(embedded);
-    let p = Ipv4Packet {
+    let base = Ipv4Packet {
         dst_mac: LB_SIDE_MAC,
         src_mac: CLIENT_MAC,
-        proto: IPPROTO_ICMP,
-        src_port: u16::from(icmp_type) << 8 | u16::from(code),
-        dst_port: 0,
-        payload,
         ..Ipv4Packet::tcp(ROUTER, 0, VIP, 0)
     };
-    let mut f = p.build();
-    let l4 = f.len() - (4 + p.payload.len());
-    let sum = checksum(&f[l4..]);
-    f[l4 + 2..l4 + 4].copy_from_slice(&sum.to_be_bytes());
-    f
+    icmp4(base, icmp_type, code, [0, 0, 0x05, 0x78], embedded)
 }
 
 /// Which backend a frame lb sent goes to, and that the packet it carries

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use lb_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 use lb_tests::{
     fixture::{
-        Fixture, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of_mac,
+        Fixture, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dropped,
+        assert_passed_untouched, backend_mac, backend_of_mac, moved,
     },
     packet::{IP_MF, Ipv4Packet, TCP_ACK, arp_request, icmp_echo, ipv6_tcp},
     testprogs::{self, TestProgs},
@@ -25,44 +26,6 @@ fn three_backends() -> Fixture {
     let mut f = Fixture::new();
     f.add_vip(0, tcp_vip(), &[(1, 1), (2, 1), (3, 1)]);
     f
-}
-
-/// Counter deltas between two reason snapshots, only the ones that moved.
-fn moved(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d != 0).then_some((*k, d))
-        })
-        .collect()
-}
-
-/// Runs `frame`, expects PASS with the frame untouched and exactly one
-/// `reason` counted.
-fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {
-    let before = f.reasons();
-    let r = f.run(frame);
-    assert_eq!(r.action, XDP_PASS, "expected XDP_PASS for {reason}");
-    assert_eq!(
-        r.frame, frame,
-        "a passed frame must be byte for byte untouched"
-    );
-    assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
-}
-
-/// Runs `frame`, expects DROP and exactly one `reason` counted.
-fn assert_dropped(f: &Fixture, frame: &[u8], reason: &'static str) {
-    let before = f.reasons();
-    assert_eq!(
-        f.run(frame).action,
-        XDP_DROP,
-        "expected XDP_DROP for {reason}"
-    );
-    assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
 }
 
 /// A source port in `ports` whose new flow the ring gives to `backend`.

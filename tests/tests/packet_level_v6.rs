@@ -14,7 +14,8 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::{
-        Fixture, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of_mac,
+        Fixture, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dropped,
+        assert_passed_untouched, backend_mac, backend_of_mac, moved,
     },
     packet::{
         IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ipv4Packet, Ipv6Packet,
@@ -38,40 +39,6 @@ fn three_backends() -> Fixture {
         FORWARD_DSR_L2,
     );
     f
-}
-
-fn moved(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d != 0).then_some((*k, d))
-        })
-        .collect()
-}
-
-/// Runs `frame`, expects PASS with the frame untouched and exactly one
-/// `reason` counted.
-fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {
-    let before = f.reasons();
-    let r = f.run(frame);
-    assert_eq!(r.action, XDP_PASS, "expected XDP_PASS for {reason}");
-    assert_eq!(r.frame, frame, "a passed frame must be untouched");
-    assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
-}
-
-/// Runs `frame`, expects DROP and exactly one `reason` counted.
-fn assert_dropped(f: &Fixture, frame: &[u8], reason: &'static str) {
-    let before = f.reasons();
-    assert_eq!(
-        f.run(frame).action,
-        XDP_DROP,
-        "expected XDP_DROP for {reason}"
-    );
-    assert_eq!(moved(&before, &f.reasons()), BTreeMap::from([(reason, 1)]));
 }
 
 /// Runs `frame`, expects it sent back out to a backend with only the MACs

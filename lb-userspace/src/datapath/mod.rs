@@ -500,13 +500,21 @@ impl Datapath {
     }
 
     pub fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
-        let map: HashMap<&MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(self.map(map_names::CONNTRACK))
-                .map_err(map_err(map_names::CONNTRACK))?;
+        self.hash_lookup(map_names::CONNTRACK, key)
+    }
+
+    /// `key`'s value in the hash (or LRU hash) map `name`, if it is there.
+    pub(crate) fn hash_lookup<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>> {
+        let map: HashMap<&MapData, K, V> =
+            HashMap::try_from(self.map(name)).map_err(map_err(name))?;
         match map.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(map_names::CONNTRACK)(e)),
+            Err(e) => Err(map_err(name)(e)),
         }
     }
 

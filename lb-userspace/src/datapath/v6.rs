@@ -6,7 +6,7 @@
 
 use std::net::Ipv6Addr;
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, MapData};
 use lb_common::{
     BACKEND_FLAG_USABLE, BACKEND_FLAG_V6, Backend, FlowEntry, FlowKey6, VIP6_SLOT_EMPTY,
     VIP6_SLOT_TOMBSTONE, VipInfo, VipKey6, VipSlot6, addr6_words, map_names,
@@ -89,14 +89,7 @@ impl Datapath {
     }
 
     pub fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>> {
-        let map: HashMap<&MapData, FlowKey6, FlowEntry> =
-            HashMap::try_from(self.map(map_names::CONNTRACK6))
-                .map_err(map_err(map_names::CONNTRACK6))?;
-        match map.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(map_names::CONNTRACK6)(e)),
-        }
+        self.hash_lookup(map_names::CONNTRACK6, key)
     }
 }
 
