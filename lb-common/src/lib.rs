@@ -667,16 +667,29 @@ const _: () = {
 /// behind ECMP pick the same backend for a flow.
 #[inline(always)]
 pub fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
-    const K2: u64 = 0xBF58_476D_1CE4_E5B9;
-    const K3: u64 = 0x94D0_49BB_1331_11EB;
     let a = ((src_addr as u64) << 32) | dst_addr as u64;
-    let b = ((src_port as u64) << 32) | ((dst_port as u64) << 8) | proto as u64;
-    let mut h = a.wrapping_mul(K1) ^ b.wrapping_add(K2).wrapping_mul(K3);
+    let b = flow_hash_ports(src_port, dst_port, proto);
+    flow_hash_finish(a.wrapping_mul(FLOW_K1) ^ b.wrapping_add(FLOW_K2).wrapping_mul(FLOW_K3))
+}
+
+/// The flow hashes' fixed multipliers (both families).
+pub(crate) const FLOW_K1: u64 = 0x9E37_79B9_7F4A_7C15;
+pub(crate) const FLOW_K2: u64 = 0xBF58_476D_1CE4_E5B9;
+pub(crate) const FLOW_K3: u64 = 0x94D0_49BB_1331_11EB;
+
+/// Ports and protocol as one word, for both families' flow hashes.
+#[inline(always)]
+pub(crate) const fn flow_hash_ports(src_port: u16, dst_port: u16, proto: u8) -> u64 {
+    ((src_port as u64) << 32) | ((dst_port as u64) << 8) | proto as u64
+}
+
+/// The flow hashes' last two multiply-xorshift rounds, folded to 32 bits.
+#[inline(always)]
+pub(crate) const fn flow_hash_finish(mut h: u64) -> u32 {
     h ^= h >> 31;
-    h = h.wrapping_mul(K2);
+    h = h.wrapping_mul(FLOW_K2);
     h ^= h >> 29;
-    h = h.wrapping_mul(K3);
+    h = h.wrapping_mul(FLOW_K3);
     h ^= h >> 32;
     h as u32
 }
@@ -820,6 +833,22 @@ mod tests {
         assert!(seen.len() > 3400, "{}", seen.len());
         assert_eq!(gue_source_port(u32::MAX), 0xFFFF);
         assert_eq!(gue_source_port(0x4000), 0xC000);
+    }
+
+    #[test]
+    fn the_flow_hashes_are_fixed_values() {
+        // lb hosts behind ECMP, possibly of different versions, must pick
+        // the same backend: the hashes never change. Values computed by an
+        // independent implementation of the documented rounds.
+        assert_eq!(
+            flow_hash(0x0200_12c6, 0x010a_12c6, 0x409c, 0x5000, 6),
+            0x6761_0d0a
+        );
+        assert_eq!(flow_hash(1, 2, 3, 4, 17), 0x006d_f5e8);
+        assert_eq!(
+            crate::v6::flow_hash6(&[1, 2, 3, 4], &[5, 6, 7, 8], 0x409c, 0x5000, 6),
+            0xbd60_e11e
+        );
     }
 
     #[test]

@@ -181,22 +181,15 @@ impl FlowKey6 {
 /// every lb host).
 #[inline(always)]
 pub fn flow_hash6(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
-    const K2: u64 = 0xBF58_476D_1CE4_E5B9;
-    const K3: u64 = 0x94D0_49BB_1331_11EB;
+    use crate::{FLOW_K1, FLOW_K2, FLOW_K3};
     let half = |a: u32, b: u32| ((a as u64) << 32) | b as u64;
-    let b = ((src_port as u64) << 32) | ((dst_port as u64) << 8) | proto as u64;
-    let mut h = half(src[0], src[1]).wrapping_mul(K1);
-    h = (h.rotate_left(29) ^ half(src[2], src[3])).wrapping_mul(K2);
-    h = (h.rotate_left(29) ^ half(dst[0], dst[1])).wrapping_mul(K3);
-    h = (h.rotate_left(29) ^ half(dst[2], dst[3])).wrapping_mul(K1);
-    h = (h.rotate_left(29) ^ b.wrapping_add(K2)).wrapping_mul(K3);
-    h ^= h >> 31;
-    h = h.wrapping_mul(K2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(K3);
-    h ^= h >> 32;
-    h as u32
+    let b = crate::flow_hash_ports(src_port, dst_port, proto);
+    let mut h = half(src[0], src[1]).wrapping_mul(FLOW_K1);
+    h = (h.rotate_left(29) ^ half(src[2], src[3])).wrapping_mul(FLOW_K2);
+    h = (h.rotate_left(29) ^ half(dst[0], dst[1])).wrapping_mul(FLOW_K3);
+    h = (h.rotate_left(29) ^ half(dst[2], dst[3])).wrapping_mul(FLOW_K1);
+    h = (h.rotate_left(29) ^ b.wrapping_add(FLOW_K2)).wrapping_mul(FLOW_K3);
+    crate::flow_hash_finish(h)
 }
 
 /// The flow cache's one-multiply mix of an IPv6 flow (as
