@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -650,15 +650,20 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
     }
 }
 
-/// Builds a backend map entry.
+/// Builds a backend map entry (an IPv6 address gives the entry of
+/// [`backend_entry6`]).
 pub fn backend_entry(
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     ifindex: u32,
     vip_index: u32,
     usable: bool,
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
 ) -> Backend {
+    let addr = match addr.into() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => return backend_entry6(a, ifindex, vip_index, usable, dst_mac, src_mac),
+    };
     Backend {
         addr: u32::from(addr).to_be(),
         ifindex,
@@ -673,5 +678,34 @@ pub fn backend_entry(
         encap_src: 0,
         addr6: [0; 4],
         encap_src6: [0; 4],
+    }
+}
+
+/// The address a backend entry names.
+pub fn backend_address(b: &Backend) -> IpAddr {
+    if b.flags & lb_common::BACKEND_FLAG_V6 != 0 {
+        IpAddr::V6(lb_common::addr6_of_words(b.addr6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr)))
+    }
+}
+
+/// The outer source a backend entry gives encapsulated packets (of the
+/// backend's family), if any.
+pub fn backend_encap_source(b: &Backend) -> Option<IpAddr> {
+    if b.flags & lb_common::BACKEND_FLAG_V6 != 0 {
+        (b.encap_src6 != [0; 4]).then(|| IpAddr::V6(lb_common::addr6_of_words(b.encap_src6)))
+    } else {
+        (b.encap_src != 0).then(|| IpAddr::V4(Ipv4Addr::from(u32::from_be(b.encap_src))))
+    }
+}
+
+/// Sets the outer source of encapsulated packets in a backend entry: the
+/// IPv4 or IPv6 field, by the source's family.
+pub fn set_encap_source(b: &mut Backend, source: Option<IpAddr>) {
+    match source {
+        Some(IpAddr::V4(a)) => b.encap_src = a.to_bits().to_be(),
+        Some(IpAddr::V6(a)) => b.encap_src6 = lb_common::addr6_words(a),
+        None => {}
     }
 }
