@@ -218,7 +218,7 @@ fn unresolvable_backends_slow_neither_the_start_nor_the_cli() -> Result<()> {
     let dead: Vec<Ipv4Addr> = (100..200)
         .map(|b| Ipv4Addr::new(198, 18, topo.index(), b))
         .collect();
-    vip.backends.extend(dead.iter().map(|&a| (a, 1)));
+    vip.backends.extend(dead.iter().map(|&a| (a.into(), 1)));
     let paths = AgentPaths::new()?;
     let text = render_config(&paths.instance, &paths.socket, &topo.lb_iface(), &[vip])
         .replace("max_backends = 64", "max_backends = 256");

@@ -190,11 +190,11 @@ impl Follower {
     /// Re-reads links, neighbours and every followed route, then tells
     /// what changed. `reprobe_failed`: ask again where ARP failed.
     async fn full_round(&mut self, reprobe_failed: bool) {
-        let (links, neighbours, addresses) = tokio::join!(
-            self.tables.links(),
-            self.tables.neighbours(),
-            self.tables.addresses()
-        );
+        // One dump at a time: a netlink socket refuses a dump while
+        // another is in progress (EBUSY).
+        let links = self.tables.links().await;
+        let neighbours = self.tables.neighbours().await;
+        let addresses = self.tables.addresses().await;
         let (links, neighbours, addresses) = match (links, neighbours, addresses) {
             (Ok(l), Ok(n), Ok(a)) => (l, n, a),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {

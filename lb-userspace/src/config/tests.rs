@@ -478,12 +478,17 @@ fn a_backend_of_the_wrong_family_is_refused_with_the_rule() {
         &e,
         6,
         "vip[0].backend[0].address",
-        "backend 2001:2::1 is not of the VIP's address family (198.18.10.1): forwarding = \"dsr-l2\"",
+        "backend 2001:2::1 is IPv6 but the VIP 198.18.10.1 is IPv4: forwarding = \"dsr-l2\" keeps the client's IP header",
     );
     let e = err(
         "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"198.18.0.11\"\n",
     );
-    check(&e, 6, "vip[0].backend[0].address", "backends must be IPv6");
+    check(
+        &e,
+        6,
+        "vip[0].backend[0].address",
+        "backend 198.18.0.11 is IPv4 but the VIP 2001:2:1::1 is IPv6",
+    );
     // 6in4 is not supported.
     for mode in ["ipip", "gue"] {
         let e = err(&format!(

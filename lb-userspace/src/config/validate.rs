@@ -618,6 +618,10 @@ pub fn unusable_address(a: IpAddr) -> Option<&'static str> {
     }
 }
 
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
 /// Why a backend at `backend` cannot serve a VIP at `vip` forwarded by
 /// `forwarding`: at L2 the frame keeps its IP header, so the backend must
 /// be of the VIP's family; a tunnel can carry IPv4 in IPv6 (4in6), but
@@ -631,8 +635,9 @@ pub fn backend_family_error(
         (IpAddr::V4(_), IpAddr::V4(_), _) | (IpAddr::V6(_), IpAddr::V6(_), _) => None,
         (IpAddr::V4(_), IpAddr::V6(_), Forwarding::Ipip | Forwarding::Gue) => None,
         (_, _, Forwarding::DsrL2) => Some(format!(
-            "backend {backend} is not of the VIP's address family ({vip}): forwarding = \"dsr-l2\" keeps the client's IP header, so backends must be {}",
-            if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+            "backend {backend} is {} but the VIP {vip} is {}: forwarding = \"dsr-l2\" keeps the client's IP header, so backends must be of the VIP's family",
+            family(backend),
+            family(vip)
         )),
         (IpAddr::V6(_), IpAddr::V4(_), f) => Some(format!(
             "backend {backend} is IPv4 but the VIP {vip} is IPv6: IPv6 in IPv4 is not supported (forwarding = \"{f}\"); give IPv6 backends"

@@ -78,7 +78,7 @@ impl KernelMaps for Datapath {
     }
 
     fn conntrack_len(&self) -> Result<usize> {
-        self.conntrack_entries().map(|c| c.len())
+        Ok(self.conntrack_entries()?.len() + self.conntrack6_entries()?.len())
     }
 
     fn vip_stats(&self, index: u32) -> Result<VipStats> {

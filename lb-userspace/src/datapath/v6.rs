@@ -102,6 +102,16 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Every CONNTRACK6 record.
+    pub fn conntrack6_entries(&self) -> Result<Vec<(FlowKey6, FlowEntry)>> {
+        let map: aya::maps::HashMap<&MapData, FlowKey6, FlowEntry> =
+            aya::maps::HashMap::try_from(self.map(map_names::CONNTRACK6))
+                .map_err(map_err(map_names::CONNTRACK6))?;
+        map.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(map_names::CONNTRACK6))
+    }
+
     pub fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>> {
         self.hash_lookup(map_names::CONNTRACK6, key)
     }
