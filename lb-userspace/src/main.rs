@@ -81,9 +81,9 @@ enum Cmd {
     },
     /// Which backend a flow goes to now, and why.
     Explain {
-        /// Client address and port, e.g. 198.18.0.1:40000
+        /// Client address and port, e.g. 198.18.0.1:40000 or [2001:2::1]:40000
         src: SocketAddr,
-        /// VIP address and port, e.g. 198.19.0.1:80
+        /// VIP address and port, e.g. 198.19.0.1:80 or [2001:2:0:100::1]:80
         dst: SocketAddr,
         /// tcp or udp
         proto: Protocol,

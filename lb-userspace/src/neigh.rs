@@ -192,8 +192,12 @@ impl Resolution {
         };
         let iface = egress.iface.clone();
         let encap_src = if tunnel {
-            let ours = encap_source.filter(|s| s.is_ipv4() == addr.is_ipv4());
-            match ours.or(egress.source) {
+            // Only a source of the backend's family can head its packets.
+            let same_family = |s: &IpAddr| s.is_ipv4() == addr.is_ipv4();
+            match encap_source
+                .filter(same_family)
+                .or(egress.source.filter(same_family))
+            {
                 Some(s) => Some(s),
                 None => return Lookup::Failed(NeighError::NoSource { addr, iface }),
             }
@@ -783,6 +787,77 @@ mod tests {
                 entry: None
             }
         );
+    }
+
+    const A6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x11));
+
+    #[test]
+    fn ipv6_neighbour_entries_parse_in_every_nud_state() {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.ifindex = 7;
+        let IpAddr::V6(a6) = A6 else { unreachable!() };
+        m.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a6)),
+            NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 0x11]),
+        ];
+        let mac = Neighbour::Known([2, 0, 0, 0, 0, 0x11]);
+        for (state, want) in [
+            (NeighbourState::Reachable, Some(mac)),
+            (NeighbourState::Stale, Some(mac)),
+            (NeighbourState::Delay, Some(mac)),
+            (NeighbourState::Probe, Some(mac)),
+            (NeighbourState::Permanent, Some(mac)),
+            (NeighbourState::Incomplete, Some(Neighbour::Resolving)),
+            (NeighbourState::Failed, Some(Neighbour::Failed)),
+            (NeighbourState::None, None),
+        ] {
+            m.header.state = state;
+            assert_eq!(parse_neighbour(&m), Some((7, A6, want)), "{state:?}");
+        }
+        m.header.state = NeighbourState::Reachable;
+        assert_eq!(
+            classify(NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m))),
+            TableEvent::Neighbour {
+                ifindex: 7,
+                addr: A6,
+                entry: Some(mac)
+            }
+        );
+    }
+
+    #[test]
+    fn ipv6_reasons_name_neighbour_discovery_and_the_v6_setting() {
+        let r = resolution(Neighbour::Resolving);
+        let Lookup::Pending(e) = r.lookup(A6, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "resolving: neighbour solicitation for 2001:2::11 sent on eth0, no answer yet"
+        );
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A6, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no neighbour discovery answer from 2001:2::11 on eth0"
+        );
+        // The egress's source is IPv4: no outer source for an IPv6
+        // backend, and the operator's IPv4 one does not count either.
+        let r = resolution(Neighbour::Known([2; 6]));
+        let Lookup::Failed(e) = r.lookup(A6, None, true, Some(ip4(198, 18, 0, 99))) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no outer source address for 2001:2::11: the route has no preferred source and eth0 has no global IPv6 address; set [agent] encap_source_v6"
+        );
+        // IPv4 messages are unchanged.
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(e.to_string(), "no ARP answer from 198.18.0.11 on eth0");
     }
 
     #[tokio::test]

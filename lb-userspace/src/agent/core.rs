@@ -279,6 +279,9 @@ mod tests {
 
     const M: u32 = 251;
 
+    /// IPv6 VIPs and backends through the same core.
+    mod v6;
+
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")
     }
