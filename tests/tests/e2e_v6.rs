@@ -307,6 +307,26 @@ fn ipv6_drained_backend_keeps_its_flow_and_gets_no_new_ones() -> Result<()> {
     conn.set_read_timeout(Some(T))?;
     let mut stream = EchoStream::new(conn);
     stream.roundtrip(1000)?;
+    // The flow keeper counts the CONNTRACK6 record as the backend's flow.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = agent.json(&["backend", "list", "--vip", "stream6"])?;
+        let flows = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["address"] == serving.to_string())
+            .and_then(|b| b["flows"].as_u64())
+            .unwrap_or(0);
+        if flows >= 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the IPv6 flow is not counted: {list}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
     // The CLI takes IPv6 backend addresses.
     agent.cli_ok(&["backend", "drain", "stream6", &serving.to_string()])?;
     agent.cli_ok(&["backend", "drain", "web6", &serving.to_string()])?;
@@ -470,5 +490,56 @@ fn ipv4_and_ipv6_vips_side_by_side_in_one_agent() -> Result<()> {
     ensure!(ids.len() == 6, "backend ids: {list}");
     let vips = agent.json(&["vip", "list"])?;
     ensure!(vips[0]["index"] != vips[1]["index"], "{vips}");
+    Ok(())
+}
+
+#[test]
+fn a_rejected_ipv6_reload_changes_nothing() -> Result<()> {
+    let s = setup(3)?;
+    let good = std::fs::read_to_string(&s.agent.config)?;
+    let third = format!("address = \"{}\"", s.topo.backend_addr6(2));
+    let listed =
+        |agent: &LbAgent| -> Result<serde_json::Value> { agent.json(&["backend", "list"]) };
+    let before = listed(&s.agent)?;
+    // An IPv4 backend for the IPv6 dsr-l2 VIP, then a link-local one.
+    for (bad, needle) in [
+        (
+            good.replace(&third, "address = \"198.18.0.13\""),
+            "is IPv4 but the VIP",
+        ),
+        (good.replace(&third, "address = \"fe80::13\""), "link-local"),
+    ] {
+        ensure!(bad != good, "the config names backend 2");
+        std::fs::write(&s.agent.config, &bad)?;
+        let out = s.agent.cli(&["reload"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "a bad reload succeeded");
+        ensure!(
+            err.contains("lb.toml:")
+                && err.contains("vip[0].backend[2].address")
+                && err.contains(needle),
+            "{err}"
+        );
+        let after = listed(&s.agent)?;
+        let ids = |v: &serde_json::Value| -> Vec<(String, u64, u64)> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap_or("").to_string(),
+                        b["id"].as_u64().unwrap_or(0),
+                        b["slots"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        };
+        ensure!(
+            ids(&after) == ids(&before),
+            "before {before}\nafter {after}"
+        );
+    }
+    let answers = get_from_ports(&s.topo, vip6(&s.topo, PORT), (29_000..29_090).collect())?;
+    ensure!(shares(&answers).len() == 3, "traffic still over 3 backends");
     Ok(())
 }
