@@ -1,6 +1,8 @@
 //! Where a backend is reached at L2: the egress interface (the kernel's
 //! route lookup, as `ip route get`) and the next hop's MAC (the kernel's
-//! neighbour table), asked of the kernel over rtnetlink.
+//! neighbour table: ARP for IPv4, neighbour discovery for IPv6), asked of
+//! the kernel over rtnetlink. Both families go through the same code, on
+//! `IpAddr`.
 //!
 //! The agent resolves MACs and stores them in the backend map rather than
 //! calling `bpf_fib_lookup` per packet: one array lookup the fast path

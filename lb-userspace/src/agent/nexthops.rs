@@ -5,7 +5,7 @@
 //! backend entries).
 //!
 //! - A neighbour event for a followed address is applied at once (a MAC
-//!   that changed, an ARP that failed).
+//!   that changed, an ARP or ND resolution that failed).
 //! - A route or link event (an interface deleted, re-created, renamed, its
 //!   MAC changed; a route added or removed), lost events and the periodic
 //!   refresh re-read the tables: every route is looked up again.

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -21,10 +21,12 @@ use lb_common::{
 };
 use thiserror::Error;
 
+mod entry;
 mod flows;
 mod kernel_maps;
 mod v6;
 
+pub use entry::{backend_address, backend_encap_source, set_encap_source};
 pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
@@ -678,34 +680,5 @@ pub fn backend_entry(
         encap_src: 0,
         addr6: [0; 4],
         encap_src6: [0; 4],
-    }
-}
-
-/// The address a backend entry names.
-pub fn backend_address(b: &Backend) -> IpAddr {
-    if b.flags & lb_common::BACKEND_FLAG_V6 != 0 {
-        IpAddr::V6(lb_common::addr6_of_words(b.addr6))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(u32::from_be(b.addr)))
-    }
-}
-
-/// The outer source a backend entry gives encapsulated packets (of the
-/// backend's family), if any.
-pub fn backend_encap_source(b: &Backend) -> Option<IpAddr> {
-    if b.flags & lb_common::BACKEND_FLAG_V6 != 0 {
-        (b.encap_src6 != [0; 4]).then(|| IpAddr::V6(lb_common::addr6_of_words(b.encap_src6)))
-    } else {
-        (b.encap_src != 0).then(|| IpAddr::V4(Ipv4Addr::from(u32::from_be(b.encap_src))))
-    }
-}
-
-/// Sets the outer source of encapsulated packets in a backend entry: the
-/// IPv4 or IPv6 field, by the source's family.
-pub fn set_encap_source(b: &mut Backend, source: Option<IpAddr>) {
-    match source {
-        Some(IpAddr::V4(a)) => b.encap_src = a.to_bits().to_be(),
-        Some(IpAddr::V6(a)) => b.encap_src6 = lb_common::addr6_words(a),
-        None => {}
     }
 }
