@@ -322,3 +322,31 @@ fn an_ipv6_tunnel_vip_keeps_its_mode_in_its_vips6_entry() {
         Forwarding::Ipip.kernel_value()
     );
 }
+
+#[test]
+fn an_ipv6_backend_with_a_mac_override_needs_no_neighbour_discovery() {
+    let mut cfg = dual("dsr-l2", "");
+    cfg.vips[1].backends[0].mac = Some([2, 0, 0, 0, 0, 0x77]);
+    let mut core = started(cfg, FakeMaps::new(4, M, 16));
+    let wanted = core.wanted_next_hops();
+    assert!(!wanted[&IpAddr::V6(b6(0x11))].arp, "only its route matters");
+    assert!(wanted[&IpAddr::V6(b6(0x12))].arp);
+    // ND fails for both: the override still reaches its backend.
+    let mut nd = FakeNeighbours::all();
+    nd.macs.clear();
+    core.on_next_hops(nd.batch(&core));
+    core.reconcile().unwrap();
+    core.assert_true_and_safe();
+    let v = view6(&core, 0x11);
+    assert_eq!(v.health, Health::Up, "{v:?}");
+    assert_eq!(
+        core.maps.backends[v.id as usize].dst_mac,
+        [2, 0, 0, 0, 0, 0x77]
+    );
+    let v = view6(&core, 0x12);
+    assert_eq!(v.health, Health::Unresolved);
+    assert_eq!(
+        v.next_hop_error.as_deref(),
+        Some("no neighbour discovery answer from 2001:2::12 on eth0")
+    );
+}
