@@ -543,3 +543,53 @@ fn a_rejected_ipv6_reload_changes_nothing() -> Result<()> {
     ensure!(shares(&answers).len() == 3, "traffic still over 3 backends");
     Ok(())
 }
+
+#[test]
+fn a_routed_ipv6_backend_of_a_tunnel_vip_is_reached_through_its_gateways_mac() -> Result<()> {
+    require_root();
+    let topo = topology(1)?;
+    // A backend in another subnet, routed through backend 0 (the gateway):
+    // an IPv4 GUE VIP served by an IPv6 backend (4in6). Its next hop is
+    // the gateway's MAC, learnt over ND; the outer source is lb's IPv6
+    // address (the route's preferred source).
+    let far = Ipv6Addr::new(0x2001, 2, 0, 0x200 + u16::from(topo.index()), 0, 0, 0, 5);
+    let gateway = topo.backend_addr6(0);
+    topo.lb_ns().ip([
+        "-6",
+        "route",
+        "add",
+        &format!("{far}/128"),
+        "via",
+        &gateway.to_string(),
+    ])?;
+    let mut vip = VipSpec::tcp("gue4in6", topo.vip(), PORT, &[far]);
+    vip.forwarding = "gue";
+    vip.health_check = "kind = \"none\"".into();
+    let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gw_mac = lb::mac::MacAddr(topo.backend_mac(0)).to_string();
+    let b = loop {
+        let list = agent.json(&["backend", "list"])?;
+        let b = list[0].clone();
+        if b["mac"] == gw_mac.as_str() {
+            break b;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the gateway's MAC was not resolved: {list}\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(b["address"] == far.to_string(), "{b}");
+    ensure!(b["gateway"] == gateway.to_string(), "{b}");
+    ensure!(b["health"] == "up", "{b}");
+    // explain shows the IPv6 outer header the kernel is to write.
+    let src = SocketAddr::new(topo.client_addr().into(), 40_000);
+    let e = explain(&agent, src, SocketAddr::new(topo.vip().into(), PORT), "tcp")?;
+    ensure!(
+        e["outer"]["src"] == topo.lb_addr6().to_string() && e["outer"]["dst"] == far.to_string(),
+        "{e}"
+    );
+    Ok(())
+}
