@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
     sync::Arc,
@@ -37,37 +37,37 @@ pub enum Request {
     },
     BackendAdd {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         weight: u32,
     },
     BackendRemove {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     BackendDrain {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     BackendUndrain {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     BackendSetWeight {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         weight: u32,
     },
     Stats,
     Explain {
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         protocol: Protocol,
     },
     Reload,
     /// Drops CLI overrides: all, a VIP's, or one backend's.
     OverrideClear {
         vip: Option<String>,
-        address: Option<Ipv4Addr>,
+        address: Option<IpAddr>,
     },
 }
 
@@ -128,7 +128,7 @@ pub struct StatusView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverrideView {
     pub vip: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// e.g. "added", "removed", "state drain (file: active)".
     pub change: String,
 }
@@ -136,7 +136,7 @@ pub struct OverrideView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipView {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub index: u32,
@@ -152,7 +152,7 @@ pub struct VipView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendView {
     pub vip: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub id: u32,
     pub weight: u32,
     pub state: String,
@@ -165,7 +165,7 @@ pub struct BackendView {
     /// The route's gateway, when the backend is routed (tunnel modes):
     /// `mac` is the gateway's.
     #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Why the next hop is unknown (health `unresolved`), or not known yet.
     #[serde(default)]
     pub next_hop_error: Option<String>,
@@ -227,7 +227,7 @@ pub struct VipStatsView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendStatsView {
     pub vip: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub health: Health,
     #[serde(flatten)]
     pub traffic: Rates,
@@ -249,11 +249,11 @@ pub struct ExplainView {
     pub slot: u32,
     pub ring_size: u32,
     /// The backend the ring gives a new flow.
-    pub ring_backend: Option<Ipv4Addr>,
+    pub ring_backend: Option<IpAddr>,
     /// The backend a conntrack entry holds for this flow, if any.
-    pub conntrack_backend: Option<Ipv4Addr>,
+    pub conntrack_backend: Option<IpAddr>,
     /// Where the next packet of this flow goes.
-    pub backend: Option<Ipv4Addr>,
+    pub backend: Option<IpAddr>,
     pub reason: String,
     /// The outer header that packet gets (tunnel modes, when it goes to a
     /// backend).
@@ -264,8 +264,8 @@ pub struct ExplainView {
 /// The outer header of an encapsulated packet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OuterView {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     /// `"ipip"` (IPv4 protocol 4) or `"gue"` (IPv4 protocol 17, UDP).
     pub forwarding: Forwarding,
     /// GUE: the UDP ports.
@@ -695,7 +695,12 @@ async fn write_reply(
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
     use super::*;
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
 
     #[test]
     fn requests_round_trip_as_json_lines() {
@@ -703,7 +708,7 @@ mod tests {
             Request::Status,
             Request::BackendDrain {
                 vip: "web".into(),
-                address: Ipv4Addr::new(198, 18, 0, 11),
+                address: ip4(198, 18, 0, 11),
             },
             Request::Explain {
                 src: "198.18.0.1:40000".parse().unwrap(),
@@ -806,7 +811,7 @@ mod tests {
         assert!(
             !Request::BackendDrain {
                 vip: "web".into(),
-                address: Ipv4Addr::new(198, 18, 0, 11),
+                address: ip4(198, 18, 0, 11),
             }
             .is_read_only()
         );

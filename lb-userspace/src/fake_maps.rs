@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, VipInfo, VipKey, VipStats};
+use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats};
 
-use crate::reconcile::{KernelImage, KernelMaps, check_invariant};
+use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey, check_invariant};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -15,7 +15,8 @@ pub struct FakeError(pub String);
 
 #[derive(Clone, Debug)]
 pub struct FakeMaps {
-    pub vips: BTreeMap<VipKey, VipInfo>,
+    /// VIPS and VIPS6 (both tables, keyed by family).
+    pub vips: BTreeMap<VipEntryKey, VipInfo>,
     /// RINGS: `max_vips * ring_stride` slots, zero-initialised like a BPF
     /// array.
     pub rings: Vec<u32>,
@@ -23,6 +24,7 @@ pub struct FakeMaps {
     pub backends: Vec<Backend>,
     pub tx_ports: Vec<u32>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
+    pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -39,6 +41,7 @@ impl FakeMaps {
             backends: vec![Backend::EMPTY; max_backends as usize + 1],
             tx_ports: Vec::new(),
             conntrack: Default::default(),
+            conntrack6: Default::default(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -103,14 +106,14 @@ impl KernelMaps for FakeMaps {
         Ok(())
     }
 
-    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), FakeError> {
+    fn set_vip(&mut self, key: VipEntryKey, info: VipInfo) -> Result<(), FakeError> {
         self.write("set VIP", |m| {
             m.vips.insert(key, info);
             Ok(())
         })
     }
 
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), FakeError> {
+    fn remove_vip(&mut self, key: &VipEntryKey) -> Result<(), FakeError> {
         self.write("remove VIP", |m| {
             m.vips.remove(key);
             Ok(())
@@ -149,8 +152,12 @@ impl KernelMaps for FakeMaps {
         Ok(self.conntrack.get(key).copied())
     }
 
+    fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>, FakeError> {
+        Ok(self.conntrack6.get(key).copied())
+    }
+
     fn conntrack_len(&self) -> Result<usize, FakeError> {
-        Ok(self.conntrack.len())
+        Ok(self.conntrack.len() + self.conntrack6.len())
     }
 
     fn vip_stats(&self, _index: u32) -> Result<VipStats, FakeError> {
@@ -168,7 +175,7 @@ impl KernelMaps for FakeMaps {
     /// Every record counts (the fake has no clock).
     fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
         let mut n = BTreeMap::new();
-        for e in self.conntrack.values() {
+        for e in self.conntrack.values().chain(self.conntrack6.values()) {
             *n.entry(e.backend_id).or_default() += 1;
         }
         Some(n)

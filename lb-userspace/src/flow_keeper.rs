@@ -12,7 +12,8 @@
 //!   a cache hit itself reads no clock (the per-packet cost stays that of
 //!   a cache hit).
 //! - The count, in a second thread (so that a long pass never holds the
-//!   clock back): one pass over CONNTRACK with batched lookups, counting
+//!   clock back): one pass over CONNTRACK and one over CONNTRACK6 with
+//!   batched lookups, counting
 //!   per backend the records that have not expired under the kernel's own
 //!   rule ([`FlowEntry::is_expired`]), every [`timing::FLOW_COUNT_PERIOD`]
 //!   or 20 times the last pass's duration if longer (a pass costs ~0.3 µs
@@ -35,7 +36,7 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData};
-use lb_common::{FLOW_CACHE_SLOTS, FlowEntry, FlowKey, Runtime, map_names};
+use lb_common::{FLOW_CACHE_SLOTS, FlowEntry, FlowKey, FlowKey6, Runtime, map_names};
 use log::warn;
 
 use crate::{
@@ -122,6 +123,7 @@ impl FlowKeeper {
             Array::try_from(Map::Array(open(map_names::RUNTIME)?))
                 .map_err(|e| anyhow::anyhow!("map {}: {e}", map_names::RUNTIME))?;
         let conntrack = open(map_names::CONNTRACK)?;
+        let conntrack6 = open(map_names::CONNTRACK6)?;
         let base = runtime
             .get(&0, 0)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::RUNTIME))?
@@ -170,7 +172,7 @@ impl FlowKeeper {
                 while !wait(&count_shared, period) {
                     let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
                     let t = Instant::now();
-                    match count_flows(conntrack.fd().as_fd(), &rt) {
+                    match count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt) {
                         Ok(c) => {
                             failing = false;
                             count_shared
@@ -296,18 +298,49 @@ impl KeeperState {
     }
 }
 
-/// Counts the records of CONNTRACK that have not expired at `rt`, per
-/// backend: one pass of batched lookups.
-pub fn count_flows(conntrack: BorrowedFd<'_>, rt: &Runtime) -> anyhow::Result<FlowCount> {
+/// Counts the records of CONNTRACK and CONNTRACK6 that have not expired
+/// at `rt`, per backend (ids are shared by both families): one pass of
+/// batched lookups over each.
+pub fn count_flows(
+    conntrack: BorrowedFd<'_>,
+    conntrack6: BorrowedFd<'_>,
+    rt: &Runtime,
+) -> anyhow::Result<FlowCount> {
     let mut count = FlowCount::default();
-    for_each_flow(conntrack, |k, e| {
+    let mut add = |proto: u32, e: &FlowEntry| {
         count.records += 1;
-        if !e.is_expired(k.proto, rt) {
+        if !e.is_expired(proto, rt) {
             *count.per_backend.entry(e.backend_id).or_default() += 1;
         }
-    })?;
+    };
+    for_each_flow::<FlowKey>(conntrack, |k, e| add(k.proto, e))?;
+    for_each_flow::<FlowKey6>(conntrack6, |k, e| add(k.proto, e))?;
     count.at = Some(Instant::now());
     Ok(count)
+}
+
+/// A conntrack key type: FlowKey (CONNTRACK) or FlowKey6 (CONNTRACK6).
+pub trait ConntrackKey: Copy {
+    /// The map holding such keys, for messages.
+    const MAP: &'static str;
+    /// A placeholder for the batch buffer.
+    const ZERO: Self;
+}
+
+impl ConntrackKey for FlowKey {
+    const MAP: &'static str = map_names::CONNTRACK;
+    const ZERO: Self = FlowKey::new(0, 0, 0, 0, 0);
+}
+
+impl ConntrackKey for FlowKey6 {
+    const MAP: &'static str = map_names::CONNTRACK6;
+    const ZERO: Self = FlowKey6::new(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        0,
+        std::net::Ipv6Addr::UNSPECIFIED,
+        0,
+        0,
+    );
 }
 
 /// Empties every slot of a flow cache (`map`: FLOW_CACHE or FLOW_CACHE6,
@@ -333,14 +366,15 @@ pub fn clear_flow_cache(map: BorrowedFd<'_>, value_size: usize, name: &str) -> a
 /// Records per batched lookup.
 const BATCH: usize = 1024;
 
-/// Calls `f` on every record of a hash map of `FlowKey → FlowEntry`, read
-/// with BPF_MAP_LOOKUP_BATCH (records added or removed meanwhile may be
-/// seen or not, as with any walk of a live hash map).
-pub fn for_each_flow(
+/// Calls `f` on every record of a hash map of `K → FlowEntry` (CONNTRACK
+/// or CONNTRACK6), read with BPF_MAP_LOOKUP_BATCH (records added or
+/// removed meanwhile may be seen or not, as with any walk of a live hash
+/// map).
+pub fn for_each_flow<K: ConntrackKey>(
     map: BorrowedFd<'_>,
-    mut f: impl FnMut(&FlowKey, &FlowEntry),
+    mut f: impl FnMut(&K, &FlowEntry),
 ) -> anyhow::Result<()> {
-    let mut keys = vec![FlowKey::new(0, 0, 0, 0, 0); BATCH];
+    let mut keys = vec![K::ZERO; BATCH];
     let mut values = vec![
         FlowEntry {
             backend_id: 0,
@@ -372,7 +406,7 @@ pub fn for_each_flow(
         let done = match &err {
             None => false,
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(e) => anyhow::bail!("BPF_MAP_LOOKUP_BATCH on {}: {e}", map_names::CONNTRACK),
+            Some(e) => anyhow::bail!("BPF_MAP_LOOKUP_BATCH on {}: {e}", K::MAP),
         };
         let n = (attr.count as usize).min(BATCH);
         for i in 0..n {

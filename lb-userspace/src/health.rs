@@ -462,7 +462,7 @@ async fn run_checker(
     } else {
         target.key.vip.port
     };
-    let addr = SocketAddr::new(IpAddr::V4(backend), port);
+    let addr = SocketAddr::new(backend, port);
 
     if matches!(check.kind, HealthCheckKind::None) {
         // Always up: one event, then idle until cancelled (or the receiver
@@ -634,7 +634,11 @@ impl Checkers {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
 
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -644,10 +648,10 @@ mod tests {
 
     use crate::{config::Protocol, keys::VipId};
 
-    fn test_key(address: Ipv4Addr) -> BackendKey {
+    fn test_key(address: IpAddr) -> BackendKey {
         BackendKey {
             vip: VipId {
-                address: Ipv4Addr::new(198, 18, 0, 1),
+                address: ip4(198, 18, 0, 1),
                 port: 80,
                 protocol: Protocol::Tcp,
             },
@@ -1005,7 +1009,7 @@ mod tests {
             // The listener is dropped here: the port now refuses.
         });
 
-        let key = test_key(Ipv4Addr::new(127, 0, 0, 1));
+        let key = test_key(ip4(127, 0, 0, 1));
         let target = CheckTarget {
             key,
             label: "web".into(),
@@ -1065,7 +1069,7 @@ mod tests {
     async fn checker_stops_promptly_mid_interval_and_on_drop() {
         let port = closed_port().await;
         let target = CheckTarget {
-            key: test_key(Ipv4Addr::LOCALHOST),
+            key: test_key(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             label: "web".into(),
         };
         let mut check = tcp_check(port);
@@ -1135,7 +1139,7 @@ mod tests {
         check.interval = Duration::from_millis(20);
         let checkers: Vec<Checker> = (0..8)
             .map(|i| {
-                let mut key = test_key(Ipv4Addr::LOCALHOST);
+                let mut key = test_key(IpAddr::V4(Ipv4Addr::LOCALHOST));
                 key.vip.port = 1000 + i;
                 let target = CheckTarget {
                     key,
@@ -1165,7 +1169,7 @@ mod tests {
     #[tokio::test]
     async fn checker_kind_none_reports_up_once() {
         let target = CheckTarget {
-            key: test_key(Ipv4Addr::LOCALHOST),
+            key: test_key(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             label: "web".into(),
         };
         let mut check = tcp_check(closed_port().await);

@@ -1,7 +1,7 @@
 //! `lb`: the agent (`lb run`) and the operator's CLI.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
 };
@@ -81,10 +81,10 @@ enum Cmd {
     },
     /// Which backend a flow goes to now, and why.
     Explain {
-        /// Client address and port, e.g. 198.18.0.1:40000
-        src: SocketAddrV4,
-        /// VIP address and port, e.g. 198.19.0.1:80
-        dst: SocketAddrV4,
+        /// Client address and port, e.g. 198.18.0.1:40000 or [2001:2::1]:40000
+        src: SocketAddr,
+        /// VIP address and port, e.g. 198.19.0.1:80 or [2001:2:0:100::1]:80
+        dst: SocketAddr,
         /// tcp or udp
         proto: Protocol,
         #[arg(long)]
@@ -144,7 +144,7 @@ enum OverrideCmd {
     /// a VIP's, or one backend's.
     Clear {
         vip: Option<String>,
-        address: Option<Ipv4Addr>,
+        address: Option<IpAddr>,
     },
 }
 
@@ -167,26 +167,26 @@ enum BackendCmd {
     },
     Add {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
     Remove {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// No new flows; established ones stay.
     Drain {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     Undrain {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     SetWeight {
         vip: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         weight: u32,
     },
 }
@@ -313,7 +313,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}",
                     v.name,
-                    format!("{}:{}/{}", v.address, v.port, v.protocol.as_str()),
+                    format!(
+                        "{}/{}",
+                        SocketAddr::new(v.address, v.port),
+                        v.protocol.as_str()
+                    ),
                     v.forwarding.as_str(),
                     v.index,
                     v.ring_size,
@@ -427,7 +431,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&v);
             }
             let e: ExplainView = serde_json::from_value(v)?;
-            let show = |a: Option<Ipv4Addr>| a.map_or("-".to_string(), |a| a.to_string());
+            let show = |a: Option<IpAddr>| a.map_or("-".to_string(), |a| a.to_string());
             println!(
                 "flow       {src} -> {dst}/{} (VIP {})",
                 proto.as_str(),

@@ -1,6 +1,8 @@
 //! Where a backend is reached at L2: the egress interface (the kernel's
 //! route lookup, as `ip route get`) and the next hop's MAC (the kernel's
-//! neighbour table), asked of the kernel over rtnetlink.
+//! neighbour table: ARP for IPv4, neighbour discovery for IPv6), asked of
+//! the kernel over rtnetlink. Both families go through the same code, on
+//! `IpAddr`.
 //!
 //! The agent resolves MACs and stores them in the backend map rather than
 //! calling `bpf_fib_lookup` per packet: one array lookup the fast path
@@ -11,7 +13,10 @@
 //! module holds the pure part too: what a [`Resolution`] means for a
 //! backend ([`Resolution::lookup`]).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use rtnetlink::{
@@ -31,39 +36,65 @@ use thiserror::Error;
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum NeighError {
     #[error("no route to {addr}: {reason}")]
-    NoRoute { addr: Ipv4Addr, reason: String },
+    NoRoute { addr: IpAddr, reason: String },
     #[error(
         "{addr} is reached through gateway {gateway}: direct server return needs backends on the same L2 segment (forwarding = \"ipip\" or \"gue\" reaches routed backends)"
     )]
-    NotOnLink { addr: Ipv4Addr, gateway: Ipv4Addr },
-    #[error("no ARP answer from gateway {gateway} (next hop to {addr}) on {iface}")]
+    NotOnLink { addr: IpAddr, gateway: IpAddr },
+    #[error("no {} answer from gateway {gateway} (next hop to {addr}) on {iface}", resolver(*gateway))]
     GatewayUnresolved {
-        addr: Ipv4Addr,
-        gateway: Ipv4Addr,
+        addr: IpAddr,
+        gateway: IpAddr,
         iface: String,
     },
     #[error(
-        "resolving: ARP request for gateway {gateway} (next hop to {addr}) sent on {iface}, no answer yet"
+        "resolving: {} for gateway {gateway} (next hop to {addr}) sent on {iface}, no answer yet", request(*gateway)
     )]
     GatewayResolving {
-        addr: Ipv4Addr,
-        gateway: Ipv4Addr,
+        addr: IpAddr,
+        gateway: IpAddr,
         iface: String,
     },
     #[error(
-        "no outer source address for {addr}: the route has no preferred source and {iface} has no IPv4 address; set [agent] encap_source_v4"
+        "no outer source address for {addr}: the route has no preferred source and {iface} has no {} address; set [agent] encap_source_{}", family(*addr), if addr.is_ipv4() { "v4" } else { "v6" }
     )]
-    NoSource { addr: Ipv4Addr, iface: String },
+    NoSource { addr: IpAddr, iface: String },
     #[error("{0} is an address of this host")]
-    Local(Ipv4Addr),
+    Local(IpAddr),
     #[error("the route to {addr} leaves through interface index {ifindex}, which is gone")]
-    NoInterface { addr: Ipv4Addr, ifindex: u32 },
-    #[error("no ARP answer from {addr} on {iface}")]
-    Unresolved { addr: Ipv4Addr, iface: String },
-    #[error("resolving: ARP request for {addr} sent on {iface}, no answer yet")]
-    Resolving { addr: Ipv4Addr, iface: String },
+    NoInterface { addr: IpAddr, ifindex: u32 },
+    #[error("no {} answer from {addr} on {iface}", resolver(*addr))]
+    Unresolved { addr: IpAddr, iface: String },
+    #[error("resolving: {} for {addr} sent on {iface}, no answer yet", request(*addr))]
+    Resolving { addr: IpAddr, iface: String },
     #[error("not resolved yet")]
     Unknown,
+}
+
+/// The protocol that resolves `addr`'s MAC.
+fn resolver(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "ARP"
+    } else {
+        "neighbour discovery"
+    }
+}
+
+/// What that protocol sends.
+fn request(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "ARP request"
+    } else {
+        "neighbour solicitation"
+    }
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "IPv4"
+    } else {
+        "global IPv6"
+    }
 }
 
 /// How to reach one backend.
@@ -75,10 +106,10 @@ pub struct NextHop {
     /// The backend's MAC, or the gateway's when it is routed.
     pub dst_mac: [u8; 6],
     /// The route's gateway (tunnel modes only; DSR at L2 refuses one).
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// The outer source address of encapsulated packets (tunnel modes
     /// only).
-    pub encap_src: Option<Ipv4Addr>,
+    pub encap_src: Option<IpAddr>,
 }
 
 /// An interface packets leave through.
@@ -88,13 +119,14 @@ pub struct Egress {
     pub ifindex: u32,
     /// The route's gateway, when the address is not on-link: fine for a
     /// backend whose MAC the operator gives, refused otherwise.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// The interface's own MAC (the source MAC of forwarded frames).
     pub mac: [u8; 6],
     /// The source address the kernel would use towards the address: the
     /// route's preferred source (RTA_PREFSRC), else the interface's first
-    /// IPv4 address. The default outer source of encapsulated packets.
-    pub source: Option<Ipv4Addr>,
+    /// address of the backend's family (global scope for IPv6). The
+    /// default outer source of encapsulated packets.
+    pub source: Option<IpAddr>,
 }
 
 /// How one address's backends are reached, as far as following it goes.
@@ -151,10 +183,10 @@ impl Resolution {
     /// `encap_source`: the operator's outer source, over the route's.
     pub fn lookup(
         &self,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         mac: Option<[u8; 6]>,
         tunnel: bool,
-        encap_source: Option<Ipv4Addr>,
+        encap_source: Option<IpAddr>,
     ) -> Lookup {
         let egress = match &self.egress {
             Ok(e) => e,
@@ -162,7 +194,12 @@ impl Resolution {
         };
         let iface = egress.iface.clone();
         let encap_src = if tunnel {
-            match encap_source.or(egress.source) {
+            // Only a source of the backend's family can head its packets.
+            let same_family = |s: &IpAddr| s.is_ipv4() == addr.is_ipv4();
+            match encap_source
+                .filter(same_family)
+                .or(egress.source.filter(same_family))
+            {
                 Some(s) => Some(s),
                 None => return Lookup::Failed(NeighError::NoSource { addr, iface }),
             }
@@ -244,7 +281,7 @@ pub enum TableEvent {
     /// A neighbour entry changed (`None`: deleted).
     Neighbour {
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         entry: Option<Neighbour>,
     },
     /// Routes, links or addresses changed: every route (and outer source)
@@ -286,14 +323,17 @@ impl Tables {
         Ok(Self { handle })
     }
 
-    /// Subscribes to neighbour, IPv4 route, link and IPv4 address events. Subscribe
+    /// Subscribes to neighbour, route, link and address events of both
+    /// families. Subscribe
     /// before reading the tables, so that no change falls in between.
     pub fn subscribe() -> std::io::Result<impl Stream<Item = TableEvent> + Unpin> {
         let (conn, _, messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
         ])?;
         tokio::spawn(conn);
         Ok(messages.map(|(m, _): EventMessage| classify(m)))
@@ -305,56 +345,73 @@ impl Tables {
         Ok(msgs.iter().filter_map(parse_link).collect())
     }
 
-    /// Every interface's IPv4 addresses, in the kernel's order (the first
-    /// is the primary one): interface index → addresses.
-    pub async fn addresses(&self) -> Result<BTreeMap<u32, Vec<Ipv4Addr>>, NetlinkError> {
+    /// Every interface's IPv4 addresses and global IPv6 addresses, in the
+    /// kernel's order (the first of a family is its primary one):
+    /// interface index → addresses.
+    pub async fn addresses(&self) -> Result<BTreeMap<u32, Vec<IpAddr>>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
-        let mut out: BTreeMap<u32, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut out: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
         for m in &msgs {
-            if m.header.family != AddressFamily::Inet {
-                continue;
-            }
             // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
-            // peer's on point-to-point links).
+            // peer's on point-to-point links; IPv6 gives IFA_ADDRESS only).
             let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(std::net::IpAddr::V4(a)) => Some(*a),
+                AddressAttribute::Local(a) => Some(*a),
                 _ => None,
             });
             let address = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(std::net::IpAddr::V4(a)) => Some(*a),
+                AddressAttribute::Address(a) => Some(*a),
                 _ => None,
             });
-            if let Some(a) = local.or(address) {
+            let usable = |a: &IpAddr| match a {
+                IpAddr::V4(_) => m.header.family == AddressFamily::Inet,
+                // A link-local source cannot leave the link.
+                IpAddr::V6(a) => {
+                    m.header.family == AddressFamily::Inet6
+                        && !a.is_unicast_link_local()
+                        && !a.is_loopback()
+                }
+            };
+            if let Some(a) = local.or(address).filter(usable) {
                 out.entry(m.header.index).or_default().push(a);
             }
         }
         Ok(out)
     }
 
-    /// Every IPv4 neighbour entry: (interface index, address) → entry.
-    pub async fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), Neighbour>, NetlinkError> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await?;
-        Ok(msgs
-            .iter()
-            .filter_map(parse_neighbour)
-            .filter_map(|(i, a, n)| Some(((i, a), n?)))
-            .collect())
+    /// Every IPv4 (ARP) and IPv6 (ND) neighbour entry: (interface index,
+    /// address) → entry.
+    pub async fn neighbours(&self) -> Result<BTreeMap<(u32, IpAddr), Neighbour>, NetlinkError> {
+        let mut out = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let msgs: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await?;
+            out.extend(
+                msgs.iter()
+                    .filter_map(parse_neighbour)
+                    .filter_map(|(i, a, n)| Some(((i, a), n?))),
+            );
+        }
+        Ok(out)
     }
 
     /// The kernel's route lookup for `addr` (`ip route get`): the egress
     /// interface index and gateway if any, or why the address is not
     /// reachable. `Err(Err(_))`: asking failed (try again later).
-    pub async fn route(&self, addr: Ipv4Addr) -> Result<Result<Route, NeighError>, NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(addr, 32)
-            .build();
+    pub async fn route(&self, addr: IpAddr) -> Result<Result<Route, NeighError>, NetlinkError> {
+        let msg = match addr {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
         let mut answers = self.handle.route().get(msg).execute();
         match answers.next().await {
             Some(Ok(r)) => Ok(parse_route(addr, &r)),
@@ -371,10 +428,11 @@ impl Tables {
         }
     }
 
-    /// Makes the kernel resolve `addr` (it sends an ARP request and
-    /// reports the outcome as a neighbour event): any datagram to it does;
-    /// port 9 is "discard".
-    pub fn probe(socket: &std::net::UdpSocket, addr: Ipv4Addr) {
+    /// Makes the kernel resolve `addr` (it sends an ARP request or a
+    /// neighbour solicitation and reports the outcome as a neighbour
+    /// event): any datagram to it does; port 9 is "discard". `socket` is
+    /// of `addr`'s family.
+    pub fn probe(socket: &std::net::UdpSocket, addr: IpAddr) {
         let _ = socket.send_to(&[0], (addr, 9));
     }
 }
@@ -383,12 +441,12 @@ impl Tables {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub ifindex: u32,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// The route's preferred source address (RTA_PREFSRC).
-    pub prefsrc: Option<Ipv4Addr>,
+    pub prefsrc: Option<IpAddr>,
 }
 
-fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
+fn parse_route(addr: IpAddr, r: &RouteMessage) -> Result<Route, NeighError> {
     match r.header.kind {
         RouteType::Local | RouteType::Broadcast => return Err(NeighError::Local(addr)),
         RouteType::Unicast => {}
@@ -404,8 +462,14 @@ fn parse_route(addr: Ipv4Addr, r: &RouteMessage) -> Result<Route, NeighError> {
     let mut prefsrc = None;
     for a in &r.attributes {
         match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g != addr => gateway = Some(*g),
-            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => prefsrc = Some(*s),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) if IpAddr::V4(*g) != addr => {
+                gateway = Some(IpAddr::V4(*g))
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) if IpAddr::V6(*g) != addr => {
+                gateway = Some(IpAddr::V6(*g))
+            }
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => prefsrc = Some(IpAddr::V4(*s)),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(s)) => prefsrc = Some(IpAddr::V6(*s)),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
@@ -440,15 +504,20 @@ fn parse_link(m: &LinkMessage) -> Option<(u32, Link)> {
 
 /// (interface index, address, entry); entry `None`: an entry that holds
 /// nothing usable (NUD_NONE, a proxy entry).
-fn parse_neighbour(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Option<Neighbour>)> {
-    if m.header.family != AddressFamily::Inet {
+fn parse_neighbour(m: &NeighbourMessage) -> Option<(u32, IpAddr, Option<Neighbour>)> {
+    if !matches!(m.header.family, AddressFamily::Inet | AddressFamily::Inet6) {
         return None;
     }
     let mut addr = None;
     let mut lladdr = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                addr = Some(IpAddr::V4(*ip))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                addr = Some(IpAddr::V6(*ip))
+            }
             NeighbourAttribute::LinkLayerAddress(b) => lladdr = mac_of(b),
             _ => {}
         }
@@ -502,7 +571,12 @@ pub fn classify(m: NetlinkMessage<RouteNetlinkMessage>) -> TableEvent {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
     use super::*;
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
 
     fn resolution(neighbour: Neighbour) -> Resolution {
         Resolution {
@@ -511,13 +585,13 @@ mod tests {
                 ifindex: 2,
                 gateway: None,
                 mac: [2, 0, 0, 0, 0, 0xfe],
-                source: Some(Ipv4Addr::new(198, 18, 0, 10)),
+                source: Some(ip4(198, 18, 0, 10)),
             }),
             neighbour,
         }
     }
 
-    const A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+    const A: IpAddr = ip4(198, 18, 0, 11);
 
     #[test]
     fn a_known_entry_or_an_override_gives_the_next_hop() {
@@ -579,7 +653,7 @@ mod tests {
     fn a_route_through_a_gateway_needs_the_operators_mac() {
         let mut r = resolution(Neighbour::Missing);
         if let Ok(e) = &mut r.egress {
-            e.gateway = Some(Ipv4Addr::new(198, 18, 0, 1));
+            e.gateway = Some(ip4(198, 18, 0, 1));
         }
         assert!(!r.is_pending(Need {
             arp: true,
@@ -596,7 +670,7 @@ mod tests {
 
     /// A resolution through gateway 198.18.0.1, whose neighbour entry is
     /// `gateway_entry`, with `source` as the route's source.
-    fn routed(gateway_entry: Neighbour, source: Option<Ipv4Addr>) -> Resolution {
+    fn routed(gateway_entry: Neighbour, source: Option<IpAddr>) -> Resolution {
         let mut r = resolution(gateway_entry);
         if let Ok(e) = &mut r.egress {
             e.gateway = Some(GW);
@@ -605,8 +679,8 @@ mod tests {
         r
     }
 
-    const GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-    const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+    const GW: IpAddr = ip4(198, 18, 0, 1);
+    const SRC: IpAddr = ip4(198, 18, 0, 10);
 
     #[test]
     fn a_tunnel_backend_behind_a_gateway_is_reached_through_the_gateways_mac() {
@@ -654,7 +728,7 @@ mod tests {
 
     #[test]
     fn the_outer_source_is_the_operators_else_the_routes_else_an_error() {
-        let mine = Ipv4Addr::new(198, 18, 0, 99);
+        let mine = ip4(198, 18, 0, 99);
         let r = routed(Neighbour::Known([2; 6]), Some(SRC));
         let src = |r: &Resolution, over| match r.lookup(A, None, true, over) {
             Lookup::Found(nh) => Ok(nh.encap_src),
@@ -685,7 +759,7 @@ mod tests {
         m.header.family = AddressFamily::Inet;
         m.header.ifindex = 7;
         m.attributes = vec![
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(A)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(Ipv4Addr::new(198, 18, 0, 11))),
             NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 0x11]),
         ];
         for (state, want) in [
@@ -717,6 +791,77 @@ mod tests {
         );
     }
 
+    const A6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x11));
+
+    #[test]
+    fn ipv6_neighbour_entries_parse_in_every_nud_state() {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.ifindex = 7;
+        let IpAddr::V6(a6) = A6 else { unreachable!() };
+        m.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a6)),
+            NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 0x11]),
+        ];
+        let mac = Neighbour::Known([2, 0, 0, 0, 0, 0x11]);
+        for (state, want) in [
+            (NeighbourState::Reachable, Some(mac)),
+            (NeighbourState::Stale, Some(mac)),
+            (NeighbourState::Delay, Some(mac)),
+            (NeighbourState::Probe, Some(mac)),
+            (NeighbourState::Permanent, Some(mac)),
+            (NeighbourState::Incomplete, Some(Neighbour::Resolving)),
+            (NeighbourState::Failed, Some(Neighbour::Failed)),
+            (NeighbourState::None, None),
+        ] {
+            m.header.state = state;
+            assert_eq!(parse_neighbour(&m), Some((7, A6, want)), "{state:?}");
+        }
+        m.header.state = NeighbourState::Reachable;
+        assert_eq!(
+            classify(NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m))),
+            TableEvent::Neighbour {
+                ifindex: 7,
+                addr: A6,
+                entry: Some(mac)
+            }
+        );
+    }
+
+    #[test]
+    fn ipv6_reasons_name_neighbour_discovery_and_the_v6_setting() {
+        let r = resolution(Neighbour::Resolving);
+        let Lookup::Pending(e) = r.lookup(A6, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "resolving: neighbour solicitation for 2001:2::11 sent on eth0, no answer yet"
+        );
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A6, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no neighbour discovery answer from 2001:2::11 on eth0"
+        );
+        // The egress's source is IPv4: no outer source for an IPv6
+        // backend, and the operator's IPv4 one does not count either.
+        let r = resolution(Neighbour::Known([2; 6]));
+        let Lookup::Failed(e) = r.lookup(A6, None, true, Some(ip4(198, 18, 0, 99))) else {
+            panic!()
+        };
+        assert_eq!(
+            e.to_string(),
+            "no outer source address for 2001:2::11: the route has no preferred source and eth0 has no global IPv6 address; set [agent] encap_source_v6"
+        );
+        // IPv4 messages are unchanged.
+        let Lookup::Failed(e) = resolution(Neighbour::Failed).lookup(A, None, false, None) else {
+            panic!()
+        };
+        assert_eq!(e.to_string(), "no ARP answer from 198.18.0.11 on eth0");
+    }
+
     #[tokio::test]
     async fn the_kernel_answers_for_loopback() {
         // Every namespace has lo (index 1, MAC all zeros) and a local
@@ -726,8 +871,8 @@ mod tests {
         assert_eq!(links.get(&1).map(|l| l.name.as_str()), Some("lo"));
         assert_eq!(links[&1].mac, [0; 6]);
         assert_eq!(
-            t.route(Ipv4Addr::LOCALHOST).await.unwrap(),
-            Err(NeighError::Local(Ipv4Addr::LOCALHOST))
+            t.route(IpAddr::V4(Ipv4Addr::LOCALHOST)).await.unwrap(),
+            Err(NeighError::Local(IpAddr::V4(Ipv4Addr::LOCALHOST)))
         );
         t.neighbours().await.unwrap();
     }

@@ -18,9 +18,33 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, NO_BACKEND, VipInfo, VipKey, VipStats};
+use lb_common::{
+    Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, NO_BACKEND, VipInfo, VipKey, VipKey6,
+    VipStats,
+};
 
 use crate::maglev::diff_slots;
+
+/// A key of either VIP table: VIPS (IPv4) or VIPS6. Both tables share
+/// the VIP indices, the RINGS array and the backend ids, so one image and
+/// one plan cover both families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VipEntryKey {
+    V4(VipKey),
+    V6(VipKey6),
+}
+
+impl From<VipKey> for VipEntryKey {
+    fn from(k: VipKey) -> Self {
+        VipEntryKey::V4(k)
+    }
+}
+
+impl From<VipKey6> for VipEntryKey {
+    fn from(k: VipKey6) -> Self {
+        VipEntryKey::V6(k)
+    }
+}
 
 /// Kernel map contents as the agent knows them (what it wrote, or read back
 /// from pinned maps after a restart), or as it wants them. Mirrors the maps
@@ -28,8 +52,8 @@ use crate::maglev::diff_slots;
 /// ring base, the BACKENDS array's present entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelImage {
-    /// VIP entries: services and address-only markers.
-    pub vips: BTreeMap<VipKey, VipInfo>,
+    /// VIP entries of both tables: services and address-only markers.
+    pub vips: BTreeMap<VipEntryKey, VipInfo>,
     /// Ring contents by ring base. A ring stays here after its VIP entry is
     /// removed: the kernel array still holds it.
     pub rings: BTreeMap<u32, Vec<u32>>,
@@ -50,7 +74,7 @@ impl KernelImage {
     }
 
     /// The ring of the service VIP `key`.
-    pub fn ring(&self, key: &VipKey) -> Option<&[u32]> {
+    pub fn ring(&self, key: &VipEntryKey) -> Option<&[u32]> {
         self.vips.get(key).and_then(|info| self.ring_of(info))
     }
 }
@@ -64,8 +88,8 @@ pub enum Op {
         ring_base: u32,
         slots: Vec<(u32, u32)>,
     },
-    SetVip(VipKey, VipInfo),
-    RemoveVip(VipKey),
+    SetVip(VipEntryKey, VipInfo),
+    RemoveVip(VipEntryKey),
     RemoveBackend(u32),
 }
 
@@ -80,14 +104,16 @@ pub trait KernelMaps {
     /// Deletes a backend entry (its slot reads back as not present).
     fn remove_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn write_ring(&mut self, ring_base: u32, slots: &[(u32, u32)]) -> Result<(), Self::Error>;
-    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), Self::Error>;
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), Self::Error>;
+    /// Inserts or updates an entry of the VIP table of `key`'s family.
+    fn set_vip(&mut self, key: VipEntryKey, info: VipInfo) -> Result<(), Self::Error>;
+    fn remove_vip(&mut self, key: &VipEntryKey) -> Result<(), Self::Error>;
     /// Makes `ifindex` a redirect target.
     fn add_tx_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
     /// What the maps hold: every VIP entry, the ring of each service VIP,
     /// every present backend.
     fn read_image(&self) -> Result<KernelImage, Self::Error>;
     fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>, Self::Error>;
+    fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>, Self::Error>;
     fn conntrack_len(&self) -> Result<usize, Self::Error>;
     /// A VIP's counters summed over CPUs.
     fn vip_stats(&self, index: u32) -> Result<VipStats, Self::Error>;
@@ -289,8 +315,18 @@ mod tests {
         }
     }
 
-    fn vip_key(n: u8) -> VipKey {
-        VipKey::new(u32::from_be_bytes([198, 19, 0, n]), 80, 6)
+    /// VIP n: IPv4 for odd n, IPv6 for even n (both tables in one plan).
+    fn vip_key(n: u8) -> VipEntryKey {
+        if n % 2 == 1 {
+            VipKey::new(u32::from_be_bytes([198, 19, 0, n]), 80, 6).into()
+        } else {
+            VipKey6::new(
+                std::net::Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, n.into()),
+                80,
+                6,
+            )
+            .into()
+        }
     }
 
     /// (backend id, weight, usable)

@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -36,11 +36,12 @@ pub fn lb_binary() -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct VipSpec {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6.
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     /// `(address, weight)`
-    pub backends: Vec<(Ipv4Addr, u32)>,
+    pub backends: Vec<(IpAddr, u32)>,
     /// The `[vip.health_check]` table body, e.g. `kind = "none"`.
     pub health_check: String,
     /// `dsr-l2`, `ipip` or `gue`.
@@ -48,13 +49,18 @@ pub struct VipSpec {
 }
 
 impl VipSpec {
-    pub fn tcp(name: &str, address: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) -> Self {
+    pub fn tcp<A: Into<IpAddr> + Copy>(
+        name: &str,
+        address: impl Into<IpAddr>,
+        port: u16,
+        backends: &[A],
+    ) -> Self {
         Self {
             name: name.into(),
-            address,
+            address: address.into(),
             port,
             protocol: "tcp",
-            backends: backends.iter().map(|&a| (a, 1)).collect(),
+            backends: backends.iter().map(|&a| (a.into(), 1)).collect(),
             health_check: "kind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2"
                 .into(),
             forwarding: "dsr-l2",

@@ -23,7 +23,7 @@ use std::{
     ffi::{OsStr, OsString},
     fs::File,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -522,8 +522,10 @@ pub struct TopologyOpts {
     /// Backends created up front (more can be added with
     /// [`Topology::add_backend`]).
     pub backends: usize,
-    /// Keep IPv6 enabled in the namespaces. Off by default: no router
-    /// solicitations, MLD or DAD frames disturb packet counts.
+    /// Keep IPv6 enabled in the namespaces and give every host an IPv6
+    /// address too (2001:2:0:k::/64; VIP 2001:2:0:1k::1 on the backends'
+    /// lo), without DAD, router solicitations or autoconfiguration. Off by
+    /// default: no MLD or ND frames disturb packet counts.
     pub ipv6: bool,
 }
 
@@ -614,6 +616,9 @@ impl Topology {
         let cidr = format!("{}/24", topo.client_addr());
         topo.client
             .ip(["addr", "add", &cidr, "dev", &topo.client_iface()])?;
+        if opts.ipv6 {
+            add_addr6(&topo.client, &topo.client_iface(), topo.client_addr6(), 64)?;
+        }
 
         // Load balancer: the kernel must not forward, lb does.
         basic_sysctls(&topo.lb, opts.ipv6)?;
@@ -622,8 +627,15 @@ impl Topology {
         let cidr = format!("{}/24", topo.lb_addr());
         topo.lb
             .ip(["addr", "add", &cidr, "dev", &topo.lb_iface()])?;
+        if opts.ipv6 {
+            topo.lb.sysctl(&[("net.ipv6.conf.all.forwarding", "0")])?;
+            add_addr6(&topo.lb, &topo.lb_iface(), topo.lb_addr6(), 64)?;
+        }
 
         topo.client_route_vip_via(topo.lb_addr())?;
+        if opts.ipv6 {
+            topo.client_route_vip6_via(topo.lb_addr6())?;
+        }
         let port = topo.lb_switch_port();
         topo.lb_peer_xdp = Some(topo.switch.run(move || -> Result<_> {
             let mut progs = crate::testprogs::TestProgs::load()?;
@@ -669,6 +681,13 @@ impl Topology {
         ns.ip(["addr", "add", &cidr, "dev", &iface])?;
         let vip = format!("{}/32", self.vip());
         ns.ip(["addr", "add", &vip, "dev", "lo"])?;
+        if self.ipv6 {
+            add_addr6(&ns, &iface, self.backend_addr6(i), 64)?;
+            // On lo, the VIP is not answered for in neighbour discovery on
+            // the backend's interface (the kernel answers solicitations
+            // only for addresses of the interface they arrive on).
+            add_addr6(&ns, "lo", self.vip6(), 128)?;
+        }
         self.backends.push(ns);
         self.wait_bridge_forwarding(Duration::from_secs(5))?;
         Ok(i)
@@ -700,6 +719,9 @@ impl Topology {
         self.plug(&self.lb, &iface, ROLE_LB, 0, false)?;
         let cidr = format!("{}/24", self.lb_addr());
         self.lb.ip(["addr", "add", &cidr, "dev", &iface])?;
+        if self.ipv6 {
+            add_addr6(&self.lb, &iface, self.lb_addr6(), 64)?;
+        }
         self.lb_peer_xdp = Some(self.switch.run(move || -> Result<_> {
             let mut progs = crate::testprogs::TestProgs::load()?;
             progs.attach(
@@ -823,6 +845,14 @@ impl Topology {
         Ok(())
     }
 
+    /// The same for the IPv6 VIP (/128).
+    pub fn client_route_vip6_via(&self, via: Ipv6Addr) -> Result<()> {
+        let dst = format!("{}/128", self.vip6());
+        self.client
+            .ip(["-6", "route", "replace", &dst, "via", &via.to_string()])?;
+        Ok(())
+    }
+
     pub fn client_ns(&self) -> &Netns {
         &self.client
     }
@@ -922,6 +952,29 @@ impl Topology {
         Ipv4Addr::new(198, 19, self.k, 1)
     }
 
+    /// IPv6 topologies ([`TopologyOpts::ipv6`]): the segment 2001:2:0:k::/64.
+    pub fn subnet6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, self.k.into(), 0, 0, 0, 0)
+    }
+
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, self.k.into(), 0, 0, 0, 1)
+    }
+
+    pub fn lb_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, self.k.into(), 0, 0, 0, 2)
+    }
+
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        assert!(i < MAX_BACKENDS, "backend index {i} out of range");
+        Ipv6Addr::new(0x2001, 2, 0, self.k.into(), 0, 0, 0, 0x11 + i as u16)
+    }
+
+    /// The IPv6 VIP, outside the segment: 2001:2:0:1kk::1.
+    pub fn vip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, 0x100 + u16::from(self.k), 0, 0, 0, 1)
+    }
+
     pub fn client_mac(&self) -> [u8; 6] {
         [0x02, 0x18, self.k, ROLE_CLIENT, 0, 0]
     }
@@ -936,15 +989,40 @@ impl Topology {
 }
 
 fn basic_sysctls(ns: &Netns, ipv6: bool) -> Result<()> {
-    let mut settings = vec![
-        ("net.ipv4.conf.all.rp_filter", "0"),
-        ("net.ipv4.conf.default.rp_filter", "0"),
+    let mut settings: Vec<(String, &str)> = vec![
+        ("net.ipv4.conf.all.rp_filter".into(), "0"),
+        ("net.ipv4.conf.default.rp_filter".into(), "0"),
     ];
-    if !ipv6 && std::path::Path::new("/proc/sys/net/ipv6").exists() {
-        settings.push(("net.ipv6.conf.all.disable_ipv6", "1"));
-        settings.push(("net.ipv6.conf.default.disable_ipv6", "1"));
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        if ipv6 {
+            // Static addresses only, usable at once: no duplicate address
+            // detection, router solicitations or autoconfiguration.
+            for conf in ["all", "default"] {
+                for (key, value) in [
+                    ("accept_dad", "0"),
+                    ("dad_transmits", "0"),
+                    ("accept_ra", "0"),
+                    ("router_solicitations", "0"),
+                    ("autoconf", "0"),
+                ] {
+                    settings.push((format!("net.ipv6.conf.{conf}.{key}"), value));
+                }
+            }
+        } else {
+            settings.push(("net.ipv6.conf.all.disable_ipv6".into(), "1"));
+            settings.push(("net.ipv6.conf.default.disable_ipv6".into(), "1"));
+        }
     }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     ns.sysctl(&settings)
+}
+
+/// Adds an IPv6 address without duplicate address detection (usable at
+/// once).
+fn add_addr6(ns: &Netns, iface: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+    let cidr = format!("{addr}/{prefix}");
+    ns.ip(["-6", "addr", "add", &cidr, "dev", iface, "nodad"])?;
+    Ok(())
 }
 
 fn check_ifname(name: &str) -> Result<()> {

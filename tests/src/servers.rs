@@ -106,9 +106,10 @@ pub fn try_server_binary() -> Result<PathBuf> {
 pub fn spawn_server(
     ns: &Netns,
     kind: ServerKind,
-    listen: SocketAddrV4,
+    listen: impl Into<SocketAddr>,
     name: &str,
 ) -> Result<ChildGuard> {
+    let listen: SocketAddr = listen.into();
     let bin = try_server_binary()?;
     let mut cmd = ns.command(&bin);
     cmd.args([
@@ -186,16 +187,19 @@ pub fn server_main(args: impl IntoIterator<Item = String>) -> Result<()> {
             _ => bail!("unexpected argument {a:?}\n{usage}"),
         }
     }
-    let listen: SocketAddrV4 = listen
+    let listen: SocketAddr = listen
         .ok_or_else(|| anyhow!("--listen missing\n{usage}"))?
         .parse()
-        .context("--listen must be IPv4ADDR:PORT")?;
+        .context("--listen must be ADDR:PORT ([ADDR]:PORT for IPv6)")?;
     let name = name.ok_or_else(|| anyhow!("--name missing\n{usage}"))?;
     raise_nofile_limit();
     match kind {
         ServerKind::Http => serve_tcp(listen, kind, name, handle_http),
         ServerKind::Stream => serve_tcp(listen, kind, name, handle_stream),
-        ServerKind::UdpEcho => serve_udp_echo(listen, &name),
+        ServerKind::UdpEcho => match listen {
+            SocketAddr::V4(l) => serve_udp_echo(l, &name),
+            SocketAddr::V6(l) => serve_udp_echo6(l, &name),
+        },
     }
 }
 
@@ -221,13 +225,21 @@ fn announce_ready(kind: ServerKind, addr: SocketAddr) -> Result<()> {
 }
 
 fn serve_tcp(
-    listen: SocketAddrV4,
+    listen: SocketAddr,
     kind: ServerKind,
     name: String,
     handler: fn(TcpStream, &str) -> io::Result<()>,
 ) -> Result<()> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
+    if listen.is_ipv6() {
+        // IPv6 only: an IPv4 server may listen on the same port.
+        socket.set_only_v6(true)?;
+    }
     socket
         .bind(&SockAddr::from(listen))
         .with_context(|| format!("bind {listen}"))?;
@@ -371,6 +383,37 @@ fn serve_udp_echo(listen: SocketAddrV4, name: &str) -> Result<()> {
     }
 }
 
+/// The IPv6 UDP echo server: bound to one address (the VIP), so that its
+/// replies leave from it without packet-info ancillary data.
+fn serve_udp_echo6(listen: std::net::SocketAddrV6, name: &str) -> Result<()> {
+    ensure!(
+        !listen.ip().is_unspecified(),
+        "an IPv6 udp-echo server listens on one address (the VIP), not {listen}"
+    );
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_only_v6(true)?;
+    socket
+        .bind(&SockAddr::from(listen))
+        .with_context(|| format!("bind {listen}"))?;
+    let sock: UdpSocket = socket.into();
+    announce_ready(ServerKind::UdpEcho, sock.local_addr()?)?;
+    let prefix = format!("{name}:");
+    let mut buf = vec![0u8; 65536];
+    let mut reply = Vec::with_capacity(65536 + prefix.len());
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("recv_from"),
+        };
+        reply.clear();
+        reply.extend_from_slice(prefix.as_bytes());
+        reply.extend_from_slice(&buf[..n]);
+        let _ = sock.send_to(&reply, peer);
+    }
+}
+
 /// recvmsg with IP_PKTINFO: (length, sender, destination address).
 fn recv_with_dst(
     fd: libc::c_int,
@@ -468,9 +511,10 @@ fn send_from(
 /// for a moment.
 pub fn tcp_connect(
     local_port: Option<u16>,
-    addr: SocketAddrV4,
+    addr: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    let addr: SocketAddr = addr.into();
     let start = Instant::now();
     let retry_until = start + PORT_REUSE_RETRY.min(timeout);
     loop {
@@ -508,26 +552,31 @@ pub const PORT_REUSE_RETRY: Duration = Duration::from_secs(1);
 
 fn try_tcp_connect(
     local_port: Option<u16>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     if timeout.is_zero() {
         return Err(io::ErrorKind::TimedOut.into());
     }
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(port) = local_port {
         socket.set_reuse_address(true)?;
-        socket.bind(&SockAddr::from(SocketAddrV4::new(
-            Ipv4Addr::UNSPECIFIED,
-            port,
-        )))?;
+        socket.bind(&SockAddr::from(unspecified_of(addr, port)))?;
     }
     socket.connect_timeout(&SockAddr::from(addr), timeout)?;
     Ok(socket.into())
 }
 
+/// The unspecified address of `addr`'s family, with `port`.
+fn unspecified_of(addr: SocketAddr, port: u16) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        SocketAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+    }
+}
+
 /// `GET /` over a fresh connection; returns the body.
-pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+pub fn http_get(addr: impl Into<SocketAddr>, timeout: Duration) -> Result<String> {
     http_get_from(None, addr, timeout)
 }
 
@@ -543,9 +592,10 @@ pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
 /// left, which it retries).
 pub fn http_get_from(
     local_port: Option<u16>,
-    addr: SocketAddrV4,
+    addr: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<String> {
+    let addr: SocketAddr = addr.into();
     let deadline = Instant::now() + timeout;
     let mut stream = tcp_connect(local_port, addr, timeout)?;
     let request = format!(
@@ -648,7 +698,11 @@ fn parse_response(response: &[u8]) -> Result<String> {
 }
 
 /// Sends `payload` to `addr` over UDP and returns the first reply.
-pub fn udp_request(addr: SocketAddrV4, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+pub fn udp_request(
+    addr: impl Into<SocketAddr>,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     udp_request_from(None, addr, payload, timeout)
 }
 
@@ -656,13 +710,14 @@ pub fn udp_request(addr: SocketAddrV4, payload: &[u8], timeout: Duration) -> Res
 /// socket is connected, so only a reply from `addr` itself is accepted.
 pub fn udp_request_from(
     local_port: Option<u16>,
-    addr: SocketAddrV4,
+    addr: impl Into<SocketAddr>,
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let addr: SocketAddr = addr.into();
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
-    let local = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port.unwrap_or(0));
+    let local = unspecified_of(addr, local_port.unwrap_or(0));
     socket
         .bind(&SockAddr::from(local))
         .with_context(|| format!("bind {local}"))?;

@@ -320,3 +320,46 @@ fn active_flows_are_counted_per_backend_and_expired_records_are_not() {
     let c = f.dp.count_flows().unwrap();
     assert_eq!((c.records, &c.per_backend), (300, &want));
 }
+
+#[test]
+fn ipv6_flows_are_counted_with_ipv4_ones_per_backend_and_expire_by_the_same_rule() {
+    use std::net::Ipv6Addr;
+
+    use lb_tests::packet::Ipv6Packet;
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, 1);
+    const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+    let mut f = fixture(1 << 16, IPPROTO_UDP);
+    // An IPv6 VIP over backends 4 and 5 and backend 1, shared with the
+    // IPv4 VIP (one id space, one count).
+    f.add_vip6(
+        1,
+        (VIP6, 80, IPPROTO_UDP),
+        &[(4, 1), (5, 1)],
+        lb_common::FORWARD_DSR_L2,
+    );
+    set_clock(&mut f, 0, 1_000, 3_600_000, 30_000);
+    let backend6 = |f: &Fixture, port: u16| -> u32 {
+        let r = f.run(&Ipv6Packet::udp(CLIENT6, port, VIP6, 80).build());
+        assert_eq!(r.action, XDP_TX, "IPv6 flow from port {port} not forwarded");
+        backend_of_mac(&r.frame).expect("a backend's MAC")
+    };
+    let mut want: BTreeMap<u32, u64> = BTreeMap::new();
+    for port in 20_000..20_100 {
+        *want
+            .entry(backend(&f, &Ipv4Packet::udp(CLIENT, port, VIP, 80)))
+            .or_default() += 1;
+        *want.entry(backend6(&f, port)).or_default() += 1;
+    }
+    assert!(want.contains_key(&4) && want.contains_key(&5), "{want:?}");
+    let c = f.dp.count_flows().unwrap();
+    assert_eq!((c.records, &c.per_backend), (200, &want));
+    // 1.5 s later only the IPv6 flows that talked again are active: the
+    // UDP idle timeout applies to CONNTRACK6 records as to CONNTRACK's.
+    set_clock(&mut f, 1_500, 1_000, 3_600_000, 30_000);
+    let mut want: BTreeMap<u32, u64> = BTreeMap::new();
+    for port in 20_000..20_010 {
+        *want.entry(backend6(&f, port)).or_default() += 1;
+    }
+    let c = f.dp.count_flows().unwrap();
+    assert_eq!((c.records, &c.per_backend), (200, &want));
+}

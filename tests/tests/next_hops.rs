@@ -1,11 +1,12 @@
 //! Next hops that follow the network (issue 9, items 1 and 6), with the
 //! real agent in network namespaces: a backend whose MAC changes gets new
 //! connections again within seconds and none go to its old MAC; backends
-//! whose ARP never answers neither slow the start nor the CLI. Needs root.
+//! whose ARP never answers neither slow the start nor the CLI; the same
+//! following over IPv6 neighbour discovery. Needs root.
 //! Each test builds its own topology and removes it, also when it fails.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -15,7 +16,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb::mac::MacAddr;
 use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
-    netns::{Netns, Topology},
+    netns::{Netns, Topology, TopologyOpts},
     require_root,
     servers::{ServerKind, backend_name, http_get, http_get_from, spawn_on_backends, spawn_server},
     testprogs::{RETURN_ONLY, TestProgs},
@@ -31,7 +32,8 @@ fn backends(topo: &Topology) -> Vec<Ipv4Addr> {
 }
 
 /// `lb backend list`'s entry for `addr`.
-fn listed(agent: &LbAgent, addr: Ipv4Addr) -> Result<Value> {
+fn listed(agent: &LbAgent, addr: impl Into<IpAddr>) -> Result<Value> {
+    let addr: IpAddr = addr.into();
     let list = agent.json(&["backend", "list"])?;
     list.as_array()
         .into_iter()
@@ -45,7 +47,7 @@ fn listed(agent: &LbAgent, addr: Ipv4Addr) -> Result<Value> {
 /// it took.
 fn wait_listed(
     agent: &LbAgent,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr> + Copy,
     what: &str,
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
@@ -57,7 +59,7 @@ fn wait_listed(
             return Ok(start.elapsed());
         }
         if start.elapsed() >= timeout {
-            bail!("{addr}: not {what} after {timeout:?}: {b}");
+            bail!("{}: not {what} after {timeout:?}: {b}", addr.into());
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -207,6 +209,78 @@ fn a_backend_whose_mac_changes_gets_new_connections_again_and_none_go_to_the_old
     Ok(())
 }
 
+#[test]
+fn an_ipv6_backend_whose_mac_changes_is_followed_over_neighbour_discovery() -> Result<()> {
+    require_root();
+    let topo = Topology::new(TopologyOpts {
+        backends: 3,
+        ipv6: true,
+    })?;
+    let _servers = (0..3)
+        .map(|i| {
+            spawn_server(
+                topo.backend_ns(i),
+                ServerKind::Http,
+                SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), PORT),
+                &backend_name(i),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let backends6: Vec<_> = (0..3).map(|i| topo.backend_addr6(i)).collect();
+    let vip = VipSpec::tcp("web6", topo.vip6(), PORT, &backends6);
+    let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
+    let vip = SocketAddr::new(topo.vip6().into(), PORT);
+    let victim = 1;
+    let addr = topo.backend_addr6(victim);
+    let old = MacAddr(topo.backend_mac(victim));
+    let new = MacAddr([0x02, 0x18, topo.index(), 0x33, victim as u8, 0]);
+    wait_listed(&agent, addr, "up", Duration::from_secs(10), |b| {
+        b["health"] == "up"
+    })?;
+    ensure!(listed(&agent, addr)?["mac"] == old.to_string());
+    let counter = MacCounter::new(topo.switch_ns(), old)?;
+
+    // The victim's NIC is swapped; its kernel announces the new MAC with
+    // an unsolicited neighbour advertisement (ndisc_notify).
+    let ns = topo.backend_ns(victim);
+    let iface = topo.backend_iface(victim);
+    ns.sysctl(&[(&format!("net.ipv6.conf.{iface}.ndisc_notify"), "1")])?;
+    ns.ip(["link", "set", "dev", &iface, "address", &new.to_string()])?;
+    wait_listed(
+        &agent,
+        addr,
+        "at its new MAC",
+        Duration::from_secs(10),
+        |b| b["mac"] == new.to_string() && b["health"] == "up",
+    )?;
+    let before = counter.packets()?;
+    let answers = topo.client_ns().run(|| {
+        (30_000..30_150)
+            .map(|p| http_get_from(Some(p), vip, Duration::from_secs(3)))
+            .collect::<Result<Vec<String>>>()
+    })??;
+    let to_victim = answers
+        .iter()
+        .filter(|a| a.trim() == backend_name(victim))
+        .count();
+    ensure!(
+        to_victim >= 25,
+        "{to_victim} of 150 connections reached the victim"
+    );
+    let after = counter.packets()?;
+    ensure!(
+        after == before,
+        "{} frames went to the old MAC {old} after lb showed the new one",
+        after - before
+    );
+    let log = agent.log_text();
+    ensure!(
+        log.contains(&format!("next hop now {new}")),
+        "the change is not logged:\n{log}"
+    );
+    Ok(())
+}
+
 /// Start-up and CLI latency with 3 good backends next to 100 whose ARP
 /// never answers (item 6): resolution runs off the event loop, all at once.
 #[test]
@@ -218,7 +292,7 @@ fn unresolvable_backends_slow_neither_the_start_nor_the_cli() -> Result<()> {
     let dead: Vec<Ipv4Addr> = (100..200)
         .map(|b| Ipv4Addr::new(198, 18, topo.index(), b))
         .collect();
-    vip.backends.extend(dead.iter().map(|&a| (a, 1)));
+    vip.backends.extend(dead.iter().map(|&a| (a.into(), 1)));
     let paths = AgentPaths::new()?;
     let text = render_config(&paths.instance, &paths.socket, &topo.lb_iface(), &[vip])
         .replace("max_backends = 64", "max_backends = 256");

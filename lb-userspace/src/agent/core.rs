@@ -3,7 +3,7 @@
 //! the maps through [`KernelMaps`]. No sockets, files or tasks: unit-tested
 //! against the in-memory fake.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use log::{info, warn};
 
@@ -32,7 +32,7 @@ pub struct Core<M: KernelMaps> {
     pub(super) image: KernelImage,
     pub(super) maps: M,
     /// What the kernel's tables said last, per backend address.
-    pub(super) resolutions: BTreeMap<Ipv4Addr, Resolution>,
+    pub(super) resolutions: BTreeMap<IpAddr, Resolution>,
     /// The Maglev tables last built, by VIP.
     pub(super) rings: RingCache,
     /// Something changed since the last successful reconcile (or it
@@ -165,13 +165,20 @@ impl<M: KernelMaps> Core<M> {
                 })
             })
             .collect();
-        let encap_source = self.cfg.agent.encap.source_v4;
+        let encap = self.cfg.agent.encap;
         let keys: Vec<BackendKey> = self.state.backends().map(|(k, _)| *k).collect();
         let mut changed = false;
         for k in keys {
             let (mac, tunnel) = how.get(&k).copied().unwrap_or_default();
             let lookup = match self.resolutions.get(&k.address) {
-                Some(r) => r.lookup(k.address, mac, tunnel, encap_source),
+                Some(r) => {
+                    // The operator's outer source of the backend's family.
+                    let encap_source = match k.address {
+                        IpAddr::V4(_) => encap.source_v4.map(IpAddr::V4),
+                        IpAddr::V6(_) => encap.source_v6.map(IpAddr::V6),
+                    };
+                    r.lookup(k.address, mac, tunnel, encap_source)
+                }
                 None => Lookup::Pending(NeighError::Unknown),
             };
             changed |= self.apply_lookup(&k, lookup);
@@ -252,10 +259,12 @@ impl<M: KernelMaps> Core<M> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::BTreeMap,
-        net::{Ipv4Addr, SocketAddrV4},
-    };
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
+    use std::{collections::BTreeMap, net::SocketAddr};
 
     use lb_common::{FlowEntry, FlowKey, NO_BACKEND};
 
@@ -269,6 +278,9 @@ mod tests {
     };
 
     const M: u32 = 251;
+
+    /// IPv6 VIPs and backends through the same core.
+    mod v6;
 
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")
@@ -292,8 +304,8 @@ mod tests {
             }
         }
 
-        fn resolution(&self, addr: Ipv4Addr) -> Resolution {
-            let b = addr.octets()[3];
+        fn resolution(&self, addr: IpAddr) -> Resolution {
+            let b = crate::keys::last_octet(addr);
             if self.no_route.contains(&b) {
                 return Resolution {
                     egress: Err(NeighError::NoRoute {
@@ -309,7 +321,7 @@ mod tests {
                     ifindex: self.ifindex,
                     gateway: None,
                     mac: [2, 0, 0, 0, 0, 0xfe],
-                    source: Some(Ipv4Addr::new(198, 18, 0, 10)),
+                    source: Some(ip4(198, 18, 0, 10)),
                 }),
                 neighbour: match self.macs.get(&b) {
                     Some(&m) => Neighbour::Known([2, 0, 0, 0, 0, m]),
@@ -363,7 +375,7 @@ mod tests {
         }
 
         fn backend(&self, b: u8) -> BackendView {
-            let addr = Ipv4Addr::new(198, 18, 0, b);
+            let addr = ip4(198, 18, 0, b);
             self.backends()
                 .into_iter()
                 .find(|v| v.address == addr)
@@ -383,7 +395,7 @@ mod tests {
         fn health(&mut self, b: u8, up: bool) {
             let key = BackendKey {
                 vip: VipId::of(&self.cfg.vips[0]),
-                address: Ipv4Addr::new(198, 18, 0, b),
+                address: ip4(198, 18, 0, b),
             };
             let outcome = if up {
                 ProbeOutcome::Ok {
@@ -429,8 +441,8 @@ mod tests {
         }
     }
 
-    fn vip_request(address: u8) -> (String, Ipv4Addr) {
-        ("v1".into(), Ipv4Addr::new(198, 18, 0, address))
+    fn vip_request(address: u8) -> (String, IpAddr) {
+        ("v1".into(), ip4(198, 18, 0, address))
     }
 
     #[test]
@@ -528,7 +540,7 @@ mod tests {
             },
             Request::BackendAdd {
                 vip: "nope".into(),
-                address: Ipv4Addr::new(198, 18, 0, 30),
+                address: ip4(198, 18, 0, 30),
                 weight: 1,
             },
             Request::BackendSetWeight {
@@ -538,7 +550,7 @@ mod tests {
             },
             Request::BackendRemove {
                 vip,
-                address: Ipv4Addr::new(198, 18, 0, 99),
+                address: ip4(198, 18, 0, 99),
             },
         ];
         for req in bad {
@@ -579,7 +591,7 @@ mod tests {
         .unwrap();
         core.request(Request::BackendSetWeight {
             vip: vip.clone(),
-            address: Ipv4Addr::new(198, 18, 0, 13),
+            address: ip4(198, 18, 0, 13),
             weight: 2,
         })
         .unwrap();
@@ -611,7 +623,7 @@ mod tests {
         HealthEvent {
             key: BackendKey {
                 vip: VipId::of(&core.cfg.vips[0]),
-                address: Ipv4Addr::new(198, 18, 0, b),
+                address: ip4(198, 18, 0, b),
             },
             outcome: if up {
                 ProbeOutcome::Ok {
@@ -738,7 +750,7 @@ mod tests {
         let batch: Batch = arp
             .batch(&core)
             .into_iter()
-            .filter(|(a, _)| a.octets()[3] == 12)
+            .filter(|(a, _)| crate::keys::last_octet(*a) == 12)
             .collect();
         assert!(core.on_next_hops(batch));
         core.reconcile().unwrap();
@@ -780,7 +792,7 @@ mod tests {
         assert_eq!(core.backend(11).slots, M);
         // Asked again (a health check re-triggers ARP): the failure stays
         // the reason until an answer comes.
-        let a12 = Ipv4Addr::new(198, 18, 0, 12);
+        let a12 = ip4(198, 18, 0, 12);
         let mut r = arp.resolution(a12);
         r.neighbour = Neighbour::Resolving;
         assert!(!core.on_next_hops(vec![(a12, r)]));
@@ -793,11 +805,11 @@ mod tests {
     #[test]
     fn a_pending_answer_keeps_the_known_next_hop() {
         let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
-        let mut r = FakeNeighbours::all().resolution(Ipv4Addr::new(198, 18, 0, 12));
+        let mut r = FakeNeighbours::all().resolution(ip4(198, 18, 0, 12));
         // The kernel dropped the entry (or re-asks): nothing is known to be
         // wrong with the MAC the backend has.
         r.neighbour = Neighbour::Resolving;
-        assert!(!core.on_next_hops(vec![(Ipv4Addr::new(198, 18, 0, 12), r)]));
+        assert!(!core.on_next_hops(vec![(ip4(198, 18, 0, 12), r)]));
         let b = core.backend(12);
         assert_eq!((b.health, b.next_hop_error), (Health::Up, None));
         assert!(b.slots > 0);
@@ -834,7 +846,7 @@ mod tests {
         cfg.vips[0].backends[1].mac = Some([2, 0, 0, 0, 0, 0x77]);
         let mut core = started(cfg.clone(), FakeMaps::new(4, M, 16));
         assert_eq!(entry_of(&core, 12).dst_mac, [2, 0, 0, 0, 0, 0x77]);
-        let addr = Ipv4Addr::new(198, 18, 0, 12);
+        let addr = ip4(198, 18, 0, 12);
         assert_eq!(
             core.wanted_next_hops().get(&addr).map(|n| n.arp),
             Some(false),
@@ -882,13 +894,14 @@ mod tests {
         );
     }
 
-    const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const GATEWAY: IpAddr = ip4(198, 18, 0, 1);
     const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
-    const ROUTE_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+    const ROUTE_SRC: IpAddr = ip4(198, 18, 0, 10);
+    const ROUTE_SRC_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
     /// What the follower reports when every backend is routed through
     /// [`GATEWAY`] (known by ARP), the route's source being `source`.
-    fn routed_batch(core: &Core<FakeMaps>, source: Option<Ipv4Addr>) -> Batch {
+    fn routed_batch(core: &Core<FakeMaps>, source: Option<IpAddr>) -> Batch {
         core.wanted_next_hops()
             .keys()
             .map(|&a| {
@@ -957,7 +970,7 @@ mod tests {
             assert!(v.slots > 0);
             let e = entry_of(&core, b);
             assert_eq!(e.dst_mac, GATEWAY_MAC);
-            assert_eq!(e.encap_src, ROUTE_SRC.to_bits().to_be());
+            assert_eq!(e.encap_src, ROUTE_SRC_V4.to_bits().to_be());
         }
         let vips: Vec<crate::control::VipView> =
             serde_json::from_value(core.ask(Request::VipList).unwrap().data).unwrap();
@@ -977,7 +990,7 @@ mod tests {
             entry_of(&core, 11).encap_src,
             Ipv4Addr::new(198, 18, 0, 99).to_bits().to_be()
         );
-        let src: SocketAddrV4 = "198.18.1.1:40000".parse().unwrap();
+        let src: SocketAddr = "198.18.1.1:40000".parse().unwrap();
         let e: ExplainView = serde_json::from_value(
             core.ask(Request::Explain {
                 src,
@@ -989,7 +1002,7 @@ mod tests {
         )
         .unwrap();
         let outer = e.outer.expect("a tunnelled flow shows its outer header");
-        assert_eq!(outer.src, Ipv4Addr::new(198, 18, 0, 99));
+        assert_eq!(outer.src, ip4(198, 18, 0, 99));
         assert_eq!(Some(outer.dst), e.backend);
         assert_eq!(outer.src_port, Some(lb_common::gue_source_port(e.hash)));
         assert_eq!(outer.dst_port, Some(7000));
@@ -1029,7 +1042,7 @@ mod tests {
         assert_eq!(core.maps.writes - writes, 4);
         assert_eq!(
             entry_of(&core, 11).encap_src,
-            ROUTE_SRC.to_bits().to_be(),
+            ROUTE_SRC_V4.to_bits().to_be(),
             "on-link: the egress interface's address"
         );
         // Without a source from the route or the operator: out, with why.
@@ -1055,8 +1068,8 @@ mod tests {
     #[test]
     fn explain_follows_conntrack_then_the_ring() {
         let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
-        let src: SocketAddrV4 = "198.18.1.1:40000".parse().unwrap();
-        let dst: SocketAddrV4 = "198.19.0.1:80".parse().unwrap();
+        let src: SocketAddr = "198.18.1.1:40000".parse().unwrap();
+        let dst: SocketAddr = "198.19.0.1:80".parse().unwrap();
         let explain = |core: &Core<FakeMaps>| -> ExplainView {
             let h = core
                 .ask(Request::Explain {
@@ -1070,12 +1083,15 @@ mod tests {
         let e = explain(&core);
         assert_eq!(e.reason, "new flow: Maglev ring slot");
         let ring_backend = e.ring_backend.unwrap();
-        let other = if ring_backend.octets()[3] == 11 {
+        let other = if crate::keys::last_octet(ring_backend) == 11 {
             12
         } else {
             11
         };
-        let key = FlowKey::new(src.ip().to_bits(), src.port(), dst.ip().to_bits(), 80, 6);
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+            unreachable!()
+        };
+        let key = FlowKey::new(s.to_bits(), src.port(), d.to_bits(), 80, 6);
         core.maps.conntrack.insert(
             key,
             FlowEntry {
@@ -1086,9 +1102,12 @@ mod tests {
         );
         // `lb backend list` counts it for its backend.
         assert_eq!(core.backend(other).flows, Some(1));
-        assert_eq!(core.backend(ring_backend.octets()[3]).flows, Some(0));
+        assert_eq!(
+            core.backend(crate::keys::last_octet(ring_backend)).flows,
+            Some(0)
+        );
         let e = explain(&core);
-        assert_eq!(e.backend, Some(Ipv4Addr::new(198, 18, 0, other)));
+        assert_eq!(e.backend, Some(ip4(198, 18, 0, other)));
         assert_eq!(e.reason, "established flow: conntrack entry");
         core.health(other, false);
         let e = explain(&core);

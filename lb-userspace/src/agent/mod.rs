@@ -117,8 +117,8 @@ impl Agent {
             max_backends: cfg.agent.kernel.max_backends,
             ring_size: cfg.agent.kernel.ring_size,
             conntrack_entries: cfg.agent.kernel.conntrack_entries,
-            // IPv6 flows get as many records as IPv4 ones (no setting of
-            // their own until the agent serves IPv6 VIPs).
+            // IPv6 flows get as many records as IPv4 ones (one setting
+            // sizes both tables).
             conntrack6_entries: cfg.agent.kernel.conntrack_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
@@ -140,10 +140,7 @@ impl Agent {
                 pin_dir.display(),
                 core.image().vips.len(),
                 core.image().backends.len(),
-                core.maps()
-                    .conntrack_entries()
-                    .map(|c| c.len())
-                    .unwrap_or(0)
+                core.maps().conntrack_len().unwrap_or(0)
             );
         }
         let mut agent = Agent {

@@ -5,12 +5,12 @@
 //! backend entries).
 //!
 //! - A neighbour event for a followed address is applied at once (a MAC
-//!   that changed, an ARP that failed).
+//!   that changed, an ARP or ND resolution that failed).
 //! - A route or link event (an interface deleted, re-created, renamed, its
 //!   MAC changed; a route added or removed), lost events and the periodic
 //!   refresh re-read the tables: every route is looked up again.
 //! - An address with no neighbour entry is probed (a datagram makes the
-//!   kernel send an ARP request; the answer or the failure comes back as an
+//!   kernel send an ARP request, or a neighbour solicitation for IPv6; the answer or the failure comes back as an
 //!   event), all of them at once and never more than once per
 //!   [`timing::NEXT_HOP_PROBE_MIN_INTERVAL`]; the periodic refresh probes
 //!   failed ones again.
@@ -19,7 +19,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, UdpSocket},
     time::Instant,
 };
 
@@ -39,10 +39,10 @@ use crate::{
 /// The addresses to follow: backend address → whether its next hop's MAC
 /// is to be resolved (false: every backend at that address has a `mac`
 /// override, only its route matters) and whether a gateway is fine.
-pub type Wanted = BTreeMap<Ipv4Addr, Need>;
+pub type Wanted = BTreeMap<IpAddr, Need>;
 
 /// What changed, per address.
-pub type Batch = Vec<(Ipv4Addr, Resolution)>;
+pub type Batch = Vec<(IpAddr, Resolution)>;
 
 /// The addresses `cfg`'s backends need followed.
 pub fn wanted(cfg: &Config) -> Wanted {
@@ -65,12 +65,16 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     let events = Tables::subscribe()?;
     let tables = Tables::connect()?;
-    let probe = UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .inspect_err(|e| {
-            warn!("no socket to send ARP probes from ({e}): resolution waits for the kernel")
-        })
-        .ok();
+    let socket = |bind: &str, what: &str| {
+        UdpSocket::bind(bind)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .inspect_err(|e| {
+                warn!("no socket to send {what} probes from ({e}): resolution waits for the kernel")
+            })
+            .ok()
+    };
+    let probe = socket("0.0.0.0:0", "ARP");
+    let probe6 = socket("[::]:0", "neighbour discovery");
     let follower = Follower {
         tables,
         wanted: wanted.borrow().clone(),
@@ -81,6 +85,7 @@ pub fn spawn(
         sent: BTreeMap::new(),
         probed: BTreeMap::new(),
         probe,
+        probe6,
         tx,
     };
     tokio::spawn(follower.run(wanted, events));
@@ -95,8 +100,8 @@ pub async fn first_answers(
     wait: std::time::Duration,
 ) -> Batch {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut got: BTreeMap<Ipv4Addr, Resolution> = BTreeMap::new();
-    let done = |got: &BTreeMap<Ipv4Addr, Resolution>| {
+    let mut got: BTreeMap<IpAddr, Resolution> = BTreeMap::new();
+    let done = |got: &BTreeMap<IpAddr, Resolution>| {
         wanted
             .iter()
             .all(|(a, &need)| got.get(a).is_some_and(|r| !r.is_pending(need)))
@@ -117,17 +122,19 @@ struct Follower {
     tables: Tables,
     wanted: Wanted,
     links: BTreeMap<u32, Link>,
-    /// Each interface's IPv4 addresses, the primary first.
-    addresses: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// Each interface's IPv4 and global IPv6 addresses, the primary first.
+    addresses: BTreeMap<u32, Vec<IpAddr>>,
     /// Per address: the egress interface index, or why there is none.
-    routes: BTreeMap<Ipv4Addr, Result<Route, NeighError>>,
+    routes: BTreeMap<IpAddr, Result<Route, NeighError>>,
     /// Neighbour entries of followed addresses and of the gateways their
     /// routes go through: (ifindex, address).
-    neighbours: BTreeMap<(u32, Ipv4Addr), Neighbour>,
+    neighbours: BTreeMap<(u32, IpAddr), Neighbour>,
     /// What the event loop was last told, per address.
-    sent: BTreeMap<Ipv4Addr, Resolution>,
-    probed: BTreeMap<Ipv4Addr, Instant>,
+    sent: BTreeMap<IpAddr, Resolution>,
+    probed: BTreeMap<IpAddr, Instant>,
     probe: Option<UdpSocket>,
+    /// The same for IPv6 addresses (neighbour solicitations).
+    probe6: Option<UdpSocket>,
     tx: mpsc::UnboundedSender<Batch>,
 }
 
@@ -183,11 +190,11 @@ impl Follower {
     /// Re-reads links, neighbours and every followed route, then tells
     /// what changed. `reprobe_failed`: ask again where ARP failed.
     async fn full_round(&mut self, reprobe_failed: bool) {
-        let (links, neighbours, addresses) = tokio::join!(
-            self.tables.links(),
-            self.tables.neighbours(),
-            self.tables.addresses()
-        );
+        // One dump at a time: a netlink socket refuses a dump while
+        // another is in progress (EBUSY).
+        let links = self.tables.links().await;
+        let neighbours = self.tables.neighbours().await;
+        let addresses = self.tables.addresses().await;
         let (links, neighbours, addresses) = match (links, neighbours, addresses) {
             (Ok(l), Ok(n), Ok(a)) => (l, n, a),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
@@ -224,7 +231,7 @@ impl Follower {
 
     /// `addr` is a followed address, or the gateway of a followed
     /// address's route.
-    fn follows_neighbour(&self, addr: Ipv4Addr) -> bool {
+    fn follows_neighbour(&self, addr: IpAddr) -> bool {
         self.wanted.contains_key(&addr)
             || self
                 .routes
@@ -232,7 +239,7 @@ impl Follower {
                 .any(|r| matches!(r, Ok(r) if r.gateway == Some(addr)))
     }
 
-    fn resolution(&self, addr: Ipv4Addr) -> Option<Resolution> {
+    fn resolution(&self, addr: IpAddr) -> Option<Resolution> {
         let route = self.routes.get(&addr)?;
         let egress = route.clone().and_then(
             |Route {
@@ -248,9 +255,9 @@ impl Follower {
                         gateway,
                         mac: l.mac,
                         source: prefsrc.or_else(|| {
-                            self.addresses
-                                .get(&ifindex)
-                                .and_then(|a| a.first().copied())
+                            self.addresses.get(&ifindex).and_then(|a| {
+                                a.iter().copied().find(|s| s.is_ipv4() == addr.is_ipv4())
+                            })
                         }),
                     })
                     .ok_or(NeighError::NoInterface { addr, ifindex })
@@ -302,7 +309,7 @@ impl Follower {
         }
     }
 
-    fn probe(&mut self, addr: Ipv4Addr) {
+    fn probe(&mut self, addr: IpAddr) {
         let now = Instant::now();
         if self
             .probed
@@ -311,7 +318,12 @@ impl Follower {
         {
             return;
         }
-        if let Some(s) = &self.probe {
+        let socket = if addr.is_ipv4() {
+            &self.probe
+        } else {
+            &self.probe6
+        };
+        if let Some(s) = socket {
             Tables::probe(s, addr);
             self.probed.insert(addr, now);
         }

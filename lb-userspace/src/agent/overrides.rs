@@ -3,7 +3,7 @@
 //! override whose backend the file left as it was, and drops (with a log
 //! line) those the file changed: the newer word wins. No I/O.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::{
     config::{BackendConfig, Config},
@@ -54,7 +54,7 @@ impl Overrides {
         let mut cfg = file.clone();
         for vip in &mut cfg.vips {
             let id = VipId::of(vip);
-            let here: Vec<(Ipv4Addr, &Override)> = self
+            let here: Vec<(IpAddr, &Override)> = self
                 .by_backend
                 .iter()
                 .filter(|(k, _)| k.vip == id)
@@ -104,7 +104,7 @@ impl Overrides {
 
     /// Drops the overrides of `vip` (all VIPs when `None`), of `address`
     /// only when given. Returns how many.
-    pub fn clear(&mut self, vip: Option<VipId>, address: Option<Ipv4Addr>) -> usize {
+    pub fn clear(&mut self, vip: Option<VipId>, address: Option<IpAddr>) -> usize {
         let before = self.by_backend.len();
         self.by_backend.retain(|k, _| {
             !(vip.is_none_or(|v| v == k.vip) && address.is_none_or(|a| a == k.address))
@@ -154,20 +154,25 @@ fn describe(o: &Override) -> String {
 }
 
 /// The backend `address` of `vip` in `cfg`, as an override records it.
-pub fn entry(cfg: &Config, vip: VipId, address: Ipv4Addr) -> Option<BackendConfig> {
+pub fn entry(cfg: &Config, vip: VipId, address: IpAddr) -> Option<BackendConfig> {
     find(cfg, &BackendKey { vip, address }).cloned()
 }
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
     use super::*;
     use crate::agent::state::tests::config;
     use crate::config::BackendState;
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
 
     fn key(b: u8) -> BackendKey {
         BackendKey {
             vip: VipId::of(&config(&[(1, &[])], "tcp").vips[0]),
-            address: Ipv4Addr::new(198, 18, 0, b),
+            address: ip4(198, 18, 0, b),
         }
     }
 
@@ -220,14 +225,14 @@ mod tests {
         let file = config(&[(1, &[(11, 1), (12, 1)])], "tcp");
         let mut o = Overrides::default();
         let mut added = find(&file, &key(11)).unwrap().clone();
-        added.address = Ipv4Addr::new(198, 18, 0, 13);
+        added.address = ip4(198, 18, 0, 13);
         o.set(&file, key(13), Some(added));
         o.set(&file, key(11), None);
         let cfg = o.apply(&file);
         let addrs: Vec<u8> = cfg.vips[0]
             .backends
             .iter()
-            .map(|b| b.address.octets()[3])
+            .map(|b| crate::keys::last_octet(b.address))
             .collect();
         assert_eq!(addrs, vec![12, 13]);
         assert!(o.rebase(&file).is_empty());

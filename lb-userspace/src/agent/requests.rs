@@ -5,17 +5,18 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::bail;
-use lb_common::{FlowKey, NO_BACKEND, ring_slot};
+use lb_common::{FlowKey, FlowKey6, NO_BACKEND, ring_slot};
 use log::{info, warn};
 
 use super::{core::Core, overrides};
 use crate::{
     config::{BackendConfig, BackendState, Config, Forwarding, Protocol},
     control::{BackendView, ExplainView, OuterView, Request, VipView},
+    datapath::{backend_address, backend_encap_source},
     keys::{BackendKey, VipId},
     mac::MacAddr,
     reconcile::KernelMaps,
@@ -52,6 +53,15 @@ impl<M: KernelMaps> Core<M> {
             } => {
                 let i = self.find_vip(&vip)?;
                 check_weight(weight)?;
+                let v = &self.cfg.vips[i];
+                if let Some(why) =
+                    crate::config::backend_family_error(v.address, address, v.forwarding)
+                {
+                    bail!("VIP {}: {why}", v.name);
+                }
+                if let Some(bad) = crate::config::unusable_address(address) {
+                    bail!("{address} is {bad}, not usable as a backend address");
+                }
                 if self.find_backend(i, address).is_ok() {
                     bail!(
                         "VIP {} already has backend {address}",
@@ -151,7 +161,7 @@ impl<M: KernelMaps> Core<M> {
     }
 
     /// Records the CLI's change to backend `address` of VIP `i`.
-    fn note_override(&mut self, i: usize, address: Ipv4Addr) {
+    fn note_override(&mut self, i: usize, address: IpAddr) {
         let vip = VipId::of(&self.cfg.vips[i]);
         let now = overrides::entry(&self.cfg, vip, address);
         self.overrides
@@ -161,7 +171,7 @@ impl<M: KernelMaps> Core<M> {
     fn set_state(
         &mut self,
         vip: &str,
-        address: Ipv4Addr,
+        address: IpAddr,
         state: BackendState,
     ) -> anyhow::Result<String> {
         let i = self.find_vip(vip)?;
@@ -183,6 +193,7 @@ impl<M: KernelMaps> Core<M> {
                 let id = VipId::of(v);
                 v.name == sel
                     || id.to_string() == sel
+                    || id.socket_addr().to_string() == sel
                     || format!("{}:{}", id.address, id.port) == sel
             })
             .ok_or_else(|| {
@@ -192,7 +203,7 @@ impl<M: KernelMaps> Core<M> {
             })
     }
 
-    fn find_backend(&self, vip: usize, addr: Ipv4Addr) -> anyhow::Result<usize> {
+    fn find_backend(&self, vip: usize, addr: IpAddr) -> anyhow::Result<usize> {
         self.cfg.vips[vip]
             .backends
             .iter()
@@ -278,12 +289,12 @@ impl<M: KernelMaps> Core<M> {
     /// conntrack entry, without running the program.
     fn explain(
         &self,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         protocol: Protocol,
     ) -> anyhow::Result<ExplainView> {
         let vid = VipId {
-            address: *dst.ip(),
+            address: dst.ip(),
             port: dst.port(),
             protocol,
         };
@@ -298,33 +309,44 @@ impl<M: KernelMaps> Core<M> {
                     protocol.as_str()
                 )
             })?;
-        let key = FlowKey::new(
-            src.ip().to_bits(),
-            src.port(),
-            dst.ip().to_bits(),
-            dst.port(),
-            protocol.number(),
-        );
-        let hash = key.hash();
+        // The flow key and hash of the VIP's family, as the kernel builds
+        // them.
+        let key = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => FlowKeyOf::V4(FlowKey::new(
+                s.to_bits(),
+                src.port(),
+                d.to_bits(),
+                dst.port(),
+                protocol.number(),
+            )),
+            (IpAddr::V6(s), IpAddr::V6(d)) => FlowKeyOf::V6(FlowKey6::new(
+                s,
+                src.port(),
+                d,
+                dst.port(),
+                protocol.number(),
+            )),
+            _ => bail!("the source {src} and the VIP {dst} are not of the same address family"),
+        };
+        let hash = match &key {
+            FlowKeyOf::V4(k) => k.hash(),
+            FlowKeyOf::V6(k) => k.hash(),
+        };
         let slot = ring_slot(hash, vip.ring_size);
         let info = self.image.vips.get(&vid.kernel_key());
         let ring_id = self
             .image
             .ring(&vid.kernel_key())
             .and_then(|r| r.get(slot as usize).copied());
-        let addr_of = |id: u32| {
-            self.image
-                .backends
-                .get(&id)
-                .map(|b| Ipv4Addr::from(u32::from_be(b.addr)))
-        };
+        let addr_of = |id: u32| self.image.backends.get(&id).map(backend_address);
         let ring_backend = ring_id.filter(|&id| id != NO_BACKEND).and_then(addr_of);
         let index = info.map(|i| i.index);
-        let tracked = self
-            .maps
-            .conntrack_lookup(&key)
-            .map_err(|e| anyhow::anyhow!("reading conntrack: {e}"))?
-            .map(|e| e.backend_id);
+        let tracked = match &key {
+            FlowKeyOf::V4(k) => self.maps.conntrack_lookup(k),
+            FlowKeyOf::V6(k) => self.maps.conntrack6_lookup(k),
+        }
+        .map_err(|e| anyhow::anyhow!("reading conntrack: {e}"))?
+        .map(|e| e.backend_id);
         let tracked_ok = tracked.and_then(|id| {
             self.image
                 .backends
@@ -344,14 +366,18 @@ impl<M: KernelMaps> Core<M> {
             (None, Some(r)) => (Some(r), "new flow: Maglev ring slot".into()),
             (None, None) => (None, "no usable backend: packets are dropped".into()),
         };
-        let backend = entry.map(|b| Ipv4Addr::from(u32::from_be(b.addr)));
+        let backend = entry.map(backend_address);
         // What the kernel writes in front of the packet: the same entry
         // fields and the same port function.
         let outer = entry
             .filter(|_| vip.forwarding.is_tunnel())
             .map(|b| OuterView {
-                src: Ipv4Addr::from(u32::from_be(b.encap_src)),
-                dst: Ipv4Addr::from(u32::from_be(b.addr)),
+                src: backend_encap_source(b).unwrap_or(if backend_address(b).is_ipv4() {
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                }),
+                dst: backend_address(b),
                 forwarding: vip.forwarding,
                 src_port: (vip.forwarding == Forwarding::Gue)
                     .then(|| lb_common::gue_source_port(hash)),
@@ -370,6 +396,12 @@ impl<M: KernelMaps> Core<M> {
             outer,
         })
     }
+}
+
+/// A flow's conntrack key, of its family.
+enum FlowKeyOf {
+    V4(FlowKey),
+    V6(FlowKey6),
 }
 
 fn check_weight(w: u32) -> anyhow::Result<()> {

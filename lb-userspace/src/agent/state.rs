@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo};
@@ -12,7 +12,7 @@ use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo};
 use crate::{
     config::{BackendState, Config, Forwarding},
     control::Health,
-    datapath::backend_entry,
+    datapath::{backend_address, backend_encap_source, backend_entry, set_encap_source},
     health::starts_up,
     keys::{BackendKey, VipId},
     maglev::{MaglevBackend, MaglevError, MaglevTable},
@@ -81,7 +81,7 @@ impl State {
         }
         for (&id, b) in &kernel.backends {
             if let Some(&vip) = by_index.get(&b.vip_index) {
-                let address = Ipv4Addr::from(u32::from_be(b.addr));
+                let address = backend_address(b);
                 let mut status = BackendStatus::new(id, b.is_usable());
                 // The next hop it was given stays until the kernel's
                 // tables say otherwise.
@@ -92,8 +92,7 @@ impl State {
                         src_mac: b.src_mac,
                         dst_mac: b.dst_mac,
                         gateway: None,
-                        encap_src: (b.encap_src != 0)
-                            .then(|| Ipv4Addr::from(u32::from_be(b.encap_src))),
+                        encap_src: backend_encap_source(b),
                     });
                 }
                 state.backends.insert(BackendKey { vip, address }, status);
@@ -276,7 +275,7 @@ impl State {
                     .unwrap_or_default();
                 let mut entry = backend_entry(b.address, ifindex, index, usable, dst, src);
                 if vip.forwarding.is_tunnel() {
-                    entry.encap_src = encap_src.map_or(0, |a| a.to_bits().to_be());
+                    set_encap_source(&mut entry, encap_src);
                 }
                 img.backends.insert(status.id, entry);
                 let weight = match b.state {
@@ -287,7 +286,7 @@ impl State {
                     members.push(MaglevBackend {
                         // The ring depends on addresses and weights only,
                         // never on the local ids.
-                        key: (u64::from(b.address.to_bits()) << 16) | u64::from(vip.port),
+                        key: maglev_key(b.address, vip.port),
                         id: status.id,
                         weight,
                     });
@@ -308,6 +307,25 @@ impl State {
         }
         Ok(img)
     }
+}
+
+/// A backend's Maglev key: `address << 16 | port` for IPv4 (the key the
+/// rings were always built with, so an upgrade moves no slot); for IPv6
+/// the 128-bit address folded to 48 bits by a fixed mix, then the port.
+/// The key depends on the address only, so every agent builds the same
+/// ring.
+pub fn maglev_key(address: IpAddr, port: u16) -> u64 {
+    let folded = match address {
+        IpAddr::V4(a) => u64::from(a.to_bits()),
+        IpAddr::V6(a) => {
+            let bits = a.to_bits();
+            let mixed = crate::maglev::splitmix64((bits >> 64) as u64)
+                ^ crate::maglev::splitmix64(bits as u64 ^ 0x9e37_79b9_7f4a_7c15);
+            // Above 2^32: never equal to an IPv4 address's key.
+            (mixed & 0xffff_ffff_ffff) | (1 << 47)
+        }
+    };
+    (folded << 16) | u64::from(port)
 }
 
 /// Maglev tables by VIP with the members and size they were built from,
@@ -352,6 +370,11 @@ impl RingCache {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[allow(unused_imports)]
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[allow(unused_imports)]
+    use crate::keys::ip4;
     use std::path::Path;
 
     use lb_common::NO_BACKEND;
@@ -382,11 +405,11 @@ pub(crate) mod tests {
     fn key(v: u8, b: u8) -> BackendKey {
         BackendKey {
             vip: VipId {
-                address: Ipv4Addr::new(198, 19, 0, v),
+                address: ip4(198, 19, 0, v),
                 port: 80,
                 protocol: crate::config::Protocol::Tcp,
             },
-            address: Ipv4Addr::new(198, 18, 0, b),
+            address: ip4(198, 18, 0, b),
         }
     }
 
@@ -406,7 +429,7 @@ pub(crate) mod tests {
         let mut s = State::adopt(cfg, kernel);
         assert!(s.sync(cfg, kernel, true).is_empty());
         for k in s.unresolved() {
-            s.set_next_hop(&k, Ok(next_hop(k.address.octets()[3])));
+            s.set_next_hop(&k, Ok(next_hop(crate::keys::last_octet(k.address))));
         }
         s
     }
@@ -465,7 +488,7 @@ pub(crate) mod tests {
             .target(&cfg)
             .unwrap();
         let marker = |a: u8| {
-            img.vips[&lb_common::VipKey::addr_only(u32::from(Ipv4Addr::new(198, 19, 0, a)))]
+            img.vips[&lb_common::VipKey::addr_only(u32::from(Ipv4Addr::new(198, 19, 0, a))).into()]
         };
         assert!(marker(1).is_address_only() && !marker(1).answers_echo());
         assert!(marker(2).is_address_only() && marker(2).answers_echo());
@@ -626,7 +649,7 @@ pub(crate) mod tests {
         for cfg in [&cfg_a, &cfg_b, &cfg_a] {
             s.sync(cfg, &img, false);
             for k in s.unresolved() {
-                s.set_next_hop(&k, Ok(next_hop(k.address.octets()[3])));
+                s.set_next_hop(&k, Ok(next_hop(crate::keys::last_octet(k.address))));
             }
             let want = s.target(cfg).unwrap();
             let ops = reconcile::plan(&img, &want);

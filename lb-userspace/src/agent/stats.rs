@@ -2,7 +2,7 @@
 //! the stats view `lb stats` shows, published to the metrics endpoint
 //! through a watch channel.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use tokio::sync::watch;
 
@@ -94,7 +94,7 @@ fn read_counters<M: KernelMaps>(
 }
 
 type VipCounters = BTreeMap<String, lb_common::VipStats>;
-type BackendCounters = BTreeMap<(String, Ipv4Addr), (lb_common::BackendStats, Health)>;
+type BackendCounters = BTreeMap<(String, IpAddr), (lb_common::BackendStats, Health)>;
 
 type Sample = (
     Instant,

@@ -95,7 +95,7 @@ pub use model::{
     MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol,
     RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
 };
-pub use validate::ConfigError;
+pub use validate::{ConfigError, backend_family_error, unusable_address};
 
 #[cfg(test)]
 mod tests;

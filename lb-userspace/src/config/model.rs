@@ -3,7 +3,7 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -58,6 +58,10 @@ pub struct EncapSettings {
     /// backend, the preferred source of the kernel's route to it, else the
     /// first IPv4 address of its egress interface.
     pub source_v4: Option<Ipv4Addr>,
+    /// The same for IPv6 backends (IPv6 outer headers); `None`: per
+    /// backend, the route's preferred source, else the egress
+    /// interface's first global IPv6 address.
+    pub source_v6: Option<Ipv6Addr>,
     /// The outer UDP destination port of GUE packets: the port the
     /// backends' decap program listens on.
     pub gue_port: u16,
@@ -67,6 +71,7 @@ impl Default for EncapSettings {
     fn default() -> Self {
         Self {
             source_v4: None,
+            source_v6: None,
             gue_port: lb_common::DEFAULT_GUE_PORT,
         }
     }
@@ -198,7 +203,8 @@ impl Forwarding {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6.
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
@@ -215,7 +221,9 @@ pub struct VipConfig {
 /// One `[[vip.backend]]`, with defaults applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    /// Of the VIP's family for `dsr-l2`; a tunnel VIP over IPv4 may also
+    /// have IPv6 backends (4in6).
+    pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
     /// Next-hop MAC override (a unicast address).
@@ -314,7 +322,7 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
 
 impl VipConfig {
     /// The VIP's identity.
-    pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
+    pub fn key(&self) -> (IpAddr, u16, Protocol) {
         (self.address, self.port, self.protocol)
     }
 }

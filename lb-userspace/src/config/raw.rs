@@ -36,6 +36,7 @@ pub(super) struct RawAgent {
     pub conntrack_tcp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_closing_ms: Option<S<i64>>,
     pub encap_source_v4: Option<S<String>>,
+    pub encap_source_v6: Option<S<String>>,
     pub gue_port: Option<S<i64>>,
 }
 

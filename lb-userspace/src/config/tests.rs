@@ -2,7 +2,11 @@
 //! merging, and every rule's error with its position and field path
 //! (those of the deserializer located by `raw`, the others by `validate`).
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use super::{raw::line_col, *};
 use crate::maglev::is_prime;
@@ -128,7 +132,7 @@ fn full_example() {
         },
         vips: vec![VipConfig {
             name: "web".into(),
-            address: Ipv4Addr::new(198, 18, 10, 1),
+            address: IpAddr::V4(Ipv4Addr::new(198, 18, 10, 1)),
             port: 80,
             protocol: Protocol::Tcp,
             forwarding: Forwarding::DsrL2,
@@ -136,7 +140,7 @@ fn full_example() {
             ring_size: 65537,
             health_check: web_check.clone(),
             backends: vec![BackendConfig {
-                address: Ipv4Addr::new(198, 18, 0, 11),
+                address: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
                 weight: 1,
                 state: BackendState::Active,
                 mac: Some([2, 0, 0, 0, 0, 0x11]),
@@ -152,7 +156,7 @@ fn full_example() {
     assert_eq!(config, expected);
     assert_eq!(
         config.vips[0].key(),
-        (Ipv4Addr::new(198, 18, 10, 1), 80, Protocol::Tcp)
+        (IpAddr::V4(Ipv4Addr::new(198, 18, 10, 1)), 80, Protocol::Tcp)
     );
 }
 
@@ -189,6 +193,7 @@ address = "198.18.0.11"
             },
             encap: EncapSettings {
                 source_v4: None,
+                source_v6: None,
                 gue_port: 6080,
             },
         }
@@ -197,7 +202,7 @@ address = "198.18.0.11"
         config.vips,
         vec![VipConfig {
             name: "198.18.10.1:443/tcp".into(),
-            address: Ipv4Addr::new(198, 18, 10, 1),
+            address: IpAddr::V4(Ipv4Addr::new(198, 18, 10, 1)),
             port: 443,
             protocol: Protocol::Tcp,
             forwarding: Forwarding::DsrL2,
@@ -205,7 +210,7 @@ address = "198.18.0.11"
             ring_size: lb_common::DEFAULT_RING_SIZE,
             health_check: tcp_check(443),
             backends: vec![BackendConfig {
-                address: Ipv4Addr::new(198, 18, 0, 11),
+                address: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
                 weight: 1,
                 state: BackendState::Active,
                 mac: None,
@@ -434,27 +439,150 @@ fn ring_sizes() {
 }
 
 #[test]
-fn ipv6_address_where_ipv4_is_required() {
+fn ipv6_vips_and_backends_are_accepted_in_their_family() {
+    let c = ok(concat!(
+        "[agent]\nencap_source_v6 = \"2001:2::10\"\n",
+        "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n",
+        "[[vip.backend]]\naddress = \"2001:2::11\"\n",
+        "[[vip.backend]]\naddress = \"2001:2::12\"\n",
+        "[[vip]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n",
+        "[[vip.backend]]\naddress = \"198.18.0.11\"\n",
+        "[[vip.backend]]\naddress = \"2001:2::13\"\n",
+        "[[vip]]\naddress = \"2001:2:1::2\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"gue\"\n",
+        "[[vip.backend]]\naddress = \"2001:2::14\"\n",
+    ));
+    let v6: IpAddr = "2001:2:1::1".parse().unwrap();
+    assert_eq!(c.vips[0].address, v6);
+    assert_eq!(
+        c.vips[0].name, "[2001:2:1::1]:80/tcp",
+        "bracketed by default"
+    );
+    assert_eq!(
+        c.vips[0].backends[1].address,
+        "2001:2::12".parse::<IpAddr>().unwrap()
+    );
+    // 4in6: an IPv4 tunnel VIP may have IPv6 backends.
+    assert_eq!(
+        c.vips[1].backends[1].address,
+        "2001:2::13".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(c.agent.encap.source_v6, Some("2001:2::10".parse().unwrap()));
+    assert_eq!(c.vips[2].forwarding, Forwarding::Gue);
+}
+
+#[test]
+fn a_backend_of_the_wrong_family_is_refused_with_the_rule() {
+    // dsr-l2 keeps the IP header: the backend must be of the VIP's family.
     let e = err(&format!("{HEAD}[[vip.backend]]\naddress = \"2001:2::1\"\n"));
     check(
         &e,
         6,
         "vip[0].backend[0].address",
-        "expected an IPv4 address, got IPv6 address 2001:2::1",
+        "backend 2001:2::1 is IPv6 but the VIP 198.18.10.1 is IPv4: forwarding = \"dsr-l2\" keeps the client's IP header",
     );
-    let e = err("[[vip]]\naddress = \"2001:2::1\"\nport = 80\nprotocol = \"tcp\"\n");
-    check(&e, 2, "vip[0].address", "got IPv6 address 2001:2::1");
+    let e = err(
+        "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"198.18.0.11\"\n",
+    );
+    check(
+        &e,
+        6,
+        "vip[0].backend[0].address",
+        "backend 198.18.0.11 is IPv4 but the VIP 2001:2:1::1 is IPv6",
+    );
+    // 6in4 is not supported.
+    for mode in ["ipip", "gue"] {
+        let e = err(&format!(
+            "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"{mode}\"\n[[vip.backend]]\naddress = \"198.18.0.11\"\n"
+        ));
+        check(
+            &e,
+            7,
+            "vip[0].backend[0].address",
+            &format!("IPv6 in IPv4 is not supported (forwarding = \"{mode}\")"),
+        );
+    }
+}
+
+#[test]
+fn unusable_ipv6_addresses_are_named() {
+    for (addr, what) in [
+        ("fe80::1", "a link-local address"),
+        ("ff02::1", "a multicast address"),
+        ("::", "the unspecified address"),
+        ("::1", "a loopback address"),
+        ("::ffff:198.18.0.1", "an IPv4-mapped address"),
+    ] {
+        let e = err(&format!(
+            "[[vip]]\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\n"
+        ));
+        check(
+            &e,
+            2,
+            "vip[0].address",
+            &format!("is {what}, not usable as a VIP address"),
+        );
+        let e = err(&format!(
+            "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"{addr}\"\n"
+        ));
+        check(
+            &e,
+            6,
+            "vip[0].backend[0].address",
+            &format!("is {what}, not usable as a backend address"),
+        );
+    }
+    let e = err("[[vip]]\naddress = \"2001:2::zz\"\nport = 80\nprotocol = \"tcp\"\n");
+    check(&e, 2, "vip[0].address", "invalid IP address \"2001:2::zz\"");
+}
+
+#[test]
+fn duplicate_ipv6_vips_and_backends_are_refused() {
+    let e = err(concat!(
+        "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n",
+        "[[vip]]\naddress = \"2001:2:1:0::1\"\nport = 80\nprotocol = \"tcp\"\n",
+    ));
+    check(
+        &e,
+        6,
+        "vip[1].address",
+        "duplicate VIP [2001:2:1::1]:80/tcp (already defined by vip[0] at line 2)",
+    );
+    let e = err(concat!(
+        "[[vip]]\naddress = \"2001:2:1::1\"\nport = 80\nprotocol = \"tcp\"\n",
+        "[[vip.backend]]\naddress = \"2001:2::11\"\n",
+        "[[vip.backend]]\naddress = \"2001:2:0::11\"\n",
+    ));
+    check(
+        &e,
+        8,
+        "vip[0].backend[1].address",
+        "duplicate backend 2001:2::11",
+    );
+}
+
+#[test]
+fn encap_source_v6_must_be_a_usable_ipv6_address() {
+    for (value, needle) in [
+        (
+            "198.18.0.10",
+            "expected an IPv6 address, got IPv4 address 198.18.0.10",
+        ),
+        (
+            "fe80::1",
+            "fe80::1 is a link-local address, not usable as a source address",
+        ),
+        ("ff02::1", "a multicast address"),
+        ("lb.example", "invalid IPv6 address \"lb.example\""),
+    ] {
+        let e = err(&format!("[agent]\nencap_source_v6 = \"{value}\"\n"));
+        check(&e, 2, "agent.encap_source_v6", needle);
+    }
 }
 
 #[test]
 fn invalid_ipv4_address() {
     let e = err("[[vip]]\naddress = \"198.18.10\"\nport = 80\nprotocol = \"tcp\"\n");
-    check(
-        &e,
-        2,
-        "vip[0].address",
-        "invalid IPv4 address \"198.18.10\"",
-    );
+    check(&e, 2, "vip[0].address", "invalid IP address \"198.18.10\"");
     let e = err(&format!("{HEAD}[[vip.backend]]\naddress = \"0.0.0.0\"\n"));
     check(
         &e,
@@ -864,6 +992,7 @@ fn forwarding_modes_and_encap_settings() {
         c.agent.encap,
         EncapSettings {
             source_v4: Some(Ipv4Addr::new(198, 18, 0, 10)),
+            source_v6: None,
             gue_port: 7000,
         }
     );

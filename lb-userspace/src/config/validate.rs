@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     str::FromStr,
@@ -185,29 +185,53 @@ impl Ctx<'_> {
         ))
     }
 
-    fn ipv4(&self, v: &S<String>, field: &str, what: &str) -> Result<Ipv4Addr, ConfigError> {
+    /// An IPv4 or IPv6 address usable as a unicast `what` address.
+    fn ip(&self, v: &S<String>, field: &str, what: &str) -> Result<IpAddr, ConfigError> {
         let s = v.get_ref();
-        let err = |message: String| Err(self.error(v.span(), field, message));
-        match s.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => {
-                let bad = if a.is_unspecified() {
-                    Some("the unspecified address")
-                } else if a.is_broadcast() {
-                    Some("the broadcast address")
-                } else if a.is_multicast() {
-                    Some("a multicast address")
-                } else if a.is_loopback() {
-                    Some("a loopback address")
-                } else {
-                    None
-                };
-                match bad {
-                    Some(bad) => err(format!("{a} is {bad}, not usable as a {what} address")),
-                    None => Ok(a),
-                }
-            }
-            Ok(IpAddr::V6(_)) => err(format!("expected an IPv4 address, got IPv6 address {s}")),
-            Err(_) => err(format!("invalid IPv4 address {s:?}")),
+        let a: IpAddr = s
+            .parse()
+            .map_err(|_| self.error(v.span(), field, format!("invalid IP address {s:?}")))?;
+        match unusable_address(a) {
+            Some(bad) => Err(self.error(
+                v.span(),
+                field,
+                format!("{a} is {bad}, not usable as a {what} address"),
+            )),
+            None => Ok(a),
+        }
+    }
+
+    fn ipv4(&self, v: &S<String>, field: &str, what: &str) -> Result<Ipv4Addr, ConfigError> {
+        match self.ip(v, field, what) {
+            Ok(IpAddr::V4(a)) => Ok(a),
+            Ok(IpAddr::V6(_)) => Err(self.error(
+                v.span(),
+                field,
+                format!("expected an IPv4 address, got IPv6 address {}", v.get_ref()),
+            )),
+            Err(_) if v.get_ref().parse::<IpAddr>().is_err() => Err(self.error(
+                v.span(),
+                field,
+                format!("invalid IPv4 address {:?}", v.get_ref()),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ipv6(&self, v: &S<String>, field: &str, what: &str) -> Result<Ipv6Addr, ConfigError> {
+        match self.ip(v, field, what) {
+            Ok(IpAddr::V6(a)) => Ok(a),
+            Ok(IpAddr::V4(_)) => Err(self.error(
+                v.span(),
+                field,
+                format!("expected an IPv6 address, got IPv4 address {}", v.get_ref()),
+            )),
+            Err(_) if v.get_ref().parse::<IpAddr>().is_err() => Err(self.error(
+                v.span(),
+                field,
+                format!("invalid IPv6 address {:?}", v.get_ref()),
+            )),
+            Err(e) => Err(e),
         }
     }
 
@@ -215,7 +239,7 @@ impl Ctx<'_> {
         let agent = self.agent(raw.agent.as_ref().map(|a| a.get_ref()))?;
         let mut vips: Vec<VipConfig> = Vec::with_capacity(raw.vip.len());
         // key → (vip index, offset of its address); name → vip index.
-        let mut keys: HashMap<(Ipv4Addr, u16, Protocol), (usize, usize)> = HashMap::new();
+        let mut keys: HashMap<(IpAddr, u16, Protocol), (usize, usize)> = HashMap::new();
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut total_backends = 0usize;
         for (i, raw_vip) in raw.vip.iter().enumerate() {
@@ -238,9 +262,8 @@ impl Ctx<'_> {
                     r.address.span(),
                     format!("{path}.address"),
                     format!(
-                        "duplicate VIP {}:{}/{} (already defined by vip[{first}] at line {})",
-                        vip.address,
-                        vip.port,
+                        "duplicate VIP {}/{} (already defined by vip[{first}] at line {})",
+                        SocketAddr::new(vip.address, vip.port),
                         vip.protocol,
                         self.line(offset)
                     ),
@@ -277,7 +300,7 @@ impl Ctx<'_> {
         total_backends: &mut usize,
     ) -> Result<VipConfig, ConfigError> {
         let f = |key: &str| format!("{path}.{key}");
-        let address = self.ipv4(&r.address, &f("address"), "VIP")?;
+        let address = self.ip(&r.address, &f("address"), "VIP")?;
         let port = self.int(&r.port, &f("port"), 1u16, u16::MAX)?;
         let protocol: Protocol = self.keyword(&r.protocol, &f("protocol"))?;
         let forwarding: Forwarding = match &r.forwarding {
@@ -297,7 +320,7 @@ impl Ctx<'_> {
                 }
                 s.clone()
             }
-            None => format!("{address}:{port}/{protocol}"),
+            None => format!("{}/{protocol}", SocketAddr::new(address, port)),
         };
         let ring_size = match &r.ring_size {
             Some(v) => {
@@ -329,9 +352,10 @@ impl Ctx<'_> {
             origin: Some(&hc_path),
         };
 
+        let vip_address = address;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(r.backend.len());
         // address → (backend index, offset of its address)
-        let mut seen: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
+        let mut seen: HashMap<IpAddr, (usize, usize)> = HashMap::new();
         for (j, raw_backend) in r.backend.iter().enumerate() {
             let bpath = format!("{path}.backend[{j}]");
             let b = raw_backend.get_ref();
@@ -354,7 +378,10 @@ impl Ctx<'_> {
                 ));
             }
             let bf = |key: &str| format!("{bpath}.{key}");
-            let address = self.ipv4(&b.address, &bf("address"), "backend")?;
+            let address = self.ip(&b.address, &bf("address"), "backend")?;
+            if let Some(why) = backend_family_error(vip_address, address, forwarding) {
+                return Err(self.error(b.address.span(), bf("address"), why));
+            }
             if let Some(&(first, offset)) = seen.get(&address) {
                 return Err(self.error(
                     b.address.span(),
@@ -570,6 +597,51 @@ impl Ctx<'_> {
             },
             r.timeout_ms.is_some() || base.timeout_explicit,
         ))
+    }
+}
+
+/// Why `a` cannot be a VIP, backend or source address: not one host
+/// reachable by unicast (IPv6 link-local addresses also need an interface
+/// the config cannot name).
+pub fn unusable_address(a: IpAddr) -> Option<&'static str> {
+    match a {
+        IpAddr::V4(a) if a.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(a) if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(a) if a.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(a) if a.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(a) if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(a) if a.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some("a link-local address"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some("an IPv4-mapped address"),
+        _ => None,
+    }
+}
+
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Why a backend at `backend` cannot serve a VIP at `vip` forwarded by
+/// `forwarding`: at L2 the frame keeps its IP header, so the backend must
+/// be of the VIP's family; a tunnel can carry IPv4 in IPv6 (4in6), but
+/// not IPv6 in IPv4.
+pub fn backend_family_error(
+    vip: IpAddr,
+    backend: IpAddr,
+    forwarding: Forwarding,
+) -> Option<String> {
+    match (vip, backend, forwarding) {
+        (IpAddr::V4(_), IpAddr::V4(_), _) | (IpAddr::V6(_), IpAddr::V6(_), _) => None,
+        (IpAddr::V4(_), IpAddr::V6(_), Forwarding::Ipip | Forwarding::Gue) => None,
+        (_, _, Forwarding::DsrL2) => Some(format!(
+            "backend {backend} is {} but the VIP {vip} is {}: forwarding = \"dsr-l2\" keeps the client's IP header, so backends must be of the VIP's family",
+            family(backend),
+            family(vip)
+        )),
+        (IpAddr::V6(_), IpAddr::V4(_), f) => Some(format!(
+            "backend {backend} is IPv4 but the VIP {vip} is IPv6: IPv6 in IPv4 is not supported (forwarding = \"{f}\"); give IPv6 backends"
+        )),
     }
 }
 

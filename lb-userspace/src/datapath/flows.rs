@@ -56,16 +56,16 @@ impl Datapath {
     }
 
     /// Counts the active flows per backend now, as the keeper does (one
-    /// pass over CONNTRACK under the RUNTIME clock and timeouts).
+    /// pass over CONNTRACK and CONNTRACK6 under the RUNTIME clock and
+    /// timeouts).
     pub fn count_flows(&self) -> anyhow::Result<FlowCount> {
         use std::os::fd::AsFd as _;
         let rt = self.runtime()?;
-        match self.map(map_names::CONNTRACK) {
-            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
-                crate::flow_keeper::count_flows(d.fd().as_fd(), &rt)
-            }
-            _ => anyhow::bail!("map {} is not a hash map", map_names::CONNTRACK),
-        }
+        let fd = |name: &'static str| match self.map(name) {
+            aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd()),
+            _ => anyhow::bail!("map {name} is not a hash map"),
+        };
+        crate::flow_keeper::count_flows(fd(map_names::CONNTRACK)?, fd(map_names::CONNTRACK6)?, &rt)
     }
 
     /// The RUNTIME element: clock, timeouts, length limit.

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, VipInfo, VipKey, VipStats};
+use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats};
 
 use super::{Datapath, DatapathError, Result};
-use crate::reconcile::{KernelImage, KernelMaps};
+use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey};
 
 impl KernelMaps for Datapath {
     type Error = DatapathError;
@@ -22,12 +22,18 @@ impl KernelMaps for Datapath {
         Datapath::write_ring(self, ring_base, slots.iter().copied()).map(|_| ())
     }
 
-    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
-        Datapath::set_vip(self, key, info)
+    fn set_vip(&mut self, key: VipEntryKey, info: VipInfo) -> Result<()> {
+        match key {
+            VipEntryKey::V4(k) => Datapath::set_vip(self, k, info),
+            VipEntryKey::V6(k) => Datapath::set_vip6(self, k, info),
+        }
     }
 
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        Datapath::remove_vip(self, key)
+    fn remove_vip(&mut self, key: &VipEntryKey) -> Result<()> {
+        match key {
+            VipEntryKey::V4(k) => Datapath::remove_vip(self, k),
+            VipEntryKey::V6(k) => Datapath::remove_vip6(self, k),
+        }
     }
 
     fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
@@ -37,7 +43,15 @@ impl KernelMaps for Datapath {
     /// What an earlier agent (or this one) left in the maps.
     fn read_image(&self) -> Result<KernelImage> {
         let mut img = KernelImage::default();
-        for (key, info) in self.vips()? {
+        let v4 = self
+            .vips()?
+            .into_iter()
+            .map(|(k, i)| (VipEntryKey::V4(k), i));
+        let v6 = self
+            .vips6()?
+            .into_iter()
+            .map(|(k, i)| (VipEntryKey::V6(k), i));
+        for (key, info) in v4.chain(v6) {
             if !info.is_address_only() {
                 img.rings.insert(
                     info.ring_base,
@@ -59,8 +73,12 @@ impl KernelMaps for Datapath {
         Datapath::conntrack_lookup(self, key)
     }
 
+    fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>> {
+        Datapath::conntrack6_lookup(self, key)
+    }
+
     fn conntrack_len(&self) -> Result<usize> {
-        self.conntrack_entries().map(|c| c.len())
+        Ok(self.conntrack_entries()?.len() + self.conntrack6_entries()?.len())
     }
 
     fn vip_stats(&self, index: u32) -> Result<VipStats> {

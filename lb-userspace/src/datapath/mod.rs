@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -21,10 +21,12 @@ use lb_common::{
 };
 use thiserror::Error;
 
+mod entry;
 mod flows;
 mod kernel_maps;
 mod v6;
 
+pub use entry::{backend_address, backend_encap_source, set_encap_source};
 pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
@@ -650,15 +652,20 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
     }
 }
 
-/// Builds a backend map entry.
+/// Builds a backend map entry (an IPv6 address gives the entry of
+/// [`backend_entry6`]).
 pub fn backend_entry(
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     ifindex: u32,
     vip_index: u32,
     usable: bool,
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
 ) -> Backend {
+    let addr = match addr.into() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => return backend_entry6(a, ifindex, vip_index, usable, dst_mac, src_mac),
+    };
     Backend {
         addr: u32::from(addr).to_be(),
         ifindex,

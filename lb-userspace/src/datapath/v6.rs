@@ -1,10 +1,9 @@
 //! The IPv6 maps as userspace sees them: the VIP table VIPS6 (same size,
 //! probe sequence and two-write insertion as VIPS) and CONNTRACK6, and the
-//! backend entry of an IPv6 backend. The agent does not install IPv6 VIPs
-//! yet (its config, next hops over ND and CLI are the next slice); tests
-//! and that slice use these.
+//! backend entry of an IPv6 backend. [`KernelMaps`](crate::reconcile::KernelMaps)
+//! dispatches IPv6 VIP entries here.
 
-use std::net::Ipv6Addr;
+use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use aya::maps::{Array, MapData};
 use lb_common::{
@@ -86,6 +85,31 @@ impl Datapath {
             self.write_vip6_slot(at, tomb)?;
         }
         Ok(())
+    }
+
+    /// Every IPv6 VIP entry (services and address markers), read from the
+    /// map (the agent keeps no mirror of VIPS6: it is read at start only).
+    pub fn vips6(&self) -> Result<BTreeMap<VipKey6, VipInfo>> {
+        let map: Array<&MapData, VipSlot6> =
+            Array::try_from(self.map(map_names::VIPS6)).map_err(map_err(map_names::VIPS6))?;
+        let mut out = BTreeMap::new();
+        for slot in map.iter() {
+            let slot = slot.map_err(map_err(map_names::VIPS6))?;
+            if slot.key != VIP6_SLOT_EMPTY && slot.key != VIP6_SLOT_TOMBSTONE {
+                out.insert(slot.key, slot.info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every CONNTRACK6 record.
+    pub fn conntrack6_entries(&self) -> Result<Vec<(FlowKey6, FlowEntry)>> {
+        let map: aya::maps::HashMap<&MapData, FlowKey6, FlowEntry> =
+            aya::maps::HashMap::try_from(self.map(map_names::CONNTRACK6))
+                .map_err(map_err(map_names::CONNTRACK6))?;
+        map.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(map_names::CONNTRACK6))
     }
 
     pub fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>> {

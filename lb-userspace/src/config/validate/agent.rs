@@ -188,6 +188,10 @@ impl Ctx<'_> {
             Some(v) => Some(self.ipv4(v, "agent.encap_source_v4", "source")?),
             None => None,
         };
+        let source_v6 = match &raw.encap_source_v6 {
+            Some(v) => Some(self.ipv6(v, "agent.encap_source_v6", "source")?),
+            None => None,
+        };
         let gue_port = self.opt_int(
             raw.gue_port.as_ref(),
             "agent.gue_port",
@@ -200,6 +204,7 @@ impl Ctx<'_> {
             conntrack,
             encap: EncapSettings {
                 source_v4,
+                source_v6,
                 gue_port,
             },
             kernel: KernelSettings {
