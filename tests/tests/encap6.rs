@@ -683,3 +683,64 @@ fn icmpv6_errors_about_anything_else_pass_untouched() {
     cut[18..20].copy_from_slice(&payload.to_be_bytes());
     assert_passed_untouched(&f, &cut, "pass_not_vip");
 }
+
+#[test]
+fn a_4in6_packet_too_big_without_df_is_dropped() {
+    let mut f = v4_vip_v6_backends(FORWARD_IPIP);
+    limit(&mut f, 1500);
+    let mut p = Ipv4Packet::tcp(CLIENT4, 42100, VIP4, 80);
+    p.frag = 0;
+    p.tcp_flags = TCP_ACK;
+    p.payload = vec![1; 1470 - 40];
+    let before = f.reasons();
+    assert_eq!(f.run(&p.build()).action, XDP_DROP, "never fragmented");
+    assert_eq!(
+        moved(&before, &f.reasons()),
+        BTreeMap::from([("drop_too_big_no_df", 1)])
+    );
+}
+
+#[test]
+fn frag_needed_to_a_v4_vip_goes_4in6_to_the_flows_ipv6_backend() {
+    for mode in [FORWARD_IPIP, FORWARD_GUE] {
+        let f = v4_vip_v6_backends(mode);
+        let port = 44200;
+        let syn = f.run(&segment4(port, None, 0, TCP_SYN, 0));
+        let id = backend_of_mac(&syn.frame).unwrap();
+        // What a router on the client's side sends the VIP about the
+        // backend's reply (VIP:80 → client:port): its IPv4 header and 8
+        // bytes.
+        let mut sent = Ipv4Packet::tcp(VIP4, 80, CLIENT4, port);
+        sent.payload = vec![0; 1400];
+        let embedded = sent.build()[14..14 + 28].to_vec();
+        let base = Ipv4Packet::tcp(Ipv4Addr::new(198, 18, 0, 1), 0, VIP4, 0);
+        let err = lb_tests::packet::icmp4(base, 3, 4, [0, 0, 0x05, 0x78], &embedded);
+        let before = f.reasons();
+        let r = f.run(&err);
+        assert_eq!(r.action, XDP_TX, "mode {mode}");
+        assert_eq!(
+            moved(&before, &f.reasons()),
+            BTreeMap::from([("fwd_icmp_error", 1)])
+        );
+        let (next, extra) = if mode == FORWARD_GUE { (17, 8) } else { (4, 0) };
+        let l3 = check_l2(&r.frame, id, None);
+        assert_eq!(
+            check_outer_ipv6(
+                &r.frame,
+                l3,
+                0,
+                flow4(port).hash(),
+                next,
+                err.len() - 14,
+                extra
+            ),
+            id,
+            "mode {mode}: the flow's backend"
+        );
+        assert_eq!(
+            &r.frame[l3 + 40 + extra..],
+            &err[14..],
+            "the error untouched"
+        );
+    }
+}
