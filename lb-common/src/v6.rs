@@ -330,6 +330,22 @@ mod tests {
     }
 
     #[test]
+    fn flow_labels_fit_20_bits_and_spread_flows() {
+        let labels: std::collections::BTreeSet<u32> = (40000u16..41000)
+            .map(|port| ipv6_flow_label(FlowKey6::new(CLIENT, port, VIP, 80, IPPROTO_TCP).hash()))
+            .collect();
+        assert!(labels.iter().all(|&l| l < 1 << 20));
+        assert!(labels.len() > 995, "1000 flows, {} labels", labels.len());
+        let vip = |forwarding| VipInfo {
+            forwarding,
+            ..VipInfo::default()
+        };
+        assert_eq!(vip(crate::FORWARD_IPIP).encap_overhead6(), 40);
+        assert_eq!(vip(crate::FORWARD_GUE).encap_overhead6(), 48);
+        assert_eq!(vip(crate::FORWARD_DSR_L2).encap_overhead6(), 0);
+    }
+
+    #[test]
     fn words_round_trip_and_keep_wire_order() {
         let k = VipKey6::new(VIP, 80, IPPROTO_TCP);
         assert_eq!(k.addr[0].to_ne_bytes(), [0x20, 0x01, 0, 2]);

@@ -4,9 +4,11 @@
 //! UDP; anything that is not for a configured VIP goes to the kernel
 //! untouched. For a VIP: conntrack lookup, else Maglev ring; then by the
 //! VIP's forwarding mode: direct server return at L2 (rewrite both MACs),
-//! or an outer IPv4 (ipip) or IPv4 + UDP (gue) header pushed in front;
-//! `XDP_TX` or redirect. A packet the outer header would make too big for
-//! the egress MTU is answered with ICMP "fragmentation needed".
+//! or an outer IP (ipip) or IP + UDP (gue) header pushed in front, IPv4 or
+//! IPv6 after the backend's family; `XDP_TX` or redirect. A packet the
+//! outer header would make too big for the egress MTU is answered with
+//! ICMP "fragmentation needed" (ICMPv6 "packet too big"). IPv6 packets
+//! take balance6.rs.
 #![no_std]
 #![no_main]
 
