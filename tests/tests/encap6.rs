@@ -487,22 +487,24 @@ fn a_4in6_packet_too_big_is_answered_with_frag_needed_for_the_ipv6_overhead() {
 }
 
 #[test]
-fn every_truncation_of_a_v6_tunnel_vip_packet_is_handled_never_aborted() {
-    for mode in [FORWARD_IPIP, FORWARD_GUE] {
+fn every_truncation_of_an_outer_ipv6_packet_is_handled_never_aborted() {
+    for case in &CASES {
         for vlan in [None, Some(7)] {
-            let mut f = v6_vip(mode);
+            let mut f = case.fixture();
             limit(&mut f, 1500);
-            let pkt = segment6(43000, vlan, 0, TCP_ACK, 4);
+            let pkt = case.segment(43000, vlan, 0, TCP_ACK);
             let l2 = l2_len(vlan);
+            let ip_hdr = if case.v6_vip { 40 } else { 20 };
+            let name = case.name;
             for len in 14..=pkt.len() {
                 let before = f.reasons();
                 let r = f
                     .try_run(&pkt[..len])
                     .unwrap_or_else(|e| panic!("len {len}: {e:?}"));
-                assert_ne!(r.action, XDP_ABORTED, "mode {mode} len {len}");
+                assert_ne!(r.action, XDP_ABORTED, "{name} len {len}");
                 let want = if len < l2 {
                     Some(("pass_short_frame", XDP_PASS))
-                } else if len < l2 + 40 {
+                } else if len < l2 + ip_hdr {
                     Some(("pass_malformed", XDP_PASS))
                 } else if len < pkt.len() {
                     Some(("drop_malformed", XDP_DROP))
@@ -511,19 +513,16 @@ fn every_truncation_of_a_v6_tunnel_vip_packet_is_handled_never_aborted() {
                 };
                 match want {
                     Some((reason, action)) => {
-                        assert_eq!(r.action, action, "mode {mode} len {len}");
+                        assert_eq!(r.action, action, "{name} len {len}");
                         assert_eq!(
                             moved(&before, &f.reasons()),
                             BTreeMap::from([(reason, 1)]),
-                            "mode {mode} len {len}"
+                            "{name} len {len}"
                         );
                     }
                     None => {
                         assert_eq!(r.action, XDP_TX);
-                        assert_eq!(
-                            r.frame.len(),
-                            pkt.len() + if mode == FORWARD_GUE { 48 } else { 40 }
-                        );
+                        assert_eq!(r.frame.len(), pkt.len() + case.overhead());
                     }
                 }
             }
