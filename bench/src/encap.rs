@@ -2,49 +2,68 @@
 //! kernel section. An encapsulated frame is no longer a VIP packet, so
 //! `repeat` cannot be used (the second repeat would see the outer header):
 //! each packet is one BPF_PROG_TEST_RUN call on a fresh copy of an ACK of
-//! an established flow, for a dsr-l2, an ipip and a gue VIP, and the cost
+//! an established flow, for a dsr-l2, an ipip, a gue and a 4in6 IPv4 VIP
+//! and a dsr-l2, a 6in6 and a gue IPv6 VIP, and the cost
 //! is the kernel-reported duration per call minus `lb_return`'s on the
 //! same frames, interleaved chunk by chunk (the new-flow method). The
-//! dsr-l2 hit measured this way is the like-for-like baseline: the
-//! difference is what the outer header costs.
+//! dsr-l2 hit of the same family measured this way is the like-for-like
+//! baseline: the difference is what the outer header costs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::report::{Better, Row, Stats, Target, TargetOn, fmt_num};
 use crate::single::{Kind, interleaved};
 use anyhow::{Result, ensure};
 use aya::programs::Xdp;
-use lb_common::{FORWARD_DSR_L2, FORWARD_GUE, FORWARD_IPIP, IPPROTO_TCP, program_names};
+use lb_common::{FORWARD_GUE, FORWARD_IPIP, IPPROTO_TCP, program_names};
 use lb_tests::{
     fixture::{Fixture, XDP_PASS, XDP_TX},
-    packet::{Ipv4Packet, TCP_ACK},
+    packet::{Ipv4Packet, Ipv6Packet, TCP_ACK},
 };
 
 /// The VIPs (indices 2 and 3 of the kernel section's fixture; 0 and 1 are
-/// its own) and their backends.
+/// its own, 4 is the IPv6 rows' dsr-l2 VIP, which serves here as the IPv6
+/// baseline) and their backends; 5–7 carry the outer-IPv6 modes.
 const IPIP_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
 const GUE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 4);
+const IPIP_4IN6_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 5);
+const IPIP6_VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 6);
+const GUE6_VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 7);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const PORT: u16 = 80;
 /// The issue's target: what encapsulation adds to a hit, in ns.
 const TARGET_NS: f64 = 25.0;
 
+/// The modes timed, in the order of [`EncapRun::ns`]: (name, VIP index,
+/// index of the dsr-l2 mode of the same family in this list).
+const MODES: [(&str, u32, usize); 7] = [
+    ("dsr-l2", 0, 0),
+    ("ipip", 2, 0),
+    ("gue", 3, 0),
+    ("4in6", 5, 0),
+    ("IPv6 dsr-l2", 4, 4),
+    ("6in6", 6, 4),
+    ("gue over IPv6", 7, 4),
+];
+
 /// ACK frames of one established flow per mode.
 pub struct EncapBench {
-    frames: [Vec<u8>; 3],
+    frames: Vec<Vec<u8>>,
 }
 
-/// One run's costs (ns per packet): kernel-reported − lb_return's.
+/// One run's costs (ns per packet) per mode of [`MODES`]:
+/// kernel-reported − lb_return's.
 pub struct EncapRun {
-    pub dsr: f64,
-    pub ipip: f64,
-    pub gue: f64,
+    pub ns: [f64; MODES.len()],
 }
 
 impl EncapBench {
-    /// Adds an ipip VIP (index 2) and a gue VIP (index 3) to `f`, whose
-    /// VIP 0 (`dsr_vip`) forwards at L2, and opens one flow to each.
-    pub fn new(f: &mut Fixture, dsr_vip: Ipv4Addr) -> Result<Self> {
+    /// Adds an ipip VIP (index 2), a gue VIP (3), an ipip VIP with IPv6
+    /// backends (5), and IPv6 ipip and gue VIPs (6, 7) to `f`, whose VIP 0
+    /// (`dsr_vip`) forwards at L2 and VIP 4 (`dsr_vip6`) is an IPv6 dsr-l2
+    /// VIP, and opens one flow to each.
+    pub fn new(f: &mut Fixture, dsr_vip: Ipv4Addr, dsr_vip6: Ipv6Addr) -> Result<Self> {
         let backends = |base: u32| [(base, 1), (base + 1, 1), (base + 2, 1)];
         f.add_vip_forwarding(
             2,
@@ -53,25 +72,43 @@ impl EncapBench {
             FORWARD_IPIP,
         );
         f.add_vip_forwarding(3, (GUE_VIP, PORT, IPPROTO_TCP), &backends(31), FORWARD_GUE);
+        f.add_vip_forwarding_v6_backends(
+            5,
+            (IPIP_4IN6_VIP, PORT, IPPROTO_TCP),
+            &backends(51),
+            FORWARD_IPIP,
+        );
+        f.add_vip6(
+            6,
+            (IPIP6_VIP, PORT, IPPROTO_TCP),
+            &backends(54),
+            FORWARD_IPIP,
+        );
+        f.add_vip6(7, (GUE6_VIP, PORT, IPPROTO_TCP), &backends(57), FORWARD_GUE);
         let mut frames = Vec::new();
-        for (vip, mode) in [
-            (dsr_vip, FORWARD_DSR_L2),
-            (IPIP_VIP, FORWARD_IPIP),
-            (GUE_VIP, FORWARD_GUE),
-        ] {
+        for vip in [dsr_vip, IPIP_VIP, GUE_VIP, IPIP_4IN6_VIP] {
             let syn = Ipv4Packet::tcp(CLIENT, 40100, vip, PORT);
-            let r = f.run(&syn.build());
+            let mut ack = syn.clone();
+            ack.tcp_flags = TCP_ACK;
+            frames.push((syn.build(), ack.build()));
+        }
+        for vip in [dsr_vip6, IPIP6_VIP, GUE6_VIP] {
+            let syn = Ipv6Packet::tcp(CLIENT6, 40100, vip, PORT);
+            let mut ack = syn.clone();
+            ack.tcp_flags = TCP_ACK;
+            frames.push((syn.build(), ack.build()));
+        }
+        let mut acks = Vec::new();
+        for ((syn, ack), (name, ..)) in frames.into_iter().zip(MODES) {
+            let r = f.run(&syn);
             ensure!(
                 r.action == XDP_TX,
-                "opening the mode {mode} flow: action {}",
+                "opening the {name} flow: action {}",
                 r.action
             );
-            let mut ack = syn;
-            ack.tcp_flags = TCP_ACK;
-            frames.push(ack.build());
+            acks.push(ack);
         }
-        let frames: [Vec<u8>; 3] = frames.try_into().expect("three modes");
-        Ok(Self { frames })
+        Ok(Self { frames: acks })
     }
 
     /// `calls` ACKs of each mode's flow and as many lb_return calls on
@@ -79,60 +116,72 @@ impl EncapBench {
     /// action and that each VIP counted exactly `calls` conntrack hits.
     pub fn run(&self, f: &Fixture, ret: &Xdp, calls: usize) -> Result<EncapRun> {
         let lb = f.dp.program(program_names::BALANCER);
-        let hits = |f: &Fixture| -> Result<[u64; 3]> {
-            Ok([
-                f.dp.vip_stats(0)?.conntrack_hits,
-                f.dp.vip_stats(2)?.conntrack_hits,
-                f.dp.vip_stats(3)?.conntrack_hits,
-            ])
+        let hits = |f: &Fixture| -> Result<Vec<u64>> {
+            MODES
+                .iter()
+                .map(|&(_, index, _)| Ok(f.dp.vip_stats(index)?.conntrack_hits))
+                .collect()
         };
         let before = hits(f)?;
-        let [dsr, ipip, gue] = &self.frames;
-        let ns = interleaved(
-            &[
-                Kind::new(lb, dsr, XDP_TX, "lb_xdp dsr-l2"),
-                Kind::new(lb, ipip, XDP_TX, "lb_xdp ipip"),
-                Kind::new(lb, gue, XDP_TX, "lb_xdp gue"),
-                Kind::new(ret, dsr, XDP_PASS, "lb_return"),
-                Kind::new(ret, ipip, XDP_PASS, "lb_return"),
-                Kind::new(ret, gue, XDP_PASS, "lb_return"),
-            ],
-            calls,
-        )?;
+        let mut kinds: Vec<Kind> = self
+            .frames
+            .iter()
+            .zip(MODES)
+            .map(|(frame, (name, ..))| Kind::new(lb, frame, XDP_TX, name))
+            .collect();
+        kinds.extend(
+            self.frames
+                .iter()
+                .map(|frame| Kind::new(ret, frame, XDP_PASS, "lb_return")),
+        );
+        let ns = interleaved(&kinds, calls)?;
         let after = hits(f)?;
-        for i in 0..3 {
+        for (i, (name, ..)) in MODES.iter().enumerate() {
             ensure!(
                 after[i] - before[i] == calls as u64,
-                "mode {i}: {} conntrack hits, want {calls}",
+                "{name}: {} conntrack hits, want {calls}",
                 after[i] - before[i]
             );
         }
         let per = |i: usize| ns[i] as f64 / calls as f64;
         Ok(EncapRun {
-            dsr: per(0) - per(3),
-            ipip: per(1) - per(4),
-            gue: per(2) - per(5),
+            ns: std::array::from_fn(|i| per(i) - per(i + MODES.len())),
         })
     }
 }
 
-/// The kernel section's rows: the ipip and gue hits against the floor,
-/// and what each adds to the dsr-l2 hit measured the same way (target:
-/// at most 25 ns).
-pub fn rows(dsr: &[f64], ipip: &[f64], gue: &[f64], floor: &Stats, k: usize) -> Vec<Row> {
-    let added = |v: &[f64]| -> Vec<f64> { v.iter().zip(dsr).map(|(e, d)| e - d).collect() };
+/// The kernel section's rows: each mode's hit against the floor, and what
+/// each tunnel mode adds to the dsr-l2 hit of its VIP's family measured
+/// the same way (target: at most 25 ns). `runs[r]` is run r's costs.
+pub fn rows(runs: &[EncapRun], floor: &Stats, k: usize) -> Vec<Row> {
+    let of = |i: usize| -> Vec<f64> { runs.iter().map(|r| r.ns[i]).collect() };
     let how = format!(
         "{k} ACKs of an established flow per run, 1 call each: kernel-reported duration per \
          call − lb_return's on the same frames"
     );
-    let hit = |name: &str, v: &[f64]| {
-        Row::new(name, "ns/packet", Stats::of(v))
+    let mut hits = Vec::new();
+    let mut added = Vec::new();
+    for (i, &(name, _, base)) in MODES.iter().enumerate() {
+        hits.push(
+            Row::new(
+                format!("lb_xdp {name} hit, 1 call per packet"),
+                "ns/packet",
+                Stats::of(&of(i)),
+            )
             .ratio(floor)
-            .note(how.clone())
-    };
-    let add = |name: &str, v: &[f64]| {
-        let d = Stats::of(dsr).median;
-        Row::new(name, "ns/packet", Stats::of(&added(v)))
+            .note(how.clone()),
+        );
+        if i == base {
+            continue;
+        }
+        let d: Vec<f64> = of(i).iter().zip(of(base)).map(|(e, d)| e - d).collect();
+        let (base_name, ..) = MODES[base];
+        added.push(
+            Row::new(
+                format!("{name}: added to a hit"),
+                "ns/packet",
+                Stats::of(&d),
+            )
             .target(Target {
                 text: format!("≤ {TARGET_NS} ns"),
                 limit: TARGET_NS,
@@ -140,15 +189,11 @@ pub fn rows(dsr: &[f64], ipip: &[f64], gue: &[f64], floor: &Stats, k: usize) -> 
                 better: Better::Lower,
             })
             .note(format!(
-                "per run: the hit above − the dsr-l2 hit measured the same way ({} ns median)",
-                fmt_num(d)
-            ))
-    };
-    vec![
-        hit("lb_xdp dsr-l2 hit, 1 call per packet", dsr),
-        hit("lb_xdp ipip hit, 1 call per packet", ipip),
-        hit("lb_xdp gue hit, 1 call per packet", gue),
-        add("ipip: added to a hit", ipip),
-        add("gue: added to a hit", gue),
-    ]
+                "per run: the hit above − the {base_name} hit measured the same way ({} \
+                     ns median)",
+                fmt_num(Stats::of(&of(base)).median)
+            )),
+        );
+    }
+    [hits, added].concat()
 }

@@ -273,9 +273,7 @@ struct Samples {
     decap_ipip: Vec<f64>,
     decap_gue: Vec<f64>,
     decap_floor: Vec<f64>,
-    encap_dsr: Vec<f64>,
-    encap_ipip: Vec<f64>,
-    encap_gue: Vec<f64>,
+    encap: Vec<crate::encap::EncapRun>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -317,8 +315,8 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         let b = backend_entry(addr, INGRESS_IFINDEX, 1, false, backend_mac(id), LB_MAC);
         f.dp.set_backend(id, b)?;
     }
-    let encap = crate::encap::EncapBench::new(&mut f, VIP)?;
     let mut v6 = crate::v6::V6Bench::new(&mut f)?;
+    let encap = crate::encap::EncapBench::new(&mut f, VIP, crate::v6::VIP6)?;
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -459,9 +457,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.decap_gue.push(d.gue);
         s.decap_floor.push(d.floor);
         let e = encap.run(&f, progs.return_only(), cfg.new_flows)?;
-        s.encap_dsr.push(e.dsr);
-        s.encap_ipip.push(e.ipip);
-        s.encap_gue.push(e.gue);
+        s.encap.push(e);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -521,7 +517,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let rows = [
         rows,
         crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
-        crate::encap::rows(&s.encap_dsr, &s.encap_ipip, &s.encap_gue, &floor_s, k),
+        crate::encap::rows(&s.encap, &floor_s, k),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
     ]
     .concat();

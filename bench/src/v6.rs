@@ -14,7 +14,7 @@ use lb_tests::{
 
 use crate::report::{Better, Row, Stats, Target, TargetOn};
 
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 1);
+pub(crate) const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const PORT: u16 = 80;
 /// The VIP's index (after the IPv4 ones of the section).

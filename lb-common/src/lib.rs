@@ -547,7 +547,8 @@ pub enum Reason {
     DropTooBig = 9,
     /// Addressed to an encapsulating VIP, fits the egress MTU but not with
     /// the outer header, DF set: answered with ICMP "fragmentation needed"
-    /// (sent back out, `XDP_TX`), so the client lowers its path MTU.
+    /// (sent back out, `XDP_TX`), so the client lowers its path MTU; for
+    /// IPv6 (no DF), answered with ICMPv6 "packet too big".
     TxIcmpTooBig = 10,
     /// As [`Reason::TxIcmpTooBig`] with DF clear: dropped (lb never
     /// fragments).
@@ -555,13 +556,14 @@ pub enum Reason {
     /// The driver left no room in front of the frame for an outer header
     /// (or an ICMP answer).
     DropNoHeadroom = 12,
-    /// An ICMP echo request to a VIP address that answers echo: answered
-    /// by lb itself (sent back out, `XDP_TX`).
+    /// An ICMP or ICMPv6 echo request to a VIP address that answers echo:
+    /// answered by lb itself (sent back out, `XDP_TX`).
     TxIcmpEchoReply = 13,
-    /// An ICMP "fragmentation needed" to a VIP address about a packet a
-    /// backend sent from the VIP: forwarded to the backend that owns the
-    /// embedded flow (its conntrack entry, else the ring), in the VIP's
-    /// forwarding mode, so path MTU discovery works for backends.
+    /// An ICMP "fragmentation needed" (or ICMPv6 "packet too big") to a
+    /// VIP address about a packet a backend sent from the VIP: forwarded
+    /// to the backend that owns the embedded flow (its conntrack entry,
+    /// else the ring), in the VIP's forwarding mode, so path MTU discovery
+    /// works for backends.
     FwdIcmpError = 14,
     /// IPv6 with more extension headers before the L4 header than the
     /// fast path walks ([`MAX_IPV6_EXT_HEADERS`]), not to a VIP address.
@@ -569,9 +571,9 @@ pub enum Reason {
     /// As [`Reason::PassTooManyExtHeaders`], to a VIP address: it cannot
     /// be steered and must not reach the host's stack as if it were.
     DropTooManyExtHeaders = 16,
-    /// A VIP's forwarding mode the fast path cannot apply to this packet
-    /// yet: an IPv6 VIP in a tunnel mode, or a tunnel to an IPv6 backend
-    /// (6in6, 4in6 come in a later slice). Dropped, never misdelivered.
+    /// A VIP's forwarding mode the fast path cannot apply to this packet:
+    /// an IPv6 VIP's IPv4 backend in a tunnel mode (6in4, which lb does
+    /// not send). Dropped, never misdelivered.
     DropUnsupportedForwarding = 17,
 }
 

@@ -34,6 +34,36 @@ pub const fn addr6_of_words(w: [u32; 4]) -> Ipv6Addr {
     ])
 }
 
+/// Bytes an outer IPv6 header adds (6in6, 4in6).
+pub const IPIP6_OVERHEAD: u32 = 40;
+/// Bytes an outer IPv6 header and a UDP header add (GUE over IPv6).
+pub const GUE6_OVERHEAD: u32 = 48;
+/// IPv6's minimum link MTU (RFC 8200): no path MTU below it is announced.
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// The flow label of an outer IPv6 header, from the flow hash: the same
+/// for every packet of a flow, different across flows, so that the
+/// backend's NIC and stack (which hash on the label, RFC 6438) spread
+/// flows over receive queues even for 6in6 and 4in6, which have no ports
+/// outside. The kernel and `lb explain` call this same function.
+#[inline(always)]
+pub const fn ipv6_flow_label(flow_hash: u32) -> u32 {
+    flow_hash & 0xF_FFFF
+}
+
+impl VipInfo {
+    /// Bytes the VIP's forwarding mode puts in front of a packet when the
+    /// outer header is IPv6 (an IPv6 backend).
+    #[inline(always)]
+    pub const fn encap_overhead6(&self) -> u32 {
+        match self.forwarding {
+            crate::FORWARD_IPIP => IPIP6_OVERHEAD,
+            crate::FORWARD_GUE => GUE6_OVERHEAD,
+            _ => 0,
+        }
+    }
+}
+
 /// Key of the IPv6 VIP table (VIPS6): (address, port, protocol) as on the
 /// wire. Like [`crate::VipKey`], one address-only marker per VIP address
 /// (`port == 0 && proto == 0`, [`crate::VIP_FLAG_ADDR_ONLY`]) lets the
@@ -297,6 +327,22 @@ mod tests {
             homes[vip_table_index6(&VipKey6::new(a, 80, IPPROTO_TCP), 63) as usize] += 1;
         }
         assert!(homes.iter().all(|&n| n <= 3), "{homes:?}");
+    }
+
+    #[test]
+    fn flow_labels_fit_20_bits_and_spread_flows() {
+        let labels: std::collections::BTreeSet<u32> = (40000u16..41000)
+            .map(|port| ipv6_flow_label(FlowKey6::new(CLIENT, port, VIP, 80, IPPROTO_TCP).hash()))
+            .collect();
+        assert!(labels.iter().all(|&l| l < 1 << 20));
+        assert!(labels.len() > 995, "1000 flows, {} labels", labels.len());
+        let vip = |forwarding| VipInfo {
+            forwarding,
+            ..VipInfo::default()
+        };
+        assert_eq!(vip(crate::FORWARD_IPIP).encap_overhead6(), 40);
+        assert_eq!(vip(crate::FORWARD_GUE).encap_overhead6(), 48);
+        assert_eq!(vip(crate::FORWARD_DSR_L2).encap_overhead6(), 0);
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! Module of the lb-ebpf binary (main.rs), not of the library: the IPv6
 //! fast path. The same steps as IPv4 (VIP lookup, TCP SYN/FIN/RST
 //! semantics, flow cache → CONNTRACK6 → ring, counters) through
-//! [`crate::steer`]; forwarding at L2 (`dsr-l2`). Tunnel modes for IPv6
-//! VIPs (6in6, GUE over IPv6) are a later slice: such a VIP's packets are
-//! dropped as `drop_unsupported_forwarding`, never misdelivered.
+//! [`crate::steer`]; forwarding at L2 (`dsr-l2`) or in an outer IPv6
+//! header (6in6, GUE over IPv6; the outer push is shared with IPv4 VIPs'
+//! IPv6 backends, 4in6). ICMPv6 to a VIP address: echo requests answered,
+//! "packet too big" about a VIP's flow steered to its backend; a packet
+//! the outer header makes too big is answered with "packet too big".
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
 use lb_common::{
-    FORWARD_DSR_L2, FlowKey6, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, Reason, VipInfo,
-    VipKey6, vip_table_probe6,
+    Backend, FORWARD_GUE, FORWARD_IPIP, FlowKey6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    IPV6_MIN_MTU, MAX_IPV6_EXT_HEADERS, Reason, VipInfo, VipKey6, decap::IPPROTO_IPV6,
+    gue_source_port, ipv6_flow_label, vip_table_probe6,
 };
-use lb_ebpf::parse::{
-    Connection, Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_MIN_LEN, UDP_LEN, connection, ipv6,
-    ipv6_upper, l4_ports, write_macs,
+use lb_ebpf::{
+    encap6::{Outer6, icmp6_packet_too_big, push_gue6, push_ipip6},
+    icmp6::{ICMPV6_ECHO_REQUEST, ICMPV6_HDR_LEN, ICMPV6_PACKET_TOO_BIG, echo_reply6, embedded6},
+    parse::{
+        Connection, Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_MIN_LEN, UDP_LEN, connection, ipv6,
+        ipv6_upper, l4_ports, ptr_at, write_macs,
+    },
 };
 
-use crate::{MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, steer};
+use crate::{MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, count_reason, push_reason, steer};
 
 /// Finds `key` in the IPv6 VIP table: a few inlined array loads.
 #[inline(always)]
@@ -65,6 +72,7 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     let dst = ip.dst;
     let src = ip.src;
     let next_header = ip.next_header;
+    let tclass = ip.vcf[0] << 4 | ip.vcf[1] >> 4;
     // The packet's length (the fixed header and the payload); a jumbogram
     // (payload length 0, a hop-by-hop option) never fits its L4 header in
     // it and counts as malformed.
@@ -105,7 +113,8 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     let l4_min = match proto {
         IPPROTO_TCP => TCP_MIN_LEN,
         IPPROTO_UDP => UDP_LEN,
-        // ICMPv6 (ND, echo, errors), ESP, AH, …: not a VIP flow.
+        IPPROTO_ICMPV6 => return icmp6_to(ctx, eth, l4, end, dst, tclass, tot_len),
+        // ESP, AH, …: not a VIP flow.
         _ => return Err(Reason::PassNotVip),
     };
     if l4 + l4_min > end {
@@ -131,17 +140,32 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         closing,
     } = connection(ctx, proto, l4).ok_or(Reason::DropMalformed)?;
 
-    // Size limit, as for IPv4 at L2 (no outer header): a packet longer
-    // than the egress MTU (a GRO aggregate in generic mode) is dropped.
-    if tot_len > MIN_LIMITED_L3_LEN
-        && let Some(rt) = RUNTIME.get(0)
-        && rt.max_l3_len != 0
-        && tot_len as u32 > rt.max_l3_len
-    {
-        return Err(Reason::DropTooBig);
-    }
-    if vip.forwarding != FORWARD_DSR_L2 {
-        return Err(Reason::DropUnsupportedForwarding);
+    // Size limits, as for IPv4 (see main.rs) with IPv6's rules: a packet
+    // longer than the limit (a GRO aggregate) is dropped; one that fits
+    // it but not with the outer header is answered with ICMPv6 "packet
+    // too big" (IPv6 has no DF: routers never fragment) carrying the
+    // limit minus the outer header, never less than 1280 (RFC 8201): a
+    // packet not above what the answer would announce cannot be sent
+    // smaller and is dropped.
+    let overhead = vip.encap_overhead6() as usize;
+    if tot_len + overhead > MIN_LIMITED_L3_LEN {
+        // The outer payload length (and GUE's UDP length) is 16 bits.
+        if tot_len + overhead - IPV6_HDR_LEN > u16::MAX as usize {
+            return Err(Reason::DropTooBig);
+        }
+        if let Some(rt) = RUNTIME.get(0)
+            && rt.max_l3_len != 0
+            && (tot_len + overhead) as u32 > rt.max_l3_len
+        {
+            let limit = rt.max_l3_len as usize;
+            let mtu = limit.saturating_sub(overhead).max(IPV6_MIN_MTU as usize);
+            if tot_len > limit || tot_len <= mtu {
+                return Err(Reason::DropTooBig);
+            }
+            icmp6_packet_too_big(ctx, frame_len, l3, mtu as u32).map_err(push_reason)?;
+            count_reason(Reason::TxIcmpTooBig);
+            return Ok(XDP_TX);
+        }
     }
 
     let flow = FlowKey6 {
@@ -152,8 +176,175 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         proto: proto as u32,
     };
     let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
+    forward6(ctx, eth, &vip, backend, tclass, tot_len, &flow)
+}
 
-    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
-    unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) };
+/// Sends the IPv6 packet at `eth.l3` (`tot_len` bytes, traffic class
+/// `tclass`) of `flow` to `backend` in `vip`'s forwarding mode: next hop's
+/// MACs (DSR at L2), or an outer IPv6 header pushed in front (6in6, GUE
+/// over IPv6); then `XDP_TX` or a redirect. A tunnel VIP's IPv4 backend
+/// (6in4) is not supported: dropped, never misdelivered.
+#[inline(always)]
+fn forward6(
+    ctx: &XdpContext,
+    eth: &Ethernet,
+    vip: &VipInfo,
+    backend: &Backend,
+    tclass: u8,
+    tot_len: usize,
+    flow: &FlowKey6,
+) -> Result<u32, Reason> {
+    match vip.forwarding {
+        FORWARD_IPIP | FORWARD_GUE if backend.is_v6() => {
+            push_outer6(
+                ctx,
+                eth.l3,
+                vip,
+                backend,
+                tclass,
+                tot_len,
+                flow.hash(),
+                IPPROTO_IPV6,
+            )?;
+        }
+        FORWARD_IPIP | FORWARD_GUE => return Err(Reason::DropUnsupportedForwarding),
+        // SAFETY: the 14-byte Ethernet header was bounds checked by
+        // ethernet().
+        _ => unsafe { write_macs(eth.hdr as *mut u8, backend.dst_mac, backend.src_mac) },
+    }
     crate::send(ctx, backend)
 }
+
+/// Pushes the outer IPv6 header of `vip`'s tunnel mode (ipip: next header
+/// `inner_proto`, 41 for 6in6 or 4 for 4in6; gue: UDP to the VIP's GUE
+/// port) to IPv6 `backend` in front of the packet at `l3` (`tot_len`
+/// bytes, TOS / traffic class `tclass`); flow label and GUE source port
+/// from the flow hash `hash`. Shared by IPv6 VIPs and IPv4 VIPs' IPv6
+/// backends.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
+pub(crate) fn push_outer6(
+    ctx: &XdpContext,
+    l3: usize,
+    vip: &VipInfo,
+    backend: &Backend,
+    tclass: u8,
+    tot_len: usize,
+    hash: u32,
+    inner_proto: u8,
+) -> Result<(), Reason> {
+    let outer = Outer6 {
+        dst_mac: &backend.dst_mac,
+        src_mac: &backend.src_mac,
+        src: &backend.encap_src6,
+        dst: &backend.addr6,
+        tclass,
+        flow_label: ipv6_flow_label(hash),
+        inner_len: tot_len as u16,
+    };
+    if vip.forwarding == FORWARD_IPIP {
+        push_ipip6(ctx, l3, &outer, inner_proto)
+    } else {
+        push_gue6(ctx, l3, &outer, gue_source_port(hash).to_be(), vip.gue_port)
+    }
+    .map_err(push_reason)
+}
+
+/// ICMPv6 at `l4` (the payload ends at `end`) to `dst`: an echo request to
+/// a VIP address that answers echo is answered here, a "packet too big"
+/// about a VIP's flow goes to the flow's backend; everything else (ND,
+/// echo to other addresses, other errors) passes to the kernel untouched.
+#[inline(always)]
+fn icmp6_to(
+    ctx: &XdpContext,
+    eth: &Ethernet,
+    l4: usize,
+    end: usize,
+    dst: [u32; 4],
+    tclass: u8,
+    tot_len: usize,
+) -> Result<u32, Reason> {
+    // The bounds check comes first: after the length check below, the
+    // compiler would drop it as implied, and the verifier cannot follow.
+    let icmp: *mut [u8; ICMPV6_HDR_LEN] = ptr_at(ctx, l4).ok_or(Reason::PassNotVip)?;
+    if l4 + ICMPV6_HDR_LEN > end {
+        return Err(Reason::PassNotVip);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let [icmp_type, code, ..] = unsafe { *icmp };
+    match (icmp_type, code) {
+        // Answered only without extension headers (a routing header would
+        // make the destination field another hop's address).
+        (ICMPV6_ECHO_REQUEST, 0) if l4 == eth.l3 + IPV6_HDR_LEN => {
+            let marker = VipKey6 {
+                addr: dst,
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            match find_vip6(&marker) {
+                Some(info) if info.answers_echo() => {
+                    // SAFETY: `icmp` was bounds checked above.
+                    unsafe { echo_reply6(ctx, eth.l3, icmp) }.ok_or(Reason::PassMalformed)?;
+                    count_reason(Reason::TxIcmpEchoReply);
+                    Ok(XDP_TX)
+                }
+                _ => Err(Reason::PassNotVip),
+            }
+        }
+        (ICMPV6_PACKET_TOO_BIG, 0) => {
+            let action = icmp6_error_to_backend(ctx, eth, l4, end - l4, dst, tclass, tot_len)?;
+            count_reason(Reason::FwdIcmpError);
+            Ok(action)
+        }
+        _ => Err(Reason::PassNotVip),
+    }
+}
+
+/// A "packet too big" to VIP address `dst` (from a router on the client's
+/// side, about a packet a backend sent from the VIP): steered like the
+/// flow it embeds, reversed (client → VIP), to the backend that owns it
+/// (read only, see [`crate::steer::owner`]), in the VIP's forwarding mode;
+/// the backend lowers its path MTU towards the client. Errors about
+/// anything else pass to the kernel.
+#[inline(always)]
+fn icmp6_error_to_backend(
+    ctx: &XdpContext,
+    eth: &Ethernet,
+    l4: usize,
+    room: usize,
+    dst: [u32; 4],
+    tclass: u8,
+    tot_len: usize,
+) -> Result<u32, Reason> {
+    let e = embedded6(ctx, l4, room).ok_or(Reason::PassNotVip)?;
+    if e.vip_addr != dst {
+        return Err(Reason::PassNotVip);
+    }
+    let vip = find_vip6(&VipKey6 {
+        addr: e.vip_addr,
+        port: e.vip_port,
+        proto: e.proto,
+        _pad: 0,
+    })
+    .ok_or(Reason::PassNotVip)?;
+    // The outer payload length (and GUE's UDP length) is 16 bits.
+    if tot_len + GUE_UDP_LEN > u16::MAX as usize {
+        return Err(Reason::DropTooBig);
+    }
+    let flow = FlowKey6 {
+        src_addr: e.client_addr,
+        dst_addr: e.vip_addr,
+        src_port: e.client_port,
+        dst_port: e.vip_port,
+        proto: e.proto as u32,
+    };
+    let backend = crate::steer::owner(&flow, &vip)?;
+    forward6(ctx, eth, &vip, backend, tclass, tot_len, &flow)
+}
+
+/// The UDP header GUE adds after the outer IPv6 header.
+const GUE_UDP_LEN: usize = UDP_LEN;

@@ -25,6 +25,10 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// and the first 8 bytes of its payload (RFC 792), in 16-bit words.
 const MAX_EMBEDDED_WORDS: usize = (60 + 8) / 2;
 
+/// The bytes [`push_l2`] checks for the IPv4 pushes: the largest L2
+/// header and the largest IPv4 push (GUE).
+const V4_PUSH_WINDOW: usize = 18 + GUE_OVERHEAD as usize;
+
 /// Why a header could not be pushed.
 pub enum PushError {
     /// The driver left no room in front of the frame.
@@ -51,7 +55,7 @@ pub struct Outer {
 /// A one's-complement sum folded to 16 bits and complemented: the
 /// Internet checksum of the words summed into `sum`.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xFFFF) + (sum >> 16);
     sum = (sum & 0xFFFF) + (sum >> 16);
     !(sum as u16)
@@ -60,7 +64,7 @@ fn fold(mut sum: u32) -> u16 {
 /// The two 16-bit halves of a 32-bit word summed (one's-complement
 /// addends); `w` in host order.
 #[inline(always)]
-fn halves(w: u32) -> u32 {
+pub(crate) fn halves(w: u32) -> u32 {
     (w >> 16) + (w & 0xFFFF)
 }
 
@@ -74,7 +78,7 @@ fn halves(w: u32) -> u32 {
 /// `p + off .. p + off + 2` is writable packet memory (bounds checked) and
 /// `p + off` is even.
 #[inline(always)]
-unsafe fn put16(p: *mut u8, off: usize, v: u16) {
+pub(crate) unsafe fn put16(p: *mut u8, off: usize, v: u16) {
     // SAFETY: guaranteed by the caller.
     unsafe { (p.add(off) as *mut u16).write(v.to_be()) }
 }
@@ -82,7 +86,7 @@ unsafe fn put16(p: *mut u8, off: usize, v: u16) {
 /// Stores the bytes `b` at `p + off` as 16-bit stores. Same contract as
 /// [`put16`] for `N` bytes (`N` even).
 #[inline(always)]
-unsafe fn put_bytes<const N: usize>(p: *mut u8, off: usize, b: [u8; N]) {
+pub(crate) unsafe fn put_bytes<const N: usize>(p: *mut u8, off: usize, b: [u8; N]) {
     let mut i = 0;
     while i + 1 < N {
         // SAFETY: guaranteed by the caller.
@@ -134,15 +138,18 @@ unsafe fn write_ipv4(
 
 /// Moves the frame's start `by` bytes earlier and writes the Ethernet
 /// header (and the VLAN tag, when `l3` says there is one) at the new
-/// start: `dst`, `src`, the tag copied from the old header, EtherType
-/// IPv4. Returns the new frame's start, 46 bytes checked.
+/// start: `dst`, `src`, the tag copied from the old header, `ether_type`.
+/// Returns the new frame's start, `W` bytes checked (`W` = 18 + the
+/// largest `by` of the callers: 46 for the IPv4 pushes, so that they ask
+/// no more of short frames than before).
 #[inline(always)]
-fn push_l2(
+pub(crate) fn push_l2<const W: usize>(
     ctx: &XdpContext,
     by: usize,
     l3: usize,
     dst: [u8; 6],
     src: [u8; 6],
+    ether_type: u16,
 ) -> Result<*mut u8, PushError> {
     // SAFETY: a helper call on the program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(by as i32)) } != 0 {
@@ -150,22 +157,21 @@ fn push_l2(
     }
     // The old Ethernet header now starts at `by`; only the tag (if any) is
     // copied from it, the rest is rewritten. Every write of the callers
-    // falls within the first 18 + 28 bytes (l3 <= 18, by <= 28), which
-    // hold the old L2 header and the start of the packet.
-    if l3 > 18 || by > GUE_OVERHEAD as usize {
+    // falls within the first W bytes (l3 <= 18, by <= W - 18), which hold
+    // the old L2 header and the start of the packet.
+    if l3 > 18 || by + 18 > W {
         return Err(PushError::Malformed);
     }
-    let start: *mut [u8; 18 + GUE_OVERHEAD as usize] =
-        ptr_at(ctx, 0).ok_or(PushError::Malformed)?;
+    let start: *mut [u8; W] = ptr_at(ctx, 0).ok_or(PushError::Malformed)?;
     let start = start as *mut u8;
-    // SAFETY: 18 + 28 bytes checked above, l3 <= 18 and by <= 28; the
-    // frame starts at an even address and `by` is even.
+    // SAFETY: W bytes checked above, l3 <= 18 and by + 18 <= W; the frame
+    // starts at an even address and `by` is even.
     unsafe {
         if l3 > 14 {
             let tag = start.add(by + 12) as *const [u16; 2];
             (start.add(12) as *mut [u16; 2]).write(tag.read());
         }
-        put16(start, l3 - 2, ETH_P_IP);
+        put16(start, l3 - 2, ether_type);
         put_bytes(start, 0, dst);
         put_bytes(start, 6, src);
     }
@@ -177,7 +183,7 @@ fn push_l2(
 #[inline(always)]
 pub fn push_ipip(ctx: &XdpContext, l3: usize, o: &Outer) -> Result<(), PushError> {
     let by = IPIP_OVERHEAD as usize;
-    let start = push_l2(ctx, by, l3, o.dst_mac, o.src_mac)?;
+    let start = push_l2::<V4_PUSH_WINDOW>(ctx, by, l3, o.dst_mac, o.src_mac, ETH_P_IP)?;
     // SAFETY: push_l2 checked 46 bytes, l3 <= 18: l3 + 20 fits.
     unsafe {
         write_ipv4(
@@ -207,7 +213,7 @@ pub fn push_gue(
     dst_port: u16,
 ) -> Result<(), PushError> {
     let by = GUE_OVERHEAD as usize;
-    let start = push_l2(ctx, by, l3, o.dst_mac, o.src_mac)?;
+    let start = push_l2::<V4_PUSH_WINDOW>(ctx, by, l3, o.dst_mac, o.src_mac, ETH_P_IP)?;
     let udp_len = o.inner_len + 8;
     // SAFETY: push_l2 checked 46 bytes, l3 <= 18: l3 + 28 fits.
     unsafe {
@@ -258,7 +264,7 @@ pub fn icmp_frag_needed(
     );
 
     let by = IPV4_HDR_LEN + ICMP_HDR_LEN;
-    let start = push_l2(ctx, by, l3, src_mac, dst_mac)?;
+    let start = push_l2::<V4_PUSH_WINDOW>(ctx, by, l3, src_mac, dst_mac, ETH_P_IP)?;
     let icmp_len = ICMP_HDR_LEN + ihl + 8;
     // The ICMP header and the embedded bytes, summed.
     let mut sum =

@@ -10,6 +10,8 @@
 #![no_std]
 
 pub mod encap;
+pub mod encap6;
 pub mod icmp;
+pub mod icmp6;
 pub mod parse;
 pub mod tunnel;

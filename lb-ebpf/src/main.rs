@@ -4,9 +4,11 @@
 //! UDP; anything that is not for a configured VIP goes to the kernel
 //! untouched. For a VIP: conntrack lookup, else Maglev ring; then by the
 //! VIP's forwarding mode: direct server return at L2 (rewrite both MACs),
-//! or an outer IPv4 (ipip) or IPv4 + UDP (gue) header pushed in front;
-//! `XDP_TX` or redirect. A packet the outer header would make too big for
-//! the egress MTU is answered with ICMP "fragmentation needed".
+//! or an outer IP (ipip) or IP + UDP (gue) header pushed in front, IPv4 or
+//! IPv6 after the backend's family; `XDP_TX` or redirect. A packet the
+//! outer header would make too big for the egress MTU is answered with
+//! ICMP "fragmentation needed" (ICMPv6 "packet too big"). IPv6 packets
+//! take balance6.rs.
 #![no_std]
 #![no_main]
 
@@ -19,8 +21,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP, FlowCacheEntry,
-    FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason,
-    Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats, gue_source_port, ring_slot,
+    FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
+    IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats, gue_source_port,
     vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
@@ -37,6 +39,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
 mod steer;
+use balance6::push_outer6;
 use steer::steer;
 
 // Every map is pinned by name under the directory the agent chooses, so a
@@ -135,7 +138,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn count_reason(reason: Reason) {
+pub(crate) fn count_reason(reason: Reason) {
     if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
@@ -262,24 +265,7 @@ fn icmp_error_to_backend(
         dst_port: e.vip_port,
         proto: e.proto as u32,
     };
-    // SAFETY: the map value stays valid for the program's run (RCU); it is
-    // only read. (The key by reference: by value it is copied once more.)
-    #[expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
-    let tracked = CONNTRACK
-        .get_ptr(&flow)
-        .map(|entry| unsafe { (*entry).backend_id });
-    let backend = match tracked.and_then(|id| BACKENDS.get(id)) {
-        Some(b) if b.is_usable() && b.vip_index == vip.index => b,
-        _ => {
-            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
-            let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
-            let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-            if !b.is_usable() {
-                return Err(Reason::DropNoBackend);
-            }
-            b
-        }
-    };
+    let backend = steer::owner(&flow, &vip)?;
     forward(ctx, eth.hdr, eth.l3, &vip, backend, tos, tot_len, &flow)
 }
 
@@ -364,6 +350,55 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // datagram size once encapsulated: shorter ones fit any MTU lb
     // accepts, and cost nothing here.
     let overhead = vip.encap_overhead() as usize;
+    if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead)? {
+        return Ok(action);
+    }
+
+    let flow = FlowKey {
+        src_addr: u32::from_ne_bytes(ip.src_addr),
+        dst_addr: dst,
+        src_port,
+        dst_port,
+        proto: proto as u32,
+    };
+    // Bytes as received: the client's frame, without any outer header lb
+    // adds (the same count whatever the VIP's mode).
+    let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
+    // 4in6: an IPv6 backend's outer header is 20 bytes longer than the
+    // VIP's IPv4 one, and the backend is known only now (so a packet
+    // answered here has been counted and its flow recorded: the client
+    // sends it again, smaller, on the same flow).
+    if overhead != 0
+        && backend.is_v6()
+        && let Some(action) = size_limit(
+            ctx,
+            frame_len,
+            l3,
+            ihl,
+            tot_len,
+            frags,
+            vip.encap_overhead6() as usize,
+        )?
+    {
+        return Ok(action);
+    }
+
+    forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
+}
+
+/// The size limits above for an outer header of `overhead` bytes:
+/// `Some(XDP_TX)` when the packet was answered with ICMP "fragmentation
+/// needed", `None` when it may go on.
+#[inline(always)]
+fn size_limit(
+    ctx: &XdpContext,
+    frame_len: usize,
+    l3: usize,
+    ihl: usize,
+    tot_len: usize,
+    frags: u16,
+    overhead: usize,
+) -> Result<Option<u32>, Reason> {
     if tot_len + overhead > MIN_LIMITED_L3_LEN {
         if tot_len + overhead > u16::MAX as usize {
             return Err(Reason::DropTooBig);
@@ -382,22 +417,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             icmp_frag_needed(ctx, frame_len, l3, ihl, (limit - overhead) as u16)
                 .map_err(push_reason)?;
             count_reason(Reason::TxIcmpTooBig);
-            return Ok(XDP_TX);
+            return Ok(Some(XDP_TX));
         }
     }
-
-    let flow = FlowKey {
-        src_addr: u32::from_ne_bytes(ip.src_addr),
-        dst_addr: dst,
-        src_port,
-        dst_port,
-        proto: proto as u32,
-    };
-    // Bytes as received: the client's frame, without any outer header lb
-    // adds (the same count whatever the VIP's mode).
-    let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
-
-    forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
+    Ok(None)
 }
 
 /// Sends the packet at `l3` (`tot_len` bytes, TOS `tos`) of `flow` to
@@ -419,10 +442,19 @@ fn forward(
     flow: &FlowKey,
 ) -> Result<u32, Reason> {
     match vip.forwarding {
+        FORWARD_IPIP | FORWARD_GUE if backend.is_v6() => {
+            push_outer6(
+                ctx,
+                l3,
+                vip,
+                backend,
+                tos,
+                tot_len,
+                flow.hash(),
+                IPPROTO_IPIP,
+            )?;
+        }
         FORWARD_IPIP | FORWARD_GUE => {
-            if backend.is_v6() {
-                return Err(Reason::DropUnsupportedForwarding);
-            }
             let outer = Outer {
                 dst_mac: backend.dst_mac,
                 src_mac: backend.src_mac,
@@ -460,7 +492,7 @@ pub(crate) fn send(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 }
 
 #[inline(always)]
-fn push_reason(e: PushError) -> Reason {
+pub(crate) fn push_reason(e: PushError) -> Reason {
     match e {
         PushError::NoHeadroom => Reason::DropNoHeadroom,
         PushError::Malformed => Reason::DropMalformed,

@@ -244,3 +244,27 @@ pub(crate) fn steer<F: Flow>(
     }
     Ok(backend)
 }
+
+/// The backend that owns `flow` of `vip` for an ICMP error about it: the
+/// flow's conntrack entry if it is honoured, else the VIP's ring. Read
+/// only: an error creates no entry, refreshes none, moves no counter.
+#[inline(always)]
+pub(crate) fn owner<F: Flow>(flow: &F, vip: &VipInfo) -> Result<&'static Backend, Reason> {
+    let tracked = flow.tracked().map(|entry| {
+        // SAFETY: the map value stays valid for the program's run (RCU);
+        // it is only read.
+        unsafe { (*entry).backend_id }
+    });
+    match tracked.and_then(|id| BACKENDS.get(id)) {
+        Some(b) if b.is_usable() && b.vip_index == vip.index => Ok(b),
+        _ => {
+            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+            let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
+            let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+            if !b.is_usable() {
+                return Err(Reason::DropNoBackend);
+            }
+            Ok(b)
+        }
+    }
+}

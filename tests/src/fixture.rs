@@ -34,6 +34,10 @@ pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xfe];
 /// The outer source address the fixture gives encapsulating backends.
 pub const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
+/// The outer IPv6 source address the fixture gives encapsulating IPv6
+/// backends.
+pub const ENCAP_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 10);
+
 /// The GUE port of the fixture's GUE VIPs (not the default, so that a
 /// test sees it comes from the VIP entry).
 pub const GUE_PORT: u16 = 7777;
@@ -110,22 +114,72 @@ impl Fixture {
         backends: &[(u32, u32)],
         forwarding: u8,
     ) {
+        for &(id, _) in backends {
+            self.set_backend4(index, id, forwarding);
+        }
+        self.add_vip4_entries(index, vip, backends, forwarding);
+    }
+
+    /// [`Fixture::add_vip_forwarding`] with IPv6 backends (4in6): backend
+    /// `id` has address [`backend_addr6`]`(id)` and outer source
+    /// [`ENCAP_SRC6`].
+    pub fn add_vip_forwarding_v6_backends(
+        &mut self,
+        index: u32,
+        vip: (Ipv4Addr, u16, u8),
+        backends: &[(u32, u32)],
+        forwarding: u8,
+    ) {
+        for &(id, _) in backends {
+            self.set_backend6(index, id, forwarding);
+        }
+        self.add_vip4_entries(index, vip, backends, forwarding);
+    }
+
+    /// Writes IPv4 backend `id` of VIP `index` (behind the ingress
+    /// interface; with an outer source in a tunnel mode).
+    pub fn set_backend4(&mut self, index: u32, id: u32, forwarding: u8) {
+        let mut b = backend_entry(
+            backend_addr(id),
+            INGRESS_IFINDEX,
+            index,
+            true,
+            backend_mac(id),
+            LB_MAC,
+        );
+        if forwarding != FORWARD_DSR_L2 {
+            b.encap_src = ENCAP_SRC.to_bits().to_be();
+        }
+        self.dp.set_backend(id, b).unwrap();
+    }
+
+    /// Writes IPv6 backend `id` of VIP `index` (behind the ingress
+    /// interface; with an outer source in a tunnel mode).
+    pub fn set_backend6(&mut self, index: u32, id: u32, forwarding: u8) {
+        let mut b = backend_entry6(
+            backend_addr6(id),
+            INGRESS_IFINDEX,
+            index,
+            true,
+            backend_mac(id),
+            LB_MAC,
+        );
+        if forwarding != FORWARD_DSR_L2 {
+            b.encap_src6 = lb_common::addr6_words(ENCAP_SRC6);
+        }
+        self.dp.set_backend(id, b).unwrap();
+    }
+
+    /// The ring, service entry and address marker of IPv4 VIP `index`.
+    fn add_vip4_entries(
+        &mut self,
+        index: u32,
+        vip: (Ipv4Addr, u16, u8),
+        backends: &[(u32, u32)],
+        forwarding: u8,
+    ) {
         let ring_size = self.dp.sizes().ring_size;
         let ring_base = index * ring_size;
-        for &(id, _) in backends {
-            let mut b = backend_entry(
-                backend_addr(id),
-                INGRESS_IFINDEX,
-                index,
-                true,
-                backend_mac(id),
-                LB_MAC,
-            );
-            if forwarding != FORWARD_DSR_L2 {
-                b.encap_src = ENCAP_SRC.to_bits().to_be();
-            }
-            self.dp.set_backend(id, b).unwrap();
-        }
         self.write_ring(index, backends);
         let (addr, port, proto) = vip;
         self.dp
@@ -159,7 +213,8 @@ impl Fixture {
     /// The IPv6 [`Fixture::add_vip`]: VIP number `index` at an IPv6
     /// address, forwarded in mode `forwarding`; backend `id` is IPv6
     /// ([`backend_addr6`]) with MAC `backend_mac(id)`, behind the ingress
-    /// interface. Service entry and address marker in VIPS6.
+    /// interface (outer source [`ENCAP_SRC6`] in a tunnel mode). Service
+    /// entry and address marker in VIPS6.
     pub fn add_vip6(
         &mut self,
         index: u32,
@@ -169,15 +224,7 @@ impl Fixture {
     ) {
         let ring_size = self.dp.sizes().ring_size;
         for &(id, _) in backends {
-            let b = backend_entry6(
-                backend_addr6(id),
-                INGRESS_IFINDEX,
-                index,
-                true,
-                backend_mac(id),
-                LB_MAC,
-            );
-            self.dp.set_backend(id, b).unwrap();
+            self.set_backend6(index, id, forwarding);
         }
         self.write_ring(index, backends);
         let (addr, port, proto) = vip;
@@ -215,6 +262,26 @@ impl Fixture {
                     ring_size,
                     flags: lb_common::VIP_FLAG_ADDR_ONLY | echo,
                     forwarding: FORWARD_DSR_L2,
+                    gue_port: GUE_PORT.to_be(),
+                },
+            )
+            .unwrap();
+    }
+
+    /// [`Fixture::set_echo`] for an IPv6 VIP address (its marker in VIPS6,
+    /// forwarded in mode `forwarding`).
+    pub fn set_echo6(&mut self, index: u32, addr: Ipv6Addr, forwarding: u8, on: bool) {
+        let ring_size = self.dp.sizes().ring_size;
+        let echo = if on { lb_common::VIP_FLAG_ECHO } else { 0 };
+        self.dp
+            .set_vip6(
+                VipKey6::addr_only(addr),
+                VipInfo {
+                    index,
+                    ring_base: index * ring_size,
+                    ring_size,
+                    flags: lb_common::VIP_FLAG_ADDR_ONLY | echo,
+                    forwarding,
                     gue_port: GUE_PORT.to_be(),
                 },
             )

@@ -527,3 +527,34 @@ pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
         &ipv6_l3(src, dst, IPPROTO_ICMPV6, &icmp),
     )
 }
+
+/// The ICMPv6 checksum of `msg` (the ICMPv6 message, its checksum field
+/// included) from `src` to `dst`: 0 when the message's checksum is valid.
+pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40 + msg.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+    pseudo.extend_from_slice(msg);
+    checksum(&pseudo)
+}
+
+/// An IPv6 packet (no extension headers) carrying an ICMPv6 message: type,
+/// code, a valid checksum, the 4 header bytes `rest` (identifier and
+/// sequence, or the MTU), then `data`.
+pub fn icmpv6_l3(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    data: &[u8],
+) -> Vec<u8> {
+    let mut msg = vec![icmp_type, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(data);
+    let c = icmpv6_checksum(src, dst, &msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv6_l3(src, dst, IPPROTO_ICMPV6, &msg)
+}
