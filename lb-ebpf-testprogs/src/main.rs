@@ -5,9 +5,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::Array,
+    maps::{Array, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::IPPROTO_TCP;
@@ -72,6 +73,67 @@ pub fn lb_gen_tx(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_return(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// `lb_restore`'s frame: its length and its first [`RESTORE_WORDS`]
+/// words, as the benchmark set them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RestoreFrame {
+    len: u64,
+    head: [u64; RESTORE_WORDS],
+}
+
+/// Bytes of the frame's start `lb_restore` rewrites: every byte a header
+/// push or strip of a tunnel mode touches in the original frame (an outer
+/// Ethernet + IPv6 + UDP header is 62 bytes).
+const RESTORE_WORDS: usize = 8;
+
+#[map]
+static RESTORE_FRAME: Array<RestoreFrame> = Array::with_max_entries(1, 0);
+
+/// The program `lb_restore` hands each restored frame to (index 0).
+#[map]
+static RESTORE_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Times, with BPF_PROG_TEST_RUN's `repeat`, a program that changes the
+/// frame's length (a pushed or stripped tunnel header): `repeat` hands
+/// every iteration the previous one's output, so this program first puts
+/// the frame back as RESTORE_FRAME holds it (moves its start so that it
+/// has the original length, rewrites its first 64 bytes), then tail-calls
+/// RESTORE_TARGET. The same with `lb_return` as the target is the
+/// harness's own cost, subtracted by the benchmark. `XDP_ABORTED` if it
+/// cannot (unset frame, failed move or tail call).
+#[xdp]
+pub fn lb_restore(ctx: XdpContext) -> u32 {
+    let Some(want) = RESTORE_FRAME.get(0) else {
+        return XDP_ABORTED;
+    };
+    let len = (ctx.data_end() - ctx.data()) as i64;
+    // Bounded (frames are shorter than a page): the verifier refuses
+    // packet-pointer arithmetic with an unbounded value.
+    let delta = len - (want.len & 0xffff) as i64;
+    // Also when the length is right (delta 0): the harness then costs the
+    // same whatever the target does to the frame.
+    // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta as i32) } != 0 {
+        return XDP_ABORTED;
+    }
+    let Some(frame) = ptr_at::<[u64; RESTORE_WORDS]>(&ctx, 0) else {
+        return XDP_ABORTED;
+    };
+    let frame = frame as *mut u64;
+    // SAFETY: 64 bytes bounds checked by ptr_at; the target is a loaded
+    // XDP program or nothing (then the call returns and we abort). Word
+    // stores: a copy of the array would become a call to a byte-wise
+    // memmove, slow and noisy; BPF does not fault on unaligned stores.
+    unsafe {
+        for (i, w) in want.head.iter().enumerate() {
+            frame.add(i).write(*w);
+        }
+        RESTORE_TARGET.tail_call(&ctx, 0);
+    }
+    XDP_ABORTED
 }
 
 #[cfg(not(test))]
