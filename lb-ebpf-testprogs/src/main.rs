@@ -5,15 +5,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
     helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::IPPROTO_TCP;
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    decap::{IPPROTO_IPIP, IPPROTO_IPV6},
+};
 use lb_ebpf::parse::{
-    ETH_P_IP, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, read_macs, write_macs,
+    ETH_P_IP, ETH_P_IPV6, IPV6_HDR_LEN, ethernet, ipv4, ipv4_header_len, ipv6, l4_ports, ptr_at,
+    read_macs, write_macs,
 };
 
 /// The per-packet floor for benchmarks: parse Ethernet, IPv4 and TCP with
@@ -134,6 +138,55 @@ pub fn lb_restore(ctx: XdpContext) -> u32 {
         RESTORE_TARGET.tail_call(&ctx, 0);
     }
     XDP_ABORTED
+}
+
+/// The UDP destination ports `lb_sink` counts, network order: the flood's
+/// and the GUE port (a GUE-encapsulated flood).
+#[map]
+static SINK_PORTS: Array<[u16; 2]> = Array::with_max_entries(1, 0);
+
+/// Frames `lb_sink` counted and dropped.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The end-to-end benchmark's counter-and-drop at the first hop after the
+/// load balancer: IPv4 or IPv6 frames of the flood (UDP to one of
+/// SINK_PORTS) or carrying it in an IP-in-IP tunnel (protocol 4 or 41)
+/// are counted and dropped, whatever their addresses; everything else
+/// (ARP, ND, health checks, TCP) passes.
+#[xdp]
+pub fn lb_sink(ctx: XdpContext) -> u32 {
+    if !is_flood(&ctx) {
+        return XDP_PASS;
+    }
+    if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+    XDP_DROP
+}
+
+#[inline(always)]
+fn is_flood(ctx: &XdpContext) -> bool {
+    let (Some(eth), Some(ports)) = (ethernet(ctx), SINK_PORTS.get(0)) else {
+        return false;
+    };
+    let (proto, l4) = match eth.ether_type {
+        ETH_P_IP => match ipv4(ctx, eth.l3) {
+            Some(ip) => (ip.proto, eth.l3 + ipv4_header_len(ip)),
+            None => return false,
+        },
+        ETH_P_IPV6 => match ipv6(ctx, eth.l3) {
+            Some(ip) => (ip.next_header, eth.l3 + IPV6_HDR_LEN),
+            None => return false,
+        },
+        _ => return false,
+    };
+    match proto {
+        IPPROTO_IPIP | IPPROTO_IPV6 => true,
+        IPPROTO_UDP => l4_ports(ctx, l4).is_some_and(|p| p[1] == ports[0] || p[1] == ports[1]),
+        _ => false,
+    }
 }
 
 #[cfg(not(test))]

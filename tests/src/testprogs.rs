@@ -9,6 +9,8 @@
 //!   frames sent by XDP (it makes the peer run NAPI);
 //! - `lb_gen_tx`: the end-to-end benchmark's live-frames generator, which
 //!   rewrites every frame's headers from a template and returns `XDP_TX`;
+//! - `lb_sink`: counts and drops the end-to-end benchmark's flood (plain,
+//!   IP-in-IP or GUE), passes everything else;
 //! - `lb_restore`: puts the frame back as it was (length, first 64 bytes)
 //!   and tail-calls a target program, so that `repeat` can time programs
 //!   that push or strip headers (see [`TestProgs::set_restore`]).
@@ -16,7 +18,7 @@
 use anyhow::{Context, Result, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 
@@ -32,8 +34,12 @@ pub const GEN_TX: &str = "lb_gen_tx";
 pub const RETURN_ONLY: &str = "lb_return";
 /// Restores the frame, then tail-calls its target.
 pub const RESTORE: &str = "lb_restore";
+/// Counts and drops a flood (see [`TestProgs::set_sink_ports`]).
+pub const SINK: &str = "lb_sink";
 
-const PROGRAMS: [&str; 4] = [FLOOR, GEN_TX, RETURN_ONLY, RESTORE];
+const PROGRAMS: [&str; 5] = [FLOOR, GEN_TX, RETURN_ONLY, RESTORE, SINK];
+const SINK_PORTS: &str = "SINK_PORTS";
+const SINK_COUNT: &str = "SINK_COUNT";
 /// `lb_restore`'s frame (one [`RestoreFrame`]) and target (a program
 /// array of one).
 const RESTORE_FRAME: &str = "RESTORE_FRAME";
@@ -136,6 +142,28 @@ impl TestProgs {
         targets
             .set(0, target, 0)
             .context("setting lb_restore's target (an XDP program of compatible type)")
+    }
+
+    /// Makes `lb_sink` count and drop UDP to `flood` or `gue` (host order)
+    /// and IP-in-IP frames.
+    pub fn set_sink_ports(&mut self, flood: u16, gue: u16) -> Result<()> {
+        let mut map: Array<_, [u16; 2]> = Array::try_from(
+            self.ebpf
+                .map_mut(SINK_PORTS)
+                .context("map SINK_PORTS is not in the test object")?,
+        )?;
+        map.set(0, [flood.to_be(), gue.to_be()], 0)
+            .context("writing SINK_PORTS")
+    }
+
+    /// Frames `lb_sink` counted and dropped so far (all CPUs).
+    pub fn sink_count(&self) -> Result<u64> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(SINK_COUNT)
+                .context("map SINK_COUNT is not in the test object")?,
+        )?;
+        Ok(map.get(&0, 0).context("reading SINK_COUNT")?.iter().sum())
     }
 
     /// The generator program (see [`TestProgs::set_gen_template`]).
