@@ -1,21 +1,19 @@
 //! lb-decap's per-packet cost, measured in the kernel section next to the
-//! floor. Stripping a tunnel header changes the frame, so `repeat` cannot
-//! be used (the second repeat would see the inner packet): each packet is
-//! one BPF_PROG_TEST_RUN call on a fresh copy of the tunnel frame, and the
-//! cost is the kernel-reported duration per call minus `lb_return`'s on
-//! the same frames, interleaved chunk by chunk (the new-flow method).
+//! floor. Stripping a tunnel header changes the frame, so each iteration
+//! goes through `lb_restore` (see restore.rs): the cost is what lb_decap
+//! would cost if `repeat` could run it.
 
 use std::net::Ipv4Addr;
 
-use crate::report::{Better, Row, Stats, Target, TargetOn, fmt_num};
-use crate::single::{Kind, interleaved};
+use crate::report::{Better, Row, Stats, Target, TargetOn};
+use crate::restore::{Kind, costs};
 use anyhow::{Result, ensure};
-use aya::programs::Xdp;
 use lb::decap::{Cidr, DecapProgram, Settings};
 use lb_common::decap::DEFAULT_GUE_PORT;
 use lb_tests::{
-    fixture::{XDP_PASS, XDP_TX},
+    fixture::XDP_PASS,
     packet::{Encap, Ipv4Packet, TCP_ACK, tunnel_frame},
+    testprogs::TestProgs,
 };
 
 const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -29,17 +27,12 @@ pub struct DecapBench {
     prog: DecapProgram,
     ipip: Vec<u8>,
     gue: Vec<u8>,
-    /// The inner packet as a plain frame (for the floor).
-    plain: Vec<u8>,
 }
 
-/// One run's costs (ns per packet): kernel-reported − lb_return's.
+/// One run's costs (ns per packet).
 pub struct DecapRun {
     pub ipip: f64,
     pub gue: f64,
-    /// The floor program measured the same way (one call per packet), on
-    /// the inner packet: the like-for-like baseline.
-    pub floor: f64,
 }
 
 impl DecapBench {
@@ -62,8 +55,7 @@ impl DecapBench {
             80,
         );
         inner.tcp_flags = TCP_ACK;
-        let plain = inner.build();
-        let inner = plain[14..].to_vec();
+        let inner = inner.build()[14..].to_vec();
         let gue = Encap::Gue {
             src_port: 40000,
             port: DEFAULT_GUE_PORT,
@@ -72,7 +64,6 @@ impl DecapBench {
             ipip: tunnel_frame(&inner, LB.into(), BACKEND.into(), Encap::Ipip, None),
             gue: tunnel_frame(&inner, LB.into(), BACKEND.into(), gue, None),
             prog,
-            plain,
         })
     }
 
@@ -86,43 +77,36 @@ impl DecapBench {
         Ok((get("decap_ipip"), get("decap_gue")))
     }
 
-    /// `calls` packets of each kind (IPIP, GUE, lb_return on each frame),
-    /// interleaved by chunks in rotating order; checks every action and
-    /// that the decap counters moved by exactly `calls` each.
-    pub fn run(&self, ret: &Xdp, floor: &Xdp, calls: usize) -> Result<DecapRun> {
+    /// `repeat` packets of each kind through `lb_restore`; checks every
+    /// action and that the decap counters moved by exactly `repeat` each
+    /// (every iteration stripped a header).
+    pub fn run(&self, progs: &mut TestProgs, repeat: u32) -> Result<DecapRun> {
         let before = self.decapsulated()?;
         let prog = self.prog.program();
-        let ns = interleaved(
+        let ns = costs(
+            progs,
             &[
                 Kind::new(prog, &self.ipip, XDP_PASS, "lb_decap IPIP"),
                 Kind::new(prog, &self.gue, XDP_PASS, "lb_decap GUE"),
-                Kind::new(ret, &self.ipip, XDP_PASS, "lb_return"),
-                Kind::new(ret, &self.gue, XDP_PASS, "lb_return"),
-                Kind::new(floor, &self.plain, XDP_TX, "lb_floor"),
-                Kind::new(ret, &self.plain, XDP_PASS, "lb_return"),
             ],
-            calls,
+            repeat,
         )?;
         let after = self.decapsulated()?;
         let moved = (after.0 - before.0, after.1 - before.1);
+        let want = u64::from(repeat);
         ensure!(
-            moved == (calls as u64, calls as u64),
-            "lb_decap: decap_ipip and decap_gue moved by {moved:?}, want {calls} each"
+            moved == (want, want),
+            "lb_decap: decap_ipip and decap_gue moved by {moved:?}, want {repeat} each"
         );
-        let per = |i: usize| ns[i] as f64 / calls as f64;
         Ok(DecapRun {
-            ipip: per(0) - per(2),
-            gue: per(1) - per(3),
-            floor: per(4) - per(5),
+            ipip: ns[0],
+            gue: ns[1],
         })
     }
 }
 
-/// The kernel section's rows: IPIP and GUE against the floor (`floor`,
-/// measured with `repeat`), with the like-for-like ratio to the floor
-/// measured one call per packet (`single_floor`) in the notes.
-pub fn rows(ipip: &[f64], gue: &[f64], single_floor: &[f64], floor: &Stats, k: usize) -> Vec<Row> {
-    let single = Stats::of(single_floor).median;
+/// The kernel section's rows: IPIP and GUE against the floor.
+pub fn rows(ipip: &[f64], gue: &[f64], floor: &Stats, repeat: u32) -> Vec<Row> {
     let target = Target {
         text: format!("≤ {TARGET}× floor"),
         limit: TARGET,
@@ -130,16 +114,12 @@ pub fn rows(ipip: &[f64], gue: &[f64], single_floor: &[f64], floor: &Stats, k: u
         better: Better::Lower,
     };
     let row = |name: &str, v: &[f64]| {
-        let st = Stats::of(v);
-        Row::new(name, "ns/packet", st)
+        Row::new(name, "ns/packet", Stats::of(v))
             .ratio(floor)
             .target(target.clone())
             .note(format!(
-                "backends' lb_decap, {k} tunnel frames (inner TCP ACK) per run, 1 call each: \
-                 kernel-reported duration per call − lb_return's on the same frames; lb_floor \
-                 measured the same way: {} ns, {:.2}× that",
-                fmt_num(single),
-                st.median / single
+                "backends' lb_decap on a tunnel frame (inner TCP ACK), repeat={repeat} through \
+                 lb_restore: kernel-reported average − lb_restore → lb_return's + lb_return's"
             ))
     };
     vec![

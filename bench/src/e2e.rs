@@ -47,6 +47,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use lb_common::decap::DEFAULT_GUE_PORT;
 use lb_tests::{
     agent::{LbAgent, VipSpec},
     netns::{ChildGuard, Netns, Topology, spawn_guarded},
@@ -92,9 +93,28 @@ pub struct Config {
     pub wrk_connections: u32,
 }
 
+/// lb's forwarding mode for the VIPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fwd {
+    DsrL2,
+    Ipip,
+    Gue,
+}
+
+impl Fwd {
+    /// As the config names it.
+    fn name(self) -> &'static str {
+        match self {
+            Fwd::DsrL2 => "dsr-l2",
+            Fwd::Ipip => "ipip",
+            Fwd::Gue => "gue",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum System {
-    Lb,
+    Lb(Fwd),
     Nft,
     Haproxy(u8),
     Routing,
@@ -103,16 +123,22 @@ enum System {
 impl System {
     fn label(self) -> String {
         match self {
-            System::Lb => "lb".into(),
+            System::Lb(Fwd::DsrL2) => "lb".into(),
+            System::Lb(f) => format!("lb {}", f.name()),
             System::Nft => "nftables DNAT".into(),
             System::Haproxy(n) => format!("HAProxy nbthread {n}"),
             System::Routing => "kernel routing".into(),
         }
     }
 
+    fn is_lb(self) -> bool {
+        matches!(self, System::Lb(_))
+    }
+
     fn chart_label(self) -> String {
         match self {
-            System::Lb => "lb".into(),
+            System::Lb(Fwd::DsrL2) => "lb".into(),
+            System::Lb(f) => format!("lb {}", f.name()),
             System::Nft => "nftables".into(),
             System::Haproxy(n) => format!("HAProxy x{n}"),
             System::Routing => "routing".into(),
@@ -121,9 +147,17 @@ impl System {
 
     fn how(self) -> &'static str {
         match self {
-            System::Lb => {
+            System::Lb(Fwd::DsrL2) => {
                 "the lb agent on the LB's veth (native XDP), one UDP and one TCP VIP over \
                  the 3 backends; DSR"
+            }
+            System::Lb(Fwd::Ipip) => {
+                "as lb, with the VIPs' forwarding = \"ipip\": each frame leaves in an \
+                 IPv4-in-IPv4 tunnel (20 bytes pushed), to the backends' MACs"
+            }
+            System::Lb(Fwd::Gue) => {
+                "as lb, with the VIPs' forwarding = \"gue\": each frame leaves in IPv4 + \
+                 UDP (28 bytes pushed, source port from the flow hash)"
             }
             System::Nft => {
                 "ip_forward=1; nftables prerouting `dnat to jhash ip saddr . sport mod 3 map \
@@ -160,8 +194,12 @@ impl GenKind {
 /// Every system gets the same live-frames generator (it rewrites each
 /// frame's headers from a template, so in-place changes by NAT or routing
 /// do not come back); nftables also with AF_PACKET, as a cross-check.
-const UDP_CASES: [(System, GenKind); 4] = [
-    (System::Lb, GenKind::Live),
+/// lb's tunnel modes right after its dsr-l2: what the outer header costs
+/// end to end.
+const UDP_CASES: [(System, GenKind); 6] = [
+    (System::Lb(Fwd::DsrL2), GenKind::Live),
+    (System::Lb(Fwd::Ipip), GenKind::Live),
+    (System::Lb(Fwd::Gue), GenKind::Live),
     (System::Nft, GenKind::Live),
     (System::Routing, GenKind::Live),
     (System::Nft, GenKind::Packet),
@@ -171,7 +209,7 @@ const UDP_CASES: [(System, GenKind); 4] = [
 /// stay in the LB namespace for a minute, and early demux makes the
 /// kernel drop forwarded segments of the same 4-tuples.
 const TCP_ORDER: [System; 5] = [
-    System::Lb,
+    System::Lb(Fwd::DsrL2),
     System::Nft,
     System::Routing,
     System::Haproxy(1),
@@ -179,7 +217,7 @@ const TCP_ORDER: [System; 5] = [
 ];
 /// Report order.
 const TCP_REPORT: [System; 5] = [
-    System::Lb,
+    System::Lb(Fwd::DsrL2),
     System::Nft,
     System::Haproxy(1),
     System::Haproxy(2),
@@ -374,9 +412,7 @@ impl Bench {
         let dir = std::env::temp_dir().join(format!("lb-bench-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let servers = spawn_on_backends(&topo, ServerKind::Http, TCP_PORT)?;
-        let mut dsts = backends(&topo);
-        dsts.push(topo.vip());
-        let sink = Sink::new(&dsts, UDP_PORT)?;
+        let sink = Sink::new(UDP_PORT, DEFAULT_GUE_PORT)?;
         let bench = Bench {
             agent: None,
             haproxy: None,
@@ -467,15 +503,17 @@ impl Bench {
     fn start(&mut self, sys: System, tcp: bool) -> Result<()> {
         let t = &self.topo;
         match sys {
-            System::Lb => {
+            System::Lb(fwd) => {
                 let bs = backends(t);
                 let mut web = VipSpec::tcp("web", t.vip(), TCP_PORT, &bs);
+                web.forwarding = fwd.name();
                 web.health_check =
                     "kind = \"tcp\"\ninterval_ms = 1000\ntimeout_ms = 500\nrise = 2\nfall = 3"
                         .into();
                 let mut flood = VipSpec::tcp("flood", t.vip(), UDP_PORT, &bs);
                 flood.protocol = "udp";
                 flood.health_check = "kind = \"none\"".into();
+                flood.forwarding = fwd.name();
                 self.agent = Some(LbAgent::start(t.lb_ns(), &t.lb_iface(), &[web, flood])?);
             }
             System::Nft => {
@@ -555,7 +593,7 @@ impl Bench {
     fn stop(&mut self, sys: System) -> Result<()> {
         let t = &self.topo;
         match sys {
-            System::Lb => {
+            System::Lb(_) => {
                 if let Some(mut a) = self.agent.take() {
                     a.stop()?;
                 }
@@ -660,11 +698,11 @@ impl Bench {
     /// GRO forwarding is off). Returns the NAPI threads.
     fn steer_on(&self, sys: System, kind: GenKind) -> Result<Vec<i32>> {
         let t = &self.topo;
-        if sys != System::Lb {
+        if !sys.is_lb() {
             t.lb_ns()
                 .ethtool_features(&t.lb_iface(), &[("gro", true)])?;
         }
-        if kind == GenKind::Packet && sys != System::Lb {
+        if kind == GenKind::Packet && !sys.is_lb() {
             // A veth hands an skb to its peer's NAPI only if it could be
             // aggregated: not when the sender has TSO on (an XDP program on
             // the peer turns it off by itself).
@@ -677,7 +715,7 @@ impl Bench {
     fn steer_off(&self, sys: System) -> Result<()> {
         let t = &self.topo;
         let r = kit::threaded_napi_off(t.lb_ns(), &t.lb_iface());
-        if sys != System::Lb {
+        if !sys.is_lb() {
             t.lb_ns()
                 .ethtool_features(&t.lb_iface(), &[("gro", false)])?;
             t.switch_ns()
@@ -965,7 +1003,7 @@ fn section(
             .find(|r| r.sys == sys && r.kind == kind)
             .ok_or_else(|| anyhow!("no UDP result for {}", sys.label()))
     };
-    let lb_live = find_udp(System::Lb, GenKind::Live)?;
+    let lb_live = find_udp(System::Lb(Fwd::DsrL2), GenKind::Live)?;
     let nft = find_udp(System::Nft, GenKind::Live)?;
     let mpps = |r: &UdpResult| r.stats(|s| s.pps / 1e6);
     let cpu = |r: &UdpResult| r.stats(|s| s.cpu_per_m);
@@ -985,7 +1023,7 @@ fn section(
     // Headline rates: each system with the fastest generator valid for it.
     for r in [lb_live]
         .into_iter()
-        .chain(udp.iter().filter(|r| r.sys != System::Lb))
+        .chain(udp.iter().filter(|r| r.sys != System::Lb(Fwd::DsrL2)))
     {
         let label = match r.kind {
             GenKind::Live => format!("UDP rate, {}", r.sys.label()),
@@ -1044,7 +1082,7 @@ fn section(
     }
     let lb_tcp = tcp
         .iter()
-        .find(|r| r.sys == System::Lb)
+        .find(|r| r.sys == System::Lb(Fwd::DsrL2))
         .map(|r| r.stats(|s| s.conns_per_sec))
         .ok_or_else(|| anyhow!("no TCP result for lb"))?;
     for sys in TCP_REPORT {
@@ -1122,7 +1160,14 @@ fn section(
         ]);
     }
     let mut how = Table::new("Systems", &["system", "configuration"]);
-    for sys in [System::Lb, System::Nft, System::Haproxy(1), System::Routing] {
+    for sys in [
+        System::Lb(Fwd::DsrL2),
+        System::Lb(Fwd::Ipip),
+        System::Lb(Fwd::Gue),
+        System::Nft,
+        System::Haproxy(1),
+        System::Routing,
+    ] {
         let label = match sys {
             System::Haproxy(_) => "HAProxy (nbthread 1 and 2)".into(),
             _ => sys.label(),

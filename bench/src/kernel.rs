@@ -272,7 +272,6 @@ struct Samples {
     single_hit_kernel: Vec<f64>,
     decap_ipip: Vec<f64>,
     decap_gue: Vec<f64>,
-    decap_floor: Vec<f64>,
     encap: Vec<crate::encap::EncapRun>,
 }
 
@@ -298,7 +297,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);
-    let progs = TestProgs::load()?;
+    let mut progs = TestProgs::load()?;
     let decap = crate::decap::DecapBench::new()?;
     eprintln!(
         "lb-bench:   fixture loaded in {:.1} s (conntrack: {conntrack_entries} entries)",
@@ -332,7 +331,6 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let to_dead = ack(40003, DEAD_VIP);
     let mut out = vec![0u8; to_vip.len() + 256];
 
-    let floor = progs.floor();
     let lb = f.dp.program(program_names::BALANCER);
 
     // Prime the established flow: its first packet is a new flow.
@@ -348,7 +346,14 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let mut next_flow = 0u64;
     // Warm-up (discarded): code, maps and caches.
     let warm_repeat = (cfg.repeat / 10).max(1000);
-    repeated(floor, &to_vip, &mut out, warm_repeat, XDP_TX, "floor")?;
+    repeated(
+        progs.floor(),
+        &to_vip,
+        &mut out,
+        warm_repeat,
+        XDP_TX,
+        "floor",
+    )?;
     repeated(lb, &to_other, &mut out, warm_repeat, XDP_PASS, "pass")?;
     repeated(lb, &established, &mut out, warm_repeat, XDP_TX, "hit")?;
     repeated(lb, &to_dead, &mut out, warm_repeat, XDP_DROP, "no backend")?;
@@ -361,8 +366,8 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         &mut out,
     )?;
 
-    decap.run(progs.return_only(), floor, warm_flows)?;
-    encap.run(&f, progs.return_only(), warm_flows)?;
+    decap.run(&mut progs, warm_repeat)?;
+    encap.run(&f, &mut progs, warm_repeat)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -371,7 +376,14 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let mut dead_counted = 0u64;
     let mut per_run: Vec<Vec<String>> = Vec::new();
     for _ in 0..cfg.runs {
-        let (k, w) = repeated(floor, &to_vip, &mut out, cfg.repeat, XDP_TX, "floor")?;
+        let (k, w) = repeated(
+            progs.floor(),
+            &to_vip,
+            &mut out,
+            cfg.repeat,
+            XDP_TX,
+            "floor",
+        )?;
         // Each repeat swaps the MACs again: an odd count leaves them swapped.
         let swapped = out[..6] == to_vip[6..12] && out[6..12] == to_vip[..6];
         let same = out[..to_vip.len()] == to_vip[..];
@@ -452,11 +464,10 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.new_ret_kernel.push(nf.ret_kernel);
         s.new_cost_wall.push(nf.new_cost_wall);
         s.new_cost_kernel.push(nf.lb_kernel - nf.ret_kernel);
-        let d = decap.run(progs.return_only(), floor, cfg.new_flows)?;
+        let d = decap.run(&mut progs, cfg.repeat)?;
         s.decap_ipip.push(d.ipip);
         s.decap_gue.push(d.gue);
-        s.decap_floor.push(d.floor);
-        let e = encap.run(&f, progs.return_only(), cfg.new_flows)?;
+        let e = encap.run(&f, &mut progs, cfg.repeat)?;
         s.encap.push(e);
     }
     let measured = measure_start.elapsed();
@@ -516,8 +527,8 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     ];
     let rows = [
         rows,
-        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, &floor_s, k),
-        crate::encap::rows(&s.encap, &floor_s, k),
+        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &floor_s, cfg.repeat),
+        crate::encap::rows(&s.encap, &floor_s, cfg.repeat),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
     ]
     .concat();

@@ -17,7 +17,7 @@ mod encap;
 mod kernel;
 mod maglev;
 mod report;
-mod single;
+mod restore;
 mod v6;
 
 use std::{

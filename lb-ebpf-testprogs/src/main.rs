@@ -5,14 +5,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::Array,
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::IPPROTO_TCP;
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    decap::{IPPROTO_IPIP, IPPROTO_IPV6},
+};
 use lb_ebpf::parse::{
-    ETH_P_IP, ethernet, ipv4, ipv4_header_len, l4_ports, ptr_at, read_macs, write_macs,
+    ETH_P_IP, ETH_P_IPV6, IPV6_HDR_LEN, ethernet, ipv4, ipv4_header_len, ipv6, l4_ports, ptr_at,
+    read_macs, write_macs,
 };
 
 /// The per-packet floor for benchmarks: parse Ethernet, IPv4 and TCP with
@@ -72,6 +77,116 @@ pub fn lb_gen_tx(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_return(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// `lb_restore`'s frame: its length and its first [`RESTORE_WORDS`]
+/// words, as the benchmark set them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RestoreFrame {
+    len: u64,
+    head: [u64; RESTORE_WORDS],
+}
+
+/// Bytes of the frame's start `lb_restore` rewrites: every byte a header
+/// push or strip of a tunnel mode touches in the original frame (an outer
+/// Ethernet + IPv6 + UDP header is 62 bytes).
+const RESTORE_WORDS: usize = 8;
+
+#[map]
+static RESTORE_FRAME: Array<RestoreFrame> = Array::with_max_entries(1, 0);
+
+/// The program `lb_restore` hands each restored frame to (index 0).
+#[map]
+static RESTORE_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Times, with BPF_PROG_TEST_RUN's `repeat`, a program that changes the
+/// frame's length (a pushed or stripped tunnel header): `repeat` hands
+/// every iteration the previous one's output, so this program first puts
+/// the frame back as RESTORE_FRAME holds it (moves its start so that it
+/// has the original length, rewrites its first 64 bytes), then tail-calls
+/// RESTORE_TARGET. The same with `lb_return` as the target is the
+/// harness's own cost, subtracted by the benchmark. `XDP_ABORTED` if it
+/// cannot (unset frame, failed move or tail call).
+#[xdp]
+pub fn lb_restore(ctx: XdpContext) -> u32 {
+    let Some(want) = RESTORE_FRAME.get(0) else {
+        return XDP_ABORTED;
+    };
+    let len = (ctx.data_end() - ctx.data()) as i64;
+    // Bounded (frames are shorter than a page): the verifier refuses
+    // packet-pointer arithmetic with an unbounded value.
+    let delta = len - (want.len & 0xffff) as i64;
+    // Also when the length is right (delta 0): the harness then costs the
+    // same whatever the target does to the frame.
+    // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta as i32) } != 0 {
+        return XDP_ABORTED;
+    }
+    let Some(frame) = ptr_at::<[u64; RESTORE_WORDS]>(&ctx, 0) else {
+        return XDP_ABORTED;
+    };
+    let frame = frame as *mut u64;
+    // SAFETY: 64 bytes bounds checked by ptr_at; the target is a loaded
+    // XDP program or nothing (then the call returns and we abort). Word
+    // stores: a copy of the array would become a call to a byte-wise
+    // memmove, slow and noisy; BPF does not fault on unaligned stores.
+    unsafe {
+        for (i, w) in want.head.iter().enumerate() {
+            frame.add(i).write(*w);
+        }
+        RESTORE_TARGET.tail_call(&ctx, 0);
+    }
+    XDP_ABORTED
+}
+
+/// The UDP destination ports `lb_sink` counts, network order: the flood's
+/// and the GUE port (a GUE-encapsulated flood).
+#[map]
+static SINK_PORTS: Array<[u16; 2]> = Array::with_max_entries(1, 0);
+
+/// Frames `lb_sink` counted and dropped.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The end-to-end benchmark's counter-and-drop at the first hop after the
+/// load balancer: IPv4 or IPv6 frames of the flood (UDP to one of
+/// SINK_PORTS) or carrying it in an IP-in-IP tunnel (protocol 4 or 41)
+/// are counted and dropped, whatever their addresses; everything else
+/// (ARP, ND, health checks, TCP) passes.
+#[xdp]
+pub fn lb_sink(ctx: XdpContext) -> u32 {
+    if !is_flood(&ctx) {
+        return XDP_PASS;
+    }
+    if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+    XDP_DROP
+}
+
+#[inline(always)]
+fn is_flood(ctx: &XdpContext) -> bool {
+    let (Some(eth), Some(ports)) = (ethernet(ctx), SINK_PORTS.get(0)) else {
+        return false;
+    };
+    let (proto, l4) = match eth.ether_type {
+        ETH_P_IP => match ipv4(ctx, eth.l3) {
+            Some(ip) => (ip.proto, eth.l3 + ipv4_header_len(ip)),
+            None => return false,
+        },
+        ETH_P_IPV6 => match ipv6(ctx, eth.l3) {
+            Some(ip) => (ip.next_header, eth.l3 + IPV6_HDR_LEN),
+            None => return false,
+        },
+        _ => return false,
+    };
+    match proto {
+        IPPROTO_IPIP | IPPROTO_IPV6 => true,
+        IPPROTO_UDP => l4_ports(ctx, l4).is_some_and(|p| p[1] == ports[0] || p[1] == ports[1]),
+        _ => false,
+    }
 }
 
 #[cfg(not(test))]

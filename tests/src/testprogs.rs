@@ -8,13 +8,18 @@
 //!   BPF_PROG_TEST_RUN call, and the program a veth peer needs to receive
 //!   frames sent by XDP (it makes the peer run NAPI);
 //! - `lb_gen_tx`: the end-to-end benchmark's live-frames generator, which
-//!   rewrites every frame's headers from a template and returns `XDP_TX`.
+//!   rewrites every frame's headers from a template and returns `XDP_TX`;
+//! - `lb_sink`: counts and drops the end-to-end benchmark's flood (plain,
+//!   IP-in-IP or GUE), passes everything else;
+//! - `lb_restore`: puts the frame back as it was (length, first 64 bytes)
+//!   and tail-calls a target program, so that `repeat` can time programs
+//!   that push or strip headers (see [`TestProgs::set_restore`]).
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::Array,
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, PerCpuArray, ProgramArray},
+    programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 
 use crate::fixture::{RunResult, run_xdp};
@@ -27,8 +32,31 @@ pub const FLOOR: &str = "lb_floor";
 pub const GEN_TX: &str = "lb_gen_tx";
 /// Returns `XDP_PASS` and nothing else.
 pub const RETURN_ONLY: &str = "lb_return";
+/// Restores the frame, then tail-calls its target.
+pub const RESTORE: &str = "lb_restore";
+/// Counts and drops a flood (see [`TestProgs::set_sink_ports`]).
+pub const SINK: &str = "lb_sink";
 
-const PROGRAMS: [&str; 3] = [FLOOR, GEN_TX, RETURN_ONLY];
+const PROGRAMS: [&str; 5] = [FLOOR, GEN_TX, RETURN_ONLY, RESTORE, SINK];
+const SINK_PORTS: &str = "SINK_PORTS";
+const SINK_COUNT: &str = "SINK_COUNT";
+/// `lb_restore`'s frame (one [`RestoreFrame`]) and target (a program
+/// array of one).
+const RESTORE_FRAME: &str = "RESTORE_FRAME";
+const RESTORE_TARGET: &str = "RESTORE_TARGET";
+/// Bytes of the frame's start `lb_restore` rewrites.
+pub const RESTORE_BYTES: usize = 64;
+
+/// `lb_restore`'s view of the frame: its length and first 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RestoreFrame {
+    len: u64,
+    head: [u64; RESTORE_BYTES / 8],
+}
+
+// SAFETY: #[repr(C)], integers only, no padding.
+unsafe impl aya::Pod for RestoreFrame {}
 /// `lb_gen_tx`'s frame template: one element of 6 words (48 bytes).
 const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
 const GEN_TEMPLATE_WORDS: usize = 6;
@@ -72,6 +100,70 @@ impl TestProgs {
     /// The return-only program.
     pub fn return_only(&self) -> &Xdp {
         self.program(RETURN_ONLY)
+    }
+
+    /// The restoring program (see [`TestProgs::set_restore`]).
+    pub fn restorer(&self) -> &Xdp {
+        self.program(RESTORE)
+    }
+
+    /// Makes `lb_restore` put every frame back to `frame` (its length and
+    /// first 64 bytes: `frame` must be at least that long) and then
+    /// tail-call `target`, an XDP program loaded in any object. Run it with
+    /// `frame` as the input and any `repeat`: each iteration hands
+    /// `target` the same frame, even when it strips or pushes a header
+    /// (its length changes: the start moves back; bytes beyond the first
+    /// 64 must not be written by `target`).
+    pub fn set_restore(&mut self, target: &ProgramFd, frame: &[u8]) -> Result<()> {
+        ensure!(
+            frame.len() >= RESTORE_BYTES,
+            "lb_restore needs frames of at least {RESTORE_BYTES} bytes, this one has {}",
+            frame.len()
+        );
+        let mut head = [0u64; RESTORE_BYTES / 8];
+        for (w, chunk) in head.iter_mut().zip(frame.chunks_exact(8)) {
+            *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        let want = RestoreFrame {
+            len: frame.len() as u64,
+            head,
+        };
+        let mut map: Array<_, RestoreFrame> = Array::try_from(
+            self.ebpf
+                .map_mut(RESTORE_FRAME)
+                .context("map RESTORE_FRAME is not in the test object")?,
+        )?;
+        map.set(0, want, 0).context("writing RESTORE_FRAME")?;
+        let mut targets = ProgramArray::try_from(
+            self.ebpf
+                .map_mut(RESTORE_TARGET)
+                .context("map RESTORE_TARGET is not in the test object")?,
+        )?;
+        targets
+            .set(0, target, 0)
+            .context("setting lb_restore's target (an XDP program of compatible type)")
+    }
+
+    /// Makes `lb_sink` count and drop UDP to `flood` or `gue` (host order)
+    /// and IP-in-IP frames.
+    pub fn set_sink_ports(&mut self, flood: u16, gue: u16) -> Result<()> {
+        let mut map: Array<_, [u16; 2]> = Array::try_from(
+            self.ebpf
+                .map_mut(SINK_PORTS)
+                .context("map SINK_PORTS is not in the test object")?,
+        )?;
+        map.set(0, [flood.to_be(), gue.to_be()], 0)
+            .context("writing SINK_PORTS")
+    }
+
+    /// Frames `lb_sink` counted and dropped so far (all CPUs).
+    pub fn sink_count(&self) -> Result<u64> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(SINK_COUNT)
+                .context("map SINK_COUNT is not in the test object")?,
+        )?;
+        Ok(map.get(&0, 0).context("reading SINK_COUNT")?.iter().sum())
     }
 
     /// The generator program (see [`TestProgs::set_gen_template`]).

@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use aya::programs::{TestRun, TestRunOptions};
 use lb::decap::{Cidr, DecapProgram, Settings};
 use lb_common::decap::DEFAULT_GUE_PORT;
 use lb_tests::{
@@ -18,6 +19,7 @@ use lb_tests::{
         icmp_echo, icmpv6_neighbor_solicitation, ipv4_l3, ipv4_udp_l3, ipv6_l3, ipv6_tcp,
         ipv6_udp_l3, tunnel_frame, udp_l4,
     },
+    testprogs::TestProgs,
 };
 
 const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -559,4 +561,48 @@ fn a_complete_inner_packet_with_trailing_padding_is_decapsulated() {
     let mut want = ethernet_frame(TUNNEL_DST_MAC, TUNNEL_SRC_MAC, None, ETH_P_IPV4, &inner);
     want.extend_from_slice(&[0u8; 6]);
     assert_eq!(hex(&r.frame), hex(&want));
+}
+
+/// The benchmark times lb_decap with `repeat` through the test object's
+/// `lb_restore`, which puts the tunnel frame back before every iteration:
+/// each of them must strip a header (the counter moves by `repeat`, and
+/// nothing else moves), and the last one's output is the inner packet.
+#[test]
+fn through_lb_restore_every_repeat_strips_the_same_tunnel_frame() {
+    const REPEAT: u32 = 1000;
+    let d = Decap::new();
+    let mut progs = TestProgs::load().expect("load the test programs");
+    let target = d.prog.program().fd().unwrap().try_clone().unwrap();
+    for (name, src, dst, encap, inner) in formats() {
+        let frame = tunnel_frame(&inner, src, dst, encap, None);
+        progs.set_restore(&target, &frame).expect("set lb_restore");
+        let before = d.counters();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = progs
+            .restorer()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: REPEAT,
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, XDP_PASS, "{name}");
+        let after = d.counters();
+        let moved: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, v)| (*k, v - before[k]))
+            .collect();
+        assert_eq!(moved, vec![(reason_of(encap), u64::from(REPEAT))], "{name}");
+        let want = ethernet_frame(
+            TUNNEL_DST_MAC,
+            TUNNEL_SRC_MAC,
+            None,
+            ether_type_of(&inner),
+            &inner,
+        );
+        out.truncate(r.data_size_out as usize);
+        assert_eq!(hex(&out), hex(&want), "{name}");
+    }
 }

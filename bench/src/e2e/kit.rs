@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
-use lb::datapath::{Datapath, MapSizes, backend_entry};
-use lb_common::{IPPROTO_UDP, VipInfo, VipKey, program_names};
-use lb_tests::netns::Netns;
+use lb_tests::{
+    netns::Netns,
+    testprogs::{SINK, TestProgs},
+};
 
 // ---------------------------------------------------------------------------
 // CPU affinity
@@ -267,55 +268,21 @@ impl Drop for LinkSwap {
 // The counter-and-drop at the first hop after the load balancer
 // ---------------------------------------------------------------------------
 
-/// Ring size of the sink's (dead) VIPs: small and prime.
-const SINK_RING: u32 = 7;
-
-/// `lb_xdp` with private maps, configured so that every UDP datagram to
-/// one of `dsts` on `port` hits a VIP whose backends are all unusable: it
-/// is counted (`drop_no_backend`) and dropped (`XDP_DROP`); everything
-/// else passes to the kernel. Runs on the switch-side peer of the LB's
-/// veth, in place of the XDP_PASS program the topology keeps there.
+/// The test object's `lb_sink`, which counts and drops the flood's frames
+/// (plain, IP-in-IP or GUE: whatever lb's forwarding mode) and passes
+/// everything else. Runs on the switch-side peer of the LB's veth, in
+/// place of the XDP_PASS program the topology keeps there.
 pub struct Sink {
-    dp: Datapath,
+    progs: TestProgs,
     swap: Option<LinkSwap>,
 }
 
 impl Sink {
-    pub fn new(dsts: &[std::net::Ipv4Addr], port: u16) -> Result<Sink> {
-        let mut dp = Datapath::load_private(MapSizes {
-            max_vips: dsts.len() as u32,
-            max_backends: 1,
-            ring_size: SINK_RING,
-            conntrack_entries: 16,
-            conntrack6_entries: 16,
-        })
-        .context("loading the sink's XDP object")?;
-        dp.set_backend(
-            0,
-            backend_entry(
-                std::net::Ipv4Addr::UNSPECIFIED,
-                0,
-                u32::MAX,
-                false,
-                [0; 6],
-                [0; 6],
-            ),
-        )?;
-        for (i, addr) in dsts.iter().enumerate() {
-            let index = i as u32;
-            let ring_base = index * SINK_RING;
-            dp.write_ring(ring_base, (0..SINK_RING).map(|s| (s, 0)))?;
-            dp.set_vip(
-                VipKey::new(addr.to_bits(), port, IPPROTO_UDP),
-                VipInfo {
-                    index,
-                    ring_base,
-                    ring_size: SINK_RING,
-                    ..VipInfo::default()
-                },
-            )?;
-        }
-        Ok(Sink { dp, swap: None })
+    /// Counts UDP to `port` or to `gue_port`, and IP-in-IP.
+    pub fn new(port: u16, gue_port: u16) -> Result<Sink> {
+        let mut progs = TestProgs::load().context("loading the sink's XDP object")?;
+        progs.set_sink_ports(port, gue_port)?;
+        Ok(Sink { progs, swap: None })
     }
 
     /// Puts the sink in place of the program attached to `iface` in `ns`.
@@ -324,7 +291,7 @@ impl Sink {
         let id = xdp_prog_id(ns, iface)?;
         let mut swap = LinkSwap::find(id)
             .with_context(|| format!("the XDP link on {iface} in {}", ns.name()))?;
-        swap.swap_to(self.dp.program(program_names::BALANCER))?;
+        swap.swap_to(self.progs.program(SINK))?;
         self.swap = Some(swap);
         Ok(())
     }
@@ -339,12 +306,7 @@ impl Sink {
 
     /// Frames counted and dropped so far.
     pub fn count(&self) -> Result<u64> {
-        Ok(self
-            .dp
-            .reason_stats()?
-            .get("drop_no_backend")
-            .copied()
-            .unwrap_or(0))
+        self.progs.sink_count()
     }
 }
 
