@@ -122,12 +122,12 @@ impl EncapBench {
                 .collect()
         };
         let before = hits(f)?;
-        let kinds: Vec<Kind> = self
+        let kinds = self
             .frames
             .iter()
             .zip(MODES)
             .map(|(frame, (name, ..))| Kind::new(lb, frame, XDP_TX, name))
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let ns = costs(progs, &kinds, repeat)?;
         let after = hits(f)?;
         for (i, (name, ..)) in MODES.iter().enumerate() {

@@ -272,6 +272,7 @@ struct Samples {
     single_hit_kernel: Vec<f64>,
     decap_ipip: Vec<f64>,
     decap_gue: Vec<f64>,
+    decap_floor: Vec<f64>,
     encap: Vec<crate::encap::EncapRun>,
 }
 
@@ -467,6 +468,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         let d = decap.run(&mut progs, cfg.repeat)?;
         s.decap_ipip.push(d.ipip);
         s.decap_gue.push(d.gue);
+        s.decap_floor.push(d.floor);
         let e = encap.run(&f, &mut progs, cfg.repeat)?;
         s.encap.push(e);
     }
@@ -527,7 +529,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     ];
     let rows = [
         rows,
-        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &floor_s, cfg.repeat),
+        crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, cfg.repeat),
         crate::encap::rows(&s.encap, &floor_s, cfg.repeat),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
     ]

@@ -11,27 +11,28 @@
 //! evicts them between packets.
 
 use anyhow::{Context, Result};
-use aya::programs::Xdp;
+use aya::programs::{ProgramFd, Xdp};
 use lb_tests::{fixture::XDP_PASS, testprogs::TestProgs};
 
 use crate::kernel::repeated;
 
-/// One program on one frame, with the action it must give.
+/// One program (its fd: the program may live in the test object that
+/// `costs` borrows) on one frame, with the action it must give.
 pub struct Kind<'a> {
-    pub prog: &'a Xdp,
+    pub prog: ProgramFd,
     pub frame: &'a [u8],
     pub want: u32,
     pub what: &'a str,
 }
 
 impl<'a> Kind<'a> {
-    pub fn new(prog: &'a Xdp, frame: &'a [u8], want: u32, what: &'a str) -> Self {
-        Self {
-            prog,
+    pub fn new(prog: &Xdp, frame: &'a [u8], want: u32, what: &'a str) -> Result<Self> {
+        Ok(Self {
+            prog: prog.fd()?.try_clone()?,
             frame,
             want,
             what,
-        }
+        })
     }
 }
 
@@ -52,7 +53,6 @@ pub fn costs(progs: &mut TestProgs, kinds: &[Kind], repeat: u32) -> Result<Vec<f
     let mut costs = Vec::with_capacity(kinds.len());
     for k in kinds {
         out.resize(k.frame.len() + 256, 0);
-        let target_fd = k.prog.fd()?.try_clone()?;
         let mut per_chunk = Vec::with_capacity(CHUNKS as usize);
         for c in 0..CHUNKS {
             // The last chunk takes the remainder: `repeat` iterations in all.
@@ -68,7 +68,7 @@ pub fn costs(progs: &mut TestProgs, kinds: &[Kind], repeat: u32) -> Result<Vec<f
                 Ok(ns)
             };
             let base = through(&ret_fd, XDP_PASS, "lb_return")?;
-            let target = through(&target_fd, k.want, k.what)?;
+            let target = through(&k.prog, k.want, k.what)?;
             let (ret, _) = repeated(
                 progs.return_only(),
                 k.frame,

@@ -15,6 +15,35 @@ use crate::{
 };
 
 /// A family's flow key, with its flow cache and conntrack map.
+/// Whether two keys' words are equal. Folded with XOR and OR: `==` on an
+/// array of more than two words becomes a call to a byte-wise `memcmp`
+/// in BPF (40 iterations for an IPv6 key).
+#[inline(always)]
+fn words_equal<const N: usize>(a: [u64; N], b: [u64; N]) -> bool {
+    let mut diff = 0;
+    for i in 0..N {
+        diff |= a[i] ^ b[i];
+    }
+    diff == 0
+}
+
+/// Stores `value` at `dst` as `N` 64-bit words: a plain struct store
+/// becomes a call to a byte-wise `memmove` in BPF.
+///
+/// # Safety
+/// `dst` is valid for writes and 8-byte aligned; `T` is `N` words long.
+#[inline(always)]
+unsafe fn store_words<T: Copy, const N: usize>(dst: *mut T, value: T) {
+    const { assert!(core::mem::size_of::<T>() == N * 8) };
+    // SAFETY: T is N words long (asserted), plain data.
+    let words: [u64; N] = unsafe { core::mem::transmute_copy(&value) };
+    let dst = dst as *mut u64;
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: within `dst`'s N words, as the caller promises.
+        unsafe { dst.add(i).write(*w) };
+    }
+}
+
 pub(crate) trait Flow: Copy {
     type Cache: Copy;
     /// The flow cache's one-multiply mix.
@@ -27,6 +56,11 @@ pub(crate) trait Flow: Copy {
     /// check.
     fn cached(&self, c: &Self::Cache, mix: u32) -> Option<u32>;
     fn cache_entry(&self, backend_id: u32, mix: u32) -> Self::Cache;
+    /// Stores `entry` into the cache slot `c` word by word.
+    ///
+    /// # Safety
+    /// `c` is a valid, 8-byte aligned array value.
+    unsafe fn store(c: *mut Self::Cache, entry: Self::Cache);
     fn tracked(&self) -> Option<*mut FlowEntry>;
     fn track(&self, entry: &FlowEntry);
 }
@@ -51,8 +85,13 @@ impl Flow for FlowKey {
     }
     #[inline(always)]
     fn cached(&self, c: &FlowCacheEntry, mix: u32) -> Option<u32> {
-        (c.key.as_words() == self.as_words() && c.check == mix ^ c.backend_id)
+        (words_equal(c.key.as_words(), self.as_words()) && c.check == mix ^ c.backend_id)
             .then_some(c.backend_id)
+    }
+    #[inline(always)]
+    unsafe fn store(c: *mut FlowCacheEntry, entry: FlowCacheEntry) {
+        // SAFETY: as the caller promises.
+        unsafe { store_words::<_, 3>(c, entry) }
     }
     #[inline(always)]
     fn cache_entry(&self, backend_id: u32, mix: u32) -> FlowCacheEntry {
@@ -94,8 +133,13 @@ impl Flow for FlowKey6 {
     }
     #[inline(always)]
     fn cached(&self, c: &FlowCacheEntry6, mix: u32) -> Option<u32> {
-        (c.key.as_words() == self.as_words() && c.check == mix ^ c.backend_id)
+        (words_equal(c.key.as_words(), self.as_words()) && c.check == mix ^ c.backend_id)
             .then_some(c.backend_id)
+    }
+    #[inline(always)]
+    unsafe fn store(c: *mut FlowCacheEntry6, entry: FlowCacheEntry6) {
+        // SAFETY: as the caller promises.
+        unsafe { store_words::<_, 6>(c, entry) }
     }
     #[inline(always)]
     fn cache_entry(&self, backend_id: u32, mix: u32) -> FlowCacheEntry6 {
@@ -220,7 +264,7 @@ pub(crate) fn steer<F: Flow>(
     {
         // SAFETY: a plain store into the array value; concurrent readers
         // validate with `check`.
-        unsafe { *c = flow.cache_entry(backend_id, mix) };
+        unsafe { F::store(c, flow.cache_entry(backend_id, mix)) };
     }
 
     if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
