@@ -15,7 +15,9 @@
 //!
 //! `--forwarding ipip|gue` tells the same story through routed backends:
 //! they sit in another subnet behind a router, lb encapsulates to them and
-//! each strips the tunnel with `lb decap` (see net.rs).
+//! each strips the tunnel with `lb decap` (see net.rs). `--ipv6` tells it
+//! with an IPv6 VIP and IPv6 backends (2001:2::/48), in any forwarding
+//! mode: 6in6 for `ipip`, GUE over IPv6 for `gue` (routed6.rs).
 //!
 //! Exit status: 0 when every check held, 1 when one did not or on an error,
 //! 2 on a bad argument, 130 when interrupted. Everything (agent, servers, namespaces, pins) is
@@ -23,7 +25,7 @@
 //! `LB_TEST_SERVER` name the binaries (set by `cargo xtask demo`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -42,6 +44,7 @@ use lb_tests::{
 use net::{Forwarding, Net};
 
 mod net;
+mod routed6;
 
 const PORT: u16 = 80;
 const BACKENDS: usize = 3;
@@ -97,22 +100,15 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
         libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let forwarding = match args.as_slice() {
-        [] => Forwarding::DsrL2,
-        [flag, mode] if flag == "--forwarding" => match Forwarding::parse(mode) {
-            Some(f) => f,
-            None => {
-                println!("lb-demo: --forwarding {mode:?}: expected dsr-l2, ipip or gue");
-                return ExitCode::from(2);
-            }
-        },
-        _ => {
-            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue]");
+    let (forwarding, ipv6) = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("lb-demo: {e}");
+            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue] [--ipv6]");
             return ExitCode::from(2);
         }
     };
-    let result = demo(forwarding);
+    let result = demo(forwarding, ipv6);
     if interrupted() {
         println!("lb-demo: interrupted; everything was torn down");
         return ExitCode::from(130);
@@ -131,6 +127,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `[--forwarding MODE] [--ipv6]`, in any order, each at most once.
+fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool), String> {
+    let (mut forwarding, mut ipv6) = (None, false);
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--forwarding" if forwarding.is_none() => {
+                let mode = args.next().ok_or("--forwarding needs a value")?;
+                forwarding = Some(Forwarding::parse(&mode).ok_or_else(|| {
+                    format!("--forwarding {mode:?}: expected dsr-l2, ipip or gue")
+                })?);
+            }
+            "--ipv6" if !ipv6 => ipv6 = true,
+            "--forwarding" | "--ipv6" => return Err(format!("{a} given twice")),
+            _ => return Err(format!("unexpected argument {a:?}")),
+        }
+    }
+    Ok((forwarding.unwrap_or(Forwarding::DsrL2), ipv6))
 }
 
 // ---------------------------------------------------------------------------
@@ -223,7 +239,7 @@ impl Timeline {
     }
 }
 
-fn demo(forwarding: Forwarding) -> Result<bool> {
+fn demo(forwarding: Forwarding, ipv6: bool) -> Result<bool> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root");
@@ -234,12 +250,12 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
     // Locals drop in reverse order: the agent, then the servers, then the
     // namespaces, also on every early return.
     let setup_started = Instant::now();
-    let topo = Net::build(forwarding, BACKENDS).context("building the topology")?;
+    let topo = Net::build(forwarding, ipv6, BACKENDS).context("building the topology")?;
     let mut servers: Vec<Option<ChildGuard>> = (0..BACKENDS)
         .map(|i| topo.spawn_http(i, PORT).map(Some))
         .collect::<Result<_>>()
         .context("starting the HTTP servers")?;
-    let addrs: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
+    let addrs: Vec<IpAddr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
     let mut vip = VipSpec::tcp("web", topo.vip(), PORT, &addrs);
     vip.forwarding = forwarding.as_str();
     vip.health_check = format!(
@@ -251,7 +267,7 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
         LbAgent::start_with(topo.lb_ns(), paths, &config, &[]).context("starting `lb run`")?;
     wait_all_up(&agent, &addrs)?;
     let mode = xdp_mode(&agent).unwrap_or_else(|_| "?".into());
-    let vip_addr = SocketAddrV4::new(topo.vip(), PORT);
+    let vip_addr = SocketAddr::new(topo.vip(), PORT);
     intro(&topo, forwarding, &mode, setup_started.elapsed());
 
     if interrupted() {
@@ -325,7 +341,7 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
 
 /// Waits (bounded) until lb reports every backend up: the load starts
 /// with all of them in the ring.
-fn wait_all_up(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<()> {
+fn wait_all_up(agent: &LbAgent, addrs: &[IpAddr]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let health = backend_health(agent, addrs)?;
@@ -351,8 +367,16 @@ fn xdp_mode(agent: &LbAgent) -> Result<String> {
 fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
     let ns = |n: &Netns| n.name().to_string();
     println!("set up in {:.1} s: {}", setup.as_secs_f64(), topo.layout());
+    // IPv6 addresses are longer: the column takes the longest.
+    let width = (0..topo.backend_count())
+        .map(|i| topo.backend_addr(i))
+        .chain([topo.client_addr(), topo.lb_addr()])
+        .map(|a| a.to_string().len())
+        .max()
+        .unwrap_or(13)
+        .max(13);
     let line = |role: &str, addr: String, ns: String, what: String| {
-        println!("  {role:<10} {addr:<13} {ns:<15} {what}");
+        println!("  {role:<10} {addr:<width$} {ns:<15} {what}");
     };
     line(
         "client",
@@ -382,14 +406,16 @@ fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
         );
     }
     println!(
-        "  {:<10} {:<29} Maglev over {} backends, health check GET / every {HC_INTERVAL_MS} ms",
+        "  {:<10} {:<w$} Maglev over {} backends, health check GET / every {HC_INTERVAL_MS} ms",
         "VIP",
-        format!("{}:{PORT}/tcp", topo.vip()),
-        topo.backend_count()
+        format!("{}/tcp", SocketAddr::new(topo.vip(), PORT)),
+        topo.backend_count(),
+        w = width + 16
     );
     println!(
-        "  {:<40} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
-        ""
+        "  {:<w$} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
+        "",
+        w = width + 27
     );
     println!("{}", topo.path(forwarding));
     println!();
@@ -422,7 +448,7 @@ impl Drop for StopOnDrop<'_> {
 
 /// One client thread (inside the client namespace): paced requests, each
 /// on a new connection, until `end` or `stop`.
-fn worker(w: usize, vip: SocketAddrV4, t0: Instant, stop: &AtomicBool, tx: mpsc::Sender<Sample>) {
+fn worker(w: usize, vip: SocketAddr, t0: Instant, stop: &AtomicBool, tx: mpsc::Sender<Sample>) {
     // Spread the workers over one period.
     let mut next = PERIOD * w as u32 / WORKERS as u32;
     loop {
@@ -456,7 +482,7 @@ fn worker(w: usize, vip: SocketAddrV4, t0: Instant, stop: &AtomicBool, tx: mpsc:
     }
 }
 
-fn backend_health(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<Vec<Health>> {
+fn backend_health(agent: &LbAgent, addrs: &[IpAddr]) -> Result<Vec<Health>> {
     let list = agent.json(&["backend", "list"])?;
     addrs
         .iter()
@@ -476,7 +502,7 @@ fn backend_health(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<Vec<Health>> {
         .collect()
 }
 
-fn backend_packets(agent: &LbAgent, addr: Ipv4Addr) -> Result<u64> {
+fn backend_packets(agent: &LbAgent, addr: IpAddr) -> Result<u64> {
     let stats = agent.json(&["stats"])?;
     stats["backends"]
         .as_array()
@@ -592,8 +618,8 @@ fn drive(
     topo: &Net,
     agent: &LbAgent,
     servers: &mut [Option<ChildGuard>],
-    addrs: &[Ipv4Addr],
-    vip: SocketAddrV4,
+    addrs: &[IpAddr],
+    vip: SocketAddr,
 ) -> Result<(Vec<Sample>, Timeline, Transitions, String)> {
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<Sample>();
