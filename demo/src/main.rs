@@ -11,7 +11,10 @@
 //! - at 10 s backend-1's server is killed: once lb marks it down (bounded
 //!   wait) it gets nothing more and no request fails;
 //! - at 20 s it is restarted: once lb marks it up (bounded wait) it takes
-//!   its share again, and no request fails.
+//!   its share again, and no request fails;
+//! - established flows survive the rejoin: keep-alive connections opened
+//!   at 15 s (on the others) are still answered by their backend at 28 s,
+//!   also those the new ring gives the victim (held.rs).
 //!
 //! `--forwarding ipip|gue` tells the same story through routed backends:
 //! they sit in another subnet behind a router, lb encapsulates to them and
@@ -43,8 +46,12 @@ use lb_tests::{
 };
 use net::{Forwarding, Net};
 
+mod held;
 mod net;
 mod routed6;
+mod summary;
+
+use summary::{Check, summary};
 
 const PORT: u16 = 80;
 const BACKENDS: usize = 3;
@@ -68,6 +75,10 @@ const PERIOD: Duration = Duration::from_millis(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// `lb stats` is captured at this moment, under load, and printed at the end.
 const STATS_AT: Duration = Duration::from_secs(29);
+/// Keep-alive connections are opened during failover and asked again
+/// after the rejoin (held.rs).
+const HOLD_AT: Duration = Duration::from_secs(15);
+const RECHECK_AT: Duration = Duration::from_secs(28);
 
 const HC_INTERVAL_MS: u32 = 500;
 const HC_TIMEOUT_MS: u32 = 300;
@@ -610,6 +621,7 @@ struct Transitions {
     down: Option<Check>,
     forwarded: Option<Check>,
     up: Option<Check>,
+    held: Option<Check>,
 }
 
 /// Runs the load and the timeline; prints the live table. Returns every
@@ -644,6 +656,7 @@ fn drive(
         let mut samples: Vec<Sample> = Vec::new();
         let mut tl = Timeline::default();
         let mut packets_at_down: Option<u64> = None;
+        let mut held: Option<Vec<held::Held>> = None;
         let mut next_row = Duration::from_secs(1);
         let mut row_from = 0;
         loop {
@@ -677,6 +690,41 @@ fn drive(
                 let t = t0.elapsed();
                 tl.restarted = Some(t);
                 event(t, format!("restarted {victim}'s HTTP server"));
+            }
+            if held.is_none() && checks.held.is_none() && now >= HOLD_AT && tl.down.is_some() {
+                match held::Held::open_all(client, vip, held::HELD) {
+                    Ok(h) => {
+                        let on: Vec<String> = (0..BACKENDS)
+                            .map(|i| {
+                                let n = h.iter().filter(|c| c.backend == i).count();
+                                format!("{n} on {}", backend_name(i))
+                            })
+                            .collect();
+                        event(
+                            t0.elapsed(),
+                            format!(
+                                "opened {} keep-alive connections ({})",
+                                h.len(),
+                                on.join(", ")
+                            ),
+                        );
+                        held = Some(h);
+                    }
+                    Err(e) => {
+                        checks.held = Some(Check::new(
+                            false,
+                            format!("established flows: opening the connections failed: {e:#}"),
+                        ))
+                    }
+                }
+            }
+            if now >= RECHECK_AT
+                && tl.up.is_some()
+                && let Some(mut h) = held.take()
+            {
+                let (ok, text) = held::recheck(&mut h, agent, vip, VICTIM, addrs[VICTIM]);
+                event(t0.elapsed(), &text);
+                checks.held = Some(Check::new(ok, text));
             }
 
             // Health: every row, and every POLL while lb should notice
@@ -775,180 +823,4 @@ fn drive(
     });
     let (samples, tl) = result?;
     Ok((samples, tl, checks, stats_text))
-}
-
-// ---------------------------------------------------------------------------
-// Summary and checks
-// ---------------------------------------------------------------------------
-
-struct Check {
-    ok: bool,
-    what: String,
-}
-
-impl Check {
-    fn new(ok: bool, what: impl Into<String>) -> Self {
-        Self {
-            ok,
-            what: what.into(),
-        }
-    }
-}
-
-#[derive(Default, Clone)]
-struct Tally {
-    per: [usize; BACKENDS],
-    failed: usize,
-    first_error: Option<String>,
-}
-
-impl Tally {
-    fn total(&self) -> usize {
-        self.per.iter().sum::<usize>() + self.failed
-    }
-
-    fn served(&self) -> usize {
-        self.per.iter().sum()
-    }
-
-    /// Share of the answered requests backend `i` answered, in %.
-    fn share(&self, i: usize) -> f64 {
-        if self.served() == 0 {
-            0.0
-        } else {
-            100.0 * self.per[i] as f64 / self.served() as f64
-        }
-    }
-
-    fn shares(&self, which: impl Iterator<Item = usize>) -> String {
-        which
-            .map(|i| format!("{:.0} %", self.share(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-/// Prints the phase table and returns every check, in the order of the
-/// story.
-fn summary(samples: &[Sample], tl: &Timeline, end: Duration, tr: Transitions) -> Vec<Check> {
-    let mut tallies = vec![Tally::default(); PHASES.len()];
-    for s in samples {
-        let t = &mut tallies[tl.phase_of(s)];
-        match &s.outcome {
-            Ok(i) => t.per[*i] += 1,
-            Err(e) => {
-                t.failed += 1;
-                t.first_error
-                    .get_or_insert_with(|| format!("at {:.2} s: {e}", s.end.as_secs_f64()));
-            }
-        }
-    }
-
-    println!();
-    println!(
-        "phases (a request counts in the phase it started in; \"all up\": finished before the kill):"
-    );
-    let mut h = format!("  {:<20} {:>11} {:>8}", "phase", "from-to (s)", "requests");
-    for i in 0..BACKENDS {
-        h.push_str(&format!("  {:>13}", backend_name(i)));
-    }
-    h.push_str(&format!("  {:>6}", "failed"));
-    println!("{h}");
-    let fmt_t =
-        |t: Option<Duration>| t.map_or("?".to_string(), |t| format!("{:.1}", t.as_secs_f64()));
-    for (p, ((from, to), t)) in tl.bounds(end).iter().zip(&tallies).enumerate() {
-        let mut r = format!(
-            "  {:<20} {:>11} {:>8}",
-            PHASES[p],
-            format!("{}-{}", fmt_t(*from), fmt_t(*to)),
-            t.total()
-        );
-        for i in 0..BACKENDS {
-            r.push_str(&format!("  {:>6} {:>4.0} %", t.per[i], t.share(i)));
-        }
-        r.push_str(&format!("  {:>6}", t.failed));
-        println!("{r}");
-    }
-    if let Some(e) = &tallies[1].first_error {
-        println!(
-            "  (failures until lb noticed the kill are expected: its ring still sent new flows there; first {e})"
-        );
-    }
-
-    let victim = backend_name(VICTIM);
-    let others: Vec<usize> = (0..BACKENDS).filter(|&i| i != VICTIM).collect();
-    let [all_up, _stopped, failover, restarted, rejoined] = &tallies[..] else {
-        unreachable!()
-    };
-    let mut checks = Vec::new();
-    let no_failure = |phase: &str, t: &Tally| {
-        Check::new(
-            t.failed == 0 && t.total() >= MIN_REQUESTS,
-            format!(
-                "{phase}: no request failed ({} of {}){}",
-                t.failed,
-                t.total(),
-                t.first_error
-                    .as_ref()
-                    .map(|e| format!(", first {e}"))
-                    .unwrap_or_default()
-            ),
-        )
-    };
-    checks.push(no_failure("all up", all_up));
-    checks.push(Check::new(
-        all_up.served() >= MIN_REQUESTS
-            && (0..BACKENDS).all(|i| all_up.share(i) >= MIN_SHARE_ALL_UP),
-        format!(
-            "all up: every backend answered >= {MIN_SHARE_ALL_UP:.0} % ({})",
-            all_up.shares(0..BACKENDS)
-        ),
-    ));
-    let missing = |what: &str| Check::new(false, format!("{what}: did not happen"));
-    checks.push(
-        tr.down
-            .unwrap_or_else(|| missing(&format!("lb marks {victim} down"))),
-    );
-    checks.push(no_failure("failover", failover));
-    checks.push(Check::new(
-        failover.served() >= MIN_REQUESTS && failover.per[VICTIM] == 0,
-        format!(
-            "failover: {victim} answered nothing ({} of {})",
-            failover.per[VICTIM],
-            failover.served()
-        ),
-    ));
-    checks.push(Check::new(
-        failover.served() >= MIN_REQUESTS
-            && others
-                .iter()
-                .all(|&i| failover.share(i) >= MIN_SHARE_FAILOVER),
-        format!(
-            "failover: the others each took >= {MIN_SHARE_FAILOVER:.0} % ({})",
-            failover.shares(others.iter().copied())
-        ),
-    ));
-    checks.push(
-        tr.forwarded
-            .unwrap_or_else(|| missing(&format!("failover: counting lb's packets to {victim}"))),
-    );
-    checks.push(
-        tr.up
-            .unwrap_or_else(|| missing(&format!("lb marks {victim} up"))),
-    );
-    let mut after = restarted.clone();
-    for i in 0..BACKENDS {
-        after.per[i] += rejoined.per[i];
-    }
-    after.failed += rejoined.failed;
-    after.first_error = after.first_error.or(rejoined.first_error.clone());
-    checks.push(no_failure("restart and rejoin", &after));
-    checks.push(Check::new(
-        rejoined.served() >= MIN_REQUESTS && rejoined.share(VICTIM) >= MIN_SHARE_REJOINED,
-        format!(
-            "rejoined: {victim} answered >= {MIN_SHARE_REJOINED:.0} % again ({})",
-            rejoined.shares(0..BACKENDS)
-        ),
-    ));
-    checks
 }
