@@ -1,6 +1,7 @@
 //! End to end in network namespaces: the behaviour tests' topology
 //! (client, load balancer, 3 backends on one bridge) and traffic through
-//! lb, nftables DNAT, HAProxy and plain kernel forwarding.
+//! lb, nftables DNAT, HAProxy and plain kernel forwarding; lb also with an
+//! IPv6 VIP and backends (v6.rs), in each forwarding mode.
 //!
 //! UDP packets per second
 //! - Generator: frames enter the LB's veth from its switch-side peer, as
@@ -36,6 +37,8 @@
 //! on failure (RAII guards).
 
 mod kit;
+mod section;
+mod v6;
 
 use std::{
     fmt::Write as _,
@@ -50,16 +53,13 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_common::decap::DEFAULT_GUE_PORT;
 use lb_tests::{
     agent::{LbAgent, VipSpec},
-    netns::{ChildGuard, Netns, Topology, spawn_guarded},
+    netns::{ChildGuard, Netns, Topology, TopologyOpts, spawn_guarded},
     packet::Ipv4Packet,
     servers::{ServerKind, http_get, spawn_on_backends, try_server_binary},
     testprogs::TestProgs,
 };
 
-use crate::{
-    charts::{self, Bar, RefLine},
-    report::{Better, Row, Section, Stats, Table, Target, TargetOn, fmt_num},
-};
+use crate::report::{Section, Stats};
 
 use kit::{CpuTicks, GenControl, Sink};
 
@@ -68,7 +68,8 @@ const TCP_PORT: u16 = 80;
 /// the sink anyway).
 const UDP_PORT: u16 = 5001;
 const UDP_SRC_PORT: u16 = 40000;
-/// The generator's frame: Ethernet + IPv4 + UDP + 18 bytes = 60 bytes.
+/// The generator's frame: Ethernet + IPv4 + UDP + 18 bytes = 60 bytes
+/// (80 bytes over IPv6).
 const FRAME_PAYLOAD: usize = 18;
 /// Issue target: lb's end-to-end UDP packet rate ≥ 4× nftables DNAT's.
 const UDP_TARGET: f64 = 4.0;
@@ -115,6 +116,8 @@ impl Fwd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum System {
     Lb(Fwd),
+    /// lb with an IPv6 VIP and IPv6 backends (UDP only).
+    Lb6(Fwd),
     Nft,
     Haproxy(u8),
     Routing,
@@ -125,6 +128,9 @@ impl System {
         match self {
             System::Lb(Fwd::DsrL2) => "lb".into(),
             System::Lb(f) => format!("lb {}", f.name()),
+            System::Lb6(Fwd::DsrL2) => "lb IPv6".into(),
+            System::Lb6(Fwd::Ipip) => "lb ipip IPv6 (6in6)".into(),
+            System::Lb6(Fwd::Gue) => "lb gue IPv6".into(),
             System::Nft => "nftables DNAT".into(),
             System::Haproxy(n) => format!("HAProxy nbthread {n}"),
             System::Routing => "kernel routing".into(),
@@ -132,13 +138,15 @@ impl System {
     }
 
     fn is_lb(self) -> bool {
-        matches!(self, System::Lb(_))
+        matches!(self, System::Lb(_) | System::Lb6(_))
     }
 
     fn chart_label(self) -> String {
         match self {
             System::Lb(Fwd::DsrL2) => "lb".into(),
             System::Lb(f) => format!("lb {}", f.name()),
+            System::Lb6(Fwd::DsrL2) => "lb v6".into(),
+            System::Lb6(f) => format!("lb {} v6", f.name()),
             System::Nft => "nftables".into(),
             System::Haproxy(n) => format!("HAProxy x{n}"),
             System::Routing => "routing".into(),
@@ -158,6 +166,18 @@ impl System {
             System::Lb(Fwd::Gue) => {
                 "as lb, with the VIPs' forwarding = \"gue\": each frame leaves in IPv4 + \
                  UDP (28 bytes pushed, source port from the flow hash)"
+            }
+            System::Lb6(Fwd::DsrL2) => {
+                "as lb, with an IPv6 VIP over the 3 backends' IPv6 addresses (UDP flood only); \
+                 80-byte frames"
+            }
+            System::Lb6(Fwd::Ipip) => {
+                "as lb IPv6, forwarding = \"ipip\": each frame leaves in an IPv6-in-IPv6 \
+                 tunnel (40 bytes pushed)"
+            }
+            System::Lb6(Fwd::Gue) => {
+                "as lb IPv6, forwarding = \"gue\": each frame leaves in IPv6 + UDP (48 bytes \
+                 pushed, flow label and source port from the flow hash)"
             }
             System::Nft => {
                 "ip_forward=1; nftables prerouting `dnat to jhash ip saddr . sport mod 3 map \
@@ -195,11 +215,14 @@ impl GenKind {
 /// frame's headers from a template, so in-place changes by NAT or routing
 /// do not come back); nftables also with AF_PACKET, as a cross-check.
 /// lb's tunnel modes right after its dsr-l2: what the outer header costs
-/// end to end.
-const UDP_CASES: [(System, GenKind); 6] = [
+/// end to end; then the same three with an IPv6 VIP (80-byte frames).
+const UDP_CASES: [(System, GenKind); 9] = [
     (System::Lb(Fwd::DsrL2), GenKind::Live),
     (System::Lb(Fwd::Ipip), GenKind::Live),
     (System::Lb(Fwd::Gue), GenKind::Live),
+    (System::Lb6(Fwd::DsrL2), GenKind::Live),
+    (System::Lb6(Fwd::Ipip), GenKind::Live),
+    (System::Lb6(Fwd::Gue), GenKind::Live),
     (System::Nft, GenKind::Live),
     (System::Routing, GenKind::Live),
     (System::Nft, GenKind::Packet),
@@ -273,6 +296,8 @@ struct TcpSample {
 struct UdpResult {
     sys: System,
     kind: GenKind,
+    /// The flood's frame length (60 bytes over IPv4, 80 over IPv6).
+    frame_len: usize,
     samples: Vec<UdpSample>,
 }
 
@@ -408,7 +433,12 @@ impl Drop for Bench {
 
 impl Bench {
     fn new(lb_cpu: usize, gen_cpu: usize, haproxy_bin: PathBuf) -> Result<Bench> {
-        let topo = Topology::with_backends(3)?;
+        // IPv6 on for lb's IPv6 rows; no IPv6 frame moves in the others
+        // (static neighbours, no DAD, RA or autoconfiguration).
+        let topo = Topology::new(TopologyOpts {
+            backends: 3,
+            ipv6: true,
+        })?;
         let dir = std::env::temp_dir().join(format!("lb-bench-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let servers = spawn_on_backends(&topo, ServerKind::Http, TCP_PORT)?;
@@ -479,7 +509,7 @@ impl Bench {
         for i in 0..t.backend_count() {
             fdb(t.backend_mac(i), t.backend_switch_port(i))?;
         }
-        Ok(())
+        v6::static_neighbours(t)
     }
 
     /// Room for thousands of short connections per second.
@@ -515,6 +545,11 @@ impl Bench {
                 flood.health_check = "kind = \"none\"".into();
                 flood.forwarding = fwd.name();
                 self.agent = Some(LbAgent::start(t.lb_ns(), &t.lb_iface(), &[web, flood])?);
+            }
+            System::Lb6(fwd) => {
+                ensure!(!tcp, "{} is measured with UDP only", sys.label());
+                let flood = v6::flood_vip(t, fwd.name());
+                self.agent = Some(LbAgent::start(t.lb_ns(), &t.lb_iface(), &[flood])?);
             }
             System::Nft => {
                 self.forwarding(true)?;
@@ -593,7 +628,7 @@ impl Bench {
     fn stop(&mut self, sys: System) -> Result<()> {
         let t = &self.topo;
         match sys {
-            System::Lb(_) => {
+            System::Lb(_) | System::Lb6(_) => {
                 if let Some(mut a) = self.agent.take() {
                     a.stop()?;
                 }
@@ -672,9 +707,8 @@ impl Bench {
 
     fn udp_phase_start(&mut self) -> Result<()> {
         let t = &self.topo;
-        let mut generator = TestProgs::load()?;
-        generator.set_gen_template(&self.udp_frame())?;
-        self.generator = Some(generator);
+        // The template is set per system (its family's frame).
+        self.generator = Some(TestProgs::load()?);
         let port = t.lb_switch_port();
         self.sink.install(t.switch_ns(), &port)?;
         // The sink's work (the first hop after the LB) stays off the LB's
@@ -724,8 +758,13 @@ impl Bench {
         r
     }
 
-    fn udp_frame(&self) -> Vec<u8> {
+    /// The flood's frame for `sys`: to the IPv6 VIP for lb's IPv6 rows,
+    /// to the IPv4 VIP for every other.
+    fn udp_frame(&self, sys: System) -> Vec<u8> {
         let t = &self.topo;
+        if let System::Lb6(_) = sys {
+            return v6::udp_frame(t);
+        }
         let mut p = Ipv4Packet::udp(t.client_addr(), UDP_SRC_PORT, t.vip(), UDP_PORT);
         p.dst_mac = t.lb_mac();
         p.src_mac = t.client_mac();
@@ -737,14 +776,21 @@ impl Bench {
     /// One run: `warm` seconds, then a measured window of `secs`. Every
     /// counter is read without starting a process, by a SCHED_FIFO thread,
     /// so that the window is the same for all of them.
-    fn udp_run(&self, kind: GenKind, napi: &[i32], warm: f64, secs: f64) -> Result<UdpSample> {
+    fn udp_run(
+        &self,
+        sys: System,
+        kind: GenKind,
+        napi: &[i32],
+        warm: f64,
+        secs: f64,
+    ) -> Result<UdpSample> {
         let t = &self.topo;
         let generator = self
             .generator
             .as_ref()
             .ok_or_else(|| anyhow!("generator not loaded"))?;
         let prog = generator.generator();
-        let frame = self.udp_frame();
+        let frame = self.udp_frame(sys);
         let (lb_if, port) = (t.lb_iface(), t.lb_switch_port());
         let ifindex = ifindex(t.switch_ns(), &port)?;
         let mut lb_dev = kit::NetDev::open(t.lb_ns())?;
@@ -827,13 +873,18 @@ impl Bench {
     }
 
     fn udp(&mut self, sys: System, kind: GenKind, runs: usize, secs: f64) -> Result<UdpResult> {
+        let frame = self.udp_frame(sys);
+        self.generator
+            .as_mut()
+            .ok_or_else(|| anyhow!("generator not loaded"))?
+            .set_gen_template(&frame)?;
         self.start(sys, false)?;
         let r = (|| {
             let napi = self.steer_on(sys, kind)?;
             // Warm-up (discarded): caches, conntrack, the agent's MACs.
-            self.udp_run(kind, &napi, WARM_SECS, 0.3)?;
+            self.udp_run(sys, kind, &napi, WARM_SECS, 0.3)?;
             (0..runs)
-                .map(|_| self.udp_run(kind, &napi, WARM_SECS, secs))
+                .map(|_| self.udp_run(sys, kind, &napi, WARM_SECS, secs))
                 .collect::<Result<Vec<_>>>()
         })();
         let off = self.steer_off(sys);
@@ -841,7 +892,12 @@ impl Bench {
         let samples = r?;
         off?;
         stopped?;
-        Ok(UdpResult { sys, kind, samples })
+        Ok(UdpResult {
+            sys,
+            kind,
+            frame_len: frame.len(),
+            samples,
+        })
     }
 
     // -- TCP -----------------------------------------------------------------
@@ -983,303 +1039,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         tcp.push(r);
     }
     drop(bench);
-    section(cfg, out_dir, &udp, &tcp, lb_cpu, gen_cpu)
-}
-
-// ---------------------------------------------------------------------------
-// The report
-// ---------------------------------------------------------------------------
-
-fn section(
-    cfg: &Config,
-    out_dir: &Path,
-    udp: &[UdpResult],
-    tcp: &[TcpResult],
-    lb_cpu: usize,
-    gen_cpu: usize,
-) -> Result<Section> {
-    let find_udp = |sys: System, kind: GenKind| {
-        udp.iter()
-            .find(|r| r.sys == sys && r.kind == kind)
-            .ok_or_else(|| anyhow!("no UDP result for {}", sys.label()))
-    };
-    let lb_live = find_udp(System::Lb(Fwd::DsrL2), GenKind::Live)?;
-    let nft = find_udp(System::Nft, GenKind::Live)?;
-    let mpps = |r: &UdpResult| r.stats(|s| s.pps / 1e6);
-    let cpu = |r: &UdpResult| r.stats(|s| s.cpu_per_m);
-    let lb_mpps = mpps(lb_live);
-    let bound = |r: &UdpResult| {
-        if r.saturated() {
-            "LB-bound".to_string()
-        } else {
-            format!(
-                "generator-bound: receive path {:.0}% busy",
-                r.stats(|s| s.busy).median * 100.0
-            )
-        }
-    };
-
-    let mut rows = Vec::new();
-    // Headline rates: each system with the fastest generator valid for it.
-    for r in [lb_live]
-        .into_iter()
-        .chain(udp.iter().filter(|r| r.sys != System::Lb(Fwd::DsrL2)))
-    {
-        let label = match r.kind {
-            GenKind::Live => format!("UDP rate, {}", r.sys.label()),
-            GenKind::Packet => format!("UDP rate, {} (AF_PACKET generator)", r.sys.label()),
-        };
-        let mut row = Row::new(label, "Mpps", mpps(r))
-            .ratio(&lb_mpps)
-            .note(format!(
-                "60-byte UDP frames, one flow, {} generator; {}",
-                r.kind.label(),
-                bound(r)
-            ));
-        if r.sys == System::Nft && r.kind == GenKind::Live {
-            let caveat = if !nft.saturated() {
-                " (nftables generator-bound: ratio overstated)"
-            } else if !lb_live.saturated() {
-                " (lb generator-bound: ratio understated)"
-            } else {
-                ""
-            };
-            row = row.target(Target {
-                text: format!(
-                    "lb ≥ {UDP_TARGET}× nftables (≤ {:.2}×){caveat}",
-                    1.0 / UDP_TARGET
-                ),
-                limit: 1.0 / UDP_TARGET,
-                on: TargetOn::Ratio,
-                better: Better::Lower,
-            });
-        }
-        rows.push(row);
-    }
-    let lb_cpu_stats = cpu(lb_live);
-    for r in udp {
-        rows.push(
-            Row::new(
-                match r.kind {
-                    GenKind::Live => format!("UDP LB CPU per Mpkt, {}", r.sys.label()),
-                    GenKind::Packet => {
-                        format!(
-                            "UDP LB CPU per Mpkt, {} (AF_PACKET generator)",
-                            r.sys.label()
-                        )
-                    }
-                },
-                "CPU-s/Mpkt",
-                cpu(r),
-            )
-            .ratio(&lb_cpu_stats)
-            .note(format!(
-                "CPU time of the LB's receive path (its threaded NAPI) per million forwarded \
-                 frames, {} generator",
-                r.kind.label()
-            )),
-        );
-    }
-    let lb_tcp = tcp
-        .iter()
-        .find(|r| r.sys == System::Lb(Fwd::DsrL2))
-        .map(|r| r.stats(|s| s.conns_per_sec))
-        .ok_or_else(|| anyhow!("no TCP result for lb"))?;
-    for sys in TCP_REPORT {
-        let Some(r) = tcp.iter().find(|r| r.sys == sys) else {
-            continue;
-        };
-        let errors: u64 = r.samples.iter().map(|s| s.errors).sum();
-        rows.push(
-            Row::new(
-                format!("TCP new connections, {}", sys.label()),
-                "conn/s",
-                r.stats(|s| s.conns_per_sec),
-            )
-            .ratio(&lb_tcp)
-            .note(format!(
-                "wrk -t{} -c{} -d{}s, Connection: close; {errors} errors",
-                cfg.wrk_threads, cfg.wrk_connections, cfg.tcp_secs
-            )),
-        );
-    }
-
-    let mut udp_table = Table::new(
-        "UDP detail (medians over the runs)",
-        &[
-            "system",
-            "generator",
-            "forwarded Mpps",
-            "counted at the sink Mpps",
-            "refused by the next hop",
-            "offered Mpps",
-            "refused at the LB's veth",
-            "LB receive path busy",
-            "LB CPU-s/Mpkt",
-            &format!("CPU {lb_cpu} busy (all tasks)"),
-            &format!("CPU {gen_cpu} busy (generator, sink)"),
-            "limited by",
-        ],
-    );
-    for r in udp {
-        let m = |f: fn(&UdpSample) -> f64| r.stats(f).median;
-        udp_table.push(vec![
-            r.sys.label(),
-            r.kind.label().into(),
-            fmt_num(m(|s| s.pps) / 1e6),
-            fmt_num(m(|s| s.sink_pps) / 1e6),
-            format!("{:.0}%", m(|s| s.lost) * 100.0),
-            fmt_num(m(|s| s.offered_pps) / 1e6),
-            format!("{:.0}%", m(|s| s.refused) * 100.0),
-            format!("{:.0}%", m(|s| s.busy) * 100.0),
-            fmt_num(m(|s| s.cpu_per_m)),
-            format!("{:.0}%", m(|s| s.lb_cpu_busy) * 100.0),
-            format!("{:.0}%", m(|s| s.gen_cpu_busy) * 100.0),
-            if r.saturated() { "LB" } else { "generator" }.into(),
-        ]);
-    }
-    let mut tcp_table = Table::new(
-        "TCP detail",
-        &[
-            "system",
-            "conn/s (median, min–max)",
-            "errors (all runs)",
-            "machine CPU-s per 1000 connections (client, LB, servers)",
-        ],
-    );
-    for sys in TCP_REPORT {
-        let Some(r) = tcp.iter().find(|r| r.sys == sys) else {
-            continue;
-        };
-        let s = r.stats(|s| s.conns_per_sec);
-        tcp_table.push(vec![
-            sys.label(),
-            format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
-            r.samples.iter().map(|s| s.errors).sum::<u64>().to_string(),
-            fmt_num(r.stats(|s| s.machine_cpu_per_k).median),
-        ]);
-    }
-    let mut how = Table::new("Systems", &["system", "configuration"]);
-    for sys in [
-        System::Lb(Fwd::DsrL2),
-        System::Lb(Fwd::Ipip),
-        System::Lb(Fwd::Gue),
-        System::Nft,
-        System::Haproxy(1),
-        System::Routing,
-    ] {
-        let label = match sys {
-            System::Haproxy(_) => "HAProxy (nbthread 1 and 2)".into(),
-            _ => sys.label(),
-        };
-        how.push(vec![label, sys.how().into()]);
-    }
-
-    // Charts.
-    let udp_chart = "e2e-udp.png";
-    let bars: Vec<Bar> = udp
-        .iter()
-        .map(|r| {
-            Bar::new(
-                format!("{} ({})", r.sys.chart_label(), r.kind.label()),
-                scale(&mpps(r), 1000.0),
-            )
-        })
-        .collect();
-    let nft_k = mpps(nft).median * 1000.0;
-    charts::bars(
-        &out_dir.join(udp_chart),
-        "UDP through the LB (60-byte frames), median with min-max",
-        "thousand packets/s forwarded",
-        &bars,
-        &[RefLine::new(
-            format!("target for lb: {UDP_TARGET}x nftables"),
-            UDP_TARGET * nft_k,
-        )],
-    )?;
-    let tcp_chart = "e2e-tcp.png";
-    let tcp_bars: Vec<Bar> = TCP_REPORT
-        .iter()
-        .filter_map(|sys| tcp.iter().find(|r| r.sys == *sys))
-        .map(|r| Bar::new(r.sys.chart_label(), r.stats(|s| s.conns_per_sec)))
-        .collect();
-    charts::bars(
-        &out_dir.join(tcp_chart),
-        "New TCP connections per second through the LB (wrk), median with min-max",
-        "connections/s",
-        &tcp_bars,
-        &[],
-    )?;
-
-    let gen_note = format!(
-        "UDP: every run is {WARM_SECS} s of warm-up and a {} s window; {} runs per system after \
-         one discarded run. Frames enter the LB's veth from its switch-side peer (in the switch \
-         namespace), as the bridge delivers them, from a generator pinned to CPU {gen_cpu}; \
-         the LB's receive path is threaded NAPI pinned to CPU {lb_cpu} with SCHED_FIFO (it \
-         preempts other tasks as softirq processing would), and its CPU time is read from the \
-         NAPI thread's schedstat (exact, unlike tick-sampled softirq time). Forwarded = frames \
-         the LB handed to the next hop (XDP_TX or transmitted skbs, including those the next \
-         hop could not take); they are counted and dropped at the first hop after the LB by \
-         `lb_xdp` with private maps whose VIPs (the VIP and the backends' addresses, UDP) have \
-         no usable backend (`drop_no_backend`), its NAPI pinned to CPU {gen_cpu}.",
-        cfg.udp_secs, cfg.runs
-    );
-    let stand_in = "Generators: lb is fed by BPF_PROG_TEST_RUN in live-frames mode on \
-        `lb_gen_tx` (returns XDP_TX untouched). The kernel recycles live frames' pages \
-        without rewriting them, so changes the receiver makes in place come back in later \
-        frames: lb only rewrites MACs (and ignores the destination MAC), so its input stays \
-        the same flow; the kernel's own paths decrement the TTL, rewrite addresses (DNAT) and \
-        MACs in place, and recycled frames stop being valid after a few passes. They are fed \
-        by an AF_PACKET TX ring instead (fresh skbs, slower: see 'offered'). Where a \
-        system's receive path was below 85% busy, its rate is the generator's, not its own \
-        ('limited by'). A generator that rewrites the whole header every time (so every \
-        system can be fed live frames) is what the nftables and routing figures still need."
-        .to_string();
-    Ok(Section {
-        key: "e2e".into(),
-        title: "End to end in network namespaces".into(),
-        intro: vec![
-            "The behaviour tests' topology (client, LB, 3 backends on one bridge, every \
-             namespace created and removed by the benchmark; addresses in 198.18.0.0/15), \
-             with lb, nftables DNAT, HAProxy (TCP only) and plain kernel routing to one \
-             backend in the LB namespace in turn."
-                .into(),
-            gen_note,
-            stand_in,
-            format!(
-                "TCP: `wrk -t{} -c{} -d{}s -H 'Connection: close'` against http://VIP/ from \
-                 the client namespace, {} runs per system after a 1 s warm-up; the servers \
-                 are the test HTTP servers (a thread per connection) on the backends. These \
-                 rates are bound by the client's and the servers' CPU on this 2-core \
-                 machine, not by the LB.",
-                cfg.wrk_threads, cfg.wrk_connections, cfg.tcp_secs, cfg.runs
-            ),
-        ],
-        baseline: Some("lb".into()),
-        rows,
-        tables: vec![udp_table, tcp_table, how],
-        charts: vec![udp_chart.into(), tcp_chart.into()],
-        notes: vec![
-            "The machine is shared: other work running on either CPU during a run shows in \
-             the min–max spread and in the 'busy (all tasks)' columns."
-                .into(),
-            "Reference figures for this machine kind (docs/toolchain.md, not measured here): \
-             plain routing ~0.94 Mpps, nftables DNAT ~0.65 Mpps, a minimal XDP forwarder \
-             ~4.0 Mpps; TCP with wrk and nginx: routing ~20k, nftables ~18k, HAProxy ~9–10k \
-             connections/s."
-                .into(),
-        ],
-    })
-}
-
-/// `s` with every figure multiplied by `k`.
-fn scale(s: &Stats, k: f64) -> Stats {
-    Stats {
-        median: s.median * k,
-        min: s.min * k,
-        max: s.max * k,
-        runs: s.runs,
-    }
+    section::section(cfg, out_dir, &udp, &tcp, lb_cpu, gen_cpu)
 }
 
 #[cfg(test)]

@@ -11,11 +11,16 @@
 //! - at 10 s backend-1's server is killed: once lb marks it down (bounded
 //!   wait) it gets nothing more and no request fails;
 //! - at 20 s it is restarted: once lb marks it up (bounded wait) it takes
-//!   its share again, and no request fails.
+//!   its share again, and no request fails;
+//! - established flows survive the rejoin: keep-alive connections opened
+//!   at 15 s (on the others) are still answered by their backend at 28 s,
+//!   also those the new ring gives the victim (held.rs).
 //!
 //! `--forwarding ipip|gue` tells the same story through routed backends:
 //! they sit in another subnet behind a router, lb encapsulates to them and
-//! each strips the tunnel with `lb decap` (see net.rs).
+//! each strips the tunnel with `lb decap` (see net.rs). `--ipv6` tells it
+//! with an IPv6 VIP and IPv6 backends (2001:2::/48), in any forwarding
+//! mode: 6in6 for `ipip`, GUE over IPv6 for `gue` (routed6.rs).
 //!
 //! Exit status: 0 when every check held, 1 when one did not or on an error,
 //! 2 on a bad argument, 130 when interrupted. Everything (agent, servers, namespaces, pins) is
@@ -23,7 +28,7 @@
 //! `LB_TEST_SERVER` name the binaries (set by `cargo xtask demo`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -41,7 +46,12 @@ use lb_tests::{
 };
 use net::{Forwarding, Net};
 
+mod held;
 mod net;
+mod routed6;
+mod summary;
+
+use summary::{Check, summary};
 
 const PORT: u16 = 80;
 const BACKENDS: usize = 3;
@@ -65,6 +75,10 @@ const PERIOD: Duration = Duration::from_millis(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// `lb stats` is captured at this moment, under load, and printed at the end.
 const STATS_AT: Duration = Duration::from_secs(29);
+/// Keep-alive connections are opened during failover and asked again
+/// after the rejoin (held.rs).
+const HOLD_AT: Duration = Duration::from_secs(15);
+const RECHECK_AT: Duration = Duration::from_secs(28);
 
 const HC_INTERVAL_MS: u32 = 500;
 const HC_TIMEOUT_MS: u32 = 300;
@@ -97,22 +111,15 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
         libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let forwarding = match args.as_slice() {
-        [] => Forwarding::DsrL2,
-        [flag, mode] if flag == "--forwarding" => match Forwarding::parse(mode) {
-            Some(f) => f,
-            None => {
-                println!("lb-demo: --forwarding {mode:?}: expected dsr-l2, ipip or gue");
-                return ExitCode::from(2);
-            }
-        },
-        _ => {
-            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue]");
+    let (forwarding, ipv6) = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("lb-demo: {e}");
+            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue] [--ipv6]");
             return ExitCode::from(2);
         }
     };
-    let result = demo(forwarding);
+    let result = demo(forwarding, ipv6);
     if interrupted() {
         println!("lb-demo: interrupted; everything was torn down");
         return ExitCode::from(130);
@@ -131,6 +138,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `[--forwarding MODE] [--ipv6]`, in any order, each at most once.
+fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool), String> {
+    let (mut forwarding, mut ipv6) = (None, false);
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--forwarding" if forwarding.is_none() => {
+                let mode = args.next().ok_or("--forwarding needs a value")?;
+                forwarding = Some(Forwarding::parse(&mode).ok_or_else(|| {
+                    format!("--forwarding {mode:?}: expected dsr-l2, ipip or gue")
+                })?);
+            }
+            "--ipv6" if !ipv6 => ipv6 = true,
+            "--forwarding" | "--ipv6" => return Err(format!("{a} given twice")),
+            _ => return Err(format!("unexpected argument {a:?}")),
+        }
+    }
+    Ok((forwarding.unwrap_or(Forwarding::DsrL2), ipv6))
 }
 
 // ---------------------------------------------------------------------------
@@ -223,7 +250,7 @@ impl Timeline {
     }
 }
 
-fn demo(forwarding: Forwarding) -> Result<bool> {
+fn demo(forwarding: Forwarding, ipv6: bool) -> Result<bool> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root");
@@ -234,12 +261,12 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
     // Locals drop in reverse order: the agent, then the servers, then the
     // namespaces, also on every early return.
     let setup_started = Instant::now();
-    let topo = Net::build(forwarding, BACKENDS).context("building the topology")?;
+    let topo = Net::build(forwarding, ipv6, BACKENDS).context("building the topology")?;
     let mut servers: Vec<Option<ChildGuard>> = (0..BACKENDS)
         .map(|i| topo.spawn_http(i, PORT).map(Some))
         .collect::<Result<_>>()
         .context("starting the HTTP servers")?;
-    let addrs: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
+    let addrs: Vec<IpAddr> = (0..BACKENDS).map(|i| topo.backend_addr(i)).collect();
     let mut vip = VipSpec::tcp("web", topo.vip(), PORT, &addrs);
     vip.forwarding = forwarding.as_str();
     vip.health_check = format!(
@@ -251,7 +278,7 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
         LbAgent::start_with(topo.lb_ns(), paths, &config, &[]).context("starting `lb run`")?;
     wait_all_up(&agent, &addrs)?;
     let mode = xdp_mode(&agent).unwrap_or_else(|_| "?".into());
-    let vip_addr = SocketAddrV4::new(topo.vip(), PORT);
+    let vip_addr = SocketAddr::new(topo.vip(), PORT);
     intro(&topo, forwarding, &mode, setup_started.elapsed());
 
     if interrupted() {
@@ -325,7 +352,7 @@ fn demo(forwarding: Forwarding) -> Result<bool> {
 
 /// Waits (bounded) until lb reports every backend up: the load starts
 /// with all of them in the ring.
-fn wait_all_up(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<()> {
+fn wait_all_up(agent: &LbAgent, addrs: &[IpAddr]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let health = backend_health(agent, addrs)?;
@@ -351,8 +378,16 @@ fn xdp_mode(agent: &LbAgent) -> Result<String> {
 fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
     let ns = |n: &Netns| n.name().to_string();
     println!("set up in {:.1} s: {}", setup.as_secs_f64(), topo.layout());
+    // IPv6 addresses are longer: the column takes the longest.
+    let width = (0..topo.backend_count())
+        .map(|i| topo.backend_addr(i))
+        .chain([topo.client_addr(), topo.lb_addr()])
+        .map(|a| a.to_string().len())
+        .max()
+        .unwrap_or(13)
+        .max(13);
     let line = |role: &str, addr: String, ns: String, what: String| {
-        println!("  {role:<10} {addr:<13} {ns:<15} {what}");
+        println!("  {role:<10} {addr:<width$} {ns:<15} {what}");
     };
     line(
         "client",
@@ -382,14 +417,16 @@ fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
         );
     }
     println!(
-        "  {:<10} {:<29} Maglev over {} backends, health check GET / every {HC_INTERVAL_MS} ms",
+        "  {:<10} {:<w$} Maglev over {} backends, health check GET / every {HC_INTERVAL_MS} ms",
         "VIP",
-        format!("{}:{PORT}/tcp", topo.vip()),
-        topo.backend_count()
+        format!("{}/tcp", SocketAddr::new(topo.vip(), PORT)),
+        topo.backend_count(),
+        w = width + 16
     );
     println!(
-        "  {:<40} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
-        ""
+        "  {:<w$} (down after {HC_FALL} failures, up after {HC_RISE} successes)",
+        "",
+        w = width + 27
     );
     println!("{}", topo.path(forwarding));
     println!();
@@ -422,7 +459,7 @@ impl Drop for StopOnDrop<'_> {
 
 /// One client thread (inside the client namespace): paced requests, each
 /// on a new connection, until `end` or `stop`.
-fn worker(w: usize, vip: SocketAddrV4, t0: Instant, stop: &AtomicBool, tx: mpsc::Sender<Sample>) {
+fn worker(w: usize, vip: SocketAddr, t0: Instant, stop: &AtomicBool, tx: mpsc::Sender<Sample>) {
     // Spread the workers over one period.
     let mut next = PERIOD * w as u32 / WORKERS as u32;
     loop {
@@ -456,7 +493,7 @@ fn worker(w: usize, vip: SocketAddrV4, t0: Instant, stop: &AtomicBool, tx: mpsc:
     }
 }
 
-fn backend_health(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<Vec<Health>> {
+fn backend_health(agent: &LbAgent, addrs: &[IpAddr]) -> Result<Vec<Health>> {
     let list = agent.json(&["backend", "list"])?;
     addrs
         .iter()
@@ -476,7 +513,7 @@ fn backend_health(agent: &LbAgent, addrs: &[Ipv4Addr]) -> Result<Vec<Health>> {
         .collect()
 }
 
-fn backend_packets(agent: &LbAgent, addr: Ipv4Addr) -> Result<u64> {
+fn backend_packets(agent: &LbAgent, addr: IpAddr) -> Result<u64> {
     let stats = agent.json(&["stats"])?;
     stats["backends"]
         .as_array()
@@ -584,6 +621,7 @@ struct Transitions {
     down: Option<Check>,
     forwarded: Option<Check>,
     up: Option<Check>,
+    held: Option<Check>,
 }
 
 /// Runs the load and the timeline; prints the live table. Returns every
@@ -592,8 +630,8 @@ fn drive(
     topo: &Net,
     agent: &LbAgent,
     servers: &mut [Option<ChildGuard>],
-    addrs: &[Ipv4Addr],
-    vip: SocketAddrV4,
+    addrs: &[IpAddr],
+    vip: SocketAddr,
 ) -> Result<(Vec<Sample>, Timeline, Transitions, String)> {
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<Sample>();
@@ -618,6 +656,7 @@ fn drive(
         let mut samples: Vec<Sample> = Vec::new();
         let mut tl = Timeline::default();
         let mut packets_at_down: Option<u64> = None;
+        let mut held: Option<Vec<held::Held>> = None;
         let mut next_row = Duration::from_secs(1);
         let mut row_from = 0;
         loop {
@@ -651,6 +690,41 @@ fn drive(
                 let t = t0.elapsed();
                 tl.restarted = Some(t);
                 event(t, format!("restarted {victim}'s HTTP server"));
+            }
+            if held.is_none() && checks.held.is_none() && now >= HOLD_AT && tl.down.is_some() {
+                match held::Held::open_all(client, vip, held::HELD) {
+                    Ok(h) => {
+                        let on: Vec<String> = (0..BACKENDS)
+                            .map(|i| {
+                                let n = h.iter().filter(|c| c.backend == i).count();
+                                format!("{n} on {}", backend_name(i))
+                            })
+                            .collect();
+                        event(
+                            t0.elapsed(),
+                            format!(
+                                "opened {} keep-alive connections ({})",
+                                h.len(),
+                                on.join(", ")
+                            ),
+                        );
+                        held = Some(h);
+                    }
+                    Err(e) => {
+                        checks.held = Some(Check::new(
+                            false,
+                            format!("established flows: opening the connections failed: {e:#}"),
+                        ))
+                    }
+                }
+            }
+            if now >= RECHECK_AT
+                && tl.up.is_some()
+                && let Some(mut h) = held.take()
+            {
+                let (ok, text) = held::recheck(&mut h, agent, vip, VICTIM, addrs[VICTIM]);
+                event(t0.elapsed(), &text);
+                checks.held = Some(Check::new(ok, text));
             }
 
             // Health: every row, and every POLL while lb should notice
@@ -749,180 +823,4 @@ fn drive(
     });
     let (samples, tl) = result?;
     Ok((samples, tl, checks, stats_text))
-}
-
-// ---------------------------------------------------------------------------
-// Summary and checks
-// ---------------------------------------------------------------------------
-
-struct Check {
-    ok: bool,
-    what: String,
-}
-
-impl Check {
-    fn new(ok: bool, what: impl Into<String>) -> Self {
-        Self {
-            ok,
-            what: what.into(),
-        }
-    }
-}
-
-#[derive(Default, Clone)]
-struct Tally {
-    per: [usize; BACKENDS],
-    failed: usize,
-    first_error: Option<String>,
-}
-
-impl Tally {
-    fn total(&self) -> usize {
-        self.per.iter().sum::<usize>() + self.failed
-    }
-
-    fn served(&self) -> usize {
-        self.per.iter().sum()
-    }
-
-    /// Share of the answered requests backend `i` answered, in %.
-    fn share(&self, i: usize) -> f64 {
-        if self.served() == 0 {
-            0.0
-        } else {
-            100.0 * self.per[i] as f64 / self.served() as f64
-        }
-    }
-
-    fn shares(&self, which: impl Iterator<Item = usize>) -> String {
-        which
-            .map(|i| format!("{:.0} %", self.share(i)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-/// Prints the phase table and returns every check, in the order of the
-/// story.
-fn summary(samples: &[Sample], tl: &Timeline, end: Duration, tr: Transitions) -> Vec<Check> {
-    let mut tallies = vec![Tally::default(); PHASES.len()];
-    for s in samples {
-        let t = &mut tallies[tl.phase_of(s)];
-        match &s.outcome {
-            Ok(i) => t.per[*i] += 1,
-            Err(e) => {
-                t.failed += 1;
-                t.first_error
-                    .get_or_insert_with(|| format!("at {:.2} s: {e}", s.end.as_secs_f64()));
-            }
-        }
-    }
-
-    println!();
-    println!(
-        "phases (a request counts in the phase it started in; \"all up\": finished before the kill):"
-    );
-    let mut h = format!("  {:<20} {:>11} {:>8}", "phase", "from-to (s)", "requests");
-    for i in 0..BACKENDS {
-        h.push_str(&format!("  {:>13}", backend_name(i)));
-    }
-    h.push_str(&format!("  {:>6}", "failed"));
-    println!("{h}");
-    let fmt_t =
-        |t: Option<Duration>| t.map_or("?".to_string(), |t| format!("{:.1}", t.as_secs_f64()));
-    for (p, ((from, to), t)) in tl.bounds(end).iter().zip(&tallies).enumerate() {
-        let mut r = format!(
-            "  {:<20} {:>11} {:>8}",
-            PHASES[p],
-            format!("{}-{}", fmt_t(*from), fmt_t(*to)),
-            t.total()
-        );
-        for i in 0..BACKENDS {
-            r.push_str(&format!("  {:>6} {:>4.0} %", t.per[i], t.share(i)));
-        }
-        r.push_str(&format!("  {:>6}", t.failed));
-        println!("{r}");
-    }
-    if let Some(e) = &tallies[1].first_error {
-        println!(
-            "  (failures until lb noticed the kill are expected: its ring still sent new flows there; first {e})"
-        );
-    }
-
-    let victim = backend_name(VICTIM);
-    let others: Vec<usize> = (0..BACKENDS).filter(|&i| i != VICTIM).collect();
-    let [all_up, _stopped, failover, restarted, rejoined] = &tallies[..] else {
-        unreachable!()
-    };
-    let mut checks = Vec::new();
-    let no_failure = |phase: &str, t: &Tally| {
-        Check::new(
-            t.failed == 0 && t.total() >= MIN_REQUESTS,
-            format!(
-                "{phase}: no request failed ({} of {}){}",
-                t.failed,
-                t.total(),
-                t.first_error
-                    .as_ref()
-                    .map(|e| format!(", first {e}"))
-                    .unwrap_or_default()
-            ),
-        )
-    };
-    checks.push(no_failure("all up", all_up));
-    checks.push(Check::new(
-        all_up.served() >= MIN_REQUESTS
-            && (0..BACKENDS).all(|i| all_up.share(i) >= MIN_SHARE_ALL_UP),
-        format!(
-            "all up: every backend answered >= {MIN_SHARE_ALL_UP:.0} % ({})",
-            all_up.shares(0..BACKENDS)
-        ),
-    ));
-    let missing = |what: &str| Check::new(false, format!("{what}: did not happen"));
-    checks.push(
-        tr.down
-            .unwrap_or_else(|| missing(&format!("lb marks {victim} down"))),
-    );
-    checks.push(no_failure("failover", failover));
-    checks.push(Check::new(
-        failover.served() >= MIN_REQUESTS && failover.per[VICTIM] == 0,
-        format!(
-            "failover: {victim} answered nothing ({} of {})",
-            failover.per[VICTIM],
-            failover.served()
-        ),
-    ));
-    checks.push(Check::new(
-        failover.served() >= MIN_REQUESTS
-            && others
-                .iter()
-                .all(|&i| failover.share(i) >= MIN_SHARE_FAILOVER),
-        format!(
-            "failover: the others each took >= {MIN_SHARE_FAILOVER:.0} % ({})",
-            failover.shares(others.iter().copied())
-        ),
-    ));
-    checks.push(
-        tr.forwarded
-            .unwrap_or_else(|| missing(&format!("failover: counting lb's packets to {victim}"))),
-    );
-    checks.push(
-        tr.up
-            .unwrap_or_else(|| missing(&format!("lb marks {victim} up"))),
-    );
-    let mut after = restarted.clone();
-    for i in 0..BACKENDS {
-        after.per[i] += rejoined.per[i];
-    }
-    after.failed += rejoined.failed;
-    after.first_error = after.first_error.or(rejoined.first_error.clone());
-    checks.push(no_failure("restart and rejoin", &after));
-    checks.push(Check::new(
-        rejoined.served() >= MIN_REQUESTS && rejoined.share(VICTIM) >= MIN_SHARE_REJOINED,
-        format!(
-            "rejoined: {victim} answered >= {MIN_SHARE_REJOINED:.0} % again ({})",
-            rejoined.shares(0..BACKENDS)
-        ),
-    ));
-    checks
 }

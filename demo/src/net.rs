@@ -1,17 +1,22 @@
-//! The demo's network, by forwarding mode: for `dsr-l2` the L2 topology
-//! (client, lb and backends on one bridge); for `ipip` and `gue` the routed
-//! one (backends in another subnet behind a router, each running
-//! `lb decap` for lb's address only).
+//! The demo's network, by forwarding mode and address family: for
+//! `dsr-l2` the L2 topology (client, lb and backends on one bridge); for
+//! `ipip` and `gue` the routed one (backends in another subnet behind a
+//! router, each running `lb decap` for lb's address only). With `--ipv6`
+//! the VIP, the backends and every address the story uses are IPv6
+//! (2001:2::/48): the L2 topology with its IPv6 option, or the demo's own
+//! routed IPv6 topology (routed6.rs).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result};
 use lb_tests::{
     decap::DecapAttachment,
-    netns::{ChildGuard, Netns, Topology},
+    netns::{ChildGuard, Netns, Topology, TopologyOpts},
     routed::RoutedTopology,
     servers::{ServerKind, backend_name, spawn_server},
 };
+
+use crate::routed6::{Decap6, Routed6};
 
 /// `--forwarding`: what the VIP is configured with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,19 +47,40 @@ impl Forwarding {
 }
 
 pub enum Net {
-    L2(Topology),
+    /// `v6`: the story uses the topology's IPv6 addresses.
+    L2 {
+        topo: Topology,
+        v6: bool,
+    },
     // Field order is drop order: lb decap is detached before the
     // namespaces go.
     Routed {
         _decap: Vec<DecapAttachment>,
         topo: RoutedTopology,
     },
+    Routed6 {
+        _decap: Vec<Decap6>,
+        topo: Routed6,
+    },
 }
 
 impl Net {
-    pub fn build(forwarding: Forwarding, backends: usize) -> Result<Net> {
+    pub fn build(forwarding: Forwarding, ipv6: bool, backends: usize) -> Result<Net> {
         if forwarding == Forwarding::DsrL2 {
-            return Ok(Net::L2(Topology::with_backends(backends)?));
+            let topo = Topology::new(TopologyOpts { backends, ipv6 })?;
+            return Ok(Net::L2 { topo, v6: ipv6 });
+        }
+        if ipv6 {
+            let topo = Routed6::new(backends)?;
+            let lb = topo.front().lb_addr6();
+            let decap = (0..backends)
+                .map(|i| Decap6::attach(topo.backend_ns(i), &topo.backend_iface(i), lb))
+                .collect::<Result<Vec<_>>>()
+                .context("attaching lb decap on the backends")?;
+            return Ok(Net::Routed6 {
+                _decap: decap,
+                topo,
+            });
         }
         let topo = RoutedTopology::new(backends)?;
         let decap = (0..backends)
@@ -69,98 +95,122 @@ impl Net {
         })
     }
 
-    pub fn client_ns(&self) -> &Netns {
+    /// The front part every variant has: client, lb, the switch.
+    fn front(&self) -> &Topology {
         match self {
-            Net::L2(t) => t.client_ns(),
-            Net::Routed { topo, .. } => topo.client_ns(),
+            Net::L2 { topo, .. } => topo,
+            Net::Routed { topo, .. } => topo.front(),
+            Net::Routed6 { topo, .. } => topo.front(),
         }
     }
 
-    pub fn lb_ns(&self) -> &Netns {
+    /// Whether the story runs over IPv6.
+    pub fn is_v6(&self) -> bool {
         match self {
-            Net::L2(t) => t.lb_ns(),
-            Net::Routed { topo, .. } => topo.lb_ns(),
+            Net::L2 { v6, .. } => *v6,
+            Net::Routed { .. } => false,
+            Net::Routed6 { .. } => true,
         }
+    }
+
+    pub fn client_ns(&self) -> &Netns {
+        self.front().client_ns()
+    }
+
+    pub fn lb_ns(&self) -> &Netns {
+        self.front().lb_ns()
     }
 
     pub fn backend_ns(&self, i: usize) -> &Netns {
         match self {
-            Net::L2(t) => t.backend_ns(i),
+            Net::L2 { topo, .. } => topo.backend_ns(i),
             Net::Routed { topo, .. } => topo.backend_ns(i),
+            Net::Routed6 { topo, .. } => topo.backend_ns(i),
         }
     }
 
     pub fn backend_count(&self) -> usize {
         match self {
-            Net::L2(t) => t.backend_count(),
+            Net::L2 { topo, .. } => topo.backend_count(),
             Net::Routed { topo, .. } => topo.backend_count(),
+            Net::Routed6 { topo, .. } => topo.backend_count(),
         }
     }
 
-    pub fn backend_addr(&self, i: usize) -> Ipv4Addr {
+    pub fn backend_addr(&self, i: usize) -> IpAddr {
         match self {
-            Net::L2(t) => t.backend_addr(i),
-            Net::Routed { topo, .. } => topo.backend_addr(i),
+            Net::L2 { topo, v6: false } => topo.backend_addr(i).into(),
+            Net::L2 { topo, v6: true } => topo.backend_addr6(i).into(),
+            Net::Routed { topo, .. } => topo.backend_addr(i).into(),
+            Net::Routed6 { topo, .. } => topo.backend_addr(i).into(),
         }
     }
 
-    pub fn client_addr(&self) -> Ipv4Addr {
-        match self {
-            Net::L2(t) => t.client_addr(),
-            Net::Routed { topo, .. } => topo.client_addr(),
+    pub fn client_addr(&self) -> IpAddr {
+        let f = self.front();
+        if self.is_v6() {
+            f.client_addr6().into()
+        } else {
+            f.client_addr().into()
         }
     }
 
-    pub fn lb_addr(&self) -> Ipv4Addr {
-        match self {
-            Net::L2(t) => t.lb_addr(),
-            Net::Routed { topo, .. } => topo.lb_addr(),
+    pub fn lb_addr(&self) -> IpAddr {
+        let f = self.front();
+        if self.is_v6() {
+            f.lb_addr6().into()
+        } else {
+            f.lb_addr().into()
         }
     }
 
-    pub fn vip(&self) -> Ipv4Addr {
-        match self {
-            Net::L2(t) => t.vip(),
-            Net::Routed { topo, .. } => topo.vip(),
+    pub fn vip(&self) -> IpAddr {
+        let f = self.front();
+        if self.is_v6() {
+            f.vip6().into()
+        } else {
+            f.vip().into()
         }
     }
 
     pub fn lb_iface(&self) -> String {
-        match self {
-            Net::L2(t) => t.lb_iface(),
-            Net::Routed { topo, .. } => topo.lb_iface(),
-        }
+        self.front().lb_iface()
     }
 
     /// Every namespace, for the teardown check.
     pub fn namespace_names(&self) -> Vec<String> {
-        match self {
-            Net::L2(t) => t.namespace_names(),
-            Net::Routed { topo, .. } => {
-                let mut v = topo.front().namespace_names();
-                v.push(topo.router_ns().name().to_owned());
-                v.extend((0..topo.backend_count()).map(|i| topo.backend_ns(i).name().to_owned()));
-                v
-            }
-        }
+        let router = match self {
+            Net::L2 { topo, .. } => return topo.namespace_names(),
+            Net::Routed { topo, .. } => topo.router_ns(),
+            Net::Routed6 { topo, .. } => topo.router_ns(),
+        };
+        let mut v = self.front().namespace_names();
+        v.push(router.name().to_owned());
+        v.extend((0..self.backend_count()).map(|i| self.backend_ns(i).name().to_owned()));
+        v
     }
 
     /// One line on how the pieces are connected.
     pub fn layout(&self) -> String {
+        let routed = |net: String, router: &Netns| {
+            format!(
+                "{} network namespaces: client and lb on one segment, the backends in {net} \
+                 behind a router ({}), reached through it",
+                self.namespace_names().len(),
+                router.name()
+            )
+        };
         match self {
-            Net::L2(t) => format!(
+            Net::L2 { topo: t, .. } => format!(
                 "{} network namespaces on one L2 segment (bridge {} in {})",
                 t.namespaces().len(),
                 t.bridge(),
                 t.switch_ns().name()
             ),
-            Net::Routed { topo, .. } => format!(
-                "{} network namespaces: client and lb on one segment, the backends in {}/24 \
-                 behind a router ({}), reached through it",
-                self.namespace_names().len(),
-                topo.back_net(),
-                topo.router_ns().name()
-            ),
+            Net::Routed { topo, .. } => routed(format!("{}/24", topo.back_net()), topo.router_ns()),
+            Net::Routed6 { topo, .. } => {
+                routed(format!("{}/64", topo.back_net()), topo.router_ns())
+            }
         }
     }
 
@@ -174,21 +224,28 @@ impl Net {
                 "lb encapsulates ({}) to each backend's address through the router; `lb decap` on \
                  the backend strips it (only from lb's address) and the backend replies straight \
                  to the client",
-                if mode == Forwarding::Ipip {
-                    "IPv4 in IPv4"
-                } else {
-                    "GUE: IPv4 in UDP"
+                match (mode, self.is_v6()) {
+                    (Forwarding::Ipip, false) => "IPv4 in IPv4",
+                    (Forwarding::Ipip, true) => "IPv6 in IPv6",
+                    (_, false) => "GUE: IPv4 in UDP",
+                    (_, true) => "GUE: IPv6 in UDP over IPv6",
                 }
             ),
         }
     }
 
-    /// An HTTP server on backend `i`, port `port`, answering its name.
+    /// An HTTP server on backend `i`, port `port` of every address of the
+    /// story's family, answering its name.
     pub fn spawn_http(&self, i: usize, port: u16) -> Result<ChildGuard> {
+        let any: IpAddr = if self.is_v6() {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
         spawn_server(
             self.backend_ns(i),
             ServerKind::Http,
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+            SocketAddr::new(any, port),
             &backend_name(i),
         )
     }

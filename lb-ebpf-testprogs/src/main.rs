@@ -47,28 +47,58 @@ fn floor(ctx: &XdpContext) -> Option<u32> {
     Some(XDP_TX)
 }
 
-/// The end-to-end benchmark's frame template (Ethernet + IPv4 + UDP
-/// headers); unset (all zero) means "send frames as they are".
-#[map]
-static GEN_TEMPLATE: Array<[u64; GEN_TEMPLATE_WORDS]> = Array::with_max_entries(1, 0);
+/// The end-to-end benchmark's frame template: the headers to stamp on
+/// every frame (Ethernet + IPv4 + UDP is 42 bytes, Ethernet + IPv6 + UDP
+/// 62) and how many bytes of them to write.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenTemplate {
+    /// 0: unset (frames go out as they are); 48 or 64: the first 6 or 8
+    /// words of `head` are written. Two fixed sizes keep every store
+    /// bounds-checked by a constant (the verifier refuses a variable
+    /// length) and an IPv4 flood's short frames valid.
+    len: u64,
+    head: [u64; GEN_TEMPLATE_WORDS],
+}
 
-const GEN_TEMPLATE_WORDS: usize = 6;
+#[map]
+static GEN_TEMPLATE: Array<GenTemplate> = Array::with_max_entries(1, 0);
+
+const GEN_TEMPLATE_WORDS: usize = 8;
 
 /// The traffic generator of the end-to-end benchmark (BPF_PROG_TEST_RUN
-/// with live frames): rewrites the first 48 bytes of every frame from
-/// GEN_TEMPLATE, when set, and returns `XDP_TX`. Live frames reuse pages
-/// without resetting them, and a system that modifies a frame in place
-/// (NAT, TTL, MACs) would otherwise get its own output back.
+/// with live frames): rewrites the first 48 (IPv4) or 64 (IPv6) bytes of
+/// every frame from GEN_TEMPLATE, when set, and returns `XDP_TX`. Live
+/// frames reuse pages without resetting them, and a system that modifies
+/// a frame in place (NAT, TTL, MACs, a pushed tunnel header) would
+/// otherwise get its own output back.
 #[xdp]
 pub fn lb_gen_tx(ctx: XdpContext) -> u32 {
-    if let Some(t) = GEN_TEMPLATE.get(0)
-        && t[1] != 0
-        && let Some(frame) = ptr_at::<[u64; GEN_TEMPLATE_WORDS]>(&ctx, 0)
-    {
-        // SAFETY: 48 bytes bounds checked by ptr_at.
-        unsafe { frame.write_unaligned(*t) };
+    if let Some(t) = GEN_TEMPLATE.get(0) {
+        match t.len {
+            48 => stamp::<6>(&ctx, &t.head),
+            64 => stamp::<8>(&ctx, &t.head),
+            _ => {}
+        }
     }
     XDP_TX
+}
+
+/// Writes the first `N` words of `head` over the frame's start, if the
+/// frame is that long.
+#[inline(always)]
+fn stamp<const N: usize>(ctx: &XdpContext, head: &[u64; GEN_TEMPLATE_WORDS]) {
+    let Some(frame) = ptr_at::<[u64; N]>(ctx, 0) else {
+        return;
+    };
+    let frame = frame as *mut u64;
+    // SAFETY: N words bounds checked by ptr_at. Word stores, as in
+    // lb_restore: an array copy would become a byte-wise memmove.
+    unsafe {
+        for (i, w) in head.iter().take(N).enumerate() {
+            frame.add(i).write_unaligned(*w);
+        }
+    }
 }
 
 /// Only returns `XDP_PASS`: the fixed cost of one BPF_PROG_TEST_RUN call,

@@ -57,9 +57,24 @@ struct RestoreFrame {
 
 // SAFETY: #[repr(C)], integers only, no padding.
 unsafe impl aya::Pod for RestoreFrame {}
-/// `lb_gen_tx`'s frame template: one element of 6 words (48 bytes).
+/// `lb_gen_tx`'s frame template: one [`GenTemplate`].
 const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
-const GEN_TEMPLATE_WORDS: usize = 6;
+/// Bytes `lb_gen_tx` stamps on an IPv4 frame (Ethernet + IPv4 + UDP
+/// headers are 42) and on an IPv6 one (62).
+pub const GEN_TEMPLATE_BYTES_V4: usize = 48;
+pub const GEN_TEMPLATE_BYTES_V6: usize = 64;
+
+/// `lb_gen_tx`'s view of the template: how many bytes to write (0 =
+/// unset) and the bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GenTemplate {
+    len: u64,
+    head: [u64; GEN_TEMPLATE_BYTES_V6 / 8],
+}
+
+// SAFETY: #[repr(C)], integers only, no padding.
+unsafe impl aya::Pod for GenTemplate {}
 
 /// The loaded programs, with their one map (not pinned). Dropping this
 /// detaches what [`TestProgs::attach`] attached.
@@ -190,21 +205,33 @@ impl TestProgs {
             .with_context(|| format!("attaching {name} to {iface}"))
     }
 
-    /// Sets the generator's frame template: the first 48 bytes of `frame`
-    /// (which must be at least that long) are copied over every frame it
-    /// sends.
+    /// Sets the generator's frame template: the first 48 bytes of an IPv4
+    /// `frame`, or 64 of an IPv6 one (by its EtherType), are copied over
+    /// every frame it sends. A frame shorter than that is refused.
     pub fn set_gen_template(&mut self, frame: &[u8]) -> Result<()> {
-        let mut words = [0u64; GEN_TEMPLATE_WORDS];
-        for (w, chunk) in words.iter_mut().zip(frame.chunks(8)) {
+        let len = match frame.get(12..14) {
+            Some([0x86, 0xdd]) => GEN_TEMPLATE_BYTES_V6,
+            _ => GEN_TEMPLATE_BYTES_V4,
+        };
+        ensure!(
+            frame.len() >= len,
+            "generator template: a {}-byte frame is shorter than the {len} bytes to stamp",
+            frame.len()
+        );
+        let mut t = GenTemplate {
+            len: len as u64,
+            head: [0; GEN_TEMPLATE_BYTES_V6 / 8],
+        };
+        for (w, chunk) in t.head.iter_mut().zip(frame[..len].chunks(8)) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
             *w = u64::from_ne_bytes(b);
         }
-        let mut map: Array<_, [u64; GEN_TEMPLATE_WORDS]> = Array::try_from(
+        let mut map: Array<_, GenTemplate> = Array::try_from(
             self.ebpf
                 .map_mut(GEN_TEMPLATE)
                 .context("map GEN_TEMPLATE is not in the test object")?,
         )?;
-        map.set(0, words, 0).context("writing GEN_TEMPLATE")
+        map.set(0, t, 0).context("writing GEN_TEMPLATE")
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: full setup, a debug build of `lb`, `lb-test-server`
 //! and `lb-demo` (crate `demo`), then `target/debug/lb-demo` as
-//! root with `LB_BIN` and `LB_TEST_SERVER` naming the other two. Its exit
-//! code is passed on.
+//! root with `LB_BIN` and `LB_TEST_SERVER` naming the other two, and the
+//! `--forwarding` / `--ipv6` choice. Its exit code is passed on.
 
 use std::{path::Path, process::ExitCode};
 
@@ -12,7 +12,7 @@ use crate::{
     util::{Ctx, describe, run},
 };
 
-pub fn demo(ctx: &Ctx, forwarding: &str) -> Result<ExitCode> {
+pub fn demo(ctx: &Ctx, forwarding: &str, ipv6: bool) -> Result<ExitCode> {
     if !ctx.privilege.can_escalate() {
         bail!(
             "the demo needs root (network namespaces, XDP, bpffs): this process is not root \
@@ -49,6 +49,9 @@ pub fn demo(ctx: &Ctx, forwarding: &str) -> Result<ExitCode> {
         .env("LB_BIN", &lb)
         .env("LB_TEST_SERVER", &server)
         .args(["--forwarding", forwarding]);
+    if ipv6 {
+        cmd.arg("--ipv6");
+    }
     println!("running: {}", describe(&cmd));
     println!();
     let status = cmd

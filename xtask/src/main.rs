@@ -80,6 +80,10 @@ enum Command {
         /// ipip / gue (backends behind a router, running `lb decap`).
         #[arg(long, default_value = "dsr-l2", value_parser = ["dsr-l2", "ipip", "gue"])]
         forwarding: String,
+        /// The same story with an IPv6 VIP and IPv6 backends (2001:2::/48):
+        /// 6in6 for ipip, GUE over IPv6 for gue.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Full setup, then the whole test suite as root, one test at a time.
     Test {
@@ -132,7 +136,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Err(exec(cmd))
         }
         Command::Test { args } => test(&ctx, &args),
-        Command::Demo { forwarding } => demo::demo(&ctx, &forwarding),
+        Command::Demo { forwarding, ipv6 } => demo::demo(&ctx, &forwarding, ipv6),
         Command::Bench { quick, strict } => bench::bench(&ctx, quick, strict),
     }
 }
