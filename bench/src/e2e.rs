@@ -9,16 +9,14 @@
 //!   60-byte UDP flow to the VIP), pinned to one CPU. Through the bridge
 //!   itself one core offers only ~0.5 Mpps here (skb, bridge, netfilter
 //!   bridge hooks), far below what lb forwards.
-//!   - lb: BPF_PROG_TEST_RUN in live-frames mode on `lb_gen_tx` (returns
-//!     `XDP_TX` untouched), several Mpps from one core. The kernel recycles
-//!     live frames' pages without rewriting them, so whatever the receiver
-//!     changes in place comes back in later frames; lb changes only the
-//!     MACs (and ignores the destination MAC), so its input stays valid.
-//!   - kernel paths (nftables, routing) rewrite the frame in place (TTL,
-//!     DNAT, MACs): recycled live frames would come back as other packets
-//!     and die. Until `lb_gen_tx` rewrites the whole header every time,
-//!     they get the AF_PACKET stand-in ([`kit::packet_generate`]: fresh
-//!     skbs, slower).
+//!   - every system: BPF_PROG_TEST_RUN in live-frames mode on `lb_gen_tx`,
+//!     several Mpps from one core. The kernel recycles live frames' pages
+//!     without rewriting them, so whatever the receiver changes in place
+//!     (MACs, an outer header pushed in front, TTL, DNAT) would come back
+//!     in later frames: `lb_gen_tx` stamps the headers from a template
+//!     into every frame before `XDP_TX`. nftables also gets the AF_PACKET
+//!     generator ([`kit::packet_generate`]: fresh skbs, slower) as a
+//!     cross-check.
 //! - The LB's receive path (its veth's NAPI, threaded, SCHED_FIFO like a
 //!   softirq) runs on the other CPU; its CPU time is read exactly from the
 //!   NAPI thread's schedstat.

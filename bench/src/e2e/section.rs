@@ -249,20 +249,18 @@ pub(super) fn section(
          NAPI thread's schedstat (exact, unlike tick-sampled softirq time). Forwarded = frames \
          the LB handed to the next hop (XDP_TX or transmitted skbs, including those the next \
          hop could not take); they are counted and dropped at the first hop after the LB by \
-         `lb_xdp` with private maps whose VIPs (the VIP and the backends' addresses, UDP) have \
-         no usable backend (`drop_no_backend`), its NAPI pinned to CPU {gen_cpu}.",
+         the test program `lb_sink` (the flood's UDP, plain or in an IP-in-IP or GUE tunnel), \
+         its NAPI pinned to CPU {gen_cpu}.",
         cfg.udp_secs, cfg.runs
     );
-    let stand_in = "Generators: lb is fed by BPF_PROG_TEST_RUN in live-frames mode on \
-        `lb_gen_tx` (returns XDP_TX untouched). The kernel recycles live frames' pages \
-        without rewriting them, so changes the receiver makes in place come back in later \
-        frames: lb only rewrites MACs (and ignores the destination MAC), so its input stays \
-        the same flow; the kernel's own paths decrement the TTL, rewrite addresses (DNAT) and \
-        MACs in place, and recycled frames stop being valid after a few passes. They are fed \
-        by an AF_PACKET TX ring instead (fresh skbs, slower: see 'offered'). Where a \
-        system's receive path was below 85% busy, its rate is the generator's, not its own \
-        ('limited by'). A generator that rewrites the whole header every time (so every \
-        system can be fed live frames) is what the nftables and routing figures still need."
+    let stand_in = "Generators: every system is fed by BPF_PROG_TEST_RUN in live-frames \
+        mode on `lb_gen_tx`, which stamps the frame's headers from a template (48 bytes of an \
+        IPv4 frame, 64 of an IPv6 one) and returns XDP_TX: the kernel recycles live frames' \
+        pages without rewriting them, and the stamp undoes whatever the receiver changed in \
+        place (MACs, a pushed outer header, TTL, DNAT). nftables is also fed by an AF_PACKET \
+        TX ring (fresh skbs, slower: see 'offered') as a cross-check. Where a system's \
+        receive path was below 85% busy, its rate is the generator's, not its own ('limited \
+        by')."
         .to_string();
     Ok(Section {
         key: "e2e".into(),
