@@ -17,6 +17,8 @@ pub mod maglev;
 pub mod map_sizes;
 pub mod metrics;
 pub mod neigh;
+#[cfg(test)]
+mod object_calls;
 pub mod pins;
 pub mod reconcile;
 pub mod rundir;

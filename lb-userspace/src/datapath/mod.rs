@@ -34,7 +34,7 @@ use crate::bpf_batch::{batch_unsupported, update_batch};
 use crate::{flow_keeper::FlowKeeper, pins};
 
 /// The compiled XDP object, built by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb";

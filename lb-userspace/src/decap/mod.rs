@@ -28,7 +28,8 @@ pub mod cli;
 pub use cidr::{Cidr, parse_allow_list};
 
 /// The compiled decap object, built by build.rs next to the balancer's.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 
 /// Where `lb decap` pins, one directory per interface (see [`pin_root`]).
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-decap";
