@@ -2,7 +2,7 @@
 //! when the guard drops (its pins live in the host-wide bpffs, not in the
 //! namespace, so a test must not leave them behind).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 
@@ -19,10 +19,12 @@ pub struct DecapAttachment {
 }
 
 impl DecapAttachment {
-    /// `lb decap attach --iface IFACE --allow-source ALLOW/32` in `ns`.
-    pub fn attach(ns: &Netns, iface: &str, allow: Ipv4Addr) -> Result<Self> {
+    /// `lb decap attach --iface IFACE --allow-source ALLOW/32` (or /128)
+    /// in `ns`.
+    pub fn attach(ns: &Netns, iface: &str, allow: impl Into<IpAddr>) -> Result<Self> {
         let mut cmd = lb_in_ns(ns.name());
-        let allow = format!("{allow}/32");
+        let allow: IpAddr = allow.into();
+        let allow = format!("{allow}/{}", if allow.is_ipv4() { 32 } else { 128 });
         cmd.args([
             "decap",
             "attach",
