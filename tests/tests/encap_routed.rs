@@ -47,6 +47,19 @@ struct Case {
     backends_v6: bool,
 }
 
+impl Case {
+    /// The outer header's protocol field as `lb explain` words it.
+    fn outer_protocol(&self) -> &'static str {
+        match (self.mode, self.backends_v6, self.vip_v6) {
+            ("gue", false, _) => "gue: IPv4 protocol 17",
+            ("gue", true, _) => "gue: IPv6 next header 17",
+            (_, false, _) => "ipip: IPv4 protocol 4",
+            (_, true, true) => "ipip: IPv6 next header 41",
+            (_, true, false) => "ipip: IPv6 next header 4",
+        }
+    }
+}
+
 /// The routed topology with servers on every backend, `lb decap` on each,
 /// and an agent forwarding three VIPs (web, stream, dns) in the case's
 /// mode.
@@ -204,13 +217,18 @@ impl Setup {
 
     /// The backend `lb explain` says the flow from `port` to `vip_port`
     /// takes, with the whole answer.
-    fn explain(&self, port: u16, vip_port: u16, proto: &str) -> Result<serde_json::Value> {
-        self.agent.json(&[
-            "explain",
-            &SocketAddr::new(self.client(), port).to_string(),
-            &self.vip(vip_port).to_string(),
-            proto,
-        ])
+    fn explain(&self, port: u16, vip_port: u16, proto: &'static str) -> Result<serde_json::Value> {
+        let args = self.explain_args(port, vip_port, proto);
+        self.agent.json(&args.each_ref().map(String::as_str))
+    }
+
+    fn explain_args(&self, port: u16, vip_port: u16, proto: &'static str) -> [String; 4] {
+        [
+            "explain".into(),
+            SocketAddr::new(self.client(), port).to_string(),
+            self.vip(vip_port).to_string(),
+            proto.into(),
+        ]
     }
 
     /// Pings the VIP from the client namespace (3 echo requests): whether
@@ -291,6 +309,15 @@ fn suite(case: Case) -> Result<()> {
         ensure!(e["outer"]["dst"] == backends[i].to_string(), "{e}");
         ensure!(e["outer"]["src"] == lb.to_string(), "{e}");
         ensure!(e["outer"]["forwarding"] == mode, "{e}");
+        // The text form names the outer header's family and protocol.
+        let args = s.explain_args(port, WEB, "tcp");
+        let text = s.agent.cli_ok(&args.each_ref().map(String::as_str))?;
+        let line = format!(
+            "outer      {lb} -> {} ({}",
+            backends[i],
+            case.outer_protocol()
+        );
+        ensure!(text.contains(&line), "{line:?} not in:\n{text}");
     }
 
     // A 1 MB upload (echoed back) from the client, whose MTU is 1500 like
