@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     agent::lb_in_ns,
     netns::{Netns, run_command},
+    routed::RoutedTopology,
 };
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,6 +39,16 @@ impl DecapAttachment {
             ns: ns.name().into(),
             iface: iface.into(),
         })
+    }
+}
+
+impl DecapAttachment {
+    /// `lb decap` on every backend of `topo`, allowing only lb's address
+    /// of the outer header's family (IPv6 when `v6`).
+    pub fn attach_all(topo: &RoutedTopology, v6: bool) -> Result<Vec<Self>> {
+        (0..topo.backend_count())
+            .map(|i| Self::attach(topo.backend_ns(i), &topo.backend_iface(i), topo.lb_of(v6)))
+            .collect()
     }
 }
 

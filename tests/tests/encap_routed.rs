@@ -84,7 +84,6 @@ fn setup(case: Case) -> Result<Setup> {
         RoutedTopology::new(3)?
     };
     let mut servers = BTreeMap::new();
-    let mut decap = Vec::new();
     for i in 0..topo.backend_count() {
         for (kind, port) in [
             (ServerKind::Http, WEB),
@@ -93,13 +92,8 @@ fn setup(case: Case) -> Result<Setup> {
         ] {
             servers.insert((i, kind.as_str()), servers_of(&topo, i, kind, port)?);
         }
-        // The allow-list: lb's address of the outer header's family only.
-        decap.push(DecapAttachment::attach(
-            topo.backend_ns(i),
-            &topo.backend_iface(i),
-            topo.lb_of(case.backends_v6),
-        )?);
     }
+    let decap = DecapAttachment::attach_all(&topo, case.backends_v6)?;
     let backends = topo.backend_addrs_of(case.backends_v6);
     let vip = topo.vip_of(case.vip_v6);
     let mut web = VipSpec::tcp("web", vip, WEB, &backends);

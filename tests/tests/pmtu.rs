@@ -47,7 +47,6 @@ fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
     };
     // Field order is drop order below: agent, servers and decap first.
     let mut servers: Vec<ChildGuard> = Vec::new();
-    let mut decap = Vec::new();
     let any: IpAddr = if v6 {
         Ipv6Addr::UNSPECIFIED.into()
     } else {
@@ -60,12 +59,8 @@ fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
             SocketAddr::new(any, STREAM),
             &backend_name(i),
         )?);
-        decap.push(DecapAttachment::attach(
-            topo.backend_ns(i),
-            &topo.backend_iface(i),
-            topo.lb_of(v6),
-        )?);
     }
+    let decap = DecapAttachment::attach_all(&topo, v6)?;
     let backends = topo.backend_addrs_of(v6);
     let mut vip = VipSpec::tcp("stream", topo.vip_of(v6), STREAM, &backends);
     vip.forwarding = mode;
