@@ -266,11 +266,31 @@ pub struct ExplainView {
 pub struct OuterView {
     pub src: IpAddr,
     pub dst: IpAddr,
-    /// `"ipip"` (IPv4 protocol 4) or `"gue"` (IPv4 protocol 17, UDP).
+    /// `"ipip"` (IPv4 protocol 4, IPv6 next header 41 for 6in6 or 4 for
+    /// 4in6) or `"gue"` (protocol / next header 17, UDP).
     pub forwarding: Forwarding,
     /// GUE: the UDP ports.
     pub src_port: Option<u16>,
     pub dst_port: Option<u16>,
+}
+
+impl OuterView {
+    /// The outer header's protocol field in words, for a packet whose inner
+    /// header is IPv6 when `inner_v6`: what an operator compares with a
+    /// capture on the way to the backend.
+    pub fn protocol(&self, inner_v6: bool) -> String {
+        let (family, field) = if self.dst.is_ipv4() {
+            ("IPv4", "protocol")
+        } else {
+            ("IPv6", "next header")
+        };
+        let (mode, number) = match self.forwarding {
+            Forwarding::Gue => ("gue", 17),
+            _ if inner_v6 => ("ipip", 41),
+            _ => ("ipip", 4),
+        };
+        format!("{mode}: {family} {field} {number}")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -701,6 +721,52 @@ mod tests {
     use super::*;
     #[allow(unused_imports)]
     use crate::keys::ip4;
+
+    #[test]
+    fn the_outer_protocol_names_the_family_and_number_of_each_tunnel() {
+        let outer = |forwarding, dst: &str| OuterView {
+            src: dst.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            forwarding,
+            src_port: None,
+            dst_port: None,
+        };
+        let cases = [
+            (
+                Forwarding::Ipip,
+                "198.18.0.11",
+                false,
+                "ipip: IPv4 protocol 4",
+            ),
+            (
+                Forwarding::Gue,
+                "198.18.0.11",
+                false,
+                "gue: IPv4 protocol 17",
+            ),
+            (
+                Forwarding::Ipip,
+                "2001:2::11",
+                true,
+                "ipip: IPv6 next header 41",
+            ),
+            (
+                Forwarding::Ipip,
+                "2001:2::11",
+                false,
+                "ipip: IPv6 next header 4",
+            ),
+            (
+                Forwarding::Gue,
+                "2001:2::11",
+                true,
+                "gue: IPv6 next header 17",
+            ),
+        ];
+        for (f, dst, inner_v6, want) in cases {
+            assert_eq!(outer(f, dst).protocol(inner_v6), want, "{f:?} to {dst}");
+        }
+    }
 
     #[test]
     fn requests_round_trip_as_json_lines() {

@@ -451,10 +451,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     (Some(s), Some(d)) => format!(", UDP {s} -> {d}"),
                     _ => String::new(),
                 };
-                let proto = match o.forwarding {
-                    lb::config::Forwarding::Gue => "gue: IPv4 protocol 17",
-                    _ => "ipip: IPv4 protocol 4",
-                };
+                let proto = o.protocol(dst.is_ipv6());
                 println!("outer      {} -> {} ({proto}{ports})", o.src, o.dst);
             }
         }

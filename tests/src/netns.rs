@@ -989,7 +989,7 @@ impl Topology {
     }
 }
 
-fn basic_sysctls(ns: &Netns, ipv6: bool) -> Result<()> {
+pub(crate) fn basic_sysctls(ns: &Netns, ipv6: bool) -> Result<()> {
     let mut settings: Vec<(String, &str)> = vec![
         ("net.ipv4.conf.all.rp_filter".into(), "0"),
         ("net.ipv4.conf.default.rp_filter".into(), "0"),
@@ -1020,7 +1020,7 @@ fn basic_sysctls(ns: &Netns, ipv6: bool) -> Result<()> {
 
 /// Adds an IPv6 address without duplicate address detection (usable at
 /// once).
-fn add_addr6(ns: &Netns, iface: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+pub(crate) fn add_addr6(ns: &Netns, iface: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
     let cidr = format!("{addr}/{prefix}");
     ns.ip(["-6", "addr", "add", &cidr, "dev", iface, "nodad"])?;
     Ok(())

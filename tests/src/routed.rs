@@ -17,12 +17,24 @@
 //! VIP on lo (ARP for it suppressed) and answer the client directly through
 //! the router (their default route). Nothing is added to the root
 //! namespace; dropping it removes everything, also when a test fails.
+//!
+//! [`RoutedTopology::new_dual_stack`] adds IPv6 on every host next to
+//! IPv4 (static `nodad` addresses; no DAD, RA or autoconfiguration, as
+//! [`TopologyOpts::ipv6`] does): the front segment 2001:2:0:k::/64 (client
+//! ::1, lb ::2, router ::fe), the back segment 2001:2:0:80kk::/64 (router
+//! ::1, backends ::11, ::12, …), the IPv6 VIP 2001:2:0:1kk::1 on the
+//! backends' lo too, the router forwarding both families. Both VIPs on
+//! every backend let one topology serve 4in4, 6in6 and 4in6 (an IPv4 VIP
+//! reached over IPv6 backend addresses).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{Result, ensure};
 
-use crate::netns::{NAME_PREFIX, Netns, Topology, TopologyOpts};
+use crate::netns::{NAME_PREFIX, Netns, Topology, TopologyOpts, add_addr6, basic_sysctls};
 
 /// MAC roles (02:18:k:role:index:side), after those of [`Topology`].
 const ROLE_ROUTER: u8 = 4;
@@ -35,23 +47,31 @@ pub struct RoutedTopology {
     backends: Vec<Netns>,
     router: Netns,
     front: Topology,
+    ipv6: bool,
 }
 
 impl RoutedTopology {
-    /// Builds the topology with `backends` backends; on any error
+    /// Builds the IPv4 topology with `backends` backends; on any error
     /// everything already created is removed again.
     pub fn new(backends: usize) -> Result<Self> {
+        Self::build(backends, false)
+    }
+
+    /// The same with IPv6 next to IPv4 on every host (see the module docs).
+    pub fn new_dual_stack(backends: usize) -> Result<Self> {
+        Self::build(backends, true)
+    }
+
+    fn build(backends: usize, ipv6: bool) -> Result<Self> {
         ensure!(backends <= 200, "at most 200 backends");
-        let front = Topology::new(TopologyOpts {
-            backends: 0,
-            ipv6: false,
-        })?;
+        let front = Topology::new(TopologyOpts { backends: 0, ipv6 })?;
         let tag = front.lb_ns().name().trim_end_matches("-lb").to_owned();
         let router = Netns::create(format!("{tag}-rt"))?;
         let mut topo = RoutedTopology {
             backends: Vec::new(),
             router,
             front,
+            ipv6,
         };
         let sw = topo.front.switch_ns();
         let back = topo.back_bridge();
@@ -59,13 +79,12 @@ impl RoutedTopology {
         sw.ip(["link", "set", &back, "up"])?;
 
         // The router: a leg on each segment, forwarding.
-        topo.router.sysctl(&[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv6.conf.all.disable_ipv6", "1"),
-            ("net.ipv6.conf.default.disable_ipv6", "1"),
-        ])?;
+        basic_sysctls(&topo.router, ipv6)?;
+        topo.router.sysctl(&[("net.ipv4.ip_forward", "1")])?;
+        if ipv6 {
+            topo.router
+                .sysctl(&[("net.ipv6.conf.all.forwarding", "1")])?;
+        }
         let (rf, rb) = (topo.router_front_iface(), topo.router_back_iface());
         topo.plug(&topo.router, &rf, &topo.front.bridge(), ROLE_ROUTER, 0)?;
         topo.plug(&topo.router, &rb, &back, ROLE_ROUTER, 1)?;
@@ -73,6 +92,10 @@ impl RoutedTopology {
         topo.router.ip(["addr", "add", &cidr, "dev", &rf])?;
         let cidr = format!("{}/24", topo.router_back_addr());
         topo.router.ip(["addr", "add", &cidr, "dev", &rb])?;
+        if ipv6 {
+            add_addr6(&topo.router, &rf, topo.router_front_addr6(), 64)?;
+            add_addr6(&topo.router, &rb, topo.router_back_addr6(), 64)?;
+        }
 
         // lb reaches the back subnet through the router.
         let net = format!("{}/24", topo.back_net());
@@ -83,6 +106,13 @@ impl RoutedTopology {
             "via",
             &topo.router_front_addr().to_string(),
         ])?;
+        if ipv6 {
+            let net = format!("{}/64", topo.back_net6());
+            let via = topo.router_front_addr6().to_string();
+            topo.front
+                .lb_ns()
+                .ip(["-6", "route", "add", &net, "via", &via])?;
+        }
 
         for _ in 0..backends {
             topo.add_backend()?;
@@ -96,14 +126,11 @@ impl RoutedTopology {
         let i = self.backends.len();
         let tag = self.front.lb_ns().name().trim_end_matches("-lb").to_owned();
         let ns = Netns::create(format!("{tag}-rb{i}"))?;
+        basic_sysctls(&ns, self.ipv6)?;
         ns.sysctl(&[
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
             ("net.ipv4.conf.lo.rp_filter", "0"),
             ("net.ipv4.conf.all.arp_ignore", "1"),
             ("net.ipv4.conf.all.arp_announce", "2"),
-            ("net.ipv6.conf.all.disable_ipv6", "1"),
-            ("net.ipv6.conf.default.disable_ipv6", "1"),
         ])?;
         let iface = self.backend_iface(i);
         self.plug(&ns, &iface, &self.back_bridge(), ROLE_BACKEND, i as u8)?;
@@ -120,6 +147,13 @@ impl RoutedTopology {
         ])?;
         let vip = format!("{}/32", self.vip());
         ns.ip(["addr", "add", &vip, "dev", "lo"])?;
+        if self.ipv6 {
+            add_addr6(&ns, &iface, self.backend_addr6(i), 64)?;
+            let via = self.router_back_addr6().to_string();
+            ns.ip(["-6", "route", "add", "default", "via", &via])?;
+            // On lo: not answered for in neighbour discovery.
+            add_addr6(&ns, "lo", self.vip6(), 128)?;
+        }
         self.backends.push(ns);
         self.wait_forwarding(Duration::from_secs(5))?;
         Ok(i)
@@ -226,4 +260,85 @@ impl RoutedTopology {
             .map(|i| self.backend_addr(i))
             .collect()
     }
+
+    /// Dual-stack topologies: the client's IPv6 address.
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        self.front.client_addr6()
+    }
+
+    /// lb's IPv6 address: the outer source of its IPv6 tunnel packets.
+    pub fn lb_addr6(&self) -> Ipv6Addr {
+        self.front.lb_addr6()
+    }
+
+    pub fn vip6(&self) -> Ipv6Addr {
+        self.front.vip6()
+    }
+
+    /// The router's leg on the front segment, 2001:2:0:k::fe.
+    pub fn router_front_addr6(&self) -> Ipv6Addr {
+        let mut s = self.front.subnet6().segments();
+        s[7] = 0xfe;
+        s.into()
+    }
+
+    /// The back subnet, 2001:2:0:80kk::/64.
+    pub fn back_net6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0x2001,
+            2,
+            0,
+            0x8000 | u16::from(self.front.index()),
+            0,
+            0,
+            0,
+            0,
+        )
+    }
+
+    pub fn router_back_addr6(&self) -> Ipv6Addr {
+        let mut s = self.back_net6().segments();
+        s[7] = 1;
+        s.into()
+    }
+
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        let mut s = self.back_net6().segments();
+        s[7] = 0x11 + i as u16;
+        s.into()
+    }
+
+    /// The client, lb (outer source), VIP and router (lb's gateway)
+    /// addresses of one family: IPv6 when `v6` (dual-stack topologies).
+    pub fn client_of(&self, v6: bool) -> IpAddr {
+        pick(v6, self.client_addr(), self.client_addr6())
+    }
+
+    pub fn lb_of(&self, v6: bool) -> IpAddr {
+        pick(v6, self.lb_addr(), self.lb_addr6())
+    }
+
+    pub fn vip_of(&self, v6: bool) -> IpAddr {
+        pick(v6, self.vip(), self.vip6())
+    }
+
+    pub fn router_front_of(&self, v6: bool) -> IpAddr {
+        pick(v6, self.router_front_addr(), self.router_front_addr6())
+    }
+
+    /// Every backend's address of one family.
+    pub fn backend_addrs_of(&self, v6: bool) -> Vec<IpAddr> {
+        (0..self.backends.len())
+            .map(|i| pick(v6, self.backend_addr(i), self.backend_addr6(i)))
+            .collect()
+    }
+
+    /// Whether the hosts have IPv6 addresses too.
+    pub fn is_dual_stack(&self) -> bool {
+        self.ipv6
+    }
+}
+
+fn pick(v6: bool, a4: Ipv4Addr, a6: Ipv6Addr) -> IpAddr {
+    if v6 { a6.into() } else { a4.into() }
 }

@@ -450,6 +450,8 @@ fn attach_again_updates_in_place_and_errors_change_nothing() -> Result<()> {
 
 const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x20, 0, 0, 0, 1);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x20, 0, 0, 0, 2);
+/// On the sender's link but not on the allow-list.
+const FOREIGN6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x20, 0, 0, 0, 9);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x30, 0, 0, 0, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 1);
 
@@ -463,6 +465,14 @@ impl Pair {
             "addr",
             "add",
             "2001:2:0:20::1/64",
+            "dev",
+            &self.s_if,
+            "nodad",
+        ])?;
+        s.ip([
+            "addr",
+            "add",
+            "2001:2:0:20::9/64",
             "dev",
             &self.s_if,
             "nodad",
@@ -498,22 +508,22 @@ impl Pair {
     }
 }
 
-/// Sends `inner` over IPv6 from the LB to the backend: a raw socket of
+/// Sends `inner` over IPv6 from `src` to the backend: a raw socket of
 /// next header `proto` (41: 6in6, 4: 4in6), or UDP to the GUE port.
-fn send_v6(p: &Pair, how: &str, inner: &[u8]) -> Result<()> {
+fn send_v6(p: &Pair, how: &str, src: Ipv6Addr, inner: &[u8]) -> Result<()> {
     let inner = inner.to_vec();
     let how = how.to_string();
     p.sender.run(move || -> Result<()> {
         let to = SocketAddrV6::new(BACKEND6, 0, 0, 0);
         match how.as_str() {
             "gue" => {
-                let s = UdpSocket::bind(SocketAddrV6::new(LB6, 0, 0, 0))?;
+                let s = UdpSocket::bind(SocketAddrV6::new(src, 0, 0, 0))?;
                 s.send_to(&inner, SocketAddrV6::new(BACKEND6, GUE_PORT, 0, 0))?;
             }
             _ => {
                 let proto = if how == "6in6" { 41 } else { 4 };
                 let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(proto)))?;
-                s.bind(&SockAddr::from(SocketAddrV6::new(LB6, 0, 0, 0)))?;
+                s.bind(&SockAddr::from(SocketAddrV6::new(src, 0, 0, 0)))?;
                 s.send_to(&inner, &SockAddr::from(to))?;
             }
         }
@@ -558,7 +568,7 @@ fn ipv6_tunnels_6in6_4in6_and_gue_over_ipv6_reach_the_vips() -> Result<()> {
             let inner = ipv6_udp_l3(CLIENT6, port, VIP6, VIP_PORT, payload.as_bytes());
             (inner, c, &server6)
         };
-        send_v6(&p, how, &inner)?;
+        send_v6(&p, how, LB6, &inner)?;
         let (got, from) = recv(server).with_context(|| format!("server, {how}"))?;
         assert_eq!(got, payload.as_bytes(), "{how}");
         let want_from: SocketAddr = if v4 {
@@ -579,12 +589,28 @@ fn ipv6_tunnels_6in6_4in6_and_gue_over_ipv6_reach_the_vips() -> Result<()> {
     let st = p.status()?;
     assert_eq!(st["counters"]["decap_ipip"], 2, "{st}");
     assert_eq!(st["counters"]["decap_gue"], 1, "{st}");
-    // The IPv4 LB address is not on this allow-list.
+    // A foreign IPv6 source's tunnel packets (each kind) are dropped and
+    // counted, and the IPv4 LB address is not on this allow-list either.
+    let inner6 = ipv6_udp_l3(CLIENT6, 41100, VIP6, VIP_PORT, b"not allowed");
     let inner = ipv4_udp_l3(CLIENT, 41100, VIP, VIP_PORT, b"not allowed");
+    send_v6(&p, "6in6", FOREIGN6, &inner6)?;
+    send_v6(&p, "gue", FOREIGN6, &inner6)?;
+    send_v6(&p, "4in6", FOREIGN6, &inner)?;
     send_ipip(&p, LB, &inner)?;
-    wait_until("the IPv4 source counted as not allowed", || {
-        Ok(p.counter("drop_not_allowed")? == 1)
+    wait_until("four packets counted as not allowed", || {
+        Ok(p.counter("drop_not_allowed")? == 4)
     })?;
+    for server in [&server4, &server6] {
+        server.set_nonblocking(true)?;
+        let mut buf = [0u8; 64];
+        match server.recv_from(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("a foreign source's datagram was delivered: {other:?}"),
+        }
+    }
+    let st = p.status()?;
+    assert_eq!(st["counters"]["decap_ipip"], 2, "{st}");
+    assert_eq!(st["counters"]["decap_gue"], 1, "{st}");
     p.lb_ok(&p.backend, &["detach", "--iface", &p.b_if])?;
     Ok(())
 }

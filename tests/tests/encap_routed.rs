@@ -7,11 +7,15 @@
 //! sequence on one topology: distribution, affinity, a 1 MB upload from a
 //! client with MTU 1500 (path MTU discovery through lb's ICMP answer), UDP,
 //! drain, failover and rejoin, and established connections across an agent
-//! restart with --keep-datapath. Needs root.
+//! restart with --keep-datapath, then ICMP echo to the VIP (answered by
+//! lb, and not once the VIP turns `icmp_echo` off). The same suite runs
+//! for each family: IPv4 (4in4, GUE over IPv4), IPv6 (6in6, GUE over IPv6)
+//! and an IPv4 VIP over IPv6 backend addresses (4in6), on the dual-stack
+//! routed topology for the last three. Needs root.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
@@ -34,44 +38,71 @@ const STREAM: u16 = 7000;
 const DNS: u16 = 5353;
 const T: Duration = Duration::from_secs(3);
 
+/// One run of the suite: the forwarding mode and the address families of
+/// the VIP (and the client) and of the backends (the outer header).
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    mode: &'static str,
+    vip_v6: bool,
+    backends_v6: bool,
+}
+
+impl Case {
+    /// The outer header's protocol field as `lb explain` words it.
+    fn outer_protocol(&self) -> &'static str {
+        match (self.mode, self.backends_v6, self.vip_v6) {
+            ("gue", false, _) => "gue: IPv4 protocol 17",
+            ("gue", true, _) => "gue: IPv6 next header 17",
+            (_, false, _) => "ipip: IPv4 protocol 4",
+            (_, true, true) => "ipip: IPv6 next header 41",
+            (_, true, false) => "ipip: IPv6 next header 4",
+        }
+    }
+}
+
 /// The routed topology with servers on every backend, `lb decap` on each,
-/// and an agent forwarding three VIPs (web, stream, dns) in `mode`.
+/// and an agent forwarding three VIPs (web, stream, dns) in the case's
+/// mode.
 struct Setup {
     // Field order is drop order: agent, servers and decap before the
     // namespaces.
     agent: LbAgent,
-    servers: BTreeMap<(usize, &'static str), ChildGuard>,
+    /// Per backend and kind: the IPv4 server, and on dual-stack topologies
+    /// the IPv6 one (health checks reach the backend's address, clients
+    /// the VIP, and the two may differ in family).
+    servers: BTreeMap<(usize, &'static str), Vec<ChildGuard>>,
     _decap: Vec<DecapAttachment>,
     topo: RoutedTopology,
+    case: Case,
 }
 
-fn setup(mode: &'static str) -> Result<Setup> {
+fn setup(case: Case) -> Result<Setup> {
     require_root();
-    let topo = RoutedTopology::new(3)?;
+    let topo = if case.vip_v6 || case.backends_v6 {
+        RoutedTopology::new_dual_stack(3)?
+    } else {
+        RoutedTopology::new(3)?
+    };
     let mut servers = BTreeMap::new();
-    let mut decap = Vec::new();
     for i in 0..topo.backend_count() {
         for (kind, port) in [
             (ServerKind::Http, WEB),
             (ServerKind::Stream, STREAM),
             (ServerKind::UdpEcho, DNS),
         ] {
-            servers.insert((i, kind.as_str()), server(&topo, i, kind, port)?);
+            servers.insert((i, kind.as_str()), servers_of(&topo, i, kind, port)?);
         }
-        decap.push(DecapAttachment::attach(
-            topo.backend_ns(i),
-            &topo.backend_iface(i),
-            topo.lb_addr(),
-        )?);
     }
-    let backends = topo.backend_addrs();
-    let mut web = VipSpec::tcp("web", topo.vip(), WEB, &backends);
-    let mut stream = VipSpec::tcp("stream", topo.vip(), STREAM, &backends);
-    let mut dns = VipSpec::tcp("dns", topo.vip(), DNS, &backends);
+    let decap = DecapAttachment::attach_all(&topo, case.backends_v6)?;
+    let backends = topo.backend_addrs_of(case.backends_v6);
+    let vip = topo.vip_of(case.vip_v6);
+    let mut web = VipSpec::tcp("web", vip, WEB, &backends);
+    let mut stream = VipSpec::tcp("stream", vip, STREAM, &backends);
+    let mut dns = VipSpec::tcp("dns", vip, DNS, &backends);
     dns.protocol = "udp";
     dns.health_check = "kind = \"none\"".into();
     for v in [&mut web, &mut stream, &mut dns] {
-        v.forwarding = mode;
+        v.forwarding = case.mode;
     }
     let paths = AgentPaths::new()?;
     let text = render_config(
@@ -86,21 +117,40 @@ fn setup(mode: &'static str) -> Result<Setup> {
         servers,
         _decap: decap,
         topo,
+        case,
     })
 }
 
-fn server(topo: &RoutedTopology, i: usize, kind: ServerKind, port: u16) -> Result<ChildGuard> {
-    spawn_server(
-        topo.backend_ns(i),
-        kind,
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
-        &backend_name(i),
-    )
+/// Backend `i`'s servers of `kind` on `port`: on 0.0.0.0, and on
+/// dual-stack topologies on [::] too (UDP: on the IPv6 VIP, so that
+/// replies leave from it).
+fn servers_of(
+    topo: &RoutedTopology,
+    i: usize,
+    kind: ServerKind,
+    port: u16,
+) -> Result<Vec<ChildGuard>> {
+    let mut listen = vec![SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)];
+    if topo.is_dual_stack() {
+        let v6: IpAddr = match kind {
+            ServerKind::UdpEcho => topo.vip6().into(),
+            _ => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        listen.push(SocketAddr::new(v6, port));
+    }
+    listen
+        .into_iter()
+        .map(|l| spawn_server(topo.backend_ns(i), kind, l, &backend_name(i)))
+        .collect()
 }
 
 impl Setup {
-    fn vip(&self, port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(self.topo.vip(), port)
+    fn vip(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.topo.vip_of(self.case.vip_v6), port)
+    }
+
+    fn client(&self) -> IpAddr {
+        self.topo.client_of(self.case.vip_v6)
     }
 
     /// GETs from the client namespace from each source port: the backend
@@ -122,7 +172,7 @@ impl Setup {
 
     /// Waits (bounded) until `lb backend list --vip VIP` shows `addr` with
     /// `health`.
-    fn wait_health(&self, vip: &str, addr: Ipv4Addr, health: &str) -> Result<()> {
+    fn wait_health(&self, vip: &str, addr: IpAddr, health: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let list = self.agent.json(&["backend", "list", "--vip", vip])?;
@@ -161,13 +211,36 @@ impl Setup {
 
     /// The backend `lb explain` says the flow from `port` to `vip_port`
     /// takes, with the whole answer.
-    fn explain(&self, port: u16, vip_port: u16, proto: &str) -> Result<serde_json::Value> {
-        self.agent.json(&[
-            "explain",
-            &format!("{}:{port}", self.topo.client_addr()),
-            &self.vip(vip_port).to_string(),
-            proto,
-        ])
+    fn explain(&self, port: u16, vip_port: u16, proto: &'static str) -> Result<serde_json::Value> {
+        let args = self.explain_args(port, vip_port, proto);
+        self.agent.json(&args.each_ref().map(String::as_str))
+    }
+
+    fn explain_args(&self, port: u16, vip_port: u16, proto: &'static str) -> [String; 4] {
+        [
+            "explain".into(),
+            SocketAddr::new(self.client(), port).to_string(),
+            self.vip(vip_port).to_string(),
+            proto.into(),
+        ]
+    }
+
+    /// Pings the VIP from the client namespace (3 echo requests): whether
+    /// any answer came back.
+    fn ping_vip(&self) -> Result<bool> {
+        let vip = self.topo.vip_of(self.case.vip_v6).to_string();
+        let args = ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", &vip];
+        match self
+            .topo
+            .client_ns()
+            .exec_timeout(args, Duration::from_secs(10))
+        {
+            Ok(_) => Ok(true),
+            // iputils ping exits 1 when no reply came back; anything else
+            // (the address refused, ping missing) is an error.
+            Err(e) if format!("{e:#}").contains("exit status: 1") => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -178,10 +251,12 @@ fn index_of(name: &str) -> Result<usize> {
         .parse()?)
 }
 
-/// The behaviour suite for one mode (see the module docs).
-fn suite(mode: &'static str) -> Result<()> {
-    let mut s = setup(mode)?;
-    let backends = s.topo.backend_addrs();
+/// The behaviour suite for one case (see the module docs).
+fn suite(case: Case) -> Result<()> {
+    let mut s = setup(case)?;
+    let mode = case.mode;
+    let backends = s.topo.backend_addrs_of(case.backends_v6);
+    let lb = s.topo.lb_of(case.backends_v6);
 
     // The CLI shows the mode and the routed next hops.
     let vips = s.agent.json(&["vip", "list"])?;
@@ -198,7 +273,7 @@ fn suite(mode: &'static str) -> Result<()> {
     let list = s.agent.json(&["backend", "list", "--vip", "web"])?;
     for b in list.as_array().into_iter().flatten() {
         ensure!(
-            b["gateway"] == s.topo.router_front_addr().to_string(),
+            b["gateway"] == s.topo.router_front_of(case.backends_v6).to_string(),
             "routed through the router: {b}"
         );
     }
@@ -226,8 +301,17 @@ fn suite(mode: &'static str) -> Result<()> {
         let i = index_of(&got[0])?;
         ensure!(e["backend"] == backends[i].to_string(), "{e}");
         ensure!(e["outer"]["dst"] == backends[i].to_string(), "{e}");
-        ensure!(e["outer"]["src"] == s.topo.lb_addr().to_string(), "{e}");
+        ensure!(e["outer"]["src"] == lb.to_string(), "{e}");
         ensure!(e["outer"]["forwarding"] == mode, "{e}");
+        // The text form names the outer header's family and protocol.
+        let args = s.explain_args(port, WEB, "tcp");
+        let text = s.agent.cli_ok(&args.each_ref().map(String::as_str))?;
+        let line = format!(
+            "outer      {lb} -> {} ({}",
+            backends[i],
+            case.outer_protocol()
+        );
+        ensure!(text.contains(&line), "{line:?} not in:\n{text}");
     }
 
     // A 1 MB upload (echoed back) from the client, whose MTU is 1500 like
@@ -240,7 +324,7 @@ fn suite(mode: &'static str) -> Result<()> {
     let icmp = s.reason("tx_icmp_too_big")? - icmp_before;
     ensure!(icmp >= 1, "{mode}: no ICMP fragmentation-needed sent");
     let e = s.explain(40_000, STREAM, "tcp")?;
-    let serving: Ipv4Addr = e["backend"].as_str().unwrap_or_default().parse()?;
+    let serving: IpAddr = e["backend"].as_str().unwrap_or_default().parse()?;
 
     // UDP: one flow, one backend, echoed.
     let dns = s.vip(DNS);
@@ -284,7 +368,11 @@ fn suite(mode: &'static str) -> Result<()> {
 
     // Failover and rejoin: backend 1's web server dies, then comes back.
     let victim = backends[1];
-    if let Some(g) = s.servers.remove(&(1, ServerKind::Http.as_str())) {
+    for g in s
+        .servers
+        .remove(&(1, ServerKind::Http.as_str()))
+        .unwrap_or_default()
+    {
         g.kill()?;
     }
     s.wait_health("web", victim, "down")?;
@@ -295,7 +383,7 @@ fn suite(mode: &'static str) -> Result<()> {
     );
     s.servers.insert(
         (1, ServerKind::Http.as_str()),
-        server(&s.topo, 1, ServerKind::Http, WEB)?,
+        servers_of(&s.topo, 1, ServerKind::Http, WEB)?,
     );
     s.wait_health("web", victim, "up")?;
     let answers = s.get_from_ports(33_000..33_300)?;
@@ -313,16 +401,83 @@ fn suite(mode: &'static str) -> Result<()> {
     long.roundtrip(64 * 1024).context("after the restart")?;
     let e = s.explain(40_000, STREAM, "tcp")?;
     ensure!(e["backend"] == serving.to_string(), "the flow moved: {e}");
+
+    // ICMP echo to the VIP: answered by lb itself (the backends hold the
+    // VIP on lo too, but lb never forwards an echo request to them).
+    let replies = s.reason("tx_icmp_echo_reply")?;
+    ensure!(
+        s.ping_vip()?,
+        "{mode}: ping {} got no answer",
+        s.vip(0).ip()
+    );
+    ensure!(
+        s.reason("tx_icmp_echo_reply")? > replies,
+        "{mode}: the echo replies did not come from lb"
+    );
+
+    // The VIPs turn icmp_echo off (a new agent, fresh state): lb answers no
+    // more, and nothing else does.
+    s.agent.stop()?;
+    let text = std::fs::read_to_string(&s.agent.config)?;
+    let off = format!("forwarding = \"{mode}\"\nicmp_echo = false\n");
+    let text = text.replace(&format!("forwarding = \"{mode}\"\n"), &off);
+    ensure!(text.matches("icmp_echo = false").count() == 3, "{text}");
+    std::fs::write(&s.agent.config, text)?;
+    s.agent.spawn(&[])?;
+    let replies = s.reason("tx_icmp_echo_reply")?;
+    ensure!(
+        !s.ping_vip()?,
+        "{mode}: ping answered with icmp_echo = false"
+    );
+    ensure!(s.reason("tx_icmp_echo_reply")? == replies);
     s.agent.stop()?;
     Ok(())
 }
 
 #[test]
 fn ipip_to_routed_backends() -> Result<()> {
-    suite("ipip")
+    suite(Case {
+        mode: "ipip",
+        vip_v6: false,
+        backends_v6: false,
+    })
 }
 
 #[test]
 fn gue_to_routed_backends() -> Result<()> {
-    suite("gue")
+    suite(Case {
+        mode: "gue",
+        vip_v6: false,
+        backends_v6: false,
+    })
+}
+
+/// 6in6.
+#[test]
+fn ipip_to_routed_ipv6_backends() -> Result<()> {
+    suite(Case {
+        mode: "ipip",
+        vip_v6: true,
+        backends_v6: true,
+    })
+}
+
+/// GUE over IPv6.
+#[test]
+fn gue_to_routed_ipv6_backends() -> Result<()> {
+    suite(Case {
+        mode: "gue",
+        vip_v6: true,
+        backends_v6: true,
+    })
+}
+
+/// 4in6: an IPv4 VIP whose backends are IPv6 addresses.
+#[test]
+fn ipip_ipv4_vip_to_routed_ipv6_backends() -> Result<()> {
+    suite(Case {
+        mode: "ipip",
+        vip_v6: false,
+        backends_v6: true,
+    })
 }
