@@ -40,7 +40,7 @@ mod v6;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Stdio,
     thread,
@@ -458,11 +458,13 @@ impl Bench {
         Ok(bench)
     }
 
-    /// Permanent neighbour entries and static bridge FDB entries: no ARP
-    /// and no flooding in the middle of a measurement.
+    /// Permanent neighbour entries (IPv4 and IPv6) and static bridge FDB
+    /// entries: no ARP, no neighbour discovery and no flooding in the
+    /// middle of a measurement (lb's next hops come from these entries).
     fn static_neighbours(&self) -> Result<()> {
         let t = &self.topo;
-        let neigh = |ns: &Netns, iface: &str, addr: Ipv4Addr, m: [u8; 6]| -> Result<()> {
+        // `ip neigh` takes the family from the address.
+        let neigh = |ns: &Netns, iface: &str, addr: IpAddr, m: [u8; 6]| -> Result<()> {
             ns.ip([
                 "neigh",
                 "replace",
@@ -476,18 +478,21 @@ impl Bench {
             ])?;
             Ok(())
         };
-        neigh(t.client_ns(), &t.client_iface(), t.lb_addr(), t.lb_mac())?;
-        neigh(t.lb_ns(), &t.lb_iface(), t.client_addr(), t.client_mac())?;
-        for i in 0..t.backend_count() {
-            neigh(
-                t.lb_ns(),
-                &t.lb_iface(),
-                t.backend_addr(i),
-                t.backend_mac(i),
-            )?;
-            let b = t.backend_ns(i);
-            neigh(b, &t.backend_iface(i), t.client_addr(), t.client_mac())?;
-            neigh(b, &t.backend_iface(i), t.lb_addr(), t.lb_mac())?;
+        for v6 in [false, true] {
+            let pick = |a4: Ipv4Addr, a6: std::net::Ipv6Addr| -> IpAddr {
+                if v6 { a6.into() } else { a4.into() }
+            };
+            let client = pick(t.client_addr(), t.client_addr6());
+            let lb = pick(t.lb_addr(), t.lb_addr6());
+            neigh(t.client_ns(), &t.client_iface(), lb, t.lb_mac())?;
+            neigh(t.lb_ns(), &t.lb_iface(), client, t.client_mac())?;
+            for i in 0..t.backend_count() {
+                let backend = pick(t.backend_addr(i), t.backend_addr6(i));
+                neigh(t.lb_ns(), &t.lb_iface(), backend, t.backend_mac(i))?;
+                let b = t.backend_ns(i);
+                neigh(b, &t.backend_iface(i), client, t.client_mac())?;
+                neigh(b, &t.backend_iface(i), lb, t.lb_mac())?;
+            }
         }
         let fdb = |m: [u8; 6], port: String| -> Result<()> {
             t.switch_ns().exec([
@@ -507,7 +512,7 @@ impl Bench {
         for i in 0..t.backend_count() {
             fdb(t.backend_mac(i), t.backend_switch_port(i))?;
         }
-        v6::static_neighbours(t)
+        Ok(())
     }
 
     /// Room for thousands of short connections per second.

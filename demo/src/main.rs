@@ -20,7 +20,7 @@
 //! they sit in another subnet behind a router, lb encapsulates to them and
 //! each strips the tunnel with `lb decap` (see net.rs). `--ipv6` tells it
 //! with an IPv6 VIP and IPv6 backends (2001:2::/48), in any forwarding
-//! mode: 6in6 for `ipip`, GUE over IPv6 for `gue` (routed6.rs).
+//! mode: 6in6 for `ipip`, GUE over IPv6 for `gue` (the routed topology built dual-stack).
 //!
 //! Exit status: 0 when every check held, 1 when one did not or on an error,
 //! 2 on a bad argument, 130 when interrupted. Everything (agent, servers, namespaces, pins) is
@@ -48,7 +48,6 @@ use net::{Forwarding, Net};
 
 mod held;
 mod net;
-mod routed6;
 mod summary;
 
 use summary::{Check, summary};

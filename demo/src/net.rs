@@ -3,8 +3,8 @@
 //! `ipip` and `gue` the routed one (backends in another subnet behind a
 //! router, each running `lb decap` for lb's address only). With `--ipv6`
 //! the VIP, the backends and every address the story uses are IPv6
-//! (2001:2::/48): the L2 topology with its IPv6 option, or the demo's own
-//! routed IPv6 topology (routed6.rs).
+//! (2001:2::/48): the L2 topology with its IPv6 option, or the routed
+//! one built dual-stack.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -15,8 +15,6 @@ use lb_tests::{
     routed::RoutedTopology,
     servers::{ServerKind, backend_name, spawn_server},
 };
-
-use crate::routed6::{Decap6, Routed6};
 
 /// `--forwarding`: what the VIP is configured with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,19 +46,14 @@ impl Forwarding {
 
 pub enum Net {
     /// `v6`: the story uses the topology's IPv6 addresses.
-    L2 {
-        topo: Topology,
-        v6: bool,
-    },
+    L2 { topo: Topology, v6: bool },
     // Field order is drop order: lb decap is detached before the
     // namespaces go.
+    /// `v6`: dual-stack, and the story uses the IPv6 addresses.
     Routed {
         _decap: Vec<DecapAttachment>,
         topo: RoutedTopology,
-    },
-    Routed6 {
-        _decap: Vec<Decap6>,
-        topo: Routed6,
+        v6: bool,
     },
 }
 
@@ -70,28 +63,17 @@ impl Net {
             let topo = Topology::new(TopologyOpts { backends, ipv6 })?;
             return Ok(Net::L2 { topo, v6: ipv6 });
         }
-        if ipv6 {
-            let topo = Routed6::new(backends)?;
-            let lb = topo.front().lb_addr6();
-            let decap = (0..backends)
-                .map(|i| Decap6::attach(topo.backend_ns(i), &topo.backend_iface(i), lb))
-                .collect::<Result<Vec<_>>>()
-                .context("attaching lb decap on the backends")?;
-            return Ok(Net::Routed6 {
-                _decap: decap,
-                topo,
-            });
-        }
-        let topo = RoutedTopology::new(backends)?;
-        let decap = (0..backends)
-            .map(|i| {
-                DecapAttachment::attach(topo.backend_ns(i), &topo.backend_iface(i), topo.lb_addr())
-            })
-            .collect::<Result<Vec<_>>>()
+        let topo = if ipv6 {
+            RoutedTopology::new_dual_stack(backends)?
+        } else {
+            RoutedTopology::new(backends)?
+        };
+        let decap = DecapAttachment::attach_all(&topo, ipv6)
             .context("attaching lb decap on the backends")?;
         Ok(Net::Routed {
             _decap: decap,
             topo,
+            v6: ipv6,
         })
     }
 
@@ -100,16 +82,13 @@ impl Net {
         match self {
             Net::L2 { topo, .. } => topo,
             Net::Routed { topo, .. } => topo.front(),
-            Net::Routed6 { topo, .. } => topo.front(),
         }
     }
 
     /// Whether the story runs over IPv6.
     pub fn is_v6(&self) -> bool {
         match self {
-            Net::L2 { v6, .. } => *v6,
-            Net::Routed { .. } => false,
-            Net::Routed6 { .. } => true,
+            Net::L2 { v6, .. } | Net::Routed { v6, .. } => *v6,
         }
     }
 
@@ -125,7 +104,6 @@ impl Net {
         match self {
             Net::L2 { topo, .. } => topo.backend_ns(i),
             Net::Routed { topo, .. } => topo.backend_ns(i),
-            Net::Routed6 { topo, .. } => topo.backend_ns(i),
         }
     }
 
@@ -133,7 +111,6 @@ impl Net {
         match self {
             Net::L2 { topo, .. } => topo.backend_count(),
             Net::Routed { topo, .. } => topo.backend_count(),
-            Net::Routed6 { topo, .. } => topo.backend_count(),
         }
     }
 
@@ -141,8 +118,10 @@ impl Net {
         match self {
             Net::L2 { topo, v6: false } => topo.backend_addr(i).into(),
             Net::L2 { topo, v6: true } => topo.backend_addr6(i).into(),
-            Net::Routed { topo, .. } => topo.backend_addr(i).into(),
-            Net::Routed6 { topo, .. } => topo.backend_addr(i).into(),
+            Net::Routed {
+                topo, v6: false, ..
+            } => topo.backend_addr(i).into(),
+            Net::Routed { topo, v6: true, .. } => topo.backend_addr6(i).into(),
         }
     }
 
@@ -182,7 +161,6 @@ impl Net {
         let router = match self {
             Net::L2 { topo, .. } => return topo.namespace_names(),
             Net::Routed { topo, .. } => topo.router_ns(),
-            Net::Routed6 { topo, .. } => topo.router_ns(),
         };
         let mut v = self.front().namespace_names();
         v.push(router.name().to_owned());
@@ -207,9 +185,11 @@ impl Net {
                 t.bridge(),
                 t.switch_ns().name()
             ),
-            Net::Routed { topo, .. } => routed(format!("{}/24", topo.back_net()), topo.router_ns()),
-            Net::Routed6 { topo, .. } => {
-                routed(format!("{}/64", topo.back_net()), topo.router_ns())
+            Net::Routed {
+                topo, v6: false, ..
+            } => routed(format!("{}/24", topo.back_net()), topo.router_ns()),
+            Net::Routed { topo, v6: true, .. } => {
+                routed(format!("{}/64", topo.back_net6()), topo.router_ns())
             }
         }
     }

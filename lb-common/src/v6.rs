@@ -81,9 +81,16 @@ pub struct VipKey6 {
 impl VipKey6 {
     /// `port` in host order.
     pub const fn new(addr: Ipv6Addr, port_host: u16, proto: u8) -> Self {
+        Self::from_wire(addr6_words(addr), port_host.to_be(), proto)
+    }
+
+    /// `addr` as on the wire, `port` in network order: the key as the
+    /// fast path reads it from a packet.
+    #[inline(always)]
+    pub const fn from_wire(addr: [u32; 4], port: u16, proto: u8) -> Self {
         Self {
-            addr: addr6_words(addr),
-            port: port_host.to_be(),
+            addr,
+            port,
             proto,
             _pad: 0,
         }

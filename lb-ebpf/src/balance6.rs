@@ -46,12 +46,7 @@ fn find_vip6(key: &VipKey6) -> Option<VipInfo> {
 /// passed otherwise.
 #[inline(always)]
 fn unsteerable6(dst: [u32; 4], drop: Reason, pass: Reason) -> Reason {
-    let marker = VipKey6 {
-        addr: dst,
-        port: 0,
-        proto: 0,
-        _pad: 0,
-    };
+    let marker = VipKey6::from_wire(dst, 0, 0);
     if find_vip6(&marker).is_some() {
         drop
     } else {
@@ -126,13 +121,7 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     }
     // In the frame (checked again for the verifier).
     let [src_port, dst_port] = l4_ports(ctx, l4).ok_or(Reason::DropMalformed)?;
-    let vip = find_vip6(&VipKey6 {
-        addr: dst,
-        port: dst_port,
-        proto,
-        _pad: 0,
-    })
-    .ok_or(Reason::PassNotVip)?;
+    let vip = find_vip6(&VipKey6::from_wire(dst, dst_port, proto)).ok_or(Reason::PassNotVip)?;
 
     // TCP flags: as for IPv4 (see main.rs).
     let Connection {
@@ -279,13 +268,7 @@ fn icmp6_to(
         // Answered only without extension headers (a routing header would
         // make the destination field another hop's address).
         (ICMPV6_ECHO_REQUEST, 0) if l4 == eth.l3 + IPV6_HDR_LEN => {
-            let marker = VipKey6 {
-                addr: dst,
-                port: 0,
-                proto: 0,
-                _pad: 0,
-            };
-            match find_vip6(&marker) {
+            match find_vip6(&VipKey6::from_wire(dst, 0, 0)) {
                 Some(info) if info.answers_echo() => {
                     // SAFETY: `icmp` was bounds checked above.
                     unsafe { echo_reply6(ctx, eth.l3, icmp) }.ok_or(Reason::PassMalformed)?;
@@ -324,13 +307,8 @@ fn icmp6_error_to_backend(
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    let vip = find_vip6(&VipKey6 {
-        addr: e.vip_addr,
-        port: e.vip_port,
-        proto: e.proto,
-        _pad: 0,
-    })
-    .ok_or(Reason::PassNotVip)?;
+    let vip = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto))
+        .ok_or(Reason::PassNotVip)?;
     // The outer payload length (and GUE's UDP length) is 16 bits.
     if tot_len + GUE_UDP_LEN > u16::MAX as usize {
         return Err(Reason::DropTooBig);

@@ -95,6 +95,29 @@ pub(crate) unsafe fn put_bytes<const N: usize>(p: *mut u8, off: usize, b: [u8; N
     }
 }
 
+/// Writes GUE's UDP header at `p + off`: ports in network order, length
+/// `udp_len`, checksum 0 (the inner packet carries its own).
+///
+/// # Safety
+/// `p + off` points to 8 writable bytes of the packet (bounds checked),
+/// at an even address.
+#[inline(always)]
+pub(crate) unsafe fn write_gue_udp(
+    p: *mut u8,
+    off: usize,
+    src_port: u16,
+    dst_port: u16,
+    udp_len: u16,
+) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        put16(p, off, u16::from_be(src_port));
+        put16(p, off + 2, u16::from_be(dst_port));
+        put16(p, off + 4, udp_len);
+        put16(p, off + 6, 0);
+    }
+}
+
 /// Writes a 20-byte IPv4 header (no options, id 0) at `p + off`, its
 /// checksum computed. `src`/`dst` as on the wire.
 ///
@@ -227,11 +250,7 @@ pub fn push_gue(
             o.src,
             o.dst,
         );
-        let udp = l3 + IPV4_HDR_LEN;
-        put16(start, udp, u16::from_be(src_port));
-        put16(start, udp + 2, u16::from_be(dst_port));
-        put16(start, udp + 4, udp_len);
-        put16(start, udp + 6, 0);
+        write_gue_udp(start, l3 + IPV4_HDR_LEN, src_port, dst_port, udp_len);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{GUE6_OVERHEAD, IPPROTO_ICMPV6, IPPROTO_UDP, IPV6_MIN_MTU};
 
 use crate::{
-    encap::{PushError, fold, halves, push_l2, put_bytes, put16},
+    encap::{PushError, fold, halves, push_l2, put_bytes, put16, write_gue_udp},
     parse::{ETH_P_IPV6, IPV6_HDR_LEN, ptr_at, read_macs},
 };
 
@@ -141,11 +141,7 @@ pub fn push_gue6(
             o.src,
             o.dst,
         );
-        let udp = l3 + IPV6_HDR_LEN;
-        put16(start, udp, u16::from_be(src_port));
-        put16(start, udp + 2, u16::from_be(dst_port));
-        put16(start, udp + 4, udp_len);
-        put16(start, udp + 6, 0);
+        write_gue_udp(start, l3 + IPV6_HDR_LEN, src_port, dst_port, udp_len);
     }
     Ok(())
 }

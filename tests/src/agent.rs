@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -71,6 +71,19 @@ impl VipSpec {
 /// Where a test agent serves metrics: loopback of the lb namespace (every
 /// topology has its own).
 pub const METRICS_LISTEN: &str = "127.0.0.1:9100";
+
+/// The agent's `/metrics` page, fetched inside `lb_ns`.
+pub fn metrics(lb_ns: &Netns) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    lb_ns.run(|| -> Result<String> {
+        let mut c = std::net::TcpStream::connect(METRICS_LISTEN)?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        c.read_to_string(&mut body)?;
+        Ok(body)
+    })?
+}
 
 /// Renders a config for `iface` with a private instance and socket.
 pub fn render_config(instance: &str, socket: &Path, iface: &str, vips: &[VipSpec]) -> String {
@@ -271,6 +284,61 @@ impl LbAgent {
 
     pub fn pin_dir(&self) -> PathBuf {
         Path::new("/sys/fs/bpf/lb").join(&self.instance)
+    }
+
+    /// `lb explain SRC DST PROTO --json`.
+    pub fn explain(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: &str,
+    ) -> Result<serde_json::Value> {
+        self.json(&["explain", &src.to_string(), &dst.to_string(), proto])
+    }
+
+    /// A pass/drop reason's count, as `lb stats` shows it.
+    pub fn reason(&self, name: &str) -> Result<u64> {
+        let stats = self.json(&["stats"])?;
+        Ok(stats["reasons"][name][0].as_u64().unwrap_or(0))
+    }
+
+    /// Waits (bounded by `timeout`) until `lb backend list` (of `vip`
+    /// only, if given) shows `addr` with `health`.
+    pub fn wait_health(
+        &self,
+        vip: Option<&str>,
+        addr: IpAddr,
+        health: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut args = vec!["backend", "list"];
+        args.extend(vip.iter().flat_map(|v| ["--vip", v]));
+        loop {
+            let list = self.json(&args)?;
+            let now = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["address"] == addr.to_string())
+                .map(|b| b["health"].as_str().unwrap_or("").to_string());
+            if now.as_deref() == Some(health) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{addr} is {now:?}, not {health}, after {timeout:?}: {list}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Records in the pinned flow table `map` (CONNTRACK or CONNTRACK6,
+    /// keyed by `K`), read straight from bpffs.
+    pub fn pinned_flows<K: aya::Pod>(&self, map: &str) -> Result<usize> {
+        let data = aya::maps::MapData::from_pin(self.pin_dir().join(map))?;
+        let ct: aya::maps::HashMap<_, K, lb_common::FlowEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 }
 

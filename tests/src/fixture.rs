@@ -407,6 +407,52 @@ pub fn moved(
         .collect()
 }
 
+/// Runs every truncation (from 14 bytes up) of `pkt`, a frame to a tunnel
+/// VIP whose L2 header is `l2` bytes and IP header `ip_hdr` bytes: never
+/// aborted; shorter than the L2 header it passes (`pass_short_frame`),
+/// than the IP header too (`pass_malformed`), otherwise it is dropped
+/// (`drop_malformed`), exactly that reason counted once; the whole frame
+/// is sent on (`XDP_TX`) `overhead` bytes longer.
+pub fn assert_truncations_handled(
+    f: &Fixture,
+    pkt: &[u8],
+    l2: usize,
+    ip_hdr: usize,
+    overhead: usize,
+    what: &str,
+) {
+    for len in 14..=pkt.len() {
+        let before = f.reasons();
+        let r = f
+            .try_run(&pkt[..len])
+            .unwrap_or_else(|e| panic!("{what} len {len}: {e:?}"));
+        assert_ne!(r.action, XDP_ABORTED, "{what} len {len}");
+        let want = if len < l2 {
+            Some(("pass_short_frame", XDP_PASS))
+        } else if len < l2 + ip_hdr {
+            Some(("pass_malformed", XDP_PASS))
+        } else if len < pkt.len() {
+            Some(("drop_malformed", XDP_DROP))
+        } else {
+            None
+        };
+        match want {
+            Some((reason, action)) => {
+                assert_eq!(r.action, action, "{what} len {len}");
+                assert_eq!(
+                    moved(&before, &f.reasons()),
+                    std::collections::BTreeMap::from([(reason, 1)]),
+                    "{what} len {len}"
+                );
+            }
+            None => {
+                assert_eq!(r.action, XDP_TX, "{what}");
+                assert_eq!(r.frame.len(), pkt.len() + overhead, "{what}");
+            }
+        }
+    }
+}
+
 /// Runs `frame` through the balancer, expects PASS with the frame byte for
 /// byte untouched and exactly one `reason` counted.
 pub fn assert_passed_untouched(f: &Fixture, frame: &[u8], reason: &'static str) {

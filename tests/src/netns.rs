@@ -744,7 +744,7 @@ impl Topology {
     /// [`Topology::plug`] into another bridge of the switch namespace (a
     /// topology built on this one, e.g. `routed`'s back segment or the
     /// demo's IPv6 routed one).
-    pub fn plug_into(
+    pub(crate) fn plug_into(
         &self,
         ns: &Netns,
         iface: &str,
@@ -804,7 +804,7 @@ impl Topology {
 
     /// Waits (bounded) until `expected` ports of `bridge` (in the switch
     /// namespace) are forwarding.
-    pub fn wait_ports_forwarding(
+    pub(crate) fn wait_ports_forwarding(
         &self,
         bridge: &str,
         expected: usize,

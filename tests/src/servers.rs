@@ -766,3 +766,74 @@ impl EchoStream {
         Ok(())
     }
 }
+
+/// GETs `vip` from `client` once from each source port: the backend name
+/// that answered per port (every request must succeed).
+pub fn get_from_ports(
+    client: &Netns,
+    vip: SocketAddr,
+    ports: impl IntoIterator<Item = u16>,
+) -> Result<Vec<(u16, String)>> {
+    let ports: Vec<u16> = ports.into_iter().collect();
+    client.run(move || {
+        ports
+            .into_iter()
+            .map(|p| {
+                let body = http_get_from(Some(p), vip, std::time::Duration::from_secs(3))
+                    .with_context(|| format!("GET {vip} from port {p}"))?;
+                Ok((p, body.trim().to_string()))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?
+}
+
+/// Each answering backend's share of `answers`, in percent.
+pub fn shares(answers: &[(u16, String)]) -> std::collections::BTreeMap<String, f64> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for (_, b) in answers {
+        *counts.entry(b.clone()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, v)| (k, 100.0 * v as f64 / answers.len() as f64))
+        .collect()
+}
+
+/// The backend name a UDP echo reply starts with (`backend-N:payload`).
+pub fn echo_reply_backend(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply)
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `n` UDP echo requests from `client`, all from source port `src_port`
+/// to `vip`: one flow, so one backend must answer every one of them, each
+/// echoing its payload. Returns that backend's name.
+pub fn one_udp_flow_one_backend(
+    client: &Netns,
+    vip: SocketAddr,
+    src_port: u16,
+    n: usize,
+) -> Result<String> {
+    let t = std::time::Duration::from_secs(3);
+    let replies = client.run(move || {
+        (0..n)
+            .map(|i| udp_request_from(Some(src_port), vip, format!("q{i}").as_bytes(), t))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    let names: Vec<String> = replies.iter().map(|r| echo_reply_backend(r)).collect();
+    ensure!(names[0].starts_with("backend-"), "{names:?}");
+    ensure!(
+        names.iter().all(|n| *n == names[0]),
+        "one flow, several backends: {names:?}"
+    );
+    for (i, r) in replies.iter().enumerate() {
+        ensure!(
+            String::from_utf8_lossy(r).ends_with(&format!("q{i}")),
+            "echo payload of request {i}: {r:?}"
+        );
+    }
+    Ok(names[0].clone())
+}

@@ -16,7 +16,7 @@ use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
     netns::Topology,
     require_root,
-    servers::{ServerKind, spawn_on_backends, tcp_connect, udp_request_from},
+    servers::{ServerKind, echo_reply_backend, spawn_on_backends, tcp_connect, udp_request_from},
 };
 
 const T: Duration = Duration::from_secs(3);
@@ -221,15 +221,6 @@ fn a_long_lived_connection_keeps_its_backend_through_churn_and_a_ring_change() -
     Ok(())
 }
 
-/// The backend that answered a UDP echo (its name, before the ':').
-fn answered_by(reply: &[u8]) -> String {
-    String::from_utf8_lossy(reply)
-        .split(':')
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
-
 #[test]
 fn a_drained_udp_backend_loses_its_flows_when_they_idle_out() -> Result<()> {
     require_root();
@@ -244,7 +235,7 @@ fn a_drained_udp_backend_loses_its_flows_when_they_idle_out() -> Result<()> {
         let r = topo
             .client_ns()
             .run(move || udp_request_from(Some(45_000), sa, q.as_bytes(), T))??;
-        Ok(answered_by(&r))
+        Ok(echo_reply_backend(&r))
     };
     let first = ask("q0")?;
     ensure!(first.starts_with("backend-"), "{first}");

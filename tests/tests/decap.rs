@@ -75,16 +75,20 @@ impl Decap {
             .collect()
     }
 
+    /// The counters that moved since `before`, and by how much.
+    fn moved_since(&self, before: &BTreeMap<&'static str, u64>) -> Vec<(&'static str, u64)> {
+        self.counters()
+            .into_iter()
+            .filter(|(k, v)| before[k] != *v)
+            .map(|(k, v)| (k, v - before[k]))
+            .collect()
+    }
+
     /// Runs `frame` and checks that exactly `reason` moved, by one.
     fn run(&self, frame: &[u8], reason: &str) -> RunResult {
         let before = self.counters();
         let r = run_xdp(self.prog.program(), frame).expect("BPF_PROG_TEST_RUN");
-        let after = self.counters();
-        let moved: Vec<_> = after
-            .iter()
-            .filter(|(k, v)| before[*k] != **v)
-            .map(|(k, v)| (*k, v - before[k]))
-            .collect();
+        let moved = self.moved_since(&before);
         assert_eq!(moved, vec![(reason, 1)], "counters for {}", hex(frame));
         r
     }
@@ -588,12 +592,7 @@ fn through_lb_restore_every_repeat_strips_the_same_tunnel_frame() {
             })
             .expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.return_value, XDP_PASS, "{name}");
-        let after = d.counters();
-        let moved: Vec<_> = after
-            .iter()
-            .filter(|(k, v)| before[*k] != **v)
-            .map(|(k, v)| (*k, v - before[k]))
-            .collect();
+        let moved = d.moved_since(&before);
         assert_eq!(moved, vec![(reason_of(encap), u64::from(REPEAT))], "{name}");
         let want = ethernet_frame(
             TUNNEL_DST_MAC,

@@ -4,21 +4,19 @@
 //! own topology and removes it, also when it fails.
 
 use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, lb_in_ns, render_config},
     netns::{ChildGuard, Topology},
     require_root,
     servers::{
-        EchoStream, ServerKind, backend_name, http_get_from, spawn_on_backends, spawn_server,
-        tcp_connect, udp_request_from,
+        EchoStream, ServerKind, backend_name, get_from_ports, http_get_from,
+        one_udp_flow_one_backend, shares, spawn_on_backends, spawn_server, tcp_connect,
     },
 };
 
@@ -61,37 +59,10 @@ fn setup(n: usize, weights: Option<&[u32]>) -> Result<Setup> {
     })
 }
 
-/// GETs from the client namespace from each source port; returns the
-/// backend name that answered per port (every request must succeed).
-fn get_from_ports(topo: &Topology, ports: Vec<u16>) -> Result<Vec<(u16, String)>> {
-    let vip = vip_addr(topo);
-    topo.client_ns().run(move || {
-        ports
-            .into_iter()
-            .map(|p| {
-                let body =
-                    http_get_from(Some(p), vip, T).with_context(|| format!("GET from port {p}"))?;
-                Ok((p, body.trim().to_string()))
-            })
-            .collect::<Result<Vec<_>>>()
-    })?
-}
-
-fn shares(answers: &[(u16, String)]) -> BTreeMap<String, f64> {
-    let mut counts = BTreeMap::<String, usize>::new();
-    for (_, b) in answers {
-        *counts.entry(b.clone()).or_default() += 1;
-    }
-    counts
-        .into_iter()
-        .map(|(k, v)| (k, 100.0 * v as f64 / answers.len() as f64))
-        .collect()
-}
-
 #[test]
 fn distribution_over_three_equal_backends() -> Result<()> {
     let s = setup(3, None)?;
-    let answers = get_from_ports(&s.topo, (20_000..23_000).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 20_000..23_000)?;
     let sh = shares(&answers);
     for i in 0..3 {
         let got = sh.get(&backend_name(i)).copied().unwrap_or(0.0);
@@ -106,14 +77,7 @@ fn distribution_over_three_equal_backends() -> Result<()> {
     ensure!(new_flows >= 3000, "new flows counted: {new_flows}");
     // And Prometheus sees them (the agent's sample is at most a second old).
     thread::sleep(Duration::from_millis(1200));
-    let text = s.topo.lb_ns().run(|| -> Result<String> {
-        let mut c = std::net::TcpStream::connect(lb_tests::agent::METRICS_LISTEN)?;
-        c.set_read_timeout(Some(T))?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-        let mut body = String::new();
-        c.read_to_string(&mut body)?;
-        Ok(body)
-    })??;
+    let text = lb_tests::agent::metrics(s.topo.lb_ns())?;
     let flows = text
         .lines()
         .find(|l| l.starts_with("lb_vip_new_flows_total{vip=\"web\"}"))
@@ -135,18 +99,17 @@ fn distribution_over_three_equal_backends() -> Result<()> {
 fn same_source_port_lands_on_the_same_backend() -> Result<()> {
     let s = setup(3, None)?;
     for port in [30_001u16, 30_002, 30_003, 30_004, 30_005] {
-        let answers = get_from_ports(&s.topo, vec![port; 10])?;
+        let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), vec![port; 10])?;
         let first = &answers[0].1;
         ensure!(
             answers.iter().all(|(_, b)| b == first),
             "port {port}: {answers:?}"
         );
         // And lb explain predicts it with the kernel's hash.
-        let e = explain(
-            &s.agent,
-            format!("{}:{port}", s.topo.client_addr()),
-            vip_addr(&s.topo).to_string(),
-        )?;
+        let src = SocketAddrV4::new(s.topo.client_addr(), port);
+        let e = s
+            .agent
+            .explain(src.into(), vip_addr(&s.topo).into(), "tcp")?;
         let predicted = e["ring_backend"].as_str().unwrap_or("").to_string();
         let i: usize = first.trim_start_matches("backend-").parse()?;
         ensure!(
@@ -160,7 +123,7 @@ fn same_source_port_lands_on_the_same_backend() -> Result<()> {
 #[test]
 fn weights_one_to_three() -> Result<()> {
     let s = setup(2, Some(&[1, 3]))?;
-    let answers = get_from_ports(&s.topo, (21_000..23_000).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 21_000..23_000)?;
     let sh = shares(&answers);
     let b0 = sh.get(&backend_name(0)).copied().unwrap_or(0.0);
     let b1 = sh.get(&backend_name(1)).copied().unwrap_or(0.0);
@@ -175,7 +138,7 @@ fn weights_one_to_three() -> Result<()> {
 fn a_fourth_backend_takes_a_quarter_of_the_source_ports() -> Result<()> {
     let mut s = setup(3, None)?;
     let ports: Vec<u16> = (24_000..26_000).collect();
-    let before = get_from_ports(&s.topo, ports.clone())?;
+    let before = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), ports.clone())?;
     let i = s.topo.add_backend()?;
     let addr = s.topo.backend_addr(i);
     s.servers.push(spawn_server(
@@ -186,8 +149,9 @@ fn a_fourth_backend_takes_a_quarter_of_the_source_ports() -> Result<()> {
     )?);
     s.agent
         .cli_ok(&["backend", "add", "web", &addr.to_string()])?;
-    wait_health(&s.agent, addr, "up", Duration::from_secs(10))?;
-    let after = get_from_ports(&s.topo, ports)?;
+    s.agent
+        .wait_health(None, addr.into(), "up", Duration::from_secs(10))?;
+    let after = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), ports)?;
     let moved = before
         .iter()
         .zip(&after)
@@ -208,32 +172,6 @@ fn a_fourth_backend_takes_a_quarter_of_the_source_ports() -> Result<()> {
     Ok(())
 }
 
-/// `lb explain SRC DST tcp --json`.
-fn explain(agent: &LbAgent, src: String, dst: String) -> Result<serde_json::Value> {
-    agent.json(&["explain", &src, &dst, "tcp"])
-}
-
-/// Waits (bounded) until `lb backend list` shows `addr` with `health`.
-fn wait_health(agent: &LbAgent, addr: Ipv4Addr, health: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let list = agent.json(&["backend", "list"])?;
-        let now = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["address"] == addr.to_string())
-            .map(|b| b["health"].as_str().unwrap_or("").to_string());
-        if now.as_deref() == Some(health) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{addr} is {now:?}, not {health}, after {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn failover_and_rejoin() -> Result<()> {
     let mut s = setup(3, None)?;
@@ -241,9 +179,10 @@ fn failover_and_rejoin() -> Result<()> {
     // Kill backend 1's server: after `fall` checks it is down.
     let server = s.servers.remove(1);
     server.kill()?;
-    wait_health(&s.agent, victim, "down", Duration::from_secs(10))?;
+    s.agent
+        .wait_health(None, victim.into(), "down", Duration::from_secs(10))?;
     // From now on no connection fails and none goes to backend 1.
-    let answers = get_from_ports(&s.topo, (26_000..26_600).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 26_000..26_600)?;
     ensure!(
         answers.iter().all(|(_, b)| b != &backend_name(1)),
         "a connection went to the dead backend"
@@ -255,8 +194,9 @@ fn failover_and_rejoin() -> Result<()> {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
         &backend_name(1),
     )?);
-    wait_health(&s.agent, victim, "up", Duration::from_secs(10))?;
-    let answers = get_from_ports(&s.topo, (27_000..27_600).collect())?;
+    s.agent
+        .wait_health(None, victim.into(), "up", Duration::from_secs(10))?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 27_000..27_600)?;
     let back = answers
         .iter()
         .filter(|(_, b)| b == &backend_name(1))
@@ -298,11 +238,8 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
     };
     step("connecting")?;
     // Which backend serves it?
-    let e = explain(
-        &agent,
-        format!("{}:40000", topo.client_addr()),
-        vip_sa.to_string(),
-    )?;
+    let src = SocketAddrV4::new(topo.client_addr(), 40000);
+    let e = agent.explain(src.into(), vip_sa.into(), "tcp")?;
     let serving: Ipv4Addr = e["backend"].as_str().unwrap_or_default().parse()?;
     step("finding the backend")?;
 
@@ -320,7 +257,12 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
         "stream",
         &topo.backend_addr(i).to_string(),
     ])?;
-    wait_health(&agent, topo.backend_addr(i), "up", Duration::from_secs(10))?;
+    agent.wait_health(
+        None,
+        topo.backend_addr(i).into(),
+        "up",
+        Duration::from_secs(10),
+    )?;
     step("adding a backend")?;
     // Drain another backend, remove a third one (neither serves our flow).
     let others: Vec<Ipv4Addr> = backends(&topo)
@@ -340,7 +282,7 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
     let log = agent.stop()?;
     ensure!(log.contains("left attached"), "agent log:\n{log}");
     ensure!(agent.pin_dir().join("CONNTRACK").exists());
-    let tracked = pinned_conntrack_len(&agent.pin_dir())?;
+    let tracked = agent.pinned_flows::<lb_common::FlowKey>("CONNTRACK")?;
     ensure!(tracked >= 1, "conntrack entries after the stop: {tracked}");
     step("stopping the agent (data path left running)")?;
     // The new agent runs without --keep-datapath: its stop is a clean one.
@@ -348,7 +290,7 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
     let status = agent.json(&["status"])?;
     ensure!(status["restored"] == true, "{status}");
     ensure!(
-        pinned_conntrack_len(&agent.pin_dir())? >= tracked,
+        agent.pinned_flows::<lb_common::FlowKey>("CONNTRACK")? >= tracked,
         "conntrack entries lost across the restart"
     );
     let sent = step("restarting the agent")?;
@@ -364,15 +306,6 @@ fn established_flows_survive_changes_and_agent_restart() -> Result<()> {
     Ok(())
 }
 
-/// Number of entries in a pinned CONNTRACK map.
-fn pinned_conntrack_len(pin_dir: &std::path::Path) -> Result<usize> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join("CONNTRACK"))?;
-    let map = aya::maps::Map::HashMap(data);
-    let ct: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::FlowEntry> =
-        aya::maps::HashMap::try_from(map)?;
-    Ok(ct.keys().filter(|k| k.is_ok()).count())
-}
-
 #[test]
 fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
     require_root();
@@ -386,7 +319,11 @@ fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
     let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &vips)?;
     let vip_sa = SocketAddrV4::new(topo.vip(), STREAM_PORT);
     let client_addr = topo.client_addr();
-    let e = explain(&agent, format!("{client_addr}:41000"), vip_sa.to_string())?;
+    let e = agent.explain(
+        SocketAddrV4::new(client_addr, 41000).into(),
+        vip_sa.into(),
+        "tcp",
+    )?;
     let serving: Ipv4Addr = e["ring_backend"].as_str().unwrap_or_default().parse()?;
     let serving_name = backend_name(backends(&topo).iter().position(|a| *a == serving).unwrap());
     let web = vip_addr(&topo);
@@ -422,7 +359,11 @@ fn a_drained_backend_gets_no_new_flows_but_keeps_its_own() -> Result<()> {
         "{drained}"
     );
     // Its established flow still goes to it: explain says conntrack.
-    let e = explain(&agent, format!("{client_addr}:41000"), vip_sa.to_string())?;
+    let e = agent.explain(
+        SocketAddrV4::new(client_addr, 41000).into(),
+        vip_sa.into(),
+        "tcp",
+    )?;
     ensure!(e["backend"] == serving.to_string(), "{e}");
     ensure!(
         e["reason"].as_str().unwrap_or("").contains("conntrack"),
@@ -443,30 +384,7 @@ fn udp_flow_reaches_one_backend_and_replies_reach_the_client() -> Result<()> {
     vip.health_check = "kind = \"none\"".into();
     let _agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
     let sa = SocketAddrV4::new(topo.vip(), 5353);
-    let replies = topo.client_ns().run(move || {
-        (0..20)
-            .map(|i| udp_request_from(Some(45_000), sa, format!("q{i}").as_bytes(), T))
-            .collect::<Result<Vec<_>>>()
-    })??;
-    let names: Vec<String> = replies
-        .iter()
-        .map(|r| {
-            String::from_utf8_lossy(r)
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    ensure!(names[0].starts_with("backend-"), "{names:?}");
-    ensure!(
-        names.iter().all(|n| *n == names[0]),
-        "one flow, several backends: {names:?}"
-    );
-    ensure!(
-        String::from_utf8_lossy(&replies[3]).ends_with("q3"),
-        "echo payload"
-    );
+    one_udp_flow_one_backend(topo.client_ns(), sa.into(), 45_000, 20)?;
     Ok(())
 }
 
@@ -565,7 +483,7 @@ fn reload_applies_a_good_file_and_refuses_a_bad_one() -> Result<()> {
         listed(&s.agent)?.len() == 3,
         "state changed after a bad reload"
     );
-    let answers = get_from_ports(&s.topo, (29_000..29_090).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 29_000..29_090)?;
     ensure!(
         shares(&answers).len() == 3,
         "traffic still spread over 3 backends"
@@ -579,7 +497,7 @@ fn reload_applies_a_good_file_and_refuses_a_bad_one() -> Result<()> {
     std::fs::write(&s.agent.config, &without)?;
     s.agent.cli_ok(&["reload"])?;
     ensure!(listed(&s.agent)?.len() == 2);
-    let answers = get_from_ports(&s.topo, (29_100..29_400).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip_addr(&s.topo).into(), 29_100..29_400)?;
     ensure!(
         answers.iter().all(|(_, b)| b != &backend_name(2)),
         "a connection went to the removed backend"

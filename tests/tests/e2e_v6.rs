@@ -5,21 +5,19 @@
 //! its own topology and removes it, also when it fails.
 
 use std::{
-    collections::BTreeMap,
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
-    agent::{AgentPaths, LbAgent, METRICS_LISTEN, VipSpec, render_config},
+    agent::{AgentPaths, LbAgent, VipSpec, metrics, render_config},
     netns::{ChildGuard, Topology, TopologyOpts},
     require_root,
     servers::{
-        EchoStream, ServerKind, backend_name, http_get_from, spawn_server, tcp_connect,
-        udp_request_from,
+        EchoStream, ServerKind, backend_name, get_from_ports, one_udp_flow_one_backend, shares,
+        spawn_server, tcp_connect,
     },
 };
 
@@ -82,74 +80,6 @@ fn setup(n: usize) -> Result<Setup> {
     })
 }
 
-/// GETs `vip` from the client namespace from each source port; returns the
-/// backend name that answered per port (every request must succeed).
-fn get_from_ports(topo: &Topology, vip: SocketAddr, ports: Vec<u16>) -> Result<Vec<(u16, String)>> {
-    topo.client_ns().run(move || {
-        ports
-            .into_iter()
-            .map(|p| {
-                let body = http_get_from(Some(p), vip, T)
-                    .with_context(|| format!("GET {vip} from port {p}"))?;
-                Ok((p, body.trim().to_string()))
-            })
-            .collect::<Result<Vec<_>>>()
-    })?
-}
-
-fn shares(answers: &[(u16, String)]) -> BTreeMap<String, f64> {
-    let mut counts = BTreeMap::<String, usize>::new();
-    for (_, b) in answers {
-        *counts.entry(b.clone()).or_default() += 1;
-    }
-    counts
-        .into_iter()
-        .map(|(k, v)| (k, 100.0 * v as f64 / answers.len() as f64))
-        .collect()
-}
-
-/// `lb explain SRC DST PROTO --json`.
-fn explain(
-    agent: &LbAgent,
-    src: SocketAddr,
-    dst: SocketAddr,
-    proto: &str,
-) -> Result<serde_json::Value> {
-    agent.json(&["explain", &src.to_string(), &dst.to_string(), proto])
-}
-
-/// Waits (bounded) until `lb backend list` shows `addr` with `health`.
-fn wait_health(agent: &LbAgent, addr: IpAddr, health: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let list = agent.json(&["backend", "list"])?;
-        let now = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["address"] == addr.to_string())
-            .map(|b| b["health"].as_str().unwrap_or("").to_string());
-        if now.as_deref() == Some(health) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{addr} is {now:?}, not {health}, after {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn metrics(topo: &Topology) -> Result<String> {
-    topo.lb_ns().run(|| -> Result<String> {
-        let mut c = std::net::TcpStream::connect(METRICS_LISTEN)?;
-        c.set_read_timeout(Some(T))?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-        let mut body = String::new();
-        c.read_to_string(&mut body)?;
-        Ok(body)
-    })?
-}
-
 #[test]
 fn ipv6_distribution_over_three_backends_resolved_by_neighbour_discovery() -> Result<()> {
     let s = setup(3)?;
@@ -169,7 +99,7 @@ fn ipv6_distribution_over_three_backends_resolved_by_neighbour_discovery() -> Re
             s.agent.log_text()
         );
     }
-    let answers = get_from_ports(&s.topo, vip6(&s.topo, PORT), (20_000..22_400).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip6(&s.topo, PORT), 20_000..22_400)?;
     let sh = shares(&answers);
     for i in 0..3 {
         let got = sh.get(&backend_name(i)).copied().unwrap_or(0.0);
@@ -187,7 +117,7 @@ fn ipv6_distribution_over_three_backends_resolved_by_neighbour_discovery() -> Re
     let shown = format!("[{}]:{PORT}/tcp", s.topo.vip6());
     ensure!(vips.contains(&shown), "{vips}");
     thread::sleep(Duration::from_millis(1200));
-    let text = metrics(&s.topo)?;
+    let text = metrics(s.topo.lb_ns())?;
     for i in 0..3 {
         let up = format!(
             "lb_backend_up{{vip=\"web6\",backend=\"{}\"}} 1",
@@ -203,14 +133,14 @@ fn ipv6_same_source_port_same_backend_as_explain_predicts() -> Result<()> {
     let s = setup(3)?;
     let vip = vip6(&s.topo, PORT);
     for port in [30_001u16, 30_002, 30_003, 30_004, 30_005] {
-        let answers = get_from_ports(&s.topo, vip, vec![port; 8])?;
+        let answers = get_from_ports(s.topo.client_ns(), vip, vec![port; 8])?;
         let first = &answers[0].1;
         ensure!(
             answers.iter().all(|(_, b)| b == first),
             "port {port}: {answers:?}"
         );
         let src = SocketAddr::new(s.topo.client_addr6().into(), port);
-        let e = explain(&s.agent, src, vip, "tcp")?;
+        let e = s.agent.explain(src, vip, "tcp")?;
         let i: usize = first.trim_start_matches("backend-").parse()?;
         ensure!(
             e["ring_backend"] == s.topo.backend_addr6(i).to_string(),
@@ -229,16 +159,18 @@ fn ipv6_failover_and_rejoin() -> Result<()> {
     // The health check (TCP to [backend]:80) sees the kill.
     let server = s.servers.remove(1);
     server.kill()?;
-    wait_health(&s.agent, victim, "down", Duration::from_secs(10))?;
-    let answers = get_from_ports(&s.topo, vip, (26_000..26_600).collect())?;
+    s.agent
+        .wait_health(None, victim, "down", Duration::from_secs(10))?;
+    let answers = get_from_ports(s.topo.client_ns(), vip, 26_000..26_600)?;
     ensure!(
         answers.iter().all(|(_, b)| b != &backend_name(1)),
         "a connection went to the dead backend"
     );
     s.servers
         .push(spawn_v6_on(&s.topo, 1, ServerKind::Http, PORT)?);
-    wait_health(&s.agent, victim, "up", Duration::from_secs(10))?;
-    let answers = get_from_ports(&s.topo, vip, (27_000..27_600).collect())?;
+    s.agent
+        .wait_health(None, victim, "up", Duration::from_secs(10))?;
+    let answers = get_from_ports(s.topo.client_ns(), vip, 27_000..27_600)?;
     let back = answers
         .iter()
         .filter(|(_, b)| b == &backend_name(1))
@@ -276,7 +208,7 @@ fn ipv6_http_health_checks_reach_bracketed_addresses() -> Result<()> {
         thread::sleep(Duration::from_millis(100));
     }
     servers.remove(0).kill()?;
-    wait_health(&agent, b0, "down", Duration::from_secs(10))?;
+    agent.wait_health(None, b0, "down", Duration::from_secs(10))?;
     Ok(())
 }
 
@@ -293,7 +225,7 @@ fn ipv6_drained_backend_keeps_its_flow_and_gets_no_new_ones() -> Result<()> {
     let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &vips)?;
     let stream_vip = vip6(&topo, STREAM_PORT);
     let src = SocketAddr::new(topo.client_addr6().into(), 41_000);
-    let e = explain(&agent, src, stream_vip, "tcp")?;
+    let e = agent.explain(src, stream_vip, "tcp")?;
     let serving: Ipv6Addr = e["ring_backend"].as_str().unwrap_or_default().parse()?;
     let serving_name = backend_name(
         backends6(&topo)
@@ -330,7 +262,7 @@ fn ipv6_drained_backend_keeps_its_flow_and_gets_no_new_ones() -> Result<()> {
     // The CLI takes IPv6 backend addresses.
     agent.cli_ok(&["backend", "drain", "stream6", &serving.to_string()])?;
     agent.cli_ok(&["backend", "drain", "web6", &serving.to_string()])?;
-    let answers = get_from_ports(&topo, vip6(&topo, PORT), (28_000..28_300).collect())?;
+    let answers = get_from_ports(topo.client_ns(), vip6(&topo, PORT), 28_000..28_300)?;
     ensure!(
         answers.iter().all(|(_, b)| *b != serving_name),
         "a new connection went to the drained backend"
@@ -348,7 +280,7 @@ fn ipv6_drained_backend_keeps_its_flow_and_gets_no_new_ones() -> Result<()> {
         "{drained}"
     );
     // The established flow stays on it, by its CONNTRACK6 record.
-    let e = explain(&agent, src, stream_vip, "tcp")?;
+    let e = agent.explain(src, stream_vip, "tcp")?;
     ensure!(e["backend"] == serving.to_string(), "{e}");
     ensure!(
         e["reason"].as_str().unwrap_or("").contains("conntrack"),
@@ -378,7 +310,7 @@ fn ipv6_connection_keeps_every_byte_across_an_agent_restart() -> Result<()> {
 
     let log = agent.stop()?;
     ensure!(log.contains("left attached"), "agent log:\n{log}");
-    let tracked = pinned_conntrack6_len(&agent.pin_dir())?;
+    let tracked = agent.pinned_flows::<lb_common::FlowKey6>("CONNTRACK6")?;
     ensure!(tracked >= 1, "CONNTRACK6 records after the stop: {tracked}");
     stream
         .roundtrip(64 * 1024)
@@ -399,21 +331,12 @@ fn ipv6_connection_keeps_every_byte_across_an_agent_restart() -> Result<()> {
         stream.sent
     );
     ensure!(
-        pinned_conntrack6_len(&agent.pin_dir())? >= tracked,
+        agent.pinned_flows::<lb_common::FlowKey6>("CONNTRACK6")? >= tracked,
         "CONNTRACK6 records lost across the restart"
     );
     agent.stop()?;
     ensure!(!agent.pin_dir().exists(), "pins left after a clean stop");
     Ok(())
-}
-
-/// Number of records in a pinned CONNTRACK6 map.
-fn pinned_conntrack6_len(pin_dir: &std::path::Path) -> Result<usize> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join("CONNTRACK6"))?;
-    let map = aya::maps::Map::HashMap(data);
-    let ct: aya::maps::HashMap<_, lb_common::FlowKey6, lb_common::FlowEntry> =
-        aya::maps::HashMap::try_from(map)?;
-    Ok(ct.keys().filter(|k| k.is_ok()).count())
 }
 
 #[test]
@@ -426,33 +349,10 @@ fn ipv6_udp_flow_stays_on_one_backend() -> Result<()> {
     vip.health_check = "kind = \"none\"".into();
     let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &[vip])?;
     let sa = vip6(&topo, 5353);
-    let replies = topo.client_ns().run(move || {
-        (0..20)
-            .map(|i| udp_request_from(Some(45_000), sa, format!("q{i}").as_bytes(), T))
-            .collect::<Result<Vec<_>>>()
-    })??;
-    let names: Vec<String> = replies
-        .iter()
-        .map(|r| {
-            String::from_utf8_lossy(r)
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    ensure!(names[0].starts_with("backend-"), "{names:?}");
-    ensure!(
-        names.iter().all(|n| *n == names[0]),
-        "one flow, several backends: {names:?}"
-    );
-    ensure!(
-        String::from_utf8_lossy(&replies[3]).ends_with("q3"),
-        "echo payload"
-    );
+    let name = one_udp_flow_one_backend(topo.client_ns(), sa, 45_000, 20)?;
     let src = SocketAddr::new(topo.client_addr6().into(), 45_000);
-    let e = explain(&agent, src, sa, "udp")?;
-    let i: usize = names[0].trim_start_matches("backend-").parse()?;
+    let e = agent.explain(src, sa, "udp")?;
+    let i: usize = name.trim_start_matches("backend-").parse()?;
     ensure!(
         e["backend"] == topo.backend_addr6(i).to_string(),
         "explain: {e}"
@@ -473,8 +373,8 @@ fn ipv4_and_ipv6_vips_side_by_side_in_one_agent() -> Result<()> {
     ];
     let agent = LbAgent::start(topo.lb_ns(), &topo.lb_iface(), &vips)?;
     let v4 = SocketAddr::new(topo.vip().into(), PORT);
-    let a4 = get_from_ports(&topo, v4, (31_000..31_600).collect())?;
-    let a6 = get_from_ports(&topo, vip6(&topo, PORT), (31_000..31_600).collect())?;
+    let a4 = get_from_ports(topo.client_ns(), v4, 31_000..31_600)?;
+    let a6 = get_from_ports(topo.client_ns(), vip6(&topo, PORT), 31_000..31_600)?;
     for (what, a) in [("IPv4", &a4), ("IPv6", &a6)] {
         let sh = shares(a);
         ensure!(sh.len() == 3, "{what}: {sh:?}");
@@ -539,7 +439,7 @@ fn a_rejected_ipv6_reload_changes_nothing() -> Result<()> {
             "before {before}\nafter {after}"
         );
     }
-    let answers = get_from_ports(&s.topo, vip6(&s.topo, PORT), (29_000..29_090).collect())?;
+    let answers = get_from_ports(s.topo.client_ns(), vip6(&s.topo, PORT), 29_000..29_090)?;
     ensure!(shares(&answers).len() == 3, "traffic still over 3 backends");
     Ok(())
 }
@@ -586,7 +486,7 @@ fn a_routed_ipv6_backend_of_a_tunnel_vip_is_reached_through_its_gateways_mac() -
     ensure!(b["health"] == "up", "{b}");
     // explain shows the IPv6 outer header the kernel is to write.
     let src = SocketAddr::new(topo.client_addr().into(), 40_000);
-    let e = explain(&agent, src, SocketAddr::new(topo.vip().into(), PORT), "tcp")?;
+    let e = agent.explain(src, SocketAddr::new(topo.vip().into(), PORT), "tcp")?;
     ensure!(
         e["outer"]["src"] == topo.lb_addr6().to_string() && e["outer"]["dst"] == far.to_string(),
         "{e}"

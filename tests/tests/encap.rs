@@ -10,7 +10,7 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::{
-        ENCAP_SRC, Fixture, GUE_PORT, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX,
+        ENCAP_SRC, Fixture, GUE_PORT, LB_MAC, XDP_DROP, XDP_TX, assert_truncations_handled,
         backend_addr, backend_mac, backend_of_mac, moved,
     },
     packet::{Ipv4Packet, TCP_ACK, checksum},
@@ -370,36 +370,9 @@ fn every_truncation_of_an_encapsulated_vip_packet_is_handled_never_aborted() {
             p.payload = b"data".to_vec();
             let pkt = p.build();
             let l2 = if vlan.is_some() { 18 } else { 14 };
-            for len in 14..=pkt.len() {
-                let before = f.reasons();
-                let r = f
-                    .try_run(&pkt[..len])
-                    .unwrap_or_else(|e| panic!("len {len}: {e:?}"));
-                assert_ne!(r.action, XDP_ABORTED, "mode {mode} len {len}");
-                let want = if len < l2 {
-                    Some(("pass_short_frame", XDP_PASS))
-                } else if len < l2 + 20 {
-                    Some(("pass_malformed", XDP_PASS))
-                } else if len < pkt.len() {
-                    Some(("drop_malformed", XDP_DROP))
-                } else {
-                    None
-                };
-                match want {
-                    Some((reason, action)) => {
-                        assert_eq!(r.action, action, "mode {mode} len {len}");
-                        assert_eq!(
-                            moved(&before, &f.reasons()),
-                            BTreeMap::from([(reason, 1)]),
-                            "mode {mode} len {len}"
-                        );
-                    }
-                    None => {
-                        assert_eq!(r.action, XDP_TX);
-                        assert!(r.frame.len() > pkt.len());
-                    }
-                }
-            }
+            let overhead = if mode == FORWARD_GUE { 28 } else { 20 };
+            let what = format!("mode {mode}");
+            assert_truncations_handled(&f, &pkt, l2, 20, overhead, &what);
         }
     }
 }

@@ -17,8 +17,8 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::{
-        ENCAP_SRC6, Fixture, GUE_PORT, LB_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX,
-        assert_passed_untouched, backend_addr6, backend_mac, backend_of_mac, moved, run_xdp,
+        ENCAP_SRC6, Fixture, GUE_PORT, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, assert_passed_untouched,
+        assert_truncations_handled, backend_addr6, backend_mac, backend_of_mac, moved, run_xdp,
     },
     packet::{
         IPPROTO_ICMPV6, Ipv4Packet, Ipv6Packet, TCP_ACK, TCP_SYN, ether_type_of, ethernet_frame,
@@ -496,36 +496,7 @@ fn every_truncation_of_an_outer_ipv6_packet_is_handled_never_aborted() {
             let l2 = l2_len(vlan);
             let ip_hdr = if case.v6_vip { 40 } else { 20 };
             let name = case.name;
-            for len in 14..=pkt.len() {
-                let before = f.reasons();
-                let r = f
-                    .try_run(&pkt[..len])
-                    .unwrap_or_else(|e| panic!("len {len}: {e:?}"));
-                assert_ne!(r.action, XDP_ABORTED, "{name} len {len}");
-                let want = if len < l2 {
-                    Some(("pass_short_frame", XDP_PASS))
-                } else if len < l2 + ip_hdr {
-                    Some(("pass_malformed", XDP_PASS))
-                } else if len < pkt.len() {
-                    Some(("drop_malformed", XDP_DROP))
-                } else {
-                    None
-                };
-                match want {
-                    Some((reason, action)) => {
-                        assert_eq!(r.action, action, "{name} len {len}");
-                        assert_eq!(
-                            moved(&before, &f.reasons()),
-                            BTreeMap::from([(reason, 1)]),
-                            "{name} len {len}"
-                        );
-                    }
-                    None => {
-                        assert_eq!(r.action, XDP_TX);
-                        assert_eq!(r.frame.len(), pkt.len() + case.overhead());
-                    }
-                }
-            }
+            assert_truncations_handled(&f, &pkt, l2, ip_hdr, case.overhead(), name);
         }
     }
 }

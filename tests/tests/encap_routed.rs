@@ -16,8 +16,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
@@ -28,8 +27,7 @@ use lb_tests::{
     require_root,
     routed::RoutedTopology,
     servers::{
-        EchoStream, ServerKind, backend_name, http_get_from, spawn_server, tcp_connect,
-        udp_request_from,
+        EchoStream, ServerKind, backend_name, one_udp_flow_one_backend, spawn_server, tcp_connect,
     },
 };
 
@@ -156,46 +154,16 @@ impl Setup {
     /// GETs from the client namespace from each source port: the backend
     /// that answered each (every request must succeed).
     fn get_from_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<Vec<String>> {
-        let vip = self.vip(WEB);
-        let ports: Vec<u16> = ports.into_iter().collect();
-        self.topo.client_ns().run(move || {
-            ports
-                .into_iter()
-                .map(|p| {
-                    http_get_from(Some(p), vip, T)
-                        .map(|b| b.trim().to_string())
-                        .with_context(|| format!("GET from port {p}"))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?
+        let answers =
+            lb_tests::servers::get_from_ports(self.topo.client_ns(), self.vip(WEB), ports)?;
+        Ok(answers.into_iter().map(|(_, b)| b).collect())
     }
 
     /// Waits (bounded) until `lb backend list --vip VIP` shows `addr` with
     /// `health`.
     fn wait_health(&self, vip: &str, addr: IpAddr, health: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let list = self.agent.json(&["backend", "list", "--vip", vip])?;
-            let now = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|b| b["address"] == addr.to_string())
-                .map(|b| b["health"].as_str().unwrap_or("").to_string());
-            if now.as_deref() == Some(health) {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{vip} {addr} is {now:?}, not {health}: {list}"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn reason(&self, name: &str) -> Result<u64> {
-        let stats = self.agent.json(&["stats"])?;
-        Ok(stats["reasons"][name][0].as_u64().unwrap_or(0))
+        self.agent
+            .wait_health(Some(vip), addr, health, Duration::from_secs(10))
     }
 
     /// A connection to the stream (echo) VIP from `port`.
@@ -318,36 +286,16 @@ fn suite(case: Case) -> Result<()> {
     // the path lb sends on: its full-size segments no longer fit once
     // encapsulated, lb answers them with "fragmentation needed", the
     // client lowers its path MTU and the upload completes.
-    let icmp_before = s.reason("tx_icmp_too_big")?;
+    let icmp_before = s.agent.reason("tx_icmp_too_big")?;
     let mut long = s.stream_from(40_000)?;
     long.roundtrip(1 << 20).context("1 MB upload")?;
-    let icmp = s.reason("tx_icmp_too_big")? - icmp_before;
+    let icmp = s.agent.reason("tx_icmp_too_big")? - icmp_before;
     ensure!(icmp >= 1, "{mode}: no ICMP fragmentation-needed sent");
     let e = s.explain(40_000, STREAM, "tcp")?;
     let serving: IpAddr = e["backend"].as_str().unwrap_or_default().parse()?;
 
     // UDP: one flow, one backend, echoed.
-    let dns = s.vip(DNS);
-    let replies = s.topo.client_ns().run(move || {
-        (0..10)
-            .map(|i| udp_request_from(Some(45_000), dns, format!("q{i}").as_bytes(), T))
-            .collect::<Result<Vec<_>>>()
-    })??;
-    let names: Vec<String> = replies
-        .iter()
-        .map(|r| {
-            String::from_utf8_lossy(r)
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    ensure!(
-        names[0].starts_with("backend-") && names.iter().all(|n| *n == names[0]),
-        "{names:?}"
-    );
-    ensure!(String::from_utf8_lossy(&replies[3]).ends_with("q3"));
+    one_udp_flow_one_backend(s.topo.client_ns(), s.vip(DNS), 45_000, 10)?;
 
     // Drain the stream connection's backend: its connection goes on, new
     // web connections avoid the backend drained there.
@@ -404,14 +352,14 @@ fn suite(case: Case) -> Result<()> {
 
     // ICMP echo to the VIP: answered by lb itself (the backends hold the
     // VIP on lo too, but lb never forwards an echo request to them).
-    let replies = s.reason("tx_icmp_echo_reply")?;
+    let replies = s.agent.reason("tx_icmp_echo_reply")?;
     ensure!(
         s.ping_vip()?,
         "{mode}: ping {} got no answer",
         s.vip(0).ip()
     );
     ensure!(
-        s.reason("tx_icmp_echo_reply")? > replies,
+        s.agent.reason("tx_icmp_echo_reply")? > replies,
         "{mode}: the echo replies did not come from lb"
     );
 
@@ -424,12 +372,12 @@ fn suite(case: Case) -> Result<()> {
     ensure!(text.matches("icmp_echo = false").count() == 3, "{text}");
     std::fs::write(&s.agent.config, text)?;
     s.agent.spawn(&[])?;
-    let replies = s.reason("tx_icmp_echo_reply")?;
+    let replies = s.agent.reason("tx_icmp_echo_reply")?;
     ensure!(
         !s.ping_vip()?,
         "{mode}: ping answered with icmp_echo = false"
     );
-    ensure!(s.reason("tx_icmp_echo_reply")? == replies);
+    ensure!(s.agent.reason("tx_icmp_echo_reply")? == replies);
     s.agent.stop()?;
     Ok(())
 }

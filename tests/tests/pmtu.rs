@@ -33,11 +33,6 @@ const STREAM: u16 = 7000;
 /// Each way: many full-size segments.
 const BYTES: usize = 1 << 20;
 
-fn reason(agent: &LbAgent, name: &str) -> Result<u64> {
-    let stats = agent.json(&["stats"])?;
-    Ok(stats["reasons"][name][0].as_u64().unwrap_or(0))
-}
-
 /// One mode over one family (`v6`: client, VIP and backends IPv6).
 fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
     let topo = if v6 {
@@ -83,7 +78,7 @@ fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
     let lb = topo.lb_of(v6).to_string();
     router.ip([family, "route", "add", &vip_route, "via", &lb])?;
 
-    let answered = reason(&agent, "tx_icmp_too_big")?;
+    let answered = agent.reason("tx_icmp_too_big")?;
     let addr = SocketAddr::new(topo.vip_of(v6), STREAM);
     for (i, backend) in backends.iter().enumerate() {
         // A client port whose flow lb sends to this backend.
@@ -95,7 +90,7 @@ fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
                     .is_ok_and(|e| e["backend"] == backend.to_string())
             })
             .with_context(|| format!("{mode}: no client port maps to {backend}"))?;
-        let steered = reason(&agent, "fwd_icmp_error")?;
+        let steered = agent.reason("fwd_icmp_error")?;
         let conn = topo
             .client_ns()
             .run(move || tcp_connect(Some(port), addr, Duration::from_secs(3)))??;
@@ -106,16 +101,16 @@ fn one_mode(mode: &'static str, v6: bool) -> Result<()> {
             format!(
                 "{mode}: 1 MiB echoed by backend {i} (fwd_icmp_error {} → {})",
                 steered,
-                reason(&agent, "fwd_icmp_error").unwrap_or(0)
+                agent.reason("fwd_icmp_error").unwrap_or(0)
             )
         })?;
         ensure!(
-            reason(&agent, "fwd_icmp_error")? > steered,
+            agent.reason("fwd_icmp_error")? > steered,
             "{mode}: the router's errors reached backend {i} through lb"
         );
     }
     ensure!(
-        reason(&agent, "tx_icmp_too_big")? > answered,
+        agent.reason("tx_icmp_too_big")? > answered,
         "{mode}: lb answered the client's too-big segments"
     );
     drop(agent);

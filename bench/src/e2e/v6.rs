@@ -4,14 +4,9 @@
 //! same, with its IPv6 option (2001:2:0:k::/64, VIP 2001:2:0:1kk::1 on
 //! the backends' lo).
 
-use lb_tests::{
-    agent::VipSpec,
-    netns::{Netns, Topology},
-    packet::Ipv6Packet,
-};
+use lb_tests::{agent::VipSpec, netns::Topology, packet::Ipv6Packet};
 
-use super::{FRAME_PAYLOAD, UDP_PORT, UDP_SRC_PORT, mac};
-use anyhow::Result;
+use super::{FRAME_PAYLOAD, UDP_PORT, UDP_SRC_PORT};
 
 /// The generator's IPv6 frame: Ethernet + IPv6 + UDP + the IPv4 flood's
 /// payload (18 bytes) = 80 bytes, from the client to the IPv6 VIP.
@@ -32,41 +27,6 @@ pub(super) fn flood_vip(t: &Topology, forwarding: &'static str) -> VipSpec {
     flood.health_check = "kind = \"none\"".into();
     flood.forwarding = forwarding;
     flood
-}
-
-/// Permanent IPv6 neighbour entries, as the IPv4 ones: no neighbour
-/// discovery in the middle of a measurement (lb's next hops come from
-/// these entries).
-pub(super) fn static_neighbours(t: &Topology) -> Result<()> {
-    let neigh = |ns: &Netns, iface: &str, addr: std::net::Ipv6Addr, m: [u8; 6]| -> Result<()> {
-        ns.ip([
-            "-6",
-            "neigh",
-            "replace",
-            &addr.to_string(),
-            "lladdr",
-            &mac(m),
-            "dev",
-            iface,
-            "nud",
-            "permanent",
-        ])?;
-        Ok(())
-    };
-    neigh(t.client_ns(), &t.client_iface(), t.lb_addr6(), t.lb_mac())?;
-    neigh(t.lb_ns(), &t.lb_iface(), t.client_addr6(), t.client_mac())?;
-    for i in 0..t.backend_count() {
-        neigh(
-            t.lb_ns(),
-            &t.lb_iface(),
-            t.backend_addr6(i),
-            t.backend_mac(i),
-        )?;
-        let b = t.backend_ns(i);
-        neigh(b, &t.backend_iface(i), t.client_addr6(), t.client_mac())?;
-        neigh(b, &t.backend_iface(i), t.lb_addr6(), t.lb_mac())?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -991,16 +991,7 @@ mod tests {
             Ipv4Addr::new(198, 18, 0, 99).to_bits().to_be()
         );
         let src: SocketAddr = "198.18.1.1:40000".parse().unwrap();
-        let e: ExplainView = serde_json::from_value(
-            core.ask(Request::Explain {
-                src,
-                dst: "198.19.0.1:80".parse().unwrap(),
-                protocol: Protocol::Tcp,
-            })
-            .unwrap()
-            .data,
-        )
-        .unwrap();
+        let e: ExplainView = explain_tcp(&core, src, "198.19.0.1:80".parse().unwrap());
         let outer = e.outer.expect("a tunnelled flow shows its outer header");
         assert_eq!(outer.src, ip4(198, 18, 0, 99));
         assert_eq!(Some(outer.dst), e.backend);
@@ -1065,21 +1056,24 @@ mod tests {
         );
     }
 
+    /// `lb explain SRC DST tcp` as the core answers it.
+    fn explain_tcp(core: &Core<FakeMaps>, src: SocketAddr, dst: SocketAddr) -> ExplainView {
+        let h = core
+            .ask(Request::Explain {
+                src,
+                dst,
+                protocol: Protocol::Tcp,
+            })
+            .unwrap();
+        serde_json::from_value(h.data).unwrap()
+    }
+
     #[test]
     fn explain_follows_conntrack_then_the_ring() {
         let mut core = started(config(&[(11, 1), (12, 1)]), FakeMaps::new(4, M, 16));
         let src: SocketAddr = "198.18.1.1:40000".parse().unwrap();
         let dst: SocketAddr = "198.19.0.1:80".parse().unwrap();
-        let explain = |core: &Core<FakeMaps>| -> ExplainView {
-            let h = core
-                .ask(Request::Explain {
-                    src,
-                    dst,
-                    protocol: Protocol::Tcp,
-                })
-                .unwrap();
-            serde_json::from_value(h.data).unwrap()
-        };
+        let explain = |core: &Core<FakeMaps>| explain_tcp(core, src, dst);
         let e = explain(&core);
         assert_eq!(e.reason, "new flow: Maglev ring slot");
         let ring_backend = e.ring_backend.unwrap();

@@ -180,16 +180,7 @@ fn explain_follows_conntrack6_then_the_ring() {
     let mut core = started(dual("dsr-l2", ""), FakeMaps::new(4, M, 16));
     let src: SocketAddr = "[2001:2::1]:40000".parse().unwrap();
     let dst = SocketAddr::new(VIP6.into(), 80);
-    let explain = |core: &Core<FakeMaps>| -> ExplainView {
-        let h = core
-            .ask(Request::Explain {
-                src,
-                dst,
-                protocol: Protocol::Tcp,
-            })
-            .unwrap();
-        serde_json::from_value(h.data).unwrap()
-    };
+    let explain = |core: &Core<FakeMaps>| explain_tcp(core, src, dst);
     let e = explain(&core);
     assert_eq!(e.reason, "new flow: Maglev ring slot");
     let key = FlowKey6::new("2001:2::1".parse().unwrap(), 40000, VIP6, 80, 6);
@@ -274,16 +265,11 @@ fn ipv6_backends_of_an_ipv4_tunnel_vip_get_an_ipv6_outer_source() {
     assert_eq!(e.dst_mac, GATEWAY_MAC);
     assert_eq!(e.encap_src6, addr6_words(b6(0x10)));
     assert_eq!(e.encap_src, 0);
-    let x: ExplainView = serde_json::from_value(
-        core.ask(Request::Explain {
-            src: "198.18.1.1:40000".parse().unwrap(),
-            dst: "198.19.0.1:80".parse().unwrap(),
-            protocol: Protocol::Tcp,
-        })
-        .unwrap()
-        .data,
-    )
-    .unwrap();
+    let x: ExplainView = explain_tcp(
+        &core,
+        "198.18.1.1:40000".parse().unwrap(),
+        "198.19.0.1:80".parse().unwrap(),
+    );
     let outer = x.outer.expect("outer header");
     assert_eq!(outer.src, route_src);
     assert_eq!(Some(outer.dst), x.backend);
