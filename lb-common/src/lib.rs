@@ -12,6 +12,7 @@
 use core::mem::size_of;
 
 pub mod decap;
+pub mod nat;
 
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
@@ -32,6 +33,16 @@ pub mod map_names {
     pub const CONNTRACK6: &str = "CONNTRACK6";
     /// Not pinned, like FLOW_CACHE; cleared with it.
     pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
+    /// NAT flows, client side (`FlowKey` → `NatFwd`).
+    pub const NAT_FWD: &str = "NAT_FWD";
+    /// NAT flows, backend side (`FlowKey` of the reply → `NatRev`).
+    pub const NAT_REV: &str = "NAT_REV";
+    /// IPv6 NAT flows, client side (`FlowKey6` → `NatFwd`).
+    pub const NAT_FWD6: &str = "NAT_FWD6";
+    /// IPv6 NAT flows, backend side (`FlowKey6` → `NatRev`).
+    pub const NAT_REV6: &str = "NAT_REV6";
+    /// Per-VIP SNAT addresses (VIP index → `NatSnat`).
+    pub const NAT_SNAT: &str = "NAT_SNAT";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -44,7 +55,10 @@ pub mod map_names {
 /// narrowed to a byte), `Backend` the outer source address.
 /// 3: IPv6: `Backend` grows IPv6 addresses and [`BACKEND_FLAG_V6`], reason
 /// 1 becomes `pass_not_ip`, VIPS6 and CONNTRACK6 join the pinned maps.
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: full NAT: `Backend` grows its port, `Runtime` the NAT port range,
+/// `VipStats` the return path's counters; reasons 18..=20; the NAT maps
+/// join the pinned maps.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -144,6 +158,9 @@ pub const FORWARD_DSR_L2: u8 = 0;
 pub const FORWARD_IPIP: u8 = 1;
 /// GUE variant 1: an outer IPv4 + UDP header, the packet right after it.
 pub const FORWARD_GUE: u8 = 2;
+/// Full NAT: destination rewritten to the backend, source to a SNAT
+/// address:port; the replies come back through lb (see [`nat`]).
+pub const FORWARD_NAT: u8 = 3;
 
 /// Bytes `FORWARD_IPIP` adds: an IPv4 header without options.
 pub const IPIP_OVERHEAD: u32 = 20;
@@ -298,6 +315,10 @@ pub struct Backend {
     /// IPv6 backends: the outer source of encapsulated packets, as on the
     /// wire; zero for DSR at L2.
     pub encap_src6: [u32; 4],
+    /// NAT: the backend's port, network byte order; 0: the VIP's port.
+    /// Other modes: 0 (a DSR backend answers on the VIP's port).
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// The backend exists and is healthy: conntrack entries pointing to it are
@@ -324,6 +345,8 @@ impl Backend {
         encap_src: 0,
         addr6: [0; 4],
         encap_src6: [0; 4],
+        port: 0,
+        _pad: 0,
     };
 
     /// The slot holds a backend: every backend has an address (the agent
@@ -460,6 +483,12 @@ pub struct Runtime {
     /// up to [`MIN_LIMITED_L3_LEN`] bytes are not checked (so a limit
     /// below it is not enforced for them).
     pub max_l3_len: u32,
+    /// The SNAT ports NAT flows get, `nat_port_min..=nat_port_max`, host
+    /// byte order; replies to a port outside it are never looked up (the
+    /// host's own connections use the rest). Both 0: no NAT.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad: u32,
 }
 
 /// IPv4's minimum datagram size every host accepts: packets up to this
@@ -508,6 +537,10 @@ pub struct VipStats {
     pub bytes: u64,
     pub new_flows: u64,
     pub conntrack_hits: u64,
+    /// NAT: replies translated back to the client (and their bytes as
+    /// received); 0 in other modes.
+    pub return_packets: u64,
+    pub return_bytes: u64,
 }
 
 /// Per-backend counters (per CPU).
@@ -575,6 +608,14 @@ pub enum Reason {
     /// an IPv6 VIP's IPv4 backend in a tunnel mode (6in4, which lb does
     /// not send). Dropped, never misdelivered.
     DropUnsupportedForwarding = 17,
+    /// A new NAT flow found no free SNAT port (every port it may try is
+    /// held by a live flow): refused, never overwriting a live flow.
+    DropNatPortsExhausted = 18,
+    /// A new NAT flow could not be recorded: the NAT maps are full.
+    DropNatTableFull = 19,
+    /// To a SNAT port of the NAT range but no NAT flow's reply: passed to
+    /// the kernel untouched.
+    PassNatNoFlow = 20,
 }
 
 /// Extension headers (hop-by-hop, routing, destination options) the fast
@@ -583,7 +624,7 @@ pub enum Reason {
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Reason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIp,
@@ -603,6 +644,9 @@ impl Reason {
         Reason::PassTooManyExtHeaders,
         Reason::DropTooManyExtHeaders,
         Reason::DropUnsupportedForwarding,
+        Reason::DropNatPortsExhausted,
+        Reason::DropNatTableFull,
+        Reason::PassNatNoFlow,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -625,6 +669,9 @@ impl Reason {
             Reason::PassTooManyExtHeaders => "pass_too_many_ext_headers",
             Reason::DropTooManyExtHeaders => "drop_too_many_ext_headers",
             Reason::DropUnsupportedForwarding => "drop_unsupported_forwarding",
+            Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
+            Reason::DropNatTableFull => "drop_nat_table_full",
+            Reason::PassNatNoFlow => "pass_nat_no_flow",
         }
     }
 
@@ -640,6 +687,8 @@ impl Reason {
                 | Reason::DropNoHeadroom
                 | Reason::DropTooManyExtHeaders
                 | Reason::DropUnsupportedForwarding
+                | Reason::DropNatPortsExhausted
+                | Reason::DropNatTableFull
         )
     }
 }
@@ -648,7 +697,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<VipSlot>() == 24);
-    assert!(size_of::<Backend>() == 64);
+    assert!(size_of::<Backend>() == 68);
     assert!(size_of::<VipKey6>() == 20);
     assert!(size_of::<VipSlot6>() == 36);
     assert!(size_of::<FlowKey6>() == 40);
@@ -656,8 +705,8 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
-    assert!(size_of::<Runtime>() == 24);
-    assert!(size_of::<VipStats>() == 32);
+    assert!(size_of::<Runtime>() == 32);
+    assert!(size_of::<VipStats>() == 48);
     assert!(size_of::<BackendStats>() == 16);
 };
 
@@ -724,6 +773,9 @@ mod pod {
     unsafe impl aya::Pod for VipSlot6 {}
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowCacheEntry6 {}
+    unsafe impl aya::Pod for nat::NatFwd {}
+    unsafe impl aya::Pod for nat::NatRev {}
+    unsafe impl aya::Pod for nat::NatSnat {}
 }
 
 #[cfg(test)]
@@ -796,7 +848,7 @@ mod tests {
             udp_idle_ms: 1_000,
             tcp_idle_ms: 5_000,
             tcp_closing_ms: 2_000,
-            max_l3_len: 0,
+            ..Runtime::default()
         };
         let e = |flags, last_seen_ms| FlowEntry {
             backend_id: 1,

@@ -288,6 +288,7 @@ impl KeeperState {
             tcp_idle_ms: timeouts.map_or(0, |t| ms(t.tcp_idle)),
             tcp_closing_ms: timeouts.map_or(0, |t| ms(t.tcp_closing)),
             max_l3_len: self.max_l3_len,
+            ..Runtime::default()
         };
         runtime
             .set(0, rt, 0)

@@ -312,6 +312,8 @@ mod tests {
             encap_src: 0,
             addr6: [0; 4],
             encap_src6: [0; 4],
+            port: 0,
+            _pad: 0,
         }
     }
 

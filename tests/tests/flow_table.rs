@@ -39,7 +39,7 @@ fn set_clock(f: &mut Fixture, now_ms: u64, udp: u32, tcp: u32, closing: u32) {
         udp_idle_ms: udp,
         tcp_idle_ms: tcp,
         tcp_closing_ms: closing,
-        max_l3_len: 0,
+        ..Runtime::default()
     })
     .unwrap();
     f.dp.clear_flow_cache().unwrap();

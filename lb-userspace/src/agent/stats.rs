@@ -209,6 +209,7 @@ mod tests {
                 bytes: packets * 100,
                 new_flows: packets - hits,
                 conntrack_hits: hits,
+                ..Default::default()
             },
         )]
         .into()

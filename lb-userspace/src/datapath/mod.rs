@@ -542,6 +542,8 @@ impl Datapath {
             bytes: a.bytes + s.bytes,
             new_flows: a.new_flows + s.new_flows,
             conntrack_hits: a.conntrack_hits + s.conntrack_hits,
+            return_packets: a.return_packets + s.return_packets,
+            return_bytes: a.return_bytes + s.return_bytes,
         }))
     }
 
@@ -680,5 +682,7 @@ pub fn backend_entry(
         encap_src: 0,
         addr6: [0; 4],
         encap_src6: [0; 4],
+        port: 0,
+        _pad: 0,
     }
 }

@@ -137,5 +137,7 @@ pub fn backend_entry6(
         encap_src: 0,
         addr6: addr6_words(addr),
         encap_src6: [0; 4],
+        port: 0,
+        _pad: 0,
     }
 }

@@ -1,0 +1,155 @@
+//! Full NAT (`forwarding = "nat"`): the kernel's NAT state and the rules
+//! both sides share.
+//!
+//! Forward path (client → VIP): the client's flow as received (a
+//! [`crate::FlowKey`] / [`crate::FlowKey6`]) finds its [`NatFwd`] in
+//! NAT_FWD / NAT_FWD6: the backend, and the SNAT address and port the flow
+//! was given. The packet leaves with destination = backend address and
+//! port ([`crate::Backend::port`], 0: the VIP's port) and source = SNAT
+//! address:port, checksums updated incrementally (RFC 1624).
+//!
+//! Return path (backend → SNAT address): the reply as received, a flow key
+//! (backend, SNAT address, backend port, SNAT port, protocol), finds its
+//! [`NatRev`] in NAT_REV / NAT_REV6: the client and the VIP it talked to,
+//! and where the client's packets came from (interface, MACs). The reply
+//! leaves with source = VIP:port and destination = the client, back to the
+//! MAC the client's first packet came from (no route lookup per packet).
+//!
+//! Both entries are created together by the flow's first packet (TCP SYN,
+//! first UDP datagram); the reverse entry is inserted first and only if
+//! its key is free (`BPF_NOEXIST`), so a live flow is never overwritten.
+//! The SNAT port is searched from [`nat_port_candidate`] for at most
+//! [`NAT_PORT_TRIES`] ports; none free → the packet is dropped and counted
+//! (`drop_nat_ports_exhausted`). Neither map is an LRU: entries leave when
+//! the agent's flow keeper finds both directions idle past the flow's
+//! timeout (or when the kernel reclaims an expired pair's port).
+//!
+//! Several lb hosts behind ECMP must not hand out the same SNAT
+//! address:port: each host gets a disjoint port range (`[agent]
+//! nat_port_range`) or its own SNAT addresses.
+
+/// A VIP's SNAT addresses, if it (or the agent) names any: at most this
+/// many.
+pub const MAX_SNAT_ADDRS: usize = 4;
+
+/// A new flow tries at most this many SNAT ports (consecutive from
+/// [`nat_port_candidate`]`(hash, 0, …)`) before it is refused.
+pub const NAT_PORT_TRIES: u32 = 16;
+
+/// Value of NAT_FWD (key: the client's `FlowKey` as received) and NAT_FWD6
+/// (key: `FlowKey6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFwd {
+    /// The SNAT address the flow leaves with, as on the wire (IPv4: word
+    /// 0, the rest 0).
+    pub snat_addr: [u32; 4],
+    pub backend_id: u32,
+    /// [`crate::FLOW_FLAG_CLOSING`] once a FIN or RST went forward.
+    pub flags: u32,
+    /// The SNAT port, network byte order.
+    pub snat_port: u16,
+    pub _pad: [u16; 3],
+    /// [`crate::Runtime::now_ms`] when a forward packet was last seen.
+    pub last_seen_ms: u64,
+}
+
+/// Value of NAT_REV (key: the backend's reply as received, a `FlowKey`
+/// with src = backend, dst = SNAT address) and NAT_REV6 (`FlowKey6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatRev {
+    /// The client, as on the wire (IPv4: word 0).
+    pub client_addr: [u32; 4],
+    /// The VIP the client talked to (IPv4: word 0).
+    pub vip_addr: [u32; 4],
+    /// Network byte order.
+    pub client_port: u16,
+    /// Network byte order.
+    pub vip_port: u16,
+    /// Index of the VIP (VIP_STATS).
+    pub vip_index: u32,
+    /// [`crate::FLOW_FLAG_CLOSING`] once a FIN or RST came back.
+    pub flags: u32,
+    /// The interface the client's first packet came in on: replies leave
+    /// through it.
+    pub ifindex: u32,
+    /// The first packet's source MAC (the client or its router): replies'
+    /// destination MAC.
+    pub client_mac: [u8; 6],
+    /// The first packet's destination MAC (lb's interface): replies'
+    /// source MAC.
+    pub lb_mac: [u8; 6],
+    pub backend_id: u32,
+    /// [`crate::Runtime::now_ms`] when a reply was last seen.
+    pub last_seen_ms: u64,
+}
+
+/// Value of NAT_SNAT, indexed by VIP index: the SNAT addresses of a NAT
+/// VIP (the VIP's own list, else the agent's). `count == 0`: the
+/// backend's route source ([`crate::Backend::encap_src`] /
+/// `encap_src6`), the address lb's host uses to reach the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatSnat {
+    /// As on the wire (IPv4: word 0 of each).
+    pub addrs: [[u32; 4]; MAX_SNAT_ADDRS],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// Which of a VIP's `count` SNAT addresses a new flow with flow hash
+/// `hash` takes (`count` ≥ 1).
+#[inline(always)]
+pub const fn snat_index(hash: u32, count: u32) -> u32 {
+    // The top bits: the low ones pick the port.
+    ((hash >> 16) * count) >> 16
+}
+
+/// The `attempt`-th SNAT port (host order) a new flow with flow hash
+/// `hash` tries in the range `min..=max` (host order, `min <= max`):
+/// consecutive ports from a start picked by the hash, wrapping.
+#[inline(always)]
+pub const fn nat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
+    let span = (max - min) as u32 + 1;
+    let start = ((hash & 0xFFFF) * span) >> 16;
+    min + ((start + attempt) % span) as u16
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<NatFwd>() == 40);
+    assert!(core::mem::size_of::<NatRev>() == 72);
+    assert!(core::mem::size_of::<NatSnat>() == 72);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_candidates_stay_in_range_and_cover_small_ranges() {
+        for hash in [0u32, 1, 0xFFFF, 0x1234_5678, u32::MAX] {
+            let mut seen = [false; 4];
+            for attempt in 0..4 {
+                let p = nat_port_candidate(hash, attempt, 40000, 40003);
+                assert!((40000..=40003).contains(&p));
+                seen[(p - 40000) as usize] = true;
+            }
+            assert!(seen.iter().all(|&s| s), "{hash:#x}: {seen:?}");
+            let p = nat_port_candidate(hash, 7, 1024, 65535);
+            assert!(p >= 1024);
+            assert_eq!(nat_port_candidate(hash, 3, 5, 5), 5);
+        }
+    }
+
+    #[test]
+    fn snat_index_stays_below_count() {
+        for hash in [0u32, 0xFFFF_0000, u32::MAX, 0x8000_0000] {
+            for count in 1..=MAX_SNAT_ADDRS as u32 {
+                assert!(snat_index(hash, count) < count);
+            }
+        }
+        assert_eq!(snat_index(u32::MAX, 4), 3);
+        assert_eq!(snat_index(0, 4), 0);
+    }
+}
