@@ -295,6 +295,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
+        nat_entries: 1024,
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);

@@ -78,6 +78,9 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Elements of each NAT map (NAT_FWD, NAT_REV and their IPv6 twins):
+/// one per NAT flow and direction.
+pub const DEFAULT_NAT_ENTRIES: u32 = 1 << 16;
 
 /// A ring slot that names no backend.
 pub const NO_BACKEND: u32 = u32::MAX;

@@ -44,12 +44,18 @@ pub struct NatFwd {
     /// The SNAT address the flow leaves with, as on the wire (IPv4: word
     /// 0, the rest 0).
     pub snat_addr: [u32; 4],
+    /// The backend's address when the flow was created, as on the wire
+    /// (IPv4: word 0): with the ports, the reverse entry's key, even after
+    /// the backend id has been reused.
+    pub backend_addr: [u32; 4],
     pub backend_id: u32,
     /// [`crate::FLOW_FLAG_CLOSING`] once a FIN or RST went forward.
     pub flags: u32,
     /// The SNAT port, network byte order.
     pub snat_port: u16,
-    pub _pad: [u16; 3],
+    /// The backend's port, network byte order.
+    pub backend_port: u16,
+    pub _pad: u32,
     /// [`crate::Runtime::now_ms`] when a forward packet was last seen.
     pub last_seen_ms: u64,
 }
@@ -98,6 +104,33 @@ pub struct NatSnat {
     pub _pad: u32,
 }
 
+/// Whether a NAT flow is over: both directions idle longer than the
+/// flow's timeout at `rt.now_ms` (the timeouts of [`crate::FlowEntry`]:
+/// by protocol, the closing one once either direction sent a FIN or RST;
+/// 0: never). A missing reverse entry counts as idle forever. The kernel
+/// applies this rule only to reclaim a SNAT port a new flow wants (it
+/// never expires a flow on the forward path: a one-way stream from the
+/// backend keeps its flow), the agent's flow keeper to remove pairs.
+#[inline(always)]
+pub fn nat_pair_expired(
+    fwd: &NatFwd,
+    rev: Option<&NatRev>,
+    proto: u32,
+    rt: &crate::Runtime,
+) -> bool {
+    let (rev_seen, rev_flags) = rev.map_or((0, 0), |r| (r.last_seen_ms, r.flags));
+    let last = crate::FlowEntry {
+        backend_id: fwd.backend_id,
+        flags: fwd.flags | rev_flags,
+        last_seen_ms: if rev_seen > fwd.last_seen_ms {
+            rev_seen
+        } else {
+            fwd.last_seen_ms
+        },
+    };
+    last.is_expired(proto, rt)
+}
+
 /// Which of a VIP's `count` SNAT addresses a new flow with flow hash
 /// `hash` takes (`count` ≥ 1).
 #[inline(always)]
@@ -117,7 +150,7 @@ pub const fn nat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> 
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<NatFwd>() == 40);
+    assert!(core::mem::size_of::<NatFwd>() == 56);
     assert!(core::mem::size_of::<NatRev>() == 72);
     assert!(core::mem::size_of::<NatSnat>() == 72);
 };
@@ -140,6 +173,73 @@ mod tests {
             assert!(p >= 1024);
             assert_eq!(nat_port_candidate(hash, 3, 5, 5), 5);
         }
+    }
+
+    #[test]
+    fn a_pair_lives_while_either_direction_is_fresh() {
+        use crate::{FLOW_FLAG_CLOSING, IPPROTO_TCP, IPPROTO_UDP, Runtime};
+        let rt = Runtime {
+            now_ms: 10_000,
+            udp_idle_ms: 1_000,
+            tcp_idle_ms: 5_000,
+            tcp_closing_ms: 2_000,
+            ..Runtime::default()
+        };
+        let fwd = |last_seen_ms, flags| NatFwd {
+            last_seen_ms,
+            flags,
+            ..NatFwd::default()
+        };
+        let rev = |last_seen_ms, flags| NatRev {
+            last_seen_ms,
+            flags,
+            ..NatRev::default()
+        };
+        let (tcp, udp) = (IPPROTO_TCP as u32, IPPROTO_UDP as u32);
+        // UDP: idle forward, fresh replies (a one-way stream): alive.
+        assert!(!nat_pair_expired(
+            &fwd(1_000, 0),
+            Some(&rev(9_500, 0)),
+            udp,
+            &rt
+        ));
+        assert!(nat_pair_expired(
+            &fwd(1_000, 0),
+            Some(&rev(8_999, 0)),
+            udp,
+            &rt
+        ));
+        assert!(nat_pair_expired(&fwd(8_999, 0), None, udp, &rt));
+        assert!(!nat_pair_expired(&fwd(9_000, 0), None, udp, &rt));
+        // TCP: a FIN in either direction moves the pair to closing.
+        assert!(!nat_pair_expired(
+            &fwd(6_000, 0),
+            Some(&rev(6_000, 0)),
+            tcp,
+            &rt
+        ));
+        assert!(nat_pair_expired(
+            &fwd(6_000, 0),
+            Some(&rev(6_000, FLOW_FLAG_CLOSING)),
+            tcp,
+            &rt
+        ));
+        assert!(nat_pair_expired(
+            &fwd(6_000, FLOW_FLAG_CLOSING),
+            Some(&rev(6_000, 0)),
+            tcp,
+            &rt
+        ));
+        // No agent (timeouts 0): never.
+        assert!(!nat_pair_expired(
+            &fwd(0, 0),
+            None,
+            tcp,
+            &Runtime {
+                now_ms: u64::MAX,
+                ..Runtime::default()
+            }
+        ));
     }
 
     #[test]

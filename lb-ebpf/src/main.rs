@@ -15,14 +15,16 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP, FlowCacheEntry,
-    FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats, gue_source_port,
+    DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP,
+    FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_IPIP,
+    IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats,
+    gue_source_port,
+    nat::{NatFwd, NatRev, NatSnat},
     vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
@@ -125,6 +127,33 @@ const MIN_LIMITED_L3_LEN: usize = lb_common::MIN_LIMITED_L3_LEN as usize;
 
 #[map]
 static RUNTIME: Array<Runtime> = Array::pinned(1, 0);
+
+// Full NAT (see lb_common::nat). Hash maps, not LRUs: a live NAT flow is
+// never evicted to make room (a new flow is refused instead); the agent's
+// flow keeper removes idle pairs. Sized by the agent (nat_entries).
+
+/// Client side: the client's flow as received → backend, SNAT address
+/// and port.
+#[map]
+static NAT_FWD: HashMap<FlowKey, NatFwd> = HashMap::pinned(DEFAULT_NAT_ENTRIES, 0);
+
+/// Backend side: the reply as received (backend → SNAT address:port) →
+/// the client, the VIP and the way back.
+#[map]
+static NAT_REV: HashMap<FlowKey, NatRev> = HashMap::pinned(DEFAULT_NAT_ENTRIES, 0);
+
+/// NAT_FWD for IPv6 flows.
+#[map]
+static NAT_FWD6: HashMap<FlowKey6, NatFwd> = HashMap::pinned(DEFAULT_NAT_ENTRIES, 0);
+
+/// NAT_REV for IPv6 flows.
+#[map]
+static NAT_REV6: HashMap<FlowKey6, NatRev> = HashMap::pinned(DEFAULT_NAT_ENTRIES, 0);
+
+/// Per VIP index: the NAT VIP's SNAT addresses (none: the backend's
+/// route source).
+#[map]
+static NAT_SNAT: Array<NatSnat> = Array::pinned(DEFAULT_MAX_VIPS, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {

@@ -12,6 +12,8 @@ pub struct MapSizes {
     /// Elements of CONNTRACK6 (IPv6 flows); the agent gives it
     /// `conntrack_entries`.
     pub conntrack6_entries: u32,
+    /// Elements of each NAT map (NAT_FWD, NAT_REV, NAT_FWD6, NAT_REV6).
+    pub nat_entries: u32,
 }
 
 impl MapSizes {
@@ -30,6 +32,7 @@ impl Default for MapSizes {
             ring_size: lb_common::DEFAULT_RING_SIZE,
             conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
             conntrack6_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+            nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
         }
     }
 }

@@ -152,7 +152,13 @@ pub fn secure_dir(dir: &Path, tighten: bool) -> Result<()> {
 pub struct Layout(Vec<(String, String)>);
 
 /// The `[agent]` settings a layout records (named in a mismatch).
-const SETTINGS: &[&str] = &["max_vips", "max_backends", "ring_size", "conntrack_entries"];
+const SETTINGS: &[&str] = &[
+    "max_vips",
+    "max_backends",
+    "ring_size",
+    "conntrack_entries",
+    "nat_entries",
+];
 
 impl Layout {
     pub fn of(sizes: crate::map_sizes::MapSizes) -> Self {
@@ -170,6 +176,7 @@ impl Layout {
             e("ring_size", sizes.ring_size.into()),
             e("conntrack_entries", sizes.conntrack_entries.into()),
             e("conntrack6_entries", sizes.conntrack6_entries.into()),
+            e("nat_entries", sizes.nat_entries.into()),
             e("reasons", Reason::COUNT.into()),
             e("size_of_VipSlot", size_of::<VipSlot>() as u64),
             e("size_of_Backend", size_of::<Backend>() as u64),
@@ -179,6 +186,8 @@ impl Layout {
             e("size_of_FlowEntry", size_of::<FlowEntry>() as u64),
             e("size_of_VipStats", size_of::<VipStats>() as u64),
             e("size_of_BackendStats", size_of::<BackendStats>() as u64),
+            e("size_of_NatFwd", size_of::<lb_common::nat::NatFwd>() as u64),
+            e("size_of_NatRev", size_of::<lb_common::nat::NatRev>() as u64),
         ])
     }
 

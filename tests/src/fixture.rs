@@ -81,6 +81,7 @@ impl Fixture {
             ring_size: lb_common::DEFAULT_RING_SIZE,
             conntrack_entries: 1 << 16,
             conntrack6_entries: 1 << 16,
+            nat_entries: 1024,
         })
     }
 

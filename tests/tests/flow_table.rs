@@ -26,6 +26,7 @@ fn fixture(conntrack_entries: u32, proto: u8) -> Fixture {
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
+        nat_entries: 1024,
     });
     f.add_vip(0, (VIP, 80, proto), &[(1, 1), (2, 1), (3, 1)]);
     f

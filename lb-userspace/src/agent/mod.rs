@@ -120,6 +120,7 @@ impl Agent {
             // IPv6 flows get as many records as IPv4 ones (one setting
             // sizes both tables).
             conntrack6_entries: cfg.agent.kernel.conntrack_entries,
+            nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);

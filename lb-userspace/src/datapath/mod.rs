@@ -24,6 +24,7 @@ use thiserror::Error;
 mod entry;
 mod flows;
 mod kernel_maps;
+mod nat;
 mod v6;
 
 pub use entry::{backend_address, backend_encap_source, set_encap_source};
@@ -602,7 +603,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 8] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -615,6 +616,11 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 8] {
         (map_names::CONNTRACK, sizes.conntrack_entries),
         (map_names::VIP_STATS, sizes.max_vips),
         (map_names::BACKEND_STATS, sizes.backend_slots()),
+        (map_names::NAT_FWD, sizes.nat_entries),
+        (map_names::NAT_REV, sizes.nat_entries),
+        (map_names::NAT_FWD6, sizes.nat_entries),
+        (map_names::NAT_REV6, sizes.nat_entries),
+        (map_names::NAT_SNAT, sizes.max_vips),
     ]
 }
 

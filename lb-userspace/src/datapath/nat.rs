@@ -1,0 +1,81 @@
+//! The NAT maps as userspace sees them (see lb_common::nat): the per-VIP
+//! SNAT addresses the agent writes, and the NAT flows the kernel records,
+//! read for `lb explain`, tests and diagnostics (whole-map walks: not for
+//! a hot loop; the flow keeper reads them with batched lookups).
+
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::{
+    FlowKey, FlowKey6, map_names,
+    nat::{NatFwd, NatRev, NatSnat},
+};
+
+use super::{Datapath, Result, map_err};
+
+impl Datapath {
+    /// Sets the SNAT addresses of the NAT VIP with index `vip_index`
+    /// (`count == 0`: each backend's route source).
+    pub fn set_nat_snat(&mut self, vip_index: u32, snat: NatSnat) -> Result<()> {
+        self.check("VIP index", vip_index, self.sizes.max_vips)?;
+        let mut map: Array<&mut MapData, NatSnat> =
+            Array::try_from(self.map_mut(map_names::NAT_SNAT))
+                .map_err(map_err(map_names::NAT_SNAT))?;
+        map.set(vip_index, snat, 0)
+            .map_err(map_err(map_names::NAT_SNAT))
+    }
+
+    /// The SNAT addresses of the VIP with index `vip_index`.
+    pub fn nat_snat(&self, vip_index: u32) -> Result<NatSnat> {
+        self.check("VIP index", vip_index, self.sizes.max_vips)?;
+        let map: Array<&MapData, NatSnat> =
+            Array::try_from(self.map(map_names::NAT_SNAT)).map_err(map_err(map_names::NAT_SNAT))?;
+        map.get(&vip_index, 0).map_err(map_err(map_names::NAT_SNAT))
+    }
+
+    /// The NAT flow of the client's IPv4 flow `key` (as received).
+    pub fn nat_fwd(&self, key: &FlowKey) -> Result<Option<NatFwd>> {
+        self.hash_lookup(map_names::NAT_FWD, key)
+    }
+
+    /// The NAT flow a backend's IPv4 reply `key` (as received) belongs to.
+    pub fn nat_rev(&self, key: &FlowKey) -> Result<Option<NatRev>> {
+        self.hash_lookup(map_names::NAT_REV, key)
+    }
+
+    /// The NAT flow of the client's IPv6 flow `key`.
+    pub fn nat_fwd6(&self, key: &FlowKey6) -> Result<Option<NatFwd>> {
+        self.hash_lookup(map_names::NAT_FWD6, key)
+    }
+
+    /// The NAT flow a backend's IPv6 reply `key` belongs to.
+    pub fn nat_rev6(&self, key: &FlowKey6) -> Result<Option<NatRev>> {
+        self.hash_lookup(map_names::NAT_REV6, key)
+    }
+
+    /// Every NAT_FWD entry.
+    pub fn nat_fwd_entries(&self) -> Result<Vec<(FlowKey, NatFwd)>> {
+        self.hash_entries(map_names::NAT_FWD)
+    }
+
+    /// Every NAT_REV entry.
+    pub fn nat_rev_entries(&self) -> Result<Vec<(FlowKey, NatRev)>> {
+        self.hash_entries(map_names::NAT_REV)
+    }
+
+    /// Every NAT_FWD6 entry.
+    pub fn nat_fwd6_entries(&self) -> Result<Vec<(FlowKey6, NatFwd)>> {
+        self.hash_entries(map_names::NAT_FWD6)
+    }
+
+    /// Every NAT_REV6 entry.
+    pub fn nat_rev6_entries(&self) -> Result<Vec<(FlowKey6, NatRev)>> {
+        self.hash_entries(map_names::NAT_REV6)
+    }
+
+    fn hash_entries<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        let map: HashMap<&MapData, K, V> =
+            HashMap::try_from(self.map(name)).map_err(map_err(name))?;
+        map.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(name))
+    }
+}
