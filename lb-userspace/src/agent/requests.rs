@@ -81,6 +81,7 @@ impl<M: KernelMaps> Core<M> {
                     weight,
                     state: BackendState::Active,
                     mac: None,
+                    port: None,
                     health_check,
                 });
                 self.note_override(i, address);
