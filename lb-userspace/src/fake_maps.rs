@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats};
+use lb_common::{
+    Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats,
+    nat::NatSnat,
+};
 
 use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey, check_invariant};
 
@@ -23,6 +26,8 @@ pub struct FakeMaps {
     /// BACKENDS: ids `0..=max_backends`.
     pub backends: Vec<Backend>,
     pub tx_ports: Vec<u32>,
+    /// NAT_SNAT: `max_vips` elements, zero-initialised.
+    pub nat_snat: Vec<NatSnat>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
     /// Successful writes so far.
@@ -40,6 +45,7 @@ impl FakeMaps {
             rings: vec![0; (max_vips * ring_stride) as usize],
             backends: vec![Backend::EMPTY; max_backends as usize + 1],
             tx_ports: Vec::new(),
+            nat_snat: vec![NatSnat::default(); max_vips as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
             writes: 0,
@@ -127,6 +133,17 @@ impl KernelMaps for FakeMaps {
         Ok(())
     }
 
+    fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), FakeError> {
+        self.write("set NAT_SNAT", |m| {
+            let n = m.nat_snat.len();
+            *m.nat_snat
+                .get_mut(index as usize)
+                .ok_or_else(|| FakeError(format!("NAT_SNAT index {index} out of range ({n})")))? =
+                snat;
+            Ok(())
+        })
+    }
+
     fn read_image(&self) -> Result<KernelImage, FakeError> {
         let mut img = KernelImage {
             vips: self.vips.clone(),
@@ -139,6 +156,12 @@ impl KernelMaps for FakeMaps {
                 .get(base..base + len)
                 .ok_or_else(|| FakeError(format!("ring at {base} of {len} slots out of range")))?;
             img.rings.insert(info.ring_base, ring.to_vec());
+            if info.forwarding == FORWARD_NAT {
+                let snat = self.nat_snat.get(info.index as usize).ok_or_else(|| {
+                    FakeError(format!("NAT_SNAT index {} out of range", info.index))
+                })?;
+                img.snat.insert(info.index, *snat);
+            }
         }
         for (id, b) in self.backends.iter().enumerate() {
             if b.is_present() {

@@ -44,20 +44,27 @@ use crate::{
     timing,
 };
 
-/// The conntrack timeouts given to the kernel.
+/// The flow settings given to the kernel with the clock: the conntrack
+/// (and NAT) timeouts and the SNAT port range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowTimeouts {
     pub udp_idle: Duration,
     pub tcp_idle: Duration,
     pub tcp_closing: Duration,
+    /// `[agent] nat_port_range`, host order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
-impl From<&crate::config::ConntrackSettings> for FlowTimeouts {
-    fn from(c: &crate::config::ConntrackSettings) -> Self {
+impl From<&crate::config::AgentConfig> for FlowTimeouts {
+    fn from(a: &crate::config::AgentConfig) -> Self {
+        let c = &a.conntrack;
         Self {
             udp_idle: c.udp_idle,
             tcp_idle: c.tcp_idle,
             tcp_closing: c.tcp_closing,
+            nat_port_min: a.nat.port_min,
+            nat_port_max: a.nat.port_max,
         }
     }
 }
@@ -288,6 +295,8 @@ impl KeeperState {
             tcp_idle_ms: timeouts.map_or(0, |t| ms(t.tcp_idle)),
             tcp_closing_ms: timeouts.map_or(0, |t| ms(t.tcp_closing)),
             max_l3_len: self.max_l3_len,
+            nat_port_min: timeouts.map_or(0, |t| t.nat_port_min),
+            nat_port_max: timeouts.map_or(0, |t| t.nat_port_max),
             ..Runtime::default()
         };
         runtime

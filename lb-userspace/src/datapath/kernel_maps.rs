@@ -40,6 +40,10 @@ impl KernelMaps for Datapath {
         Datapath::add_tx_port(self, ifindex)
     }
 
+    fn set_nat_snat(&mut self, index: u32, snat: lb_common::nat::NatSnat) -> Result<()> {
+        Datapath::set_nat_snat(self, index, snat)
+    }
+
     /// What an earlier agent (or this one) left in the maps.
     fn read_image(&self) -> Result<KernelImage> {
         let mut img = KernelImage::default();
@@ -57,6 +61,9 @@ impl KernelMaps for Datapath {
                     info.ring_base,
                     self.read_ring(info.ring_base, info.ring_size)?,
                 );
+                if info.forwarding == lb_common::FORWARD_NAT {
+                    img.snat.insert(info.index, self.nat_snat(info.index)?);
+                }
             }
             img.vips.insert(key, info);
         }
