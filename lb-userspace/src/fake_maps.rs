@@ -7,10 +7,13 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats,
-    nat::NatSnat,
+    nat::{NatFwd, NatRev, NatSnat},
 };
 
-use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey, check_invariant};
+use crate::{
+    nat_keeper::NatKey,
+    reconcile::{KernelImage, KernelMaps, NatPair, VipEntryKey, check_invariant},
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -30,6 +33,10 @@ pub struct FakeMaps {
     pub nat_snat: Vec<NatSnat>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
+    pub nat_fwd: std::collections::HashMap<FlowKey, NatFwd>,
+    pub nat_rev: std::collections::HashMap<FlowKey, NatRev>,
+    pub nat_fwd6: std::collections::HashMap<FlowKey6, NatFwd>,
+    pub nat_rev6: std::collections::HashMap<FlowKey6, NatRev>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -48,6 +55,10 @@ impl FakeMaps {
             nat_snat: vec![NatSnat::default(); max_vips as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
+            nat_fwd: Default::default(),
+            nat_rev: Default::default(),
+            nat_fwd6: Default::default(),
+            nat_rev6: Default::default(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -183,6 +194,18 @@ impl KernelMaps for FakeMaps {
         Ok(self.conntrack.len() + self.conntrack6.len())
     }
 
+    fn nat_pair(&self, key: &FlowKey) -> Result<Option<NatPair<FlowKey>>, FakeError> {
+        Ok(pair_of(&self.nat_fwd, &self.nat_rev, key))
+    }
+
+    fn nat_pair6(&self, key: &FlowKey6) -> Result<Option<NatPair<FlowKey6>>, FakeError> {
+        Ok(pair_of(&self.nat_fwd6, &self.nat_rev6, key))
+    }
+
+    fn nat_entries(&self) -> Option<u64> {
+        Some((self.nat_fwd.len() + self.nat_fwd6.len()) as u64)
+    }
+
     fn vip_stats(&self, _index: u32) -> Result<VipStats, FakeError> {
         Ok(VipStats::default())
     }
@@ -203,4 +226,14 @@ impl KernelMaps for FakeMaps {
         }
         Some(n)
     }
+}
+
+fn pair_of<K: NatKey>(
+    fwd: &std::collections::HashMap<K, NatFwd>,
+    rev: &std::collections::HashMap<K, NatRev>,
+    key: &K,
+) -> Option<NatPair<K>> {
+    let f = fwd.get(key)?;
+    let rk = K::reverse_of(f, key.proto());
+    Some((*f, rev.get(&rk).map(|r| (rk, *r))))
 }

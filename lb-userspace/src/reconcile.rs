@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, NO_BACKEND, VipInfo, VipKey,
-    VipKey6, VipStats, nat::NatSnat,
+    VipKey6, VipStats,
+    nat::{NatFwd, NatRev, NatSnat},
 };
 
 use crate::maglev::diff_slots;
@@ -126,6 +127,16 @@ pub trait KernelMaps {
     fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>, Self::Error>;
     fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>, Self::Error>;
     fn conntrack_len(&self) -> Result<usize, Self::Error>;
+    /// The NAT_FWD entry of the client's IPv4 flow `key` and, if present,
+    /// the NAT_REV entry of its replies.
+    fn nat_pair(&self, key: &FlowKey) -> Result<Option<NatPair<FlowKey>>, Self::Error>;
+    /// The same for an IPv6 flow (NAT_FWD6, NAT_REV6).
+    fn nat_pair6(&self, key: &FlowKey6) -> Result<Option<NatPair<FlowKey6>>, Self::Error>;
+    /// NAT flows recorded (NAT_FWD + NAT_FWD6 entries) as last counted;
+    /// None before the first count.
+    fn nat_entries(&self) -> Option<u64> {
+        None
+    }
     /// A VIP's counters summed over CPUs.
     fn vip_stats(&self, index: u32) -> Result<VipStats, Self::Error>;
     /// A backend's counters summed over CPUs.
@@ -138,6 +149,10 @@ pub trait KernelMaps {
         None
     }
 }
+
+/// A NAT flow's forward entry and, if present, its reverse entry with the
+/// key it is found under.
+pub type NatPair<K> = (NatFwd, Option<(K, NatRev)>);
 
 /// Plans the writes from `current` to `target`.
 pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {

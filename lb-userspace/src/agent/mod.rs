@@ -11,6 +11,7 @@
 pub mod core;
 pub mod links;
 pub mod lock;
+mod nat_explain;
 pub mod nexthops;
 pub mod overrides;
 pub mod requests;

@@ -183,3 +183,107 @@ fn attached_interfaces_are_redirect_targets() {
     ports.sort();
     assert_eq!(ports, vec![2, 7]);
 }
+
+#[test]
+fn vip_and_backend_lists_show_the_mode_snat_addresses_and_backend_ports() {
+    let core = started(
+        nat_config("", "snat_addresses = [\"198.18.1.1\"]\n"),
+        FakeMaps::new(4, M, 16),
+    );
+    let h = core.ask(Request::VipList).unwrap();
+    let vips: Vec<crate::control::VipView> = serde_json::from_value(h.data).unwrap();
+    assert_eq!(vips[0].forwarding, crate::config::Forwarding::Nat);
+    assert_eq!(vips[0].snat_addresses, vec![ip4(198, 18, 1, 1)]);
+    assert_eq!(core.backend(11).port, Some(8080));
+    assert_eq!(core.backend(12).port, Some(80), "the VIP's");
+}
+
+#[test]
+fn explain_names_the_nat_translation_before_and_after_the_first_packet() {
+    use lb_common::nat::NatRev;
+    let snat_list = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+    let vip_line = format!(
+        "snat_addresses = [{}]\n",
+        snat_list.map(|a| format!("\"{a}\"")).join(", ")
+    );
+    let mut core = started(nat_config("", &vip_line), FakeMaps::new(4, M, 16));
+    let src: SocketAddr = "198.18.0.50:40000".parse().unwrap();
+    let dst: SocketAddr = "198.19.0.1:80".parse().unwrap();
+    let e = explain_tcp(&core, src, dst);
+    let nat = e.nat.clone().expect("a NAT VIP's flow");
+    // The backend the ring gives, at its port.
+    let b = e.ring_backend.unwrap();
+    let port = if b == ip4(198, 18, 0, 11) { 8080 } else { 80 };
+    assert_eq!(nat.backend, Some(SocketAddr::new(b, port)));
+    // No entry yet: the SNAT address the kernel's rule picks, no port.
+    assert_eq!(nat.snat, None);
+    let want: IpAddr = snat_list[lb_common::nat::snat_index(e.hash, 3) as usize]
+        .parse()
+        .unwrap();
+    assert_eq!(nat.snat_address, Some(want));
+    assert_eq!(nat.reverse, None);
+
+    // The kernel recorded the flow (to backend 12 at 8081, through
+    // 198.18.1.3:61234): explain follows the entries.
+    let key = FlowKey::new(
+        u32::from(Ipv4Addr::new(198, 18, 0, 50)),
+        40000,
+        u32::from(Ipv4Addr::new(198, 19, 0, 1)),
+        80,
+        6,
+    );
+    let fwd = lb_common::nat::NatFwd {
+        snat_addr: v4(Ipv4Addr::new(198, 18, 1, 3)),
+        backend_addr: v4(Ipv4Addr::new(198, 18, 0, 12)),
+        backend_id: core.backend(12).id,
+        snat_port: 61234u16.to_be(),
+        backend_port: 8081u16.to_be(),
+        ..Default::default()
+    };
+    core.maps.nat_fwd.insert(key, fwd);
+    let e = explain_tcp(&core, src, dst);
+    let nat = e.nat.unwrap();
+    assert_eq!(nat.backend, Some("198.18.0.12:8081".parse().unwrap()));
+    assert_eq!(nat.snat, Some("198.18.1.3:61234".parse().unwrap()));
+    assert_eq!(nat.reverse, None, "no reverse entry yet");
+    assert_eq!(e.backend, Some(ip4(198, 18, 0, 12)));
+    assert_eq!(e.reason, "established NAT flow: NAT_FWD entry");
+    // Its reverse entry, under the replies' key.
+    let rk = FlowKey::new(
+        u32::from(Ipv4Addr::new(198, 18, 0, 12)),
+        8081,
+        u32::from(Ipv4Addr::new(198, 18, 1, 3)),
+        61234,
+        6,
+    );
+    core.maps.nat_rev.insert(
+        rk,
+        NatRev {
+            client_addr: v4(Ipv4Addr::new(198, 18, 0, 50)),
+            vip_addr: v4(Ipv4Addr::new(198, 19, 0, 1)),
+            client_port: 40000u16.to_be(),
+            vip_port: 80u16.to_be(),
+            ifindex: 3,
+            ..Default::default()
+        },
+    );
+    let r = explain_tcp(&core, src, dst).nat.unwrap().reverse.unwrap();
+    assert_eq!(r.from, "198.18.0.12:8081".parse().unwrap());
+    assert_eq!(r.to, "198.18.1.3:61234".parse().unwrap());
+    assert_eq!(r.vip, dst);
+    assert_eq!(r.client, src);
+    assert_eq!(r.ifindex, 3);
+}
+
+#[test]
+fn explain_without_snat_addresses_names_the_route_source() {
+    let mut core = started(nat_config("", ""), FakeMaps::new(4, M, 16));
+    core.on_next_hops(routed_batch(&core, Some(ROUTE_SRC)));
+    core.reconcile().unwrap();
+    let e = explain_tcp(
+        &core,
+        "198.18.0.50:40000".parse().unwrap(),
+        "198.19.0.1:80".parse().unwrap(),
+    );
+    assert_eq!(e.nat.unwrap().snat_address, Some(ROUTE_SRC));
+}
