@@ -111,10 +111,10 @@ pub fn orphan_expired(key_proto: u32, rev: &NatRev, rt: &Runtime) -> bool {
 }
 
 /// Decides, from a walk of both maps, which pairs and orphans go and
-/// which flows are live.
+/// which flows are live (`rev` is consumed: its entries are matched off).
 pub fn plan<K: NatKey>(
     fwd: &[(K, NatFwd)],
-    rev: &HashMap<K, NatRev>,
+    mut rev: HashMap<K, NatRev>,
     rt: &Runtime,
 ) -> SweepPlan<K> {
     let mut plan = SweepPlan {
@@ -123,22 +123,19 @@ pub fn plan<K: NatKey>(
         live_per_backend: BTreeMap::new(),
         live: 0,
     };
-    let mut partnered: std::collections::HashSet<K> = std::collections::HashSet::new();
     for (k, f) in fwd {
         let rk = K::reverse_of(f, k.proto());
-        let r = rev.get(&rk);
-        if r.is_some() {
-            partnered.insert(rk);
-        }
-        if nat_pair_expired(f, r, k.proto(), rt) {
+        // Taken out: what is left at the end has no forward entry.
+        let r = rev.remove(&rk);
+        if nat_pair_expired(f, r.as_ref(), k.proto(), rt) {
             plan.expired.push((*k, rk));
         } else {
             plan.live += 1;
             *plan.live_per_backend.entry(f.backend_id).or_default() += 1;
         }
     }
-    for (rk, r) in rev {
-        if !partnered.contains(rk) && orphan_expired(rk.proto(), r, rt) {
+    for (rk, r) in &rev {
+        if orphan_expired(rk.proto(), r, rt) {
             plan.orphans.push(*rk);
         }
     }
@@ -245,9 +242,10 @@ fn sweep_family<K: NatKey>(
     for_each_entry(fd(fwd_map)?, K::FWD, K::ZERO, NatFwd::default(), |k, v| {
         fwd.push((*k, *v));
     })?;
-    let p = plan(&fwd, &rev, rt);
+    let rev_len = rev.len() as u64;
+    let p = plan(&fwd, rev, rt);
     let mut fwd_entries = fwd.len() as u64;
-    let mut rev_entries = rev.len() as u64;
+    let mut rev_entries = rev_len;
     let err = |name: &'static str| move |e: MapError| anyhow::anyhow!("{name}: {e}");
     let mut fwd_map: BpfHashMap<&mut MapData, K, NatFwd> =
         BpfHashMap::try_from(fwd_map).map_err(err(K::FWD))?;
@@ -398,7 +396,7 @@ mod tests {
             pair(6, 61006, 13, udp, 99_000, None),
         ];
         let (fwd, rev) = maps(&pairs);
-        let p = plan(&fwd, &rev, &RT);
+        let p = plan(&fwd, rev.clone(), &RT);
         let gone: Vec<u8> = p
             .expired
             .iter()
@@ -425,7 +423,7 @@ mod tests {
         let (_, stale) = pair(1, 61001, 11, IPPROTO_UDP, 0, Some((60_000, 0)));
         let (_, fresh) = pair(2, 61002, 11, IPPROTO_UDP, 0, Some((99_000, 0)));
         let rev: HashMap<FlowKey, NatRev> = [stale.unwrap(), fresh.unwrap()].into_iter().collect();
-        let p = plan::<FlowKey>(&[], &rev, &RT);
+        let p = plan::<FlowKey>(&[], rev, &RT);
         assert_eq!(p.orphans, vec![stale.unwrap().0]);
         assert_eq!(p.live, 0);
     }
@@ -458,7 +456,7 @@ mod tests {
                 ..NatRev::default()
             },
         )]);
-        let p = plan(&[(fk, fwd)], &rev, &RT);
+        let p = plan(&[(fk, fwd)], rev, &RT);
         assert!(p.expired.is_empty(), "fresh replies keep it");
         assert_eq!(p.live_per_backend, BTreeMap::from([(3, 1)]));
         let idle = HashMap::from([(
@@ -468,6 +466,6 @@ mod tests {
                 ..NatRev::default()
             },
         )]);
-        assert_eq!(plan(&[(fk, fwd)], &idle, &RT).expired, vec![(fk, rk)]);
+        assert_eq!(plan(&[(fk, fwd)], idle, &RT).expired, vec![(fk, rk)]);
     }
 }
