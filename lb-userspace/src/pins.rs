@@ -601,6 +601,19 @@ mod tests {
     }
 
     #[test]
+    fn the_nat_maps_size_is_a_named_difference() {
+        let pinned = Layout::of(MapSizes::default());
+        let wanted = Layout::of(MapSizes {
+            nat_entries: 1024,
+            ..MapSizes::default()
+        });
+        assert_eq!(
+            Layout::diff(&pinned, &wanted),
+            ["nat_entries: pinned 65536, this agent 1024 ([agent] nat_entries)"]
+        );
+    }
+
+    #[test]
     fn another_version_and_unknown_keys_are_differences() {
         let wanted = Layout::of(MapSizes::default());
         let mut text = wanted.render().replace(

@@ -125,3 +125,59 @@ impl Datapath {
             .map_err(map_err(name))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use lb_common::{FlowKey, FlowKey6, map_names};
+
+    use super::*;
+    use crate::map_sizes::MapSizes;
+
+    /// A restarted agent reuses the NAT maps only if they are pinned and
+    /// match: each is in the pinned specs with its configured size and
+    /// the shared types' sizes, so another layout is refused.
+    #[test]
+    fn the_nat_maps_are_pinned_with_their_sizes() {
+        let sizes = MapSizes {
+            nat_entries: 4096,
+            max_vips: 8,
+            ..MapSizes::default()
+        };
+        let specs = crate::datapath::pinned_map_specs(sizes).unwrap();
+        let spec = |name: &str| {
+            specs
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("{name} is not pinned"))
+        };
+        let k4 = size_of::<FlowKey>() as u32;
+        let k6 = size_of::<FlowKey6>() as u32;
+        let (f, r) = (size_of::<NatFwd>() as u32, size_of::<NatRev>() as u32);
+        for (name, key, value) in [
+            (map_names::NAT_FWD, k4, f),
+            (map_names::NAT_REV, k4, r),
+            (map_names::NAT_FWD6, k6, f),
+            (map_names::NAT_REV6, k6, r),
+        ] {
+            let s = spec(name);
+            assert_eq!(
+                (s.key_size, s.value_size, s.max_entries),
+                (key, value, 4096),
+                "{name}"
+            );
+            // A hash map, not an LRU: the kernel never evicts a live flow.
+            assert_eq!(
+                s.map_type,
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32,
+                "{name}"
+            );
+        }
+        let s = spec(map_names::NAT_SNAT);
+        assert_eq!(
+            (s.value_size, s.max_entries),
+            (size_of::<NatSnat>() as u32, 8)
+        );
+    }
+}
