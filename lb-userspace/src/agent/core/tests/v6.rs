@@ -336,3 +336,43 @@ fn an_ipv6_backend_with_a_mac_override_needs_no_neighbour_discovery() {
         Some("no neighbour discovery answer from 2001:2::12 on eth0")
     );
 }
+
+#[test]
+fn an_ipv6_nat_vip_gets_ipv6_snat_addresses_and_route_sources() {
+    let snat6 = b6(0x5a);
+    let cfg = dual(
+        "nat",
+        &format!("snat_addresses = [\"198.18.1.1\", \"{snat6}\"]"),
+    );
+    let mut core = started(cfg, FakeMaps::new(4, M, 16));
+    let route_src = IpAddr::V6(b6(0x10));
+    core.on_next_hops(routed6(&core, Some(route_src)));
+    core.reconcile().unwrap();
+    core.assert_true_and_safe();
+    let info = core.image.vips[&vip6_key()];
+    assert_eq!(info.forwarding, Forwarding::Nat.kernel_value());
+    // The agent's IPv6 SNAT address only, as on the wire.
+    let snat = core.maps.nat_snat[info.index as usize];
+    assert_eq!(snat.count, 1);
+    assert_eq!(snat.addrs[0], addr6_words(snat6));
+    for last in [0x11, 0x12] {
+        let v = view6(&core, last);
+        assert_eq!(v.health, Health::Up, "{v:?}");
+        let e = core.maps.backends[v.id as usize];
+        assert_eq!(e.encap_src6, addr6_words(b6(0x10)), "the route source");
+        assert_eq!(e.port, 0, "the VIP's port");
+    }
+    // explain: the IPv6 SNAT address, no port yet.
+    let x = core
+        .ask(Request::Explain {
+            src: "[2001:2::99]:40000".parse().unwrap(),
+            dst: SocketAddr::new(IpAddr::V6(VIP6), 80),
+            protocol: crate::config::Protocol::Tcp,
+        })
+        .unwrap();
+    let x: crate::control::ExplainView = serde_json::from_value(x.data).unwrap();
+    let nat = x.nat.unwrap();
+    assert_eq!(nat.snat_address, Some(IpAddr::V6(snat6)));
+    assert_eq!(nat.snat, None);
+    assert_eq!(nat.backend.map(|b| b.port()), Some(80));
+}
