@@ -147,6 +147,10 @@ pub struct VipView {
     /// How packets reach the backends.
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// NAT VIPs: the SNAT addresses new flows take (empty: each backend's
+    /// route source).
+    #[serde(default)]
+    pub snat_addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,6 +178,9 @@ pub struct BackendView {
     /// first count.
     #[serde(default)]
     pub flows: Option<u64>,
+    /// NAT VIPs: the port the backend's packets go to.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 /// A backend's health as the agent sees it.
@@ -222,6 +229,11 @@ pub struct VipStatsView {
     pub conntrack_hits: u64,
     /// Conntrack hits / packets over the last interval (all time if idle).
     pub conntrack_hit_ratio: f64,
+    /// NAT VIPs: replies translated back to clients, and their bytes.
+    #[serde(default)]
+    pub return_packets: u64,
+    #[serde(default)]
+    pub return_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -240,6 +252,10 @@ pub struct StatsView {
     pub backends: Vec<BackendStatsView>,
     /// reason → (total, per second)
     pub reasons: BTreeMap<String, (u64, f64)>,
+    /// NAT flows recorded (NAT_FWD + NAT_FWD6 entries) as last counted;
+    /// None before the first count.
+    #[serde(default)]
+    pub nat_entries: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -259,6 +275,39 @@ pub struct ExplainView {
     /// backend).
     #[serde(default)]
     pub outer: Option<OuterView>,
+    /// The translation the flow gets (NAT VIPs).
+    #[serde(default)]
+    pub nat: Option<NatView>,
+}
+
+/// A NAT VIP's flow as the kernel translates it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatView {
+    /// Where the flow's packets go: the backend's address and port.
+    pub backend: Option<SocketAddr>,
+    /// The SNAT address:port the flow's NAT_FWD entry records (None: no
+    /// entry, the first packet allocates the port).
+    pub snat: Option<SocketAddr>,
+    /// No NAT entry yet: the SNAT address the first packet would take
+    /// (None: not known, the backend's route source is not resolved).
+    pub snat_address: Option<IpAddr>,
+    /// The flow's NAT_REV entry (the backend's replies: backend → SNAT),
+    /// when present: the client and VIP they are translated back to.
+    pub reverse: Option<NatReverseView>,
+}
+
+/// A NAT_REV entry, as `lb explain` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatReverseView {
+    /// The replies' key: from the backend to the SNAT address.
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    /// Translated back to: from the VIP to the client.
+    pub vip: SocketAddr,
+    pub client: SocketAddr,
+    /// The interface the replies leave through (the client's packets'
+    /// ingress).
+    pub ifindex: u32,
 }
 
 /// The outer header of an encapsulated packet.

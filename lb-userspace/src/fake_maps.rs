@@ -5,9 +5,15 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats};
+use lb_common::{
+    Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats,
+    nat::{NatFwd, NatRev, NatSnat},
+};
 
-use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey, check_invariant};
+use crate::{
+    nat_keeper::NatKey,
+    reconcile::{KernelImage, KernelMaps, NatPair, VipEntryKey, check_invariant},
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -23,8 +29,14 @@ pub struct FakeMaps {
     /// BACKENDS: ids `0..=max_backends`.
     pub backends: Vec<Backend>,
     pub tx_ports: Vec<u32>,
+    /// NAT_SNAT: `max_vips` elements, zero-initialised.
+    pub nat_snat: Vec<NatSnat>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
+    pub nat_fwd: std::collections::HashMap<FlowKey, NatFwd>,
+    pub nat_rev: std::collections::HashMap<FlowKey, NatRev>,
+    pub nat_fwd6: std::collections::HashMap<FlowKey6, NatFwd>,
+    pub nat_rev6: std::collections::HashMap<FlowKey6, NatRev>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -40,8 +52,13 @@ impl FakeMaps {
             rings: vec![0; (max_vips * ring_stride) as usize],
             backends: vec![Backend::EMPTY; max_backends as usize + 1],
             tx_ports: Vec::new(),
+            nat_snat: vec![NatSnat::default(); max_vips as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
+            nat_fwd: Default::default(),
+            nat_rev: Default::default(),
+            nat_fwd6: Default::default(),
+            nat_rev6: Default::default(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -127,6 +144,17 @@ impl KernelMaps for FakeMaps {
         Ok(())
     }
 
+    fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), FakeError> {
+        self.write("set NAT_SNAT", |m| {
+            let n = m.nat_snat.len();
+            *m.nat_snat
+                .get_mut(index as usize)
+                .ok_or_else(|| FakeError(format!("NAT_SNAT index {index} out of range ({n})")))? =
+                snat;
+            Ok(())
+        })
+    }
+
     fn read_image(&self) -> Result<KernelImage, FakeError> {
         let mut img = KernelImage {
             vips: self.vips.clone(),
@@ -139,6 +167,12 @@ impl KernelMaps for FakeMaps {
                 .get(base..base + len)
                 .ok_or_else(|| FakeError(format!("ring at {base} of {len} slots out of range")))?;
             img.rings.insert(info.ring_base, ring.to_vec());
+            if info.forwarding == FORWARD_NAT {
+                let snat = self.nat_snat.get(info.index as usize).ok_or_else(|| {
+                    FakeError(format!("NAT_SNAT index {} out of range", info.index))
+                })?;
+                img.snat.insert(info.index, *snat);
+            }
         }
         for (id, b) in self.backends.iter().enumerate() {
             if b.is_present() {
@@ -158,6 +192,18 @@ impl KernelMaps for FakeMaps {
 
     fn conntrack_len(&self) -> Result<usize, FakeError> {
         Ok(self.conntrack.len() + self.conntrack6.len())
+    }
+
+    fn nat_pair(&self, key: &FlowKey) -> Result<Option<NatPair<FlowKey>>, FakeError> {
+        Ok(pair_of(&self.nat_fwd, &self.nat_rev, key))
+    }
+
+    fn nat_pair6(&self, key: &FlowKey6) -> Result<Option<NatPair<FlowKey6>>, FakeError> {
+        Ok(pair_of(&self.nat_fwd6, &self.nat_rev6, key))
+    }
+
+    fn nat_entries(&self) -> Option<u64> {
+        Some((self.nat_fwd.len() + self.nat_fwd6.len()) as u64)
     }
 
     fn vip_stats(&self, _index: u32) -> Result<VipStats, FakeError> {
@@ -180,4 +226,14 @@ impl KernelMaps for FakeMaps {
         }
         Some(n)
     }
+}
+
+fn pair_of<K: NatKey>(
+    fwd: &std::collections::HashMap<K, NatFwd>,
+    rev: &std::collections::HashMap<K, NatRev>,
+    key: &K,
+) -> Option<NatPair<K>> {
+    let f = fwd.get(key)?;
+    let rk = K::reverse_of(f, key.proto());
+    Some((*f, rev.get(&rk).map(|r| (rk, *r))))
 }

@@ -19,7 +19,9 @@
 //!   or 20 times the last pass's duration if longer (a pass costs ~0.3 µs
 //!   per record: a full 1M-record table is counted every ~7 s, ≤ 5 % of a
 //!   core). Expired records are left to the LRU: the kernel already treats
-//!   them as misses.
+//!   them as misses. Then the NAT pass ([`crate::nat_keeper`]): NAT pairs
+//!   that are over are removed (the NAT maps are not LRUs), live ones
+//!   counted per backend with the conntrack records.
 //! - The limit: the smallest MTU of the egress interfaces (the attached
 //!   ones and the redirect targets), re-read with each count.
 //!
@@ -44,20 +46,27 @@ use crate::{
     timing,
 };
 
-/// The conntrack timeouts given to the kernel.
+/// The flow settings given to the kernel with the clock: the conntrack
+/// (and NAT) timeouts and the SNAT port range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowTimeouts {
     pub udp_idle: Duration,
     pub tcp_idle: Duration,
     pub tcp_closing: Duration,
+    /// `[agent] nat_port_range`, host order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
-impl From<&crate::config::ConntrackSettings> for FlowTimeouts {
-    fn from(c: &crate::config::ConntrackSettings) -> Self {
+impl From<&crate::config::AgentConfig> for FlowTimeouts {
+    fn from(a: &crate::config::AgentConfig) -> Self {
+        let c = &a.conntrack;
         Self {
             udp_idle: c.udp_idle,
             tcp_idle: c.tcp_idle,
             tcp_closing: c.tcp_closing,
+            nat_port_min: a.nat.port_min,
+            nat_port_max: a.nat.port_max,
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct FlowCount {
     pub records: u64,
     /// When the pass ended.
     pub at: Option<Instant>,
+    /// The NAT pass that followed (its live flows are in `per_backend`).
+    pub nat: crate::nat_keeper::NatSweep,
 }
 
 #[derive(Default)]
@@ -124,6 +135,7 @@ impl FlowKeeper {
                 .map_err(|e| anyhow::anyhow!("map {}: {e}", map_names::RUNTIME))?;
         let conntrack = open(map_names::CONNTRACK)?;
         let conntrack6 = open(map_names::CONNTRACK6)?;
+        let mut nat = crate::nat_keeper::NatMaps::open(pin_dir)?;
         let base = runtime
             .get(&0, 0)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::RUNTIME))?
@@ -172,7 +184,9 @@ impl FlowKeeper {
                 while !wait(&count_shared, period) {
                     let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
                     let t = Instant::now();
-                    match count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt) {
+                    let counted = count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt)
+                        .and_then(|c| with_nat(c, &mut nat, &rt));
+                    match counted {
                         Ok(c) => {
                             failing = false;
                             count_shared
@@ -288,6 +302,8 @@ impl KeeperState {
             tcp_idle_ms: timeouts.map_or(0, |t| ms(t.tcp_idle)),
             tcp_closing_ms: timeouts.map_or(0, |t| ms(t.tcp_closing)),
             max_l3_len: self.max_l3_len,
+            nat_port_min: timeouts.map_or(0, |t| t.nat_port_min),
+            nat_port_max: timeouts.map_or(0, |t| t.nat_port_max),
             ..Runtime::default()
         };
         runtime
@@ -297,6 +313,22 @@ impl KeeperState {
         shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt = rt;
         Ok(())
     }
+}
+
+/// Runs the NAT pass after a conntrack count: removes the NAT pairs that
+/// are over and adds the live ones to the per-backend counts.
+pub fn with_nat(
+    mut count: FlowCount,
+    nat: &mut crate::nat_keeper::NatMaps,
+    rt: &Runtime,
+) -> anyhow::Result<FlowCount> {
+    let sweep = nat.sweep(rt)?;
+    for (&id, &n) in &sweep.live_per_backend {
+        *count.per_backend.entry(id).or_default() += n;
+    }
+    count.nat = sweep;
+    count.at = Some(Instant::now());
+    Ok(count)
 }
 
 /// Counts the records of CONNTRACK and CONNTRACK6 that have not expired
@@ -373,17 +405,28 @@ const BATCH: usize = 1024;
 /// map).
 pub fn for_each_flow<K: ConntrackKey>(
     map: BorrowedFd<'_>,
-    mut f: impl FnMut(&K, &FlowEntry),
+    f: impl FnMut(&K, &FlowEntry),
 ) -> anyhow::Result<()> {
-    let mut keys = vec![K::ZERO; BATCH];
-    let mut values = vec![
-        FlowEntry {
-            backend_id: 0,
-            flags: 0,
-            last_seen_ms: 0,
-        };
-        BATCH
-    ];
+    let zero = FlowEntry {
+        backend_id: 0,
+        flags: 0,
+        last_seen_ms: 0,
+    };
+    for_each_entry(map, K::MAP, K::ZERO, zero, f)
+}
+
+/// Calls `f` on every element of the hash map `map` (named `name` in
+/// errors) of `K → V`, read with BPF_MAP_LOOKUP_BATCH, [`BATCH`] elements
+/// per call; `zero_k` and `zero_v` fill the buffers.
+pub fn for_each_entry<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    name: &str,
+    zero_k: K,
+    zero_v: V,
+    mut f: impl FnMut(&K, &V),
+) -> anyhow::Result<()> {
+    let mut keys = vec![zero_k; BATCH];
+    let mut values = vec![zero_v; BATCH];
     // For hash maps the batch cursor is a bucket index.
     let mut cursor: u32 = 0;
     let mut next: u32 = 0;
@@ -407,7 +450,7 @@ pub fn for_each_flow<K: ConntrackKey>(
         let done = match &err {
             None => false,
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(e) => anyhow::bail!("BPF_MAP_LOOKUP_BATCH on {}: {e}", K::MAP),
+            Some(e) => anyhow::bail!("BPF_MAP_LOOKUP_BATCH on {name}: {e}"),
         };
         let n = (attr.count as usize).min(BATCH);
         for i in 0..n {

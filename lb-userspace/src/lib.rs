@@ -16,6 +16,7 @@ pub mod mac;
 pub mod maglev;
 pub mod map_sizes;
 pub mod metrics;
+pub mod nat_keeper;
 pub mod neigh;
 #[cfg(test)]
 mod object_calls;

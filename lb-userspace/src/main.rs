@@ -310,8 +310,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "NAME", "VIP", "FORWARDING", "INDEX", "RING", "BACKENDS", "IN RING"
             );
             for v in vips {
+                // NAT VIPs: what their flows' source becomes.
+                let snat = match (v.forwarding, v.snat_addresses.as_slice()) {
+                    (lb::config::Forwarding::Nat, []) => "  snat: route source".to_string(),
+                    (lb::config::Forwarding::Nat, list) => format!(
+                        "  snat: {}",
+                        list.iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}",
+                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}{snat}",
                     v.name,
                     format!(
                         "{}/{}",
@@ -348,10 +360,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "VIA"
                 );
                 for b in list {
+                    // A NAT backend with its port.
+                    let address = match b.port {
+                        Some(p) => SocketAddr::new(b.address, p).to_string(),
+                        None => b.address.to_string(),
+                    };
                     println!(
                         "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  {}",
                         b.vip,
-                        b.address,
+                        address,
                         b.id,
                         b.weight,
                         b.state,
@@ -453,6 +470,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 };
                 let proto = o.protocol(dst.is_ipv6());
                 println!("outer      {} -> {} ({proto}{ports})", o.src, o.dst);
+            }
+            if let Some(n) = e.nat {
+                let show_sock =
+                    |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+                println!("nat to     {}", show_sock(n.backend));
+                match (n.snat, n.snat_address) {
+                    (Some(s), _) => println!("snat       {s} (NAT_FWD entry)"),
+                    (None, Some(a)) => {
+                        println!("snat       {a}, SNAT port allocated by the first packet")
+                    }
+                    (None, None) => println!(
+                        "snat       the backend's route source (not resolved), SNAT port allocated by the first packet"
+                    ),
+                }
+                match n.reverse {
+                    Some(r) => println!(
+                        "reverse    {} -> {} => {} -> {} (NAT_REV entry, out ifindex {})",
+                        r.from, r.to, r.vip, r.client, r.ifindex
+                    ),
+                    None if n.snat.is_some() => println!("reverse    - (no NAT_REV entry)"),
+                    None => {}
+                }
             }
         }
         Cmd::Reload => print_msg(call(Request::Reload)?),

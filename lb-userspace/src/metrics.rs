@@ -58,6 +58,8 @@ pub fn render(stats: &StatsView) -> String {
     let vip_bytes = Family::<VipLabels, Ctr>::default();
     let vip_flows = Family::<VipLabels, Ctr>::default();
     let vip_hits = Family::<VipLabels, Ctr>::default();
+    let vip_return_packets = Family::<VipLabels, Ctr>::default();
+    let vip_return_bytes = Family::<VipLabels, Ctr>::default();
     let be_packets = Family::<BackendLabels, Ctr>::default();
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
@@ -68,6 +70,10 @@ pub fn render(stats: &StatsView) -> String {
         vip_bytes.get_or_create(&l).inc_by(v.traffic.bytes);
         vip_flows.get_or_create(&l).inc_by(v.new_flows);
         vip_hits.get_or_create(&l).inc_by(v.conntrack_hits);
+        vip_return_packets
+            .get_or_create(&l)
+            .inc_by(v.return_packets);
+        vip_return_bytes.get_or_create(&l).inc_by(v.return_bytes);
     }
     for b in &stats.backends {
         let l = BackendLabels {
@@ -99,6 +105,25 @@ pub fn render(stats: &StatsView) -> String {
         "Packets of established flows",
         vip_hits,
     );
+    reg.register(
+        "vip_return_packets",
+        "NAT replies translated back to clients of a VIP",
+        vip_return_packets,
+    );
+    reg.register(
+        "vip_return_bytes",
+        "Bytes of NAT replies translated back to clients of a VIP",
+        vip_return_bytes,
+    );
+    if let Some(n) = stats.nat_entries {
+        let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        reg.register(
+            "nat_entries",
+            "NAT flows recorded (NAT_FWD + NAT_FWD6 entries), as last counted",
+            g,
+        );
+    }
     reg.register(
         "backend_packets",
         "Packets forwarded to a backend",
@@ -233,6 +258,8 @@ mod tests {
                 new_flows_ps: 0.0,
                 conntrack_hits: 7,
                 conntrack_hit_ratio: 0.7,
+                return_packets: 5,
+                return_bytes: 500,
             }],
             backends: vec![BackendStatsView {
                 vip: "web".into(),
@@ -246,6 +273,7 @@ mod tests {
                 },
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
+            nat_entries: Some(9),
         };
         let text = render(&stats);
         for want in [
@@ -256,8 +284,22 @@ mod tests {
             r#"lb_backend_packets_total{vip="web",backend="198.18.0.11"} 4"#,
             r#"lb_backend_up{vip="web",backend="198.18.0.11"} 1"#,
             r#"lb_packets_by_reason_total{reason="drop_no_backend"} 2"#,
+            r#"lb_vip_return_packets_total{vip="web"} 5"#,
+            r#"lb_vip_return_bytes_total{vip="web"} 500"#,
+            "lb_nat_entries 9",
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod nat_tests {
+    use super::*;
+
+    #[test]
+    fn no_nat_entries_gauge_before_the_first_count() {
+        let text = render(&StatsView::default());
+        assert!(!text.contains("lb_nat_entries"), "{text}");
     }
 }

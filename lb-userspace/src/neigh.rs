@@ -59,6 +59,10 @@ pub enum NeighError {
         "no outer source address for {addr}: the route has no preferred source and {iface} has no {} address; set [agent] encap_source_{}", family(*addr), if addr.is_ipv4() { "v4" } else { "v6" }
     )]
     NoSource { addr: IpAddr, iface: String },
+    #[error(
+        "no SNAT address for {addr}: the route has no preferred source and {iface} has no {} address; set snat_addresses (per VIP or in [agent])", family(*addr)
+    )]
+    NoSnatSource { addr: IpAddr, iface: String },
     #[error("{0} is an address of this host")]
     Local(IpAddr),
     #[error("the route to {addr} leaves through interface index {ifindex}, which is gone")]
@@ -176,6 +180,19 @@ pub enum Lookup {
     Failed(NeighError),
 }
 
+/// What a backend entry's source address is, by forwarding mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopSource {
+    /// dsr-l2: none (and the backend must be on-link).
+    None,
+    /// ipip, gue: the outer source, the operator's (when of the backend's
+    /// family) over the route's; required.
+    Tunnel(Option<IpAddr>),
+    /// nat: the route's source, the SNAT address of a VIP that names none;
+    /// `required` when the VIP names none of the backend's family.
+    Nat { required: bool },
+}
+
 impl Resolution {
     /// The next hop of backend `addr`; `mac` is an operator's override,
     /// used instead of the neighbour table. `tunnel`: the backend's VIP
@@ -188,23 +205,41 @@ impl Resolution {
         tunnel: bool,
         encap_source: Option<IpAddr>,
     ) -> Lookup {
+        let source = if tunnel {
+            HopSource::Tunnel(encap_source)
+        } else {
+            HopSource::None
+        };
+        self.lookup_as(addr, mac, source)
+    }
+
+    /// [`Resolution::lookup`] for any forwarding mode: `source` says what
+    /// the backend entry's source address is (and whether a gateway is
+    /// fine: for every mode but dsr-l2).
+    pub fn lookup_as(&self, addr: IpAddr, mac: Option<[u8; 6]>, source: HopSource) -> Lookup {
         let egress = match &self.egress {
             Ok(e) => e,
             Err(e) => return Lookup::Failed(e.clone()),
         };
         let iface = egress.iface.clone();
-        let encap_src = if tunnel {
-            // Only a source of the backend's family can head its packets.
-            let same_family = |s: &IpAddr| s.is_ipv4() == addr.is_ipv4();
-            match encap_source
+        // Only a source of the backend's family can head its packets.
+        let same_family = |s: &IpAddr| s.is_ipv4() == addr.is_ipv4();
+        let tunnel = source != HopSource::None;
+        let encap_src = match source {
+            HopSource::None => None,
+            HopSource::Tunnel(encap_source) => match encap_source
                 .filter(same_family)
                 .or(egress.source.filter(same_family))
             {
                 Some(s) => Some(s),
                 None => return Lookup::Failed(NeighError::NoSource { addr, iface }),
-            }
-        } else {
-            None
+            },
+            HopSource::Nat { required } => match egress.source.filter(same_family) {
+                None if required => {
+                    return Lookup::Failed(NeighError::NoSnatSource { addr, iface });
+                }
+                s => s,
+            },
         };
         let gateway = egress.gateway.filter(|_| tunnel);
         let next_hop = |dst_mac| NextHop {

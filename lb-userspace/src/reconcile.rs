@@ -13,14 +13,18 @@
 //! 2. ring slots that changed are written (new VIPs get their whole ring);
 //! 3. VIP entries are inserted or updated (only now can packets reach a new
 //!    ring) and VIPs that went away are removed;
+//!
+//! A NAT VIP's SNAT addresses (NAT_SNAT at its index) are written with the
+//! backends, before its VIP entry: a new flow never reads a stale list.
 //! 4. backends that become unusable are updated, and removed ones deleted,
 //!    only once no slot names them.
 
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, NO_BACKEND, VipInfo, VipKey, VipKey6,
-    VipStats,
+    Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, NO_BACKEND, VipInfo, VipKey,
+    VipKey6, VipStats,
+    nat::{NatFwd, NatRev, NatSnat},
 };
 
 use crate::maglev::diff_slots;
@@ -59,6 +63,10 @@ pub struct KernelImage {
     pub rings: BTreeMap<u32, Vec<u32>>,
     /// Present backend entries by id.
     pub backends: BTreeMap<u32, Backend>,
+    /// NAT_SNAT of each installed NAT VIP, by VIP index (the array's
+    /// other elements are never read: the kernel reads it for NAT VIPs
+    /// only).
+    pub snat: BTreeMap<u32, NatSnat>,
 }
 
 impl KernelImage {
@@ -91,6 +99,8 @@ pub enum Op {
     SetVip(VipEntryKey, VipInfo),
     RemoveVip(VipEntryKey),
     RemoveBackend(u32),
+    /// Writes a NAT VIP's SNAT addresses (NAT_SNAT at its index).
+    SetSnat(u32, NatSnat),
 }
 
 /// What the data path offers the agent: the map writes of [`Op`], reading
@@ -109,12 +119,24 @@ pub trait KernelMaps {
     fn remove_vip(&mut self, key: &VipEntryKey) -> Result<(), Self::Error>;
     /// Makes `ifindex` a redirect target.
     fn add_tx_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
+    /// Writes NAT_SNAT at VIP index `index`.
+    fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), Self::Error>;
     /// What the maps hold: every VIP entry, the ring of each service VIP,
     /// every present backend.
     fn read_image(&self) -> Result<KernelImage, Self::Error>;
     fn conntrack_lookup(&self, key: &FlowKey) -> Result<Option<FlowEntry>, Self::Error>;
     fn conntrack6_lookup(&self, key: &FlowKey6) -> Result<Option<FlowEntry>, Self::Error>;
     fn conntrack_len(&self) -> Result<usize, Self::Error>;
+    /// The NAT_FWD entry of the client's IPv4 flow `key` and, if present,
+    /// the NAT_REV entry of its replies.
+    fn nat_pair(&self, key: &FlowKey) -> Result<Option<NatPair<FlowKey>>, Self::Error>;
+    /// The same for an IPv6 flow (NAT_FWD6, NAT_REV6).
+    fn nat_pair6(&self, key: &FlowKey6) -> Result<Option<NatPair<FlowKey6>>, Self::Error>;
+    /// NAT flows recorded (NAT_FWD + NAT_FWD6 entries) as last counted;
+    /// None before the first count.
+    fn nat_entries(&self) -> Option<u64> {
+        None
+    }
     /// A VIP's counters summed over CPUs.
     fn vip_stats(&self, index: u32) -> Result<VipStats, Self::Error>;
     /// A backend's counters summed over CPUs.
@@ -127,6 +149,10 @@ pub trait KernelMaps {
         None
     }
 }
+
+/// A NAT flow's forward entry and, if present, its reverse entry with the
+/// key it is found under.
+pub type NatPair<K> = (NatFwd, Option<(K, NatRev)>);
 
 /// Plans the writes from `current` to `target`.
 pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
@@ -141,6 +167,13 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
                 late_backend_updates.push(Op::SetBackend(id, *want));
             }
             _ => ops.push(Op::SetBackend(id, *want)),
+        }
+    }
+
+    // NAT VIPs' SNAT addresses, before the VIP entries that use them.
+    for (&index, want) in &target.snat {
+        if current.snat.get(&index) != Some(want) {
+            ops.push(Op::SetSnat(index, *want));
         }
     }
 
@@ -199,9 +232,21 @@ pub fn apply(image: &mut KernelImage, op: &Op) {
         }
         Op::SetVip(key, info) => {
             image.vips.insert(*key, *info);
+            // A service VIP that no longer translates: its NAT_SNAT
+            // element is not read any more (nor read back).
+            if !info.is_address_only() && info.forwarding != FORWARD_NAT {
+                image.snat.remove(&info.index);
+            }
         }
         Op::RemoveVip(key) => {
-            image.vips.remove(key);
+            if let Some(info) = image.vips.remove(key)
+                && !info.is_address_only()
+            {
+                image.snat.remove(&info.index);
+            }
+        }
+        Op::SetSnat(index, snat) => {
+            image.snat.insert(*index, *snat);
         }
     }
 }
@@ -235,6 +280,7 @@ pub fn execute<M: KernelMaps>(
             }
             Op::SetVip(k, info) => maps.set_vip(*k, *info),
             Op::RemoveVip(k) => maps.remove_vip(k),
+            Op::SetSnat(index, snat) => maps.set_nat_snat(*index, *snat),
         };
         r.map_err(|source| ExecuteError {
             op: op.describe(),
@@ -256,6 +302,7 @@ impl Op {
             }
             Op::SetVip(k, _) => format!("set VIP entry {k:?}"),
             Op::RemoveVip(k) => format!("remove VIP entry {k:?}"),
+            Op::SetSnat(index, _) => format!("set the SNAT addresses of VIP index {index}"),
         }
     }
 }
@@ -418,6 +465,28 @@ mod tests {
         assert!(matches!(ops[2], Op::WriteRing { .. }));
         assert!(matches!(ops[3], Op::SetVip(..)));
         assert_eq!(ops.len(), 4);
+    }
+
+    #[test]
+    fn a_nat_vips_snat_addresses_are_written_before_its_vip_entry_and_forgotten_with_it() {
+        let mut want = target(&[(1, &[(1, 1, true)])]);
+        want.vips.get_mut(&vip_key(1)).unwrap().forwarding = FORWARD_NAT;
+        let snat = NatSnat {
+            count: 1,
+            ..NatSnat::default()
+        };
+        want.snat.insert(1, snat);
+        let (ops, img) = run(&KernelImage::default(), &want);
+        assert_eq!(img, want);
+        let at = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
+        assert!(
+            at(&|op| matches!(op, Op::SetSnat(1, s) if *s == snat))
+                < at(&|op| matches!(op, Op::SetVip(..)))
+        );
+        assert!(plan(&want, &want).is_empty());
+        // The VIP goes: so does its NAT_SNAT element from the image.
+        let (_, img) = run(&want, &KernelImage::default());
+        assert!(img.snat.is_empty());
     }
 
     #[test]

@@ -13,11 +13,11 @@ use super::{
     state::{RingCache, State},
 };
 use crate::{
-    config::Config,
+    config::{Config, Forwarding},
     health::HealthEvent,
     keys::{BackendKey, VipId},
     mac::MacAddr,
-    neigh::{Lookup, NeighError, Resolution},
+    neigh::{HopSource, Lookup, NeighError, Resolution},
     reconcile::{self, KernelImage, KernelMaps},
 };
 
@@ -97,6 +97,18 @@ impl<M: KernelMaps> Core<M> {
         Ok(ops.len())
     }
 
+    /// Makes every interface the program is attached to (`ifindexes`) a
+    /// redirect target: a NAT reply goes back out of the interface its
+    /// client's packets came in on, which is not the reply's own in a
+    /// two-arm setup. A failure is logged: only such replies suffer.
+    pub fn add_attached_tx_ports(&mut self, ifindexes: &[u32]) {
+        for &i in ifindexes {
+            if let Err(e) = self.maps.add_tx_port(i) {
+                warn!("TX port ifindex {i} (an attached interface): {e}");
+            }
+        }
+    }
+
     /// Whether something changed since the last successful reconcile.
     pub fn needs_reconcile(&self) -> bool {
         self.dirty
@@ -151,33 +163,44 @@ impl<M: KernelMaps> Core<M> {
     /// the backend out of the ring, a pending one keeps what was known.
     /// True when the kernel maps need an update.
     fn apply_next_hops(&mut self) -> bool {
-        // Per backend: its `mac` override and whether its VIP tunnels.
-        let how: BTreeMap<BackendKey, (Option<[u8; 6]>, bool)> = self
+        // Per backend: its `mac` override and what its VIP's mode asks of
+        // the next hop's source.
+        let encap = self.cfg.agent.encap;
+        let how: BTreeMap<BackendKey, (Option<[u8; 6]>, HopSource)> = self
             .cfg
             .vips
             .iter()
             .flat_map(|v| {
                 let vip = VipId::of(v);
-                let tunnel = v.forwarding.is_tunnel();
+                let source = match v.forwarding {
+                    Forwarding::DsrL2 => HopSource::None,
+                    // The operator's outer source is filled in per backend.
+                    Forwarding::Ipip | Forwarding::Gue => HopSource::Tunnel(None),
+                    Forwarding::Nat => HopSource::Nat {
+                        required: v.snat_addresses.is_empty(),
+                    },
+                };
                 v.backends.iter().map(move |b| {
                     let address = b.address;
-                    (BackendKey { vip, address }, (b.mac, tunnel))
+                    (BackendKey { vip, address }, (b.mac, source))
                 })
             })
             .collect();
-        let encap = self.cfg.agent.encap;
         let keys: Vec<BackendKey> = self.state.backends().map(|(k, _)| *k).collect();
         let mut changed = false;
         for k in keys {
-            let (mac, tunnel) = how.get(&k).copied().unwrap_or_default();
+            let (mac, source) = how.get(&k).copied().unwrap_or((None, HopSource::None));
             let lookup = match self.resolutions.get(&k.address) {
                 Some(r) => {
-                    // The operator's outer source of the backend's family.
-                    let encap_source = match k.address {
-                        IpAddr::V4(_) => encap.source_v4.map(IpAddr::V4),
-                        IpAddr::V6(_) => encap.source_v6.map(IpAddr::V6),
+                    let source = match source {
+                        // The operator's outer source of the backend's family.
+                        HopSource::Tunnel(_) => HopSource::Tunnel(match k.address {
+                            IpAddr::V4(_) => encap.source_v4.map(IpAddr::V4),
+                            IpAddr::V6(_) => encap.source_v6.map(IpAddr::V6),
+                        }),
+                        other => other,
                     };
-                    r.lookup(k.address, mac, tunnel, encap_source)
+                    r.lookup_as(k.address, mac, source)
                 }
                 None => Lookup::Pending(NeighError::Unknown),
             };
@@ -281,6 +304,9 @@ mod tests {
 
     /// IPv6 VIPs and backends through the same core.
     mod v6;
+
+    /// NAT VIPs: NAT_SNAT, backend ports and sources, TX_PORTS, reloads.
+    mod nat;
 
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")

@@ -11,6 +11,7 @@
 pub mod core;
 pub mod links;
 pub mod lock;
+mod nat_explain;
 pub mod nexthops;
 pub mod overrides;
 pub mod requests;
@@ -120,7 +121,7 @@ impl Agent {
             // IPv6 flows get as many records as IPv4 ones (one setting
             // sizes both tables).
             conntrack6_entries: cfg.agent.kernel.conntrack_entries,
-            nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+            nat_entries: cfg.agent.kernel.nat_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);
@@ -176,11 +177,12 @@ impl Agent {
         };
         let mut core = Core::new(cfg, dp, image);
         core.on_next_hops(known);
-        let timeouts = (&core.config().agent.conntrack).into();
+        let timeouts = (&core.config().agent).into();
         let egress: Vec<u32> = interfaces
             .iter()
             .filter_map(|i| datapath::ifindex(i).ok())
             .collect();
+        core.add_attached_tx_ports(&egress);
         let links = core
             .reconcile()
             .and_then(|_| core.maps_mut().start_flow_keeper(timeouts, egress))
@@ -244,7 +246,7 @@ impl Agent {
             *w = wanted;
             changed
         });
-        let timeouts = (&self.core.config().agent.conntrack).into();
+        let timeouts = (&self.core.config().agent).into();
         self.core.maps().set_flow_timeouts(timeouts);
         self.sync_checkers();
         r

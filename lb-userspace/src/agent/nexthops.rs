@@ -51,7 +51,7 @@ pub fn wanted(cfg: &Config) -> Wanted {
         for b in &v.backends {
             let need = w.entry(b.address).or_default();
             need.arp |= b.mac.is_none();
-            need.routed |= v.forwarding.is_tunnel();
+            need.routed |= v.forwarding.is_routed();
         }
     }
     w

@@ -81,6 +81,7 @@ impl<M: KernelMaps> Core<M> {
                     weight,
                     state: BackendState::Active,
                     mac: None,
+                    port: None,
                     health_check,
                 });
                 self.note_override(i, address);
@@ -233,6 +234,7 @@ impl<M: KernelMaps> Core<M> {
                     backends_in_ring: in_ring.len(),
                     health_check: v.health_check.kind.to_string(),
                     forwarding: v.forwarding,
+                    snat_addresses: v.snat_addresses.clone(),
                 }
             })
             .collect()
@@ -279,6 +281,7 @@ impl<M: KernelMaps> Core<M> {
                     flows: flows
                         .as_ref()
                         .map(|f| f.get(&status.id).copied().unwrap_or(0)),
+                    port: (v.forwarding == Forwarding::Nat).then(|| v.backend_port(b)),
                 });
             }
         }
@@ -384,6 +387,18 @@ impl<M: KernelMaps> Core<M> {
                 dst_port: (vip.forwarding == Forwarding::Gue)
                     .then_some(self.cfg.agent.encap.gue_port),
             });
+        let (mut backend, mut reason) = (backend, reason);
+        let nat = if vip.forwarding == Forwarding::Nat {
+            let (view, established) = self.explain_nat(vip, &key, hash, entry)?;
+            if let Some(b) = established {
+                // The kernel follows the flow's NAT entry.
+                backend = Some(b);
+                reason = "established NAT flow: NAT_FWD entry".into();
+            }
+            Some(view)
+        } else {
+            None
+        };
         Ok(ExplainView {
             vip: vip.name.clone(),
             hash,
@@ -394,12 +409,13 @@ impl<M: KernelMaps> Core<M> {
             backend,
             reason,
             outer,
+            nat,
         })
     }
 }
 
 /// A flow's conntrack key, of its family.
-enum FlowKeyOf {
+pub(super) enum FlowKeyOf {
     V4(FlowKey),
     V6(FlowKey6),
 }

@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo};
+use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo, nat::NatSnat};
 
 use crate::{
     config::{BackendState, Config, Forwarding},
@@ -274,8 +274,13 @@ impl State {
                     .map(|n| (n.ifindex, n.dst_mac, n.src_mac, n.encap_src))
                     .unwrap_or_default();
                 let mut entry = backend_entry(b.address, ifindex, index, usable, dst, src);
-                if vip.forwarding.is_tunnel() {
+                if vip.forwarding.is_routed() {
                     set_encap_source(&mut entry, encap_src);
+                }
+                if vip.forwarding == Forwarding::Nat {
+                    // 0: the VIP's port (the kernel keeps the packet's).
+                    let port = vip.backend_port(b);
+                    entry.port = if port == vip.port { 0 } else { port.to_be() };
                 }
                 img.backends.insert(status.id, entry);
                 let weight = match b.state {
@@ -292,6 +297,9 @@ impl State {
                     });
                 }
             }
+            if vip.forwarding == Forwarding::Nat {
+                img.snat.insert(index, nat_snat(&vip.snat_addresses));
+            }
             let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
             img.rings.insert(info.ring_base, ring);
@@ -307,6 +315,20 @@ impl State {
         }
         Ok(img)
     }
+}
+
+/// A NAT VIP's NAT_SNAT element: its SNAT addresses as on the wire
+/// (count 0: each backend's route source).
+pub fn nat_snat(addresses: &[IpAddr]) -> NatSnat {
+    let mut snat = NatSnat::default();
+    for (slot, a) in snat.addrs.iter_mut().zip(addresses) {
+        *slot = match a {
+            IpAddr::V4(a) => [a.to_bits().to_be(), 0, 0, 0],
+            IpAddr::V6(a) => lb_common::addr6_words(*a),
+        };
+        snat.count += 1;
+    }
+    snat
 }
 
 /// A backend's Maglev key: `address << 16 | port` for IPv4 (the key the

@@ -40,6 +40,7 @@ impl Stats {
     pub fn sample<M: KernelMaps>(&mut self, core: &Core<M>) {
         let (vips, backends, reasons) = read_counters(core);
         self.sampler.update(Instant::now(), vips, backends, reasons);
+        self.sampler.view.nat_entries = core.maps().nat_entries();
         self.tx.send_replace(self.sampler.view.clone());
     }
 
@@ -57,6 +58,7 @@ impl Stats {
         }
         let (vips, backends, reasons) = read_counters(core);
         s.update(Instant::now(), vips, backends, reasons);
+        s.view.nat_entries = core.maps().nat_entries();
         let view = s.view.clone();
         if prev.is_some() {
             (s.prev, s.older) = (prev, older);
@@ -160,6 +162,8 @@ impl StatsSampler {
                         new_flows_ps: rate(s.new_flows, p.map(|p| p.new_flows)),
                         conntrack_hits: s.conntrack_hits,
                         conntrack_hit_ratio: ratio,
+                        return_packets: s.return_packets,
+                        return_bytes: s.return_bytes,
                     }
                 })
                 .collect(),
@@ -189,6 +193,7 @@ impl StatsSampler {
                     )
                 })
                 .collect(),
+            nat_entries: None,
         };
         self.view = view;
         self.older = self.prev.replace((now, vips, backends, reasons));

@@ -26,18 +26,24 @@
 //!                                      # backend, the route's preferred source, else the egress
 //!                                      # interface's first IPv4 address); applied on reload
 //! gue_port = 6080                      # optional, 1..=65535, default 6080: GUE destination port
+//! nat_port_range = "61000-65535"       # optional, MIN-MAX with 1024 <= MIN <= MAX: the SNAT ports of
+//!                                      # NAT VIPs (default above Linux's ephemeral range); applied on reload
+//! nat_entries = 65536                  # optional, 1..=2^28: elements of each NAT map (restart only)
+//! snat_addresses = ["198.18.1.1"]      # optional, both families, <= 4 each: SNAT addresses of NAT VIPs
+//!                                      # naming none (default: each backend's route source); never a VIP
 //!
 //! [[vip]]                              # zero or more; identified by (address, port, protocol)
 //! name = "web"                         # optional, default "<address>:<port>/<protocol>"; unique
 //! address = "198.18.10.1"
 //! port = 80                            # 1..=65535
 //! protocol = "tcp"                     # tcp | udp
-//! forwarding = "dsr-l2"                # dsr-l2 (default) | ipip | gue; a reload that changes it
+//! forwarding = "dsr-l2"                # dsr-l2 (default) | ipip | gue | nat; a reload that changes it
 //!                                      # is applied (established flows go on in the new mode)
 //! icmp_echo = true                     # default true: lb answers pings to the VIP address itself
 //!                                      # (in XDP); an address answers if all its VIPs allow it
 //! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
 //!                                      # (default: [agent] ring_size); >= the number of backends
+//! snat_addresses = ["198.18.1.2"]      # nat only: this VIP's SNAT addresses (its family), over the agent's
 //!
 //! [vip.health_check]                   # optional; default kind = "tcp" with defaults below
 //! kind = "http"                        # tcp | http | none
@@ -55,6 +61,7 @@
 //! weight = 1                           # default 1, 1..=10000
 //! state = "active"                     # active | drain, default active
 //! mac = "02:00:00:00:00:11"            # optional: next-hop MAC override (otherwise the agent resolves it)
+//! port = 8080                          # nat only: the backend's port (default: the VIP's)
 //! [vip.backend.health_check]           # optional per-backend override: any subset of the fields above;
 //! port = 8081                          # unspecified fields come from the VIP's health_check
 //! ```
@@ -92,8 +99,9 @@ mod validate;
 pub use model::{
     AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
     DEFAULT_INSTANCE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
-    MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, ParseKeywordError, Protocol,
-    RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
+    MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, NatSettings,
+    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig,
+    XdpModeSetting, reload_check,
 };
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 

@@ -48,6 +48,38 @@ pub struct AgentConfig {
     pub start: StartSettings,
     pub conntrack: ConntrackSettings,
     pub encap: EncapSettings,
+    pub nat: NatSettings,
+}
+
+/// Lowest accepted SNAT port: below are the well-known and privileged
+/// ports a host's own services listen on.
+pub const MIN_NAT_PORT: u16 = 1024;
+/// Default `nat_port_range`: above Linux's default ephemeral range
+/// (32768-60999), so the host's own connections never pick these ports.
+pub const DEFAULT_NAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+/// What full NAT (`forwarding = "nat"`) hands out. Applied at once by a
+/// reload; established NAT flows keep the allocation they recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSettings {
+    /// The SNAT ports new flows get, `port_min..=port_max`.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `[agent] snat_addresses`: the SNAT addresses of NAT VIPs that name
+    /// none themselves, both families (at most
+    /// [`lb_common::nat::MAX_SNAT_ADDRS`] each). Empty: each backend's route
+    /// source.
+    pub snat_addresses: Vec<IpAddr>,
+}
+
+impl Default for NatSettings {
+    fn default() -> Self {
+        Self {
+            port_min: DEFAULT_NAT_PORTS.0,
+            port_max: DEFAULT_NAT_PORTS.1,
+            snat_addresses: Vec::new(),
+        }
+    }
 }
 
 /// What the tunnel forwarding modes (ipip, gue) put in the outer header.
@@ -122,6 +154,8 @@ pub struct KernelSettings {
     pub max_backends: u32,
     /// Default ring size of VIPs, and the ring stride of the datapath.
     pub ring_size: u32,
+    /// Elements of each NAT map (NAT_FWD, NAT_REV and their IPv6 twins).
+    pub nat_entries: u32,
 }
 
 /// What the agent reads once when it starts. A reload that changes any of
@@ -172,6 +206,11 @@ pub enum Forwarding {
     /// GUE (the packet in UDP to `gue_port`); backends anywhere routed.
     #[serde(rename = "gue")]
     Gue,
+    /// Full NAT: destination rewritten to the backend, source to a SNAT
+    /// address:port; replies come back through lb. Unmodified backends
+    /// anywhere routed.
+    #[serde(rename = "nat")]
+    Nat,
 }
 
 impl Forwarding {
@@ -180,6 +219,7 @@ impl Forwarding {
             Forwarding::DsrL2 => "dsr-l2",
             Forwarding::Ipip => "ipip",
             Forwarding::Gue => "gue",
+            Forwarding::Nat => "nat",
         }
     }
 
@@ -189,12 +229,21 @@ impl Forwarding {
             Forwarding::DsrL2 => lb_common::FORWARD_DSR_L2,
             Forwarding::Ipip => lb_common::FORWARD_IPIP,
             Forwarding::Gue => lb_common::FORWARD_GUE,
+            Forwarding::Nat => lb_common::FORWARD_NAT,
         }
     }
 
-    /// Puts an outer header in front of packets: the backend may sit
-    /// behind a gateway, and needs an outer source address.
+    /// Puts an outer header in front of packets (ipip, gue): encapsulation
+    /// overhead, an outer source, decap on the backend.
     pub fn is_tunnel(self) -> bool {
+        matches!(self, Forwarding::Ipip | Forwarding::Gue)
+    }
+
+    /// Sends packets to a routed next hop (every mode but dsr-l2): the
+    /// backend may sit behind a gateway, and its entry carries the route's
+    /// source address (the outer source of a tunnel, NAT's default SNAT
+    /// address).
+    pub fn is_routed(self) -> bool {
         self != Forwarding::DsrL2
     }
 }
@@ -216,6 +265,11 @@ pub struct VipConfig {
     pub health_check: HealthCheck,
     /// Unique by address; may be empty.
     pub backends: Vec<BackendConfig>,
+    /// NAT VIPs: the SNAT addresses of the VIP's family its new flows
+    /// take (its own `snat_addresses`, else the agent's), at most
+    /// [`lb_common::nat::MAX_SNAT_ADDRS`]; empty: each backend's route
+    /// source. Always empty for other modes.
+    pub snat_addresses: Vec<IpAddr>,
 }
 
 /// One `[[vip.backend]]`, with defaults applied.
@@ -228,6 +282,8 @@ pub struct BackendConfig {
     pub state: BackendState,
     /// Next-hop MAC override (a unicast address).
     pub mac: Option<[u8; 6]>,
+    /// NAT VIPs: the port the backend listens on, when not the VIP's.
+    pub port: Option<u16>,
     /// Fully resolved: the VIP's health check merged with the override.
     pub health_check: HealthCheck,
 }
@@ -304,10 +360,11 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
         start,
         conntrack: _,
         encap: _,
+        nat: _,
     } = &new.agent;
     if *kernel != old.agent.kernel {
         return Err(format!(
-            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied",
+            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries) change only with a restart; nothing applied",
             new.source.display()
         ));
     }
@@ -324,6 +381,11 @@ impl VipConfig {
     /// The VIP's identity.
     pub fn key(&self) -> (IpAddr, u16, Protocol) {
         (self.address, self.port, self.protocol)
+    }
+
+    /// The port `backend`'s packets go to: its own (NAT), else the VIP's.
+    pub fn backend_port(&self, backend: &BackendConfig) -> u16 {
+        backend.port.unwrap_or(self.port)
     }
 }
 
@@ -415,6 +477,7 @@ keyword_enum!(Forwarding, "forwarding", [
     "dsr-l2" => Forwarding::DsrL2,
     "ipip" => Forwarding::Ipip,
     "gue" => Forwarding::Gue,
+    "nat" => Forwarding::Nat,
 ]);
 keyword_enum!(XdpModeSetting, "xdp_mode", [
     "auto" => XdpModeSetting::Auto,
@@ -487,7 +550,7 @@ mod tests {
         assert_eq!(Forwarding::DsrL2.to_string(), "dsr-l2");
         assert_eq!(
             "IPIP".parse::<Forwarding>().unwrap_err().to_string(),
-            "invalid forwarding \"IPIP\", expected one of dsr-l2, ipip, gue"
+            "invalid forwarding \"IPIP\", expected one of dsr-l2, ipip, gue, nat"
         );
         assert_eq!(
             serde_json::to_string(&Forwarding::DsrL2).unwrap(),
@@ -510,7 +573,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries) change only with a restart; nothing applied";
+    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries) change only with a restart; nothing applied";
     const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now";
 
     #[test]
@@ -536,6 +599,7 @@ mod tests {
             "max_vips = 8",
             "max_backends = 8",
             "ring_size = 13",
+            "nat_entries = 1024",
         ] {
             let new = config(changed);
             assert_eq!(

@@ -38,6 +38,9 @@ pub(super) struct RawAgent {
     pub encap_source_v4: Option<S<String>>,
     pub encap_source_v6: Option<S<String>>,
     pub gue_port: Option<S<i64>>,
+    pub nat_port_range: Option<S<String>>,
+    pub nat_entries: Option<S<i64>>,
+    pub snat_addresses: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +53,7 @@ pub(super) struct RawVip {
     pub forwarding: Option<S<String>>,
     pub icmp_echo: Option<S<bool>>,
     pub ring_size: Option<S<i64>>,
+    pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
     #[serde(default)]
     pub backend: Vec<S<RawBackend>>,
@@ -73,6 +77,7 @@ pub(super) struct RawHealthCheck {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackend {
     pub address: S<String>,
+    pub port: Option<S<i64>>,
     pub weight: Option<S<i64>>,
     pub state: Option<S<String>>,
     pub mac: Option<S<String>>,

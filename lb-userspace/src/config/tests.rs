@@ -115,6 +115,7 @@ fn full_example() {
                 max_vips: 64,
                 max_backends: 4096,
                 ring_size: 65537,
+                nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec!["eth0".into()],
@@ -129,6 +130,7 @@ fn full_example() {
                 tcp_closing: Duration::from_secs(5),
             },
             encap: EncapSettings::default(),
+            nat: NatSettings::default(),
         },
         vips: vec![VipConfig {
             name: "web".into(),
@@ -144,12 +146,14 @@ fn full_example() {
                 weight: 1,
                 state: BackendState::Active,
                 mac: Some([2, 0, 0, 0, 0, 0x11]),
+                port: None,
                 // Merged: only the port differs from the VIP's check.
                 health_check: HealthCheck {
                     port: 8081,
                     ..web_check
                 },
             }],
+            snat_addresses: vec![],
         }],
         source: "lb.toml".into(),
     };
@@ -178,6 +182,7 @@ address = "198.18.0.11"
                 max_vips: lb_common::DEFAULT_MAX_VIPS,
                 max_backends: lb_common::DEFAULT_MAX_BACKENDS,
                 ring_size: lb_common::DEFAULT_RING_SIZE,
+                nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec![],
@@ -196,6 +201,7 @@ address = "198.18.0.11"
                 source_v6: None,
                 gue_port: 6080,
             },
+            nat: NatSettings::default(),
         }
     );
     assert_eq!(
@@ -214,8 +220,10 @@ address = "198.18.0.11"
                 weight: 1,
                 state: BackendState::Active,
                 mac: None,
+                port: None,
                 health_check: tcp_check(443),
             }],
+            snat_addresses: vec![],
         }]
     );
 }
@@ -1003,12 +1011,12 @@ fn forwarding_modes_and_encap_settings() {
         "the default is dsr-l2"
     );
 
-    let e = err(&format!("{HEAD}forwarding = \"nat\"\n"));
+    let e = err(&format!("{HEAD}forwarding = \"snat\"\n"));
     check(
         &e,
         5,
         "vip[0].forwarding",
-        "invalid forwarding \"nat\", expected one of dsr-l2, ipip, gue",
+        "invalid forwarding \"snat\", expected one of dsr-l2, ipip, gue, nat",
     );
     assert_eq!(e.column, Some(14));
     let e = err(&format!("{HEAD}forwarding = 4\n"));
@@ -1050,3 +1058,6 @@ fn primes() {
     assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
     assert!(is_prime(65537) && is_prime(MAX_RING_SIZE) && !is_prime(65535));
 }
+
+/// Full NAT settings and their errors.
+mod nat;

@@ -25,6 +25,7 @@ use super::{
 use crate::{mac::MacAddr, maglev::is_prime};
 
 mod agent;
+mod nat;
 
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -285,6 +286,7 @@ impl Ctx<'_> {
             names.insert(vip.name.clone(), i);
             vips.push(vip);
         }
+        self.check_snat_addresses(raw, &vips)?;
         Ok(Config {
             agent,
             vips,
@@ -382,6 +384,7 @@ impl Ctx<'_> {
             if let Some(why) = backend_family_error(vip_address, address, forwarding) {
                 return Err(self.error(b.address.span(), bf("address"), why));
             }
+            let backend_port = self.backend_port(b.port.as_ref(), &bf("port"), forwarding)?;
             if let Some(&(first, offset)) = seen.get(&address) {
                 return Err(self.error(
                     b.address.span(),
@@ -427,9 +430,11 @@ impl Ctx<'_> {
                 weight,
                 state,
                 mac,
+                port: backend_port,
                 health_check,
             });
         }
+        let snat_addresses = self.vip_snat_addresses(path, r, vip_address, forwarding, agent)?;
 
         Ok(VipConfig {
             name,
@@ -441,6 +446,7 @@ impl Ctx<'_> {
             ring_size,
             health_check,
             backends,
+            snat_addresses,
         })
     }
 
@@ -634,6 +640,11 @@ pub fn backend_family_error(
     match (vip, backend, forwarding) {
         (IpAddr::V4(_), IpAddr::V4(_), _) | (IpAddr::V6(_), IpAddr::V6(_), _) => None,
         (IpAddr::V4(_), IpAddr::V6(_), Forwarding::Ipip | Forwarding::Gue) => None,
+        (_, _, Forwarding::Nat) => Some(format!(
+            "backend {backend} is {} but the VIP {vip} is {}: forwarding = \"nat\" translates addresses within one family, so backends must be of the VIP's family",
+            family(backend),
+            family(vip)
+        )),
         (_, _, Forwarding::DsrL2) => Some(format!(
             "backend {backend} is {} but the VIP {vip} is {}: forwarding = \"dsr-l2\" keeps the client's IP header, so backends must be of the VIP's family",
             family(backend),

@@ -68,6 +68,30 @@ impl Datapath {
         crate::flow_keeper::count_flows(fd(map_names::CONNTRACK)?, fd(map_names::CONNTRACK6)?, &rt)
     }
 
+    /// One NAT pass now, as the keeper runs after each count (under the
+    /// RUNTIME clock and timeouts): removes the NAT pairs that are over.
+    pub fn sweep_nat(&self) -> anyhow::Result<crate::nat_keeper::NatSweep> {
+        let rt = self.runtime()?;
+        self.nat_maps()?.sweep(&rt)
+    }
+
+    /// The four NAT maps, on fds of their own.
+    fn nat_maps(&self) -> anyhow::Result<crate::nat_keeper::NatMaps> {
+        use std::os::fd::AsFd as _;
+        let open = |name: &'static str| match self.map(name) {
+            aya::maps::Map::HashMap(d) => Ok(aya::maps::Map::HashMap(MapData::from_fd(
+                d.fd().as_fd().try_clone_to_owned()?,
+            )?)),
+            _ => anyhow::bail!("map {name} is not a hash map"),
+        };
+        Ok(crate::nat_keeper::NatMaps {
+            fwd: open(map_names::NAT_FWD)?,
+            rev: open(map_names::NAT_REV)?,
+            fwd6: open(map_names::NAT_FWD6)?,
+            rev6: open(map_names::NAT_REV6)?,
+        })
+    }
+
     /// The RUNTIME element: clock, timeouts, length limit.
     pub fn runtime(&self) -> Result<Runtime> {
         let map: Array<&MapData, Runtime> =

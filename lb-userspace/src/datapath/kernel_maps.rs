@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use lb_common::{Backend, BackendStats, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats};
 
 use super::{Datapath, DatapathError, Result};
-use crate::reconcile::{KernelImage, KernelMaps, VipEntryKey};
+use crate::{
+    nat_keeper::NatKey as _,
+    reconcile::{KernelImage, KernelMaps, NatPair, VipEntryKey},
+};
 
 impl KernelMaps for Datapath {
     type Error = DatapathError;
@@ -40,6 +43,10 @@ impl KernelMaps for Datapath {
         Datapath::add_tx_port(self, ifindex)
     }
 
+    fn set_nat_snat(&mut self, index: u32, snat: lb_common::nat::NatSnat) -> Result<()> {
+        Datapath::set_nat_snat(self, index, snat)
+    }
+
     /// What an earlier agent (or this one) left in the maps.
     fn read_image(&self) -> Result<KernelImage> {
         let mut img = KernelImage::default();
@@ -57,6 +64,9 @@ impl KernelMaps for Datapath {
                     info.ring_base,
                     self.read_ring(info.ring_base, info.ring_size)?,
                 );
+                if info.forwarding == lb_common::FORWARD_NAT {
+                    img.snat.insert(info.index, self.nat_snat(info.index)?);
+                }
             }
             img.vips.insert(key, info);
         }
@@ -79,6 +89,28 @@ impl KernelMaps for Datapath {
 
     fn conntrack_len(&self) -> Result<usize> {
         Ok(self.conntrack_entries()?.len() + self.conntrack6_entries()?.len())
+    }
+
+    fn nat_pair(&self, key: &FlowKey) -> Result<Option<NatPair<FlowKey>>> {
+        let Some(f) = self.nat_fwd(key)? else {
+            return Ok(None);
+        };
+        let rk = FlowKey::reverse_of(&f, key.proto);
+        Ok(Some((f, self.nat_rev(&rk)?.map(|r| (rk, r)))))
+    }
+
+    fn nat_pair6(&self, key: &FlowKey6) -> Result<Option<NatPair<FlowKey6>>> {
+        let Some(f) = self.nat_fwd6(key)? else {
+            return Ok(None);
+        };
+        let rk = FlowKey6::reverse_of(&f, key.proto);
+        Ok(Some((f, self.nat_rev6(&rk)?.map(|r| (rk, r)))))
+    }
+
+    fn nat_entries(&self) -> Option<u64> {
+        self.flow_count()
+            .filter(|c| c.at.is_some())
+            .map(|c| c.nat.fwd_entries)
     }
 
     fn vip_stats(&self, index: u32) -> Result<VipStats> {

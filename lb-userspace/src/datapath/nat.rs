@@ -71,6 +71,52 @@ impl Datapath {
         self.hash_entries(map_names::NAT_REV6)
     }
 
+    /// Records a NAT pair as the kernel's first packet would (reverse
+    /// entry first): for tests and diagnostics; the data path creates
+    /// them itself.
+    pub fn insert_nat_pair(
+        &mut self,
+        fwd_key: &FlowKey,
+        fwd: NatFwd,
+        rev_key: &FlowKey,
+        rev: NatRev,
+    ) -> Result<()> {
+        self.hash_insert(map_names::NAT_REV, rev_key, rev)?;
+        self.hash_insert(map_names::NAT_FWD, fwd_key, fwd)
+    }
+
+    /// [`Self::insert_nat_pair`] for IPv6 flows.
+    pub fn insert_nat_pair6(
+        &mut self,
+        fwd_key: &FlowKey6,
+        fwd: NatFwd,
+        rev_key: &FlowKey6,
+        rev: NatRev,
+    ) -> Result<()> {
+        self.hash_insert(map_names::NAT_REV6, rev_key, rev)?;
+        self.hash_insert(map_names::NAT_FWD6, fwd_key, fwd)
+    }
+
+    /// Deletes the NAT_FWD entry `key` alone (tests: an orphaned reverse
+    /// entry).
+    pub fn remove_nat_fwd(&mut self, key: &FlowKey) -> Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, NatFwd> =
+            HashMap::try_from(self.map_mut(map_names::NAT_FWD))
+                .map_err(map_err(map_names::NAT_FWD))?;
+        map.remove(key).map_err(map_err(map_names::NAT_FWD))
+    }
+
+    fn hash_insert<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        key: &K,
+        value: V,
+    ) -> Result<()> {
+        let mut map: HashMap<&mut MapData, K, V> =
+            HashMap::try_from(self.map_mut(name)).map_err(map_err(name))?;
+        map.insert(key, value, 0).map_err(map_err(name))
+    }
+
     fn hash_entries<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
         let map: HashMap<&MapData, K, V> =
             HashMap::try_from(self.map(name)).map_err(map_err(name))?;

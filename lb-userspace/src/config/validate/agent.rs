@@ -200,7 +200,10 @@ impl Ctx<'_> {
             lb_common::DEFAULT_GUE_PORT,
         )?;
 
+        let (nat, nat_entries) = self.nat_settings(raw)?;
+
         Ok(AgentConfig {
+            nat,
             conntrack,
             encap: EncapSettings {
                 source_v4,
@@ -213,6 +216,7 @@ impl Ctx<'_> {
                 max_vips,
                 max_backends,
                 ring_size,
+                nat_entries,
             },
             start: StartSettings {
                 interfaces,
