@@ -9,8 +9,8 @@
 
 use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
 use lb_common::{
-    Backend, FORWARD_GUE, FORWARD_IPIP, FlowKey6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    IPV6_MIN_MTU, MAX_IPV6_EXT_HEADERS, Reason, VipInfo, VipKey6, decap::IPPROTO_IPV6,
+    Backend, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKey6, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IPV6_MIN_MTU, MAX_IPV6_EXT_HEADERS, Reason, VipInfo, VipKey6, decap::IPPROTO_IPV6,
     gue_source_port, ipv6_flow_label, vip_table_probe6,
 };
 use lb_ebpf::{
@@ -22,7 +22,9 @@ use lb_ebpf::{
     },
 };
 
-use crate::{MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, count_reason, push_reason, steer};
+use crate::{
+    MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, count_reason, nat, push_reason, steer,
+};
 
 /// Finds `key` in the IPv6 VIP table: a few inlined array loads.
 #[inline(always)]
@@ -121,7 +123,17 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     }
     // In the frame (checked again for the verifier).
     let [src_port, dst_port] = l4_ports(ctx, l4).ok_or(Reason::DropMalformed)?;
-    let vip = find_vip6(&VipKey6::from_wire(dst, dst_port, proto)).ok_or(Reason::PassNotVip)?;
+    let Some(vip) = find_vip6(&VipKey6::from_wire(dst, dst_port, proto)) else {
+        // Not a VIP: a NAT flow's reply if its port is in the NAT range.
+        if !nat::in_nat_range(dst_port) {
+            return Err(Reason::PassNotVip);
+        }
+        let closing = connection(ctx, proto, l4)
+            .ok_or(Reason::DropMalformed)?
+            .closing;
+        let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(nat::nat_pos(l3, l4, proto, flags | nat::NAT_V6), 0, 0);
+    };
 
     // TCP flags: as for IPv4 (see main.rs).
     let Connection {
@@ -164,6 +176,18 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         dst_port,
         proto: proto as u32,
     };
+    if vip.forwarding == FORWARD_NAT {
+        let flags = if new_connection {
+            nat::NAT_NEW_CONNECTION
+        } else {
+            0
+        } | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(
+            nat::nat_pos(l3, l4, proto, flags | nat::NAT_V6),
+            nat::nat_vip(&vip),
+            vip.ring_size,
+        );
+    }
     let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
     forward6(ctx, eth, &vip, backend, tclass, tot_len, &flow)
 }

@@ -21,9 +21,9 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP,
-    FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_IPIP,
-    IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats,
-    gue_source_port,
+    FORWARD_NAT, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP,
+    IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6,
+    VipStats, gue_source_port,
     nat::{NatFwd, NatRev, NatSnat},
     vip_table_probe, vip_table_size,
 };
@@ -40,6 +40,7 @@ use lb_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
+mod nat;
 mod steer;
 use balance6::push_outer6;
 use steer::steer;
@@ -157,6 +158,21 @@ static NAT_SNAT: Array<NatSnat> = Array::pinned(DEFAULT_MAX_VIPS, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match verdict(ctx.ctx) {
+        nat::NAT_PENDING => nat::nat_pending(ctx.ctx),
+        action => action,
+    }
+}
+
+/// The balancer's verdict on the packet: the XDP action (a refusal's
+/// reason counted), or [`nat::NAT_PENDING`] for a NAT packet, which
+/// `lb_xdp` hands to the NAT subprogram after this one returned. A
+/// subprogram of its own so that the two frames are siblings, not
+/// stacked: BPF's 512 bytes of stack hold this one's frame or NAT's, not
+/// both.
+#[inline(never)]
+fn verdict(ctx: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
     match balance(&ctx) {
         Ok(action) => action,
         Err(reason) => {
@@ -354,7 +370,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         proto,
         _pad: 0,
     };
-    let vip = find_vip(&vip_key).ok_or(Reason::PassNotVip)?;
+    let Some(vip) = find_vip(&vip_key) else {
+        // Not a VIP: a NAT flow's reply if its port is in the NAT range
+        // (the gate costs one array load; no hash lookup outside it).
+        if !nat::in_nat_range(dst_port) {
+            return Err(Reason::PassNotVip);
+        }
+        let closing = connection(ctx, proto, l4)
+            .ok_or(Reason::DropMalformed)?
+            .closing;
+        let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(nat::nat_pos(l3, l4, proto, flags), 0, 0);
+    };
 
     // A TCP SYN (without ACK) opens a new connection: it is steered by the
     // ring even when a conntrack entry exists for its 5-tuple (a reused
@@ -390,6 +417,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
+    if vip.forwarding == FORWARD_NAT {
+        let flags = if new_connection {
+            nat::NAT_NEW_CONNECTION
+        } else {
+            0
+        } | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(
+            nat::nat_pos(l3, l4, proto, flags),
+            nat::nat_vip(&vip),
+            vip.ring_size,
+        );
+    }
     // Bytes as received: the client's frame, without any outer header lb
     // adds (the same count whatever the VIP's mode).
     let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
