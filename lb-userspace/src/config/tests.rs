@@ -1061,3 +1061,4 @@ fn primes() {
 
 /// Full NAT settings and their errors.
 mod nat;
+mod nat_health;
