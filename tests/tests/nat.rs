@@ -142,10 +142,12 @@ fn server(
     kind: ServerKind,
     port: u16,
 ) -> Result<ChildGuard> {
-    let any: IpAddr = if case.v6 {
-        Ipv6Addr::UNSPECIFIED.into()
-    } else {
-        Ipv4Addr::UNSPECIFIED.into()
+    // IPv6 UDP echo answers from the one address it listens on: the
+    // backend's own (NAT sends the datagrams there).
+    let any: IpAddr = match (case.v6, kind) {
+        (true, ServerKind::UdpEcho) => topo.backend_addr6(i).into(),
+        (true, _) => Ipv6Addr::UNSPECIFIED.into(),
+        (false, _) => Ipv4Addr::UNSPECIFIED.into(),
     };
     spawn_server(
         topo.backend_ns(i),
