@@ -1061,4 +1061,3 @@ fn primes() {
 
 /// Full NAT settings and their errors.
 mod nat;
-mod nat_health;

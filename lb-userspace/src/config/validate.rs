@@ -418,23 +418,13 @@ impl Ctx<'_> {
                 }
                 None => None,
             };
-            let mut health_check = match &b.health_check {
+            let health_check = match &b.health_check {
                 Some(h) => {
                     self.health_check(h.get_ref(), &bf("health_check"), &base)?
                         .0
                 }
                 None => health_check.clone(),
             };
-            // A NAT backend listening on a port of its own is checked
-            // there, unless a check (the VIP's or its own) names a port.
-            let port_named =
-                |h: Option<&S<RawHealthCheck>>| h.is_some_and(|h| h.get_ref().port.is_some());
-            if let Some(p) = backend_port
-                && !port_named(r.health_check.as_ref())
-                && !port_named(b.health_check.as_ref())
-            {
-                health_check.port = p;
-            }
             backends.push(BackendConfig {
                 address,
                 weight,
