@@ -173,8 +173,8 @@ pub struct BackendView {
     /// Why the next hop is unknown (health `unresolved`), or not known yet.
     #[serde(default)]
     pub next_hop_error: Option<String>,
-    /// Conntrack records naming this backend that have not expired, as
-    /// last counted (the agent counts every few seconds); None before the
+    /// Conntrack records and live NAT flows naming this backend that have
+    /// not expired, as last counted (the agent counts every few seconds); None before the
     /// first count.
     #[serde(default)]
     pub flows: Option<u64>,

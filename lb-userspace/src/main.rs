@@ -525,19 +525,24 @@ fn human(x: f64) -> String {
 
 fn print_stats(s: &StatsView) {
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10}",
-        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %"
+        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12}",
+        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %", "RETURNED"
     );
     for v in &s.vips {
         println!(
-            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}%",
+            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}% {:>12}",
             v.vip,
             human(v.traffic.pps),
             human(v.traffic.bps),
             human(v.new_flows_ps),
             v.traffic.packets,
-            100.0 * v.conntrack_hit_ratio
+            100.0 * v.conntrack_hit_ratio,
+            // NAT replies translated back to clients.
+            v.return_packets
         );
+    }
+    if let Some(n) = s.nat_entries {
+        println!("nat flows  {n}");
     }
     println!(
         "{:<14} {:<15} {:<10} {:>10} {:>10} {:>12}",

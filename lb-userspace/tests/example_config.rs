@@ -22,6 +22,7 @@ fn the_nat_example_parses() {
     assert_eq!(cfg.vips.len(), 3);
     assert!(cfg.vips.iter().all(|v| v.forwarding == Forwarding::Nat));
     assert_eq!(cfg.vips[0].backends[0].port, Some(8080));
+    assert_eq!(cfg.vips[0].backends[0].health_check.port, 8080);
     assert_eq!(
         cfg.vips[0].snat_addresses,
         vec!["198.18.1.1".parse::<std::net::IpAddr>().unwrap()]

@@ -153,6 +153,32 @@ fn a_nat_vip_fills_the_maps_the_kernel_reads_and_reloads_in_place() -> Result<()
     ensure!(ports.contains(&lb_if), "TX_PORTS {ports:?} lacks {lb_if}");
     let vip = agent.json(&["vip", "list"])?;
     ensure!(vip[0]["forwarding"] == "nat", "{vip}");
+    let list = agent.cli_ok(&["vip", "list"])?;
+    ensure!(
+        list.contains(" nat ") && list.contains("snat: 198.18.1.1"),
+        "{list}"
+    );
+    // Before any packet: the backend address:port and the SNAT address.
+    let client = format!("{}:40000", topo.client_addr());
+    let vip_addr = format!("{}:80", topo.vip());
+    let text = agent.cli_ok(&["explain", &client, &vip_addr, "tcp"])?;
+    ensure!(
+        text.contains("snat       198.18.1.1, SNAT port allocated by the first packet"),
+        "{text}"
+    );
+    let x = agent.explain(client.parse()?, vip_addr.parse()?, "tcp")?;
+    let to = x["nat"]["backend"]
+        .as_str()
+        .context("nat.backend")?
+        .to_string();
+    let ring = x["ring_backend"].as_str().context("ring_backend")?;
+    let port = if ring == topo.backend_addr(0).to_string() {
+        8080
+    } else {
+        80
+    };
+    ensure!(to == format!("{ring}:{port}"), "{x}");
+    ensure!(text.contains(&format!("nat to     {to}")), "{text}");
 
     // Reload: another range, SNAT address and backend port, in place.
     std::fs::write(

@@ -61,7 +61,8 @@
 //! weight = 1                           # default 1, 1..=10000
 //! state = "active"                     # active | drain, default active
 //! mac = "02:00:00:00:00:11"            # optional: next-hop MAC override (otherwise the agent resolves it)
-//! port = 8080                          # nat only: the backend's port (default: the VIP's)
+//! port = 8080                          # nat only: the backend's port (default: the VIP's), and its
+//!                                      # health check's unless a health_check table sets one
 //! [vip.backend.health_check]           # optional per-backend override: any subset of the fields above;
 //! port = 8081                          # unspecified fields come from the VIP's health_check
 //! ```

@@ -418,13 +418,23 @@ impl Ctx<'_> {
                 }
                 None => None,
             };
-            let health_check = match &b.health_check {
+            let mut health_check = match &b.health_check {
                 Some(h) => {
                     self.health_check(h.get_ref(), &bf("health_check"), &base)?
                         .0
                 }
                 None => health_check.clone(),
             };
+            // A NAT backend is checked where it serves, unless told.
+            let explicit = |h: &Option<S<RawHealthCheck>>| {
+                h.as_ref().is_some_and(|h| h.get_ref().port.is_some())
+            };
+            if let Some(p) = backend_port
+                && !explicit(&r.health_check)
+                && !explicit(&b.health_check)
+            {
+                health_check.port = p;
+            }
             backends.push(BackendConfig {
                 address,
                 weight,

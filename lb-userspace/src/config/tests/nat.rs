@@ -238,3 +238,24 @@ fn nat_settings_reload_live_but_nat_entries_needs_a_restart() {
     let refusal = reload_check(&old, &bigger).unwrap_err();
     assert!(refusal.contains("nat_entries"), "{refusal}");
 }
+
+#[test]
+fn a_nat_backends_health_check_defaults_to_its_port() {
+    let c = ok(&format!(
+        "{}[[vip.backend]]\naddress = \"198.18.2.11\"\n",
+        nat_vip("", "port = 8080\n")
+    ));
+    assert_eq!(c.vips[0].backends[0].health_check.port, 8080);
+    assert_eq!(c.vips[0].backends[1].health_check.port, 80, "the VIP's");
+    // An explicit port wins, the VIP's or the backend's.
+    let c = ok(&nat_vip(
+        "[vip.health_check]\nport = 9000\n",
+        "port = 8080\n",
+    ));
+    assert_eq!(c.vips[0].backends[0].health_check.port, 9000);
+    let c = ok(&nat_vip(
+        "",
+        "port = 8080\n[vip.backend.health_check]\nport = 9001\n",
+    ));
+    assert_eq!(c.vips[0].backends[0].health_check.port, 9001);
+}
