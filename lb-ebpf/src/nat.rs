@@ -34,7 +34,7 @@ use lb_common::{
 };
 use lb_ebpf::{
     parse::{read_macs, write_macs},
-    rewrite::{load32, ptr_at, set_addrs4, set_addrs6, set_ports},
+    rewrite::{Delta, load32, ptr_at, set_addrs4, set_addrs6, set_ports},
 };
 
 use crate::{
@@ -75,13 +75,15 @@ fn copy_mac(dst: &mut [u8; 6], src: [u8; 6]) {
 /// A family's flow key with its NAT maps and header rewrite. Addresses
 /// travel as four words (IPv4: word 0, the rest 0), as NatFwd/NatRev
 /// hold them.
-pub(crate) trait NatFlow: Flow {
+pub(crate) trait NatFlow: Flow + 'static {
     /// Backends of this family carry [`lb_common::BACKEND_FLAG_V6`].
     const V6: bool;
     /// Writes `src:sport → dst:dport` into `self` word by word (a whole
     /// key store can become a memmove call).
     fn set(&mut self, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16, proto: u32);
     fn set_ports(&mut self, sport: u16, dport: u16, proto: u32);
+    /// Sets the IP header at `l3`'s addresses (IPv4: its checksum too).
+    fn set_addrs(ctx: &XdpContext, l3: usize, src: &[u32; 4], dst: &[u32; 4]) -> Option<Delta>;
     /// Reads the addresses of the IP header at `l3` into `self`.
     fn load_addrs(&mut self, ctx: &XdpContext, l3: usize) -> Option<()>;
     fn src(&self) -> [u32; 4];
@@ -199,6 +201,10 @@ impl NatFlow for FlowKey {
         let d = set_addrs4(ctx, l3, src[0], dst[0])?;
         set_ports(ctx, l4, proto, sport, dport, d.covered, true).map(|_| ())
     }
+    #[inline(always)]
+    fn set_addrs(ctx: &XdpContext, l3: usize, src: &[u32; 4], dst: &[u32; 4]) -> Option<Delta> {
+        set_addrs4(ctx, l3, src[0], dst[0])
+    }
 }
 
 impl NatFlow for FlowKey6 {
@@ -290,6 +296,10 @@ impl NatFlow for FlowKey6 {
         let d = set_addrs6(ctx, l3, src, dst)?;
         set_ports(ctx, l4, proto, sport, dport, d.covered, true).map(|_| ())
     }
+    #[inline(always)]
+    fn set_addrs(ctx: &XdpContext, l3: usize, src: &[u32; 4], dst: &[u32; 4]) -> Option<Delta> {
+        set_addrs6(ctx, l3, src, dst)
+    }
 }
 
 /// Whether `port` (network order) is in the agent's NAT range: only then
@@ -332,6 +342,27 @@ pub(crate) const fn nat_vip(vip: &VipInfo) -> u64 {
 
 /// An IPv6 packet.
 pub(crate) const NAT_V6: u64 = 1 << 43;
+/// An ICMP error to a SNAT address about a NAT flow (from the backend's
+/// side): see [`crate::nat_icmp`].
+pub(crate) const NAT_ICMP_BACKEND_SIDE: u64 = 1 << 44;
+/// An ICMP error to a NAT VIP about its flow (from the client's side).
+pub(crate) const NAT_ICMP_CLIENT_SIDE: u64 = 1 << 45;
+/// The ICMP error quotes the embedded packet's TCP/UDP checksum.
+pub(crate) const NAT_INNER_CSUM: u64 = 1 << 46;
+
+/// [`nat_pos`] for an ICMP error: outer L3 at `l3`, ICMP header at
+/// `icmp`, the embedded packet's TCP/UDP header (of `proto`) at
+/// `inner_l4` (bits 48–59).
+#[inline(always)]
+pub(crate) const fn nat_icmp_pos(
+    l3: usize,
+    icmp: usize,
+    inner_l4: usize,
+    proto: u8,
+    flags: u64,
+) -> u64 {
+    nat_pos(l3, icmp, proto, flags) | ((inner_l4 as u64) & 0xFFF) << 48
+}
 
 /// What [`crate::verdict`] returns for a NAT packet (no XDP action has
 /// this value): `lb_xdp` then calls [`nat_pending`].
@@ -398,16 +429,10 @@ fn nat_packet<F: NatFlow>(
     let l4 = ((pos >> 16) & 0xFFF) as usize;
     let proto = ((pos >> 32) & 0xFF) as u32;
     let closing = pos & NAT_CLOSING != 0;
-    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropMalformed)?;
-    // SAFETY: bounds checked; this CPU's scratch element, valid for the
-    // program's run.
-    let flow = unsafe {
-        let [sport, dport] = *ports;
-        let flow = &mut *((&raw mut (*scratch).flow) as *mut F);
-        flow.load_addrs(ctx, l3).ok_or(Reason::DropMalformed)?;
-        flow.set_ports(sport, dport, proto);
-        &*flow
-    };
+    if pos & (NAT_ICMP_BACKEND_SIDE | NAT_ICMP_CLIENT_SIDE) != 0 {
+        return crate::nat_icmp::icmp_error::<F>(ctx, scratch, l3, l4, pos);
+    }
+    let flow = load_flow::<F>(ctx, scratch_key(scratch, Slot::Flow), l3, l4, proto)?;
     if pos & NAT_REPLY != 0 {
         return reply(ctx, l3, l4, flow, closing, bytes);
     }
@@ -474,6 +499,47 @@ pub(crate) struct NatScratch {
     fkey: [u64; 5],
 }
 
+/// The key slots of [`NatScratch`].
+#[derive(Clone, Copy)]
+pub(crate) enum Slot {
+    Flow,
+    Key,
+    FKey,
+}
+
+/// The key slot `slot` of the scratch element as a `F`.
+#[inline(always)]
+pub(crate) fn scratch_key<F: NatFlow>(scratch: *mut NatScratch, slot: Slot) -> &'static mut F {
+    // SAFETY: this CPU's scratch element, valid for the program's run;
+    // each slot holds 40 bytes, 8-byte aligned, room for either key.
+    unsafe {
+        let p = match slot {
+            Slot::Flow => &raw mut (*scratch).flow,
+            Slot::Key => &raw mut (*scratch).key,
+            Slot::FKey => &raw mut (*scratch).fkey,
+        };
+        &mut *(p as *mut F)
+    }
+}
+
+/// Reads the flow of the packet whose IP header is at `l3` and TCP/UDP
+/// header at `l4` into `flow`.
+#[inline(always)]
+pub(crate) fn load_flow<'a, F: NatFlow>(
+    ctx: &XdpContext,
+    flow: &'a mut F,
+    l3: usize,
+    l4: usize,
+    proto: u32,
+) -> Result<&'a F, Reason> {
+    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropMalformed)?;
+    // SAFETY: bounds checked.
+    let [sport, dport] = unsafe { *ports };
+    flow.load_addrs(ctx, l3).ok_or(Reason::DropMalformed)?;
+    flow.set_ports(sport, dport, proto);
+    Ok(flow)
+}
+
 #[map]
 static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -500,8 +566,7 @@ fn make_pair<F: NatFlow>(
         // SAFETY: the map value stays valid for the program's run (RCU);
         // concurrent writers store whole words.
         let e = unsafe { &mut *p };
-        // SAFETY: this CPU's scratch element.
-        let rev = unsafe { &mut *((&raw mut (*scratch).key) as *mut F) };
+        let rev = scratch_key::<F>(scratch, Slot::Key);
         rev.set(
             &e.backend_addr,
             e.backend_port,
@@ -590,7 +655,7 @@ fn make_pair<F: NatFlow>(
         (
             &mut (*scratch).fwd,
             &(*scratch).rev,
-            &mut *((&raw mut (*scratch).key) as *mut F),
+            scratch_key::<F>(scratch, Slot::Key),
         )
     };
     let mut snat_port = 0;
@@ -648,8 +713,7 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
     // SAFETY: the map value stays valid for the program's run (RCU).
     let r = unsafe { &*r };
     let proto = key.proto();
-    // SAFETY: this CPU's scratch element.
-    let fkey = unsafe { &mut *((&raw mut (*scratch).fkey) as *mut F) };
+    let fkey = scratch_key::<F>(scratch, Slot::FKey);
     fkey.set(
         &r.client_addr,
         r.client_port,
