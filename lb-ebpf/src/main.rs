@@ -42,6 +42,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
 mod nat;
+mod nat_flow;
 mod nat_icmp;
 mod steer;
 use balance6::push_outer6;

@@ -722,3 +722,18 @@ fn icmpv6_errors_are_translated_both_ways() {
     assert_eq!(addr(&r.frame[14 + 24..14 + 40]), backend);
     assert_eq!(checked(&r.frame), reply[14..]);
 }
+
+/// Every truncation of a NAT VIP's frame (IPv4 and IPv6): never aborted,
+/// short ones passed or dropped with the parsing reasons, the whole frame
+/// translated (NAT adds no bytes).
+#[test]
+fn truncated_nat_frames_are_handled() {
+    let f = nat4(&[(1, 1)], PORT_MIN, PORT_MAX);
+    let mut p = Ipv4Packet::tcp(CLIENT, 51000, VIP, 80);
+    p.payload = b"payload".to_vec();
+    lb_tests::fixture::assert_truncations_handled(&f, &p.build(), 14, 20, 0, "nat v4");
+    let f = nat6(&[(1, 1)]);
+    let mut p = Ipv6Packet::udp(CLIENT6, 51000, VIP6, 80);
+    p.payload = b"payload".to_vec();
+    lb_tests::fixture::assert_truncations_handled(&f, &p.build(), 14, 40, 0, "nat v6");
+}
