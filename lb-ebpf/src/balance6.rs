@@ -15,7 +15,10 @@ use lb_common::{
 };
 use lb_ebpf::{
     encap6::{Outer6, icmp6_packet_too_big, push_gue6, push_ipip6},
-    icmp6::{ICMPV6_ECHO_REQUEST, ICMPV6_HDR_LEN, ICMPV6_PACKET_TOO_BIG, echo_reply6, embedded6},
+    icmp6::{
+        ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REQUEST, ICMPV6_HDR_LEN, ICMPV6_PACKET_TOO_BIG,
+        ICMPV6_TIME_EXCEEDED, echo_reply6, embedded6,
+    },
     parse::{
         Connection, Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_MIN_LEN, UDP_LEN, connection, ipv6,
         ipv6_upper, l4_ports, ptr_at, write_macs,
@@ -302,9 +305,14 @@ fn icmp6_to(
                 _ => Err(Reason::PassNotVip),
             }
         }
-        (ICMPV6_PACKET_TOO_BIG, 0) => {
-            let action = icmp6_error_to_backend(ctx, eth, l4, end - l4, dst, tclass, tot_len)?;
-            count_reason(Reason::FwdIcmpError);
+        (ICMPV6_PACKET_TOO_BIG, 0) | (ICMPV6_DEST_UNREACH, _) | (ICMPV6_TIME_EXCEEDED, _) => {
+            let too_big = icmp_type == ICMPV6_PACKET_TOO_BIG;
+            let action =
+                icmp6_error_to_backend(ctx, eth, l4, end - l4, dst, tclass, tot_len, too_big)?;
+            // A NAT translation counts itself when it is done.
+            if action != nat::NAT_PENDING {
+                count_reason(Reason::FwdIcmpError);
+            }
             Ok(action)
         }
         _ => Err(Reason::PassNotVip),
@@ -315,9 +323,15 @@ fn icmp6_to(
 /// side, about a packet a backend sent from the VIP): steered like the
 /// flow it embeds, reversed (client → VIP), to the backend that owns it
 /// (read only, see [`crate::steer::owner`]), in the VIP's forwarding mode;
-/// the backend lowers its path MTU towards the client. Errors about
+/// the backend lowers its path MTU towards the client. Full NAT: as for
+/// IPv4 (see main.rs's `icmp_error_to_backend`), for packet-too-big,
+/// destination-unreachable and time-exceeded errors. Errors about
 /// anything else pass to the kernel.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn icmp6_error_to_backend(
     ctx: &XdpContext,
     eth: &Ethernet,
@@ -326,13 +340,36 @@ fn icmp6_error_to_backend(
     dst: [u32; 4],
     tclass: u8,
     tot_len: usize,
+    too_big: bool,
 ) -> Result<u32, Reason> {
     let e = embedded6(ctx, l4, room).ok_or(Reason::PassNotVip)?;
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    let vip = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto))
-        .ok_or(Reason::PassNotVip)?;
+    // The TCP checksum is in the quoted bytes only if 18 bytes of the
+    // TCP header are (UDP's 8 always are).
+    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= l4 + room;
+    let pos = |side| {
+        nat::nat_icmp_pos(
+            eth.l3,
+            l4,
+            e.l4,
+            e.proto,
+            side | nat::NAT_V6 | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
+        )
+    };
+    let Some(vip) = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto)) else {
+        if nat::in_nat_range(e.vip_port) {
+            return nat::pend(pos(nat::NAT_ICMP_BACKEND_SIDE), 0, 0);
+        }
+        return Err(Reason::PassNotVip);
+    };
+    if vip.forwarding == FORWARD_NAT {
+        return nat::pend(pos(nat::NAT_ICMP_CLIENT_SIDE), 0, 0);
+    }
+    if !too_big {
+        return Err(Reason::PassNotVip);
+    }
     // The outer payload length (and GUE's UDP length) is 16 bits.
     if tot_len + GUE_UDP_LEN > u16::MAX as usize {
         return Err(Reason::DropTooBig);

@@ -30,7 +30,8 @@ use lb_common::{
 use lb_ebpf::{
     encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
     icmp::{
-        ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, echo_reply, embedded,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMP_TIME_EXCEEDED,
+        echo_reply, embedded,
     },
     parse::{
         Connection, ETH_P_IP, ETH_P_IPV6, Ethernet, IP_MF_OR_OFFSET, TCP_MIN_LEN, UDP_LEN,
@@ -41,6 +42,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
 mod nat;
+mod nat_flow;
+mod nat_icmp;
 mod steer;
 use balance6::push_outer6;
 use steer::steer;
@@ -266,9 +269,14 @@ fn icmp_to(
                 _ => Err(Reason::PassNotVip),
             }
         }
-        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => {
-            let action = icmp_error_to_backend(ctx, eth, l4, tot_len - ihl, dst, tos, tot_len)?;
-            count_reason(Reason::FwdIcmpError);
+        (ICMP_DEST_UNREACH, _) | (ICMP_TIME_EXCEEDED, _) => {
+            let frag_needed = icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED;
+            let action =
+                icmp_error_to_backend(ctx, eth, l4, tot_len - ihl, dst, tos, tot_len, frag_needed)?;
+            // A NAT translation counts itself when it is done.
+            if action != nat::NAT_PENDING {
+                count_reason(Reason::FwdIcmpError);
+            }
             Ok(action)
         }
         _ => Err(Reason::PassNotVip),
@@ -280,9 +288,20 @@ fn icmp_to(
 /// like the flow it embeds, reversed (client → VIP), so that it reaches
 /// the backend that sent the packet: the flow's conntrack entry if it is
 /// honoured, else the VIP's ring (read only: an error creates no entry).
-/// The backend lowers its path MTU towards the client. Errors about
-/// anything else pass to the kernel.
+/// The backend lowers its path MTU towards the client.
+///
+/// Full NAT (any destination-unreachable or time-exceeded error): one
+/// about a NAT VIP's flow (to the VIP address, embedding VIP → client)
+/// is translated towards the flow's backend, and one to a SNAT address
+/// about a NAT flow (embedding SNAT address:port → backend, the port in
+/// the NAT range) back towards the client: both by the NAT subprogram
+/// ([`nat::NAT_PENDING`]). Errors about anything else pass to the
+/// kernel.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn icmp_error_to_backend(
     ctx: &XdpContext,
     eth: &Ethernet,
@@ -291,18 +310,41 @@ fn icmp_error_to_backend(
     dst: u32,
     tos: u8,
     tot_len: usize,
+    frag_needed: bool,
 ) -> Result<u32, Reason> {
     let e = embedded(ctx, l4, room).ok_or(Reason::PassNotVip)?;
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    let vip = find_vip(&VipKey {
+    // The TCP checksum is in the quoted bytes only if 18 bytes of the
+    // TCP header are (UDP's 8 always are).
+    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= eth.l3 + tot_len;
+    let pos = |side| {
+        nat::nat_icmp_pos(
+            eth.l3,
+            l4,
+            e.l4,
+            e.proto,
+            side | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
+        )
+    };
+    let Some(vip) = find_vip(&VipKey {
         addr: e.vip_addr,
         port: e.vip_port,
         proto: e.proto,
         _pad: 0,
-    })
-    .ok_or(Reason::PassNotVip)?;
+    }) else {
+        if nat::in_nat_range(e.vip_port) {
+            return nat::pend(pos(nat::NAT_ICMP_BACKEND_SIDE), 0, 0);
+        }
+        return Err(Reason::PassNotVip);
+    };
+    if vip.forwarding == FORWARD_NAT {
+        return nat::pend(pos(nat::NAT_ICMP_CLIENT_SIDE), 0, 0);
+    }
+    if !frag_needed {
+        return Err(Reason::PassNotVip);
+    }
     let flow = FlowKey {
         src_addr: e.client_addr,
         dst_addr: e.vip_addr,

@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_NOEXIST,
+        BPF_NOEXIST,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
         xdp_md,
     },
@@ -34,263 +34,18 @@ use lb_common::{
 };
 use lb_ebpf::{
     parse::{read_macs, write_macs},
-    rewrite::{load32, ptr_at, set_addrs4, set_addrs6, set_ports},
+    rewrite::ptr_at,
 };
 
+pub(crate) use crate::nat_flow::{NatFlow, same_addr};
+use crate::nat_flow::{copy_mac, copy4};
 use crate::{
-    BACKENDS, NAT_FWD, NAT_FWD6, NAT_REV, NAT_REV6, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS,
-    count_reason, send,
-    steer::{Flow, count_steered, ring_backend},
+    BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, send,
+    steer::{count_steered, ring_backend},
 };
 
 /// The kernel's "exists" error, as map helpers return it.
 const EEXIST: i32 = 17;
-
-/// Whether two addresses (four words) are equal, word by word: `==` on
-/// the arrays can become a byte-wise `memcmp` call in BPF.
-#[inline(always)]
-pub(crate) fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
-    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
-}
-
-/// Copies four words with volatile stores: a plain array copy becomes a
-/// byte-wise `memmove` call in BPF.
-#[inline(always)]
-fn copy4(dst: &mut [u32; 4], src: &[u32; 4]) {
-    for i in 0..4 {
-        // SAFETY: within `dst`.
-        unsafe { core::ptr::write_volatile(&raw mut dst[i], src[i]) };
-    }
-}
-
-/// Copies a MAC address with volatile stores (see [`copy4`]).
-#[inline(always)]
-fn copy_mac(dst: &mut [u8; 6], src: [u8; 6]) {
-    for i in 0..6 {
-        // SAFETY: within `dst`.
-        unsafe { core::ptr::write_volatile(&raw mut dst[i], src[i]) };
-    }
-}
-
-/// A family's flow key with its NAT maps and header rewrite. Addresses
-/// travel as four words (IPv4: word 0, the rest 0), as NatFwd/NatRev
-/// hold them.
-pub(crate) trait NatFlow: Flow {
-    /// Backends of this family carry [`lb_common::BACKEND_FLAG_V6`].
-    const V6: bool;
-    /// Writes `src:sport → dst:dport` into `self` word by word (a whole
-    /// key store can become a memmove call).
-    fn set(&mut self, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16, proto: u32);
-    fn set_ports(&mut self, sport: u16, dport: u16, proto: u32);
-    /// Reads the addresses of the IP header at `l3` into `self`.
-    fn load_addrs(&mut self, ctx: &XdpContext, l3: usize) -> Option<()>;
-    fn src(&self) -> [u32; 4];
-    fn dst(&self) -> [u32; 4];
-    fn sport(&self) -> u16;
-    fn dport(&self) -> u16;
-    fn fwd(&self) -> Option<*mut NatFwd>;
-    fn insert_fwd(&self, v: &NatFwd) -> Result<(), i32>;
-    fn remove_fwd(&self);
-    fn rev(&self) -> Option<*mut NatRev>;
-    fn insert_rev(&self, v: &NatRev, flags: u64) -> Result<(), i32>;
-    fn remove_rev(&self);
-    fn backend_addr(b: &Backend) -> [u32; 4];
-    /// The address lb's host uses to reach `b` (set by the agent).
-    fn route_src(b: &Backend) -> [u32; 4];
-    /// Rewrites the IP header at `l3` to `src` → `dst` and the TCP/UDP
-    /// header at `l4` to `sport` → `dport`, checksums updated.
-    #[expect(clippy::too_many_arguments, reason = "inlined; in registers")]
-    fn rewrite(
-        ctx: &XdpContext,
-        l3: usize,
-        l4: usize,
-        proto: u8,
-        src: &[u32; 4],
-        sport: u16,
-        dst: &[u32; 4],
-        dport: u16,
-    ) -> Option<()>;
-}
-
-impl NatFlow for FlowKey {
-    const V6: bool = false;
-    #[inline(always)]
-    fn set(&mut self, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16, proto: u32) {
-        self.src_addr = src[0];
-        self.dst_addr = dst[0];
-        self.set_ports(sport, dport, proto);
-    }
-    #[inline(always)]
-    fn set_ports(&mut self, sport: u16, dport: u16, proto: u32) {
-        self.src_port = sport;
-        self.dst_port = dport;
-        self.proto = proto;
-    }
-    #[inline(always)]
-    fn load_addrs(&mut self, ctx: &XdpContext, l3: usize) -> Option<()> {
-        let ip: *const [u16; 10] = ptr_at(ctx, l3)?;
-        let ip = ip as *const u16;
-        // SAFETY: 20 bytes bounds checked.
-        unsafe {
-            self.src_addr = load32(ip.add(6));
-            self.dst_addr = load32(ip.add(8));
-        }
-        Some(())
-    }
-    #[inline(always)]
-    fn src(&self) -> [u32; 4] {
-        [self.src_addr, 0, 0, 0]
-    }
-    #[inline(always)]
-    fn dst(&self) -> [u32; 4] {
-        [self.dst_addr, 0, 0, 0]
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.src_port
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dst_port
-    }
-    #[inline(always)]
-    fn fwd(&self) -> Option<*mut NatFwd> {
-        NAT_FWD.get_ptr_mut(self)
-    }
-    #[inline(always)]
-    fn insert_fwd(&self, v: &NatFwd) -> Result<(), i32> {
-        NAT_FWD.insert(self, v, BPF_ANY as u64)
-    }
-    #[inline(always)]
-    fn remove_fwd(&self) {
-        let _ = NAT_FWD.remove(self);
-    }
-    #[inline(always)]
-    fn rev(&self) -> Option<*mut NatRev> {
-        NAT_REV.get_ptr_mut(self)
-    }
-    #[inline(always)]
-    fn insert_rev(&self, v: &NatRev, flags: u64) -> Result<(), i32> {
-        NAT_REV.insert(self, v, flags)
-    }
-    #[inline(always)]
-    fn remove_rev(&self) {
-        let _ = NAT_REV.remove(self);
-    }
-    #[inline(always)]
-    fn backend_addr(b: &Backend) -> [u32; 4] {
-        [b.addr, 0, 0, 0]
-    }
-    #[inline(always)]
-    fn route_src(b: &Backend) -> [u32; 4] {
-        [b.encap_src, 0, 0, 0]
-    }
-    #[inline(always)]
-    fn rewrite(
-        ctx: &XdpContext,
-        l3: usize,
-        l4: usize,
-        proto: u8,
-        src: &[u32; 4],
-        sport: u16,
-        dst: &[u32; 4],
-        dport: u16,
-    ) -> Option<()> {
-        let d = set_addrs4(ctx, l3, src[0], dst[0])?;
-        set_ports(ctx, l4, proto, sport, dport, d.covered, true).map(|_| ())
-    }
-}
-
-impl NatFlow for FlowKey6 {
-    const V6: bool = true;
-    #[inline(always)]
-    fn set(&mut self, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16, proto: u32) {
-        copy4(&mut self.src_addr, src);
-        copy4(&mut self.dst_addr, dst);
-        self.set_ports(sport, dport, proto);
-    }
-    #[inline(always)]
-    fn set_ports(&mut self, sport: u16, dport: u16, proto: u32) {
-        self.src_port = sport;
-        self.dst_port = dport;
-        self.proto = proto;
-    }
-    #[inline(always)]
-    fn load_addrs(&mut self, ctx: &XdpContext, l3: usize) -> Option<()> {
-        let ip: *const [u16; 20] = ptr_at(ctx, l3)?;
-        let ip = ip as *const u16;
-        // SAFETY: 40 bytes bounds checked.
-        unsafe {
-            for i in 0..4 {
-                self.src_addr[i] = load32(ip.add(4 + 2 * i));
-                self.dst_addr[i] = load32(ip.add(12 + 2 * i));
-            }
-        }
-        Some(())
-    }
-    #[inline(always)]
-    fn src(&self) -> [u32; 4] {
-        self.src_addr
-    }
-    #[inline(always)]
-    fn dst(&self) -> [u32; 4] {
-        self.dst_addr
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.src_port
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dst_port
-    }
-    #[inline(always)]
-    fn fwd(&self) -> Option<*mut NatFwd> {
-        NAT_FWD6.get_ptr_mut(self)
-    }
-    #[inline(always)]
-    fn insert_fwd(&self, v: &NatFwd) -> Result<(), i32> {
-        NAT_FWD6.insert(self, v, BPF_ANY as u64)
-    }
-    #[inline(always)]
-    fn remove_fwd(&self) {
-        let _ = NAT_FWD6.remove(self);
-    }
-    #[inline(always)]
-    fn rev(&self) -> Option<*mut NatRev> {
-        NAT_REV6.get_ptr_mut(self)
-    }
-    #[inline(always)]
-    fn insert_rev(&self, v: &NatRev, flags: u64) -> Result<(), i32> {
-        NAT_REV6.insert(self, v, flags)
-    }
-    #[inline(always)]
-    fn remove_rev(&self) {
-        let _ = NAT_REV6.remove(self);
-    }
-    #[inline(always)]
-    fn backend_addr(b: &Backend) -> [u32; 4] {
-        b.addr6
-    }
-    #[inline(always)]
-    fn route_src(b: &Backend) -> [u32; 4] {
-        b.encap_src6
-    }
-    #[inline(always)]
-    fn rewrite(
-        ctx: &XdpContext,
-        l3: usize,
-        l4: usize,
-        proto: u8,
-        src: &[u32; 4],
-        sport: u16,
-        dst: &[u32; 4],
-        dport: u16,
-    ) -> Option<()> {
-        let d = set_addrs6(ctx, l3, src, dst)?;
-        set_ports(ctx, l4, proto, sport, dport, d.covered, true).map(|_| ())
-    }
-}
 
 /// Whether `port` (network order) is in the agent's NAT range: only then
 /// is a packet to a non-VIP address looked up as a NAT reply. Range 0/0
@@ -332,6 +87,27 @@ pub(crate) const fn nat_vip(vip: &VipInfo) -> u64 {
 
 /// An IPv6 packet.
 pub(crate) const NAT_V6: u64 = 1 << 43;
+/// An ICMP error to a SNAT address about a NAT flow (from the backend's
+/// side): see [`crate::nat_icmp`].
+pub(crate) const NAT_ICMP_BACKEND_SIDE: u64 = 1 << 44;
+/// An ICMP error to a NAT VIP about its flow (from the client's side).
+pub(crate) const NAT_ICMP_CLIENT_SIDE: u64 = 1 << 45;
+/// The ICMP error quotes the embedded packet's TCP/UDP checksum.
+pub(crate) const NAT_INNER_CSUM: u64 = 1 << 46;
+
+/// [`nat_pos`] for an ICMP error: outer L3 at `l3`, ICMP header at
+/// `icmp`, the embedded packet's TCP/UDP header (of `proto`) at
+/// `inner_l4` (bits 48–59).
+#[inline(always)]
+pub(crate) const fn nat_icmp_pos(
+    l3: usize,
+    icmp: usize,
+    inner_l4: usize,
+    proto: u8,
+    flags: u64,
+) -> u64 {
+    nat_pos(l3, icmp, proto, flags) | ((inner_l4 as u64) & 0xFFF) << 48
+}
 
 /// What [`crate::verdict`] returns for a NAT packet (no XDP action has
 /// this value): `lb_xdp` then calls [`nat_pending`].
@@ -398,16 +174,10 @@ fn nat_packet<F: NatFlow>(
     let l4 = ((pos >> 16) & 0xFFF) as usize;
     let proto = ((pos >> 32) & 0xFF) as u32;
     let closing = pos & NAT_CLOSING != 0;
-    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropMalformed)?;
-    // SAFETY: bounds checked; this CPU's scratch element, valid for the
-    // program's run.
-    let flow = unsafe {
-        let [sport, dport] = *ports;
-        let flow = &mut *((&raw mut (*scratch).flow) as *mut F);
-        flow.load_addrs(ctx, l3).ok_or(Reason::DropMalformed)?;
-        flow.set_ports(sport, dport, proto);
-        &*flow
-    };
+    if pos & (NAT_ICMP_BACKEND_SIDE | NAT_ICMP_CLIENT_SIDE) != 0 {
+        return crate::nat_icmp::icmp_error::<F>(ctx, scratch, l3, l4, pos);
+    }
+    let flow = load_flow::<F>(ctx, scratch_key(scratch, Slot::Flow), l3, l4, proto)?;
     if pos & NAT_REPLY != 0 {
         return reply(ctx, l3, l4, flow, closing, bytes);
     }
@@ -474,6 +244,47 @@ pub(crate) struct NatScratch {
     fkey: [u64; 5],
 }
 
+/// The key slots of [`NatScratch`].
+#[derive(Clone, Copy)]
+pub(crate) enum Slot {
+    Flow,
+    Key,
+    FKey,
+}
+
+/// The key slot `slot` of the scratch element as a `F`.
+#[inline(always)]
+pub(crate) fn scratch_key<F: NatFlow>(scratch: *mut NatScratch, slot: Slot) -> &'static mut F {
+    // SAFETY: this CPU's scratch element, valid for the program's run;
+    // each slot holds 40 bytes, 8-byte aligned, room for either key.
+    unsafe {
+        let p = match slot {
+            Slot::Flow => &raw mut (*scratch).flow,
+            Slot::Key => &raw mut (*scratch).key,
+            Slot::FKey => &raw mut (*scratch).fkey,
+        };
+        &mut *(p as *mut F)
+    }
+}
+
+/// Reads the flow of the packet whose IP header is at `l3` and TCP/UDP
+/// header at `l4` into `flow`.
+#[inline(always)]
+pub(crate) fn load_flow<'a, F: NatFlow>(
+    ctx: &XdpContext,
+    flow: &'a mut F,
+    l3: usize,
+    l4: usize,
+    proto: u32,
+) -> Result<&'a F, Reason> {
+    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropMalformed)?;
+    // SAFETY: bounds checked.
+    let [sport, dport] = unsafe { *ports };
+    flow.load_addrs(ctx, l3).ok_or(Reason::DropMalformed)?;
+    flow.set_ports(sport, dport, proto);
+    Ok(flow)
+}
+
 #[map]
 static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -500,8 +311,7 @@ fn make_pair<F: NatFlow>(
         // SAFETY: the map value stays valid for the program's run (RCU);
         // concurrent writers store whole words.
         let e = unsafe { &mut *p };
-        // SAFETY: this CPU's scratch element.
-        let rev = unsafe { &mut *((&raw mut (*scratch).key) as *mut F) };
+        let rev = scratch_key::<F>(scratch, Slot::Key);
         rev.set(
             &e.backend_addr,
             e.backend_port,
@@ -590,7 +400,7 @@ fn make_pair<F: NatFlow>(
         (
             &mut (*scratch).fwd,
             &(*scratch).rev,
-            &mut *((&raw mut (*scratch).key) as *mut F),
+            scratch_key::<F>(scratch, Slot::Key),
         )
     };
     let mut snat_port = 0;
@@ -648,8 +458,7 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
     // SAFETY: the map value stays valid for the program's run (RCU).
     let r = unsafe { &*r };
     let proto = key.proto();
-    // SAFETY: this CPU's scratch element.
-    let fkey = unsafe { &mut *((&raw mut (*scratch).fkey) as *mut F) };
+    let fkey = scratch_key::<F>(scratch, Slot::FKey);
     fkey.set(
         &r.client_addr,
         r.client_port,

@@ -557,3 +557,183 @@ fn ipv6_flows_are_translated_both_ways_with_valid_checksums() {
     let s = f.dp.vip_stats(0).unwrap();
     assert_eq!((s.new_flows, s.return_packets), (50, 50));
 }
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 1);
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+
+/// An ICMP error from `src` to `dst` (arriving from `src_mac` at lb)
+/// quoting `quoted`.
+fn icmp_error4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    src_mac: [u8; 6],
+    kind: (u8, u8),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut base = Ipv4Packet::tcp(src, 0, dst, 0);
+    base.src_mac = src_mac;
+    base.dst_mac = LB_IN_MAC;
+    lb_tests::packet::icmp4(base, kind.0, kind.1, [0, 0, 0x05, 0xdc], quoted)
+}
+
+/// The outer IPv4 header's and the ICMP message's checksums verify; the
+/// quoted packet, returned.
+fn icmp4_checked(frame: &[u8], what: &str) -> Vec<u8> {
+    let ip = &frame[14..];
+    assert_eq!(checksum(&ip[..20]), 0, "{what}: outer IPv4 checksum");
+    assert_eq!(checksum(&ip[20..]), 0, "{what}: ICMP checksum");
+    ip[28..].to_vec()
+}
+
+/// ICMP errors about a NAT flow from the backend's side (a router's
+/// "fragmentation needed", the backend's own "port unreachable") reach
+/// the client quoting exactly what the client sent, from the router or
+/// the VIP (never the backend); every checksum verifies.
+#[test]
+fn icmp_errors_from_the_backend_side_are_translated_back_to_the_client() {
+    let f = nat4(&[(1, 1)], PORT_MIN, PORT_MAX);
+    let mut p = Ipv4Packet::udp(CLIENT, 50000, VIP, 80);
+    p.payload = b"some datagram payload".to_vec();
+    let sent = with_l4_checksum_v4(p.build());
+    let t = f.run(&sent);
+    assert_eq!(t.action, XDP_TX);
+    let backend = ipv4_of(&t.frame[14 + 16..14 + 20]);
+    for (src, kind, from) in [
+        (ROUTER, (3, 4), ROUTER),
+        (backend, (3, 3), VIP),
+        (ROUTER, (11, 0), ROUTER),
+    ] {
+        let err = icmp_error4(src, ENCAP_SRC, ROUTER_MAC, kind, &t.frame[14..]);
+        let before = f.reasons();
+        let r = f.run(&err);
+        assert_eq!(r.action, XDP_TX, "{kind:?}");
+        assert_eq!(
+            moved(&before, &f.reasons()),
+            std::collections::BTreeMap::from([("fwd_icmp_error", 1)])
+        );
+        assert_eq!(&r.frame[0..6], &CLIENT_MAC);
+        assert_eq!(&r.frame[6..12], &LB_IN_MAC);
+        assert_eq!(
+            ipv4_of(&r.frame[14 + 12..14 + 16]),
+            from,
+            "{kind:?}: outer source"
+        );
+        assert_eq!(ipv4_of(&r.frame[14 + 16..14 + 20]), CLIENT);
+        let quoted = icmp4_checked(&r.frame, "backend side");
+        assert_eq!(
+            quoted,
+            sent[14..],
+            "{kind:?}: the client's own packet, checksums included"
+        );
+    }
+    // A TCP flow, quoted with 8 bytes of TCP only (no checksum in them).
+    let syn = Ipv4Packet::tcp(CLIENT, 50001, VIP, 80).build();
+    let t = f.run(&syn);
+    let err = icmp_error4(ROUTER, ENCAP_SRC, ROUTER_MAC, (3, 4), &t.frame[14..14 + 28]);
+    let r = f.run(&err);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(icmp4_checked(&r.frame, "tcp 8 bytes"), syn[14..14 + 28]);
+    // No NAT flow behind the quoted port: passed untouched.
+    let mut other = t.frame[14..14 + 28].to_vec();
+    other[20..22].copy_from_slice(&(PORT_MAX - 1).to_be_bytes());
+    let err = icmp_error4(ROUTER, ENCAP_SRC, ROUTER_MAC, (3, 4), &other);
+    assert_passed_untouched(&f, &err, "pass_nat_no_flow");
+}
+
+/// An ICMP error about a NAT flow from the client's side (to the VIP,
+/// quoting what the client got) reaches the backend from the SNAT
+/// address, quoting exactly what the backend sent.
+#[test]
+fn icmp_errors_from_the_client_side_are_translated_to_the_backend() {
+    let f = nat4(&[(1, 1)], PORT_MIN, PORT_MAX);
+    let mut p = Ipv4Packet::udp(CLIENT, 50002, VIP, 80);
+    p.payload = b"request".to_vec();
+    let t = f.run(&with_l4_checksum_v4(p.build()));
+    let reply = reply_v4(&t.frame, IPPROTO_UDP, b"a long answer".to_vec());
+    let back = f.run(&reply);
+    assert_eq!(back.action, XDP_TX);
+    for kind in [(3, 4), (11, 0)] {
+        let err = icmp_error4(ROUTER, VIP, ROUTER_MAC, kind, &back.frame[14..]);
+        let r = f.run(&err);
+        assert_eq!(r.action, XDP_TX, "{kind:?}");
+        assert_eq!(&r.frame[0..6], &backend_mac(1));
+        assert_eq!(&r.frame[6..12], &LB_MAC);
+        assert_eq!(ipv4_of(&r.frame[14 + 12..14 + 16]), ENCAP_SRC);
+        assert_eq!(ipv4_of(&r.frame[14 + 16..14 + 20]), backend_addr(1));
+        let quoted = icmp4_checked(&r.frame, "client side");
+        assert_eq!(quoted, reply[14..], "{kind:?}: the backend's own packet");
+    }
+    // An error about a flow lb has no NAT entry for passes as before.
+    let mut stray = back.frame[14..14 + 28].to_vec();
+    stray[22..24].copy_from_slice(&1234u16.to_be_bytes());
+    let err = icmp_error4(ROUTER, VIP, ROUTER_MAC, (3, 4), &stray);
+    assert_passed_untouched(&f, &err, "pass_not_vip");
+}
+
+/// IPv6: "packet too big" both ways, ICMPv6 checksum (with its
+/// pseudo-header) verified from scratch.
+#[test]
+fn icmpv6_errors_are_translated_both_ways() {
+    use lb_tests::packet::{ETH_P_IPV6, ethernet_frame, icmpv6_checksum, icmpv6_l3};
+    let f = nat6(&[(1, 1)]);
+    let router = Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, 1);
+    let mut p = Ipv6Packet::udp(CLIENT6, 50000, VIP6, 80);
+    p.payload = b"datagram".to_vec();
+    let sent = with_l4_checksum_v6(p.build());
+    let t = f.run(&sent);
+    assert_eq!(t.action, XDP_TX);
+    let addr = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap());
+    let err6 = |src: Ipv6Addr, dst: Ipv6Addr, kind: (u8, u8), quoted: &[u8]| {
+        ethernet_frame(
+            LB_IN_MAC,
+            ROUTER_MAC,
+            None,
+            ETH_P_IPV6,
+            &icmpv6_l3(src, dst, kind.0, kind.1, [0, 0, 0x05, 0x00], quoted),
+        )
+    };
+    let checked = |frame: &[u8]| {
+        let ip = &frame[14..];
+        assert_eq!(
+            icmpv6_checksum(addr(&ip[8..24]), addr(&ip[24..40]), &ip[40..]),
+            0
+        );
+        ip[48..].to_vec()
+    };
+    let backend = addr(&t.frame[14 + 24..14 + 40]);
+    for (src, kind, from) in [
+        (router, (2, 0), router),
+        (backend, (1, 4), VIP6),
+        (router, (3, 0), router),
+    ] {
+        let r = f.run(&err6(src, ENCAP_SRC6, kind, &t.frame[14..]));
+        assert_eq!(r.action, XDP_TX, "{kind:?}");
+        assert_eq!(&r.frame[0..6], &CLIENT_MAC);
+        assert_eq!(addr(&r.frame[14 + 8..14 + 24]), from);
+        assert_eq!(addr(&r.frame[14 + 24..14 + 40]), CLIENT6);
+        assert_eq!(checked(&r.frame), sent[14..], "{kind:?}");
+    }
+    let reply = reply_v6(&t.frame, IPPROTO_UDP, b"answer".to_vec());
+    let back = f.run(&reply);
+    let r = f.run(&err6(router, VIP6, (2, 0), &back.frame[14..]));
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(&r.frame[0..6], &backend_mac(1));
+    assert_eq!(addr(&r.frame[14 + 8..14 + 24]), ENCAP_SRC6);
+    assert_eq!(addr(&r.frame[14 + 24..14 + 40]), backend);
+    assert_eq!(checked(&r.frame), reply[14..]);
+}
+
+/// Every truncation of a NAT VIP's frame (IPv4 and IPv6): never aborted,
+/// short ones passed or dropped with the parsing reasons, the whole frame
+/// translated (NAT adds no bytes).
+#[test]
+fn truncated_nat_frames_are_handled() {
+    let f = nat4(&[(1, 1)], PORT_MIN, PORT_MAX);
+    let mut p = Ipv4Packet::tcp(CLIENT, 51000, VIP, 80);
+    p.payload = b"payload".to_vec();
+    lb_tests::fixture::assert_truncations_handled(&f, &p.build(), 14, 20, 0, "nat v4");
+    let f = nat6(&[(1, 1)]);
+    let mut p = Ipv6Packet::udp(CLIENT6, 51000, VIP6, 80);
+    p.payload = b"payload".to_vec();
+    lb_tests::fixture::assert_truncations_handled(&f, &p.build(), 14, 40, 0, "nat v6");
+}
