@@ -331,7 +331,8 @@ impl RoutedTopology {
         format!("{NAME_PREFIX}{}rf", self.front.index())
     }
 
-    fn router_back_iface(&self) -> String {
+    /// The router's leg on the back segment (the backends').
+    pub fn router_back_iface(&self) -> String {
         format!("{NAME_PREFIX}{}rb", self.front.index())
     }
 

@@ -563,3 +563,36 @@ fn the_nat_topologies_reach_backends_from_the_default_snat_address() -> Result<(
     }
     Ok(())
 }
+
+/// Path MTU discovery through the NAT: the router's leg towards the
+/// backends has MTU 1400 (the backend sends at most that much, by its
+/// route, while advertising the MSS of its 1500-byte interface), so the
+/// client's full-size segments are answered by the router with
+/// "fragmentation needed", addressed to lb's SNAT address and quoting the
+/// translated packet. lb translates the error back (to the client,
+/// quoting what the client sent) and the client's 1 MB upload completes.
+#[test]
+fn path_mtu_discovery_works_through_the_nat() -> Result<()> {
+    let case = Case {
+        arms: NatArms::One,
+        v6: false,
+    };
+    let s = setup(case, 1, "")?;
+    s.topo
+        .router_ns()
+        .ip(["link", "set", &s.topo.router_back_iface(), "mtu", "1400"])?;
+    let via = s.topo.router_back_addr().to_string();
+    s.topo.backend_ns(0).ip([
+        "route", "replace", "default", "via", &via, "mtu", "lock", "1400", "advmss", "1460",
+    ])?;
+    s.wait_health("stream", s.backends()[0], "up")?;
+    let before = s.agent.reason("fwd_icmp_error")?;
+    let mut c = s.stream_from(42_000)?;
+    c.roundtrip(1 << 20)
+        .context("1 MB each way through a 1400-byte link")?;
+    ensure!(
+        s.agent.reason("fwd_icmp_error")? > before,
+        "no ICMP error was translated for the client"
+    );
+    Ok(())
+}
