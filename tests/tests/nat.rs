@@ -73,7 +73,9 @@ fn config(paths: &AgentPaths, topo: &RoutedTopology, case: Case, agent_extra: &s
     let vip = topo.vip_of(case.v6);
     let backends = topo.backend_addrs_of(case.v6);
     let tcp_check = "kind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2";
-    let vips: [(&str, u16, &str, Option<u16>, &str, [u32; 3]); 5] = [
+    // (name, VIP port, protocol, backend port, health check, weights)
+    type Vip<'a> = (&'a str, u16, &'a str, Option<u16>, &'a str, [u32; 3]);
+    let vips: [Vip; 5] = [
         ("web", WEB, "tcp", Some(WEB_BACKEND), tcp_check, [1, 1, 1]),
         (
             "weighted",
