@@ -1,7 +1,8 @@
 //! End to end in network namespaces: the behaviour tests' topology
 //! (client, load balancer, 3 backends on one bridge) and traffic through
 //! lb, nftables DNAT, HAProxy and plain kernel forwarding; lb also with an
-//! IPv6 VIP and backends (v6.rs), in each forwarding mode.
+//! IPv6 VIP and backends (v6.rs), in each forwarding mode; lb's full NAT
+//! against nftables DNAT + masquerade and HAProxy (nat.rs).
 //!
 //! UDP packets per second
 //! - Generator: frames enter the LB's veth from its switch-side peer, as
@@ -35,6 +36,7 @@
 //! on failure (RAII guards).
 
 mod kit;
+mod nat;
 mod section;
 mod v6;
 
@@ -98,6 +100,7 @@ enum Fwd {
     DsrL2,
     Ipip,
     Gue,
+    Nat,
 }
 
 impl Fwd {
@@ -107,6 +110,7 @@ impl Fwd {
             Fwd::DsrL2 => "dsr-l2",
             Fwd::Ipip => "ipip",
             Fwd::Gue => "gue",
+            Fwd::Nat => "nat",
         }
     }
 }
@@ -117,6 +121,8 @@ enum System {
     /// lb with an IPv6 VIP and IPv6 backends (UDP only).
     Lb6(Fwd),
     Nft,
+    /// nftables DNAT and masquerade: full NAT in the kernel (nat.rs).
+    NftMasq,
     Haproxy(u8),
     Routing,
 }
@@ -129,7 +135,9 @@ impl System {
             System::Lb6(Fwd::DsrL2) => "lb IPv6".into(),
             System::Lb6(Fwd::Ipip) => "lb ipip IPv6 (6in6)".into(),
             System::Lb6(Fwd::Gue) => "lb gue IPv6".into(),
+            System::Lb6(Fwd::Nat) => "lb nat IPv6".into(),
             System::Nft => "nftables DNAT".into(),
+            System::NftMasq => "nftables DNAT+masquerade".into(),
             System::Haproxy(n) => format!("HAProxy nbthread {n}"),
             System::Routing => "kernel routing".into(),
         }
@@ -146,6 +154,7 @@ impl System {
             System::Lb6(Fwd::DsrL2) => "lb v6".into(),
             System::Lb6(f) => format!("lb {} v6", f.name()),
             System::Nft => "nftables".into(),
+            System::NftMasq => "nft masq".into(),
             System::Haproxy(n) => format!("HAProxy x{n}"),
             System::Routing => "routing".into(),
         }
@@ -177,6 +186,8 @@ impl System {
                 "as lb IPv6, forwarding = \"gue\": each frame leaves in IPv6 + UDP (48 bytes \
                  pushed, flow label and source port from the flow hash)"
             }
+            System::Lb(Fwd::Nat) | System::Lb6(Fwd::Nat) => nat::LB_HOW,
+            System::NftMasq => nat::NFT_HOW,
             System::Nft => {
                 "ip_forward=1; nftables prerouting `dnat to jhash ip saddr . sport mod 3 map \
                  {0: b0, 1: b1, 2: b2}`; for TCP the backends route the client via the LB"
@@ -214,14 +225,16 @@ impl GenKind {
 /// do not come back); nftables also with AF_PACKET, as a cross-check.
 /// lb's tunnel modes right after its dsr-l2: what the outer header costs
 /// end to end; then the same three with an IPv6 VIP (80-byte frames).
-const UDP_CASES: [(System, GenKind); 9] = [
+const UDP_CASES: [(System, GenKind); 11] = [
     (System::Lb(Fwd::DsrL2), GenKind::Live),
     (System::Lb(Fwd::Ipip), GenKind::Live),
     (System::Lb(Fwd::Gue), GenKind::Live),
+    (System::Lb(Fwd::Nat), GenKind::Live),
     (System::Lb6(Fwd::DsrL2), GenKind::Live),
     (System::Lb6(Fwd::Ipip), GenKind::Live),
     (System::Lb6(Fwd::Gue), GenKind::Live),
     (System::Nft, GenKind::Live),
+    (System::NftMasq, GenKind::Live),
     (System::Routing, GenKind::Live),
     (System::Nft, GenKind::Packet),
 ];
@@ -229,17 +242,21 @@ const UDP_CASES: [(System, GenKind); 9] = [
 /// Run order. HAProxy last: its TIME_WAIT sockets (VIP:80 ↔ client ports)
 /// stay in the LB namespace for a minute, and early demux makes the
 /// kernel drop forwarded segments of the same 4-tuples.
-const TCP_ORDER: [System; 5] = [
+const TCP_ORDER: [System; 7] = [
     System::Lb(Fwd::DsrL2),
+    System::Lb(Fwd::Nat),
     System::Nft,
+    System::NftMasq,
     System::Routing,
     System::Haproxy(1),
     System::Haproxy(2),
 ];
 /// Report order.
-const TCP_REPORT: [System; 5] = [
+const TCP_REPORT: [System; 7] = [
     System::Lb(Fwd::DsrL2),
+    System::Lb(Fwd::Nat),
     System::Nft,
+    System::NftMasq,
     System::Haproxy(1),
     System::Haproxy(2),
     System::Routing,
@@ -547,7 +564,11 @@ impl Bench {
                 flood.protocol = "udp";
                 flood.health_check = "kind = \"none\"".into();
                 flood.forwarding = fwd.name();
-                self.agent = Some(LbAgent::start(t.lb_ns(), &t.lb_iface(), &[web, flood])?);
+                self.agent = Some(if fwd == Fwd::Nat {
+                    nat::start_lb(t, &[web, flood])?
+                } else {
+                    LbAgent::start(t.lb_ns(), &t.lb_iface(), &[web, flood])?
+                });
             }
             System::Lb6(fwd) => {
                 ensure!(!tcp, "{} is measured with UDP only", sys.label());
@@ -584,6 +605,14 @@ impl Bench {
                 if tcp {
                     self.backend_routes_via_lb(true)?;
                 }
+            }
+            System::NftMasq => {
+                self.forwarding(true)?;
+                let path = self.dir.join("nft-masq.conf");
+                std::fs::write(&path, nat::nft_rules(t, &backends(t)))?;
+                t.lb_ns()
+                    .exec(["nft", "-f", &path.to_string_lossy()])
+                    .context("loading the nftables DNAT + masquerade rules")?;
             }
             System::Haproxy(threads) => {
                 let vip32 = format!("{}/32", t.vip());
@@ -640,6 +669,11 @@ impl Bench {
                 t.lb_ns()
                     .exec(["nft", "delete", "table", "ip", "lbbench"])?;
                 self.backend_routes_via_lb(false)?;
+                self.forwarding(false)?;
+            }
+            System::NftMasq => {
+                t.lb_ns()
+                    .exec(["nft", "delete", "table", "ip", nat::NFT_TABLE])?;
                 self.forwarding(false)?;
             }
             System::Haproxy(_) => {
@@ -768,7 +802,13 @@ impl Bench {
         if let System::Lb6(_) = sys {
             return v6::udp_frame(t);
         }
-        let mut p = Ipv4Packet::udp(t.client_addr(), UDP_SRC_PORT, t.vip(), UDP_PORT);
+        // nftables keeps a flow's NAT binding in its conntrack entry after
+        // the rules are gone: each nftables system gets a flow of its own.
+        let src_port = match sys {
+            System::NftMasq => UDP_SRC_PORT + 1,
+            _ => UDP_SRC_PORT,
+        };
+        let mut p = Ipv4Packet::udp(t.client_addr(), src_port, t.vip(), UDP_PORT);
         p.dst_mac = t.lb_mac();
         p.src_mac = t.client_mac();
         p.frag = 0;

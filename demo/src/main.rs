@@ -21,6 +21,8 @@
 //! each strips the tunnel with `lb decap` (see net.rs). `--ipv6` tells it
 //! with an IPv6 VIP and IPv6 backends (2001:2::/48), in any forwarding
 //! mode: 6in6 for `ipip`, GUE over IPv6 for `gue` (the routed topology built dual-stack).
+//! `--forwarding nat` tells it with unmodified backends behind the router:
+//! lb translates both directions (full NAT).
 //!
 //! Exit status: 0 when every check held, 1 when one did not or on an error,
 //! 2 on a bad argument, 130 when interrupted. Everything (agent, servers, namespaces, pins) is
@@ -114,7 +116,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             println!("lb-demo: {e}");
-            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue] [--ipv6]");
+            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue|nat] [--ipv6]");
             return ExitCode::from(2);
         }
     };
@@ -148,7 +150,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool), 
             "--forwarding" if forwarding.is_none() => {
                 let mode = args.next().ok_or("--forwarding needs a value")?;
                 forwarding = Some(Forwarding::parse(&mode).ok_or_else(|| {
-                    format!("--forwarding {mode:?}: expected dsr-l2, ipip or gue")
+                    format!("--forwarding {mode:?}: expected dsr-l2, ipip, gue or nat")
                 })?);
             }
             "--ipv6" if !ipv6 => ipv6 = true,
@@ -412,7 +414,11 @@ fn intro(topo: &Net, forwarding: Forwarding, mode: &str, setup: Duration) {
             &backend_name(i),
             topo.backend_addr(i).to_string(),
             ns(topo.backend_ns(i)),
-            format!("HTTP server on :{PORT} answering its name; VIP on lo"),
+            if forwarding == Forwarding::Nat {
+                format!("HTTP server on :{PORT} answering its name; no VIP (unmodified)")
+            } else {
+                format!("HTTP server on :{PORT} answering its name; VIP on lo")
+            },
         );
     }
     println!(

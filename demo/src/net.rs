@@ -4,7 +4,9 @@
 //! router, each running `lb decap` for lb's address only). With `--ipv6`
 //! the VIP, the backends and every address the story uses are IPv6
 //! (2001:2::/48): the L2 topology with its IPv6 option, or the routed
-//! one built dual-stack.
+//! one built dual-stack. For `nat` the routed topology without decap:
+//! the backends are unmodified hosts (no VIP, no tunnel), lb translates
+//! both directions.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -12,7 +14,7 @@ use anyhow::{Context as _, Result};
 use lb_tests::{
     decap::DecapAttachment,
     netns::{ChildGuard, Netns, Topology, TopologyOpts},
-    routed::RoutedTopology,
+    routed::{NatArms, RoutedTopology},
     servers::{ServerKind, backend_name, spawn_server},
 };
 
@@ -22,6 +24,7 @@ pub enum Forwarding {
     DsrL2,
     Ipip,
     Gue,
+    Nat,
 }
 
 impl Forwarding {
@@ -30,6 +33,7 @@ impl Forwarding {
             "dsr-l2" => Some(Self::DsrL2),
             "ipip" => Some(Self::Ipip),
             "gue" => Some(Self::Gue),
+            "nat" => Some(Self::Nat),
             _ => None,
         }
     }
@@ -40,6 +44,7 @@ impl Forwarding {
             Self::DsrL2 => "dsr-l2",
             Self::Ipip => "ipip",
             Self::Gue => "gue",
+            Self::Nat => "nat",
         }
     }
 }
@@ -62,6 +67,14 @@ impl Net {
         if forwarding == Forwarding::DsrL2 {
             let topo = Topology::new(TopologyOpts { backends, ipv6 })?;
             return Ok(Net::L2 { topo, v6: ipv6 });
+        }
+        if forwarding == Forwarding::Nat {
+            let topo = RoutedTopology::new_nat(backends, NatArms::One)?;
+            return Ok(Net::Routed {
+                _decap: Vec::new(),
+                topo,
+                v6: ipv6,
+            });
         }
         let topo = if ipv6 {
             RoutedTopology::new_dual_stack(backends)?
@@ -200,6 +213,10 @@ impl Net {
             Forwarding::DsrL2 => {
                 "backends reply straight to the client (direct server return at L2)".into()
             }
+            Forwarding::Nat => "lb rewrites each connection to a backend's address, from its own \
+                address and a port of its own (full NAT), and the replies back, both in XDP: \
+                the backends are unmodified and see only lb, the client sees only the VIP"
+                .into(),
             mode => format!(
                 "lb encapsulates ({}) to each backend's address through the router; `lb decap` on \
                  the backend strips it (only from lb's address) and the backend replies straight \

@@ -11,6 +11,7 @@
 
 use core::mem::size_of;
 
+pub mod csum;
 pub mod decap;
 pub mod nat;
 

@@ -9,20 +9,25 @@
 
 use aya_ebpf::{bindings::xdp_action::XDP_TX, programs::XdpContext};
 use lb_common::{
-    Backend, FORWARD_GUE, FORWARD_IPIP, FlowKey6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    IPV6_MIN_MTU, MAX_IPV6_EXT_HEADERS, Reason, VipInfo, VipKey6, decap::IPPROTO_IPV6,
+    Backend, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKey6, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IPV6_MIN_MTU, MAX_IPV6_EXT_HEADERS, Reason, VipInfo, VipKey6, decap::IPPROTO_IPV6,
     gue_source_port, ipv6_flow_label, vip_table_probe6,
 };
 use lb_ebpf::{
     encap6::{Outer6, icmp6_packet_too_big, push_gue6, push_ipip6},
-    icmp6::{ICMPV6_ECHO_REQUEST, ICMPV6_HDR_LEN, ICMPV6_PACKET_TOO_BIG, echo_reply6, embedded6},
+    icmp6::{
+        ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REQUEST, ICMPV6_HDR_LEN, ICMPV6_PACKET_TOO_BIG,
+        ICMPV6_TIME_EXCEEDED, echo_reply6, embedded6,
+    },
     parse::{
         Connection, Ethernet, IPV6_HDR_LEN, Ipv6Next, TCP_MIN_LEN, UDP_LEN, connection, ipv6,
         ipv6_upper, l4_ports, ptr_at, write_macs,
     },
 };
 
-use crate::{MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, count_reason, push_reason, steer};
+use crate::{
+    MIN_LIMITED_L3_LEN, RUNTIME, VIP_TABLE_MASK, VIPS6, count_reason, nat, push_reason, steer,
+};
 
 /// Finds `key` in the IPv6 VIP table: a few inlined array loads.
 #[inline(always)]
@@ -121,7 +126,17 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     }
     // In the frame (checked again for the verifier).
     let [src_port, dst_port] = l4_ports(ctx, l4).ok_or(Reason::DropMalformed)?;
-    let vip = find_vip6(&VipKey6::from_wire(dst, dst_port, proto)).ok_or(Reason::PassNotVip)?;
+    let Some(vip) = find_vip6(&VipKey6::from_wire(dst, dst_port, proto)) else {
+        // Not a VIP: a NAT flow's reply if its port is in the NAT range.
+        if !nat::in_nat_range(dst_port) {
+            return Err(Reason::PassNotVip);
+        }
+        let closing = connection(ctx, proto, l4)
+            .ok_or(Reason::DropMalformed)?
+            .closing;
+        let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(nat::nat_pos(l3, l4, proto, flags | nat::NAT_V6), 0, 0);
+    };
 
     // TCP flags: as for IPv4 (see main.rs).
     let Connection {
@@ -164,6 +179,18 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         dst_port,
         proto: proto as u32,
     };
+    if vip.forwarding == FORWARD_NAT {
+        let flags = if new_connection {
+            nat::NAT_NEW_CONNECTION
+        } else {
+            0
+        } | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(
+            nat::nat_pos(l3, l4, proto, flags | nat::NAT_V6),
+            nat::nat_vip(&vip),
+            vip.ring_size,
+        );
+    }
     let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;
     forward6(ctx, eth, &vip, backend, tclass, tot_len, &flow)
 }
@@ -278,9 +305,14 @@ fn icmp6_to(
                 _ => Err(Reason::PassNotVip),
             }
         }
-        (ICMPV6_PACKET_TOO_BIG, 0) => {
-            let action = icmp6_error_to_backend(ctx, eth, l4, end - l4, dst, tclass, tot_len)?;
-            count_reason(Reason::FwdIcmpError);
+        (ICMPV6_PACKET_TOO_BIG, 0) | (ICMPV6_DEST_UNREACH, _) | (ICMPV6_TIME_EXCEEDED, _) => {
+            let too_big = icmp_type == ICMPV6_PACKET_TOO_BIG;
+            let action =
+                icmp6_error_to_backend(ctx, eth, l4, end - l4, dst, tclass, tot_len, too_big)?;
+            // A NAT translation counts itself when it is done.
+            if action != nat::NAT_PENDING {
+                count_reason(Reason::FwdIcmpError);
+            }
             Ok(action)
         }
         _ => Err(Reason::PassNotVip),
@@ -291,9 +323,15 @@ fn icmp6_to(
 /// side, about a packet a backend sent from the VIP): steered like the
 /// flow it embeds, reversed (client → VIP), to the backend that owns it
 /// (read only, see [`crate::steer::owner`]), in the VIP's forwarding mode;
-/// the backend lowers its path MTU towards the client. Errors about
+/// the backend lowers its path MTU towards the client. Full NAT: as for
+/// IPv4 (see main.rs's `icmp_error_to_backend`), for packet-too-big,
+/// destination-unreachable and time-exceeded errors. Errors about
 /// anything else pass to the kernel.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn icmp6_error_to_backend(
     ctx: &XdpContext,
     eth: &Ethernet,
@@ -302,13 +340,36 @@ fn icmp6_error_to_backend(
     dst: [u32; 4],
     tclass: u8,
     tot_len: usize,
+    too_big: bool,
 ) -> Result<u32, Reason> {
     let e = embedded6(ctx, l4, room).ok_or(Reason::PassNotVip)?;
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    let vip = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto))
-        .ok_or(Reason::PassNotVip)?;
+    // The TCP checksum is in the quoted bytes only if 18 bytes of the
+    // TCP header are (UDP's 8 always are).
+    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= l4 + room;
+    let pos = |side| {
+        nat::nat_icmp_pos(
+            eth.l3,
+            l4,
+            e.l4,
+            e.proto,
+            side | nat::NAT_V6 | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
+        )
+    };
+    let Some(vip) = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto)) else {
+        if nat::in_nat_range(e.vip_port) {
+            return nat::pend(pos(nat::NAT_ICMP_BACKEND_SIDE), 0, 0);
+        }
+        return Err(Reason::PassNotVip);
+    };
+    if vip.forwarding == FORWARD_NAT {
+        return nat::pend(pos(nat::NAT_ICMP_CLIENT_SIDE), 0, 0);
+    }
+    if !too_big {
+        return Err(Reason::PassNotVip);
+    }
     // The outer payload length (and GUE's UDP length) is 16 bits.
     if tot_len + GUE_UDP_LEN > u16::MAX as usize {
         return Err(Reason::DropTooBig);

@@ -14,6 +14,8 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 /// "Destination unreachable", code "fragmentation needed and DF set".
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// "Time exceeded" (TTL expired in transit, or reassembly).
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
 /// The ICMP header: type, code, checksum, identifier, sequence number.
 pub const ICMP_HDR_LEN: usize = 8;
 /// The TTL of lb's answers.
@@ -85,6 +87,8 @@ pub struct Embedded {
     pub vip_port: u16,
     pub client_port: u16,
     pub proto: u8,
+    /// Offset of the embedded TCP/UDP header in the frame.
+    pub l4: usize,
 }
 
 /// Reads the packet embedded in the ICMP error at `l4` (`room` bytes of
@@ -114,5 +118,6 @@ pub fn embedded(ctx: &XdpContext, l4: usize, room: usize) -> Option<Embedded> {
         vip_port,
         client_port,
         proto,
+        l4: inner + ihl,
     })
 }

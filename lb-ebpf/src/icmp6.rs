@@ -13,6 +13,8 @@ use crate::{
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ICMPV6_ECHO_REPLY: u8 = 129;
 pub use crate::encap6::ICMPV6_PACKET_TOO_BIG;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 /// Type, code, checksum and four bytes (identifier and sequence, or MTU).
 pub const ICMPV6_HDR_LEN: usize = 8;
 /// The hop limit of lb's answers.
@@ -74,6 +76,8 @@ pub struct Embedded6 {
     pub vip_port: u16,
     pub client_port: u16,
     pub proto: u8,
+    /// Offset of the embedded TCP/UDP header in the frame.
+    pub l4: usize,
 }
 
 /// Reads the packet embedded in the ICMPv6 error at `l4` (`room` bytes of
@@ -102,5 +106,6 @@ pub fn embedded6(ctx: &XdpContext, l4: usize, room: usize) -> Option<Embedded6> 
         vip_port,
         client_port,
         proto,
+        l4: inner + IPV6_HDR_LEN,
     })
 }

@@ -14,4 +14,5 @@ pub mod encap6;
 pub mod icmp;
 pub mod icmp6;
 pub mod parse;
+pub mod rewrite;
 pub mod tunnel;

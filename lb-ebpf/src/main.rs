@@ -21,16 +21,17 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP,
-    FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP, IPPROTO_IPIP,
-    IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6, VipStats,
-    gue_source_port,
+    FORWARD_NAT, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP,
+    IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6,
+    VipStats, gue_source_port,
     nat::{NatFwd, NatRev, NatSnat},
     vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
     encap::{IP_DF, Outer, PushError, icmp_frag_needed, push_gue, push_ipip},
     icmp::{
-        ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, echo_reply, embedded,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMP_TIME_EXCEEDED,
+        echo_reply, embedded,
     },
     parse::{
         Connection, ETH_P_IP, ETH_P_IPV6, Ethernet, IP_MF_OR_OFFSET, TCP_MIN_LEN, UDP_LEN,
@@ -40,6 +41,9 @@ use lb_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
+mod nat;
+mod nat_flow;
+mod nat_icmp;
 mod steer;
 use balance6::push_outer6;
 use steer::steer;
@@ -157,6 +161,21 @@ static NAT_SNAT: Array<NatSnat> = Array::pinned(DEFAULT_MAX_VIPS, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match verdict(ctx.ctx) {
+        nat::NAT_PENDING => nat::nat_pending(ctx.ctx),
+        action => action,
+    }
+}
+
+/// The balancer's verdict on the packet: the XDP action (a refusal's
+/// reason counted), or [`nat::NAT_PENDING`] for a NAT packet, which
+/// `lb_xdp` hands to the NAT subprogram after this one returned. A
+/// subprogram of its own so that the two frames are siblings, not
+/// stacked: BPF's 512 bytes of stack hold this one's frame or NAT's, not
+/// both.
+#[inline(never)]
+fn verdict(ctx: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
     match balance(&ctx) {
         Ok(action) => action,
         Err(reason) => {
@@ -250,9 +269,14 @@ fn icmp_to(
                 _ => Err(Reason::PassNotVip),
             }
         }
-        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => {
-            let action = icmp_error_to_backend(ctx, eth, l4, tot_len - ihl, dst, tos, tot_len)?;
-            count_reason(Reason::FwdIcmpError);
+        (ICMP_DEST_UNREACH, _) | (ICMP_TIME_EXCEEDED, _) => {
+            let frag_needed = icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED;
+            let action =
+                icmp_error_to_backend(ctx, eth, l4, tot_len - ihl, dst, tos, tot_len, frag_needed)?;
+            // A NAT translation counts itself when it is done.
+            if action != nat::NAT_PENDING {
+                count_reason(Reason::FwdIcmpError);
+            }
             Ok(action)
         }
         _ => Err(Reason::PassNotVip),
@@ -264,9 +288,20 @@ fn icmp_to(
 /// like the flow it embeds, reversed (client → VIP), so that it reaches
 /// the backend that sent the packet: the flow's conntrack entry if it is
 /// honoured, else the VIP's ring (read only: an error creates no entry).
-/// The backend lowers its path MTU towards the client. Errors about
-/// anything else pass to the kernel.
+/// The backend lowers its path MTU towards the client.
+///
+/// Full NAT (any destination-unreachable or time-exceeded error): one
+/// about a NAT VIP's flow (to the VIP address, embedding VIP → client)
+/// is translated towards the flow's backend, and one to a SNAT address
+/// about a NAT flow (embedding SNAT address:port → backend, the port in
+/// the NAT range) back towards the client: both by the NAT subprogram
+/// ([`nat::NAT_PENDING`]). Errors about anything else pass to the
+/// kernel.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn icmp_error_to_backend(
     ctx: &XdpContext,
     eth: &Ethernet,
@@ -275,18 +310,41 @@ fn icmp_error_to_backend(
     dst: u32,
     tos: u8,
     tot_len: usize,
+    frag_needed: bool,
 ) -> Result<u32, Reason> {
     let e = embedded(ctx, l4, room).ok_or(Reason::PassNotVip)?;
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    let vip = find_vip(&VipKey {
+    // The TCP checksum is in the quoted bytes only if 18 bytes of the
+    // TCP header are (UDP's 8 always are).
+    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= eth.l3 + tot_len;
+    let pos = |side| {
+        nat::nat_icmp_pos(
+            eth.l3,
+            l4,
+            e.l4,
+            e.proto,
+            side | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
+        )
+    };
+    let Some(vip) = find_vip(&VipKey {
         addr: e.vip_addr,
         port: e.vip_port,
         proto: e.proto,
         _pad: 0,
-    })
-    .ok_or(Reason::PassNotVip)?;
+    }) else {
+        if nat::in_nat_range(e.vip_port) {
+            return nat::pend(pos(nat::NAT_ICMP_BACKEND_SIDE), 0, 0);
+        }
+        return Err(Reason::PassNotVip);
+    };
+    if vip.forwarding == FORWARD_NAT {
+        return nat::pend(pos(nat::NAT_ICMP_CLIENT_SIDE), 0, 0);
+    }
+    if !frag_needed {
+        return Err(Reason::PassNotVip);
+    }
     let flow = FlowKey {
         src_addr: e.client_addr,
         dst_addr: e.vip_addr,
@@ -354,7 +412,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         proto,
         _pad: 0,
     };
-    let vip = find_vip(&vip_key).ok_or(Reason::PassNotVip)?;
+    let Some(vip) = find_vip(&vip_key) else {
+        // Not a VIP: a NAT flow's reply if its port is in the NAT range
+        // (the gate costs one array load; no hash lookup outside it).
+        if !nat::in_nat_range(dst_port) {
+            return Err(Reason::PassNotVip);
+        }
+        let closing = connection(ctx, proto, l4)
+            .ok_or(Reason::DropMalformed)?
+            .closing;
+        let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(nat::nat_pos(l3, l4, proto, flags), 0, 0);
+    };
 
     // A TCP SYN (without ACK) opens a new connection: it is steered by the
     // ring even when a conntrack entry exists for its 5-tuple (a reused
@@ -390,6 +459,18 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
+    if vip.forwarding == FORWARD_NAT {
+        let flags = if new_connection {
+            nat::NAT_NEW_CONNECTION
+        } else {
+            0
+        } | if closing { nat::NAT_CLOSING } else { 0 };
+        return nat::pend(
+            nat::nat_pos(l3, l4, proto, flags),
+            nat::nat_vip(&vip),
+            vip.ring_size,
+        );
+    }
     // Bytes as received: the client's frame, without any outer header lb
     // adds (the same count whatever the VIP's mode).
     let backend = steer(&flow, &vip, new_connection, closing, frame_len as u64)?;

@@ -242,12 +242,8 @@ pub(crate) fn steer<F: Flow>(
     let backend = match backend {
         Some(b) => b,
         None => {
-            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
-            backend_id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
-            let b = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
-            if !b.is_usable() {
-                return Err(Reason::DropNoBackend);
-            }
+            let (id, b) = ring_backend(flow, vip)?;
+            backend_id = id;
             if now == 0 {
                 now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
             }
@@ -267,7 +263,16 @@ pub(crate) fn steer<F: Flow>(
         unsafe { F::store(c, flow.cache_entry(backend_id, mix)) };
     }
 
-    if let Some(s) = VIP_STATS.get_ptr_mut(vip.index) {
+    count_steered(vip.index, backend_id, hit, bytes);
+    Ok(backend)
+}
+
+/// Moves the counters of a packet (`bytes` as received) steered to
+/// `backend_id` of the VIP with index `vip_index`: a tracked flow's
+/// (`hit`) or a new one's.
+#[inline(always)]
+pub(crate) fn count_steered(vip_index: u32, backend_id: u32, hit: bool, bytes: u64) {
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip_index) {
         // SAFETY: per-CPU slot.
         unsafe {
             (*s).packets += 1;
@@ -286,7 +291,22 @@ pub(crate) fn steer<F: Flow>(
             (*s).bytes += bytes;
         }
     }
-    Ok(backend)
+}
+
+/// The backend `vip`'s Maglev ring gives `flow` (and its id), if it is
+/// usable.
+#[inline(always)]
+pub(crate) fn ring_backend<F: Flow>(
+    flow: &F,
+    vip: &VipInfo,
+) -> Result<(u32, &'static Backend), Reason> {
+    let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+    let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
+    let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+    if !b.is_usable() {
+        return Err(Reason::DropNoBackend);
+    }
+    Ok((id, b))
 }
 
 /// The backend that owns `flow` of `vip` for an ICMP error about it: the
@@ -301,14 +321,6 @@ pub(crate) fn owner<F: Flow>(flow: &F, vip: &VipInfo) -> Result<&'static Backend
     });
     match tracked.and_then(|id| BACKENDS.get(id)) {
         Some(b) if b.is_usable() && b.vip_index == vip.index => Ok(b),
-        _ => {
-            let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
-            let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
-            let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-            if !b.is_usable() {
-                return Err(Reason::DropNoBackend);
-            }
-            Ok(b)
-        }
+        _ => ring_backend(flow, vip).map(|(_, b)| b),
     }
 }

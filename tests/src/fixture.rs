@@ -171,6 +171,44 @@ impl Fixture {
         self.dp.set_backend(id, b).unwrap();
     }
 
+    /// A NAT VIP (`FORWARD_NAT`) number `index` over IPv4 backends whose
+    /// service port is `backend_port` (host order); each backend's route
+    /// source (the default SNAT address) is [`ENCAP_SRC`].
+    pub fn add_nat_vip(
+        &mut self,
+        index: u32,
+        vip: (Ipv4Addr, u16, u8),
+        backends: &[(u32, u32)],
+        backend_port: u16,
+    ) {
+        self.add_vip_forwarding(index, vip, backends, lb_common::FORWARD_NAT);
+        for &(id, _) in backends {
+            self.set_backend_port(id, backend_port);
+        }
+    }
+
+    /// [`Fixture::add_nat_vip`] for an IPv6 VIP and IPv6 backends (route
+    /// source [`ENCAP_SRC6`]).
+    pub fn add_nat_vip6(
+        &mut self,
+        index: u32,
+        vip: (Ipv6Addr, u16, u8),
+        backends: &[(u32, u32)],
+        backend_port: u16,
+    ) {
+        self.add_vip6(index, vip, backends, lb_common::FORWARD_NAT);
+        for &(id, _) in backends {
+            self.set_backend_port(id, backend_port);
+        }
+    }
+
+    /// Sets backend `id`'s port (host order), keeping the rest.
+    pub fn set_backend_port(&mut self, id: u32, port: u16) {
+        let mut b = self.dp.backend(id).unwrap();
+        b.port = port.to_be();
+        self.dp.set_backend(id, b).unwrap();
+    }
+
     /// The ring, service entry and address marker of IPv4 VIP `index`.
     fn add_vip4_entries(
         &mut self,

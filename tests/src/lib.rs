@@ -4,9 +4,11 @@
 //! test and benchmark XDP programs (`testprogs`), network-namespace
 //! topologies (`netns`, and `routed`: backends behind a router), test
 //! servers (`servers`), the real agent run in a namespace (`agent`) and
-//! `lb decap` attached to a backend (`decap`).
+//! `lb decap` attached to a backend (`decap`), and packet capture in a
+//! namespace (`capture`).
 
 pub mod agent;
+pub mod capture;
 pub mod decap;
 pub mod fixture;
 pub mod netns;

@@ -26,6 +26,14 @@
 //! backends' lo too, the router forwarding both families. Both VIPs on
 //! every backend let one topology serve 4in4, 6in6 and 4in6 (an IPv4 VIP
 //! reached over IPv6 backend addresses).
+//!
+//! [`RoutedTopology::new_nat`] builds the same for full NAT: the backends
+//! hold no VIP and get no special sysctls (unmodified hosts). One arm: lb
+//! has only its front leg; the backends' replies to its address (the SNAT
+//! address) come back through the router. Two arms: lb also has a leg on
+//! the back segment (198.18.(k^128).2, 2001:2:0:80kk::2; its SNAT address
+//! towards the backends, on-link), with an XDP program on that leg's
+//! switch port so that frames lb redirects out of it arrive.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -39,6 +47,16 @@ use crate::netns::{NAME_PREFIX, Netns, Topology, TopologyOpts, add_addr6, basic_
 /// MAC roles (02:18:k:role:index:side), after those of [`Topology`].
 const ROLE_ROUTER: u8 = 4;
 const ROLE_BACKEND: u8 = 5;
+const ROLE_LB_BACK: u8 = 6;
+
+/// Where lb sits in a NAT topology ([`RoutedTopology::new_nat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatArms {
+    /// lb on a stick: one interface, on the client's segment.
+    One,
+    /// A second interface on the backends' segment.
+    Two,
+}
 
 /// See the module docs.
 pub struct RoutedTopology {
@@ -46,23 +64,32 @@ pub struct RoutedTopology {
     // (whose switch namespace holds both bridges).
     backends: Vec<Netns>,
     router: Netns,
+    /// Two-arm NAT: the XDP program on the switch port of lb's back leg.
+    lb_back_peer_xdp: Option<crate::testprogs::TestProgs>,
     front: Topology,
     ipv6: bool,
+    /// NAT topologies: the arms; backends hold no VIP.
+    nat: Option<NatArms>,
 }
 
 impl RoutedTopology {
     /// Builds the IPv4 topology with `backends` backends; on any error
     /// everything already created is removed again.
     pub fn new(backends: usize) -> Result<Self> {
-        Self::build(backends, false)
+        Self::build(backends, false, None)
     }
 
     /// The same with IPv6 next to IPv4 on every host (see the module docs).
     pub fn new_dual_stack(backends: usize) -> Result<Self> {
-        Self::build(backends, true)
+        Self::build(backends, true, None)
     }
 
-    fn build(backends: usize, ipv6: bool) -> Result<Self> {
+    /// The dual-stack topology for full NAT (see the module docs).
+    pub fn new_nat(backends: usize, arms: NatArms) -> Result<Self> {
+        Self::build(backends, true, Some(arms))
+    }
+
+    fn build(backends: usize, ipv6: bool, nat: Option<NatArms>) -> Result<Self> {
         ensure!(backends <= 200, "at most 200 backends");
         let front = Topology::new(TopologyOpts { backends: 0, ipv6 })?;
         let tag = front.lb_ns().name().trim_end_matches("-lb").to_owned();
@@ -70,8 +97,10 @@ impl RoutedTopology {
         let mut topo = RoutedTopology {
             backends: Vec::new(),
             router,
+            lb_back_peer_xdp: None,
             front,
             ipv6,
+            nat,
         };
         let sw = topo.front.switch_ns();
         let back = topo.back_bridge();
@@ -97,7 +126,51 @@ impl RoutedTopology {
             add_addr6(&topo.router, &rb, topo.router_back_addr6(), 64)?;
         }
 
-        // lb reaches the back subnet through the router.
+        if nat == Some(NatArms::Two) {
+            topo.add_lb_back_leg()?;
+        } else {
+            topo.route_lb_via_router()?;
+        }
+        for _ in 0..backends {
+            topo.add_backend()?;
+        }
+        Ok(topo)
+    }
+
+    /// Two-arm NAT: lb's leg on the back segment (the back subnet is then
+    /// on-link for lb), with an XDP program on its switch port.
+    fn add_lb_back_leg(&mut self) -> Result<()> {
+        let iface = self.lb_back_iface().expect("two arms");
+        self.plug(
+            self.front.lb_ns(),
+            &iface,
+            &self.back_bridge(),
+            ROLE_LB_BACK,
+            0,
+        )?;
+        let cidr = format!("{}/24", self.lb_back_addr());
+        self.front
+            .lb_ns()
+            .ip(["addr", "add", &cidr, "dev", &iface])?;
+        if self.ipv6 {
+            add_addr6(self.front.lb_ns(), &iface, self.lb_back_addr6(), 64)?;
+        }
+        let port = format!("{iface}s");
+        self.lb_back_peer_xdp = Some(self.front.switch_ns().run(move || -> Result<_> {
+            let mut progs = crate::testprogs::TestProgs::load()?;
+            progs.attach(
+                crate::testprogs::RETURN_ONLY,
+                &port,
+                aya::programs::XdpMode::Driver,
+            )?;
+            Ok(progs)
+        })??);
+        Ok(())
+    }
+
+    /// lb reaches the back subnet through the router.
+    fn route_lb_via_router(&self) -> Result<()> {
+        let topo = self;
         let net = format!("{}/24", topo.back_net());
         topo.front.lb_ns().ip([
             "route",
@@ -106,18 +179,14 @@ impl RoutedTopology {
             "via",
             &topo.router_front_addr().to_string(),
         ])?;
-        if ipv6 {
+        if topo.ipv6 {
             let net = format!("{}/64", topo.back_net6());
             let via = topo.router_front_addr6().to_string();
             topo.front
                 .lb_ns()
                 .ip(["-6", "route", "add", &net, "via", &via])?;
         }
-
-        for _ in 0..backends {
-            topo.add_backend()?;
-        }
-        Ok(topo)
+        Ok(())
     }
 
     /// Adds a backend on the back segment (address .11 + index, default
@@ -127,11 +196,14 @@ impl RoutedTopology {
         let tag = self.front.lb_ns().name().trim_end_matches("-lb").to_owned();
         let ns = Netns::create(format!("{tag}-rb{i}"))?;
         basic_sysctls(&ns, self.ipv6)?;
-        ns.sysctl(&[
-            ("net.ipv4.conf.lo.rp_filter", "0"),
-            ("net.ipv4.conf.all.arp_ignore", "1"),
-            ("net.ipv4.conf.all.arp_announce", "2"),
-        ])?;
+        let holds_vip = self.nat.is_none();
+        if holds_vip {
+            ns.sysctl(&[
+                ("net.ipv4.conf.lo.rp_filter", "0"),
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+            ])?;
+        }
         let iface = self.backend_iface(i);
         self.plug(&ns, &iface, &self.back_bridge(), ROLE_BACKEND, i as u8)?;
         // Complete TCP checksums: the backends' replies are not offloaded.
@@ -145,14 +217,18 @@ impl RoutedTopology {
             "via",
             &self.router_back_addr().to_string(),
         ])?;
-        let vip = format!("{}/32", self.vip());
-        ns.ip(["addr", "add", &vip, "dev", "lo"])?;
+        if holds_vip {
+            let vip = format!("{}/32", self.vip());
+            ns.ip(["addr", "add", &vip, "dev", "lo"])?;
+        }
         if self.ipv6 {
             add_addr6(&ns, &iface, self.backend_addr6(i), 64)?;
             let via = self.router_back_addr6().to_string();
             ns.ip(["-6", "route", "add", "default", "via", &via])?;
-            // On lo: not answered for in neighbour discovery.
-            add_addr6(&ns, "lo", self.vip6(), 128)?;
+            if holds_vip {
+                // On lo: not answered for in neighbour discovery.
+                add_addr6(&ns, "lo", self.vip6(), 128)?;
+            }
         }
         self.backends.push(ns);
         self.wait_forwarding(Duration::from_secs(5))?;
@@ -168,8 +244,12 @@ impl RoutedTopology {
 
     /// Waits (bounded) until every port of the back bridge forwards.
     fn wait_forwarding(&self, timeout: Duration) -> Result<()> {
-        self.front
-            .wait_ports_forwarding(&self.back_bridge(), 1 + self.backends.len(), timeout)
+        let lb_leg = usize::from(self.nat == Some(NatArms::Two));
+        self.front.wait_ports_forwarding(
+            &self.back_bridge(),
+            1 + lb_leg + self.backends.len(),
+            timeout,
+        )
     }
 
     /// The front part: client, lb, switch.
@@ -209,12 +289,50 @@ impl RoutedTopology {
         format!("r{:x}{}b{i}", std::process::id(), self.front.index())
     }
 
+    /// Two-arm NAT: lb's leg on the back segment.
+    pub fn lb_back_iface(&self) -> Option<String> {
+        (self.nat == Some(NatArms::Two)).then(|| format!("{NAME_PREFIX}{}lk", self.front.index()))
+    }
+
+    /// Every interface lb's program is attached to: the front leg, and the
+    /// back leg with two arms.
+    pub fn lb_ifaces(&self) -> Vec<String> {
+        std::iter::once(self.lb_iface())
+            .chain(self.lb_back_iface())
+            .collect()
+    }
+
+    /// Two-arm NAT: lb's address on the back segment, 198.18.(k^128).2.
+    pub fn lb_back_addr(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.back_net().octets();
+        Ipv4Addr::new(a, b, c, 2)
+    }
+
+    /// Two-arm NAT: lb's IPv6 address on the back segment, ::2.
+    pub fn lb_back_addr6(&self) -> Ipv6Addr {
+        let mut s = self.back_net6().segments();
+        s[7] = 2;
+        s.into()
+    }
+
+    /// The address lb's host uses to reach the backends (its route's
+    /// preferred source): the default SNAT address of a NAT VIP. One arm:
+    /// the front address; two arms: the back leg's.
+    pub fn snat_of(&self, v6: bool) -> IpAddr {
+        if self.nat == Some(NatArms::Two) {
+            pick(v6, self.lb_back_addr(), self.lb_back_addr6())
+        } else {
+            self.lb_of(v6)
+        }
+    }
+
     /// The router's leg on the front segment (client and lb).
     pub fn router_front_iface(&self) -> String {
         format!("{NAME_PREFIX}{}rf", self.front.index())
     }
 
-    fn router_back_iface(&self) -> String {
+    /// The router's leg on the back segment (the backends').
+    pub fn router_back_iface(&self) -> String {
         format!("{NAME_PREFIX}{}rb", self.front.index())
     }
 

@@ -11,6 +11,9 @@
 //!   VIP even though the socket is bound to 0.0.0.0 (DSR).
 //! - `lb-test-server stream --listen ADDR:PORT --name NAME`: echoes every
 //!   byte back on each accepted connection.
+//! - `lb-test-server peer --listen ADDR:PORT --name NAME`: writes
+//!   `NAME PEER_ADDR:PORT\n` (the connection's source as the server sees
+//!   it) on each accepted connection and closes it.
 //!
 //! Each prints one line `ready KIND ADDR` on stdout once it listens, and
 //! nothing else on stdout; [`spawn_server`] waits for that line.
@@ -46,6 +49,7 @@ pub enum ServerKind {
     Http,
     UdpEcho,
     Stream,
+    Peer,
 }
 
 impl ServerKind {
@@ -54,6 +58,7 @@ impl ServerKind {
             ServerKind::Http => "http",
             ServerKind::UdpEcho => "udp-echo",
             ServerKind::Stream => "stream",
+            ServerKind::Peer => "peer",
         }
     }
 
@@ -62,6 +67,7 @@ impl ServerKind {
             "http" => Some(ServerKind::Http),
             "udp-echo" => Some(ServerKind::UdpEcho),
             "stream" => Some(ServerKind::Stream),
+            "peer" => Some(ServerKind::Peer),
             _ => None,
         }
     }
@@ -172,7 +178,7 @@ pub fn backend_name(i: usize) -> String {
 
 /// Entry point of `lb-test-server` (arguments without the program name).
 pub fn server_main(args: impl IntoIterator<Item = String>) -> Result<()> {
-    let usage = "usage: lb-test-server http|udp-echo|stream --listen ADDR:PORT --name NAME";
+    let usage = "usage: lb-test-server http|udp-echo|stream|peer --listen ADDR:PORT --name NAME";
     let mut args = args.into_iter();
     let kind = args
         .next()
@@ -196,6 +202,7 @@ pub fn server_main(args: impl IntoIterator<Item = String>) -> Result<()> {
     match kind {
         ServerKind::Http => serve_tcp(listen, kind, name, handle_http),
         ServerKind::Stream => serve_tcp(listen, kind, name, handle_stream),
+        ServerKind::Peer => serve_tcp(listen, kind, name, handle_peer),
         ServerKind::UdpEcho => match listen {
             SocketAddr::V4(l) => serve_udp_echo(l, &name),
             SocketAddr::V6(l) => serve_udp_echo6(l, &name),
@@ -267,6 +274,29 @@ fn serve_tcp(
             eprintln!("lb-test-server: no thread for a connection: {e}");
         }
     }
+}
+
+fn handle_peer(mut stream: TcpStream, name: &str) -> io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.write_all(format!("{name} {peer}\n").as_bytes())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Connects to a `peer` server at `addr` (from `ns`): the backend's name
+/// and the source address:port it saw.
+pub fn peer_seen(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<(String, SocketAddr)> {
+    let line = ns.run(move || -> Result<String> {
+        let mut c = tcp_connect(None, addr, timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    })??;
+    let (name, peer) = line
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("peer answer {line:?}"))?;
+    Ok((name.to_owned(), peer.parse().context("peer address")?))
 }
 
 fn handle_stream(stream: TcpStream, _name: &str) -> io::Result<()> {

@@ -76,9 +76,10 @@ enum Command {
     /// root: traffic, a backend failing and rejoining; exit 0 if all checks
     /// pass.
     Demo {
-        /// The VIP's forwarding mode: dsr-l2 (backends on lb's segment), or
-        /// ipip / gue (backends behind a router, running `lb decap`).
-        #[arg(long, default_value = "dsr-l2", value_parser = ["dsr-l2", "ipip", "gue"])]
+        /// The VIP's forwarding mode: dsr-l2 (backends on lb's segment),
+        /// ipip / gue (backends behind a router, running `lb decap`), or nat
+        /// (unmodified backends behind a router, full NAT).
+        #[arg(long, default_value = "dsr-l2", value_parser = ["dsr-l2", "ipip", "gue", "nat"])]
         forwarding: String,
         /// The same story with an IPv6 VIP and IPv6 backends (2001:2::/48):
         /// 6in6 for ipip, GUE over IPv6 for gue.

@@ -130,6 +130,8 @@ pub(super) fn section(
         );
     }
 
+    rows.extend(super::nat::rows(udp, tcp)?);
+
     let mut udp_table = Table::new(
         "UDP detail (medians over the runs)",
         &[
@@ -193,7 +195,9 @@ pub(super) fn section(
         System::Lb6(Fwd::DsrL2),
         System::Lb6(Fwd::Ipip),
         System::Lb6(Fwd::Gue),
+        System::Lb(Fwd::Nat),
         System::Nft,
+        System::NftMasq,
         System::Haproxy(1),
         System::Routing,
     ] {
