@@ -274,6 +274,7 @@ struct Samples {
     decap_gue: Vec<f64>,
     decap_floor: Vec<f64>,
     encap: Vec<crate::encap::EncapRun>,
+    nat: Vec<crate::nat::NatRun>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -290,12 +291,12 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     };
     let conntrack_entries = u32::try_from(conntrack_entries).context("too many flows")?;
     let sizes = MapSizes {
-        max_vips: 8,
+        max_vips: 9,
         max_backends: 64,
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
-        nat_entries: 1024,
+        nat_entries: crate::nat::NAT_ENTRIES,
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);
@@ -318,6 +319,10 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     }
     let mut v6 = crate::v6::V6Bench::new(&mut f)?;
     let encap = crate::encap::EncapBench::new(&mut f, VIP, crate::v6::VIP6)?;
+    let mut nat = crate::nat::NatBench::new(&mut f)?;
+    // New NAT pairs per run: fewer than conntrack's new flows (each fills
+    // two hash maps of NAT_ENTRIES).
+    let nat_flows = (cfg.new_flows / 4).max(CHUNK);
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -370,6 +375,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
 
     decap.run(&mut progs, warm_repeat)?;
     encap.run(&f, &mut progs, warm_repeat)?;
+    nat.run(&f, &mut progs, warm_repeat, CHUNK)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -472,6 +478,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.decap_floor.push(d.floor);
         let e = encap.run(&f, &mut progs, cfg.repeat)?;
         s.encap.push(e);
+        s.nat.push(nat.run(&f, &mut progs, cfg.repeat, nat_flows)?);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -533,6 +540,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         crate::decap::rows(&s.decap_ipip, &s.decap_gue, &s.decap_floor, cfg.repeat),
         crate::encap::rows(&s.encap, &floor_s, cfg.repeat),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
+        crate::nat::rows(&s.nat, &floor_s, rep, nat_flows),
     ]
     .concat();
 

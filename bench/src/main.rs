@@ -16,6 +16,7 @@ mod e2e;
 mod encap;
 mod kernel;
 mod maglev;
+mod nat;
 mod report;
 mod restore;
 mod v6;

@@ -9,6 +9,12 @@
 //! outer header would make too big for the egress MTU is answered with
 //! ICMP "fragmentation needed" (ICMPv6 "packet too big"). IPv6 packets
 //! take balance6.rs.
+//!
+//! Full NAT (nat.rs, nat_flow.rs, nat_icmp.rs): a NAT VIP's packets, the
+//! replies to the agent's NAT port range and ICMP errors about NAT flows
+//! are recognised here and translated by a BPF subprogram of their own,
+//! which `lb_xdp` calls after the balancer's subprogram returned (their
+//! stack frames are siblings; the DSR and tunnel paths never enter it).
 #![no_std]
 #![no_main]
 

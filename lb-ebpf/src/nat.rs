@@ -64,9 +64,9 @@ fn now_ms() -> u64 {
     RUNTIME.get(0).map_or(0, |rt| rt.now_ms)
 }
 
-/// The packet's position and kind for [`nat_packet`], packed into one
-/// argument: L3 offset (bits 0–15), L4 offset (16–31), protocol (32–39),
-/// and the flags below.
+/// The packet's position and kind for [`nat_pending`], packed into one
+/// word: L3 offset (bits 0–15; read back masked to 8 bits), L4 offset
+/// (16–31; masked to 12), protocol (32–39), and the flags below.
 #[inline(always)]
 pub(crate) const fn nat_pos(l3: usize, l4: usize, proto: u8, flags: u64) -> u64 {
     l3 as u64 | (l4 as u64) << 16 | (proto as u64) << 32 | flags
@@ -78,7 +78,7 @@ pub(crate) const NAT_CLOSING: u64 = 1 << 41;
 /// A reply (to a SNAT address:port), not a VIP's packet.
 pub(crate) const NAT_REPLY: u64 = 1 << 42;
 
-/// The VIP's ring for [`nat_packet`], packed: index (bits 0–31), ring
+/// The VIP's ring for [`nat_pending`], packed: index (bits 0–31), ring
 /// base (32–63).
 #[inline(always)]
 pub(crate) const fn nat_vip(vip: &VipInfo) -> u64 {

@@ -264,6 +264,7 @@ fn first_packet_is_rewritten_to_the_backend_and_records_both_entries() {
     assert_v4_checksums(&r2.frame, "second");
     let s = f.dp.vip_stats(0).unwrap();
     assert_eq!((s.packets, s.new_flows, s.conntrack_hits), (2, 1, 1));
+    assert_eq!(f.dp.backend_stats(b).unwrap().packets, 2);
     assert_eq!(f.dp.nat_fwd_entries().unwrap().len(), 1);
     assert_eq!(f.dp.nat_rev_entries().unwrap().len(), 1);
 
@@ -736,4 +737,35 @@ fn truncated_nat_frames_are_handled() {
     let mut p = Ipv6Packet::udp(CLIENT6, 51000, VIP6, 80);
     p.payload = b"payload".to_vec();
     lb_tests::fixture::assert_truncations_handled(&f, &p.build(), 14, 40, 0, "nat v6");
+}
+
+/// NAT maps full: a new flow is refused and counted
+/// (`drop_nat_table_full`), no half pair left behind, the live pairs
+/// untouched and still translated.
+#[test]
+fn a_full_nat_table_refuses_new_flows_and_leaves_no_half_pair() {
+    let mut f = Fixture::with_sizes(lb::datapath::MapSizes {
+        max_vips: 4,
+        max_backends: 64,
+        ring_size: lb_common::DEFAULT_RING_SIZE,
+        conntrack_entries: 1 << 10,
+        conntrack6_entries: 1 << 10,
+        nat_entries: 2,
+    });
+    f.add_nat_vip(0, (VIP, 80, IPPROTO_TCP), &[(1, 1)], BACKEND_PORT);
+    f.dp.set_runtime(runtime(PORT_MIN, PORT_MAX)).unwrap();
+    for port in [44000, 44001] {
+        assert_eq!(
+            f.run(&Ipv4Packet::tcp(CLIENT, port, VIP, 80).build())
+                .action,
+            XDP_TX
+        );
+    }
+    let pkt = Ipv4Packet::tcp(CLIENT, 44002, VIP, 80).build();
+    lb_tests::fixture::assert_dropped(&f, &pkt, "drop_nat_table_full");
+    assert_eq!(f.dp.nat_fwd_entries().unwrap().len(), 2);
+    assert_eq!(f.dp.nat_rev_entries().unwrap().len(), 2);
+    let mut ack = Ipv4Packet::tcp(CLIENT, 44000, VIP, 80);
+    ack.tcp_flags = TCP_ACK;
+    assert_eq!(f.run(&ack.build()).action, XDP_TX);
 }
