@@ -115,6 +115,32 @@ impl DecapBench {
     }
 }
 
+/// `runs` runs of lb_decap and the floor (repeat `repeat`), printed as
+/// medians and ratios: `lb-bench --only decap`.
+pub fn print_quick(runs: usize, repeat: u32) -> Result<()> {
+    let bench = DecapBench::new()?;
+    let mut progs = TestProgs::load()?;
+    bench.run(&mut progs, repeat)?;
+    let (mut ipip, mut gue, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let r = bench.run(&mut progs, repeat)?;
+        ipip.push(r.ipip);
+        gue.push(r.gue);
+        floor.push(r.floor);
+    }
+    let f = Stats::of(&floor).median;
+    for (name, v) in [("lb_decap IPIP", &ipip), ("lb_decap GUE", &gue)] {
+        let m = Stats::of(v).median;
+        println!(
+            "{name}: {} ns/packet, {:.2}× floor ({} ns)",
+            fmt_num(m),
+            m / f,
+            fmt_num(f)
+        );
+    }
+    Ok(())
+}
+
 /// The kernel section's rows: IPIP and GUE against the floor timed the
 /// same way (`floor`, through lb_restore).
 pub fn rows(ipip: &[f64], gue: &[f64], floor: &[f64], repeat: u32) -> Vec<Row> {

@@ -1,7 +1,7 @@
 //! lb-bench: the benchmarks behind `cargo xtask bench [--quick]`.
 //!
 //! ```text
-//! lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev|e2e]
+//! lb-bench [--quick] [--strict] [--out DIR] [--only kernel|maglev|e2e|decap]
 //! ```
 //!
 //! Needs root (it loads the XDP object). Writes DIR/report.md,
@@ -56,6 +56,9 @@ enum SectionName {
     Kernel,
     Maglev,
     E2e,
+    /// Only lb_decap's rows, printed (no report): a development aid for
+    /// the decap program.
+    Decap,
 }
 
 fn main() -> ExitCode {
@@ -140,6 +143,10 @@ fn run(args: &Args) -> Result<ExitCode> {
         )
     };
 
+    if args.only == Some(SectionName::Decap) {
+        decap::print_quick(if args.quick { 5 } else { 15 }, kcfg.repeat)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let wanted = |section: SectionName| args.only.is_none_or(|o| o == section);
     let mut sections: Vec<Section> = Vec::new();
     if wanted(SectionName::Kernel) {
