@@ -90,8 +90,13 @@ impl Target {
             Better::Higher => value >= self.limit,
         };
         let margin = ((value - self.limit) / self.limit).abs() * 100.0;
-        // Limits are round figures: print them as given (3, 1.8).
-        let l = self.limit.to_string();
+        // Round figures print as given (3, 1.8); a reciprocal (1/1.5)
+        // with two decimals.
+        let l = if (self.limit * 100.0).fract() == 0.0 {
+            self.limit.to_string()
+        } else {
+            format!("{:.2}", self.limit)
+        };
         let text = if pass {
             format!("PASS: {v}{unit} vs {l}{unit}, {margin:.0}% headroom")
         } else {
