@@ -270,7 +270,7 @@ mod tests {
         // one of 20000 further flows finds a free port within its tries.
         let (min, max) = (61000u16, 65535u16);
         let mut taken = std::vec![false; 4536];
-        let mut place = |hash: u32, taken: &mut std::vec::Vec<bool>| {
+        let place = |hash: u32, taken: &mut std::vec::Vec<bool>| {
             (0..NAT_PORT_TRIES)
                 .map(|i| (nat_port_candidate(hash, i, min, max) - min) as usize)
                 .find(|&p| !taken[p])

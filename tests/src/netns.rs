@@ -637,15 +637,7 @@ impl Topology {
             topo.client_route_vip6_via(topo.lb_addr6())?;
         }
         let port = topo.lb_switch_port();
-        topo.lb_peer_xdp = Some(topo.switch.run(move || -> Result<_> {
-            let mut progs = crate::testprogs::TestProgs::load()?;
-            progs.attach(
-                crate::testprogs::RETURN_ONLY,
-                &port,
-                aya::programs::XdpMode::Driver,
-            )?;
-            Ok(progs)
-        })??);
+        topo.lb_peer_xdp = Some(crate::testprogs::return_only_on(&topo.switch, &port)?);
 
         for _ in 0..opts.backends {
             topo.add_backend()?;
@@ -722,15 +714,7 @@ impl Topology {
         if self.ipv6 {
             add_addr6(&self.lb, &iface, self.lb_addr6(), 64)?;
         }
-        self.lb_peer_xdp = Some(self.switch.run(move || -> Result<_> {
-            let mut progs = crate::testprogs::TestProgs::load()?;
-            progs.attach(
-                crate::testprogs::RETURN_ONLY,
-                &port,
-                aya::programs::XdpMode::Driver,
-            )?;
-            Ok(progs)
-        })??);
+        self.lb_peer_xdp = Some(crate::testprogs::return_only_on(&self.switch, &port)?);
         self.wait_bridge_forwarding(Duration::from_secs(5))
     }
 

@@ -156,15 +156,10 @@ impl RoutedTopology {
             add_addr6(self.front.lb_ns(), &iface, self.lb_back_addr6(), 64)?;
         }
         let port = format!("{iface}s");
-        self.lb_back_peer_xdp = Some(self.front.switch_ns().run(move || -> Result<_> {
-            let mut progs = crate::testprogs::TestProgs::load()?;
-            progs.attach(
-                crate::testprogs::RETURN_ONLY,
-                &port,
-                aya::programs::XdpMode::Driver,
-            )?;
-            Ok(progs)
-        })??);
+        self.lb_back_peer_xdp = Some(crate::testprogs::return_only_on(
+            self.front.switch_ns(),
+            &port,
+        )?);
         Ok(())
     }
 

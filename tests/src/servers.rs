@@ -776,6 +776,19 @@ pub struct EchoStream {
 }
 
 impl EchoStream {
+    /// A connection from `client` (its namespace) to `addr` from `port`,
+    /// reads bounded by `read_timeout`.
+    pub fn connect(
+        client: &Netns,
+        port: u16,
+        addr: SocketAddr,
+        read_timeout: Duration,
+    ) -> Result<Self> {
+        let conn = client.run(move || tcp_connect(Some(port), addr, Duration::from_secs(3)))??;
+        conn.set_read_timeout(Some(read_timeout))?;
+        Ok(Self::new(conn))
+    }
+
     pub fn new(conn: TcpStream) -> Self {
         Self { conn, sent: 0 }
     }

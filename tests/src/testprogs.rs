@@ -82,6 +82,18 @@ pub struct TestProgs {
     ebpf: Ebpf,
 }
 
+/// The test programs loaded with `lb_return_only` attached (native mode)
+/// to `port` in `ns`: what a veth peer needs so that frames lb sends out
+/// of its end with XDP_TX or a redirect arrive. Detached when dropped.
+pub fn return_only_on(ns: &crate::netns::Netns, port: &str) -> Result<TestProgs> {
+    let port = port.to_owned();
+    ns.run(move || -> Result<_> {
+        let mut progs = TestProgs::load()?;
+        progs.attach(RETURN_ONLY, &port, XdpMode::Driver)?;
+        Ok(progs)
+    })?
+}
+
 impl TestProgs {
     /// Loads every program of the object (needs root).
     pub fn load() -> Result<Self> {

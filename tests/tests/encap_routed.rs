@@ -26,15 +26,12 @@ use lb_tests::{
     netns::ChildGuard,
     require_root,
     routed::RoutedTopology,
-    servers::{
-        EchoStream, ServerKind, backend_name, one_udp_flow_one_backend, spawn_server, tcp_connect,
-    },
+    servers::{EchoStream, ServerKind, backend_name, one_udp_flow_one_backend, spawn_server},
 };
 
 const WEB: u16 = 80;
 const STREAM: u16 = 7000;
 const DNS: u16 = 5353;
-const T: Duration = Duration::from_secs(3);
 
 /// One run of the suite: the forwarding mode and the address families of
 /// the VIP (and the client) and of the backends (the outer header).
@@ -168,13 +165,12 @@ impl Setup {
 
     /// A connection to the stream (echo) VIP from `port`.
     fn stream_from(&self, port: u16) -> Result<EchoStream> {
-        let vip = self.vip(STREAM);
-        let conn = self
-            .topo
-            .client_ns()
-            .run(move || tcp_connect(Some(port), vip, T))??;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(EchoStream::new(conn))
+        EchoStream::connect(
+            self.topo.client_ns(),
+            port,
+            self.vip(STREAM),
+            Duration::from_secs(10),
+        )
     }
 
     /// The backend `lb explain` says the flow from `port` to `vip_port`

@@ -191,13 +191,12 @@ impl Setup {
     }
 
     fn stream_from(&self, port: u16) -> Result<EchoStream> {
-        let vip = self.vip(STREAM);
-        let conn = self
-            .topo
-            .client_ns()
-            .run(move || tcp_connect(Some(port), vip, T))??;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(EchoStream::new(conn))
+        EchoStream::connect(
+            self.topo.client_ns(),
+            port,
+            self.vip(STREAM),
+            Duration::from_secs(10),
+        )
     }
 
     fn explain_backend(&self, port: u16, vip_port: u16, proto: &str) -> Result<IpAddr> {
