@@ -30,7 +30,7 @@ use lb_common::{
     FORWARD_NAT, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP,
     IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6,
     VipStats, gue_source_port,
-    nat::{NatFwd, NatRev, NatSnat},
+    nat::{NatFwd, NatFwdCache, NatRev, NatRevCache, NatSnat},
     vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
@@ -48,6 +48,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
 mod nat;
+mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
 mod steer;
@@ -164,6 +165,19 @@ static NAT_REV6: HashMap<FlowKey6, NatRev> = HashMap::pinned(DEFAULT_NAT_ENTRIES
 /// route source).
 #[map]
 static NAT_SNAT: Array<NatSnat> = Array::pinned(DEFAULT_MAX_VIPS, 0);
+
+/// Direct-mapped caches in front of NAT_FWD and NAT_REV (IPv4) and
+/// NAT_FWD6 and NAT_REV6: FLOW_CACHE's design (see nat_cache.rs). Not
+/// pinned: they refill from traffic; cleared by the agent with
+/// FLOW_CACHE.
+#[map]
+static NAT_FWD_CACHE: Array<NatFwdCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_REV_CACHE: Array<NatRevCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_FWD_CACHE6: Array<NatFwdCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_REV_CACHE6: Array<NatRevCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {

@@ -40,7 +40,7 @@ use lb_ebpf::{
 pub(crate) use crate::nat_flow::{NatFlow, same_addr};
 use crate::nat_flow::{copy_mac, copy4};
 use crate::{
-    BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, send,
+    BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, nat_cache, send,
     steer::{count_steered, ring_backend},
 };
 
@@ -189,6 +189,25 @@ fn nat_packet<F: NatFlow>(
         forwarding: lb_common::FORWARD_NAT,
         gue_port: 0,
     };
+    if pos & (NAT_NEW_CONNECTION | NAT_CLOSING) == 0
+        && let Some(c) = nat_cache::fwd_cached(flow)
+        && let Some(b) = BACKENDS.get(c.backend_id)
+        && b.is_usable()
+        && b.vip_index == vip.index
+    {
+        count_steered(vip.index, c.backend_id, true, bytes);
+        return out::<F>(
+            ctx,
+            l3,
+            l4,
+            proto as u8,
+            &c.snat_addr,
+            c.snat_port,
+            &c.backend_addr,
+            c.backend_port,
+            b,
+        );
+    }
     let now = now_ms();
     if pos & NAT_NEW_CONNECTION == 0
         && let Some(p) = flow.fwd()
@@ -208,6 +227,7 @@ fn nat_packet<F: NatFlow>(
             if closing && e.flags & FLOW_FLAG_CLOSING == 0 {
                 e.flags |= FLOW_FLAG_CLOSING;
             }
+            nat_cache::cache_fwd(flow, e);
             count_steered(vip.index, e.backend_id, true, bytes);
             return out::<F>(
                 ctx,
@@ -332,6 +352,7 @@ fn make_pair<F: NatFlow>(
                     (*r).last_seen_ms = now;
                 }
             }
+            nat_cache::cache_fwd(flow, e);
             count_steered(vip.index, id, false, bytes);
             return out::<F>(
                 ctx,
@@ -348,6 +369,7 @@ fn make_pair<F: NatFlow>(
         // Re-steered: the old pair's port is released with its reverse
         // entry; the forward entry is overwritten below.
         rev.remove_rev();
+        nat_cache::forget_rev(rev);
     }
 
     let rt = RUNTIME.get(0).ok_or(Reason::DropNatPortsExhausted)?;
@@ -429,6 +451,10 @@ fn make_pair<F: NatFlow>(
         key.remove_rev();
         return Err(Reason::DropNatTableFull);
     }
+    // Both slots rewritten: a copy of an earlier pair with either key
+    // (a reclaimed or re-steered one) must not outlive it.
+    nat_cache::cache_fwd(flow, fwd);
+    nat_cache::cache_rev(key, rev);
     count_steered(vip.index, id, false, bytes);
     out::<F>(
         ctx,
@@ -484,8 +510,10 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
     };
     if expired {
         key.remove_rev();
+        nat_cache::forget_rev(key);
         if fwd.is_some() {
             fkey.remove_fwd();
+            nat_cache::forget_fwd(fkey);
         }
     }
     expired
@@ -527,6 +555,23 @@ fn reply<F: NatFlow>(
     bytes: u64,
 ) -> Result<u32, Reason> {
     let eth: *mut [u8; 14] = ptr_at(ctx, 0).ok_or(Reason::DropMalformed)?;
+    if !closing && let Some(c) = nat_cache::rev_cached(flow) {
+        F::rewrite(
+            ctx,
+            l3,
+            l4,
+            flow.proto() as u8,
+            &c.vip_addr,
+            c.vip_port,
+            &c.client_addr,
+            c.client_port,
+        )
+        .ok_or(Reason::DropMalformed)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { write_macs(eth as *mut u8, c.client_mac, c.lb_mac) };
+        count_return(c.vip_index, bytes);
+        return back_to_client(ctx, c.ifindex);
+    }
     let p = flow.rev().ok_or(Reason::PassNatNoFlow)?;
     // SAFETY: the map value stays valid for the program's run (RCU);
     // concurrent writers store whole words.
@@ -538,6 +583,7 @@ fn reply<F: NatFlow>(
     if closing && e.flags & FLOW_FLAG_CLOSING == 0 {
         e.flags |= FLOW_FLAG_CLOSING;
     }
+    nat_cache::cache_rev(flow, e);
     F::rewrite(
         ctx,
         l3,
