@@ -10,11 +10,13 @@
 //! ICMP "fragmentation needed" (ICMPv6 "packet too big"). IPv6 packets
 //! take balance6.rs.
 //!
-//! Full NAT (nat.rs, nat_flow.rs, nat_icmp.rs): a NAT VIP's packets, the
-//! replies to the agent's NAT port range and ICMP errors about NAT flows
-//! are recognised here and translated by a BPF subprogram of their own,
-//! which `lb_xdp` calls after the balancer's subprogram returned (their
-//! stack frames are siblings; the DSR and tunnel paths never enter it).
+//! Full NAT (nat.rs, nat_flow.rs, nat_icmp.rs, nat_cache.rs): a NAT VIP's
+//! packets, the replies to the agent's NAT port range and ICMP errors
+//! about NAT flows are recognised here. An IPv4 packet whose flow is in
+//! the NAT caches is translated here too (the per-packet hit); every
+//! other NAT packet is translated by a BPF subprogram of its own, which
+//! `lb_xdp` calls after the balancer's subprogram returned (their stack
+//! frames are siblings; the DSR and tunnel paths never enter it).
 #![no_std]
 #![no_main]
 
@@ -441,6 +443,17 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         let closing = connection(ctx, proto, l4)
             .ok_or(Reason::DropMalformed)?
             .closing;
+        // A cached reply is translated here, without the handoff.
+        let reply = FlowKey {
+            src_addr: u32::from_ne_bytes(ip.src_addr),
+            dst_addr: dst,
+            src_port,
+            dst_port,
+            proto: proto as u32,
+        };
+        if !closing && let Some(r) = nat_cache::reply_hit(ctx, l3, l4, &reply, frame_len as u64) {
+            return r;
+        }
         let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
         return nat::pend(nat::nat_pos(l3, l4, proto, flags), 0, 0);
     };
@@ -480,6 +493,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         proto: proto as u32,
     };
     if vip.forwarding == FORWARD_NAT {
+        // A cached flow is translated here, without the handoff.
+        if !new_connection
+            && !closing
+            && let Some(r) = nat_cache::forward_hit(ctx, l3, l4, &flow, vip.index, frame_len as u64)
+        {
+            return r;
+        }
         let flags = if new_connection {
             nat::NAT_NEW_CONNECTION
         } else {

@@ -190,23 +190,9 @@ fn nat_packet<F: NatFlow>(
         gue_port: 0,
     };
     if pos & (NAT_NEW_CONNECTION | NAT_CLOSING) == 0
-        && let Some(c) = nat_cache::fwd_cached(flow)
-        && let Some(b) = BACKENDS.get(c.backend_id)
-        && b.is_usable()
-        && b.vip_index == vip.index
+        && let Some(r) = nat_cache::forward_hit(ctx, l3, l4, flow, vip.index, bytes)
     {
-        count_steered(vip.index, c.backend_id, true, bytes);
-        return out::<F>(
-            ctx,
-            l3,
-            l4,
-            proto as u8,
-            &c.snat_addr,
-            c.snat_port,
-            &c.backend_addr,
-            c.backend_port,
-            b,
-        );
+        return r;
     }
     let now = now_ms();
     if pos & NAT_NEW_CONNECTION == 0
@@ -523,7 +509,7 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
 /// next hop.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined; in registers")]
-fn out<F: NatFlow>(
+pub(crate) fn out<F: NatFlow>(
     ctx: &XdpContext,
     l3: usize,
     l4: usize,
@@ -555,22 +541,8 @@ fn reply<F: NatFlow>(
     bytes: u64,
 ) -> Result<u32, Reason> {
     let eth: *mut [u8; 14] = ptr_at(ctx, 0).ok_or(Reason::DropMalformed)?;
-    if !closing && let Some(c) = nat_cache::rev_cached(flow) {
-        F::rewrite(
-            ctx,
-            l3,
-            l4,
-            flow.proto() as u8,
-            &c.vip_addr,
-            c.vip_port,
-            &c.client_addr,
-            c.client_port,
-        )
-        .ok_or(Reason::DropMalformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { write_macs(eth as *mut u8, c.client_mac, c.lb_mac) };
-        count_return(c.vip_index, bytes);
-        return back_to_client(ctx, c.ifindex);
+    if !closing && let Some(r) = nat_cache::reply_hit(ctx, l3, l4, flow, bytes) {
+        return r;
     }
     let p = flow.rev().ok_or(Reason::PassNatNoFlow)?;
     // SAFETY: the map value stays valid for the program's run (RCU);

@@ -26,7 +26,16 @@ use lb_common::{
     },
 };
 
-use crate::nat_flow::NatFlow;
+use aya_ebpf::programs::XdpContext;
+use lb_common::Reason;
+use lb_ebpf::{parse::write_macs, rewrite::ptr_at};
+
+use crate::{
+    BACKENDS,
+    nat::{back_to_client, count_return},
+    nat_flow::NatFlow,
+    steer::count_steered,
+};
 
 /// Loads `N` words from `p`, each with a volatile load (a plain copy of
 /// the value becomes a byte-wise `memcpy` call in BPF).
@@ -147,4 +156,70 @@ pub(crate) fn forget_rev<F: NatFlow>(key: &F) {
         // SAFETY: as in rev_cached.
         unsafe { store_words(p as *mut u64, &[0u64; NAT_REV_CACHE_WORDS]) };
     }
+}
+
+/// A forward packet (not a SYN, FIN or RST) of a flow whose cached copy
+/// names a backend still usable and serving VIP `vip_index`: counted,
+/// rewritten and sent (`Some`, the action). `None`: the map's way.
+/// Called by the balancer for IPv4 (no handoff to the NAT subprogram) and
+/// by [`crate::nat`] for IPv6.
+#[inline(always)]
+pub(crate) fn forward_hit<F: NatFlow>(
+    ctx: &XdpContext,
+    l3: usize,
+    l4: usize,
+    flow: &F,
+    vip_index: u32,
+    bytes: u64,
+) -> Option<Result<u32, Reason>> {
+    let c = fwd_cached(flow)?;
+    let b = BACKENDS.get(c.backend_id)?;
+    if !b.is_usable() || b.vip_index != vip_index {
+        return None;
+    }
+    count_steered(vip_index, c.backend_id, true, bytes);
+    Some(crate::nat::out::<F>(
+        ctx,
+        l3,
+        l4,
+        flow.proto() as u8,
+        &c.snat_addr,
+        c.snat_port,
+        &c.backend_addr,
+        c.backend_port,
+        b,
+    ))
+}
+
+/// A reply (not a FIN or RST) whose reply key `flow` has a cached copy:
+/// translated back and sent the client's way (`Some`, the action).
+/// `None`: the map's way.
+#[inline(always)]
+pub(crate) fn reply_hit<F: NatFlow>(
+    ctx: &XdpContext,
+    l3: usize,
+    l4: usize,
+    flow: &F,
+    bytes: u64,
+) -> Option<Result<u32, Reason>> {
+    let c = rev_cached(flow)?;
+    let eth: *mut [u8; 14] = ptr_at(ctx, 0)?;
+    if F::rewrite(
+        ctx,
+        l3,
+        l4,
+        flow.proto() as u8,
+        &c.vip_addr,
+        c.vip_port,
+        &c.client_addr,
+        c.client_port,
+    )
+    .is_none()
+    {
+        return Some(Err(Reason::DropMalformed));
+    }
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { write_macs(eth as *mut u8, c.client_mac, c.lb_mac) };
+    count_return(c.vip_index, bytes);
+    Some(back_to_client(ctx, c.ifindex))
 }
