@@ -988,3 +988,60 @@ fn nat_flows_sharing_a_cache_slot_keep_their_own_translation() {
     f.dp.set_nat_fwd_cache(fs, torn).unwrap();
     assert_translated(&f, a_ack, a_reply, a_want, *a_port);
 }
+
+/// IPv6: the same caches (NAT_FWD_CACHE6, NAT_REV_CACHE6, consulted by
+/// the NAT subprogram): hits leave the map entries alone, the keeper's
+/// clear lets the next packet of each direction refresh them, and the
+/// translation holds throughout.
+#[test]
+fn cached_ipv6_nat_flows_refresh_their_entries_once_per_tick() {
+    let mut f = nat6(&[(1, 1), (2, 1)]);
+    let mut p = Ipv6Packet::tcp(CLIENT6, 44000, VIP6, 80);
+    let syn = f.run(&with_l4_checksum_v6(p.build()));
+    assert_eq!(syn.action, XDP_TX);
+    p.tcp_flags = TCP_ACK;
+    p.payload = b"ping".to_vec();
+    let ack = with_l4_checksum_v6(p.build());
+    let reply = reply_v6(&syn.frame, IPPROTO_TCP, b"pong".to_vec());
+    let key = FlowKey6::new(CLIENT6, 44000, VIP6, 80, IPPROTO_TCP);
+    let fwd = f.dp.nat_fwd6(&key).unwrap().expect("forward entry");
+    let rkey = FlowKey6::new(
+        backend_addr6(fwd.backend_id),
+        BACKEND_PORT,
+        ENCAP_SRC6,
+        u16::from_be(fwd.snat_port),
+        IPPROTO_TCP,
+    );
+    let seen = |f: &Fixture| {
+        (
+            f.dp.nat_fwd6(&key).unwrap().unwrap().last_seen_ms,
+            f.dp.nat_rev6(&rkey).unwrap().unwrap().last_seen_ms,
+        )
+    };
+    let both = |f: &Fixture| {
+        let r = f.run(&ack);
+        assert_eq!(r.action, XDP_TX);
+        assert_eq!(&r.frame[14 + 8..14 + 44], &syn.frame[14 + 8..14 + 44]);
+        assert_v6_checksums(&r.frame, "forward");
+        let b = f.run(&reply);
+        assert_eq!(b.action, XDP_TX);
+        let ip = &b.frame[14..];
+        assert_eq!(&ip[8..24], &VIP6.octets());
+        assert_eq!(&ip[24..40], &CLIENT6.octets());
+        assert_eq!((port_at(ip, 40), port_at(ip, 42)), (80, 44000));
+        assert_v6_checksums(&b.frame, "return");
+    };
+    let mut rt = runtime(PORT_MIN, PORT_MAX);
+    rt.now_ms = 2_000;
+    f.dp.set_runtime(rt).unwrap();
+    both(&f);
+    both(&f);
+    assert_eq!(seen(&f), (1_000, 1_000), "served from the caches");
+    f.dp.clear_flow_cache().unwrap();
+    both(&f);
+    assert_eq!(seen(&f), (2_000, 2_000), "refreshed after the clear");
+    rt.now_ms = 3_000;
+    f.dp.set_runtime(rt).unwrap();
+    both(&f);
+    assert_eq!(seen(&f), (2_000, 2_000), "cached again");
+}
