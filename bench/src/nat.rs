@@ -3,7 +3,9 @@
 //! run.
 //!
 //! - Forward hit (ACK segments of an established NAT flow) and return
-//!   hit (the backend's reply to the SNAT address:port): each rewrites
+//!   hit (the backend's reply to the SNAT address:port), both served
+//!   from the NAT caches (nothing clears them during the run, as nothing
+//!   clears FLOW_CACHE for the conntrack hit): each rewrites
 //!   the addresses and ports, so `repeat` alone would hand the second
 //!   iteration a translated frame; they are timed through `lb_restore`
 //!   (see restore.rs), which puts the frame back every iteration.
@@ -216,14 +218,15 @@ pub fn rows(runs: &[NatRun], floor: &Stats, repeat: u32, new_flows: usize) -> Ve
             .target(target())
             .note(format!(
                 "repeat={repeat} through lb_restore, ACK segments of an established NAT flow \
-                 (addresses, ports, checksums rewritten)"
+                 (addresses, ports, checksums rewritten), served from NAT_FWD_CACHE as the \
+                 conntrack hit is from FLOW_CACHE (the agent's per-tick clear not running)"
             )),
         Row::new("lb_xdp NAT return hit", "ns/packet", col(|r| r.reply))
             .ratio(floor)
             .target(target())
             .note(format!(
                 "repeat={repeat} through lb_restore, the backend's ACKs to the SNAT \
-                 address:port, translated back to VIP → client"
+                 address:port, translated back to VIP → client, served from NAT_REV_CACHE"
             )),
         Row::new("lb_xdp NAT new flow", "ns/packet", col(|r| r.new_flow))
             .ratio(floor)

@@ -44,6 +44,13 @@ pub mod map_names {
     pub const NAT_REV6: &str = "NAT_REV6";
     /// Per-VIP SNAT addresses (VIP index → `NatSnat`).
     pub const NAT_SNAT: &str = "NAT_SNAT";
+    /// Not pinned, like FLOW_CACHE: the NAT caches in front of NAT_FWD,
+    /// NAT_REV, NAT_FWD6 and NAT_REV6 (`NatFwdCache`, `NatRevCache`),
+    /// cleared with FLOW_CACHE.
+    pub const NAT_FWD_CACHE: &str = "NAT_FWD_CACHE";
+    pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
+    pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
+    pub const NAT_REV_CACHE6: &str = "NAT_REV_CACHE6";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -780,6 +787,8 @@ mod pod {
     unsafe impl aya::Pod for nat::NatFwd {}
     unsafe impl aya::Pod for nat::NatRev {}
     unsafe impl aya::Pod for nat::NatSnat {}
+    unsafe impl aya::Pod for nat::NatFwdCache {}
+    unsafe impl aya::Pod for nat::NatRevCache {}
 }
 
 #[cfg(test)]

@@ -166,8 +166,134 @@ pub const fn nat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> 
     min + (((h as u64 & 0xFFFF_FFFF) * span as u64) >> 32) as u16
 }
 
+/// Words of a NAT cache slot's key: room for a `FlowKey6`; a `FlowKey`
+/// fills the first two, the rest 0.
+pub const NAT_CACHE_KEY_WORDS: usize = 5;
+
+/// A slot of NAT_FWD_CACHE / NAT_FWD_CACHE6: a copy of one flow's
+/// [`NatFwd`], all the forward hit needs, in front of NAT_FWD(6) (the
+/// same design as `FLOW_CACHE` in front of CONNTRACK: slot from
+/// [`crate::flow_cache_mix`] / [`crate::flow_cache_mix6`] of the key,
+/// cleared by the agent once per tick of the flow clock). One layout for
+/// both families, so that both share the code that copies, checks and
+/// stores it word by word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFwdCache {
+    /// [`nat_cache_check`] of every word after the first. Slots are
+    /// copied and stored without a lock: a copy mixing two writes is
+    /// rejected unless its check matches all of its words.
+    pub check: u32,
+    pub _pad: u32,
+    /// The client's flow as received, as words (see
+    /// [`NAT_CACHE_KEY_WORDS`]).
+    pub key: [u64; NAT_CACHE_KEY_WORDS],
+    pub snat_addr: [u32; 4],
+    pub backend_addr: [u32; 4],
+    pub snat_port: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
+}
+
+/// A slot of NAT_REV_CACHE / NAT_REV_CACHE6: a copy of one reply key's
+/// [`NatRev`], all the return hit needs, in front of NAT_REV(6) (see
+/// [`NatFwdCache`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatRevCache {
+    /// As [`NatFwdCache::check`].
+    pub check: u32,
+    pub _pad: u32,
+    /// The backend's reply as received, as words.
+    pub key: [u64; NAT_CACHE_KEY_WORDS],
+    pub client_addr: [u32; 4],
+    pub vip_addr: [u32; 4],
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub vip_index: u32,
+    pub client_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// Words of a [`NatFwdCache`] and of a [`NatRevCache`].
+pub const NAT_FWD_CACHE_WORDS: usize = 11;
+pub const NAT_REV_CACHE_WORDS: usize = 13;
+
+/// The check word of a NAT cache slot whose words are `words`: a sum of
+/// every word but the first (which holds the check), each times an odd
+/// constant of its own, folded to 32 bits. A torn copy (the key of one
+/// write, some value words of another) passes only if the words it
+/// mixes happen to cancel out (about 2^-32). The products do not depend
+/// on each other, so the CPU computes them in parallel (a chain of
+/// multiplies cost ~10 ns a hit).
+#[inline(always)]
+pub fn nat_cache_check<const N: usize>(words: &[u64; N]) -> u32 {
+    let mut h: u64 = 0;
+    let mut i = 1;
+    while i < N {
+        let k = 0x9E37_79B9_7F4A_7C15u64.wrapping_add((i as u64) << 33) | 1;
+        h = h.wrapping_add(words[i].wrapping_mul(k));
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+}
+
+impl NatFwdCache {
+    #[inline(always)]
+    pub fn to_words(self) -> [u64; NAT_FWD_CACHE_WORDS] {
+        // SAFETY: #[repr(C)], 88 bytes (asserted), no padding bytes.
+        unsafe { core::mem::transmute(self) }
+    }
+    #[inline(always)]
+    pub fn from_words(w: [u64; NAT_FWD_CACHE_WORDS]) -> Self {
+        // SAFETY: as above; every bit pattern is valid.
+        unsafe { core::mem::transmute(w) }
+    }
+    /// The slot with its check word set.
+    #[inline(always)]
+    pub fn sealed(mut self) -> Self {
+        self.check = nat_cache_check(&self.to_words());
+        self
+    }
+}
+
+impl NatRevCache {
+    #[inline(always)]
+    pub fn to_words(self) -> [u64; NAT_REV_CACHE_WORDS] {
+        // SAFETY: #[repr(C)], 104 bytes (asserted), no padding bytes.
+        unsafe { core::mem::transmute(self) }
+    }
+    #[inline(always)]
+    pub fn from_words(w: [u64; NAT_REV_CACHE_WORDS]) -> Self {
+        // SAFETY: as above; every bit pattern is valid.
+        unsafe { core::mem::transmute(w) }
+    }
+    /// The slot with its check word set.
+    #[inline(always)]
+    pub fn sealed(mut self) -> Self {
+        self.check = nat_cache_check(&self.to_words());
+        self
+    }
+}
+
+/// A flow key as the words of a NAT cache slot's key.
+#[inline(always)]
+pub fn nat_cache_key4(key: &crate::FlowKey) -> [u64; NAT_CACHE_KEY_WORDS] {
+    let [a, b] = key.as_words();
+    [a, b, 0, 0, 0]
+}
+
+/// [`nat_cache_key4`] for IPv6.
+#[inline(always)]
+pub fn nat_cache_key6(key: &crate::FlowKey6) -> [u64; NAT_CACHE_KEY_WORDS] {
+    key.as_words()
+}
+
 const _: () = {
     assert!(core::mem::size_of::<NatFwd>() == 56);
+    assert!(core::mem::size_of::<NatFwdCache>() == NAT_FWD_CACHE_WORDS * 8);
+    assert!(core::mem::size_of::<NatRevCache>() == NAT_REV_CACHE_WORDS * 8);
     assert!(core::mem::size_of::<NatRev>() == 72);
     assert!(core::mem::size_of::<NatSnat>() == 72);
 };

@@ -10,11 +10,13 @@
 //! ICMP "fragmentation needed" (ICMPv6 "packet too big"). IPv6 packets
 //! take balance6.rs.
 //!
-//! Full NAT (nat.rs, nat_flow.rs, nat_icmp.rs): a NAT VIP's packets, the
-//! replies to the agent's NAT port range and ICMP errors about NAT flows
-//! are recognised here and translated by a BPF subprogram of their own,
-//! which `lb_xdp` calls after the balancer's subprogram returned (their
-//! stack frames are siblings; the DSR and tunnel paths never enter it).
+//! Full NAT (nat.rs, nat_flow.rs, nat_icmp.rs, nat_cache.rs): a NAT VIP's
+//! packets, the replies to the agent's NAT port range and ICMP errors
+//! about NAT flows are recognised here. An IPv4 packet whose flow is in
+//! the NAT caches is translated here too (the per-packet hit); every
+//! other NAT packet is translated by a BPF subprogram of its own, which
+//! `lb_xdp` calls after the balancer's subprogram returned (their stack
+//! frames are siblings; the DSR and tunnel paths never enter it).
 #![no_std]
 #![no_main]
 
@@ -30,7 +32,7 @@ use lb_common::{
     FORWARD_NAT, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP,
     IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6,
     VipStats, gue_source_port,
-    nat::{NatFwd, NatRev, NatSnat},
+    nat::{NatFwd, NatFwdCache, NatRev, NatRevCache, NatSnat},
     vip_table_probe, vip_table_size,
 };
 use lb_ebpf::{
@@ -48,6 +50,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 mod balance6;
 mod nat;
+mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
 mod steer;
@@ -164,6 +167,19 @@ static NAT_REV6: HashMap<FlowKey6, NatRev> = HashMap::pinned(DEFAULT_NAT_ENTRIES
 /// route source).
 #[map]
 static NAT_SNAT: Array<NatSnat> = Array::pinned(DEFAULT_MAX_VIPS, 0);
+
+/// Direct-mapped caches in front of NAT_FWD and NAT_REV (IPv4) and
+/// NAT_FWD6 and NAT_REV6: FLOW_CACHE's design (see nat_cache.rs). Not
+/// pinned: they refill from traffic; cleared by the agent with
+/// FLOW_CACHE.
+#[map]
+static NAT_FWD_CACHE: Array<NatFwdCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_REV_CACHE: Array<NatRevCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_FWD_CACHE6: Array<NatFwdCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+#[map]
+static NAT_REV_CACHE6: Array<NatRevCache> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -427,6 +443,17 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         let closing = connection(ctx, proto, l4)
             .ok_or(Reason::DropMalformed)?
             .closing;
+        // A cached reply is translated here, without the handoff.
+        let reply = FlowKey {
+            src_addr: u32::from_ne_bytes(ip.src_addr),
+            dst_addr: dst,
+            src_port,
+            dst_port,
+            proto: proto as u32,
+        };
+        if !closing && let Some(r) = nat_cache::reply_hit(ctx, l3, l4, &reply, frame_len as u64) {
+            return r;
+        }
         let flags = nat::NAT_REPLY | if closing { nat::NAT_CLOSING } else { 0 };
         return nat::pend(nat::nat_pos(l3, l4, proto, flags), 0, 0);
     };
@@ -466,6 +493,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         proto: proto as u32,
     };
     if vip.forwarding == FORWARD_NAT {
+        // A cached flow is translated here, without the handoff.
+        if !new_connection
+            && !closing
+            && let Some(r) = nat_cache::forward_hit(ctx, l3, l4, &flow, vip.index, frame_len as u64)
+        {
+            return r;
+        }
         let flags = if new_connection {
             nat::NAT_NEW_CONNECTION
         } else {

@@ -40,7 +40,7 @@ use lb_ebpf::{
 pub(crate) use crate::nat_flow::{NatFlow, same_addr};
 use crate::nat_flow::{copy_mac, copy4};
 use crate::{
-    BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, send,
+    BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, nat_cache, send,
     steer::{count_steered, ring_backend},
 };
 
@@ -189,6 +189,11 @@ fn nat_packet<F: NatFlow>(
         forwarding: lb_common::FORWARD_NAT,
         gue_port: 0,
     };
+    if pos & (NAT_NEW_CONNECTION | NAT_CLOSING) == 0
+        && let Some(r) = nat_cache::forward_hit(ctx, l3, l4, flow, vip.index, bytes)
+    {
+        return r;
+    }
     let now = now_ms();
     if pos & NAT_NEW_CONNECTION == 0
         && let Some(p) = flow.fwd()
@@ -208,6 +213,7 @@ fn nat_packet<F: NatFlow>(
             if closing && e.flags & FLOW_FLAG_CLOSING == 0 {
                 e.flags |= FLOW_FLAG_CLOSING;
             }
+            nat_cache::cache_fwd(flow, e);
             count_steered(vip.index, e.backend_id, true, bytes);
             return out::<F>(
                 ctx,
@@ -332,6 +338,7 @@ fn make_pair<F: NatFlow>(
                     (*r).last_seen_ms = now;
                 }
             }
+            nat_cache::cache_fwd(flow, e);
             count_steered(vip.index, id, false, bytes);
             return out::<F>(
                 ctx,
@@ -348,6 +355,7 @@ fn make_pair<F: NatFlow>(
         // Re-steered: the old pair's port is released with its reverse
         // entry; the forward entry is overwritten below.
         rev.remove_rev();
+        nat_cache::forget_rev(rev);
     }
 
     let rt = RUNTIME.get(0).ok_or(Reason::DropNatPortsExhausted)?;
@@ -429,6 +437,10 @@ fn make_pair<F: NatFlow>(
         key.remove_rev();
         return Err(Reason::DropNatTableFull);
     }
+    // Both slots rewritten: a copy of an earlier pair with either key
+    // (a reclaimed or re-steered one) must not outlive it.
+    nat_cache::cache_fwd(flow, fwd);
+    nat_cache::cache_rev(key, rev);
     count_steered(vip.index, id, false, bytes);
     out::<F>(
         ctx,
@@ -484,8 +496,10 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
     };
     if expired {
         key.remove_rev();
+        nat_cache::forget_rev(key);
         if fwd.is_some() {
             fkey.remove_fwd();
+            nat_cache::forget_fwd(fkey);
         }
     }
     expired
@@ -495,7 +509,7 @@ fn reclaim<F: NatFlow>(key: &F, rt: &Runtime, scratch: *mut NatScratch) -> bool 
 /// next hop.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined; in registers")]
-fn out<F: NatFlow>(
+pub(crate) fn out<F: NatFlow>(
     ctx: &XdpContext,
     l3: usize,
     l4: usize,
@@ -527,6 +541,9 @@ fn reply<F: NatFlow>(
     bytes: u64,
 ) -> Result<u32, Reason> {
     let eth: *mut [u8; 14] = ptr_at(ctx, 0).ok_or(Reason::DropMalformed)?;
+    if !closing && let Some(r) = nat_cache::reply_hit(ctx, l3, l4, flow, bytes) {
+        return r;
+    }
     let p = flow.rev().ok_or(Reason::PassNatNoFlow)?;
     // SAFETY: the map value stays valid for the program's run (RCU);
     // concurrent writers store whole words.
@@ -538,6 +555,7 @@ fn reply<F: NatFlow>(
     if closing && e.flags & FLOW_FLAG_CLOSING == 0 {
         e.flags |= FLOW_FLAG_CLOSING;
     }
+    nat_cache::cache_rev(flow, e);
     F::rewrite(
         ctx,
         l3,

@@ -6,11 +6,17 @@
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
     Backend, FlowKey, FlowKey6,
-    nat::{NatFwd, NatRev},
+    nat::{
+        NAT_CACHE_KEY_WORDS, NatFwd, NatFwdCache, NatRev, NatRevCache, nat_cache_key4,
+        nat_cache_key6,
+    },
 };
 use lb_ebpf::rewrite::{Delta, load32, ptr_at, set_addrs4, set_addrs6, set_ports};
 
-use crate::{NAT_FWD, NAT_FWD6, NAT_REV, NAT_REV6, steer::Flow};
+use crate::{
+    NAT_FWD, NAT_FWD_CACHE, NAT_FWD_CACHE6, NAT_FWD6, NAT_REV, NAT_REV_CACHE, NAT_REV_CACHE6,
+    NAT_REV6, steer::Flow,
+};
 
 /// Whether two addresses (four words) are equal, word by word: `==` on
 /// the arrays can become a byte-wise `memcmp` call in BPF.
@@ -62,6 +68,11 @@ pub(crate) trait NatFlow: Flow + 'static {
     fn rev(&self) -> Option<*mut NatRev>;
     fn insert_rev(&self, v: &NatRev, flags: u64) -> Result<(), i32>;
     fn remove_rev(&self);
+    /// The key as the words of a NAT cache slot.
+    fn cache_key(&self) -> [u64; NAT_CACHE_KEY_WORDS];
+    /// The family's forward and return cache slots (see crate::nat_cache).
+    fn fwd_cache(slot: u32) -> Option<*mut NatFwdCache>;
+    fn rev_cache(slot: u32) -> Option<*mut NatRevCache>;
     fn backend_addr(b: &Backend) -> [u32; 4];
     /// The address lb's host uses to reach `b` (set by the agent).
     fn route_src(b: &Backend) -> [u32; 4];
@@ -144,6 +155,18 @@ impl NatFlow for FlowKey {
     #[inline(always)]
     fn remove_rev(&self) {
         let _ = NAT_REV.remove(self);
+    }
+    #[inline(always)]
+    fn cache_key(&self) -> [u64; NAT_CACHE_KEY_WORDS] {
+        nat_cache_key4(self)
+    }
+    #[inline(always)]
+    fn fwd_cache(slot: u32) -> Option<*mut NatFwdCache> {
+        NAT_FWD_CACHE.get_ptr_mut(slot)
+    }
+    #[inline(always)]
+    fn rev_cache(slot: u32) -> Option<*mut NatRevCache> {
+        NAT_REV_CACHE.get_ptr_mut(slot)
     }
     #[inline(always)]
     fn backend_addr(b: &Backend) -> [u32; 4] {
@@ -239,6 +262,18 @@ impl NatFlow for FlowKey6 {
     #[inline(always)]
     fn remove_rev(&self) {
         let _ = NAT_REV6.remove(self);
+    }
+    #[inline(always)]
+    fn cache_key(&self) -> [u64; NAT_CACHE_KEY_WORDS] {
+        nat_cache_key6(self)
+    }
+    #[inline(always)]
+    fn fwd_cache(slot: u32) -> Option<*mut NatFwdCache> {
+        NAT_FWD_CACHE6.get_ptr_mut(slot)
+    }
+    #[inline(always)]
+    fn rev_cache(slot: u32) -> Option<*mut NatRevCache> {
+        NAT_REV_CACHE6.get_ptr_mut(slot)
     }
     #[inline(always)]
     fn backend_addr(b: &Backend) -> [u32; 4] {

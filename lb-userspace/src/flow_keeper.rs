@@ -250,25 +250,62 @@ impl Drop for FlowKeeper {
 }
 
 /// The flow caches the keeper clears each tick: FLOW_CACHE (IPv4) and
-/// FLOW_CACHE6 (IPv6), both belonging to the loaded program (not pinned).
+/// FLOW_CACHE6 (IPv6), and the NAT caches in front of NAT_FWD, NAT_REV,
+/// NAT_FWD6 and NAT_REV6, all belonging to the loaded program (not
+/// pinned). Cleared each tick so that a flow's first packet in the tick
+/// goes through its map entry and refreshes it (conntrack record, NAT
+/// entry `last_seen_ms`): a flow served from a cache never looks idle to
+/// the keeper.
 pub struct FlowCaches {
     pub v4: OwnedFd,
     pub v6: OwnedFd,
+    pub nat_fwd: OwnedFd,
+    pub nat_rev: OwnedFd,
+    pub nat_fwd6: OwnedFd,
+    pub nat_rev6: OwnedFd,
 }
 
 impl FlowCaches {
-    /// Empties both caches.
+    /// Empties every cache.
     pub fn clear(&self) -> anyhow::Result<()> {
-        clear_flow_cache(
-            self.v4.as_fd(),
-            std::mem::size_of::<lb_common::FlowCacheEntry>(),
-            map_names::FLOW_CACHE,
-        )?;
-        clear_flow_cache(
-            self.v6.as_fd(),
-            std::mem::size_of::<lb_common::FlowCacheEntry6>(),
-            map_names::FLOW_CACHE6,
-        )
+        use lb_common::nat::{NatFwdCache, NatRevCache};
+        use std::mem::size_of;
+        let caches = [
+            (
+                &self.v4,
+                size_of::<lb_common::FlowCacheEntry>(),
+                map_names::FLOW_CACHE,
+            ),
+            (
+                &self.v6,
+                size_of::<lb_common::FlowCacheEntry6>(),
+                map_names::FLOW_CACHE6,
+            ),
+            (
+                &self.nat_fwd,
+                size_of::<NatFwdCache>(),
+                map_names::NAT_FWD_CACHE,
+            ),
+            (
+                &self.nat_rev,
+                size_of::<NatRevCache>(),
+                map_names::NAT_REV_CACHE,
+            ),
+            (
+                &self.nat_fwd6,
+                size_of::<NatFwdCache>(),
+                map_names::NAT_FWD_CACHE6,
+            ),
+            (
+                &self.nat_rev6,
+                size_of::<NatRevCache>(),
+                map_names::NAT_REV_CACHE6,
+            ),
+        ];
+        for (fd, value_size, name) in caches {
+            clear_flow_cache(fd.as_fd(), value_size, name)?;
+        }
+        Ok(())
     }
 }
 
@@ -376,7 +413,7 @@ impl ConntrackKey for FlowKey6 {
     );
 }
 
-/// Empties every slot of a flow cache (`map`: FLOW_CACHE or FLOW_CACHE6,
+/// Empties every slot of a flow cache (`map`: FLOW_CACHE, FLOW_CACHE6 or a NAT cache,
 /// named `name`, values of `value_size` bytes) in one batched update. A
 /// packet reading a slot meanwhile sees the old entry, an empty one, or a
 /// torn mix that its check word rejects.

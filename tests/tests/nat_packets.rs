@@ -769,3 +769,279 @@ fn a_full_nat_table_refuses_new_flows_and_leaves_no_half_pair() {
     ack.tcp_flags = TCP_ACK;
     assert_eq!(f.run(&ack.build()).action, XDP_TX);
 }
+
+// The NAT caches (NAT_FWD_CACHE, NAT_REV_CACHE in front of NAT_FWD and
+// NAT_REV): a flow's packets are served from a cache slot until the
+// agent clears the caches (once per tick of the flow clock; the tests
+// clear them as the keeper does, with `clear_flow_cache`).
+
+const TCP_FIN: u8 = 0x01;
+
+/// The translated addresses and ports of an IPv4 frame (bytes 12..24 of
+/// its IP header, no options).
+fn tuple_of(frame: &[u8]) -> Vec<u8> {
+    frame[14 + 12..14 + 24].to_vec()
+}
+
+/// Forward and reply frames of one established TCP flow from client port
+/// `port`: (ACK, reply, forward key, reverse key, the SYN's translation).
+fn established(f: &Fixture, port: u16) -> (Vec<u8>, Vec<u8>, FlowKey, FlowKey, Vec<u8>) {
+    let mut p = Ipv4Packet::tcp(CLIENT, port, VIP, 80);
+    let syn = f.run(&with_l4_checksum_v4(p.build()));
+    assert_eq!(syn.action, XDP_TX, "{port}: SYN");
+    p.tcp_flags = TCP_ACK;
+    p.payload = format!("ping {port}").into_bytes();
+    let ack = with_l4_checksum_v4(p.build());
+    let key = FlowKey::new(CLIENT.to_bits(), port, VIP.to_bits(), 80, IPPROTO_TCP);
+    let fwd = f.dp.nat_fwd(&key).unwrap().expect("forward entry");
+    let rkey = FlowKey::new(
+        backend_addr(fwd.backend_id).to_bits(),
+        BACKEND_PORT,
+        ENCAP_SRC.to_bits(),
+        u16::from_be(fwd.snat_port),
+        IPPROTO_TCP,
+    );
+    let reply = reply_v4(&syn.frame, IPPROTO_TCP, format!("pong {port}").into_bytes());
+    (ack, reply, key, rkey, tuple_of(&syn.frame))
+}
+
+/// Runs `ack` and `reply` of the flow from client port `port` and checks
+/// both translations: forward to `want_fwd` (the SYN's), back to
+/// VIP:80 → the client's port.
+fn assert_translated(f: &Fixture, ack: &[u8], reply: &[u8], want_fwd: &[u8], port: u16) {
+    let r = f.run(ack);
+    assert_eq!(r.action, XDP_TX, "{port}: forward");
+    assert_eq!(tuple_of(&r.frame), want_fwd, "{port}: forward translation");
+    assert_v4_checksums(&r.frame, "forward");
+    let b = f.run(reply);
+    assert_eq!(b.action, XDP_TX, "{port}: return");
+    let ip = &b.frame[14..];
+    assert_eq!(ipv4_of(&ip[12..16]), VIP, "{port}");
+    assert_eq!(ipv4_of(&ip[16..20]), CLIENT, "{port}");
+    assert_eq!((port_at(ip, 20), port_at(ip, 22)), (80, port), "{port}");
+    assert_eq!(&b.frame[0..6], &CLIENT_MAC);
+    assert_v4_checksums(&b.frame, "return");
+}
+
+/// A cache hit leaves the map entry alone (its `last_seen_ms` stays put
+/// while the clock moves); after each clear (a tick) the flow's first
+/// packet in each direction goes through the map and refreshes it, then
+/// the cache serves again. The translation is the same throughout.
+#[test]
+fn cached_nat_flows_refresh_their_entries_once_per_tick_and_survive_clears() {
+    let mut f = nat4(&[(1, 1), (2, 1), (3, 1)], PORT_MIN, PORT_MAX);
+    let (ack, reply, key, rkey, want) = established(&f, 43000);
+    let seen = |f: &Fixture| {
+        (
+            f.dp.nat_fwd(&key).unwrap().unwrap().last_seen_ms,
+            f.dp.nat_rev(&rkey).unwrap().unwrap().last_seen_ms,
+        )
+    };
+    assert_eq!(seen(&f), (1_000, 1_000));
+    let mut rounds = 0;
+    for now in [2_000u64, 3_000, 4_000] {
+        let mut rt = runtime(PORT_MIN, PORT_MAX);
+        rt.now_ms = now;
+        f.dp.set_runtime(rt).unwrap();
+        let before = seen(&f);
+        for _ in 0..3 {
+            assert_translated(&f, &ack, &reply, &want, 43000);
+            rounds += 1;
+        }
+        assert_eq!(seen(&f), before, "{now}: served from the caches");
+        // The keeper's tick.
+        f.dp.clear_flow_cache().unwrap();
+        for _ in 0..3 {
+            assert_translated(&f, &ack, &reply, &want, 43000);
+            rounds += 1;
+        }
+        assert_eq!(seen(&f), (now, now), "{now}: refreshed after the clear");
+    }
+    let s = f.dp.vip_stats(0).unwrap();
+    assert_eq!(
+        (s.new_flows, s.conntrack_hits, s.return_packets),
+        (1, rounds, rounds)
+    );
+    assert_eq!(f.dp.nat_fwd_entries().unwrap().len(), 1);
+}
+
+/// A FIN (or RST) bypasses the caches: the map entry of each direction
+/// learns the flow is closing even though the flow's other packets are
+/// served from the caches.
+#[test]
+fn a_fin_through_a_cached_nat_flow_marks_its_entries_closing() {
+    use lb_common::FLOW_FLAG_CLOSING;
+    let f = nat4(&[(1, 1), (2, 1)], PORT_MIN, PORT_MAX);
+    let (ack, reply, key, rkey, want) = established(&f, 43100);
+    assert_translated(&f, &ack, &reply, &want, 43100);
+    assert_eq!(f.dp.nat_fwd(&key).unwrap().unwrap().flags, 0);
+    let mut fin = Ipv4Packet::tcp(CLIENT, 43100, VIP, 80);
+    fin.tcp_flags = TCP_FIN | TCP_ACK;
+    let r = f.run(&with_l4_checksum_v4(fin.build()));
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(tuple_of(&r.frame), want);
+    assert_eq!(
+        f.dp.nat_fwd(&key).unwrap().unwrap().flags & FLOW_FLAG_CLOSING,
+        FLOW_FLAG_CLOSING,
+        "forward entry closing"
+    );
+    assert_eq!(f.dp.nat_rev(&rkey).unwrap().unwrap().flags, 0);
+    let mut rfin = reply.clone();
+    rfin[14 + 20 + 13] |= TCP_FIN;
+    rfin[14 + 20 + 16..14 + 20 + 18].fill(0);
+    let rfin = with_l4_checksum_v4(rfin);
+    let b = f.run(&rfin);
+    assert_eq!(b.action, XDP_TX);
+    assert_eq!(port_at(&b.frame, 14 + 22), 43100);
+    assert_eq!(
+        f.dp.nat_rev(&rkey).unwrap().unwrap().flags & FLOW_FLAG_CLOSING,
+        FLOW_FLAG_CLOSING,
+        "reverse entry closing"
+    );
+}
+
+/// Two flows whose forward keys share a cache slot, and two whose reply
+/// keys do, take turns: each keeps its own translation. A copy in a slot
+/// is used only if its check word matches all of it: a torn copy (this
+/// flow's key, another flow's values) is refused and the map answers; a
+/// consistent copy is used (what the check alone guards against).
+#[test]
+fn nat_flows_sharing_a_cache_slot_keep_their_own_translation() {
+    use lb_common::{
+        flow_cache_mix, flow_cache_slot,
+        nat::{NatFwdCache, NatRevCache, nat_cache_key4},
+    };
+    let mut f = nat4(&[(1, 1), (2, 1), (3, 1)], PORT_MIN, PORT_MAX);
+    let slot = |k: &FlowKey| flow_cache_slot(flow_cache_mix(k));
+    let flows: Vec<_> = (0..400u16)
+        .map(|i| (20000 + i, established(&f, 20000 + i)))
+        .collect();
+    // Forward keys of one client differ in the source port only, which
+    // the mix spreads: search the ports for one sharing 20000's slot.
+    let key_of = |port| FlowKey::new(CLIENT.to_bits(), port, VIP.to_bits(), 80, IPPROTO_TCP);
+    let partner = (21000..=65535u16)
+        .find(|&p| slot(&key_of(p)) == slot(&key_of(20000)))
+        .expect("a source port sharing the slot");
+    let fb = &(partner, established(&f, partner));
+    let fa = &flows[0];
+    let rev_pair = flows.iter().enumerate().find_map(|(i, a)| {
+        flows[i + 1..]
+            .iter()
+            .find(|b| slot(&a.1.3) == slot(&b.1.3))
+            .map(|b| (a, b))
+    });
+    let (ra, rb) = rev_pair.expect("two reply keys in one slot among 400");
+    for _ in 0..3 {
+        for (port, (ack, reply, _, _, want)) in [fa, fb, ra, rb] {
+            assert_translated(&f, ack, reply, want, *port);
+        }
+    }
+
+    // The reply slot now holds rb's copy (it went last).
+    let (a_port, (a_ack, a_reply, _, a_rkey, a_want)) = ra;
+    let (b_port, (_, _, _, b_rkey, _)) = rb;
+    let rs = slot(a_rkey);
+    let held = f.dp.nat_rev_cache(rs).unwrap();
+    assert_eq!(
+        held.key,
+        nat_cache_key4(b_rkey),
+        "the slot caches the last reply key"
+    );
+    assert_eq!(u16::from_be(held.client_port), *b_port);
+    // a's key with b's client: torn (b's check), then a's own check.
+    let torn = NatRevCache {
+        key: nat_cache_key4(a_rkey),
+        ..held
+    };
+    f.dp.set_nat_rev_cache(rs, torn).unwrap();
+    assert_translated(&f, a_ack, a_reply, a_want, *a_port);
+    let own = f.dp.nat_rev_cache(rs).unwrap();
+    assert_eq!(own.key, nat_cache_key4(a_rkey), "re-cached by the map pass");
+    assert_eq!(u16::from_be(own.client_port), *a_port);
+    let torn = NatRevCache {
+        client_port: (*b_port).to_be(),
+        ..own
+    };
+    f.dp.set_nat_rev_cache(rs, torn).unwrap();
+    assert_translated(&f, a_ack, a_reply, a_want, *a_port);
+    // A consistent copy is believed: the check word is what refuses a
+    // torn one.
+    f.dp.set_nat_rev_cache(rs, torn.sealed()).unwrap();
+    let b = f.run(a_reply);
+    assert_eq!(port_at(&b.frame, 14 + 22), *b_port);
+
+    // The forward slot: a's key with b's values, b's or a's check.
+    let (a_port, (a_ack, a_reply, a_key, _, a_want)) = fa;
+    let fs = slot(a_key);
+    f.dp.clear_flow_cache().unwrap();
+    assert_translated(&f, a_ack, a_reply, a_want, *a_port);
+    let own = f.dp.nat_fwd_cache(fs).unwrap();
+    assert_eq!(own.key, nat_cache_key4(a_key));
+    let (_, (b_ack, _, _, _, _)) = fb;
+    let b_out = f.run(b_ack);
+    let b_snat_port = port_at(&b_out.frame, 14 + 20);
+    assert_ne!(b_snat_port, port_at(a_want, 8));
+    let torn = NatFwdCache {
+        snat_port: b_snat_port.to_be(),
+        ..own
+    };
+    f.dp.set_nat_fwd_cache(fs, torn).unwrap();
+    assert_translated(&f, a_ack, a_reply, a_want, *a_port);
+}
+
+/// IPv6: the same caches (NAT_FWD_CACHE6, NAT_REV_CACHE6, consulted by
+/// the NAT subprogram): hits leave the map entries alone, the keeper's
+/// clear lets the next packet of each direction refresh them, and the
+/// translation holds throughout.
+#[test]
+fn cached_ipv6_nat_flows_refresh_their_entries_once_per_tick() {
+    let mut f = nat6(&[(1, 1), (2, 1)]);
+    let mut p = Ipv6Packet::tcp(CLIENT6, 44000, VIP6, 80);
+    let syn = f.run(&with_l4_checksum_v6(p.build()));
+    assert_eq!(syn.action, XDP_TX);
+    p.tcp_flags = TCP_ACK;
+    p.payload = b"ping".to_vec();
+    let ack = with_l4_checksum_v6(p.build());
+    let reply = reply_v6(&syn.frame, IPPROTO_TCP, b"pong".to_vec());
+    let key = FlowKey6::new(CLIENT6, 44000, VIP6, 80, IPPROTO_TCP);
+    let fwd = f.dp.nat_fwd6(&key).unwrap().expect("forward entry");
+    let rkey = FlowKey6::new(
+        backend_addr6(fwd.backend_id),
+        BACKEND_PORT,
+        ENCAP_SRC6,
+        u16::from_be(fwd.snat_port),
+        IPPROTO_TCP,
+    );
+    let seen = |f: &Fixture| {
+        (
+            f.dp.nat_fwd6(&key).unwrap().unwrap().last_seen_ms,
+            f.dp.nat_rev6(&rkey).unwrap().unwrap().last_seen_ms,
+        )
+    };
+    let both = |f: &Fixture| {
+        let r = f.run(&ack);
+        assert_eq!(r.action, XDP_TX);
+        assert_eq!(&r.frame[14 + 8..14 + 44], &syn.frame[14 + 8..14 + 44]);
+        assert_v6_checksums(&r.frame, "forward");
+        let b = f.run(&reply);
+        assert_eq!(b.action, XDP_TX);
+        let ip = &b.frame[14..];
+        assert_eq!(&ip[8..24], &VIP6.octets());
+        assert_eq!(&ip[24..40], &CLIENT6.octets());
+        assert_eq!((port_at(ip, 40), port_at(ip, 42)), (80, 44000));
+        assert_v6_checksums(&b.frame, "return");
+    };
+    let mut rt = runtime(PORT_MIN, PORT_MAX);
+    rt.now_ms = 2_000;
+    f.dp.set_runtime(rt).unwrap();
+    both(&f);
+    both(&f);
+    assert_eq!(seen(&f), (1_000, 1_000), "served from the caches");
+    f.dp.clear_flow_cache().unwrap();
+    both(&f);
+    assert_eq!(seen(&f), (2_000, 2_000), "refreshed after the clear");
+    rt.now_ms = 3_000;
+    f.dp.set_runtime(rt).unwrap();
+    both(&f);
+    assert_eq!(seen(&f), (2_000, 2_000), "cached again");
+}

@@ -2,7 +2,10 @@
 //! flow cache) and the start-up checks of what the attachments need.
 
 use aya::maps::{Array, MapData, xdp::DevMapHash};
-use lb_common::{Runtime, map_names};
+use lb_common::{
+    Runtime, map_names,
+    nat::{NatFwdCache, NatRevCache},
+};
 
 use super::{Datapath, Result, ifname, map_err};
 use crate::flow_keeper::{FlowCaches, FlowCount, FlowKeeper, FlowTimeouts};
@@ -33,14 +36,51 @@ impl Datapath {
         Ok(FlowCaches {
             v4: fd(map_names::FLOW_CACHE)?,
             v6: fd(map_names::FLOW_CACHE6)?,
+            nat_fwd: fd(map_names::NAT_FWD_CACHE)?,
+            nat_rev: fd(map_names::NAT_REV_CACHE)?,
+            nat_fwd6: fd(map_names::NAT_FWD_CACHE6)?,
+            nat_rev6: fd(map_names::NAT_REV_CACHE6)?,
         })
     }
 
-    /// Empties the flow caches (IPv4 and IPv6), as the flow keeper does
+    /// Empties the flow caches (IPv4 and IPv6, and the NAT caches), as the flow keeper does
     /// once per tick of the clock (tests drive the ticks with this and
     /// [`Self::set_runtime`]).
     pub fn clear_flow_cache(&self) -> anyhow::Result<()> {
         self.flow_caches()?.clear()
+    }
+
+    /// Slot `slot` of NAT_FWD_CACHE (IPv4), as a packet finds it (tests
+    /// check and forge what the kernel caches).
+    pub fn nat_fwd_cache(&self, slot: u32) -> Result<NatFwdCache> {
+        let name = map_names::NAT_FWD_CACHE;
+        let map: Array<&MapData, NatFwdCache> =
+            Array::try_from(self.map(name)).map_err(map_err(name))?;
+        map.get(&slot, 0).map_err(map_err(name))
+    }
+
+    /// Overwrites slot `slot` of NAT_FWD_CACHE (tests: a torn copy).
+    pub fn set_nat_fwd_cache(&mut self, slot: u32, value: NatFwdCache) -> Result<()> {
+        let name = map_names::NAT_FWD_CACHE;
+        let mut map: Array<&mut MapData, NatFwdCache> =
+            Array::try_from(self.map_mut(name)).map_err(map_err(name))?;
+        map.set(slot, value, 0).map_err(map_err(name))
+    }
+
+    /// Slot `slot` of NAT_REV_CACHE (IPv4).
+    pub fn nat_rev_cache(&self, slot: u32) -> Result<NatRevCache> {
+        let name = map_names::NAT_REV_CACHE;
+        let map: Array<&MapData, NatRevCache> =
+            Array::try_from(self.map(name)).map_err(map_err(name))?;
+        map.get(&slot, 0).map_err(map_err(name))
+    }
+
+    /// Overwrites slot `slot` of NAT_REV_CACHE (tests: a torn copy).
+    pub fn set_nat_rev_cache(&mut self, slot: u32, value: NatRevCache) -> Result<()> {
+        let name = map_names::NAT_REV_CACHE;
+        let mut map: Array<&mut MapData, NatRevCache> =
+            Array::try_from(self.map_mut(name)).map_err(map_err(name))?;
+        map.set(slot, value, 0).map_err(map_err(name))
     }
 
     /// New conntrack timeouts for the running keeper (a reload).
