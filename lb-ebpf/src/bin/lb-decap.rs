@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::decap::{DecapConfig, DecapReason, INLINE_PREFIXES, MAX_ALLOW_PREFIXES};
 use lb_ebpf::{
-    parse::{ethernet, ptr_at, read_macs, write_macs},
+    parse::{ethernet, ptr_at},
     tunnel::{OuterSource, TunnelKind, fast_v4, inner, outer},
 };
 use network_types::eth::EthHdr;
@@ -108,7 +108,7 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     if let Some(fast) = fast_v4(ctx, cfg.gue_port)
         && allowed(cfg, &OuterSource::V4(fast.source))
     {
-        return strip_untagged(ctx, fast.inner, fast.ether_type, fast.kind);
+        return strip(ctx, EthHdr::LEN, fast.inner, fast.ether_type, fast.kind);
     }
     let eth = ethernet(ctx).ok_or(DecapReason::PassNotTunnel)?;
     let tunnel = outer(ctx, &eth, cfg.gue_port)?;
@@ -120,45 +120,7 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     }
     let ether_type = inner(ctx, &tunnel)?;
 
-    // Keep the L2 header: copy it out, move the frame's start to the
-    // inner header minus the L2 length, and write it back there.
-    let frame = eth.hdr as *const u8;
-    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
-    let (dst, src) = unsafe { read_macs(frame) };
-    let vlan = eth.l3 != EthHdr::LEN;
-    let tag: u32 = if vlan {
-        // The tag protocol identifier (802.1Q or 802.1ad) and the tag.
-        // SAFETY: ethernet() checked the 18 bytes up to the EtherType after
-        // the tag when it found one.
-        unsafe { (frame.add(12) as *const u32).read_unaligned() }
-    } else {
-        0
-    };
-    let strip = (tunnel.inner - eth.l3) as i32;
-    // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip) } != 0 {
-        return Err(DecapReason::DropMalformed);
-    }
-    if vlan {
-        let hdr: *mut [u8; EthHdr::LEN + 4] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
-        let hdr = hdr as *mut u8;
-        // SAFETY: 18 bytes bounds checked by ptr_at (the old outer header
-        // bytes, now in front of the inner header).
-        unsafe {
-            write_macs(hdr, dst, src);
-            (hdr.add(12) as *mut u32).write_unaligned(tag);
-            (hdr.add(16) as *mut u16).write_unaligned(ether_type.to_be());
-        }
-    } else {
-        let hdr: *mut [u8; EthHdr::LEN] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
-        let hdr = hdr as *mut u8;
-        // SAFETY: 14 bytes bounds checked by ptr_at.
-        unsafe {
-            write_macs(hdr, dst, src);
-            (hdr.add(12) as *mut u16).write_unaligned(ether_type.to_be());
-        }
-    }
-    Ok(decapsulated(tunnel.kind))
+    strip(ctx, eth.l3, tunnel.inner, ether_type, tunnel.kind)
 }
 
 /// The counter of a stripped `kind`.
@@ -170,40 +132,72 @@ fn decapsulated(kind: TunnelKind) -> DecapReason {
     }
 }
 
-/// Strips everything between an untagged Ethernet header and the inner
-/// header at `inner`, keeping the MAC addresses: two loads before the
-/// move, three stores after it.
+/// The frame's start with `N` bytes bounds checked, from volatile loads
+/// of the context: LLVM would otherwise reuse an earlier comparison of
+/// the same addresses (dropping this one), which the verifier, having
+/// forgotten it across the trie lookup, then refuses.
 #[inline(always)]
-fn strip_untagged(
+fn fresh_start<const N: usize>(ctx: &XdpContext) -> Option<*const [u8; N]> {
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + N > end {
+        return None;
+    }
+    Some(start as *const [u8; N])
+}
+
+/// Strips everything between the L2 header (`l2` bytes: 14, or 18 with
+/// one VLAN tag, 802.1Q or 802.1ad, kept as it was) and the inner header
+/// at `inner`: copies the L2 header out (two or three word loads), moves
+/// the frame's start to the inner header minus the L2 length, and writes
+/// it back there with the inner EtherType (three or four stores).
+#[inline(always)]
+fn strip(
     ctx: &XdpContext,
+    l2: usize,
     inner: usize,
     ether_type: u16,
     kind: TunnelKind,
 ) -> Result<DecapReason, DecapReason> {
-    // Checked again: the verifier forgets fast_v4's check across the
-    // trie lookup.
-    let frame: *const [u8; EthHdr::LEN] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
-    // SAFETY: 14 bytes bounds checked by ptr_at; packet loads and stores
+    const MAX_L2: usize = EthHdr::LEN + 4;
+    // One check for both layouts: a tunnel packet is longer than any L2
+    // header and an inner IPv4 header. Checked again here: the verifier
+    // forgets the parsers' checks across the trie lookup.
+    let frame = fresh_start::<MAX_L2>(ctx).ok_or(DecapReason::DropMalformed)?;
+    // SAFETY: 18 bytes bounds checked by ptr_at; packet loads and stores
     // need no alignment in BPF (read_unaligned and write_unaligned compile
-    // to byte loads and stores).
-    let (macs, tail) = unsafe {
+    // to byte loads and stores). The MACs; then the tag protocol
+    // identifier and the tag, if any.
+    let (macs, tail, tag) = unsafe {
+        let w = frame as *const u32;
         (
             (frame as *const u64).read(),
-            (frame as *const u32).add(2).read(),
+            w.add(2).read(),
+            w.add(3).read(),
         )
     };
-    let strip = (inner - EthHdr::LEN) as i32;
     // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (inner - l2) as i32) } != 0 {
         return Err(DecapReason::DropMalformed);
     }
-    let hdr: *mut [u8; EthHdr::LEN] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
+    let hdr: *mut [u8; MAX_L2] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
     let hdr = hdr as *mut u8;
-    // SAFETY: 14 bytes bounds checked by ptr_at; see above on alignment.
+    // SAFETY: 18 bytes bounds checked by ptr_at (the old outer header
+    // bytes, now in front of the inner header); see above on alignment.
     unsafe {
         (hdr as *mut u64).write(macs);
         (hdr.add(8) as *mut u32).write(tail);
-        (hdr.add(12) as *mut u16).write(ether_type.to_be());
+        if l2 == EthHdr::LEN {
+            (hdr.add(12) as *mut u16).write(ether_type.to_be());
+        } else {
+            (hdr.add(12) as *mut u32).write(tag);
+            (hdr.add(16) as *mut u16).write(ether_type.to_be());
+        }
     }
     Ok(decapsulated(kind))
 }
