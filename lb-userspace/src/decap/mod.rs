@@ -128,7 +128,14 @@ impl DecapMaps {
         Ok(Self {
             allow_v4: with_name(v4, LpmTrie::try_from(take(v4)?))?,
             allow_v6: with_name(v6, LpmTrie::try_from(take(v6)?))?,
-            config: with_name(cfg, Array::try_from(take(cfg)?))?,
+            config: match Array::try_from(take(cfg)?) {
+                Err(aya::maps::MapError::InvalidValueSize { size, expected }) => anyhow::bail!(
+                    "map {cfg}: its elements have {size} bytes, this lb's have {expected} \
+                     (pinned by another lb version): detach this interface with \
+                     `lb decap detach` and attach it again"
+                ),
+                r => with_name(cfg, r)?,
+            },
             stats: with_name(st, PerCpuArray::try_from(take(st)?))?,
         })
     }
