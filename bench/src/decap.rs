@@ -156,8 +156,8 @@ pub fn rows(ipip: &[f64], gue: &[f64], floor: &[f64], repeat: u32) -> Vec<Row> {
             .ratio(&floor)
             .target(target.clone())
             .note(format!(
-                "backends' lb_decap on a tunnel frame (inner TCP ACK), repeat={repeat} through \
-                 lb_restore: kernel-reported average − lb_restore → lb_return's + lb_return's; \
+                "backends' lb_decap on a tunnel frame (inner TCP ACK) from an allowed source \
+                 (one /24: the inline allow-list), repeat={repeat} through lb_restore: kernel-reported average − lb_restore → lb_return's + lb_return's; \
                  ratio to lb_floor timed the same way: {} ns",
                 fmt_num(floor.median)
             ))

@@ -30,6 +30,70 @@ pub const MAX_ALLOW_PREFIXES: u32 = 1024;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
 
+/// Prefixes per family the program checks inline (from DECAP_CONFIG)
+/// instead of looking the outer source up in the LPM trie: a backend
+/// usually allows one or two load balancers, and a few mask-and-compare
+/// steps cost less than a trie lookup. Longer lists use the trie.
+pub const INLINE_PREFIXES: usize = 8;
+
+/// A family's inline count meaning "look the source up in the trie".
+pub const USE_TRIE: u32 = u32::MAX;
+
+/// An IPv4 prefix as the program compares it: `source & mask == addr`,
+/// both words as loaded from the packet (network byte order in memory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InlinePrefix4 {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+/// An IPv6 prefix, as two 64-bit words each (network byte order in
+/// memory): two masked compares per prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InlinePrefix6 {
+    pub addr: [u64; 2],
+    pub mask: [u64; 2],
+}
+
+impl InlinePrefix4 {
+    /// `octets/len` (host bits must already be zero).
+    pub fn new(octets: [u8; 4], len: u8) -> Self {
+        let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+        Self {
+            addr: u32::from_ne_bytes(octets) & mask.to_be(),
+            mask: mask.to_be(),
+        }
+    }
+
+    /// What the program decides for `source`.
+    pub fn matches(&self, source: [u8; 4]) -> bool {
+        u32::from_ne_bytes(source) & self.mask == self.addr
+    }
+}
+
+impl InlinePrefix6 {
+    pub fn new(octets: [u8; 16], len: u8) -> Self {
+        let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+        let m = mask.to_be_bytes();
+        let word = |b: &[u8; 16], i: usize| {
+            u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        };
+        let mask = [word(&m, 0), word(&m, 1)];
+        Self {
+            addr: [word(&octets, 0) & mask[0], word(&octets, 1) & mask[1]],
+            mask,
+        }
+    }
+
+    pub fn matches(&self, source: [u8; 16]) -> bool {
+        let word =
+            |i: usize| u64::from_ne_bytes(source[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        word(0) & self.mask[0] == self.addr[0] && word(1) & self.mask[1] == self.addr[1]
+    }
+}
+
 /// The only element of DECAP_CONFIG.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,24 +101,37 @@ pub struct DecapConfig {
     /// GUE destination port, network byte order; 0 turns GUE off.
     pub gue_port: u16,
     pub _pad: u16,
+    /// Prefixes of `v4` in use (0: no IPv4 source is allowed), or
+    /// [`USE_TRIE`]: the list is longer than [`INLINE_PREFIXES`].
+    pub v4_count: u32,
+    /// The same for `v6`.
+    pub v6_count: u32,
     pub _reserved: u32,
+    pub v4: [InlinePrefix4; INLINE_PREFIXES],
+    pub v6: [InlinePrefix6; INLINE_PREFIXES],
 }
 
-const _: () = assert!(size_of::<DecapConfig>() == 8);
+const _: () = assert!(size_of::<DecapConfig>() == 16 + 8 * 8 + 8 * 32);
 
 impl DecapConfig {
-    /// `port` in host order.
-    pub const fn new(port: u16) -> Self {
+    /// `port` in host order, no source allowed.
+    pub fn new(port: u16) -> Self {
         Self {
             gue_port: port.to_be(),
-            _pad: 0,
-            _reserved: 0,
+            ..Self::default()
         }
     }
 
     /// The GUE port in host order (0: GUE off).
     pub const fn port(&self) -> u16 {
         u16::from_be(self.gue_port)
+    }
+
+    /// Both families looked up in the trie (the inline entries kept).
+    pub fn trie_only(mut self) -> Self {
+        self.v4_count = USE_TRIE;
+        self.v6_count = USE_TRIE;
+        self
     }
 }
 
@@ -129,6 +206,33 @@ mod tests {
         for (i, r) in DecapReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{}", r.name());
         }
+    }
+
+    #[test]
+    fn inline_prefixes_match_like_a_prefix() {
+        let p = InlinePrefix4::new([198, 18, 1, 0], 24);
+        assert!(p.matches([198, 18, 1, 10]));
+        assert!(!p.matches([198, 18, 2, 10]));
+        assert!(InlinePrefix4::new([0; 4], 0).matches([1, 2, 3, 4]));
+        let host = InlinePrefix4::new([198, 18, 1, 10], 32);
+        assert!(host.matches([198, 18, 1, 10]) && !host.matches([198, 18, 1, 11]));
+        let mut a = [0u8; 16];
+        a[..6].copy_from_slice(&[0x20, 0x01, 0, 2, 0, 1]);
+        let p6 = InlinePrefix6::new(a, 48);
+        let mut inside = a;
+        inside[15] = 7;
+        inside[6] = 0xff;
+        assert!(p6.matches(inside));
+        let mut outside = a;
+        outside[5] = 2;
+        assert!(!p6.matches(outside));
+        // A prefix longer than 64 bits compares the second word too.
+        let p70 = InlinePrefix6::new(a, 70);
+        let mut low = a;
+        low[8] = 0x80;
+        assert!(!p70.matches(low));
+        low[8] = 0x01;
+        assert!(p70.matches(low));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb::decap::{Cidr, DecapProgram, Settings};
-use lb_common::decap::DEFAULT_GUE_PORT;
+use lb_common::decap::{DEFAULT_GUE_PORT, INLINE_PREFIXES};
 use lb_tests::{
     fixture::{RunResult, XDP_ABORTED, XDP_DROP, XDP_PASS, run_xdp},
     packet::{
@@ -275,6 +275,128 @@ fn the_allow_list_is_a_longest_prefix_match_and_updates_in_place() {
     assert_eq!(verdict(&d, v4("198.18.1.10")), XDP_DROP);
     assert_eq!(verdict(&d, v6("2001:3:ffff::1")), XDP_PASS);
     assert_eq!(verdict(&d, v6("2001:2:0:1::10")), XDP_DROP);
+}
+
+/// The verdict for an IPIP frame from `src` (inner IPv4).
+fn verdict_from(d: &Decap, src: IpAddr) -> u32 {
+    let dst: IpAddr = match src {
+        IpAddr::V4(_) => BACKEND4.into(),
+        IpAddr::V6(_) => BACKEND6.into(),
+    };
+    let frame = tunnel_frame(&inner4(), src, dst, Encap::Ipip, None);
+    run_xdp(d.prog.program(), &frame).unwrap().action
+}
+
+/// `n` disjoint prefixes per family, in the order the list sorts them:
+/// 198.18.1.16*i/28 and 2001:2:0:1:i::/80 (i < n).
+fn prefixes(n: u16) -> Vec<String> {
+    let v4 = (0..n).map(|i| format!("198.18.1.{}/28", 16 * i));
+    let v6 = (0..n).map(|i| format!("2001:2:0:1:{i:x}::/80"));
+    v4.chain(v6).collect()
+}
+
+#[test]
+fn an_inline_list_of_eight_prefixes_allows_the_eighth_and_drops_the_rest() {
+    let mut d = Decap::new();
+    let list = prefixes(INLINE_PREFIXES as u16);
+    let refs: Vec<&str> = list.iter().map(String::as_str).collect();
+    d.prog
+        .maps
+        .apply(&settings(&refs, DEFAULT_GUE_PORT))
+        .unwrap();
+    assert_eq!(
+        d.prog.maps.inline_lists().unwrap(),
+        (true, true),
+        "8 prefixes per family fit the inline lists"
+    );
+    let v4 = |s: &str| IpAddr::V4(s.parse().unwrap());
+    let v6 = |s: &str| IpAddr::V6(s.parse().unwrap());
+    // The 8th prefix: 198.18.1.112/28 and 2001:2:0:1:7::/80, both ends.
+    assert_eq!(verdict_from(&d, v4("198.18.1.112")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v4("198.18.1.127")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:7::")), XDP_PASS);
+    assert_eq!(
+        verdict_from(&d, v6("2001:2:0:1:7:ffff:ffff:ffff")),
+        XDP_PASS
+    );
+    // The first, and a middle one.
+    assert_eq!(verdict_from(&d, v4("198.18.1.1")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:3::9")), XDP_PASS);
+    // Just outside the list.
+    assert_eq!(verdict_from(&d, v4("198.18.1.128")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v4("198.18.0.255")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:8::")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:0:7::")), XDP_DROP);
+    // The 8th source is counted as decapsulated, an outsider as not allowed.
+    let frame = tunnel_frame(
+        &inner4(),
+        v4("198.18.1.120"),
+        BACKEND4.into(),
+        Encap::Ipip,
+        None,
+    );
+    assert_eq!(d.run(&frame, "decap_ipip").action, XDP_PASS);
+    let frame = tunnel_frame(
+        &inner4(),
+        v6("2001:2:0:1:9::1"),
+        BACKEND6.into(),
+        Encap::Ipip,
+        None,
+    );
+    assert_eq!(d.run(&frame, "drop_not_allowed").action, XDP_DROP);
+}
+
+#[test]
+fn a_list_longer_than_the_inline_capacity_is_enforced_through_the_trie() {
+    let mut d = Decap::new();
+    let n = INLINE_PREFIXES as u16 + 1;
+    let list = prefixes(n);
+    let refs: Vec<&str> = list.iter().map(String::as_str).collect();
+    d.prog
+        .maps
+        .apply(&settings(&refs, DEFAULT_GUE_PORT))
+        .unwrap();
+    assert_eq!(d.prog.maps.inline_lists().unwrap(), (false, false));
+    let v4 = |s: &str| IpAddr::V4(s.parse().unwrap());
+    let v6 = |s: &str| IpAddr::V6(s.parse().unwrap());
+    // The 9th prefix (beyond the inline capacity) and the first.
+    assert_eq!(verdict_from(&d, v4("198.18.1.128")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v4("198.18.1.143")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v4("198.18.1.0")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:8::5")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1::5")), XDP_PASS);
+    // Outside.
+    assert_eq!(verdict_from(&d, v4("198.18.1.144")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:9::")), XDP_DROP);
+
+    // One family long, the other short: each is checked its own way.
+    let mut mixed = prefixes(1)[..1].to_vec();
+    mixed.extend(list[n as usize..].iter().cloned());
+    let refs: Vec<&str> = mixed.iter().map(String::as_str).collect();
+    d.prog
+        .maps
+        .apply(&settings(&refs, DEFAULT_GUE_PORT))
+        .unwrap();
+    assert_eq!(d.prog.maps.inline_lists().unwrap(), (true, false));
+    assert_eq!(verdict_from(&d, v4("198.18.1.15")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v4("198.18.1.128")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:8::5")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:9::")), XDP_DROP);
+
+    // Back to a short list: the prefixes left out are refused again.
+    d.prog
+        .maps
+        .apply(&settings(&["198.18.1.128/28"], DEFAULT_GUE_PORT))
+        .unwrap();
+    assert_eq!(d.prog.maps.inline_lists().unwrap(), (true, true));
+    assert_eq!(verdict_from(&d, v4("198.18.1.130")), XDP_PASS);
+    assert_eq!(verdict_from(&d, v4("198.18.1.0")), XDP_DROP);
+    assert_eq!(verdict_from(&d, v6("2001:2:0:1:8::5")), XDP_DROP);
+    assert_eq!(
+        d.prog.maps.allow_list().unwrap().len(),
+        1,
+        "the trie holds the list too"
+    );
 }
 
 #[test]

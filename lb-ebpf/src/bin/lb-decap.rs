@@ -20,14 +20,16 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
-use lb_common::decap::{DecapConfig, DecapReason, MAX_ALLOW_PREFIXES};
+use lb_common::decap::{DecapConfig, DecapReason, INLINE_PREFIXES, MAX_ALLOW_PREFIXES};
 use lb_ebpf::{
-    parse::{ethernet, ptr_at, read_macs, write_macs},
-    tunnel::{OuterSource, TunnelKind, inner, outer},
+    parse::{ethernet, ptr_at},
+    tunnel::{OuterSource, TunnelKind, fast_v4, inner, outer},
 };
 use network_types::eth::EthHdr;
 
-/// Allowed outer IPv4 sources (the load balancers), longest prefix match.
+/// Allowed outer IPv4 sources (the load balancers), longest prefix match:
+/// the whole list, looked up only when it is longer than the inline copy
+/// in DECAP_CONFIG can hold.
 #[map]
 static DECAP_ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
@@ -35,7 +37,8 @@ static DECAP_ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_ALLOW_PREFIXE
 #[map]
 static DECAP_ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
-/// One element: the GUE port (0: GUE off until `lb decap` sets it).
+/// One element: the GUE port (0: GUE off until `lb decap` sets it) and
+/// the inline allow-lists.
 #[map]
 static DECAP_CONFIG: Array<DecapConfig> = Array::pinned(1, 0);
 
@@ -54,11 +57,45 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     if reason.is_drop() { XDP_DROP } else { XDP_PASS }
 }
 
+/// Any allowed prefix holds `source`: the inline entries of `cfg` when
+/// its list is short (a bounded, unrolled mask-and-compare), else the
+/// trie. An allow/deny decision needs any match, not the longest.
 #[inline(always)]
-fn allowed(source: &OuterSource) -> bool {
-    match source {
-        OuterSource::V4(a) => DECAP_ALLOW_V4.get(Key::new(32, *a)).is_some(),
-        OuterSource::V6(a) => DECAP_ALLOW_V6.get(Key::new(128, *a)).is_some(),
+fn allowed(cfg: &DecapConfig, source: &OuterSource) -> bool {
+    match *source {
+        OuterSource::V4(a) => {
+            let n = cfg.v4_count as usize;
+            if n > INLINE_PREFIXES {
+                return DECAP_ALLOW_V4.get(Key::new(32, a.to_ne_bytes())).is_some();
+            }
+            for (i, p) in cfg.v4.iter().enumerate() {
+                if i >= n {
+                    return false;
+                }
+                if a & p.mask == p.addr {
+                    return true;
+                }
+            }
+            false
+        }
+        OuterSource::V6(a) => {
+            let n = cfg.v6_count as usize;
+            if n > INLINE_PREFIXES {
+                // SAFETY: [u64; 2] and [u8; 16] have the same size; the
+                // words hold the address's bytes in wire order.
+                let bytes: [u8; 16] = unsafe { core::mem::transmute(a) };
+                return DECAP_ALLOW_V6.get(Key::new(128, bytes)).is_some();
+            }
+            for (i, p) in cfg.v6.iter().enumerate() {
+                if i >= n {
+                    return false;
+                }
+                if a[0] & p.mask[0] == p.addr[0] && a[1] & p.mask[1] == p.addr[1] {
+                    return true;
+                }
+            }
+            false
+        }
     }
 }
 
@@ -66,10 +103,16 @@ fn allowed(source: &OuterSource) -> bool {
 /// is dropped.
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
+    // An array's only element: never absent once loaded.
+    let cfg = DECAP_CONFIG.get(0).ok_or(DecapReason::PassNotTunnel)?;
+    if let Some(fast) = fast_v4(ctx, cfg.gue_port)
+        && allowed(cfg, &OuterSource::V4(fast.source))
+    {
+        return strip(ctx, EthHdr::LEN, fast.inner, fast.ether_type, fast.kind);
+    }
     let eth = ethernet(ctx).ok_or(DecapReason::PassNotTunnel)?;
-    let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port);
-    let tunnel = outer(ctx, &eth, gue_port)?;
-    if !allowed(&tunnel.source) {
+    let tunnel = outer(ctx, &eth, cfg.gue_port)?;
+    if !allowed(cfg, &tunnel.source) {
         return Err(DecapReason::DropNotAllowed);
     }
     if let Some(problem) = tunnel.problem {
@@ -77,48 +120,86 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     }
     let ether_type = inner(ctx, &tunnel)?;
 
-    // Keep the L2 header: copy it out, move the frame's start to the
-    // inner header minus the L2 length, and write it back there.
-    let frame = eth.hdr as *const u8;
-    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
-    let (dst, src) = unsafe { read_macs(frame) };
-    let vlan = eth.l3 != EthHdr::LEN;
-    let tag: u32 = if vlan {
-        // The tag protocol identifier (802.1Q or 802.1ad) and the tag.
-        // SAFETY: ethernet() checked the 18 bytes up to the EtherType after
-        // the tag when it found one.
-        unsafe { (frame.add(12) as *const u32).read_unaligned() }
-    } else {
-        0
-    };
-    let strip = (tunnel.inner - eth.l3) as i32;
-    // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip) } != 0 {
-        return Err(DecapReason::DropMalformed);
-    }
-    if vlan {
-        let hdr: *mut [u8; EthHdr::LEN + 4] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
-        let hdr = hdr as *mut u8;
-        // SAFETY: 18 bytes bounds checked by ptr_at (the old outer header
-        // bytes, now in front of the inner header).
-        unsafe {
-            write_macs(hdr, dst, src);
-            (hdr.add(12) as *mut u32).write_unaligned(tag);
-            (hdr.add(16) as *mut u16).write_unaligned(ether_type.to_be());
-        }
-    } else {
-        let hdr: *mut [u8; EthHdr::LEN] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
-        let hdr = hdr as *mut u8;
-        // SAFETY: 14 bytes bounds checked by ptr_at.
-        unsafe {
-            write_macs(hdr, dst, src);
-            (hdr.add(12) as *mut u16).write_unaligned(ether_type.to_be());
-        }
-    }
-    Ok(match tunnel.kind {
+    strip(ctx, eth.l3, tunnel.inner, ether_type, tunnel.kind)
+}
+
+/// The counter of a stripped `kind`.
+#[inline(always)]
+fn decapsulated(kind: TunnelKind) -> DecapReason {
+    match kind {
         TunnelKind::Ipip => DecapReason::DecapIpip,
         TunnelKind::Gue => DecapReason::DecapGue,
-    })
+    }
+}
+
+/// The frame's start with `N` bytes bounds checked, from volatile loads
+/// of the context: LLVM would otherwise reuse an earlier comparison of
+/// the same addresses (dropping this one), which the verifier, having
+/// forgotten it across the trie lookup, then refuses.
+#[inline(always)]
+fn fresh_start<const N: usize>(ctx: &XdpContext) -> Option<*const [u8; N]> {
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + N > end {
+        return None;
+    }
+    Some(start as *const [u8; N])
+}
+
+/// Strips everything between the L2 header (`l2` bytes: 14, or 18 with
+/// one VLAN tag, 802.1Q or 802.1ad, kept as it was) and the inner header
+/// at `inner`: copies the L2 header out (two or three word loads), moves
+/// the frame's start to the inner header minus the L2 length, and writes
+/// it back there with the inner EtherType (three or four stores).
+#[inline(always)]
+fn strip(
+    ctx: &XdpContext,
+    l2: usize,
+    inner: usize,
+    ether_type: u16,
+    kind: TunnelKind,
+) -> Result<DecapReason, DecapReason> {
+    const MAX_L2: usize = EthHdr::LEN + 4;
+    // One check for both layouts: a tunnel packet is longer than any L2
+    // header and an inner IPv4 header. Checked again here: the verifier
+    // forgets the parsers' checks across the trie lookup.
+    let frame = fresh_start::<MAX_L2>(ctx).ok_or(DecapReason::DropMalformed)?;
+    // SAFETY: 18 bytes bounds checked by ptr_at; packet loads and stores
+    // need no alignment in BPF (read_unaligned and write_unaligned compile
+    // to byte loads and stores). The MACs; then the tag protocol
+    // identifier and the tag, if any.
+    let (macs, tail, tag) = unsafe {
+        let w = frame as *const u32;
+        (
+            (frame as *const u64).read(),
+            w.add(2).read(),
+            w.add(3).read(),
+        )
+    };
+    // SAFETY: ctx.ctx is the program's xdp_md; the helper checks the delta.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (inner - l2) as i32) } != 0 {
+        return Err(DecapReason::DropMalformed);
+    }
+    let hdr: *mut [u8; MAX_L2] = ptr_at(ctx, 0).ok_or(DecapReason::DropMalformed)?;
+    let hdr = hdr as *mut u8;
+    // SAFETY: 18 bytes bounds checked by ptr_at (the old outer header
+    // bytes, now in front of the inner header); see above on alignment.
+    unsafe {
+        (hdr as *mut u64).write(macs);
+        (hdr.add(8) as *mut u32).write(tail);
+        if l2 == EthHdr::LEN {
+            (hdr.add(12) as *mut u16).write(ether_type.to_be());
+        } else {
+            (hdr.add(12) as *mut u32).write(tag);
+            (hdr.add(16) as *mut u16).write(ether_type.to_be());
+        }
+    }
+    Ok(decapsulated(kind))
 }
 
 #[cfg(not(test))]

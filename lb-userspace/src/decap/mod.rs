@@ -18,7 +18,10 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{Xdp, XdpMode, links::FdLink},
 };
-use lb_common::decap::{DecapConfig, DecapReason, PROGRAM, map_names};
+use lb_common::decap::{
+    DecapConfig, DecapReason, INLINE_PREFIXES, InlinePrefix4, InlinePrefix6, PROGRAM, USE_TRIE,
+    map_names,
+};
 
 use crate::datapath;
 
@@ -125,7 +128,14 @@ impl DecapMaps {
         Ok(Self {
             allow_v4: with_name(v4, LpmTrie::try_from(take(v4)?))?,
             allow_v6: with_name(v6, LpmTrie::try_from(take(v6)?))?,
-            config: with_name(cfg, Array::try_from(take(cfg)?))?,
+            config: match Array::try_from(take(cfg)?) {
+                Err(aya::maps::MapError::InvalidValueSize { size, expected }) => anyhow::bail!(
+                    "map {cfg}: its elements have {size} bytes, this lb's have {expected} \
+                     (pinned by another lb version): detach this interface with \
+                     `lb decap detach` and attach it again"
+                ),
+                r => with_name(cfg, r)?,
+            },
             stats: with_name(st, PerCpuArray::try_from(take(st)?))?,
         })
     }
@@ -141,7 +151,9 @@ impl DecapMaps {
 
     /// Makes the maps say `s`: new prefixes are inserted before stale
     /// ones are removed, so a source allowed before and after is never
-    /// refused meanwhile.
+    /// refused meanwhile. The tries always hold the whole list; a list of
+    /// up to [`INLINE_PREFIXES`] per family is also copied into the
+    /// config, which the program checks instead of the trie.
     pub fn apply(&mut self, s: &Settings) -> Result<Applied> {
         let have: BTreeSet<Cidr> = self.allow_list()?.into_iter().collect();
         let want: BTreeSet<Cidr> = s.allow.iter().copied().collect();
@@ -150,19 +162,40 @@ impl DecapMaps {
             self.insert(c)?;
             applied.added.push(*c);
         }
-        let old = self.gue_port()?;
-        if old != s.gue_port {
-            with_name(
-                map_names::CONFIG,
-                self.config.set(0, DecapConfig::new(s.gue_port), 0),
-            )?;
-            applied.old_port = Some(old);
+        let old = self.config()?;
+        let new = config_for(&want, s.gue_port);
+        if old != new {
+            // The program may read the element while it is rewritten: the
+            // counts change alone (a word each) and the entries only while
+            // the counts say "trie", which holds both lists meanwhile.
+            let steps = [
+                DecapConfig {
+                    gue_port: new.gue_port,
+                    ..old.trie_only()
+                },
+                new.trie_only(),
+                new,
+            ];
+            let mut last = old;
+            for step in steps {
+                if step != last {
+                    with_name(map_names::CONFIG, self.config.set(0, step, 0))?;
+                    last = step;
+                }
+            }
+        }
+        if old.port() != s.gue_port {
+            applied.old_port = Some(old.port());
         }
         for c in have.difference(&want) {
             self.remove(c)?;
             applied.removed.push(*c);
         }
         Ok(applied)
+    }
+
+    fn config(&self) -> Result<DecapConfig> {
+        with_name(map_names::CONFIG, self.config.get(&0, 0))
     }
 
     fn insert(&mut self, c: &Cidr) -> Result<()> {
@@ -215,7 +248,14 @@ impl DecapMaps {
 
     /// The GUE port, host order (0: GUE off).
     pub fn gue_port(&self) -> Result<u16> {
-        Ok(with_name(map_names::CONFIG, self.config.get(&0, 0))?.port())
+        Ok(self.config()?.port())
+    }
+
+    /// Whether the program checks each family's list inline (IPv4, IPv6)
+    /// rather than in the trie.
+    pub fn inline_lists(&self) -> Result<(bool, bool)> {
+        let c = self.config()?;
+        Ok((c.v4_count != USE_TRIE, c.v6_count != USE_TRIE))
     }
 
     /// Every counter, summed over CPUs, in [`DecapReason::ALL`] order.
@@ -228,6 +268,45 @@ impl DecapMaps {
             })
             .collect()
     }
+}
+
+/// The config element for `allow` and `port` (host order): each family's
+/// prefixes inline when they fit, else [`USE_TRIE`].
+fn config_for(allow: &BTreeSet<Cidr>, port: u16) -> DecapConfig {
+    let mut c = DecapConfig::new(port);
+    let (mut n4, mut n6) = (0usize, 0usize);
+    for cidr in allow {
+        match cidr.addr {
+            IpAddr::V4(a) => {
+                if n4 < INLINE_PREFIXES {
+                    c.v4[n4] = InlinePrefix4::new(a.octets(), cidr.prefix_len);
+                }
+                n4 += 1;
+            }
+            IpAddr::V6(a) => {
+                if n6 < INLINE_PREFIXES {
+                    c.v6[n6] = InlinePrefix6::new(a.octets(), cidr.prefix_len);
+                }
+                n6 += 1;
+            }
+        }
+    }
+    let count = |n: usize| {
+        if n > INLINE_PREFIXES {
+            USE_TRIE
+        } else {
+            n as u32
+        }
+    };
+    c.v4_count = count(n4);
+    c.v6_count = count(n6);
+    if c.v4_count == USE_TRIE {
+        c.v4 = Default::default();
+    }
+    if c.v6_count == USE_TRIE {
+        c.v6 = Default::default();
+    }
+    c
 }
 
 /// The loaded program with its maps.
@@ -359,4 +438,36 @@ pub fn pinned_interfaces() -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(list: &[&str]) -> BTreeSet<Cidr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn short_lists_go_inline_and_long_ones_to_the_trie() {
+        let c = config_for(&set(&["198.18.1.0/24", "2001:2:0:1::/64"]), 6080);
+        assert_eq!((c.v4_count, c.v6_count, c.port()), (1, 1, 6080));
+        assert!(c.v4[0].matches([198, 18, 1, 77]));
+        assert!(!c.v4[0].matches([198, 18, 2, 77]));
+        let mut a6 = [0u8; 16];
+        a6[..8].copy_from_slice(&[0x20, 0x01, 0, 2, 0, 0, 0, 1]);
+        a6[15] = 9;
+        assert!(c.v6[0].matches(a6));
+
+        let eight: Vec<String> = (0..8).map(|i| format!("198.18.{i}.0/24")).collect();
+        let refs: Vec<&str> = eight.iter().map(String::as_str).collect();
+        let c = config_for(&set(&refs), 6080);
+        assert_eq!((c.v4_count, c.v6_count), (8, 0));
+        assert!(c.v4[7].matches([198, 18, 7, 1]));
+
+        let nine: Vec<String> = (0..9).map(|i| format!("198.18.{i}.0/24")).collect();
+        let refs: Vec<&str> = nine.iter().map(String::as_str).collect();
+        let c = config_for(&set(&refs), 6080);
+        assert_eq!((c.v4_count, c.v6_count), (USE_TRIE, 0));
+    }
 }
