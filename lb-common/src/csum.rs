@@ -64,6 +64,13 @@ pub const fn apply(sum: u16, delta: u64) -> u16 {
     !fold(add32(delta, !sum as u32))
 }
 
+/// Checksum `sum` after one 16-bit word of the covered data went from
+/// `old` to `new` (the ICMP echo reply's type and TTL changes).
+#[inline(always)]
+pub const fn replace16(sum: u16, old: u16, new: u16) -> u16 {
+    apply(sum, diff16(0, old, new))
+}
+
 /// A UDP checksum after `delta`: 0 ("no checksum", IPv4) stays 0; a
 /// result of 0 is written 0xFFFF (RFC 768: 0 would mean "none").
 #[inline(always)]

@@ -273,13 +273,19 @@ pub fn vip_table_index(key: &VipKey, mask: u32) -> u32 {
 /// both families' VIP tables.
 #[inline(always)]
 pub(crate) fn vip_table_home(addr: u32, port: u16, proto: u8, mask: u32) -> u32 {
-    let mut h = addr ^ ((port as u32) << 8 | proto as u32).wrapping_mul(MIX_MULTIPLIER);
+    fmix32(addr ^ ((port as u32) << 8 | proto as u32).wrapping_mul(MIX_MULTIPLIER)) & mask
+}
+
+/// murmur3's 32-bit finalizer: every input bit moves every output bit
+/// (the VIP table's home slot, the SNAT port picks).
+#[inline(always)]
+pub(crate) const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85EB_CA6B);
     h ^= h >> 13;
     h = h.wrapping_mul(0xC2B2_AE35);
     h ^= h >> 16;
-    h & mask
+    h
 }
 
 /// The probe sequence from `home`: it and the

@@ -150,20 +150,14 @@ pub const fn snat_index(hash: u32, count: u32) -> u32 {
 /// refused with free ports elsewhere; independent picks fail only when
 /// the range is nearly full (all tries taken: load^tries, ~2e-6 at 44 %).
 #[inline(always)]
-pub const fn nat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
+pub fn nat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
     let span = (max - min) as u32 + 1;
     if span <= NAT_PORT_TRIES {
         let start = ((hash & 0xFFFF) * span) >> 16;
         return min + ((start + attempt) % span) as u16;
     }
-    // murmur3's finalizer over the hash and the attempt.
-    let mut h = hash ^ attempt.wrapping_mul(crate::MIX_MULTIPLIER);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85EB_CA6B);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xC2B2_AE35);
-    h ^= h >> 16;
-    min + (((h as u64 & 0xFFFF_FFFF) * span as u64) >> 32) as u16
+    let h = crate::fmix32(hash ^ attempt.wrapping_mul(crate::MIX_MULTIPLIER));
+    min + crate::ring_slot(h, span) as u16
 }
 
 /// Words of a NAT cache slot's key: room for a `FlowKey6`; a `FlowKey`

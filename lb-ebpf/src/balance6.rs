@@ -346,18 +346,7 @@ fn icmp6_error_to_backend(
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    // The TCP checksum is in the quoted bytes only if 18 bytes of the
-    // TCP header are (UDP's 8 always are).
-    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= l4 + room;
-    let pos = |side| {
-        nat::nat_icmp_pos(
-            eth.l3,
-            l4,
-            e.l4,
-            e.proto,
-            side | nat::NAT_V6 | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
-        )
-    };
+    let pos = |side| nat::quoted_pos(eth.l3, l4, e.l4, e.proto, l4 + room, side | nat::NAT_V6);
     let Some(vip) = find_vip6(&VipKey6::from_wire(e.vip_addr, e.vip_port, e.proto)) else {
         if nat::in_nat_range(e.vip_port) {
             return nat::pend(pos(nat::NAT_ICMP_BACKEND_SIDE), 0, 0);

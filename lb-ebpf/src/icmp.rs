@@ -5,7 +5,7 @@
 
 use aya_ebpf::programs::XdpContext;
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, csum::replace16};
 
 use crate::parse::{ipv4, ipv4_header_len, l4_ports, ptr_at, read_macs, write_macs};
 
@@ -20,16 +20,6 @@ pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_HDR_LEN: usize = 8;
 /// The TTL of lb's answers.
 const TTL: u8 = 64;
-
-/// One's-complement sum `sum` updated for a 16-bit word of the summed data
-/// going from `old` to `new` (RFC 1624, eqn. 3): `~(~sum + ~old + new)`.
-#[inline(always)]
-pub fn csum_replace(sum: u16, old: u16, new: u16) -> u16 {
-    let mut s = (!sum as u32) + (!old as u32 & 0xFFFF) + new as u32;
-    s = (s & 0xFFFF) + (s >> 16);
-    s = (s & 0xFFFF) + (s >> 16);
-    !(s as u16)
-}
 
 /// Turns the echo request at `l3` (IPv4 header) and `icmp` (its ICMP
 /// header, bounds checked by the caller) into its reply in place: MACs and
@@ -59,8 +49,7 @@ pub unsafe fn echo_reply(ctx: &XdpContext, l3: usize, icmp: *mut [u8; ICMP_HDR_L
         let new = (TTL as u16) << 8 | (old & 0x00FF);
         let sum = u16::from_be(ip.add(5).read_unaligned());
         ip.add(4).write_unaligned(new.to_be());
-        ip.add(5)
-            .write_unaligned(csum_replace(sum, old, new).to_be());
+        ip.add(5).write_unaligned(replace16(sum, old, new).to_be());
         // Words 6–7 source, 8–9 destination.
         let addrs = ip.add(6) as *mut [u32; 2];
         let [src, dst] = addrs.read_unaligned();
@@ -72,7 +61,7 @@ pub unsafe fn echo_reply(ctx: &XdpContext, l3: usize, icmp: *mut [u8; ICMP_HDR_L
         let sum = u16::from_be(icmp.add(1).read_unaligned());
         icmp.write_unaligned(new.to_be());
         icmp.add(1)
-            .write_unaligned(csum_replace(sum, old, new).to_be());
+            .write_unaligned(replace16(sum, old, new).to_be());
     }
     Some(())
 }

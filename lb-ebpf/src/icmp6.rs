@@ -3,12 +3,9 @@
 //! big", whose flow says which backend the error is for.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, csum::replace16};
 
-use crate::{
-    icmp::csum_replace,
-    parse::{IPV6_HDR_LEN, ipv6, l4_ports, ptr_at, read_macs, write_macs},
-};
+use crate::parse::{IPV6_HDR_LEN, ipv6, l4_ports, ptr_at, read_macs, write_macs};
 
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ICMPV6_ECHO_REPLY: u8 = 129;
@@ -61,7 +58,7 @@ pub unsafe fn echo_reply6(
         let sum = u16::from_be(icmp.add(1).read_unaligned());
         icmp.write_unaligned(new.to_be());
         icmp.add(1)
-            .write_unaligned(csum_replace(sum, old, new).to_be());
+            .write_unaligned(replace16(sum, old, new).to_be());
     }
     Some(())
 }

@@ -338,18 +338,7 @@ fn icmp_error_to_backend(
     if e.vip_addr != dst {
         return Err(Reason::PassNotVip);
     }
-    // The TCP checksum is in the quoted bytes only if 18 bytes of the
-    // TCP header are (UDP's 8 always are).
-    let inner_csum = e.proto != IPPROTO_TCP || e.l4 + 18 <= eth.l3 + tot_len;
-    let pos = |side| {
-        nat::nat_icmp_pos(
-            eth.l3,
-            l4,
-            e.l4,
-            e.proto,
-            side | if inner_csum { nat::NAT_INNER_CSUM } else { 0 },
-        )
-    };
+    let pos = |side| nat::quoted_pos(eth.l3, l4, e.l4, e.proto, eth.l3 + tot_len, side);
     let Some(vip) = find_vip(&VipKey {
         addr: e.vip_addr,
         port: e.vip_port,

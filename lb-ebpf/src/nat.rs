@@ -109,6 +109,29 @@ pub(crate) const fn nat_icmp_pos(
     nat_pos(l3, icmp, proto, flags) | ((inner_l4 as u64) & 0xFFF) << 48
 }
 
+/// [`nat_icmp_pos`] of an ICMP error whose quoted bytes end at `end`,
+/// with [`NAT_INNER_CSUM`] when the quoted L4 checksum is among them
+/// (UDP's 8 header bytes always are; TCP's checksum only when 18 bytes of
+/// its header are).
+#[inline(always)]
+pub(crate) fn quoted_pos(
+    l3: usize,
+    icmp: usize,
+    inner_l4: usize,
+    proto: u8,
+    end: usize,
+    flags: u64,
+) -> u64 {
+    let csum = proto != lb_common::IPPROTO_TCP || inner_l4 + 18 <= end;
+    nat_icmp_pos(
+        l3,
+        icmp,
+        inner_l4,
+        proto,
+        flags | if csum { NAT_INNER_CSUM } else { 0 },
+    )
+}
+
 /// What [`crate::verdict`] returns for a NAT packet (no XDP action has
 /// this value): `lb_xdp` then calls [`nat_pending`].
 pub(crate) const NAT_PENDING: u32 = 0x4e41_5400;
