@@ -54,6 +54,7 @@ mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
 mod steer;
+mod syn_guard;
 use balance6::push_outer6;
 use steer::steer;
 

@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK6, FLOW_CACHE, FLOW_CACHE6, RINGS, RUNTIME,
-    VIP_STATS,
+    VIP_STATS, syn_guard,
 };
 
 /// A family's flow key, with its flow cache and conntrack map.
@@ -179,6 +179,9 @@ impl Flow for FlowKey6 {
 /// when a record exists (a reused source port must follow the current
 /// ring); a FIN or RST (`closing`) moves the record to the closing
 /// timeout.
+///
+/// Under the SYN-flood guard (syn_guard.rs), a SYN is steered by the ring
+/// and not recorded.
 #[inline(always)]
 pub(crate) fn steer<F: Flow>(
     flow: &F,
@@ -187,6 +190,9 @@ pub(crate) fn steer<F: Flow>(
     closing: bool,
     bytes: u64,
 ) -> Result<&'static Backend, Reason> {
+    if new_connection && syn_guard::unrecorded(vip.index) {
+        return syn_guard::steer_syn(flow, vip, bytes);
+    }
     let mix = flow.mix();
     let cache_slot = F::cache_slot(flow_cache_slot(mix));
     let mut cached = false;
@@ -284,6 +290,26 @@ pub(crate) fn count_steered(vip_index: u32, backend_id: u32, hit: bool, bytes: u
             }
         }
     }
+    count_backend(backend_id, bytes);
+}
+
+/// Moves the packet and byte counters of a packet steered to
+/// `backend_id` of the VIP with index `vip_index` that neither hit a
+/// record nor made one (an unrecorded SYN).
+#[inline(always)]
+pub(crate) fn count_forwarded(vip_index: u32, backend_id: u32, bytes: u64) {
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip_index) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+    count_backend(backend_id, bytes);
+}
+
+#[inline(always)]
+fn count_backend(backend_id: u32, bytes: u64) {
     if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot.
         unsafe {

@@ -121,6 +121,56 @@ pub struct ConntrackSettings {
     /// A TCP connection that sent a FIN or RST is over after this long
     /// without packets.
     pub tcp_closing: Duration,
+    /// `syn_guard`: when SYNs go unrecorded (see lb-ebpf's syn_guard.rs).
+    pub syn_guard: SynGuardMode,
+    /// `syn_guard_rate`: in `auto` mode, SYNs per second for one VIP on
+    /// one CPU above which that CPU stops recording the VIP's SYNs.
+    pub syn_guard_rate: u32,
+}
+
+/// When the SYN-flood guard leaves SYNs unrecorded (steered by the ring,
+/// the flow recorded by its first ACK).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SynGuardMode {
+    /// Above `syn_guard_rate`.
+    #[default]
+    Auto,
+    /// Every SYN.
+    Always,
+    /// Never: every SYN is recorded.
+    Off,
+}
+
+impl SynGuardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SynGuardMode::Auto => "auto",
+            SynGuardMode::Always => "always",
+            SynGuardMode::Off => "off",
+        }
+    }
+}
+
+/// Default `syn_guard_rate`: far above what one CPU records comfortably
+/// (an LRU insert costs ~0.5 µs), far below a flood.
+pub const DEFAULT_SYN_GUARD_RATE: u32 = 10_000;
+/// Accepted `syn_guard_rate`.
+pub const SYN_GUARD_RATE: (u32, u32) = (10, 100_000_000);
+
+impl ConntrackSettings {
+    /// The kernel's form ([`lb_common::Runtime::syn_guard`]) for ticks of
+    /// `tick`: 0 off, 1 always, else the SYNs one CPU may record for one
+    /// VIP per tick, plus one.
+    pub fn syn_guard_word(&self, tick: Duration) -> u32 {
+        match self.syn_guard {
+            SynGuardMode::Off => 0,
+            SynGuardMode::Always => 1,
+            SynGuardMode::Auto => {
+                let per_tick = u64::from(self.syn_guard_rate) * tick.as_millis() as u64 / 1000;
+                u32::try_from(per_tick.max(1) + 1).unwrap_or(u32::MAX)
+            }
+        }
+    }
 }
 
 /// Default `conntrack_udp_idle_ms`.
@@ -138,6 +188,8 @@ impl Default for ConntrackSettings {
             udp_idle: DEFAULT_UDP_IDLE,
             tcp_idle: DEFAULT_TCP_IDLE,
             tcp_closing: DEFAULT_TCP_CLOSING,
+            syn_guard: SynGuardMode::Auto,
+            syn_guard_rate: DEFAULT_SYN_GUARD_RATE,
         }
     }
 }
@@ -484,6 +536,12 @@ keyword_enum!(XdpModeSetting, "xdp_mode", [
     "native" => XdpModeSetting::Native,
     "skb" => XdpModeSetting::Skb,
 ]);
+keyword_enum!(SynGuardMode, "syn_guard", [
+    "auto" => SynGuardMode::Auto,
+    "always" => SynGuardMode::Always,
+    "off" => SynGuardMode::Off,
+]);
+
 keyword_enum!(BackendState, "backend state", [
     "active" => BackendState::Active,
     "drain" => BackendState::Drain,

@@ -35,6 +35,8 @@ pub(super) struct RawAgent {
     pub conntrack_udp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_closing_ms: Option<S<i64>>,
+    pub syn_guard: Option<S<String>>,
+    pub syn_guard_rate: Option<S<i64>>,
     pub encap_source_v4: Option<S<String>>,
     pub encap_source_v6: Option<S<String>>,
     pub gue_port: Option<S<i64>>,

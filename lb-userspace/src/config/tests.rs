@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use super::{raw::line_col, *};
+use super::{
+    model::{DEFAULT_SYN_GUARD_RATE, SynGuardMode},
+    raw::line_col,
+    *,
+};
 use crate::maglev::is_prime;
 
 /// The example of the module documentation.
@@ -25,6 +29,8 @@ ring_size = 65537
 conntrack_udp_idle_ms = 20000
 conntrack_tcp_idle_ms = 7200000
 conntrack_tcp_closing_ms = 5000
+syn_guard = "always"
+syn_guard_rate = 500
 
 [[vip]]
 name = "web"
@@ -128,6 +134,8 @@ fn full_example() {
                 udp_idle: Duration::from_secs(20),
                 tcp_idle: Duration::from_secs(7200),
                 tcp_closing: Duration::from_secs(5),
+                syn_guard: SynGuardMode::Always,
+                syn_guard_rate: 500,
             },
             encap: EncapSettings::default(),
             nat: NatSettings::default(),
@@ -195,6 +203,8 @@ address = "198.18.0.11"
                 udp_idle: Duration::from_secs(30),
                 tcp_idle: Duration::from_secs(3600),
                 tcp_closing: Duration::from_secs(30),
+                syn_guard: SynGuardMode::Auto,
+                syn_guard_rate: DEFAULT_SYN_GUARD_RATE,
             },
             encap: EncapSettings {
                 source_v4: None,
@@ -880,6 +890,20 @@ fn other_agent_fields() {
     check(&e, 2, "agent.conntrack_tcp_idle_ms", "out of range");
     let e = err("[agent]\nconntrack_tcp_closing_ms = \"10s\"\n");
     check(&e, 2, "agent.conntrack_tcp_closing_ms", "");
+    let e = err("[agent]\nsyn_guard = \"sometimes\"\n");
+    check(
+        &e,
+        2,
+        "agent.syn_guard",
+        "invalid syn_guard \"sometimes\", expected one of auto, always, off",
+    );
+    let e = err("[agent]\nsyn_guard_rate = 9\n");
+    check(
+        &e,
+        2,
+        "agent.syn_guard_rate",
+        "9 is out of range 10..=100000000",
+    );
     let e = err(&format!(
         "[agent]\ncontrol_socket = \"/{}\"\n",
         "s".repeat(107)
@@ -1061,3 +1085,20 @@ fn primes() {
 
 /// Full NAT settings and their errors.
 mod nat;
+
+#[test]
+fn the_syn_guard_word_is_off_always_or_a_per_tick_threshold() {
+    let tick = Duration::from_millis(100);
+    let with = |syn_guard, syn_guard_rate| ConntrackSettings {
+        syn_guard,
+        syn_guard_rate,
+        ..ConntrackSettings::default()
+    };
+    assert_eq!(with(SynGuardMode::Off, 10_000).syn_guard_word(tick), 0);
+    assert_eq!(with(SynGuardMode::Always, 10_000).syn_guard_word(tick), 1);
+    // 10 000 SYNs/s = 1000 per 100 ms tick: the 1001st is unrecorded.
+    assert_eq!(with(SynGuardMode::Auto, 10_000).syn_guard_word(tick), 1001);
+    // Below one SYN per tick: still at least one recorded per tick.
+    assert_eq!(with(SynGuardMode::Auto, 10).syn_guard_word(tick), 2);
+    assert_eq!(ConntrackSettings::default().syn_guard, SynGuardMode::Auto);
+}

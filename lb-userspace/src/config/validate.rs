@@ -14,11 +14,11 @@ use std::{
 use super::{
     model::{
         AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, CONNTRACK_TIMEOUT_MS, Config,
-        ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
-        DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
-        KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
-        ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig,
-        XdpModeSetting,
+        ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_SYN_GUARD_RATE, DEFAULT_TCP_CLOSING,
+        DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck,
+        HealthCheckKind, KernelSettings, KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
+        MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, SYN_GUARD_RATE,
+        StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };

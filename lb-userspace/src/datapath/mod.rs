@@ -603,7 +603,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 15] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -621,6 +621,8 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
         (map_names::NAT_FWD6, sizes.nat_entries),
         (map_names::NAT_REV6, sizes.nat_entries),
         (map_names::NAT_SNAT, sizes.max_vips),
+        (map_names::SYN_GUARD, sizes.max_vips),
+        (map_names::SYN_FLOOD_UNTIL, sizes.max_vips),
     ]
 }
 
