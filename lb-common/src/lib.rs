@@ -14,6 +14,7 @@ use core::mem::size_of;
 pub mod csum;
 pub mod decap;
 pub mod nat;
+pub mod ratelimit;
 
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
@@ -52,6 +53,13 @@ pub mod map_names {
     pub const SYN_GUARD: &str = "SYN_GUARD";
     /// Per VIP: until when the guard is on for every CPU (clock ms).
     pub const SYN_FLOOD_UNTIL: &str = "SYN_FLOOD_UNTIL";
+    /// Per VIP: its rate limits (`ratelimit::RateLimits`). Not pinned:
+    /// the agent writes every VIP's at start and on each change.
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// Per VIP: the bucket of its new-connection ceiling. Not pinned.
+    pub const RATE_VIP: &str = "RATE_VIP";
+    /// Per (VIP, limit, source prefix): a bucket (LRU). Not pinned.
+    pub const RATE_SOURCES: &str = "RATE_SOURCES";
     pub const NAT_FWD_CACHE: &str = "NAT_FWD_CACHE";
     pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
     pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
@@ -71,9 +79,9 @@ pub mod map_names {
 /// 4: full NAT: `Backend` grows its port, `Runtime` the NAT port range,
 /// `VipStats` the return path's counters; reasons 18..=20; the NAT maps
 /// join the pinned maps.
-/// 5: traffic policy: reason 21 (`fwd_syn_unrecorded`), `Runtime`'s last
-/// word becomes the SYN-flood guard's threshold, SYN_GUARD joins the pinned
-/// maps.
+/// 5: traffic policy: reasons 21 (`fwd_syn_unrecorded`) and 22
+/// (`drop_rate_limited`), `Runtime`'s last word becomes the SYN-flood
+/// guard's threshold, `VipStats` grows `rate_limited`.
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// Program names in the object (its only program; the test and benchmark
@@ -615,6 +623,8 @@ pub struct VipStats {
     /// received); 0 in other modes.
     pub return_packets: u64,
     pub return_bytes: u64,
+    /// Packets refused by the VIP's rate limits.
+    pub rate_limited: u64,
 }
 
 /// Per-backend counters (per CPU).
@@ -695,6 +705,9 @@ pub enum Reason {
     /// packet without SYN. Forwarded; counted here besides the VIP's and
     /// the backend's packets.
     FwdSynUnrecorded = 21,
+    /// Refused by a VIP's rate limits (new connections or packets per
+    /// source, new connections to the VIP): dropped.
+    DropRateLimited = 22,
 }
 
 /// Extension headers (hop-by-hop, routing, destination options) the fast
@@ -703,7 +716,7 @@ pub enum Reason {
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Reason {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIp,
@@ -727,6 +740,7 @@ impl Reason {
         Reason::DropNatTableFull,
         Reason::PassNatNoFlow,
         Reason::FwdSynUnrecorded,
+        Reason::DropRateLimited,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -753,6 +767,7 @@ impl Reason {
             Reason::DropNatTableFull => "drop_nat_table_full",
             Reason::PassNatNoFlow => "pass_nat_no_flow",
             Reason::FwdSynUnrecorded => "fwd_syn_unrecorded",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 
@@ -770,11 +785,15 @@ impl Reason {
                 | Reason::DropUnsupportedForwarding
                 | Reason::DropNatPortsExhausted
                 | Reason::DropNatTableFull
+                | Reason::DropRateLimited
         )
     }
 }
 
 const _: () = {
+    assert!(size_of::<ratelimit::RateLimits>() == 32);
+    assert!(size_of::<ratelimit::RateKey>() == 24);
+    assert!(size_of::<ratelimit::Bucket>() == 32);
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<VipSlot>() == 24);
@@ -787,7 +806,7 @@ const _: () = {
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
     assert!(size_of::<Runtime>() == 32);
-    assert!(size_of::<VipStats>() == 48);
+    assert!(size_of::<VipStats>() == 56);
     assert!(size_of::<BackendStats>() == 16);
 };
 
@@ -849,6 +868,9 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for SynWindow {}
+    unsafe impl aya::Pod for crate::ratelimit::RateLimits {}
+    unsafe impl aya::Pod for crate::ratelimit::RateKey {}
+    unsafe impl aya::Pod for crate::ratelimit::Bucket {}
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for VipKey6 {}

@@ -179,6 +179,7 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         dst_port,
         proto: proto as u32,
     };
+    crate::policy(&flow, &vip, new_connection)?;
     if vip.forwarding == FORWARD_NAT {
         let flags = if new_connection {
             nat::NAT_NEW_CONNECTION

@@ -53,6 +53,7 @@ mod nat;
 mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
+mod ratelimit;
 mod steer;
 mod syn_guard;
 use balance6::push_outer6;
@@ -482,6 +483,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
+    policy(&flow, &vip, new_connection)?;
     if vip.forwarding == FORWARD_NAT {
         // A cached flow is translated here, without the handoff.
         if !new_connection
@@ -524,6 +526,25 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     }
 
     forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
+}
+
+/// The VIP's policy for a packet of `flow` (both families), before it is
+/// steered or translated: its rate limits (a TCP SYN is a new
+/// connection; a UDP flow's first packet is counted where it misses its
+/// record, see steer.rs and nat.rs).
+#[inline(always)]
+pub(crate) fn policy<S: ratelimit::Source>(
+    flow: &S,
+    vip: &VipInfo,
+    new_connection: bool,
+) -> Result<(), Reason> {
+    if let Some(l) = ratelimit::limits(vip.index) {
+        ratelimit::admit_packet(l, vip.index, flow)?;
+        if new_connection {
+            ratelimit::admit_new(l, vip.index, flow)?;
+        }
+    }
+    Ok(())
 }
 
 /// The size limits above for an outer header of `overhead` bytes:

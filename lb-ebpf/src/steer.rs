@@ -6,7 +6,8 @@
 
 use lb_common::{
     Backend, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6,
-    NO_BACKEND, Reason, VipInfo, flow_cache_mix, flow_cache_mix6, flow_cache_slot, ring_slot,
+    IPPROTO_TCP, NO_BACKEND, Reason, VipInfo, flow_cache_mix, flow_cache_mix6, flow_cache_slot,
+    ring_slot,
 };
 
 use crate::{
@@ -44,7 +45,7 @@ unsafe fn store_words<T: Copy, const N: usize>(dst: *mut T, value: T) {
     }
 }
 
-pub(crate) trait Flow: Copy {
+pub(crate) trait Flow: Copy + crate::ratelimit::Source {
     type Cache: Copy;
     /// The flow cache's one-multiply mix.
     fn mix(&self) -> u32;
@@ -248,6 +249,11 @@ pub(crate) fn steer<F: Flow>(
     let backend = match backend {
         Some(b) => b,
         None => {
+            // A UDP flow's first packet is a new connection for the rate
+            // limits (a TCP one was counted by its SYN).
+            if flow.proto() != IPPROTO_TCP as u32 {
+                crate::ratelimit::admit_new_flow(vip.index, flow)?;
+            }
             let (id, b) = ring_backend(flow, vip)?;
             backend_id = id;
             if now == 0 {

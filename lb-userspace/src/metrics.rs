@@ -39,6 +39,13 @@ struct VipLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    vip: String,
+    source: String,
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     vip: String,
     backend: String,
@@ -60,6 +67,8 @@ pub fn render(stats: &StatsView) -> String {
     let vip_hits = Family::<VipLabels, Ctr>::default();
     let vip_return_packets = Family::<VipLabels, Ctr>::default();
     let vip_return_bytes = Family::<VipLabels, Ctr>::default();
+    let vip_rate_limited = Family::<VipLabels, Ctr>::default();
+    let limited = Family::<LimitedLabels, Gauge>::default();
     let be_packets = Family::<BackendLabels, Ctr>::default();
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
@@ -74,6 +83,16 @@ pub fn render(stats: &StatsView) -> String {
             .get_or_create(&l)
             .inc_by(v.return_packets);
         vip_return_bytes.get_or_create(&l).inc_by(v.return_bytes);
+        vip_rate_limited.get_or_create(&l).inc_by(v.rate_limited);
+    }
+    for s in &stats.limited_sources {
+        limited
+            .get_or_create(&LimitedLabels {
+                vip: s.vip.clone(),
+                source: s.source.to_string(),
+                limit: s.limit.clone(),
+            })
+            .set(i64::try_from(s.dropped).unwrap_or(i64::MAX));
     }
     for b in &stats.backends {
         let l = BackendLabels {
@@ -114,6 +133,17 @@ pub fn render(stats: &StatsView) -> String {
         "vip_return_bytes",
         "Bytes of NAT replies translated back to clients of a VIP",
         vip_return_bytes,
+    );
+    reg.register(
+        "vip_rate_limited_packets",
+        "Packets refused by a VIP's rate limits",
+        vip_rate_limited,
+    );
+    reg.register(
+        "rate_limited_source_drops",
+        "Packets a VIP's per-source rate limit refused from one source prefix (the most limited \
+         sources only, at most 10)",
+        limited,
     );
     if let Some(n) = stats.nat_entries {
         let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
@@ -260,6 +290,7 @@ mod tests {
                 conntrack_hit_ratio: 0.7,
                 return_packets: 5,
                 return_bytes: 500,
+                rate_limited: 6,
             }],
             backends: vec![BackendStatsView {
                 vip: "web".into(),
@@ -274,6 +305,13 @@ mod tests {
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
             nat_entries: Some(9),
+            limited_sources: vec![crate::control::LimitedSourceView {
+                vip: "web".into(),
+                source: "198.18.7.0".parse().unwrap(),
+                limit: "new".into(),
+                dropped: 4,
+                passed: 100,
+            }],
         };
         let text = render(&stats);
         for want in [
@@ -287,6 +325,8 @@ mod tests {
             r#"lb_vip_return_packets_total{vip="web"} 5"#,
             r#"lb_vip_return_bytes_total{vip="web"} 500"#,
             "lb_nat_entries 9",
+            r#"lb_vip_rate_limited_packets_total{vip="web"} 6"#,
+            r#"lb_rate_limited_source_drops{vip="web",source="198.18.7.0",limit="new"} 4"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }

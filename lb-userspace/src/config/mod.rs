@@ -105,8 +105,8 @@ pub use model::{
     AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
     DEFAULT_INSTANCE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
     MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, NatSettings,
-    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, SynGuardMode, VIPS_LIMIT,
-    VipConfig, XdpModeSetting, reload_check,
+    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode,
+    VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
 };
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 

@@ -322,6 +322,49 @@ pub struct VipConfig {
     /// [`lb_common::nat::MAX_SNAT_ADDRS`]; empty: each backend's route
     /// source. Always empty for other modes.
     pub snat_addresses: Vec<IpAddr>,
+    /// `[vip.rate_limit]`; all zero: none.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// A VIP's `[vip.rate_limit]` table: rates per second (0: that limit is
+/// off) and bursts (default: a tenth of a second's worth, at least 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// New connections (TCP SYNs, first packets of UDP flows) per source.
+    pub new_per_source: u32,
+    pub new_per_source_burst: u32,
+    /// Packets per source, established flows included.
+    pub packets_per_source: u32,
+    pub packets_per_source_burst: u32,
+    /// New connections to the whole VIP.
+    pub new_per_vip: u32,
+    pub new_per_vip_burst: u32,
+    /// The source prefix the per-source limits count by (default 32 and
+    /// 128: per address).
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+}
+
+impl RateLimitConfig {
+    /// The kernel's form (RATE_LIMITS at the VIP's index).
+    pub fn kernel(&self) -> lb_common::ratelimit::RateLimits {
+        lb_common::ratelimit::RateLimits {
+            src_new_rate: self.new_per_source,
+            src_new_burst: self.new_per_source_burst,
+            src_pkt_rate: self.packets_per_source,
+            src_pkt_burst: self.packets_per_source_burst,
+            vip_new_rate: self.new_per_vip,
+            vip_new_burst: self.new_per_vip_burst,
+            prefix_v4: self.source_prefix_v4,
+            prefix_v6: self.source_prefix_v6,
+            _pad: [0; 6],
+        }
+    }
+
+    /// Any limit on.
+    pub fn any(&self) -> bool {
+        self.kernel().any()
+    }
 }
 
 /// One `[[vip.backend]]`, with defaults applied.

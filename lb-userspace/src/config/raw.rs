@@ -57,8 +57,22 @@ pub(super) struct RawVip {
     pub ring_size: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
+    pub rate_limit: Option<S<RawRateLimit>>,
     #[serde(default)]
     pub backend: Vec<S<RawBackend>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub new_per_source: Option<S<i64>>,
+    pub new_per_source_burst: Option<S<i64>>,
+    pub packets_per_source: Option<S<i64>>,
+    pub packets_per_source_burst: Option<S<i64>>,
+    pub new_per_vip: Option<S<i64>>,
+    pub new_per_vip_burst: Option<S<i64>>,
+    pub source_prefix_v4: Option<S<i64>>,
+    pub source_prefix_v6: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -50,6 +50,13 @@ path = "/healthz"
 expected_status = 200
 host = "web.example"
 
+[vip.rate_limit]
+new_per_source = 100
+source_prefix_v4 = 24
+packets_per_source = 5000
+packets_per_source_burst = 9000
+new_per_vip = 2000
+
 [[vip.backend]]
 address = "198.18.0.11"
 weight = 1
@@ -162,6 +169,16 @@ fn full_example() {
                 },
             }],
             snat_addresses: vec![],
+            rate_limit: RateLimitConfig {
+                new_per_source: 100,
+                new_per_source_burst: 10,
+                packets_per_source: 5000,
+                packets_per_source_burst: 9000,
+                new_per_vip: 2000,
+                new_per_vip_burst: 200,
+                source_prefix_v4: 24,
+                source_prefix_v6: 128,
+            },
         }],
         source: "lb.toml".into(),
     };
@@ -234,6 +251,7 @@ address = "198.18.0.11"
                 health_check: tcp_check(443),
             }],
             snat_addresses: vec![],
+            rate_limit: RateLimitConfig::default(),
         }]
     );
 }
@@ -890,6 +908,37 @@ fn other_agent_fields() {
     check(&e, 2, "agent.conntrack_tcp_idle_ms", "out of range");
     let e = err("[agent]\nconntrack_tcp_closing_ms = \"10s\"\n");
     check(&e, 2, "agent.conntrack_tcp_closing_ms", "");
+    let rl = |table: &str| err(&format!("{HEAD}[vip.rate_limit]\n{table}\n"));
+    check(
+        &rl("new_per_source = 10000001"),
+        6,
+        "vip[0].rate_limit.new_per_source",
+        "10000001 is out of range 0..=10000000",
+    );
+    check(
+        &rl("new_per_vip_burst = 5"),
+        6,
+        "vip[0].rate_limit.new_per_vip_burst",
+        "a burst without a rate: set new_per_vip too",
+    );
+    check(
+        &rl("new_per_source = 5\nnew_per_source_burst = 0"),
+        7,
+        "vip[0].rate_limit.new_per_source_burst",
+        "0 is out of range 1..=10000000",
+    );
+    check(
+        &rl("source_prefix_v4 = 33"),
+        6,
+        "vip[0].rate_limit.source_prefix_v4",
+        "33 is out of range 1..=32",
+    );
+    check(
+        &rl("per_source = 5"),
+        6,
+        "vip[0].rate_limit.per_source",
+        "unknown field `per_source`",
+    );
     let e = err("[agent]\nsyn_guard = \"sometimes\"\n");
     check(
         &e,

@@ -17,8 +17,8 @@ use super::{
         ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_SYN_GUARD_RATE, DEFAULT_TCP_CLOSING,
         DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck,
         HealthCheckKind, KernelSettings, KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
-        MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, SYN_GUARD_RATE,
-        StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig, XdpModeSetting,
+        MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig,
+        SYN_GUARD_RATE, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
@@ -26,6 +26,7 @@ use crate::{mac::MacAddr, maglev::is_prime};
 
 mod agent;
 mod nat;
+mod ratelimit;
 
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -445,6 +446,10 @@ impl Ctx<'_> {
             });
         }
         let snat_addresses = self.vip_snat_addresses(path, r, vip_address, forwarding, agent)?;
+        let rate_limit = match &r.rate_limit {
+            Some(t) => self.rate_limit(t.get_ref(), &f("rate_limit"))?,
+            None => RateLimitConfig::default(),
+        };
 
         Ok(VipConfig {
             name,
@@ -457,6 +462,7 @@ impl Ctx<'_> {
             health_check,
             backends,
             snat_addresses,
+            rate_limit,
         })
     }
 

@@ -25,9 +25,11 @@ mod entry;
 mod flows;
 mod kernel_maps;
 mod nat;
+mod ratelimit;
 mod v6;
 
 pub use entry::{backend_address, backend_encap_source, set_encap_source};
+pub use ratelimit::LimitedSource;
 pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
@@ -545,6 +547,7 @@ impl Datapath {
             conntrack_hits: a.conntrack_hits + s.conntrack_hits,
             return_packets: a.return_packets + s.return_packets,
             return_bytes: a.return_bytes + s.return_bytes,
+            rate_limited: a.rate_limited + s.rate_limited,
         }))
     }
 
@@ -603,7 +606,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 15] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 17] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -623,6 +626,8 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 15] {
         (map_names::NAT_SNAT, sizes.max_vips),
         (map_names::SYN_GUARD, sizes.max_vips),
         (map_names::SYN_FLOOD_UNTIL, sizes.max_vips),
+        (map_names::RATE_LIMITS, sizes.max_vips),
+        (map_names::RATE_VIP, sizes.max_vips),
     ]
 }
 
