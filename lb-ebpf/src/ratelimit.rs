@@ -123,6 +123,12 @@ pub(crate) fn admit_new_flow<S: Source>(vip_index: u32, flow: &S) -> Result<(), 
     }
 }
 
+// The key and bucket by reference: by value they are copied to the stack
+// once more, and the NAT subprogram's frame would outgrow BPF's 512 bytes.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value costs stack (see above)"
+)]
 #[inline(always)]
 fn take_source(
     vip_index: u32,
@@ -137,7 +143,7 @@ fn take_source(
         kind,
         addr,
     };
-    let admitted = match RATE_SOURCES.get_ptr_mut(key) {
+    let admitted = match RATE_SOURCES.get_ptr_mut(&key) {
         // SAFETY: the map value stays valid for the program's run; racing
         // CPUs may both take a token.
         Some(b) => unsafe { (*b).take(now, rate, burst) },
@@ -147,7 +153,7 @@ fn take_source(
             // A full table evicts the least recently used bucket; a failed
             // insert admits (the limit is best effort, never a reason to
             // refuse what it cannot count).
-            let _ = RATE_SOURCES.insert(key, b, 0);
+            let _ = RATE_SOURCES.insert(&key, &b, 0);
             admitted
         }
     };
