@@ -18,7 +18,7 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     DEFAULT_MAX_VIPS, FlowKey, FlowKey6, Reason,
@@ -123,8 +123,21 @@ pub(crate) fn admit_new_flow<S: Source>(vip_index: u32, flow: &S) -> Result<(), 
     }
 }
 
-// The key and bucket by reference: by value they are copied to the stack
-// once more, and the NAT subprogram's frame would outgrow BPF's 512 bytes.
+/// Per-CPU room for the key and a new bucket: map helpers take pointers
+/// to map values as keys and values, and the stack (512 bytes for the
+/// whole call chain, most of it the fast path's and NAT's) keeps none.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RateScratch {
+    key: RateKey,
+    bucket: Bucket,
+}
+
+#[map]
+static RATE_SCRATCH: PerCpuArray<RateScratch> = PerCpuArray::with_max_entries(1, 0);
+
+// The key and bucket by reference to the scratch element: by value they
+// would be copied to the stack.
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by value costs stack (see above)"
@@ -138,23 +151,36 @@ fn take_source(
     rate: u32,
     burst: u32,
 ) -> Result<(), Reason> {
-    let key = RateKey {
-        vip_index,
-        kind,
-        addr,
+    // No scratch (cannot happen): admitted, the limit is best effort.
+    let Some(s) = RATE_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
     };
-    let admitted = match RATE_SOURCES.get_ptr_mut(&key) {
-        // SAFETY: the map value stays valid for the program's run; racing
-        // CPUs may both take a token.
-        Some(b) => unsafe { (*b).take(now, rate, burst) },
-        None => {
-            let mut b = Bucket::default();
-            let admitted = b.take(now, rate, burst);
-            // A full table evicts the least recently used bucket; a failed
-            // insert admits (the limit is best effort, never a reason to
-            // refuse what it cannot count).
-            let _ = RATE_SOURCES.insert(&key, &b, 0);
-            admitted
+    // SAFETY: this CPU's element, valid for the program's run; written
+    // field by field (a struct store would become a memcpy call).
+    let admitted = unsafe {
+        let key = &raw mut (*s).key;
+        (*key).vip_index = vip_index;
+        (*key).kind = kind;
+        for (i, w) in addr.iter().enumerate() {
+            (*key).addr[i] = *w;
+        }
+        match RATE_SOURCES.get_ptr_mut(&*key) {
+            // The map value stays valid for the program's run; racing
+            // CPUs may both take a token.
+            Some(b) => (*b).take(now, rate, burst),
+            None => {
+                let b = &raw mut (*s).bucket;
+                (*b).last_ns = 0;
+                (*b).tokens = 0;
+                (*b).passed = 0;
+                (*b).dropped = 0;
+                let admitted = (*b).take(now, rate, burst);
+                // A full table evicts the least recently used bucket; a
+                // failed insert admits (the limit is best effort, never a
+                // reason to refuse what it cannot count).
+                let _ = RATE_SOURCES.insert(&*key, &*b, 0);
+                admitted
+            }
         }
     };
     if admitted {
