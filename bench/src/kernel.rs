@@ -297,6 +297,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
         nat_entries: crate::nat::NAT_ENTRIES,
+        acl_entries: 32768,
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);

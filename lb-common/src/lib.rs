@@ -11,6 +11,7 @@
 
 use core::mem::size_of;
 
+pub mod acl;
 pub mod csum;
 pub mod decap;
 pub mod nat;
@@ -51,6 +52,11 @@ pub mod map_names {
     pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
     pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
     pub const NAT_REV_CACHE6: &str = "NAT_REV_CACHE6";
+    /// Source access control (see [`crate::acl`]): the IPv4 and IPv6 LPM
+    /// tries and the per-VIP ACL word.
+    pub const ACL4: &str = "ACL4";
+    pub const ACL6: &str = "ACL6";
+    pub const VIP_ACL: &str = "VIP_ACL";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -66,7 +72,9 @@ pub mod map_names {
 /// 4: full NAT: `Backend` grows its port, `Runtime` the NAT port range,
 /// `VipStats` the return path's counters; reasons 18..=20; the NAT maps
 /// join the pinned maps.
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: source access control: `VipStats` grows `acl_denied`, reason 21
+/// (`drop_acl_denied`); ACL4, ACL6 and VIP_ACL join the pinned maps.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -558,6 +566,8 @@ pub struct VipStats {
     /// received); 0 in other modes.
     pub return_packets: u64,
     pub return_bytes: u64,
+    /// Packets dropped by the VIP's source access control.
+    pub acl_denied: u64,
 }
 
 /// Per-backend counters (per CPU).
@@ -633,6 +643,8 @@ pub enum Reason {
     /// To a SNAT port of the NAT range but no NAT flow's reply: passed to
     /// the kernel untouched.
     PassNatNoFlow = 20,
+    /// The VIP's source access control denies the packet's source.
+    DropAclDenied = 21,
 }
 
 /// Extension headers (hop-by-hop, routing, destination options) the fast
@@ -641,7 +653,7 @@ pub enum Reason {
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Reason {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIp,
@@ -664,6 +676,7 @@ impl Reason {
         Reason::DropNatPortsExhausted,
         Reason::DropNatTableFull,
         Reason::PassNatNoFlow,
+        Reason::DropAclDenied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -689,6 +702,7 @@ impl Reason {
             Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
             Reason::DropNatTableFull => "drop_nat_table_full",
             Reason::PassNatNoFlow => "pass_nat_no_flow",
+            Reason::DropAclDenied => "drop_acl_denied",
         }
     }
 
@@ -706,6 +720,7 @@ impl Reason {
                 | Reason::DropUnsupportedForwarding
                 | Reason::DropNatPortsExhausted
                 | Reason::DropNatTableFull
+                | Reason::DropAclDenied
         )
     }
 }
@@ -723,7 +738,7 @@ const _: () = {
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
     assert!(size_of::<Runtime>() == 32);
-    assert!(size_of::<VipStats>() == 48);
+    assert!(size_of::<VipStats>() == 56);
     assert!(size_of::<BackendStats>() == 16);
 };
 

@@ -180,6 +180,7 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         proto: proto as u32,
     };
     if vip.forwarding == FORWARD_NAT {
+        crate::acl::check(&flow, vip.index, crate::acl::word(vip.index))?;
         let flags = if new_connection {
             nat::NAT_NEW_CONNECTION
         } else {

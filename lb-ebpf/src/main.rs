@@ -48,6 +48,7 @@ use lb_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
+mod acl;
 mod balance6;
 mod nat;
 mod nat_cache;
@@ -482,6 +483,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         proto: proto as u32,
     };
     if vip.forwarding == FORWARD_NAT {
+        // The NAT caches do not know the ACL: checked before them.
+        acl::check(&flow, vip.index, acl::word(vip.index))?;
         // A cached flow is translated here, without the handoff.
         if !new_connection
             && !closing

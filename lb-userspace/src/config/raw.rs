@@ -41,6 +41,7 @@ pub(super) struct RawAgent {
     pub nat_port_range: Option<S<String>>,
     pub nat_entries: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
+    pub acl_entries: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +55,8 @@ pub(super) struct RawVip {
     pub icmp_echo: Option<S<bool>>,
     pub ring_size: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
+    pub allow: Option<S<Vec<S<String>>>>,
+    pub deny: Option<S<Vec<S<String>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
     #[serde(default)]
     pub backend: Vec<S<RawBackend>>,

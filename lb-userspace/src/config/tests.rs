@@ -116,6 +116,7 @@ fn full_example() {
                 max_backends: 4096,
                 ring_size: 65537,
                 nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+                acl_entries: lb_common::acl::DEFAULT_ACL_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec!["eth0".into()],
@@ -154,6 +155,7 @@ fn full_example() {
                 },
             }],
             snat_addresses: vec![],
+            acl: Default::default(),
         }],
         source: "lb.toml".into(),
     };
@@ -183,6 +185,7 @@ address = "198.18.0.11"
                 max_backends: lb_common::DEFAULT_MAX_BACKENDS,
                 ring_size: lb_common::DEFAULT_RING_SIZE,
                 nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+                acl_entries: lb_common::acl::DEFAULT_ACL_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec![],
@@ -224,6 +227,7 @@ address = "198.18.0.11"
                 health_check: tcp_check(443),
             }],
             snat_addresses: vec![],
+            acl: Default::default(),
         }]
     );
 }
@@ -1061,3 +1065,6 @@ fn primes() {
 
 /// Full NAT settings and their errors.
 mod nat;
+
+/// `allow` / `deny` and `acl_entries`.
+mod acl;

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{mac::MacAddr, maglev::is_prime};
 
+mod acl;
 mod agent;
 mod nat;
 
@@ -287,6 +288,7 @@ impl Ctx<'_> {
             vips.push(vip);
         }
         self.check_snat_addresses(raw, &vips)?;
+        self.check_acl_total(raw, &vips, agent.kernel.acl_entries)?;
         Ok(Config {
             agent,
             vips,
@@ -445,6 +447,7 @@ impl Ctx<'_> {
             });
         }
         let snat_addresses = self.vip_snat_addresses(path, r, vip_address, forwarding, agent)?;
+        let acl = self.vip_acl(path, &name, r, vip_address)?;
 
         Ok(VipConfig {
             name,
@@ -457,6 +460,7 @@ impl Ctx<'_> {
             health_check,
             backends,
             snat_addresses,
+            acl,
         })
     }
 

@@ -21,6 +21,7 @@ use lb_common::{
 };
 use thiserror::Error;
 
+mod acl;
 mod entry;
 mod flows;
 mod kernel_maps;
@@ -75,6 +76,8 @@ pub enum DatapathError {
     NoSuchInterface(String),
     #[error(transparent)]
     Pins(#[from] crate::pins::PinsError),
+    #[error("map {name} is full: more than {max} prefixes ([agent] acl_entries)")]
+    AclFull { name: &'static str, max: u32 },
     #[error("parsing the XDP object: {0}")]
     Object(String),
     #[error("{what} {index} is outside the map (max {max})")]
@@ -545,6 +548,7 @@ impl Datapath {
             conntrack_hits: a.conntrack_hits + s.conntrack_hits,
             return_packets: a.return_packets + s.return_packets,
             return_bytes: a.return_bytes + s.return_bytes,
+            acl_denied: a.acl_denied + s.acl_denied,
         }))
     }
 
@@ -603,7 +607,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 16] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -621,6 +625,9 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
         (map_names::NAT_FWD6, sizes.nat_entries),
         (map_names::NAT_REV6, sizes.nat_entries),
         (map_names::NAT_SNAT, sizes.max_vips),
+        (map_names::ACL4, sizes.acl_entries),
+        (map_names::ACL6, sizes.acl_entries),
+        (map_names::VIP_ACL, sizes.max_vips),
     ]
 }
 
