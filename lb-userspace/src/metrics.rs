@@ -60,6 +60,7 @@ pub fn render(stats: &StatsView) -> String {
     let vip_hits = Family::<VipLabels, Ctr>::default();
     let vip_return_packets = Family::<VipLabels, Ctr>::default();
     let vip_return_bytes = Family::<VipLabels, Ctr>::default();
+    let vip_acl_denied = Family::<VipLabels, Ctr>::default();
     let be_packets = Family::<BackendLabels, Ctr>::default();
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
@@ -74,6 +75,7 @@ pub fn render(stats: &StatsView) -> String {
             .get_or_create(&l)
             .inc_by(v.return_packets);
         vip_return_bytes.get_or_create(&l).inc_by(v.return_bytes);
+        vip_acl_denied.get_or_create(&l).inc_by(v.acl_denied);
     }
     for b in &stats.backends {
         let l = BackendLabels {
@@ -114,6 +116,11 @@ pub fn render(stats: &StatsView) -> String {
         "vip_return_bytes",
         "Bytes of NAT replies translated back to clients of a VIP",
         vip_return_bytes,
+    );
+    reg.register(
+        "vip_acl_denied",
+        "Packets dropped by a VIP's source access control",
+        vip_acl_denied,
     );
     if let Some(n) = stats.nat_entries {
         let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
@@ -260,6 +267,7 @@ mod tests {
                 conntrack_hit_ratio: 0.7,
                 return_packets: 5,
                 return_bytes: 500,
+                acl_denied: 2,
             }],
             backends: vec![BackendStatsView {
                 vip: "web".into(),
@@ -287,6 +295,7 @@ mod tests {
             r#"lb_vip_return_packets_total{vip="web"} 5"#,
             r#"lb_vip_return_bytes_total{vip="web"} 500"#,
             "lb_nat_entries 9",
+            r#"lb_vip_acl_denied_total{vip="web"} 2"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }

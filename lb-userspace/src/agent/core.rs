@@ -312,6 +312,10 @@ mod tests {
     /// NAT VIPs: NAT_SNAT, backend ports and sources, TX_PORTS, reloads.
     mod nat;
 
+    /// Source access control: ACL writes around the VIP entries, reloads,
+    /// restarts, `lb explain` and `lb vip list`.
+    mod acl;
+
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")
     }
