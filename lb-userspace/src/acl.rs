@@ -218,7 +218,13 @@ pub fn sync<M: AclMaps>(
         return Err(e);
     }
     let word = acl_word(bank, want.default_deny(), generation);
-    maps.acl_set_word(index, word)?;
+    if let Err(e) = maps.acl_set_word(index, word) {
+        // Not switched: the new bank is a leftover for the next try.
+        state
+            .stale
+            .insert((index, bank), entries.into_keys().collect());
+        return Err(e);
+    }
     let old = state.vips.insert(
         index,
         VipAclState {

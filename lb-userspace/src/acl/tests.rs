@@ -49,6 +49,7 @@ struct Recorder {
     prefixes: BTreeMap<(u32, u32, Cidr), u32>,
     seen: Vec<Option<BTreeMap<Cidr, u32>>>,
     fail_insert: bool,
+    fail_word: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,9 @@ impl AclMaps for Recorder {
         Ok(())
     }
     fn acl_set_word(&mut self, i: u32, w: u32) -> Result<(), Injected> {
+        if self.fail_word {
+            return Err(Injected);
+        }
         self.words.insert(i, w);
         self.record();
         Ok(())
@@ -175,4 +179,22 @@ fn leftovers_of_an_interrupted_switch_are_cleared_before_the_bank_is_reused() {
     prune(&mut m, &mut st, &BTreeSet::new()).unwrap();
     assert!(m.prefixes.is_empty());
     assert!(m.words.values().all(|w| *w == 0));
+}
+
+#[test]
+fn a_failed_switch_keeps_the_old_acl_and_the_next_sync_clears_the_new_bank() {
+    let mut m = Recorder::default();
+    let mut st = AclState::default();
+    let a = acl(&["198.18.0.0/16"], &[]);
+    let b = acl(&["198.18.0.0/16"], &["198.18.1.0/24"]);
+    sync(&mut m, &mut st, 0, &a).unwrap();
+    m.fail_word = true;
+    assert!(sync(&mut m, &mut st, 0, &b).is_err());
+    assert_eq!(st.vips[&0].prefixes, a.entries(), "a still in force");
+    assert_eq!(m.acl_read().unwrap(), st, "the new bank is known as a leftover");
+    m.fail_word = false;
+    sync(&mut m, &mut st, 0, &b).unwrap();
+    assert_eq!(st.vips[&0].prefixes, b.entries());
+    assert!(st.stale.is_empty());
+    assert_eq!(m.prefixes.len(), b.len());
 }
