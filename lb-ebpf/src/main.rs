@@ -470,11 +470,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // The limit is read only for packets longer than IPv4's minimum
     // datagram size once encapsulated: shorter ones fit any MTU lb
     // accepts, and cost nothing here.
-    let overhead = vip.encap_overhead() as usize;
-    if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead)? {
-        return Ok(action);
-    }
-
     let flow = FlowKey {
         src_addr: u32::from_ne_bytes(ip.src_addr),
         dst_addr: dst,
@@ -482,6 +477,12 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
+    let overhead = vip.encap_overhead() as usize;
+    // A source the VIP's ACL denies gets no ICMP answer either.
+    let admit = || acl::check(&flow, vip.index, acl::word(vip.index));
+    if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead, admit)? {
+        return Ok(action);
+    }
     if vip.forwarding == FORWARD_NAT {
         // The NAT caches do not know the ACL: checked before them.
         acl::check(&flow, vip.index, acl::word(vip.index))?;
@@ -520,6 +521,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             tot_len,
             frags,
             vip.encap_overhead6() as usize,
+            // Steered: the ACL admitted it.
+            || Ok(()),
         )?
     {
         return Ok(action);
@@ -530,8 +533,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
 
 /// The size limits above for an outer header of `overhead` bytes:
 /// `Some(XDP_TX)` when the packet was answered with ICMP "fragmentation
-/// needed", `None` when it may go on.
+/// needed", `None` when it may go on. `admit` is asked before answering
+/// (the VIP's ACL).
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn size_limit(
     ctx: &XdpContext,
     frame_len: usize,
@@ -540,6 +548,7 @@ fn size_limit(
     tot_len: usize,
     frags: u16,
     overhead: usize,
+    admit: impl FnOnce() -> Result<(), Reason>,
 ) -> Result<Option<u32>, Reason> {
     if tot_len + overhead > MIN_LIMITED_L3_LEN {
         if tot_len + overhead > u16::MAX as usize {
@@ -556,6 +565,7 @@ fn size_limit(
             if frags & IP_DF == 0 {
                 return Err(Reason::DropTooBigNoDf);
             }
+            admit()?;
             icmp_frag_needed(ctx, frame_len, l3, ihl, (limit - overhead) as u16)
                 .map_err(push_reason)?;
             count_reason(Reason::TxIcmpTooBig);

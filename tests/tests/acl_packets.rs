@@ -339,3 +339,51 @@ fn the_maps_read_back_what_was_written_and_old_banks_are_emptied() {
     );
     let _ = XDP_DROP;
 }
+
+/// A packet the outer header makes too big is answered with ICMP
+/// ("fragmentation needed", ICMPv6 "packet too big") only for a source
+/// the ACL admits: a denied source's is dropped and counted like any.
+#[test]
+fn a_denied_source_gets_no_too_big_answer() {
+    let set_limit = |f: &mut Fixture| {
+        let mut rt = runtime();
+        rt.max_l3_len = 1500;
+        f.dp.set_runtime(rt).unwrap();
+    };
+    let too_big4 = |src| {
+        let mut p = Ipv4Packet::tcp(src, 7000, VIP, 80);
+        p.tcp_flags = TCP_ACK;
+        p.payload = vec![0; 1500 - 40];
+        p.frag = 0x4000;
+        p.build()
+    };
+    let mut f = fixture4(FORWARD_IPIP);
+    set_limit(&mut f);
+    let mut st = AclState::default();
+    set_acl(&mut f, &mut st, &acl(&["198.18.0.0/24"], &[]));
+    let before = f.reasons();
+    assert_eq!(f.run(&too_big4(v4("198.18.0.2"))).action, XDP_TX);
+    assert_eq!(
+        moved(&before, &f.reasons()),
+        BTreeMap::from([("tx_icmp_too_big", 1)])
+    );
+    assert_denied(&f, &too_big4(v4("198.18.9.2")));
+
+    let too_big6 = |src| {
+        let mut p = Ipv6Packet::tcp(src, 7000, VIP6, 80);
+        p.tcp_flags = TCP_ACK;
+        p.payload = vec![0; 1500 - 60];
+        p.build()
+    };
+    let mut f = fixture6(FORWARD_IPIP);
+    set_limit(&mut f);
+    let mut st = AclState::default();
+    set_acl(&mut f, &mut st, &acl(&["2001:2::/64"], &[]));
+    let before = f.reasons();
+    assert_eq!(f.run(&too_big6(v6("2001:2::2"))).action, XDP_TX);
+    assert_eq!(
+        moved(&before, &f.reasons()),
+        BTreeMap::from([("tx_icmp_too_big", 1)])
+    );
+    assert_denied(&f, &too_big6(v6("2001:2:0:9::2")));
+}

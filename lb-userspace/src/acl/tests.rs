@@ -191,7 +191,11 @@ fn a_failed_switch_keeps_the_old_acl_and_the_next_sync_clears_the_new_bank() {
     m.fail_word = true;
     assert!(sync(&mut m, &mut st, 0, &b).is_err());
     assert_eq!(st.vips[&0].prefixes, a.entries(), "a still in force");
-    assert_eq!(m.acl_read().unwrap(), st, "the new bank is known as a leftover");
+    assert_eq!(
+        m.acl_read().unwrap(),
+        st,
+        "the new bank is known as a leftover"
+    );
     m.fail_word = false;
     sync(&mut m, &mut st, 0, &b).unwrap();
     assert_eq!(st.vips[&0].prefixes, b.entries());
