@@ -387,3 +387,82 @@ fn a_denied_source_gets_no_too_big_answer() {
     );
     assert_denied(&f, &too_big6(v6("2001:2:0:9::2")));
 }
+
+/// A trie too small for a switch refuses it with an error naming the
+/// setting; the ACL in force stays, and no prefix is left behind.
+#[test]
+fn a_full_trie_refuses_the_switch_and_keeps_the_acl_in_force() {
+    let mut f = Fixture::with_sizes(lb::datapath::MapSizes {
+        max_vips: 4,
+        max_backends: 64,
+        acl_entries: 8,
+        ..lb::datapath::MapSizes::default()
+    });
+    f.add_vip(0, (VIP, 80, IPPROTO_TCP), &[(1, 1), (2, 1), (3, 1)]);
+    let mut st = AclState::default();
+    let small = acl(&["198.18.0.0/24"], &["198.18.0.66/32"]);
+    set_acl(&mut f, &mut st, &small);
+    let hosts: Vec<String> = (1..=7).map(|i| format!("198.18.7.{i}/32")).collect();
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let big = acl(&["198.18.0.0/24"], &hosts);
+    let e = sync(&mut f.dp, &mut st, 0, &big).unwrap_err().to_string();
+    assert!(
+        e.contains("ACL4 is full") && e.contains("acl_entries"),
+        "{e}"
+    );
+    assert_eq!(f.dp.acl_read().unwrap(), st);
+    assert_eq!(st.vips[&0].prefixes, small.entries());
+    assert_denied(&f, &syn4(v4("198.18.0.66"), 8000));
+    assert_forwarded(&f, &syn4(v4("198.18.0.2"), 8000), "still allowed");
+}
+
+/// 100 000 host prefixes on one VIP, written and switched to another
+/// 100 000 the agent's way (the times are printed, not asserted): the
+/// maps read back exactly the ACL in force, and packets follow it.
+#[test]
+fn a_vip_of_100_000_prefixes_is_written_and_switched() {
+    let mut f = Fixture::with_sizes(lb::datapath::MapSizes {
+        max_vips: 4,
+        max_backends: 64,
+        acl_entries: 200_000,
+        ..lb::datapath::MapSizes::default()
+    });
+    f.add_vip(0, (VIP, 80, IPPROTO_TCP), &[(1, 1), (2, 1), (3, 1)]);
+    // Hosts from 198.18.1.0 on: the client 198.18.0.2 is not among them.
+    let base = u32::from(v4("198.18.1.0"));
+    let hosts = |shift: u32| {
+        let mut a = VipAcl::default();
+        a.deny = (0..100_000u32)
+            .map(|i| Cidr::new(Ipv4Addr::from(base + i + shift).into(), 32).unwrap())
+            .collect();
+        a.deny.sort();
+        a
+    };
+    let (a, b) = (hosts(0), hosts(7));
+    let mut st = AclState::default();
+    let t = std::time::Instant::now();
+    set_acl(&mut f, &mut st, &a);
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    set_acl(&mut f, &mut st, &b);
+    let switch = t.elapsed();
+    let t = std::time::Instant::now();
+    let back = f.dp.acl_read().unwrap();
+    let read = t.elapsed();
+    assert_eq!(back, st);
+    assert_eq!(back.len(), 100_000);
+    println!(
+        "100 000 prefixes: written in {:.0} ms, switched to another 100 000 in {:.0} ms \
+         (insert + delete of the old bank), read back in {:.0} ms",
+        first.as_secs_f64() * 1e3,
+        switch.as_secs_f64() * 1e3,
+        read.as_secs_f64() * 1e3
+    );
+    assert_denied(&f, &syn4(Ipv4Addr::from(base + 7), 9000));
+    assert_forwarded(
+        &f,
+        &syn4(Ipv4Addr::from(base + 3), 9000),
+        "only in the old ACL",
+    );
+    assert_forwarded(&f, &syn4(v4("198.18.0.2"), 9000), "in neither");
+}

@@ -14,6 +14,10 @@ use lb_common::{
 };
 
 use super::{Datapath, DatapathError, Result, map_err};
+use crate::bpf_batch::{batch_unsupported, delete_batch_of, update_batch_of};
+
+/// Prefixes per batch update.
+const BATCH: usize = 4096;
 use crate::acl::{AclMaps, AclState, Cidr};
 
 /// A trie that refused an insert because it is full names the setting.
@@ -47,12 +51,76 @@ fn untag(data: &[u8]) -> (u32, u32) {
 }
 
 impl Datapath {
-    fn acl4_mut(&mut self) -> Result<LpmTrie<&mut MapData, AclData4, u32>> {
-        LpmTrie::try_from(self.map_mut(map_names::ACL4)).map_err(map_err(map_names::ACL4))
+    /// Inserts `keys[i] -> values[i]` into the trie `name`: in batches of
+    /// [`BATCH`] (one syscall each), one by one where the kernel has no
+    /// batch update for tries.
+    fn trie_insert<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        keys: &[Key<K>],
+        values: &[u32],
+    ) -> Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let max = self.sizes.acl_entries;
+        let fd = match self.map(name) {
+            aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd(),
+            _ => unreachable!("{name} is an LPM trie"),
+        };
+        let full = |e: &std::io::Error| e.kind() == std::io::ErrorKind::StorageFull;
+        let mut done = 0;
+        while self.acl_batch && done < keys.len() {
+            let end = (done + BATCH).min(keys.len());
+            match update_batch_of(fd, &keys[done..end], &values[done..end]) {
+                Ok(()) => done = end,
+                Err(e) if full(&e) => return Err(DatapathError::AclFull { name, max }),
+                Err(e) if batch_unsupported(&e) && done == 0 => {
+                    log::info!("{name}: no batch updates for LPM tries here; one by one");
+                    self.acl_batch = false;
+                }
+                Err(e) => return Err(DatapathError::TrieBatch { name, source: e }),
+            }
+        }
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.map_mut(name)).map_err(map_err(name))?;
+        for (k, v) in keys[done..].iter().zip(&values[done..]) {
+            trie.insert(k, v, 0).map_err(insert_err(name, max))?;
+        }
+        Ok(())
     }
 
-    fn acl6_mut(&mut self) -> Result<LpmTrie<&mut MapData, AclData6, u32>> {
-        LpmTrie::try_from(self.map_mut(map_names::ACL6)).map_err(map_err(map_names::ACL6))
+    /// Deletes `keys` from the trie `name` (absent ones are no error), in
+    /// batches where the kernel can.
+    fn trie_delete<K: aya::Pod>(&mut self, name: &'static str, keys: &[Key<K>]) -> Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = match self.map(name) {
+            aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd(),
+            _ => unreachable!("{name} is an LPM trie"),
+        };
+        let absent = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let mut done = 0;
+        while self.acl_batch && done < keys.len() {
+            let end = (done + BATCH).min(keys.len());
+            match delete_batch_of(fd, &keys[done..end]) {
+                Ok(()) => done = end,
+                // Skip the absent key the kernel stopped at.
+                Err((e, n)) if absent(&e) => done += n + 1,
+                Err((e, 0)) if batch_unsupported(&e) && done == 0 => {
+                    log::info!("{name}: no batch deletes for LPM tries here; one by one");
+                    self.acl_batch = false;
+                }
+                Err((e, _)) => return Err(DatapathError::TrieBatch { name, source: e }),
+            }
+        }
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.map_mut(name)).map_err(map_err(name))?;
+        for k in &keys[done.min(keys.len())..] {
+            match trie.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e)) if absent(&e.io_error) => {}
+                Err(source) => return Err(DatapathError::Map { name, source }),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -61,22 +129,21 @@ impl AclMaps for Datapath {
 
     fn acl_insert(&mut self, index: u32, bank: u32, entries: &BTreeMap<Cidr, u32>) -> Result<()> {
         let tag = acl_tag(index, bank);
-        let max = self.sizes.acl_entries;
-        let mut v4 = self.acl4_mut()?;
+        let (mut k4, mut v4, mut k6, mut v6) = (vec![], vec![], vec![], vec![]);
         for (c, v) in entries {
-            if let IpAddr::V4(a) = c.addr {
-                v4.insert(&key4(tag, c, a), v, 0)
-                    .map_err(insert_err(map_names::ACL4, max))?;
+            match c.addr {
+                IpAddr::V4(a) => {
+                    k4.push(key4(tag, c, a));
+                    v4.push(*v);
+                }
+                IpAddr::V6(a) => {
+                    k6.push(key6(tag, c, a));
+                    v6.push(*v);
+                }
             }
         }
-        let mut v6 = self.acl6_mut()?;
-        for (c, v) in entries {
-            if let IpAddr::V6(a) = c.addr {
-                v6.insert(&key6(tag, c, a), v, 0)
-                    .map_err(insert_err(map_names::ACL6, max))?;
-            }
-        }
-        Ok(())
+        self.trie_insert(map_names::ACL4, &k4, &v4)?;
+        self.trie_insert(map_names::ACL6, &k6, &v6)
     }
 
     fn acl_delete(
@@ -86,24 +153,15 @@ impl AclMaps for Datapath {
         prefixes: &mut dyn Iterator<Item = Cidr>,
     ) -> Result<()> {
         let tag = acl_tag(index, bank);
-        let absent = |r: std::result::Result<(), MapError>, name| match r {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-                Ok(())
-            }
-            Err(source) => Err(DatapathError::Map { name, source }),
-        };
+        let (mut k4, mut k6) = (vec![], vec![]);
         for c in prefixes {
             match c.addr {
-                IpAddr::V4(a) => {
-                    absent(self.acl4_mut()?.remove(&key4(tag, &c, a)), map_names::ACL4)?
-                }
-                IpAddr::V6(a) => {
-                    absent(self.acl6_mut()?.remove(&key6(tag, &c, a)), map_names::ACL6)?
-                }
+                IpAddr::V4(a) => k4.push(key4(tag, &c, a)),
+                IpAddr::V6(a) => k6.push(key6(tag, &c, a)),
             }
         }
-        Ok(())
+        self.trie_delete(map_names::ACL4, &k4)?;
+        self.trie_delete(map_names::ACL6, &k6)
     }
 
     fn acl_set_word(&mut self, index: u32, word: u32) -> Result<()> {

@@ -78,6 +78,11 @@ pub enum DatapathError {
     Pins(#[from] crate::pins::PinsError),
     #[error("map {name} is full: more than {max} prefixes ([agent] acl_entries)")]
     AclFull { name: &'static str, max: u32 },
+    #[error("map {name}: batch update: {source}")]
+    TrieBatch {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("parsing the XDP object: {0}")]
     Object(String),
     #[error("{what} {index} is outside the map (max {max})")]
@@ -165,6 +170,9 @@ pub struct Datapath {
     /// Ring writes go through `BPF_MAP_UPDATE_BATCH` (until the kernel
     /// says it has none).
     batch_writes: bool,
+    /// ACL prefixes are inserted with `BPF_MAP_UPDATE_BATCH` (until the
+    /// kernel says tries have none).
+    acl_batch: bool,
     /// Keeps RUNTIME current and counts flows, once started.
     keeper: Option<FlowKeeper>,
 }
@@ -233,6 +241,7 @@ impl Datapath {
             sizes,
             vip_table,
             batch_writes: true,
+            acl_batch: true,
             keeper: None,
         })
     }
