@@ -431,12 +431,14 @@ fn a_vip_of_100_000_prefixes_is_written_and_switched() {
     // Hosts from 198.18.1.0 on: the client 198.18.0.2 is not among them.
     let base = u32::from(v4("198.18.1.0"));
     let hosts = |shift: u32| {
-        let mut a = VipAcl::default();
-        a.deny = (0..100_000u32)
+        let mut deny: Vec<Cidr> = (0..100_000u32)
             .map(|i| Cidr::new(Ipv4Addr::from(base + i + shift).into(), 32).unwrap())
             .collect();
-        a.deny.sort();
-        a
+        deny.sort();
+        VipAcl {
+            allow: vec![],
+            deny,
+        }
     };
     let (a, b) = (hosts(0), hosts(7));
     let mut st = AclState::default();
