@@ -37,6 +37,7 @@
 
 mod kit;
 mod nat;
+mod reference;
 mod section;
 mod v6;
 
@@ -125,6 +126,8 @@ enum System {
     NftMasq,
     Haproxy(u8),
     Routing,
+    /// The reference XDP forwarder (reference.rs).
+    RefXdp,
 }
 
 impl System {
@@ -140,11 +143,14 @@ impl System {
             System::NftMasq => "nftables DNAT+masquerade".into(),
             System::Haproxy(n) => format!("HAProxy nbthread {n}"),
             System::Routing => "kernel routing".into(),
+            System::RefXdp => "reference XDP forwarder".into(),
         }
     }
 
-    fn is_lb(self) -> bool {
-        matches!(self, System::Lb(_) | System::Lb6(_))
+    /// An XDP program on the LB's veth does the work (its NAPI runs
+    /// because of it).
+    fn is_xdp(self) -> bool {
+        matches!(self, System::Lb(_) | System::Lb6(_) | System::RefXdp)
     }
 
     fn chart_label(self) -> String {
@@ -157,6 +163,7 @@ impl System {
             System::NftMasq => "nft masq".into(),
             System::Haproxy(n) => format!("HAProxy x{n}"),
             System::Routing => "routing".into(),
+            System::RefXdp => "reference".into(),
         }
     }
 
@@ -196,6 +203,7 @@ impl System {
                 "HAProxy mode tcp, balance roundrobin over the 3 backends, VIP on the LB's lo"
             }
             System::Routing => "ip_forward=1, VIP/32 via backend 0 (which holds the VIP)",
+            System::RefXdp => reference::HOW,
         }
     }
 }
@@ -225,8 +233,9 @@ impl GenKind {
 /// do not come back); nftables also with AF_PACKET, as a cross-check.
 /// lb's tunnel modes right after its dsr-l2: what the outer header costs
 /// end to end; then the same three with an IPv6 VIP (80-byte frames).
-const UDP_CASES: [(System, GenKind); 11] = [
+const UDP_CASES: [(System, GenKind); 12] = [
     (System::Lb(Fwd::DsrL2), GenKind::Live),
+    (System::RefXdp, GenKind::Live),
     (System::Lb(Fwd::Ipip), GenKind::Live),
     (System::Lb(Fwd::Gue), GenKind::Live),
     (System::Lb(Fwd::Nat), GenKind::Live),
@@ -433,6 +442,8 @@ struct Bench {
     sink: Sink,
     /// Holds `lb_gen_tx` during the UDP phase.
     generator: Option<TestProgs>,
+    /// Holds the reference forwarder while it is attached.
+    reference: Option<TestProgs>,
     dir: PathBuf,
     lb_cpu: usize,
     gen_cpu: usize,
@@ -464,6 +475,7 @@ impl Bench {
             _servers: servers,
             sink,
             generator: None,
+            reference: None,
             dir,
             lb_cpu,
             gen_cpu,
@@ -640,6 +652,10 @@ impl Bench {
                     .stderr(log);
                 self.haproxy = Some(spawn_guarded(cmd)?);
             }
+            System::RefXdp => {
+                ensure!(!tcp, "{} is measured with UDP only", sys.label());
+                self.reference = Some(reference::start(t)?);
+            }
             System::Routing => {
                 self.forwarding(true)?;
                 let vip32 = format!("{}/32", t.vip());
@@ -683,6 +699,7 @@ impl Bench {
                 let vip32 = format!("{}/32", t.vip());
                 t.lb_ns().ip(["addr", "del", &vip32, "dev", "lo"])?;
             }
+            System::RefXdp => self.reference = None,
             System::Routing => {
                 let vip32 = format!("{}/32", t.vip());
                 t.lb_ns().ip(["route", "del", &vip32])?;
@@ -769,11 +786,11 @@ impl Bench {
     /// GRO forwarding is off). Returns the NAPI threads.
     fn steer_on(&self, sys: System, kind: GenKind) -> Result<Vec<i32>> {
         let t = &self.topo;
-        if !sys.is_lb() {
+        if !sys.is_xdp() {
             t.lb_ns()
                 .ethtool_features(&t.lb_iface(), &[("gro", true)])?;
         }
-        if kind == GenKind::Packet && !sys.is_lb() {
+        if kind == GenKind::Packet && !sys.is_xdp() {
             // A veth hands an skb to its peer's NAPI only if it could be
             // aggregated: not when the sender has TSO on (an XDP program on
             // the peer turns it off by itself).
@@ -786,7 +803,7 @@ impl Bench {
     fn steer_off(&self, sys: System) -> Result<()> {
         let t = &self.topo;
         let r = kit::threaded_napi_off(t.lb_ns(), &t.lb_iface());
-        if !sys.is_lb() {
+        if !sys.is_xdp() {
             t.lb_ns()
                 .ethtool_features(&t.lb_iface(), &[("gro", false)])?;
             t.switch_ns()

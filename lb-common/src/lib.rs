@@ -15,6 +15,7 @@ pub mod acl;
 pub mod csum;
 pub mod decap;
 pub mod nat;
+pub mod ratelimit;
 
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
@@ -48,6 +49,18 @@ pub mod map_names {
     /// Not pinned, like FLOW_CACHE: the NAT caches in front of NAT_FWD,
     /// NAT_REV, NAT_FWD6 and NAT_REV6 (`NatFwdCache`, `NatRevCache`),
     /// cleared with FLOW_CACHE.
+    /// Per VIP, per CPU: the SYN-flood guard's SYN count in the current
+    /// tick ([`crate::SynWindow`]). Not pinned: it refills from traffic.
+    pub const SYN_GUARD: &str = "SYN_GUARD";
+    /// Per VIP: until when the guard is on for every CPU (clock ms).
+    pub const SYN_FLOOD_UNTIL: &str = "SYN_FLOOD_UNTIL";
+    /// Per VIP: its rate limits (`ratelimit::RateLimits`). Not pinned:
+    /// the agent writes every VIP's at start and on each change.
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// Per VIP: the bucket of its new-connection ceiling. Not pinned.
+    pub const RATE_VIP: &str = "RATE_VIP";
+    /// Per (VIP, limit, source prefix): a bucket (LRU). Not pinned.
+    pub const RATE_SOURCES: &str = "RATE_SOURCES";
     pub const NAT_FWD_CACHE: &str = "NAT_FWD_CACHE";
     pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
     pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
@@ -72,9 +85,12 @@ pub mod map_names {
 /// 4: full NAT: `Backend` grows its port, `Runtime` the NAT port range,
 /// `VipStats` the return path's counters; reasons 18..=20; the NAT maps
 /// join the pinned maps.
-/// 5: source access control: `VipStats` grows `acl_denied`, reason 21
+/// 5: traffic policy: reasons 21 (`fwd_syn_unrecorded`) and 22
+/// (`drop_rate_limited`), `Runtime`'s last word becomes the SYN-flood
+/// guard's threshold, `VipStats` grows `rate_limited`.
+/// 6: source access control: `VipStats` grows `acl_denied`, reason 23
 /// (`drop_acl_denied`); ACL4, ACL6 and VIP_ACL join the pinned maps.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -513,8 +529,57 @@ pub struct Runtime {
     /// host's own connections use the rest). Both 0: no NAT.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    pub _pad: u32,
+    /// The SYN-flood guard ([`syn_guard`]): 0, off (every SYN is
+    /// recorded); otherwise a CPU that sees more than `syn_guard - 1`
+    /// SYNs for one VIP within one tick of the clock stops recording that
+    /// VIP's SYNs for the rest of the tick and the next (1: never records
+    /// a SYN).
+    pub syn_guard: u32,
 }
+
+/// One CPU's SYN count for one VIP in one tick of the flow clock: what
+/// the SYN-flood guard ([`Runtime::syn_guard`]) compares with its
+/// threshold. Per CPU, so counted without atomics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynWindow {
+    /// [`Runtime::now_ms`] of the tick counted.
+    pub tick_ms: u64,
+    /// SYNs counted in that tick.
+    pub syns: u32,
+    /// 1: the previous tick went over the threshold (the guard stays on
+    /// for this whole tick).
+    pub flooded: u32,
+}
+
+impl SynWindow {
+    /// Counts one SYN at clock `now_ms` against `threshold`
+    /// ([`Runtime::syn_guard`], not 0) and says whether it goes
+    /// unrecorded: the guard is on when this tick's count is over the
+    /// threshold, or the previous tick's was.
+    #[inline(always)]
+    pub fn count_syn(&mut self, now_ms: u64, threshold: u32) -> bool {
+        if self.tick_ms != now_ms {
+            // The tick before this one: the last one counted, if it ended
+            // just now (a gap of ticks without SYNs ends a flood).
+            let over = self.syns >= threshold;
+            self.flooded = u32::from(over && now_ms.wrapping_sub(self.tick_ms) <= MAX_TICK_GAP_MS);
+            self.tick_ms = now_ms;
+            self.syns = 0;
+        }
+        self.syns = self.syns.saturating_add(1);
+        self.flooded != 0 || self.syns >= threshold
+    }
+}
+
+/// How long (in ms of the flow clock) every CPU leaves a VIP's SYNs
+/// unrecorded after one CPU's count went over the threshold: the rest of
+/// the tick and the next one (ticks are 100 ms apart).
+pub const SYN_FLOOD_HOLD_MS: u64 = 200;
+
+/// Ticks of the flow clock are 100 ms apart (the agent's period); a
+/// window this much later than the last one counted follows it directly.
+pub const MAX_TICK_GAP_MS: u64 = 250;
 
 /// IPv4's minimum datagram size every host accepts: packets up to this
 /// length are not checked against [`Runtime::max_l3_len`].
@@ -568,6 +633,8 @@ pub struct VipStats {
     pub return_bytes: u64,
     /// Packets dropped by the VIP's source access control.
     pub acl_denied: u64,
+    /// Packets refused by the VIP's rate limits.
+    pub rate_limited: u64,
 }
 
 /// Per-backend counters (per CPU).
@@ -643,8 +710,16 @@ pub enum Reason {
     /// To a SNAT port of the NAT range but no NAT flow's reply: passed to
     /// the kernel untouched.
     PassNatNoFlow = 20,
+    /// A TCP SYN steered by the ring without being recorded (the SYN-flood
+    /// guard, [`Runtime::syn_guard`]): its flow is recorded by its first
+    /// packet without SYN. Forwarded; counted here besides the VIP's and
+    /// the backend's packets.
+    FwdSynUnrecorded = 21,
+    /// Refused by a VIP's rate limits (new connections or packets per
+    /// source, new connections to the VIP): dropped.
+    DropRateLimited = 22,
     /// The VIP's source access control denies the packet's source.
-    DropAclDenied = 21,
+    DropAclDenied = 23,
 }
 
 /// Extension headers (hop-by-hop, routing, destination options) the fast
@@ -653,7 +728,7 @@ pub enum Reason {
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Reason {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIp,
@@ -676,6 +751,8 @@ impl Reason {
         Reason::DropNatPortsExhausted,
         Reason::DropNatTableFull,
         Reason::PassNatNoFlow,
+        Reason::FwdSynUnrecorded,
+        Reason::DropRateLimited,
         Reason::DropAclDenied,
     ];
 
@@ -702,6 +779,8 @@ impl Reason {
             Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
             Reason::DropNatTableFull => "drop_nat_table_full",
             Reason::PassNatNoFlow => "pass_nat_no_flow",
+            Reason::FwdSynUnrecorded => "fwd_syn_unrecorded",
+            Reason::DropRateLimited => "drop_rate_limited",
             Reason::DropAclDenied => "drop_acl_denied",
         }
     }
@@ -721,11 +800,15 @@ impl Reason {
                 | Reason::DropNatPortsExhausted
                 | Reason::DropNatTableFull
                 | Reason::DropAclDenied
+                | Reason::DropRateLimited
         )
     }
 }
 
 const _: () = {
+    assert!(size_of::<ratelimit::RateLimits>() == 32);
+    assert!(size_of::<ratelimit::RateKey>() == 24);
+    assert!(size_of::<ratelimit::Bucket>() == 32);
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<VipSlot>() == 24);
@@ -738,7 +821,7 @@ const _: () = {
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
     assert!(size_of::<Runtime>() == 32);
-    assert!(size_of::<VipStats>() == 56);
+    assert!(size_of::<VipStats>() == 64);
     assert!(size_of::<BackendStats>() == 16);
 };
 
@@ -799,6 +882,10 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for Runtime {}
+    unsafe impl aya::Pod for SynWindow {}
+    unsafe impl aya::Pod for crate::ratelimit::RateLimits {}
+    unsafe impl aya::Pod for crate::ratelimit::RateKey {}
+    unsafe impl aya::Pod for crate::ratelimit::Bucket {}
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for VipKey6 {}
@@ -873,6 +960,28 @@ mod tests {
             let k = FlowKey::new(0xC612_0001, port, 0xFFFF_FFFF, 80, IPPROTO_TCP);
             assert!(flow_cache_slot(flow_cache_mix(&k)) < FLOW_CACHE_SLOTS);
         }
+    }
+
+    #[test]
+    fn the_syn_guard_trips_over_the_threshold_and_holds_for_the_next_tick() {
+        let mut w = SynWindow::default();
+        // Threshold 4: three SYNs per tick are recorded, the fourth is not.
+        fn tick<const N: usize>(w: &mut SynWindow, now: u64) -> [bool; N] {
+            core::array::from_fn(|_| w.count_syn(now, 4))
+        }
+        assert_eq!(tick::<3>(&mut w, 100), [false, false, false]);
+        assert_eq!(tick::<5>(&mut w, 200), [false, false, false, true, true]);
+        // The tick after a flooded one: guarded from its first SYN.
+        assert_eq!(tick::<1>(&mut w, 300), [true]);
+        // That one was quiet: the next records again.
+        assert_eq!(tick::<2>(&mut w, 400), [false, false]);
+        assert_eq!(tick::<4>(&mut w, 500), [false, false, false, true]);
+        // A flooded tick followed by a gap of silent ticks ends the flood.
+        assert_eq!(tick::<1>(&mut w, 900), [false]);
+        // Threshold 1: every SYN unrecorded.
+        let mut w = SynWindow::default();
+        assert!(w.count_syn(100, 1));
+        assert!(w.count_syn(200, 1));
     }
 
     #[test]

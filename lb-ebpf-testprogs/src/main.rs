@@ -219,6 +219,63 @@ fn is_flood(ctx: &XdpContext) -> bool {
     }
 }
 
+/// The reference forwarder's configuration: one VIP (wire order) and up
+/// to [`REF_MAX_BACKENDS`] next hops by MAC.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RefForward {
+    vip: u32,
+    port: u16,
+    proto: u8,
+    /// Backends in `dst_macs` (0: pass everything).
+    count: u8,
+    src_mac: [u8; 6],
+    _pad: [u8; 2],
+    dst_macs: [[u8; 6]; REF_MAX_BACKENDS],
+}
+
+const REF_MAX_BACKENDS: usize = 4;
+
+#[map]
+static REF_FORWARD: Array<RefForward> = Array::with_max_entries(1, 0);
+
+/// The end-to-end benchmark's reference: the least an XDP load balancer
+/// does for a packet to its VIP, and nothing more: parse Ethernet, IPv4
+/// (honouring IHL) and the TCP/UDP ports, match one VIP, pick a backend
+/// by a fixed hash of the 5-tuple (no state, no counters, no health, no
+/// consistent ring), rewrite both MACs and send it back out (`XDP_TX`,
+/// what lb does when the backend is behind the ingress interface).
+/// Everything else passes.
+#[xdp]
+pub fn lb_ref_fwd(ctx: XdpContext) -> u32 {
+    ref_fwd(&ctx).unwrap_or(XDP_PASS)
+}
+
+#[inline(always)]
+fn ref_fwd(ctx: &XdpContext) -> Option<u32> {
+    let cfg = REF_FORWARD.get(0)?;
+    let eth = ethernet(ctx)?;
+    if eth.ether_type != ETH_P_IP {
+        return None;
+    }
+    let ip = ipv4(ctx, eth.l3)?;
+    let dst = u32::from_ne_bytes(ip.dst_addr);
+    if dst != cfg.vip || ip.proto != cfg.proto {
+        return None;
+    }
+    let [src_port, dst_port] = l4_ports(ctx, eth.l3 + ipv4_header_len(ip))?;
+    if dst_port != cfg.port {
+        return None;
+    }
+    let src = u32::from_ne_bytes(ip.src_addr);
+    let h = (src ^ dst ^ ((src_port as u32) << 16 | dst_port as u32)).wrapping_mul(0x9E37_79B1);
+    let i = ((h as u64 * cfg.count as u64) >> 32) as usize;
+    let dst_mac = *cfg.dst_macs.get(i)?;
+    // SAFETY: the 14-byte Ethernet header was bounds checked by ethernet().
+    unsafe { write_macs(eth.hdr as *mut u8, dst_mac, cfg.src_mac) };
+    Some(XDP_TX)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -181,8 +181,15 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
         }
     }
 
-    if vip.forwarding == FORWARD_NAT {
+    // The ACL before the rate limits for what they count (a denied source
+    // spends no token of the VIP's ceiling), and before the NAT path,
+    // whose caches do not know the ACL; other packets are checked in
+    // steer (a flow cache hit needs no lookup).
+    if new_connection || vip.forwarding == FORWARD_NAT {
         crate::acl::check(&flow, vip.index, crate::acl::word(vip.index))?;
+    }
+    crate::policy(&flow, &vip, new_connection)?;
+    if vip.forwarding == FORWARD_NAT {
         let flags = if new_connection {
             nat::NAT_NEW_CONNECTION
         } else {

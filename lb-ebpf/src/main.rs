@@ -54,7 +54,9 @@ mod nat;
 mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
+mod ratelimit;
 mod steer;
+mod syn_guard;
 use balance6::push_outer6;
 use steer::steer;
 
@@ -483,9 +485,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead, admit)? {
         return Ok(action);
     }
-    if vip.forwarding == FORWARD_NAT {
-        // The NAT caches do not know the ACL: checked before them.
+    // The ACL before the rate limits for what they count (a denied source
+    // spends no token of the VIP's ceiling), and before the NAT caches,
+    // which do not know it; other packets are checked in steer (a flow
+    // cache hit needs no lookup).
+    if new_connection || vip.forwarding == FORWARD_NAT {
         acl::check(&flow, vip.index, acl::word(vip.index))?;
+    }
+    policy(&flow, &vip, new_connection)?;
+    if vip.forwarding == FORWARD_NAT {
         // A cached flow is translated here, without the handoff.
         if !new_connection
             && !closing
@@ -529,6 +537,25 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     }
 
     forward(ctx, eth.hdr, l3, &vip, backend, tos, tot_len, &flow)
+}
+
+/// The VIP's policy for a packet of `flow` (both families), before it is
+/// steered or translated: its rate limits (a TCP SYN is a new
+/// connection; a UDP flow's first packet is counted where it misses its
+/// record, see steer.rs and nat.rs).
+#[inline(always)]
+pub(crate) fn policy<S: ratelimit::Source>(
+    flow: &S,
+    vip: &VipInfo,
+    new_connection: bool,
+) -> Result<(), Reason> {
+    if let Some(l) = ratelimit::limits(vip.index) {
+        ratelimit::admit_packet(l, vip.index, flow)?;
+        if new_connection {
+            ratelimit::admit_new(l, vip.index, flow)?;
+        }
+    }
+    Ok(())
 }
 
 /// The size limits above for an outer header of `overhead` bytes:

@@ -330,6 +330,11 @@ fn make_pair<F: NatFlow>(
     scratch: *mut NatScratch,
 ) -> Result<u32, Reason> {
     let proto = flow.proto();
+    if proto != lb_common::IPPROTO_TCP as u32 {
+        // A UDP flow's first packet: a new connection for the rate limits
+        // (a TCP one was counted by its SYN).
+        crate::ratelimit::admit_new_flow(vip.index, flow)?;
+    }
     let now = now_ms();
     let (id, b) = ring_backend(flow, vip)?;
     if b.is_v6() != F::V6 {

@@ -6,12 +6,13 @@
 
 use lb_common::{
     Backend, FLOW_FLAG_CLOSING, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6,
-    NO_BACKEND, Reason, VipInfo, flow_cache_mix, flow_cache_mix6, flow_cache_slot, ring_slot,
+    IPPROTO_TCP, NO_BACKEND, Reason, VipInfo, flow_cache_mix, flow_cache_mix6, flow_cache_slot,
+    ring_slot,
 };
 
 use crate::{
     BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK6, FLOW_CACHE, FLOW_CACHE6, RINGS, RUNTIME,
-    VIP_STATS, acl,
+    VIP_STATS, acl, syn_guard,
 };
 
 /// A family's flow key, with its flow cache and conntrack map.
@@ -44,7 +45,7 @@ unsafe fn store_words<T: Copy, const N: usize>(dst: *mut T, value: T) {
     }
 }
 
-pub(crate) trait Flow: Copy {
+pub(crate) trait Flow: Copy + crate::ratelimit::Source {
     type Cache: Copy;
     /// The flow cache's one-multiply mix.
     fn mix(&self) -> u32;
@@ -179,6 +180,9 @@ impl Flow for FlowKey6 {
 /// when a record exists (a reused source port must follow the current
 /// ring); a FIN or RST (`closing`) moves the record to the closing
 /// timeout.
+///
+/// Under the SYN-flood guard (syn_guard.rs), a SYN is steered by the ring
+/// and not recorded.
 #[inline(always)]
 pub(crate) fn steer<F: Flow + acl::Source>(
     flow: &F,
@@ -187,6 +191,9 @@ pub(crate) fn steer<F: Flow + acl::Source>(
     closing: bool,
     bytes: u64,
 ) -> Result<&'static Backend, Reason> {
+    if new_connection && syn_guard::unrecorded(vip.index) {
+        return syn_guard::steer_syn(flow, vip, bytes);
+    }
     let mix = flow.mix();
     let cache_slot = F::cache_slot(flow_cache_slot(mix));
     // The VIP's ACL word goes into the cache check: a hit proves the flow
@@ -247,6 +254,11 @@ pub(crate) fn steer<F: Flow + acl::Source>(
     let backend = match backend {
         Some(b) => b,
         None => {
+            // A UDP flow's first packet is a new connection for the rate
+            // limits (a TCP one was counted by its SYN).
+            if flow.proto() != IPPROTO_TCP as u32 {
+                crate::ratelimit::admit_new_flow(vip.index, flow)?;
+            }
             let (id, b) = ring_backend(flow, vip)?;
             backend_id = id;
             if now == 0 {
@@ -289,6 +301,26 @@ pub(crate) fn count_steered(vip_index: u32, backend_id: u32, hit: bool, bytes: u
             }
         }
     }
+    count_backend(backend_id, bytes);
+}
+
+/// Moves the packet and byte counters of a packet steered to
+/// `backend_id` of the VIP with index `vip_index` that neither hit a
+/// record nor made one (an unrecorded SYN).
+#[inline(always)]
+pub(crate) fn count_forwarded(vip_index: u32, backend_id: u32, bytes: u64) {
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip_index) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+    count_backend(backend_id, bytes);
+}
+
+#[inline(always)]
+fn count_backend(backend_id: u32, bytes: u64) {
     if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot.
         unsafe {

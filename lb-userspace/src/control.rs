@@ -242,6 +242,21 @@ pub struct VipStatsView {
     /// Packets dropped by the VIP's source access control.
     #[serde(default)]
     pub acl_denied: u64,
+    /// Packets refused by the VIP's rate limits.
+    #[serde(default)]
+    pub rate_limited: u64,
+}
+
+/// A source prefix a VIP's per-source limit refused packets of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitedSourceView {
+    pub vip: String,
+    /// The source prefix (its address, masked to the VIP's prefix length).
+    pub source: IpAddr,
+    /// `new` (connections) or `packets`.
+    pub limit: String,
+    pub dropped: u64,
+    pub passed: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,7 +279,14 @@ pub struct StatsView {
     /// None before the first count.
     #[serde(default)]
     pub nat_entries: Option<u64>,
+    /// The source prefixes the per-source rate limits refused most (at
+    /// most [`TOP_LIMITED_SOURCES`], most refusals first).
+    #[serde(default)]
+    pub limited_sources: Vec<LimitedSourceView>,
 }
+
+/// How many limited sources `lb stats` and the metrics show.
+pub const TOP_LIMITED_SOURCES: usize = 10;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExplainView {

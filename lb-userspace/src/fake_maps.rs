@@ -32,6 +32,7 @@ pub struct FakeMaps {
     pub tx_ports: Vec<u32>,
     /// NAT_SNAT: `max_vips` elements, zero-initialised.
     pub nat_snat: Vec<NatSnat>,
+    pub rate_limits: Vec<lb_common::ratelimit::RateLimits>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
     pub nat_fwd: std::collections::HashMap<FlowKey, NatFwd>,
@@ -58,6 +59,7 @@ impl FakeMaps {
             backends: vec![Backend::EMPTY; max_backends as usize + 1],
             tx_ports: Vec::new(),
             nat_snat: vec![NatSnat::default(); max_vips as usize],
+            rate_limits: vec![Default::default(); max_vips as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
             nat_fwd: Default::default(),
@@ -199,6 +201,20 @@ impl KernelMaps for FakeMaps {
         Ok(())
     }
 
+    fn set_rate_limits(
+        &mut self,
+        index: u32,
+        limits: lb_common::ratelimit::RateLimits,
+    ) -> Result<(), FakeError> {
+        self.write("set RATE_LIMITS", |m| {
+            let n = m.rate_limits.len();
+            *m.rate_limits.get_mut(index as usize).ok_or_else(|| {
+                FakeError(format!("RATE_LIMITS index {index} out of range ({n})"))
+            })? = limits;
+            Ok(())
+        })
+    }
+
     fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), FakeError> {
         self.write("set NAT_SNAT", |m| {
             let n = m.nat_snat.len();
@@ -222,6 +238,11 @@ impl KernelMaps for FakeMaps {
                 .get(base..base + len)
                 .ok_or_else(|| FakeError(format!("ring at {base} of {len} slots out of range")))?;
             img.rings.insert(info.ring_base, ring.to_vec());
+            if let Some(l) = self.rate_limits.get(info.index as usize)
+                && l.any()
+            {
+                img.rate.insert(info.index, *l);
+            }
             if info.forwarding == FORWARD_NAT {
                 let snat = self.nat_snat.get(info.index as usize).ok_or_else(|| {
                     FakeError(format!("NAT_SNAT index {} out of range", info.index))

@@ -56,6 +56,8 @@ pub struct FlowTimeouts {
     /// `[agent] nat_port_range`, host order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// The SYN-flood guard's word for the kernel (`Runtime::syn_guard`).
+    pub syn_guard: u32,
 }
 
 impl From<&crate::config::AgentConfig> for FlowTimeouts {
@@ -67,6 +69,7 @@ impl From<&crate::config::AgentConfig> for FlowTimeouts {
             tcp_closing: c.tcp_closing,
             nat_port_min: a.nat.port_min,
             nat_port_max: a.nat.port_max,
+            syn_guard: c.syn_guard_word(timing::FLOW_CLOCK_PERIOD),
         }
     }
 }
@@ -341,7 +344,7 @@ impl KeeperState {
             max_l3_len: self.max_l3_len,
             nat_port_min: timeouts.map_or(0, |t| t.nat_port_min),
             nat_port_max: timeouts.map_or(0, |t| t.nat_port_max),
-            ..Runtime::default()
+            syn_guard: timeouts.map_or(0, |t| t.syn_guard),
         };
         runtime
             .set(0, rt, 0)

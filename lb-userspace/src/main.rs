@@ -555,6 +555,18 @@ fn print_stats(s: &StatsView) {
     if let Some(n) = s.nat_entries {
         println!("nat flows  {n}");
     }
+    if !s.limited_sources.is_empty() {
+        println!(
+            "{:<14} {:<40} {:<8} {:>12} {:>12}",
+            "VIP", "LIMITED SOURCE", "LIMIT", "DROPPED", "PASSED"
+        );
+        for l in &s.limited_sources {
+            println!(
+                "{:<14} {:<40} {:<8} {:>12} {:>12}",
+                l.vip, l.source, l.limit, l.dropped, l.passed
+            );
+        }
+    }
     println!(
         "{:<14} {:<15} {:<10} {:>10} {:>10} {:>12}",
         "VIP", "BACKEND", "HEALTH", "PKT/S", "BIT/S", "PACKETS"

@@ -39,6 +39,13 @@ struct VipLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    vip: String,
+    source: String,
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     vip: String,
     backend: String,
@@ -61,6 +68,8 @@ pub fn render(stats: &StatsView) -> String {
     let vip_return_packets = Family::<VipLabels, Ctr>::default();
     let vip_return_bytes = Family::<VipLabels, Ctr>::default();
     let vip_acl_denied = Family::<VipLabels, Ctr>::default();
+    let vip_rate_limited = Family::<VipLabels, Ctr>::default();
+    let limited = Family::<LimitedLabels, Gauge>::default();
     let be_packets = Family::<BackendLabels, Ctr>::default();
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
@@ -76,6 +85,16 @@ pub fn render(stats: &StatsView) -> String {
             .inc_by(v.return_packets);
         vip_return_bytes.get_or_create(&l).inc_by(v.return_bytes);
         vip_acl_denied.get_or_create(&l).inc_by(v.acl_denied);
+        vip_rate_limited.get_or_create(&l).inc_by(v.rate_limited);
+    }
+    for s in &stats.limited_sources {
+        limited
+            .get_or_create(&LimitedLabels {
+                vip: s.vip.clone(),
+                source: s.source.to_string(),
+                limit: s.limit.clone(),
+            })
+            .set(i64::try_from(s.dropped).unwrap_or(i64::MAX));
     }
     for b in &stats.backends {
         let l = BackendLabels {
@@ -121,6 +140,17 @@ pub fn render(stats: &StatsView) -> String {
         "vip_acl_denied",
         "Packets dropped by a VIP's source access control",
         vip_acl_denied,
+    );
+    reg.register(
+        "vip_rate_limited_packets",
+        "Packets refused by a VIP's rate limits",
+        vip_rate_limited,
+    );
+    reg.register(
+        "rate_limited_source_drops",
+        "Packets a VIP's per-source rate limit refused from one source prefix (the most limited \
+         sources only, at most 10)",
+        limited,
     );
     if let Some(n) = stats.nat_entries {
         let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
@@ -268,6 +298,7 @@ mod tests {
                 return_packets: 5,
                 return_bytes: 500,
                 acl_denied: 2,
+                rate_limited: 6,
             }],
             backends: vec![BackendStatsView {
                 vip: "web".into(),
@@ -282,6 +313,13 @@ mod tests {
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
             nat_entries: Some(9),
+            limited_sources: vec![crate::control::LimitedSourceView {
+                vip: "web".into(),
+                source: "198.18.7.0".parse().unwrap(),
+                limit: "new".into(),
+                dropped: 4,
+                passed: 100,
+            }],
         };
         let text = render(&stats);
         for want in [
@@ -296,6 +334,8 @@ mod tests {
             r#"lb_vip_return_bytes_total{vip="web"} 500"#,
             "lb_nat_entries 9",
             r#"lb_vip_acl_denied_total{vip="web"} 2"#,
+            r#"lb_vip_rate_limited_packets_total{vip="web"} 6"#,
+            r#"lb_rate_limited_source_drops{vip="web",source="198.18.7.0",limit="new"} 4"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }

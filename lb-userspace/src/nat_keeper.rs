@@ -313,7 +313,7 @@ mod tests {
         max_l3_len: 0,
         nat_port_min: 61000,
         nat_port_max: 65535,
-        _pad: 0,
+        syn_guard: 0,
     };
 
     fn w(a: [u8; 4]) -> u32 {

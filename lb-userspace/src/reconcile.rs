@@ -25,6 +25,7 @@ use lb_common::{
     Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, NO_BACKEND, VipInfo, VipKey,
     VipKey6, VipStats,
     nat::{NatFwd, NatRev, NatSnat},
+    ratelimit::RateLimits,
 };
 
 use crate::maglev::diff_slots;
@@ -70,6 +71,9 @@ pub struct KernelImage {
     /// The VIPs' ACLs (not planned here: written by crate::acl around
     /// the plan, see agent::core).
     pub acl: crate::acl::AclState,
+    /// RATE_LIMITS of each installed service VIP that has limits, by VIP
+    /// index (the others' elements are all zero).
+    pub rate: BTreeMap<u32, RateLimits>,
 }
 
 impl KernelImage {
@@ -104,6 +108,9 @@ pub enum Op {
     RemoveBackend(u32),
     /// Writes a NAT VIP's SNAT addresses (NAT_SNAT at its index).
     SetSnat(u32, NatSnat),
+    /// Writes a VIP's rate limits (RATE_LIMITS at its index; all zero:
+    /// none).
+    SetRateLimits(u32, RateLimits),
 }
 
 /// What the data path offers the agent: the map writes of [`Op`], reading
@@ -124,6 +131,8 @@ pub trait KernelMaps: crate::acl::AclMaps {
     fn add_tx_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
     /// Writes NAT_SNAT at VIP index `index`.
     fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), Self::Error>;
+    /// Writes RATE_LIMITS at VIP index `index`.
+    fn set_rate_limits(&mut self, index: u32, limits: RateLimits) -> Result<(), Self::Error>;
     /// What the maps hold: every VIP entry, the ring of each service VIP,
     /// every present backend.
     fn read_image(&self) -> Result<KernelImage, Self::Error>;
@@ -146,6 +155,12 @@ pub trait KernelMaps: crate::acl::AclMaps {
     fn backend_stats(&self, id: u32) -> Result<BackendStats, Self::Error>;
     /// Pass/drop counters by reason name, summed over CPUs.
     fn reason_stats(&self) -> Result<BTreeMap<&'static str, u64>, Self::Error>;
+    /// The source buckets of the per-source rate limits that refused the
+    /// most, at most `n` (none where the maps keep none).
+    fn limited_sources(&self, n: usize) -> Vec<crate::datapath::LimitedSource> {
+        let _ = n;
+        Vec::new()
+    }
     /// Backend id → conntrack records naming it that have not expired, as
     /// last counted; None before the first count.
     fn active_flows(&self) -> Option<BTreeMap<u32, u64>> {
@@ -177,6 +192,20 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
     for (&index, want) in &target.snat {
         if current.snat.get(&index) != Some(want) {
             ops.push(Op::SetSnat(index, *want));
+        }
+    }
+
+    // Rate limits: new or changed ones before the VIP entries (a new VIP
+    // is limited from its first packet), lifted ones too (a VIP whose
+    // limits are gone, or removed: its index may be reused).
+    for (&index, want) in &target.rate {
+        if current.rate.get(&index) != Some(want) {
+            ops.push(Op::SetRateLimits(index, *want));
+        }
+    }
+    for &index in current.rate.keys() {
+        if !target.rate.contains_key(&index) {
+            ops.push(Op::SetRateLimits(index, RateLimits::default()));
         }
     }
 
@@ -251,6 +280,13 @@ pub fn apply(image: &mut KernelImage, op: &Op) {
         Op::SetSnat(index, snat) => {
             image.snat.insert(*index, *snat);
         }
+        Op::SetRateLimits(index, limits) => {
+            if limits.any() {
+                image.rate.insert(*index, *limits);
+            } else {
+                image.rate.remove(index);
+            }
+        }
     }
 }
 
@@ -284,6 +320,7 @@ pub fn execute<M: KernelMaps>(
             Op::SetVip(k, info) => maps.set_vip(*k, *info),
             Op::RemoveVip(k) => maps.remove_vip(k),
             Op::SetSnat(index, snat) => maps.set_nat_snat(*index, *snat),
+            Op::SetRateLimits(index, limits) => maps.set_rate_limits(*index, *limits),
         };
         r.map_err(|source| ExecuteError {
             op: op.describe(),
@@ -306,6 +343,7 @@ impl Op {
             Op::SetVip(k, _) => format!("set VIP entry {k:?}"),
             Op::RemoveVip(k) => format!("remove VIP entry {k:?}"),
             Op::SetSnat(index, _) => format!("set the SNAT addresses of VIP index {index}"),
+            Op::SetRateLimits(index, _) => format!("set the rate limits of VIP index {index}"),
         }
     }
 }

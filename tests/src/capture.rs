@@ -80,7 +80,7 @@ impl Drop for Capture {
     }
 }
 
-fn open_packet_socket(iface: &str) -> Result<OwnedFd> {
+pub(crate) fn open_packet_socket(iface: &str) -> Result<OwnedFd> {
     let eth_p_all = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket call.
     let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, eth_p_all.into()) };

@@ -4,13 +4,14 @@
 //! test and benchmark XDP programs (`testprogs`), network-namespace
 //! topologies (`netns`, and `routed`: backends behind a router), test
 //! servers (`servers`), the real agent run in a namespace (`agent`) and
-//! `lb decap` attached to a backend (`decap`), and packet capture in a
-//! namespace (`capture`).
+//! `lb decap` attached to a backend (`decap`), packet capture in a
+//! namespace (`capture`) and paced floods of crafted frames (`flood`).
 
 pub mod agent;
 pub mod capture;
 pub mod decap;
 pub mod fixture;
+pub mod flood;
 pub mod netns;
 pub mod packet;
 pub mod routed;

@@ -11,6 +11,9 @@
 //!   rewrites every frame's headers from a template and returns `XDP_TX`;
 //! - `lb_sink`: counts and drops the end-to-end benchmark's flood (plain,
 //!   IP-in-IP or GUE), passes everything else;
+//! - `lb_ref_fwd`: the end-to-end benchmark's reference forwarder (parse,
+//!   one VIP, a backend by a fixed hash, MACs rewritten, `XDP_TX`; see
+//!   [`TestProgs::set_ref_forward`]);
 //! - `lb_restore`: puts the frame back as it was (length, first 64 bytes)
 //!   and tail-calls a target program, so that `repeat` can time programs
 //!   that push or strip headers (see [`TestProgs::set_restore`]).
@@ -37,7 +40,29 @@ pub const RESTORE: &str = "lb_restore";
 /// Counts and drops a flood (see [`TestProgs::set_sink_ports`]).
 pub const SINK: &str = "lb_sink";
 
-const PROGRAMS: [&str; 5] = [FLOOR, GEN_TX, RETURN_ONLY, RESTORE, SINK];
+/// The reference forwarder (see [`TestProgs::set_ref_forward`]).
+pub const REF_FWD: &str = "lb_ref_fwd";
+
+const PROGRAMS: [&str; 6] = [FLOOR, GEN_TX, RETURN_ONLY, RESTORE, SINK, REF_FWD];
+const REF_FORWARD: &str = "REF_FORWARD";
+/// Next hops `lb_ref_fwd` picks from, at most.
+pub const REF_MAX_BACKENDS: usize = 4;
+
+/// `lb_ref_fwd`'s configuration (one element of REF_FORWARD).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RefForward {
+    vip: u32,
+    port: u16,
+    proto: u8,
+    count: u8,
+    src_mac: [u8; 6],
+    _pad: [u8; 2],
+    dst_macs: [[u8; 6]; REF_MAX_BACKENDS],
+}
+
+// SAFETY: #[repr(C)], integers only, no padding (40 bytes).
+unsafe impl aya::Pod for RefForward {}
 const SINK_PORTS: &str = "SINK_PORTS";
 const SINK_COUNT: &str = "SINK_COUNT";
 /// `lb_restore`'s frame (one [`RestoreFrame`]) and target (a program
@@ -191,6 +216,42 @@ impl TestProgs {
                 .context("map SINK_COUNT is not in the test object")?,
         )?;
         Ok(map.get(&0, 0).context("reading SINK_COUNT")?.iter().sum())
+    }
+
+    /// Makes `lb_ref_fwd` forward packets to `vip:port` (`proto`, 6 or
+    /// 17) to one of `backends` (their MACs, at most
+    /// [`REF_MAX_BACKENDS`]), picked by a fixed hash of the 5-tuple, with
+    /// `src_mac` as the new source MAC.
+    pub fn set_ref_forward(
+        &mut self,
+        vip: std::net::Ipv4Addr,
+        port: u16,
+        proto: u8,
+        src_mac: [u8; 6],
+        backends: &[[u8; 6]],
+    ) -> Result<()> {
+        ensure!(
+            !backends.is_empty() && backends.len() <= REF_MAX_BACKENDS,
+            "lb_ref_fwd takes 1 to {REF_MAX_BACKENDS} backends, not {}",
+            backends.len()
+        );
+        let mut dst_macs = [[0; 6]; REF_MAX_BACKENDS];
+        dst_macs[..backends.len()].copy_from_slice(backends);
+        let cfg = RefForward {
+            vip: u32::from_ne_bytes(vip.octets()),
+            port: port.to_be(),
+            proto,
+            count: backends.len() as u8,
+            src_mac,
+            _pad: [0; 2],
+            dst_macs,
+        };
+        let mut map: Array<_, RefForward> = Array::try_from(
+            self.ebpf
+                .map_mut(REF_FORWARD)
+                .context("map REF_FORWARD is not in the test object")?,
+        )?;
+        map.set(0, cfg, 0).context("writing REF_FORWARD")
     }
 
     /// The generator program (see [`TestProgs::set_gen_template`]).

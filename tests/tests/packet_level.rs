@@ -393,7 +393,8 @@ fn a_frame_whose_ip_packet_ends_inside_the_ports_is_dropped_only_for_a_vip() {
 
 /// The test and benchmark programs (lb-ebpf-testprogs), outside the
 /// production object: the floor swaps MACs, the generator stamps its
-/// template, the return-only program passes.
+/// template, the return-only program passes, the reference forwarder
+/// forwards its VIP's packets by a fixed hash.
 #[test]
 fn the_test_programs_do_what_the_benchmarks_rely_on() {
     lb_tests::require_root();
@@ -422,6 +423,43 @@ fn the_test_programs_do_what_the_benchmarks_rely_on() {
     assert_eq!(r.action, XDP_TX);
     assert_eq!(r.frame[..48], template[..48]);
     assert_eq!(r.frame[48..], frame[48..]);
+
+    // The reference forwarder: unset, everything passes; set, a packet to
+    // its VIP goes back out to one of the backends' MACs (the same one
+    // for the same flow, every backend for some flow), with the LB's MAC
+    // as source and nothing else changed; other packets pass.
+    let r = progs.run(testprogs::REF_FWD, &frame).unwrap();
+    assert_eq!((r.action, &r.frame), (XDP_PASS, &frame));
+    let lb_mac = [2, 0, 0, 0, 0, 0xaa];
+    let macs = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]];
+    progs
+        .set_ref_forward(VIP, 80, IPPROTO_TCP, lb_mac, &macs)
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40000..40064 {
+        let frame = Ipv4Packet::tcp(CLIENT, port, VIP, 80).build();
+        let r = progs.run(testprogs::REF_FWD, &frame).unwrap();
+        assert_eq!(r.action, XDP_TX, "source port {port}");
+        assert_eq!(r.frame[6..12], lb_mac);
+        assert_eq!(r.frame[12..], frame[12..]);
+        let dst: [u8; 6] = r.frame[..6].try_into().unwrap();
+        assert!(macs.contains(&dst), "source port {port}: {dst:?}");
+        let again = progs.run(testprogs::REF_FWD, &frame).unwrap();
+        assert_eq!(
+            again.frame, r.frame,
+            "source port {port}: same flow, same backend"
+        );
+        seen.insert(dst);
+    }
+    assert_eq!(seen.len(), 3, "64 flows reach every backend");
+    for other in [
+        Ipv4Packet::tcp(CLIENT, 40000, VIP, 81).build(),
+        Ipv4Packet::udp(CLIENT, 40000, VIP, 80).build(),
+        Ipv4Packet::tcp(CLIENT, 40000, OTHER, 80).build(),
+    ] {
+        let r = progs.run(testprogs::REF_FWD, &other).unwrap();
+        assert_eq!((r.action, &r.frame), (XDP_PASS, &other));
+    }
 }
 
 #[test]

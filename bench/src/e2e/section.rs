@@ -130,6 +130,7 @@ pub(super) fn section(
         );
     }
 
+    rows.extend(super::reference::rows(udp)?);
     rows.extend(super::nat::rows(udp, tcp)?);
 
     let mut udp_table = Table::new(
@@ -200,6 +201,7 @@ pub(super) fn section(
         System::NftMasq,
         System::Haproxy(1),
         System::Routing,
+        System::RefXdp,
     ] {
         let label = match sys {
             System::Haproxy(_) => "HAProxy (nbthread 1 and 2)".into(),

@@ -300,6 +300,9 @@ impl State {
             if vip.forwarding == Forwarding::Nat {
                 img.snat.insert(index, nat_snat(&vip.snat_addresses));
             }
+            if vip.rate_limit.any() {
+                img.rate.insert(index, vip.rate_limit.kernel());
+            }
             let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
             img.rings.insert(info.ring_base, ring);

@@ -8,7 +8,10 @@ use tokio::sync::watch;
 
 use super::core::Core;
 use crate::{
-    control::{BackendStatsView, Health, Rates, StatsView, VipStatsView},
+    control::{
+        BackendStatsView, Health, LimitedSourceView, Rates, StatsView, TOP_LIMITED_SOURCES,
+        VipStatsView,
+    },
     keys::{BackendKey, VipId},
     reconcile::KernelMaps,
     timing,
@@ -41,6 +44,7 @@ impl Stats {
         let (vips, backends, reasons) = read_counters(core);
         self.sampler.update(Instant::now(), vips, backends, reasons);
         self.sampler.view.nat_entries = core.maps().nat_entries();
+        self.sampler.view.limited_sources = limited_sources(core);
         self.tx.send_replace(self.sampler.view.clone());
     }
 
@@ -59,12 +63,37 @@ impl Stats {
         let (vips, backends, reasons) = read_counters(core);
         s.update(Instant::now(), vips, backends, reasons);
         s.view.nat_entries = core.maps().nat_entries();
+        s.view.limited_sources = limited_sources(core);
         let view = s.view.clone();
         if prev.is_some() {
             (s.prev, s.older) = (prev, older);
         }
         view
     }
+}
+
+/// The most limited source prefixes, by VIP name (only VIPs with
+/// per-source limits have any).
+fn limited_sources<M: KernelMaps>(core: &Core<M>) -> Vec<LimitedSourceView> {
+    let names: BTreeMap<u32, String> = core
+        .config()
+        .vips
+        .iter()
+        .filter_map(|v| Some((core.state.vip_index(&VipId::of(v))?, v.name.clone())))
+        .collect();
+    core.maps()
+        .limited_sources(TOP_LIMITED_SOURCES)
+        .into_iter()
+        .filter_map(|l| {
+            Some(LimitedSourceView {
+                vip: names.get(&l.vip_index)?.clone(),
+                source: l.source,
+                limit: l.limit.to_string(),
+                dropped: l.dropped,
+                passed: l.passed,
+            })
+        })
+        .collect()
 }
 
 fn read_counters<M: KernelMaps>(
@@ -165,6 +194,7 @@ impl StatsSampler {
                         return_packets: s.return_packets,
                         return_bytes: s.return_bytes,
                         acl_denied: s.acl_denied,
+                        rate_limited: s.rate_limited,
                     }
                 })
                 .collect(),
@@ -195,6 +225,7 @@ impl StatsSampler {
                 })
                 .collect(),
             nat_entries: None,
+            limited_sources: Vec::new(),
         };
         self.view = view;
         self.older = self.prev.replace((now, vips, backends, reasons));

@@ -22,6 +22,10 @@
 //! conntrack_tcp_idle_ms = 3600000      # optional, same range: a TCP flow idle this long is over
 //! conntrack_tcp_closing_ms = 30000     # optional, same range: idle time after a FIN or RST
 //!                                      # (the three apply at once on reload)
+//! syn_guard = "auto"                   # optional: auto (default) | always | off: when TCP SYNs to a VIP go
+//!                                      # unrecorded (steered by the ring, recorded by the first ACK), so that
+//!                                      # a SYN flood neither costs inserts nor evicts flows; applied on reload
+//! syn_guard_rate = 10000               # optional, 10..=10^8: auto's threshold, SYNs/s for one VIP on one CPU
 //! encap_source_v4 = "198.18.0.10"      # optional: outer source of ipip/gue packets (default: per
 //!                                      # backend, the route's preferred source, else the egress
 //!                                      # interface's first IPv4 address); applied on reload
@@ -105,8 +109,8 @@ pub use model::{
     AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
     DEFAULT_INSTANCE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
     MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, NatSettings,
-    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig,
-    XdpModeSetting, reload_check,
+    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode,
+    VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
 };
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 

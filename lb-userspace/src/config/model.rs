@@ -121,6 +121,56 @@ pub struct ConntrackSettings {
     /// A TCP connection that sent a FIN or RST is over after this long
     /// without packets.
     pub tcp_closing: Duration,
+    /// `syn_guard`: when SYNs go unrecorded (see lb-ebpf's syn_guard.rs).
+    pub syn_guard: SynGuardMode,
+    /// `syn_guard_rate`: in `auto` mode, SYNs per second for one VIP on
+    /// one CPU above which that CPU stops recording the VIP's SYNs.
+    pub syn_guard_rate: u32,
+}
+
+/// When the SYN-flood guard leaves SYNs unrecorded (steered by the ring,
+/// the flow recorded by its first ACK).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SynGuardMode {
+    /// Above `syn_guard_rate`.
+    #[default]
+    Auto,
+    /// Every SYN.
+    Always,
+    /// Never: every SYN is recorded.
+    Off,
+}
+
+impl SynGuardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SynGuardMode::Auto => "auto",
+            SynGuardMode::Always => "always",
+            SynGuardMode::Off => "off",
+        }
+    }
+}
+
+/// Default `syn_guard_rate`: far above what one CPU records comfortably
+/// (an LRU insert costs ~0.5 µs), far below a flood.
+pub const DEFAULT_SYN_GUARD_RATE: u32 = 10_000;
+/// Accepted `syn_guard_rate`.
+pub const SYN_GUARD_RATE: (u32, u32) = (10, 100_000_000);
+
+impl ConntrackSettings {
+    /// The kernel's form ([`lb_common::Runtime::syn_guard`]) for ticks of
+    /// `tick`: 0 off, 1 always, else the SYNs one CPU may record for one
+    /// VIP per tick, plus one.
+    pub fn syn_guard_word(&self, tick: Duration) -> u32 {
+        match self.syn_guard {
+            SynGuardMode::Off => 0,
+            SynGuardMode::Always => 1,
+            SynGuardMode::Auto => {
+                let per_tick = u64::from(self.syn_guard_rate) * tick.as_millis() as u64 / 1000;
+                u32::try_from(per_tick.max(1) + 1).unwrap_or(u32::MAX)
+            }
+        }
+    }
 }
 
 /// Default `conntrack_udp_idle_ms`.
@@ -138,6 +188,8 @@ impl Default for ConntrackSettings {
             udp_idle: DEFAULT_UDP_IDLE,
             tcp_idle: DEFAULT_TCP_IDLE,
             tcp_closing: DEFAULT_TCP_CLOSING,
+            syn_guard: SynGuardMode::Auto,
+            syn_guard_rate: DEFAULT_SYN_GUARD_RATE,
         }
     }
 }
@@ -274,6 +326,49 @@ pub struct VipConfig {
     pub snat_addresses: Vec<IpAddr>,
     /// Source access control (empty: every source allowed).
     pub acl: crate::acl::VipAcl,
+    /// `[vip.rate_limit]`; all zero: none.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// A VIP's `[vip.rate_limit]` table: rates per second (0: that limit is
+/// off) and bursts (default: a tenth of a second's worth, at least 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// New connections (TCP SYNs, first packets of UDP flows) per source.
+    pub new_per_source: u32,
+    pub new_per_source_burst: u32,
+    /// Packets per source, established flows included.
+    pub packets_per_source: u32,
+    pub packets_per_source_burst: u32,
+    /// New connections to the whole VIP.
+    pub new_per_vip: u32,
+    pub new_per_vip_burst: u32,
+    /// The source prefix the per-source limits count by (default 32 and
+    /// 128: per address).
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+}
+
+impl RateLimitConfig {
+    /// The kernel's form (RATE_LIMITS at the VIP's index).
+    pub fn kernel(&self) -> lb_common::ratelimit::RateLimits {
+        lb_common::ratelimit::RateLimits {
+            src_new_rate: self.new_per_source,
+            src_new_burst: self.new_per_source_burst,
+            src_pkt_rate: self.packets_per_source,
+            src_pkt_burst: self.packets_per_source_burst,
+            vip_new_rate: self.new_per_vip,
+            vip_new_burst: self.new_per_vip_burst,
+            prefix_v4: self.source_prefix_v4,
+            prefix_v6: self.source_prefix_v6,
+            _pad: [0; 6],
+        }
+    }
+
+    /// Any limit on.
+    pub fn any(&self) -> bool {
+        self.kernel().any()
+    }
 }
 
 /// One `[[vip.backend]]`, with defaults applied.
@@ -488,6 +583,12 @@ keyword_enum!(XdpModeSetting, "xdp_mode", [
     "native" => XdpModeSetting::Native,
     "skb" => XdpModeSetting::Skb,
 ]);
+keyword_enum!(SynGuardMode, "syn_guard", [
+    "auto" => SynGuardMode::Auto,
+    "always" => SynGuardMode::Always,
+    "off" => SynGuardMode::Off,
+]);
+
 keyword_enum!(BackendState, "backend state", [
     "active" => BackendState::Active,
     "drain" => BackendState::Drain,

@@ -35,6 +35,8 @@ pub(super) struct RawAgent {
     pub conntrack_udp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_idle_ms: Option<S<i64>>,
     pub conntrack_tcp_closing_ms: Option<S<i64>>,
+    pub syn_guard: Option<S<String>>,
+    pub syn_guard_rate: Option<S<i64>>,
     pub encap_source_v4: Option<S<String>>,
     pub encap_source_v6: Option<S<String>>,
     pub gue_port: Option<S<i64>>,
@@ -58,8 +60,22 @@ pub(super) struct RawVip {
     pub allow: Option<S<Vec<S<String>>>>,
     pub deny: Option<S<Vec<S<String>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
+    pub rate_limit: Option<S<RawRateLimit>>,
     #[serde(default)]
     pub backend: Vec<S<RawBackend>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub new_per_source: Option<S<i64>>,
+    pub new_per_source_burst: Option<S<i64>>,
+    pub packets_per_source: Option<S<i64>>,
+    pub packets_per_source_burst: Option<S<i64>>,
+    pub new_per_vip: Option<S<i64>>,
+    pub new_per_vip_burst: Option<S<i64>>,
+    pub source_prefix_v4: Option<S<i64>>,
+    pub source_prefix_v6: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use super::{raw::line_col, *};
+use super::{
+    model::{DEFAULT_SYN_GUARD_RATE, SynGuardMode},
+    raw::line_col,
+    *,
+};
 use crate::maglev::is_prime;
 
 /// The example of the module documentation.
@@ -25,6 +29,8 @@ ring_size = 65537
 conntrack_udp_idle_ms = 20000
 conntrack_tcp_idle_ms = 7200000
 conntrack_tcp_closing_ms = 5000
+syn_guard = "always"
+syn_guard_rate = 500
 
 [[vip]]
 name = "web"
@@ -43,6 +49,13 @@ fall = 3
 path = "/healthz"
 expected_status = 200
 host = "web.example"
+
+[vip.rate_limit]
+new_per_source = 100
+source_prefix_v4 = 24
+packets_per_source = 5000
+packets_per_source_burst = 9000
+new_per_vip = 2000
 
 [[vip.backend]]
 address = "198.18.0.11"
@@ -129,6 +142,8 @@ fn full_example() {
                 udp_idle: Duration::from_secs(20),
                 tcp_idle: Duration::from_secs(7200),
                 tcp_closing: Duration::from_secs(5),
+                syn_guard: SynGuardMode::Always,
+                syn_guard_rate: 500,
             },
             encap: EncapSettings::default(),
             nat: NatSettings::default(),
@@ -156,6 +171,16 @@ fn full_example() {
             }],
             snat_addresses: vec![],
             acl: Default::default(),
+            rate_limit: RateLimitConfig {
+                new_per_source: 100,
+                new_per_source_burst: 10,
+                packets_per_source: 5000,
+                packets_per_source_burst: 9000,
+                new_per_vip: 2000,
+                new_per_vip_burst: 200,
+                source_prefix_v4: 24,
+                source_prefix_v6: 128,
+            },
         }],
         source: "lb.toml".into(),
     };
@@ -198,6 +223,8 @@ address = "198.18.0.11"
                 udp_idle: Duration::from_secs(30),
                 tcp_idle: Duration::from_secs(3600),
                 tcp_closing: Duration::from_secs(30),
+                syn_guard: SynGuardMode::Auto,
+                syn_guard_rate: DEFAULT_SYN_GUARD_RATE,
             },
             encap: EncapSettings {
                 source_v4: None,
@@ -228,6 +255,7 @@ address = "198.18.0.11"
             }],
             snat_addresses: vec![],
             acl: Default::default(),
+            rate_limit: RateLimitConfig::default(),
         }]
     );
 }
@@ -884,6 +912,51 @@ fn other_agent_fields() {
     check(&e, 2, "agent.conntrack_tcp_idle_ms", "out of range");
     let e = err("[agent]\nconntrack_tcp_closing_ms = \"10s\"\n");
     check(&e, 2, "agent.conntrack_tcp_closing_ms", "");
+    let rl = |table: &str| err(&format!("{HEAD}[vip.rate_limit]\n{table}\n"));
+    check(
+        &rl("new_per_source = 10000001"),
+        6,
+        "vip[0].rate_limit.new_per_source",
+        "10000001 is out of range 0..=10000000",
+    );
+    check(
+        &rl("new_per_vip_burst = 5"),
+        6,
+        "vip[0].rate_limit.new_per_vip_burst",
+        "a burst without a rate: set new_per_vip too",
+    );
+    check(
+        &rl("new_per_source = 5\nnew_per_source_burst = 0"),
+        7,
+        "vip[0].rate_limit.new_per_source_burst",
+        "0 is out of range 1..=10000000",
+    );
+    check(
+        &rl("source_prefix_v4 = 33"),
+        6,
+        "vip[0].rate_limit.source_prefix_v4",
+        "33 is out of range 1..=32",
+    );
+    check(
+        &rl("per_source = 5"),
+        6,
+        "vip[0].rate_limit.per_source",
+        "unknown field `per_source`",
+    );
+    let e = err("[agent]\nsyn_guard = \"sometimes\"\n");
+    check(
+        &e,
+        2,
+        "agent.syn_guard",
+        "invalid syn_guard \"sometimes\", expected one of auto, always, off",
+    );
+    let e = err("[agent]\nsyn_guard_rate = 9\n");
+    check(
+        &e,
+        2,
+        "agent.syn_guard_rate",
+        "9 is out of range 10..=100000000",
+    );
     let e = err(&format!(
         "[agent]\ncontrol_socket = \"/{}\"\n",
         "s".repeat(107)
@@ -1068,3 +1141,19 @@ mod nat;
 
 /// `allow` / `deny` and `acl_entries`.
 mod acl;
+#[test]
+fn the_syn_guard_word_is_off_always_or_a_per_tick_threshold() {
+    let tick = Duration::from_millis(100);
+    let with = |syn_guard, syn_guard_rate| ConntrackSettings {
+        syn_guard,
+        syn_guard_rate,
+        ..ConntrackSettings::default()
+    };
+    assert_eq!(with(SynGuardMode::Off, 10_000).syn_guard_word(tick), 0);
+    assert_eq!(with(SynGuardMode::Always, 10_000).syn_guard_word(tick), 1);
+    // 10 000 SYNs/s = 1000 per 100 ms tick: the 1001st is unrecorded.
+    assert_eq!(with(SynGuardMode::Auto, 10_000).syn_guard_word(tick), 1001);
+    // Below one SYN per tick: still at least one recorded per tick.
+    assert_eq!(with(SynGuardMode::Auto, 10).syn_guard_word(tick), 2);
+    assert_eq!(ConntrackSettings::default().syn_guard, SynGuardMode::Auto);
+}

@@ -14,11 +14,11 @@ use std::{
 use super::{
     model::{
         AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, CONNTRACK_TIMEOUT_MS, Config,
-        ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
-        DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
-        KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
-        ParseKeywordError, Protocol, RING_SLOTS_LIMIT, StartSettings, VIPS_LIMIT, VipConfig,
-        XdpModeSetting,
+        ConntrackSettings, DEFAULT_INSTANCE, DEFAULT_SYN_GUARD_RATE, DEFAULT_TCP_CLOSING,
+        DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, EncapSettings, Forwarding, HealthCheck,
+        HealthCheckKind, KernelSettings, KindTag, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT,
+        MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig,
+        SYN_GUARD_RATE, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
     raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
@@ -27,6 +27,7 @@ use crate::{mac::MacAddr, maglev::is_prime};
 mod acl;
 mod agent;
 mod nat;
+mod ratelimit;
 
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -448,6 +449,10 @@ impl Ctx<'_> {
         }
         let snat_addresses = self.vip_snat_addresses(path, r, vip_address, forwarding, agent)?;
         let acl = self.vip_acl(path, &name, r, vip_address)?;
+        let rate_limit = match &r.rate_limit {
+            Some(t) => self.rate_limit(t.get_ref(), &f("rate_limit"))?,
+            None => RateLimitConfig::default(),
+        };
 
         Ok(VipConfig {
             name,
@@ -461,6 +466,7 @@ impl Ctx<'_> {
             backends,
             snat_addresses,
             acl,
+            rate_limit,
         })
     }
 

@@ -47,6 +47,18 @@ impl KernelMaps for Datapath {
         Datapath::set_nat_snat(self, index, snat)
     }
 
+    fn limited_sources(&self, n: usize) -> Vec<crate::datapath::LimitedSource> {
+        Datapath::limited_sources(self, n).unwrap_or_default()
+    }
+
+    fn set_rate_limits(
+        &mut self,
+        index: u32,
+        limits: lb_common::ratelimit::RateLimits,
+    ) -> Result<()> {
+        Datapath::set_rate_limits(self, index, limits)
+    }
+
     /// What an earlier agent (or this one) left in the maps.
     fn read_image(&self) -> Result<KernelImage> {
         let mut img = KernelImage::default();
@@ -66,6 +78,11 @@ impl KernelMaps for Datapath {
                 );
                 if info.forwarding == lb_common::FORWARD_NAT {
                     img.snat.insert(info.index, self.nat_snat(info.index)?);
+                }
+                // Not pinned: after a new load, all zero (and rewritten).
+                let limits = self.rate_limits(info.index)?;
+                if limits.any() {
+                    img.rate.insert(info.index, limits);
                 }
             }
             img.vips.insert(key, info);

@@ -26,9 +26,11 @@ mod entry;
 mod flows;
 mod kernel_maps;
 mod nat;
+mod ratelimit;
 mod v6;
 
 pub use entry::{backend_address, backend_encap_source, set_encap_source};
+pub use ratelimit::LimitedSource;
 pub use v6::backend_entry6;
 
 use crate::bpf_batch::{batch_unsupported, update_batch};
@@ -558,6 +560,7 @@ impl Datapath {
             return_packets: a.return_packets + s.return_packets,
             return_bytes: a.return_bytes + s.return_bytes,
             acl_denied: a.acl_denied + s.acl_denied,
+            rate_limited: a.rate_limited + s.rate_limited,
         }))
     }
 
@@ -616,7 +619,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 16] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 20] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -637,6 +640,10 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 16] {
         (map_names::ACL4, sizes.acl_entries),
         (map_names::ACL6, sizes.acl_entries),
         (map_names::VIP_ACL, sizes.max_vips),
+        (map_names::SYN_GUARD, sizes.max_vips),
+        (map_names::SYN_FLOOD_UNTIL, sizes.max_vips),
+        (map_names::RATE_LIMITS, sizes.max_vips),
+        (map_names::RATE_VIP, sizes.max_vips),
     ]
 }
 

@@ -182,6 +182,17 @@ impl Ctx<'_> {
                 "agent.conntrack_tcp_closing_ms",
                 DEFAULT_TCP_CLOSING,
             )?,
+            syn_guard: match &raw.syn_guard {
+                Some(v) => self.keyword(v, "agent.syn_guard")?,
+                None => SynGuardMode::Auto,
+            },
+            syn_guard_rate: self.opt_int(
+                raw.syn_guard_rate.as_ref(),
+                "agent.syn_guard_rate",
+                SYN_GUARD_RATE.0,
+                SYN_GUARD_RATE.1,
+                DEFAULT_SYN_GUARD_RATE,
+            )?,
         };
 
         let source_v4 = match &raw.encap_source_v4 {
