@@ -317,6 +317,7 @@ struct Samples {
     decap_floor: Vec<f64>,
     encap: Vec<crate::encap::EncapRun>,
     nat: Vec<crate::nat::NatRun>,
+    acl: Vec<crate::acl::AclRun>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -333,12 +334,13 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     };
     let conntrack_entries = u32::try_from(conntrack_entries).context("too many flows")?;
     let sizes = MapSizes {
-        max_vips: 9,
+        max_vips: 10,
         max_backends: 64,
         ring_size: lb_common::DEFAULT_RING_SIZE,
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
         nat_entries: crate::nat::NAT_ENTRIES,
+        acl_entries: 32768,
     };
     let t = Instant::now();
     let mut f = Fixture::with_sizes(sizes);
@@ -362,6 +364,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     let mut v6 = crate::v6::V6Bench::new(&mut f)?;
     let encap = crate::encap::EncapBench::new(&mut f, VIP, crate::v6::VIP6)?;
     let mut nat = crate::nat::NatBench::new(&mut f)?;
+    let acl = crate::acl::AclBench::new(&mut f)?;
     // New NAT pairs per run: fewer than conntrack's new flows (each fills
     // two hash maps of NAT_ENTRIES).
     let nat_flows = (cfg.new_flows / 4).max(CHUNK);
@@ -422,6 +425,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     decap.run(&mut progs, warm_repeat)?;
     encap.run(&f, &mut progs, warm_repeat)?;
     nat.run(&f, &mut progs, warm_repeat, CHUNK)?;
+    acl.run(&f, warm_repeat)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -539,6 +543,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         let e = encap.run(&f, &mut progs, cfg.repeat)?;
         s.encap.push(e);
         s.nat.push(nat.run(&f, &mut progs, cfg.repeat, nat_flows)?);
+        s.acl.push(acl.run(&f, cfg.repeat)?);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -618,6 +623,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         crate::encap::rows(&s.encap, &floor_s, cfg.repeat),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
         crate::nat::rows(&s.nat, &floor_s, rep, nat_flows),
+        crate::acl::rows(&s.acl, &floor_s, rep),
     ]
     .concat();
 

@@ -191,6 +191,7 @@ fn agent_path(n: usize, m: u32, runs: usize) -> Result<(AgentRuns, AgentRuns)> {
         conntrack_entries: 1024,
         conntrack6_entries: 1024,
         nat_entries: 1024,
+        acl_entries: 1024,
     });
     let pairs: Vec<(u32, u32)> = (1..=n as u32).map(|id| (id, 1)).collect();
     f.add_vip(0, (Ipv4Addr::new(198, 19, 0, 1), 80, IPPROTO_TCP), &pairs);

@@ -10,6 +10,7 @@
 //! every check held (a missed target is reported, not an error, unless
 //! `--strict`: then 3), 1 on an error, 2 on bad arguments.
 
+mod acl;
 mod charts;
 mod decap;
 mod e2e;

@@ -11,6 +11,7 @@
 
 use core::mem::size_of;
 
+pub mod acl;
 pub mod csum;
 pub mod decap;
 pub mod nat;
@@ -64,6 +65,11 @@ pub mod map_names {
     pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
     pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
     pub const NAT_REV_CACHE6: &str = "NAT_REV_CACHE6";
+    /// Source access control (see [`crate::acl`]): the IPv4 and IPv6 LPM
+    /// tries and the per-VIP ACL word.
+    pub const ACL4: &str = "ACL4";
+    pub const ACL6: &str = "ACL6";
+    pub const VIP_ACL: &str = "VIP_ACL";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -82,7 +88,9 @@ pub mod map_names {
 /// 5: traffic policy: reasons 21 (`fwd_syn_unrecorded`) and 22
 /// (`drop_rate_limited`), `Runtime`'s last word becomes the SYN-flood
 /// guard's threshold, `VipStats` grows `rate_limited`.
-pub const LAYOUT_VERSION: u32 = 5;
+/// 6: source access control: `VipStats` grows `acl_denied`, reason 23
+/// (`drop_acl_denied`); ACL4, ACL6 and VIP_ACL join the pinned maps.
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -623,6 +631,8 @@ pub struct VipStats {
     /// received); 0 in other modes.
     pub return_packets: u64,
     pub return_bytes: u64,
+    /// Packets dropped by the VIP's source access control.
+    pub acl_denied: u64,
     /// Packets refused by the VIP's rate limits.
     pub rate_limited: u64,
 }
@@ -708,6 +718,8 @@ pub enum Reason {
     /// Refused by a VIP's rate limits (new connections or packets per
     /// source, new connections to the VIP): dropped.
     DropRateLimited = 22,
+    /// The VIP's source access control denies the packet's source.
+    DropAclDenied = 23,
 }
 
 /// Extension headers (hop-by-hop, routing, destination options) the fast
@@ -716,7 +728,7 @@ pub enum Reason {
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
 impl Reason {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassShortFrame,
         Reason::PassNotIp,
@@ -741,6 +753,7 @@ impl Reason {
         Reason::PassNatNoFlow,
         Reason::FwdSynUnrecorded,
         Reason::DropRateLimited,
+        Reason::DropAclDenied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -768,6 +781,7 @@ impl Reason {
             Reason::PassNatNoFlow => "pass_nat_no_flow",
             Reason::FwdSynUnrecorded => "fwd_syn_unrecorded",
             Reason::DropRateLimited => "drop_rate_limited",
+            Reason::DropAclDenied => "drop_acl_denied",
         }
     }
 
@@ -785,6 +799,7 @@ impl Reason {
                 | Reason::DropUnsupportedForwarding
                 | Reason::DropNatPortsExhausted
                 | Reason::DropNatTableFull
+                | Reason::DropAclDenied
                 | Reason::DropRateLimited
         )
     }
@@ -806,7 +821,7 @@ const _: () = {
     assert!(size_of::<FlowEntry>() == 16);
     assert!(size_of::<FlowCacheEntry>() == 24);
     assert!(size_of::<Runtime>() == 32);
-    assert!(size_of::<VipStats>() == 56);
+    assert!(size_of::<VipStats>() == 64);
     assert!(size_of::<BackendStats>() == 16);
 };
 

@@ -151,6 +151,13 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
     // limit minus the outer header, never less than 1280 (RFC 8201): a
     // packet not above what the answer would announce cannot be sent
     // smaller and is dropped.
+    let flow = FlowKey6 {
+        src_addr: src,
+        dst_addr: dst,
+        src_port,
+        dst_port,
+        proto: proto as u32,
+    };
     let overhead = vip.encap_overhead6() as usize;
     if tot_len + overhead > MIN_LIMITED_L3_LEN {
         // The outer payload length (and GUE's UDP length) is 16 bits.
@@ -166,19 +173,21 @@ pub(crate) fn balance6(ctx: &XdpContext, eth: &Ethernet) -> Result<u32, Reason> 
             if tot_len > limit || tot_len <= mtu {
                 return Err(Reason::DropTooBig);
             }
+            // A source the VIP's ACL denies gets no answer either.
+            crate::acl::check(&flow, vip.index, crate::acl::word(vip.index))?;
             icmp6_packet_too_big(ctx, frame_len, l3, mtu as u32).map_err(push_reason)?;
             count_reason(Reason::TxIcmpTooBig);
             return Ok(XDP_TX);
         }
     }
 
-    let flow = FlowKey6 {
-        src_addr: src,
-        dst_addr: dst,
-        src_port,
-        dst_port,
-        proto: proto as u32,
-    };
+    // The ACL before the rate limits for what they count (a denied source
+    // spends no token of the VIP's ceiling), and before the NAT path,
+    // whose caches do not know the ACL; other packets are checked in
+    // steer (a flow cache hit needs no lookup).
+    if new_connection || vip.forwarding == FORWARD_NAT {
+        crate::acl::check(&flow, vip.index, crate::acl::word(vip.index))?;
+    }
     crate::policy(&flow, &vip, new_connection)?;
     if vip.forwarding == FORWARD_NAT {
         let flags = if new_connection {

@@ -48,6 +48,7 @@ use lb_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
+mod acl;
 mod balance6;
 mod nat;
 mod nat_cache;
@@ -471,11 +472,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // The limit is read only for packets longer than IPv4's minimum
     // datagram size once encapsulated: shorter ones fit any MTU lb
     // accepts, and cost nothing here.
-    let overhead = vip.encap_overhead() as usize;
-    if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead)? {
-        return Ok(action);
-    }
-
     let flow = FlowKey {
         src_addr: u32::from_ne_bytes(ip.src_addr),
         dst_addr: dst,
@@ -483,6 +479,19 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         dst_port,
         proto: proto as u32,
     };
+    let overhead = vip.encap_overhead() as usize;
+    // A source the VIP's ACL denies gets no ICMP answer either.
+    let admit = || acl::check(&flow, vip.index, acl::word(vip.index));
+    if let Some(action) = size_limit(ctx, frame_len, l3, ihl, tot_len, frags, overhead, admit)? {
+        return Ok(action);
+    }
+    // The ACL before the rate limits for what they count (a denied source
+    // spends no token of the VIP's ceiling), and before the NAT caches,
+    // which do not know it; other packets are checked in steer (a flow
+    // cache hit needs no lookup).
+    if new_connection || vip.forwarding == FORWARD_NAT {
+        acl::check(&flow, vip.index, acl::word(vip.index))?;
+    }
     policy(&flow, &vip, new_connection)?;
     if vip.forwarding == FORWARD_NAT {
         // A cached flow is translated here, without the handoff.
@@ -520,6 +529,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             tot_len,
             frags,
             vip.encap_overhead6() as usize,
+            // Steered: the ACL admitted it.
+            || Ok(()),
         )?
     {
         return Ok(action);
@@ -549,8 +560,13 @@ pub(crate) fn policy<S: ratelimit::Source>(
 
 /// The size limits above for an outer header of `overhead` bytes:
 /// `Some(XDP_TX)` when the packet was answered with ICMP "fragmentation
-/// needed", `None` when it may go on.
+/// needed", `None` when it may go on. `admit` is asked before answering
+/// (the VIP's ACL).
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the values are in registers"
+)]
 fn size_limit(
     ctx: &XdpContext,
     frame_len: usize,
@@ -559,6 +575,7 @@ fn size_limit(
     tot_len: usize,
     frags: u16,
     overhead: usize,
+    admit: impl FnOnce() -> Result<(), Reason>,
 ) -> Result<Option<u32>, Reason> {
     if tot_len + overhead > MIN_LIMITED_L3_LEN {
         if tot_len + overhead > u16::MAX as usize {
@@ -575,6 +592,7 @@ fn size_limit(
             if frags & IP_DF == 0 {
                 return Err(Reason::DropTooBigNoDf);
             }
+            admit()?;
             icmp_frag_needed(ctx, frame_len, l3, ihl, (limit - overhead) as u16)
                 .map_err(push_reason)?;
             count_reason(Reason::TxIcmpTooBig);

@@ -12,7 +12,7 @@ use lb_common::{
 
 use crate::{
     BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK6, FLOW_CACHE, FLOW_CACHE6, RINGS, RUNTIME,
-    VIP_STATS, syn_guard,
+    VIP_STATS, acl, syn_guard,
 };
 
 /// A family's flow key, with its flow cache and conntrack map.
@@ -184,7 +184,7 @@ impl Flow for FlowKey6 {
 /// Under the SYN-flood guard (syn_guard.rs), a SYN is steered by the ring
 /// and not recorded.
 #[inline(always)]
-pub(crate) fn steer<F: Flow>(
+pub(crate) fn steer<F: Flow + acl::Source>(
     flow: &F,
     vip: &VipInfo,
     new_connection: bool,
@@ -196,10 +196,15 @@ pub(crate) fn steer<F: Flow>(
     }
     let mix = flow.mix();
     let cache_slot = F::cache_slot(flow_cache_slot(mix));
+    // The VIP's ACL word goes into the cache check: a hit proves the flow
+    // passed the ACL in force (acl.rs); every other packet is checked.
+    let acl = acl::word(vip.index);
+    let check = mix ^ acl;
     let mut cached = false;
     // The clock, once read (on the way to conntrack); 0 without an agent.
     let mut now = 0;
     let tracked = if new_connection {
+        acl::check(flow, vip.index, acl)?;
         None
     } else {
         let copy = cache_slot.map(|c| {
@@ -208,12 +213,12 @@ pub(crate) fn steer<F: Flow>(
             // as FLOW_CACHE describes.
             unsafe { *c }
         });
-        match copy.and_then(|c| flow.cached(&c, mix)) {
+        match copy.and_then(|c| flow.cached(&c, check)) {
             Some(id) if !closing => {
                 cached = true;
                 Some(id)
             }
-            _ => match flow.tracked() {
+            _ => match acl::check(flow, vip.index, acl).map(|()| flow.tracked())? {
                 Some(e) => {
                     // SAFETY: the map value stays valid for the program's
                     // run (RCU); concurrent writers store whole words.
@@ -272,7 +277,7 @@ pub(crate) fn steer<F: Flow>(
     {
         // SAFETY: a plain store into the array value; concurrent readers
         // validate with `check`.
-        unsafe { F::store(c, flow.cache_entry(backend_id, mix)) };
+        unsafe { F::store(c, flow.cache_entry(backend_id, check)) };
     }
 
     count_steered(vip.index, backend_id, hit, bytes);

@@ -73,3 +73,49 @@ pub(crate) fn batch_unsupported(e: &std::io::Error) -> bool {
         Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
     )
 }
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` on the map `fd`, any
+/// map type with batch updates, `K` and `V` its key and value exactly
+/// (plain data without padding, as the kernel copies `key_size` and
+/// `value_size` bytes per element).
+pub(crate) fn update_batch_of<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: &[V],
+) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "batch update wrote {} of {} elements",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// `BPF_MAP_DELETE_BATCH` of `keys` on the map `fd` (`K` its key
+/// exactly). The kernel stops at the first key it cannot delete (absent:
+/// ENOENT): the error comes with the number deleted before it.
+pub(crate) fn delete_batch_of<K: aya::Pod>(
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+) -> Result<(), (std::io::Error, usize)> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr).map_err(|e| (e, attr.count as usize))
+}

@@ -151,6 +151,11 @@ pub struct VipView {
     /// route source).
     #[serde(default)]
     pub snat_addresses: Vec<IpAddr>,
+    /// Source access control: prefixes in the allow and deny lists.
+    #[serde(default)]
+    pub acl_allow: usize,
+    #[serde(default)]
+    pub acl_deny: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -234,6 +239,9 @@ pub struct VipStatsView {
     pub return_packets: u64,
     #[serde(default)]
     pub return_bytes: u64,
+    /// Packets dropped by the VIP's source access control.
+    #[serde(default)]
+    pub acl_denied: u64,
     /// Packets refused by the VIP's rate limits.
     #[serde(default)]
     pub rate_limited: u64,
@@ -300,6 +308,19 @@ pub struct ExplainView {
     /// The translation the flow gets (NAT VIPs).
     #[serde(default)]
     pub nat: Option<NatView>,
+    /// The VIP's source access control on the flow's source (None: the
+    /// VIP has no ACL).
+    #[serde(default)]
+    pub acl: Option<AclView>,
+}
+
+/// What a VIP's ACL says about a flow's source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclView {
+    pub allowed: bool,
+    /// The longest matching prefix (`allow 198.18.0.0/16`), or the
+    /// default that decided.
+    pub by: String,
 }
 
 /// A NAT VIP's flow as the kernel translates it.

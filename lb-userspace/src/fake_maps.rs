@@ -11,6 +11,7 @@ use lb_common::{
 };
 
 use crate::{
+    acl::{AclMaps, AclState, Cidr},
     nat_keeper::NatKey,
     reconcile::{KernelImage, KernelMaps, NatPair, VipEntryKey, check_invariant},
 };
@@ -38,6 +39,10 @@ pub struct FakeMaps {
     pub nat_rev: std::collections::HashMap<FlowKey, NatRev>,
     pub nat_fwd6: std::collections::HashMap<FlowKey6, NatFwd>,
     pub nat_rev6: std::collections::HashMap<FlowKey6, NatRev>,
+    /// VIP_ACL, by index (absent: 0).
+    pub acl_words: BTreeMap<u32, u32>,
+    /// ACL4 and ACL6: (VIP index, bank, prefix) → value.
+    pub acl_prefixes: BTreeMap<(u32, u32, Cidr), u32>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -61,6 +66,8 @@ impl FakeMaps {
             nat_rev: Default::default(),
             nat_fwd6: Default::default(),
             nat_rev6: Default::default(),
+            acl_words: BTreeMap::new(),
+            acl_prefixes: BTreeMap::new(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -90,6 +97,54 @@ impl FakeMaps {
         self.backends
             .get_mut(id as usize)
             .ok_or_else(|| FakeError(format!("backend id {id} out of range (array of {n})")))
+    }
+}
+
+impl AclMaps for FakeMaps {
+    type AclError = FakeError;
+
+    fn acl_insert(
+        &mut self,
+        index: u32,
+        bank: u32,
+        entries: &BTreeMap<Cidr, u32>,
+    ) -> Result<(), FakeError> {
+        self.write("insert ACL prefixes", |m| {
+            for (c, v) in entries {
+                m.acl_prefixes.insert((index, bank, *c), *v);
+            }
+            Ok(())
+        })
+    }
+
+    fn acl_delete(
+        &mut self,
+        index: u32,
+        bank: u32,
+        prefixes: &mut dyn Iterator<Item = Cidr>,
+    ) -> Result<(), FakeError> {
+        self.write("delete ACL prefixes", |m| {
+            for c in prefixes {
+                m.acl_prefixes.remove(&(index, bank, c));
+            }
+            Ok(())
+        })
+    }
+
+    fn acl_set_word(&mut self, index: u32, word: u32) -> Result<(), FakeError> {
+        self.write("set ACL word", |m| {
+            m.acl_words.insert(index, word);
+            Ok(())
+        })
+    }
+
+    fn acl_read(&self) -> Result<AclState, FakeError> {
+        Ok(AclState::from_maps(
+            self.acl_words.iter().map(|(i, w)| (*i, *w)),
+            self.acl_prefixes
+                .iter()
+                .map(|((i, b, c), v)| (*i, *b, *c, *v)),
+        ))
     }
 }
 
@@ -200,6 +255,7 @@ impl KernelMaps for FakeMaps {
                 img.backends.insert(id as u32, *b);
             }
         }
+        img.acl = self.acl_read()?;
         Ok(img)
     }
 

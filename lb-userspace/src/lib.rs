@@ -1,5 +1,6 @@
 //! lb's userspace: the agent, the CLI and the pieces they share.
 
+pub mod acl;
 pub mod agent;
 mod bpf_batch;
 pub mod budget;

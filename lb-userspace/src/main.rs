@@ -322,8 +322,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     ),
                     _ => String::new(),
                 };
+                // Source access control: the lists' sizes.
+                let acl = if v.acl_allow + v.acl_deny == 0 {
+                    String::new()
+                } else {
+                    format!("  acl: allow {}, deny {}", v.acl_allow, v.acl_deny)
+                };
                 println!(
-                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}{snat}",
+                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}{snat}{acl}",
                     v.name,
                     format!(
                         "{}/{}",
@@ -462,6 +468,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 show(e.ring_backend)
             );
             println!("conntrack  {}", show(e.conntrack_backend));
+            if let Some(a) = &e.acl {
+                let verdict = if a.allowed { "allowed" } else { "denied" };
+                println!("acl        source {verdict} by {}", a.by);
+            }
             println!("backend    {} ({})", show(e.backend), e.reason);
             if let Some(o) = e.outer {
                 let ports = match (o.src_port, o.dst_port) {
@@ -525,12 +535,12 @@ fn human(x: f64) -> String {
 
 fn print_stats(s: &StatsView) {
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12}",
-        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %", "RETURNED"
+        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12} {:>12}",
+        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %", "RETURNED", "ACL DENIED"
     );
     for v in &s.vips {
         println!(
-            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}% {:>12}",
+            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}% {:>12} {:>12}",
             v.vip,
             human(v.traffic.pps),
             human(v.traffic.bps),
@@ -538,7 +548,8 @@ fn print_stats(s: &StatsView) {
             v.traffic.packets,
             100.0 * v.conntrack_hit_ratio,
             // NAT replies translated back to clients.
-            v.return_packets
+            v.return_packets,
+            v.acl_denied
         );
     }
     if let Some(n) = s.nat_entries {

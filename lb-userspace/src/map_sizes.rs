@@ -14,6 +14,9 @@ pub struct MapSizes {
     pub conntrack6_entries: u32,
     /// Elements of each NAT map (NAT_FWD, NAT_REV, NAT_FWD6, NAT_REV6).
     pub nat_entries: u32,
+    /// Elements of each ACL trie (ACL4, ACL6): every VIP's prefixes of
+    /// the family, both banks during a switch.
+    pub acl_entries: u32,
 }
 
 impl MapSizes {
@@ -33,6 +36,7 @@ impl Default for MapSizes {
             conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
             conntrack6_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
             nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+            acl_entries: lb_common::acl::DEFAULT_ACL_ENTRIES,
         }
     }
 }

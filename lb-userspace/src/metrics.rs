@@ -67,6 +67,7 @@ pub fn render(stats: &StatsView) -> String {
     let vip_hits = Family::<VipLabels, Ctr>::default();
     let vip_return_packets = Family::<VipLabels, Ctr>::default();
     let vip_return_bytes = Family::<VipLabels, Ctr>::default();
+    let vip_acl_denied = Family::<VipLabels, Ctr>::default();
     let vip_rate_limited = Family::<VipLabels, Ctr>::default();
     let limited = Family::<LimitedLabels, Gauge>::default();
     let be_packets = Family::<BackendLabels, Ctr>::default();
@@ -83,6 +84,7 @@ pub fn render(stats: &StatsView) -> String {
             .get_or_create(&l)
             .inc_by(v.return_packets);
         vip_return_bytes.get_or_create(&l).inc_by(v.return_bytes);
+        vip_acl_denied.get_or_create(&l).inc_by(v.acl_denied);
         vip_rate_limited.get_or_create(&l).inc_by(v.rate_limited);
     }
     for s in &stats.limited_sources {
@@ -133,6 +135,11 @@ pub fn render(stats: &StatsView) -> String {
         "vip_return_bytes",
         "Bytes of NAT replies translated back to clients of a VIP",
         vip_return_bytes,
+    );
+    reg.register(
+        "vip_acl_denied",
+        "Packets dropped by a VIP's source access control",
+        vip_acl_denied,
     );
     reg.register(
         "vip_rate_limited_packets",
@@ -290,6 +297,7 @@ mod tests {
                 conntrack_hit_ratio: 0.7,
                 return_packets: 5,
                 return_bytes: 500,
+                acl_denied: 2,
                 rate_limited: 6,
             }],
             backends: vec![BackendStatsView {
@@ -325,6 +333,7 @@ mod tests {
             r#"lb_vip_return_packets_total{vip="web"} 5"#,
             r#"lb_vip_return_bytes_total{vip="web"} 500"#,
             "lb_nat_entries 9",
+            r#"lb_vip_acl_denied_total{vip="web"} 2"#,
             r#"lb_vip_rate_limited_packets_total{vip="web"} 6"#,
             r#"lb_rate_limited_source_drops{vip="web",source="198.18.7.0",limit="new"} 4"#,
         ] {

@@ -158,6 +158,7 @@ const SETTINGS: &[&str] = &[
     "ring_size",
     "conntrack_entries",
     "nat_entries",
+    "acl_entries",
 ];
 
 impl Layout {
@@ -177,6 +178,7 @@ impl Layout {
             e("conntrack_entries", sizes.conntrack_entries.into()),
             e("conntrack6_entries", sizes.conntrack6_entries.into()),
             e("nat_entries", sizes.nat_entries.into()),
+            e("acl_entries", sizes.acl_entries.into()),
             e("reasons", Reason::COUNT.into()),
             e("size_of_VipSlot", size_of::<VipSlot>() as u64),
             e("size_of_Backend", size_of::<Backend>() as u64),

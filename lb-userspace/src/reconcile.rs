@@ -68,6 +68,9 @@ pub struct KernelImage {
     /// other elements are never read: the kernel reads it for NAT VIPs
     /// only).
     pub snat: BTreeMap<u32, NatSnat>,
+    /// The VIPs' ACLs (not planned here: written by crate::acl around
+    /// the plan, see agent::core).
+    pub acl: crate::acl::AclState,
     /// RATE_LIMITS of each installed service VIP that has limits, by VIP
     /// index (the others' elements are all zero).
     pub rate: BTreeMap<u32, RateLimits>,
@@ -114,7 +117,7 @@ pub enum Op {
 /// the maps back, and the counters. Implemented by
 /// the data path (`Datapath`) on the real maps and by an in-memory fake
 /// in tests.
-pub trait KernelMaps {
+pub trait KernelMaps: crate::acl::AclMaps {
     type Error: std::error::Error + Send + Sync + 'static;
 
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error>;

@@ -82,6 +82,7 @@ impl Fixture {
             conntrack_entries: 1 << 16,
             conntrack6_entries: 1 << 16,
             nat_entries: 1024,
+            acl_entries: 4096,
         })
     }
 

@@ -179,6 +179,7 @@ fn ring_writes_in_one_batch_hold_what_single_writes_hold() -> Result<()> {
         conntrack_entries: 1024,
         conntrack6_entries: 1024,
         nat_entries: 1024,
+        acl_entries: 1024,
     };
     let mut dp = Datapath::load_private(sizes)?;
     // A full ring for 1000 backends, then one with every slot changed.

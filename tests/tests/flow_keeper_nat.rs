@@ -22,6 +22,7 @@ fn datapath() -> Datapath {
         conntrack_entries: 64,
         conntrack6_entries: 64,
         nat_entries: 64,
+        acl_entries: 1024,
     })
     .unwrap()
 }

@@ -27,6 +27,7 @@ fn fixture(conntrack_entries: u32, proto: u8) -> Fixture {
         conntrack_entries,
         conntrack6_entries: conntrack_entries,
         nat_entries: 1024,
+        acl_entries: 1024,
     });
     f.add_vip(0, (VIP, 80, proto), &[(1, 1), (2, 1), (3, 1)]);
     f

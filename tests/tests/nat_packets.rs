@@ -751,6 +751,7 @@ fn a_full_nat_table_refuses_new_flows_and_leaves_no_half_pair() {
         conntrack_entries: 1 << 10,
         conntrack6_entries: 1 << 10,
         nat_entries: 2,
+        acl_entries: 1024,
     });
     f.add_nat_vip(0, (VIP, 80, IPPROTO_TCP), &[(1, 1)], BACKEND_PORT);
     f.dp.set_runtime(runtime(PORT_MIN, PORT_MAX)).unwrap();

@@ -88,8 +88,12 @@ impl<M: KernelMaps> Core<M> {
     pub fn reconcile(&mut self) -> anyhow::Result<usize> {
         self.dirty = true;
         let target = self.state.target_with(&self.cfg, &mut self.rings)?;
+        // A VIP's ACL is in force before its entry is written, and removed
+        // only after its entry is gone (agent/acl.rs).
+        let live = self.sync_acls()?;
         let ops = reconcile::plan(&self.image, &target);
         let slots = reconcile::execute(&mut self.maps, &mut self.image, &ops)?;
+        self.prune_acls(&live)?;
         if !ops.is_empty() {
             info!("reconciled: {} map updates ({slots} ring slots)", ops.len());
         }
@@ -307,6 +311,10 @@ mod tests {
 
     /// NAT VIPs: NAT_SNAT, backend ports and sources, TX_PORTS, reloads.
     mod nat;
+
+    /// Source access control: ACL writes around the VIP entries, reloads,
+    /// restarts, `lb explain` and `lb vip list`.
+    mod acl;
 
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")

@@ -8,6 +8,7 @@
 //! [`stats`] (counters and rates); this module ties them to the runtime:
 //! files, tasks, signals.
 
+mod acl;
 pub mod core;
 pub mod links;
 pub mod lock;
@@ -122,6 +123,7 @@ impl Agent {
             // sizes both tables).
             conntrack6_entries: cfg.agent.kernel.conntrack_entries,
             nat_entries: cfg.agent.kernel.nat_entries,
+            acl_entries: cfg.agent.kernel.acl_entries,
         };
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);

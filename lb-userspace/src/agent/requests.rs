@@ -15,7 +15,7 @@ use log::{info, warn};
 use super::{core::Core, overrides};
 use crate::{
     config::{BackendConfig, BackendState, Config, Forwarding, Protocol},
-    control::{BackendView, ExplainView, OuterView, Request, VipView},
+    control::{AclView, BackendView, ExplainView, OuterView, Request, VipView},
     datapath::{backend_address, backend_encap_source},
     keys::{BackendKey, VipId},
     mac::MacAddr,
@@ -235,6 +235,8 @@ impl<M: KernelMaps> Core<M> {
                     health_check: v.health_check.kind.to_string(),
                     forwarding: v.forwarding,
                     snat_addresses: v.snat_addresses.clone(),
+                    acl_allow: v.acl.allow.len(),
+                    acl_deny: v.acl.deny.len(),
                 }
             })
             .collect()
@@ -399,7 +401,28 @@ impl<M: KernelMaps> Core<M> {
         } else {
             None
         };
+        let acl = (!vip.acl.is_empty()).then(|| {
+            let d = vip.acl.decide(src.ip());
+            AclView {
+                allowed: d.allowed,
+                by: match d.by {
+                    Some(c) if d.allowed => format!("allow {c}"),
+                    Some(c) => format!("deny {c}"),
+                    None if d.allowed => "default (no allow list)".into(),
+                    None => "default (not in the allow list)".into(),
+                },
+            }
+        });
+        if let Some(a) = acl.as_ref().filter(|a| !a.allowed) {
+            // Dropped before steering, whatever conntrack holds.
+            backend = None;
+            reason = format!(
+                "source denied by the VIP's ACL ({}): packets are dropped (drop_acl_denied)",
+                a.by
+            );
+        }
         Ok(ExplainView {
+            acl,
             vip: vip.name.clone(),
             hash,
             slot,

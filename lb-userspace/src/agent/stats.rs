@@ -193,6 +193,7 @@ impl StatsSampler {
                         conntrack_hit_ratio: ratio,
                         return_packets: s.return_packets,
                         return_bytes: s.return_bytes,
+                        acl_denied: s.acl_denied,
                         rate_limited: s.rate_limited,
                     }
                 })

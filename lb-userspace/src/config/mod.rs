@@ -33,6 +33,7 @@
 //! nat_port_range = "61000-65535"       # optional, MIN-MAX with 1024 <= MIN <= MAX: the SNAT ports of
 //!                                      # NAT VIPs (default above Linux's ephemeral range); applied on reload
 //! nat_entries = 65536                  # optional, 1..=2^28: elements of each NAT map (restart only)
+//! acl_entries = 262144                 # optional, 1..=2^24: prefixes each ACL trie holds (restart only)
 //! snat_addresses = ["198.18.1.1"]      # optional, both families, <= 4 each: SNAT addresses of NAT VIPs
 //!                                      # naming none (default: each backend's route source); never a VIP
 //!
@@ -48,6 +49,9 @@
 //! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
 //!                                      # (default: [agent] ring_size); >= the number of backends
 //! snat_addresses = ["198.18.1.2"]      # nat only: this VIP's SNAT addresses (its family), over the agent's
+//! allow = ["198.18.0.0/15"]            # optional: source prefixes of the VIP's family; the longest
+//! deny = ["198.18.66.0/24"]            # match of either list decides, no match: denied iff allow is
+//!                                      # not empty; <= 100000 per VIP (see crate::acl)
 //!
 //! [vip.health_check]                   # optional; default kind = "tcp" with defaults below
 //! kind = "http"                        # tcp | http | none

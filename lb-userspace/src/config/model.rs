@@ -208,6 +208,8 @@ pub struct KernelSettings {
     pub ring_size: u32,
     /// Elements of each NAT map (NAT_FWD, NAT_REV and their IPv6 twins).
     pub nat_entries: u32,
+    /// Elements of each ACL trie (ACL4, ACL6).
+    pub acl_entries: u32,
 }
 
 /// What the agent reads once when it starts. A reload that changes any of
@@ -322,6 +324,8 @@ pub struct VipConfig {
     /// [`lb_common::nat::MAX_SNAT_ADDRS`]; empty: each backend's route
     /// source. Always empty for other modes.
     pub snat_addresses: Vec<IpAddr>,
+    /// Source access control (empty: every source allowed).
+    pub acl: crate::acl::VipAcl,
     /// `[vip.rate_limit]`; all zero: none.
     pub rate_limit: RateLimitConfig,
 }
@@ -459,7 +463,7 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
     } = &new.agent;
     if *kernel != old.agent.kernel {
         return Err(format!(
-            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries) change only with a restart; nothing applied",
+            "{}: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries, acl_entries) change only with a restart; nothing applied",
             new.source.display()
         ));
     }
@@ -674,7 +678,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries) change only with a restart; nothing applied";
+    const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries, acl_entries) change only with a restart; nothing applied";
     const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now";
 
     #[test]

@@ -43,6 +43,7 @@ pub(super) struct RawAgent {
     pub nat_port_range: Option<S<String>>,
     pub nat_entries: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
+    pub acl_entries: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +57,8 @@ pub(super) struct RawVip {
     pub icmp_echo: Option<S<bool>>,
     pub ring_size: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
+    pub allow: Option<S<Vec<S<String>>>>,
+    pub deny: Option<S<Vec<S<String>>>>,
     pub health_check: Option<S<RawHealthCheck>>,
     pub rate_limit: Option<S<RawRateLimit>>,
     #[serde(default)]

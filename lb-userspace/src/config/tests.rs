@@ -129,6 +129,7 @@ fn full_example() {
                 max_backends: 4096,
                 ring_size: 65537,
                 nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+                acl_entries: lb_common::acl::DEFAULT_ACL_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec!["eth0".into()],
@@ -169,6 +170,7 @@ fn full_example() {
                 },
             }],
             snat_addresses: vec![],
+            acl: Default::default(),
             rate_limit: RateLimitConfig {
                 new_per_source: 100,
                 new_per_source_burst: 10,
@@ -208,6 +210,7 @@ address = "198.18.0.11"
                 max_backends: lb_common::DEFAULT_MAX_BACKENDS,
                 ring_size: lb_common::DEFAULT_RING_SIZE,
                 nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+                acl_entries: lb_common::acl::DEFAULT_ACL_ENTRIES,
             },
             start: StartSettings {
                 interfaces: vec![],
@@ -251,6 +254,7 @@ address = "198.18.0.11"
                 health_check: tcp_check(443),
             }],
             snat_addresses: vec![],
+            acl: Default::default(),
             rate_limit: RateLimitConfig::default(),
         }]
     );
@@ -1135,6 +1139,8 @@ fn primes() {
 /// Full NAT settings and their errors.
 mod nat;
 
+/// `allow` / `deny` and `acl_entries`.
+mod acl;
 #[test]
 fn the_syn_guard_word_is_off_always_or_a_per_tick_threshold() {
     let tick = Duration::from_millis(100);

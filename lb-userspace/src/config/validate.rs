@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{mac::MacAddr, maglev::is_prime};
 
+mod acl;
 mod agent;
 mod nat;
 mod ratelimit;
@@ -288,6 +289,7 @@ impl Ctx<'_> {
             vips.push(vip);
         }
         self.check_snat_addresses(raw, &vips)?;
+        self.check_acl_total(raw, &vips, agent.kernel.acl_entries)?;
         Ok(Config {
             agent,
             vips,
@@ -446,6 +448,7 @@ impl Ctx<'_> {
             });
         }
         let snat_addresses = self.vip_snat_addresses(path, r, vip_address, forwarding, agent)?;
+        let acl = self.vip_acl(path, &name, r, vip_address)?;
         let rate_limit = match &r.rate_limit {
             Some(t) => self.rate_limit(t.get_ref(), &f("rate_limit"))?,
             None => RateLimitConfig::default(),
@@ -462,6 +465,7 @@ impl Ctx<'_> {
             health_check,
             backends,
             snat_addresses,
+            acl,
             rate_limit,
         })
     }

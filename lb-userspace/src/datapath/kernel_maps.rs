@@ -87,6 +87,7 @@ impl KernelMaps for Datapath {
             }
             img.vips.insert(key, info);
         }
+        img.acl = crate::acl::AclMaps::acl_read(self)?;
         for id in 0..self.sizes.backend_slots() {
             let b = self.backend(id)?;
             if b.is_present() {

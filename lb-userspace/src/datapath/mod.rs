@@ -21,6 +21,7 @@ use lb_common::{
 };
 use thiserror::Error;
 
+mod acl;
 mod entry;
 mod flows;
 mod kernel_maps;
@@ -77,6 +78,13 @@ pub enum DatapathError {
     NoSuchInterface(String),
     #[error(transparent)]
     Pins(#[from] crate::pins::PinsError),
+    #[error("map {name} is full: more than {max} prefixes ([agent] acl_entries)")]
+    AclFull { name: &'static str, max: u32 },
+    #[error("map {name}: batch update: {source}")]
+    TrieBatch {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("parsing the XDP object: {0}")]
     Object(String),
     #[error("{what} {index} is outside the map (max {max})")]
@@ -164,6 +172,9 @@ pub struct Datapath {
     /// Ring writes go through `BPF_MAP_UPDATE_BATCH` (until the kernel
     /// says it has none).
     batch_writes: bool,
+    /// ACL prefixes are inserted with `BPF_MAP_UPDATE_BATCH` (until the
+    /// kernel says tries have none).
+    acl_batch: bool,
     /// Keeps RUNTIME current and counts flows, once started.
     keeper: Option<FlowKeeper>,
 }
@@ -232,6 +243,7 @@ impl Datapath {
             sizes,
             vip_table,
             batch_writes: true,
+            acl_batch: true,
             keeper: None,
         })
     }
@@ -547,6 +559,7 @@ impl Datapath {
             conntrack_hits: a.conntrack_hits + s.conntrack_hits,
             return_packets: a.return_packets + s.return_packets,
             return_bytes: a.return_bytes + s.return_bytes,
+            acl_denied: a.acl_denied + s.acl_denied,
             rate_limited: a.rate_limited + s.rate_limited,
         }))
     }
@@ -606,7 +619,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 17] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 20] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -624,6 +637,9 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 17] {
         (map_names::NAT_FWD6, sizes.nat_entries),
         (map_names::NAT_REV6, sizes.nat_entries),
         (map_names::NAT_SNAT, sizes.max_vips),
+        (map_names::ACL4, sizes.acl_entries),
+        (map_names::ACL6, sizes.acl_entries),
+        (map_names::VIP_ACL, sizes.max_vips),
         (map_names::SYN_GUARD, sizes.max_vips),
         (map_names::SYN_FLOOD_UNTIL, sizes.max_vips),
         (map_names::RATE_LIMITS, sizes.max_vips),

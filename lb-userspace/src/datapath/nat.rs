@@ -142,6 +142,7 @@ mod tests {
     fn the_nat_maps_are_pinned_with_their_sizes() {
         let sizes = MapSizes {
             nat_entries: 4096,
+            acl_entries: 1024,
             max_vips: 8,
             ..MapSizes::default()
         };

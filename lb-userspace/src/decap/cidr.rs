@@ -27,6 +27,17 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// Whether `addr` is inside the prefix (never across families).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4()
+            && Self {
+                addr,
+                prefix_len: self.prefix_len,
+            }
+            .network()
+                == self.addr
+    }
+
     /// The address with the host bits cleared.
     fn network(&self) -> IpAddr {
         match self.addr {

@@ -212,6 +212,7 @@ impl Ctx<'_> {
         )?;
 
         let (nat, nat_entries) = self.nat_settings(raw)?;
+        let acl_entries = self.acl_entries(raw)?;
 
         Ok(AgentConfig {
             nat,
@@ -228,6 +229,7 @@ impl Ctx<'_> {
                 max_backends,
                 ring_size,
                 nat_entries,
+                acl_entries,
             },
             start: StartSettings {
                 interfaces,
