@@ -14,6 +14,7 @@ use core::mem::size_of;
 pub mod csum;
 pub mod decap;
 pub mod nat;
+pub mod sched;
 
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
@@ -51,6 +52,12 @@ pub mod map_names {
     pub const NAT_REV_CACHE: &str = "NAT_REV_CACHE";
     pub const NAT_FWD_CACHE6: &str = "NAT_FWD_CACHE6";
     pub const NAT_REV_CACHE6: &str = "NAT_REV_CACHE6";
+    /// Schedulers (see [`crate::sched`]).
+    pub const SCHED: &str = "SCHED";
+    pub const SCHED_SLOTS: &str = "SCHED_SLOTS";
+    pub const SCHED_RR: &str = "SCHED_RR";
+    pub const LC_ACTIVE: &str = "LC_ACTIVE";
+    pub const LC_CORRECTION: &str = "LC_CORRECTION";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -66,7 +73,9 @@ pub mod map_names {
 /// 4: full NAT: `Backend` grows its port, `Runtime` the NAT port range,
 /// `VipStats` the return path's counters; reasons 18..=20; the NAT maps
 /// join the pinned maps.
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: schedulers: SCHED, SCHED_SLOTS, LC_ACTIVE and LC_CORRECTION join
+/// the pinned maps (see [`sched`]).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -795,6 +804,8 @@ mod pod {
     unsafe impl aya::Pod for nat::NatSnat {}
     unsafe impl aya::Pod for nat::NatFwdCache {}
     unsafe impl aya::Pod for nat::NatRevCache {}
+    unsafe impl aya::Pod for sched::SchedInfo {}
+    unsafe impl aya::Pod for sched::SchedSlot {}
 }
 
 #[cfg(test)]

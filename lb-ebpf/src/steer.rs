@@ -163,8 +163,9 @@ impl Flow for FlowKey6 {
 /// counters moved (`bytes`: the frame as received).
 ///
 /// Established flow: honoured while its backend is usable and still
-/// serves this VIP, and its record has not expired; otherwise it falls
-/// through to the ring. The flow cache answers for flows it already
+/// serves this VIP, and its record has not expired; otherwise the VIP's
+/// scheduler picks (crate::sched: the ring, a rotation or least
+/// connections). The flow cache answers for flows it already
 /// answered since the agent last cleared it (once per tick of the flow
 /// clock) with one inlined array load; the first packet of a flow in a
 /// tick (and every FIN or RST) goes through the conntrack map (the LRU),
@@ -175,10 +176,11 @@ impl Flow for FlowKey6 {
 /// from one multiply (the full flow hash is only needed, and computed, on
 /// the way to the ring).
 ///
-/// A TCP SYN without ACK (`new_connection`) is steered by the ring even
-/// when a record exists (a reused source port must follow the current
-/// ring); a FIN or RST (`closing`) moves the record to the closing
-/// timeout.
+/// A TCP SYN without ACK (`new_connection`) is steered by the scheduler
+/// even when a record exists (a reused source port must follow the
+/// current ring); a FIN or RST (`closing`) moves the record to the
+/// closing timeout (the first one also ends its count for least
+/// connections).
 #[inline(always)]
 pub(crate) fn steer<F: Flow>(
     flow: &F,
@@ -218,6 +220,9 @@ pub(crate) fn steer<F: Flow>(
                     } else {
                         entry.last_seen_ms = now;
                         if closing {
+                            if entry.flags & FLOW_FLAG_CLOSING == 0 {
+                                crate::sched::closed(vip.index, entry.backend_id);
+                            }
                             entry.flags |= FLOW_FLAG_CLOSING;
                         }
                         Some(entry.backend_id)
@@ -242,7 +247,7 @@ pub(crate) fn steer<F: Flow>(
     let backend = match backend {
         Some(b) => b,
         None => {
-            let (id, b) = ring_backend(flow, vip)?;
+            let (id, b) = crate::sched::pick(flow, vip)?;
             backend_id = id;
             if now == 0 {
                 now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
@@ -252,6 +257,9 @@ pub(crate) fn steer<F: Flow>(
                 flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
                 last_seen_ms: now,
             });
+            if !closing {
+                crate::sched::opened(vip.index, id);
+            }
             b
         }
     };

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use lb_common::{
     Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats,
     nat::{NatFwd, NatRev, NatSnat},
+    sched::{SCHED_SLOTS_PER_VIP, SchedInfo, SchedSlot},
 };
 
 use crate::{
@@ -31,6 +32,10 @@ pub struct FakeMaps {
     pub tx_ports: Vec<u32>,
     /// NAT_SNAT: `max_vips` elements, zero-initialised.
     pub nat_snat: Vec<NatSnat>,
+    /// SCHED: `max_vips` elements; SCHED_SLOTS: `SCHED_SLOTS_PER_VIP` per
+    /// VIP index; both zero-initialised.
+    pub sched: Vec<SchedInfo>,
+    pub sched_slots: Vec<SchedSlot>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
     pub nat_fwd: std::collections::HashMap<FlowKey, NatFwd>,
@@ -53,6 +58,8 @@ impl FakeMaps {
             backends: vec![Backend::EMPTY; max_backends as usize + 1],
             tx_ports: Vec::new(),
             nat_snat: vec![NatSnat::default(); max_vips as usize],
+            sched: vec![SchedInfo::default(); max_vips as usize],
+            sched_slots: vec![SchedSlot::default(); (max_vips * SCHED_SLOTS_PER_VIP) as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
             nat_fwd: Default::default(),
@@ -155,6 +162,39 @@ impl KernelMaps for FakeMaps {
         })
     }
 
+    fn write_sched_slots(
+        &mut self,
+        index: u32,
+        slots: &[(u32, SchedSlot)],
+    ) -> Result<(), FakeError> {
+        // One slot per kernel write.
+        for &(i, s) in slots {
+            self.write("write scheduler slot", |m| {
+                if i >= SCHED_SLOTS_PER_VIP {
+                    return Err(FakeError(format!("scheduler slot {i} out of the region")));
+                }
+                let at = (index * SCHED_SLOTS_PER_VIP + i) as usize;
+                let n = m.sched_slots.len();
+                *m.sched_slots
+                    .get_mut(at)
+                    .ok_or_else(|| FakeError(format!("SCHED_SLOTS {at} out of range ({n})")))? = s;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_sched(&mut self, index: u32, info: SchedInfo) -> Result<(), FakeError> {
+        self.write("set SCHED", |m| {
+            let n = m.sched.len();
+            *m.sched
+                .get_mut(index as usize)
+                .ok_or_else(|| FakeError(format!("SCHED index {index} out of range ({n})")))? =
+                info;
+            Ok(())
+        })
+    }
+
     fn read_image(&self) -> Result<KernelImage, FakeError> {
         let mut img = KernelImage {
             vips: self.vips.clone(),
@@ -167,6 +207,15 @@ impl KernelMaps for FakeMaps {
                 .get(base..base + len)
                 .ok_or_else(|| FakeError(format!("ring at {base} of {len} slots out of range")))?;
             img.rings.insert(info.ring_base, ring.to_vec());
+            let sched = self.sched[info.index as usize];
+            let base = (info.index * SCHED_SLOTS_PER_VIP) as usize;
+            img.sched.insert(
+                info.index,
+                crate::sched::VipSched {
+                    info: sched,
+                    slots: self.sched_slots[base..base + sched.len as usize].to_vec(),
+                },
+            );
             if info.forwarding == FORWARD_NAT {
                 let snat = self.nat_snat.get(info.index as usize).ok_or_else(|| {
                     FakeError(format!("NAT_SNAT index {} out of range", info.index))

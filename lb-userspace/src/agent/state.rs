@@ -300,6 +300,12 @@ impl State {
             if vip.forwarding == Forwarding::Nat {
                 img.snat.insert(index, nat_snat(&vip.snat_addresses));
             }
+            // The scheduler's slots: the ring's members, in config order.
+            let sched_members: Vec<(u32, u32)> = members.iter().map(|m| (m.id, m.weight)).collect();
+            img.sched.insert(
+                index,
+                crate::sched::vip_sched(vip.scheduler, &sched_members),
+            );
             let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
             img.rings.insert(info.ring_base, ring);

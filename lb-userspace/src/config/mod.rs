@@ -44,6 +44,10 @@
 //! ring_size = 65537                    # optional, prime, 3..=655373 and <= [agent] ring_size
 //!                                      # (default: [agent] ring_size); >= the number of backends
 //! snat_addresses = ["198.18.1.2"]      # nat only: this VIP's SNAT addresses (its family), over the agent's
+//! scheduler = "maglev"                 # maglev (default) | round_robin | weighted_round_robin |
+//!                                      # least_connections: who picks a new flow's backend (see
+//!                                      # crate::sched); round robins take <= 1024 backends, least
+//!                                      # connections <= 64
 //!
 //! [vip.health_check]                   # optional; default kind = "tcp" with defaults below
 //! kind = "http"                        # tcp | http | none

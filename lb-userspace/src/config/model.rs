@@ -270,6 +270,8 @@ pub struct VipConfig {
     /// [`lb_common::nat::MAX_SNAT_ADDRS`]; empty: each backend's route
     /// source. Always empty for other modes.
     pub snat_addresses: Vec<IpAddr>,
+    /// Who picks the backend of a new flow.
+    pub scheduler: crate::sched::Scheduler,
 }
 
 /// One `[[vip.backend]]`, with defaults applied.

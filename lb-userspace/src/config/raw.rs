@@ -54,6 +54,7 @@ pub(super) struct RawVip {
     pub icmp_echo: Option<S<bool>>,
     pub ring_size: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
+    pub scheduler: Option<S<String>>,
     pub health_check: Option<S<RawHealthCheck>>,
     #[serde(default)]
     pub backend: Vec<S<RawBackend>>,

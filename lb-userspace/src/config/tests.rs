@@ -154,6 +154,7 @@ fn full_example() {
                 },
             }],
             snat_addresses: vec![],
+            scheduler: Default::default(),
         }],
         source: "lb.toml".into(),
     };
@@ -224,6 +225,7 @@ address = "198.18.0.11"
                 health_check: tcp_check(443),
             }],
             snat_addresses: vec![],
+            scheduler: Default::default(),
         }]
     );
 }
@@ -1061,3 +1063,4 @@ fn primes() {
 
 /// Full NAT settings and their errors.
 mod nat;
+mod sched;

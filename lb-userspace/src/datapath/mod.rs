@@ -25,6 +25,7 @@ mod entry;
 mod flows;
 mod kernel_maps;
 mod nat;
+mod sched;
 mod v6;
 
 pub use entry::{backend_address, backend_encap_source, set_encap_source};
@@ -603,7 +604,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 18] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -621,6 +622,16 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 13] {
         (map_names::NAT_FWD6, sizes.nat_entries),
         (map_names::NAT_REV6, sizes.nat_entries),
         (map_names::NAT_SNAT, sizes.max_vips),
+        (map_names::SCHED, sizes.max_vips),
+        (
+            map_names::SCHED_SLOTS,
+            sizes
+                .max_vips
+                .saturating_mul(lb_common::sched::SCHED_SLOTS_PER_VIP),
+        ),
+        (map_names::SCHED_RR, sizes.max_vips),
+        (map_names::LC_ACTIVE, sizes.backend_slots()),
+        (map_names::LC_CORRECTION, sizes.backend_slots()),
     ]
 }
 
