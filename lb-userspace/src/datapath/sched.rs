@@ -82,3 +82,30 @@ impl Datapath {
             .collect()
     }
 }
+
+impl Datapath {
+    /// Backend `id`'s raw least-connections words: the kernel's counter
+    /// and the agent's correction.
+    pub fn lc_words(&self, id: u32) -> Result<(u64, u64)> {
+        let active: Array<&MapData, u64> = Array::try_from(self.map(map_names::LC_ACTIVE))
+            .map_err(map_err(map_names::LC_ACTIVE))?;
+        let corr: Array<&MapData, u64> = Array::try_from(self.map(map_names::LC_CORRECTION))
+            .map_err(map_err(map_names::LC_CORRECTION))?;
+        Ok((
+            active.get(&id, 0).map_err(map_err(map_names::LC_ACTIVE))?,
+            corr.get(&id, 0)
+                .map_err(map_err(map_names::LC_CORRECTION))?,
+        ))
+    }
+
+    /// Writes backend `id`'s correction word (the agent is its only
+    /// writer; see [`crate::sched::corrections`]).
+    pub fn set_lc_correction(&mut self, id: u32, correction: u64) -> Result<()> {
+        self.check("backend id", id, self.sizes.backend_slots())?;
+        let mut map: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(map_names::LC_CORRECTION))
+                .map_err(map_err(map_names::LC_CORRECTION))?;
+        map.set(id, correction, 0)
+            .map_err(map_err(map_names::LC_CORRECTION))
+    }
+}
