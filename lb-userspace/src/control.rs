@@ -151,6 +151,9 @@ pub struct VipView {
     /// route source).
     #[serde(default)]
     pub snat_addresses: Vec<IpAddr>,
+    /// Who picks a new flow's backend.
+    #[serde(default)]
+    pub scheduler: crate::sched::Scheduler,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -181,6 +184,10 @@ pub struct BackendView {
     /// NAT VIPs: the port the backend's packets go to.
     #[serde(default)]
     pub port: Option<u16>,
+    /// Least-connections VIPs: the active connections the kernel compares
+    /// for this backend (its counter plus the agent's last correction).
+    #[serde(default)]
+    pub active_connections: Option<u64>,
 }
 
 /// A backend's health as the agent sees it.
@@ -243,6 +250,9 @@ pub struct BackendStatsView {
     pub health: Health,
     #[serde(flatten)]
     pub traffic: Rates,
+    /// Least-connections VIPs: the active connections the kernel compares.
+    #[serde(default)]
+    pub active_connections: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -278,6 +288,13 @@ pub struct ExplainView {
     /// The translation the flow gets (NAT VIPs).
     #[serde(default)]
     pub nat: Option<NatView>,
+    /// The VIP's scheduler (it decides new flows only).
+    #[serde(default)]
+    pub scheduler: crate::sched::Scheduler,
+    /// What the scheduler would decide from (its rotation, or the counts it
+    /// compares), when it is not Maglev.
+    #[serde(default)]
+    pub scheduler_state: Option<String>,
 }
 
 /// A NAT VIP's flow as the kernel translates it.

@@ -306,8 +306,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let vips: Vec<VipView> = serde_json::from_value(v)?;
             println!(
-                "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  CHECK",
-                "NAME", "VIP", "FORWARDING", "INDEX", "RING", "BACKENDS", "IN RING"
+                "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  CHECK",
+                "NAME", "VIP", "FORWARDING", "SCHEDULER", "INDEX", "RING", "BACKENDS", "IN RING"
             );
             for v in vips {
                 // NAT VIPs: what their flows' source becomes.
@@ -323,7 +323,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     _ => String::new(),
                 };
                 println!(
-                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}{snat}",
+                    "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  {}{snat}",
                     v.name,
                     format!(
                         "{}/{}",
@@ -331,6 +331,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         v.protocol.as_str()
                     ),
                     v.forwarding.as_str(),
+                    v.scheduler.as_str(),
                     v.index,
                     v.ring_size,
                     v.backends,
@@ -347,7 +348,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 let list: Vec<BackendView> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  LAST CHECK (UNRESOLVED: WHY)",
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8} {:>6}  {:<17}  {:<15}  LAST CHECK (UNRESOLVED: WHY)",
                     "VIP",
                     "BACKEND",
                     "ID",
@@ -356,6 +357,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "HEALTH",
                     "SLOTS",
                     "FLOWS",
+                    "ACTIVE",
                     "MAC",
                     "VIA"
                 );
@@ -366,7 +368,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         None => b.address.to_string(),
                     };
                     println!(
-                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  {}",
+                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8} {:>6}  {:<17}  {:<15}  {}",
                         b.vip,
                         address,
                         b.id,
@@ -375,6 +377,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         b.health,
                         b.slots,
                         b.flows.map_or_else(|| "-".into(), |n| n.to_string()),
+                        // Least connections: the count it compares.
+                        b.active_connections
+                            .map_or_else(|| "-".into(), |n| n.to_string()),
                         b.mac.unwrap_or_else(|| "-".into()),
                         // The gateway whose MAC that is, for a routed one.
                         b.gateway.map_or_else(|| "-".into(), |g| g.to_string()),
@@ -463,6 +468,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             println!("conntrack  {}", show(e.conntrack_backend));
             println!("backend    {} ({})", show(e.backend), e.reason);
+            println!("scheduler  {}", e.scheduler);
+            if let Some(s) = &e.scheduler_state {
+                println!("           {s}");
+            }
             if let Some(o) = e.outer {
                 let ports = match (o.src_port, o.dst_port) {
                     (Some(s), Some(d)) => format!(", UDP {s} -> {d}"),

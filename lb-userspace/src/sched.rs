@@ -228,6 +228,75 @@ pub fn active_count(counter: u64, correction: u64) -> u64 {
     lc_active(counter, correction)
 }
 
+/// LC_ACTIVE and LC_CORRECTION, opened from their pins by the flow
+/// keeper's counting thread (the only writer of LC_CORRECTION).
+///
+/// Accuracy: the kernel counts a connection when its record is made and
+/// uncounts it at its first FIN or RST; what it cannot see (a record that
+/// expired idle, one the LRU evicted, a SYN that replaced an open record,
+/// two CPUs closing one record at once, closes of connections opened
+/// before the VIP counted) is corrected here after every count of the
+/// flow keeper (every 2 s, longer for big tables). Between two counts a
+/// backend's figure lags by what those events did since the last count;
+/// the correction itself is off by the connections opened or closed on
+/// that backend while the pass ran (the pass and the read of the
+/// counters are not one instant). Each lb host counts only the flows it
+/// forwarded: behind ECMP, each compares its own share of connections.
+pub struct LcCounters {
+    active: aya::maps::Array<aya::maps::MapData, u64>,
+    correction: aya::maps::Array<aya::maps::MapData, u64>,
+    /// The corrections as last written (this thread is their only writer).
+    current: Vec<u64>,
+}
+
+impl LcCounters {
+    pub fn open(pin_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use aya::maps::{Array, Map, MapData};
+        use lb_common::map_names;
+        let open = |name: &str| -> anyhow::Result<Array<MapData, u64>> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+            Array::try_from(Map::Array(data)).map_err(|e| anyhow::anyhow!("map {name}: {e}"))
+        };
+        let active = open(map_names::LC_ACTIVE)?;
+        let correction = open(map_names::LC_CORRECTION)?;
+        let current = read_all(&correction, map_names::LC_CORRECTION)?;
+        Ok(Self {
+            active,
+            correction,
+            current,
+        })
+    }
+
+    /// Sets every backend's correction so that its count is `open`'s
+    /// (backend id → open connections just counted). Returns the words
+    /// written.
+    pub fn correct(&mut self, open: &BTreeMap<u32, u64>) -> anyhow::Result<usize> {
+        let active = read_all(&self.active, lb_common::map_names::LC_ACTIVE)?;
+        let writes = corrections(&active, &self.current, open);
+        for &(id, c) in &writes {
+            self.correction
+                .set(id, c, 0)
+                .map_err(|e| anyhow::anyhow!("writing LC_CORRECTION[{id}]: {e}"))?;
+            self.current[id as usize] = c;
+        }
+        Ok(writes.len())
+    }
+}
+
+fn read_all(
+    map: &aya::maps::Array<aya::maps::MapData, u64>,
+    name: &str,
+) -> anyhow::Result<Vec<u64>> {
+    (0..map.len())
+        .map(|i| {
+            map.get(&i, 0)
+                .map_err(|e| anyhow::anyhow!("reading {name}[{i}]: {e}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

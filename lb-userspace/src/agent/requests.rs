@@ -235,6 +235,7 @@ impl<M: KernelMaps> Core<M> {
                     health_check: v.health_check.kind.to_string(),
                     forwarding: v.forwarding,
                     snat_addresses: v.snat_addresses.clone(),
+                    scheduler: v.scheduler,
                 }
             })
             .collect()
@@ -248,6 +249,7 @@ impl<M: KernelMaps> Core<M> {
                 continue;
             }
             let vip = VipId::of(v);
+            let active = self.lc_counts(v);
             // Slots per backend id in one pass over the ring.
             let mut slots_of = std::collections::HashMap::<u32, u32>::new();
             for &id in self.image.ring(&vip.kernel_key()).unwrap_or_default() {
@@ -282,6 +284,9 @@ impl<M: KernelMaps> Core<M> {
                         .as_ref()
                         .map(|f| f.get(&status.id).copied().unwrap_or(0)),
                     port: (v.forwarding == Forwarding::Nat).then(|| v.backend_port(b)),
+                    active_connections: active
+                        .as_ref()
+                        .map(|a| a.get(&status.id).copied().unwrap_or(0)),
                 });
             }
         }
@@ -360,14 +365,27 @@ impl<M: KernelMaps> Core<M> {
         let ring_entry = ring_id
             .filter(|&id| id != NO_BACKEND)
             .and_then(|id| self.image.backends.get(&id));
-        let (entry, reason) = match (tracked_ok, ring_entry) {
-            (Some(b), _) => (Some(b), "established flow: conntrack entry".to_string()),
-            (None, Some(r)) if tracked.is_some() => (
+        let decision = self.sched_decision(vip, index);
+        let (entry, reason) = match (tracked_ok, ring_entry, &decision) {
+            (Some(b), _, _) => (Some(b), "established flow: conntrack entry".to_string()),
+            (None, _, Some(d)) => (
+                d.backend.and_then(|id| self.image.backends.get(&id)),
+                format!(
+                    "{}: {} decides",
+                    if tracked.is_some() {
+                        "conntrack entry names an unusable backend"
+                    } else {
+                        "new flow"
+                    },
+                    vip.scheduler
+                ),
+            ),
+            (None, Some(r), None) if tracked.is_some() => (
                 Some(r),
                 "conntrack entry names an unusable backend: re-steered by the ring".into(),
             ),
-            (None, Some(r)) => (Some(r), "new flow: Maglev ring slot".into()),
-            (None, None) => (None, "no usable backend: packets are dropped".into()),
+            (None, Some(r), None) => (Some(r), "new flow: Maglev ring slot".into()),
+            (None, None, None) => (None, "no usable backend: packets are dropped".into()),
         };
         let backend = entry.map(backend_address);
         // What the kernel writes in front of the packet: the same entry
@@ -410,6 +428,8 @@ impl<M: KernelMaps> Core<M> {
             reason,
             outer,
             nat,
+            scheduler: vip.scheduler,
+            scheduler_state: decision.map(|d| d.state),
         })
     }
 }

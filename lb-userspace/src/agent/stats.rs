@@ -59,11 +59,38 @@ impl Stats {
         let (vips, backends, reasons) = read_counters(core);
         s.update(Instant::now(), vips, backends, reasons);
         s.view.nat_entries = core.maps().nat_entries();
+        set_active_connections(core, &mut s.view);
         let view = s.view.clone();
         if prev.is_some() {
             (s.prev, s.older) = (prev, older);
         }
         view
+    }
+}
+
+/// The least-connections VIPs' backends get the counts the kernel
+/// compares.
+fn set_active_connections<M: KernelMaps>(core: &Core<M>, view: &mut crate::control::StatsView) {
+    for v in &core.config().vips {
+        let Some(counts) = core.lc_counts(v) else {
+            continue;
+        };
+        for b in &v.backends {
+            let key = BackendKey {
+                vip: VipId::of(v),
+                address: b.address,
+            };
+            let Some(status) = core.state.backend(&key) else {
+                continue;
+            };
+            if let Some(row) = view
+                .backends
+                .iter_mut()
+                .find(|r| r.vip == v.name && r.address == b.address)
+            {
+                row.active_connections = Some(counts.get(&status.id).copied().unwrap_or(0));
+            }
+        }
     }
 }
 
@@ -181,6 +208,7 @@ impl StatsSampler {
                             pps: rate(s.packets, p.map(|p| p.packets)),
                             bps: 8.0 * rate(s.bytes, p.map(|p| p.bytes)),
                         },
+                        active_connections: None,
                     }
                 })
                 .collect(),
