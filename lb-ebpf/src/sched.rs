@@ -8,8 +8,8 @@
 //!   CPUs rotate independently, so over several CPUs the shares are exact
 //!   only on average);
 //! - least connections: the region's backends compared by active
-//!   connections per unit of weight, starting at slot `turn % len` so that
-//!   ties rotate.
+//!   connections per unit of weight; among those that share the least,
+//!   the `turn % ties`-th (ties rotate).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -109,12 +109,18 @@ fn pick_slot(vip_index: u32, kind: u32, len: u32) -> u32 {
     // field by field (a struct store becomes a memmove call).
     unsafe {
         (*scan).vip_index = vip_index;
-        (*scan).start = start;
         (*scan).len = len;
+        (*scan).phase = 0;
         (*scan).best = NO_BACKEND;
         (*scan).best_weight = 0;
+        (*scan).ties = 0;
         (*scan).best_active = 0;
     }
+    // Two scans: the least load and how many backends share it, then the
+    // `turn % ties`-th of them, so that ties rotate evenly (starting the
+    // one scan at a rotating slot would favour the backend after a loaded
+    // one).
+    //
     // bpf_loop: the verifier checks the step once, not once per turn of
     // an unrolled loop (a plain loop of 64 turns at each of the three call
     // sites exceeded its budget of a million instructions). Its state is
@@ -129,7 +135,20 @@ fn pick_slot(vip_index: u32, kind: u32, len: u32) -> u32 {
         )
     };
     // SAFETY: as above.
-    unsafe { (*scan).best }
+    unsafe {
+        let ties = (*scan).ties;
+        if ties > 1 {
+            (*scan).nth = t % ties;
+            (*scan).phase = 1;
+            bpf_loop(
+                len,
+                lc_step as *const () as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            );
+        }
+        (*scan).best
+    }
 }
 
 /// Per CPU: the state of the least-connections scan in progress.
@@ -140,17 +159,21 @@ static LC_SCAN: PerCpuArray<LcScan> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 struct LcScan {
     vip_index: u32,
-    start: u32,
     len: u32,
-    /// The least loaded backend so far, its weight and count.
+    /// 0: find the least load; 1: pick the `nth` backend that has it.
+    phase: u32,
+    /// The least loaded backend (the first found, then the pick), its
+    /// weight and count, and how many backends share that load.
     best: u32,
     best_weight: u32,
+    ties: u32,
+    nth: u32,
     _pad: u32,
     best_active: u64,
 }
 
-/// Turn `j` of the scan: slot `(start + j) % len` against the best so far
-/// (strictly less wins, so ties go to the first in rotation order).
+/// Turn `j` of a scan: slot `j` against the least load so far (phase 0),
+/// or counted if it has the least load (phase 1).
 extern "C" fn lc_step(j: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = LC_SCAN.get_ptr_mut(0) else {
         return 1;
@@ -158,13 +181,9 @@ extern "C" fn lc_step(j: u64, _ctx: *mut c_void) -> i64 {
     // SAFETY: this CPU's element, set up by pick_slot, which waits for
     // bpf_loop to return.
     let s = unsafe { &mut *s };
-    let j = j as u32;
-    if j >= s.len {
-        return 1;
-    }
-    let mut i = s.start + j;
+    let i = j as u32;
     if i >= s.len {
-        i -= s.len;
+        return 1;
     }
     let Some(slot) = SCHED_SLOTS.get(sched_slot_index(s.vip_index, i)) else {
         return 1;
@@ -174,10 +193,25 @@ extern "C" fn lc_step(j: u64, _ctx: *mut c_void) -> i64 {
         LC_ACTIVE.get(id).copied().unwrap_or(0),
         LC_CORRECTION.get(id).copied().unwrap_or(0),
     );
-    if s.best == NO_BACKEND || lc_less(active, weight, s.best_active, s.best_weight) {
-        s.best = id;
-        s.best_active = active;
-        s.best_weight = weight;
+    let less = lc_less(active, weight, s.best_active, s.best_weight);
+    let more = lc_less(s.best_active, s.best_weight, active, weight);
+    if s.phase == 0 {
+        if s.best == NO_BACKEND || less {
+            s.best = id;
+            s.best_active = active;
+            s.best_weight = weight;
+            s.ties = 1;
+        } else if !more {
+            s.ties += 1;
+        }
+        return 0;
+    }
+    if !less && !more {
+        if s.nth == 0 {
+            s.best = id;
+            return 1;
+        }
+        s.nth -= 1;
     }
     0
 }

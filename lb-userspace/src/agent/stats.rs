@@ -41,6 +41,7 @@ impl Stats {
         let (vips, backends, reasons) = read_counters(core);
         self.sampler.update(Instant::now(), vips, backends, reasons);
         self.sampler.view.nat_entries = core.maps().nat_entries();
+        set_active_connections(core, &mut self.sampler.view);
         self.tx.send_replace(self.sampler.view.clone());
     }
 
