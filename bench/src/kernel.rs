@@ -275,6 +275,7 @@ struct Samples {
     decap_floor: Vec<f64>,
     encap: Vec<crate::encap::EncapRun>,
     nat: Vec<crate::nat::NatRun>,
+    sched: Vec<crate::sched::SchedRun>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -323,6 +324,9 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     // New NAT pairs per run: fewer than conntrack's new flows (each fills
     // two hash maps of NAT_ENTRIES).
     let nat_flows = (cfg.new_flows / 4).max(CHUNK);
+    // Schedulers: as many new flows per kind as NAT's, in a fixture of
+    // their own.
+    let mut sched = crate::sched::SchedBench::new(nat_flows * (cfg.runs + 1))?;
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -376,6 +380,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     decap.run(&mut progs, warm_repeat)?;
     encap.run(&f, &mut progs, warm_repeat)?;
     nat.run(&f, &mut progs, warm_repeat, CHUNK)?;
+    sched.run(&progs, nat_flows)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -479,6 +484,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         let e = encap.run(&f, &mut progs, cfg.repeat)?;
         s.encap.push(e);
         s.nat.push(nat.run(&f, &mut progs, cfg.repeat, nat_flows)?);
+        s.sched.push(sched.run(&progs, nat_flows)?);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -541,6 +547,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         crate::encap::rows(&s.encap, &floor_s, cfg.repeat),
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
         crate::nat::rows(&s.nat, &floor_s, rep, nat_flows),
+        crate::sched::rows(&s.sched, &floor_s, nat_flows),
     ]
     .concat();
 

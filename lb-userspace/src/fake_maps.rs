@@ -42,6 +42,8 @@ pub struct FakeMaps {
     pub nat_rev: std::collections::HashMap<FlowKey, NatRev>,
     pub nat_fwd6: std::collections::HashMap<FlowKey6, NatFwd>,
     pub nat_rev6: std::collections::HashMap<FlowKey6, NatRev>,
+    /// Least connections: backend id → the count the kernel would compare.
+    pub lc_counts: BTreeMap<u32, u64>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -66,6 +68,7 @@ impl FakeMaps {
             nat_rev: Default::default(),
             nat_fwd6: Default::default(),
             nat_rev6: Default::default(),
+            lc_counts: BTreeMap::new(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -193,6 +196,13 @@ impl KernelMaps for FakeMaps {
                 info;
             Ok(())
         })
+    }
+
+    fn lc_active(&self, ids: &[u32]) -> Result<BTreeMap<u32, u64>, FakeError> {
+        Ok(ids
+            .iter()
+            .map(|&id| (id, self.lc_counts.get(&id).copied().unwrap_or(0)))
+            .collect())
     }
 
     fn read_image(&self) -> Result<KernelImage, FakeError> {

@@ -308,6 +308,9 @@ mod tests {
     /// NAT VIPs: NAT_SNAT, backend ports and sources, TX_PORTS, reloads.
     mod nat;
 
+    /// Schedulers: their slots, reloads, explain and the counts shown.
+    mod sched;
+
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")
     }
@@ -392,6 +395,16 @@ mod tests {
                 .map(|i| i.ring_base)
                 .collect();
             visible.rings.retain(|b, _| bases.contains(b));
+            let indices: Vec<u32> = visible
+                .vips
+                .values()
+                .filter(|i| !i.is_address_only())
+                .map(|i| i.index)
+                .collect();
+            visible.sched.retain(|i, _| indices.contains(i));
+            for s in visible.sched.values_mut() {
+                s.slots.truncate(s.info.len as usize);
+            }
             assert_eq!(self.maps.read_image().unwrap(), visible);
         }
 
