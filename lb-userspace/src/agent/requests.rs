@@ -68,6 +68,17 @@ impl<M: KernelMaps> Core<M> {
                         self.cfg.vips[i].name
                     );
                 }
+                let v = &self.cfg.vips[i];
+                if let Some(max) = v.scheduler.max_backends()
+                    && v.backends.len() >= max as usize
+                {
+                    bail!(
+                        "VIP {} has {} backends, as many as scheduler {} takes",
+                        v.name,
+                        v.backends.len(),
+                        v.scheduler
+                    );
+                }
                 let total: usize = self.cfg.vips.iter().map(|v| v.backends.len()).sum();
                 if total as u32 >= self.cfg.agent.kernel.max_backends {
                     bail!(

@@ -88,3 +88,30 @@ fn explain_and_backend_list_show_least_connections_counts() {
     let core = started(cfg, FakeMaps::new(4, M, 16));
     assert_eq!(core.backend(11).active_connections, None);
 }
+
+#[test]
+fn adding_a_backend_past_the_schedulers_limit_is_refused_and_changes_nothing() {
+    let mut text = format!(
+        "[agent]\nmax_vips = 4\nmax_backends = 100\nring_size = {M}\n\
+         [[vip]]\nname = \"v1\"\naddress = \"198.19.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+         ring_size = {M}\nscheduler = \"least_connections\"\n[vip.health_check]\nkind = \"tcp\"\n"
+    );
+    for b in 1..=64 {
+        text += &format!("[[vip.backend]]\naddress = \"198.18.0.{b}\"\n");
+    }
+    let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let mut core = started(cfg, FakeMaps::new(4, M, 100));
+    let before = core.image.clone();
+    let err = core
+        .request(Request::BackendAdd {
+            vip: "v1".into(),
+            address: ip4(198, 18, 0, 65),
+            weight: 1,
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "VIP v1 has 64 backends, as many as scheduler least_connections takes"
+    );
+    assert_eq!(core.image, before);
+}
