@@ -191,12 +191,13 @@ impl FlowKeeper {
                 while !wait(&count_shared, period) {
                     let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
                     let t = Instant::now();
+                    let lc_before = lc.snapshot();
                     let counted = count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt)
                         .and_then(|c| with_nat(c, &mut nat, &rt))
                         .and_then(|c| {
                             // Least connections' counts corrected to
                             // what this pass found open.
-                            lc.correct(&c.open_per_backend)?;
+                            lc.correct(&lc_before?, &c.open_per_backend)?;
                             Ok(c)
                         });
                     match counted {

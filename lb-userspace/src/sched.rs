@@ -208,12 +208,24 @@ pub fn wrr_sequence(members: &[(u32, u32)], max_len: usize) -> Vec<u32> {
 
 /// The LC_CORRECTION words that make each backend's count equal `truth`
 /// (backend id → open connections the agent counted), given the kernel's
-/// counters `active` (indexed by backend id) and the corrections
-/// `current` in place: `(id, new correction)` for every word that
-/// changes. Backends absent from `truth` have no open connection.
-pub fn corrections(active: &[u64], current: &[u64], truth: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
+/// counters `active` (indexed by backend id) read after the count,
+/// `before` read before it, and the corrections `current` in place:
+/// `(id, new correction)` for every word that changes. Backends absent
+/// from `truth` have no open connection. A backend whose counter moved
+/// during the count is left alone: the count may or may not have seen
+/// the connection that moved it, and a correction off by one would stay
+/// until the next count (left alone, the next quiet count corrects it).
+pub fn corrections(
+    active: &[u64],
+    before: &[u64],
+    current: &[u64],
+    truth: &BTreeMap<u32, u64>,
+) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
-    for (id, (&a, &c)) in active.iter().zip(current).enumerate() {
+    for (id, ((&a, &b), &c)) in active.iter().zip(before).zip(current).enumerate() {
+        if a != b {
+            continue;
+        }
         let want = truth.get(&(id as u32)).copied().unwrap_or(0);
         let corr = want.wrapping_sub(a);
         if corr != c {
@@ -237,11 +249,15 @@ pub fn active_count(counter: u64, correction: u64) -> u64 {
 /// two CPUs closing one record at once, closes of connections opened
 /// before the VIP counted) is corrected here after every count of the
 /// flow keeper (every 2 s, longer for big tables). Between two counts a
-/// backend's figure lags by what those events did since the last count;
-/// the correction itself is off by the connections opened or closed on
-/// that backend while the pass ran (the pass and the read of the
-/// counters are not one instant). Each lb host counts only the flows it
-/// forwarded: behind ECMP, each compares its own share of connections.
+/// backend's figure lags by what those events did since the last count.
+/// A backend whose counter moved while the pass ran is not corrected by
+/// that pass (the pass may or may not have seen the connection that moved
+/// it, and an off-by-one correction would stay for a whole period and
+/// skew the picks): a later pass during which it is quiet corrects it, so
+/// a backend opening or closing connections without pause keeps the
+/// kernel's own count, exact but for what expiry and eviction took. Each
+/// lb host counts only the flows it forwarded: behind ECMP, each compares
+/// its own share of connections.
 pub struct LcCounters {
     active: aya::maps::Array<aya::maps::MapData, u64>,
     correction: aya::maps::Array<aya::maps::MapData, u64>,
@@ -269,12 +285,19 @@ impl LcCounters {
         })
     }
 
-    /// Sets every backend's correction so that its count is `open`'s
-    /// (backend id → open connections just counted). Returns the words
-    /// written.
-    pub fn correct(&mut self, open: &BTreeMap<u32, u64>) -> anyhow::Result<usize> {
+    /// The kernel's counters now: taken before a count, for
+    /// [`LcCounters::correct`].
+    pub fn snapshot(&self) -> anyhow::Result<Vec<u64>> {
+        read_all(&self.active, lb_common::map_names::LC_ACTIVE)
+    }
+
+    /// Sets the correction of every backend whose counter did not move
+    /// since `before` (a [`LcCounters::snapshot`] taken before the count)
+    /// so that its count is `open`'s (backend id → open connections just
+    /// counted). Returns the words written.
+    pub fn correct(&mut self, before: &[u64], open: &BTreeMap<u32, u64>) -> anyhow::Result<usize> {
         let active = read_all(&self.active, lb_common::map_names::LC_ACTIVE)?;
-        let writes = corrections(&active, &self.current, open);
+        let writes = corrections(&active, before, &self.current, open);
         for &(id, c) in &writes {
             self.correction
                 .set(id, c, 0)
@@ -396,8 +419,12 @@ mod tests {
         let active = [0, 5, u64::MAX, 4];
         let current = [0, 0, 0, (-1i64) as u64];
         let truth = BTreeMap::from([(1, 3), (3, 3)]);
-        let c = corrections(&active, &current, &truth);
+        let c = corrections(&active, &active, &current, &truth);
         assert_eq!(c, [(1, (-2i64) as u64), (2, 1)]);
+        // A counter that moved during the count: left for a later one.
+        let mut before = active;
+        before[1] = 4;
+        assert_eq!(corrections(&active, &before, &current, &truth), [(2, 1)]);
         for (id, corr) in c {
             let want = truth.get(&id).copied().unwrap_or(0);
             assert_eq!(active_count(active[id as usize], corr), want);
