@@ -318,6 +318,7 @@ struct Samples {
     encap: Vec<crate::encap::EncapRun>,
     nat: Vec<crate::nat::NatRun>,
     acl: Vec<crate::acl::AclRun>,
+    sched: Vec<crate::sched::SchedRun>,
 }
 
 pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
@@ -368,6 +369,9 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     // New NAT pairs per run: fewer than conntrack's new flows (each fills
     // two hash maps of NAT_ENTRIES).
     let nat_flows = (cfg.new_flows / 4).max(CHUNK);
+    // Schedulers: as many new flows per kind as NAT's, in a fixture of
+    // their own.
+    let mut sched = crate::sched::SchedBench::new(nat_flows * (cfg.runs + 1))?;
 
     // Mid-connection segments (ACK) except where a connection opens (SYN):
     // the balancer steers a SYN by the ring whatever conntrack holds.
@@ -426,6 +430,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
     encap.run(&f, &mut progs, warm_repeat)?;
     nat.run(&f, &mut progs, warm_repeat, CHUNK)?;
     acl.run(&f, warm_repeat)?;
+    sched.run(&progs, nat_flows)?;
 
     let mut s = Samples::default();
     let (measure_start, delay_start) = (Instant::now(), run_delay_ns());
@@ -544,6 +549,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         s.encap.push(e);
         s.nat.push(nat.run(&f, &mut progs, cfg.repeat, nat_flows)?);
         s.acl.push(acl.run(&f, cfg.repeat)?);
+        s.sched.push(sched.run(&progs, nat_flows)?);
     }
     let measured = measure_start.elapsed();
     let waited = run_delay_ns()
@@ -624,6 +630,7 @@ pub fn run(cfg: &Config, out_dir: &Path) -> Result<Section> {
         crate::v6::rows(&s.hit6, &s.hit, &floor_s, rep),
         crate::nat::rows(&s.nat, &floor_s, rep, nat_flows),
         crate::acl::rows(&s.acl, &floor_s, rep),
+        crate::sched::rows(&s.sched, &floor_s, nat_flows),
     ]
     .concat();
 

@@ -20,6 +20,7 @@ mod maglev;
 mod nat;
 mod report;
 mod restore;
+mod sched;
 mod v6;
 
 use std::{

@@ -16,6 +16,7 @@ pub mod csum;
 pub mod decap;
 pub mod nat;
 pub mod ratelimit;
+pub mod sched;
 
 /// Map names, as the agent finds them in the object and pins them.
 pub mod map_names {
@@ -70,6 +71,12 @@ pub mod map_names {
     pub const ACL4: &str = "ACL4";
     pub const ACL6: &str = "ACL6";
     pub const VIP_ACL: &str = "VIP_ACL";
+    /// Schedulers (see [`crate::sched`]).
+    pub const SCHED: &str = "SCHED";
+    pub const SCHED_SLOTS: &str = "SCHED_SLOTS";
+    pub const SCHED_RR: &str = "SCHED_RR";
+    pub const LC_ACTIVE: &str = "LC_ACTIVE";
+    pub const LC_CORRECTION: &str = "LC_CORRECTION";
 }
 
 /// Version of the pinned maps' layout, recorded in the pin directory (the
@@ -90,7 +97,9 @@ pub mod map_names {
 /// guard's threshold, `VipStats` grows `rate_limited`.
 /// 6: source access control: `VipStats` grows `acl_denied`, reason 23
 /// (`drop_acl_denied`); ACL4, ACL6 and VIP_ACL join the pinned maps.
-pub const LAYOUT_VERSION: u32 = 6;
+/// 7: schedulers: SCHED, SCHED_SLOTS, LC_ACTIVE and LC_CORRECTION join
+/// the pinned maps (see [`sched`]).
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Program names in the object (its only program; the test and benchmark
 /// programs live in lb-ebpf-testprogs).
@@ -897,6 +906,8 @@ mod pod {
     unsafe impl aya::Pod for nat::NatSnat {}
     unsafe impl aya::Pod for nat::NatFwdCache {}
     unsafe impl aya::Pod for nat::NatRevCache {}
+    unsafe impl aya::Pod for sched::SchedInfo {}
+    unsafe impl aya::Pod for sched::SchedSlot {}
 }
 
 #[cfg(test)]

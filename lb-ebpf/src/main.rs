@@ -19,6 +19,9 @@
 //! frames are siblings; the DSR and tunnel paths never enter it).
 #![no_std]
 #![no_main]
+// sched.rs: the atomic add BPF has (no `AtomicU64::fetch_add` on this target).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -55,6 +58,7 @@ mod nat_cache;
 mod nat_flow;
 mod nat_icmp;
 mod ratelimit;
+mod sched;
 mod steer;
 mod syn_guard;
 use balance6::push_outer6;

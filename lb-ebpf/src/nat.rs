@@ -41,7 +41,7 @@ pub(crate) use crate::nat_flow::{NatFlow, same_addr};
 use crate::nat_flow::{copy_mac, copy4};
 use crate::{
     BACKENDS, NAT_SNAT, RUNTIME, TX_PORTS, VIP_STATS, count_reason, nat_cache, send,
-    steer::{count_steered, ring_backend},
+    steer::count_steered,
 };
 
 /// The kernel's "exists" error, as map helpers return it.
@@ -235,6 +235,7 @@ fn nat_packet<F: NatFlow>(
             }
             if closing && e.flags & FLOW_FLAG_CLOSING == 0 {
                 e.flags |= FLOW_FLAG_CLOSING;
+                crate::sched::closed(vip.index, e.backend_id);
             }
             nat_cache::cache_fwd(flow, e);
             count_steered(vip.index, e.backend_id, true, bytes);
@@ -336,7 +337,7 @@ fn make_pair<F: NatFlow>(
         crate::ratelimit::admit_new_flow(vip.index, flow)?;
     }
     let now = now_ms();
-    let (id, b) = ring_backend(flow, vip)?;
+    let (id, b) = crate::sched::pick(flow, vip)?;
     if b.is_v6() != F::V6 {
         return Err(Reason::DropUnsupportedForwarding);
     }
@@ -358,6 +359,10 @@ fn make_pair<F: NatFlow>(
             // still gives: the pair is reused, both directions start
             // afresh.
             e.last_seen_ms = now;
+            // Counted again if it had been counted closed.
+            if e.flags & FLOW_FLAG_CLOSING != 0 && !closing {
+                crate::sched::opened(vip.index, id);
+            }
             e.flags = flags;
             if let Some(r) = rev.rev() {
                 // SAFETY: as above.
@@ -469,6 +474,9 @@ fn make_pair<F: NatFlow>(
     // (a reclaimed or re-steered one) must not outlive it.
     nat_cache::cache_fwd(flow, fwd);
     nat_cache::cache_rev(key, rev);
+    if !closing {
+        crate::sched::opened(vip.index, id);
+    }
     count_steered(vip.index, id, false, bytes);
     out::<F>(
         ctx,

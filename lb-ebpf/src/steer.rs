@@ -164,8 +164,9 @@ impl Flow for FlowKey6 {
 /// counters moved (`bytes`: the frame as received).
 ///
 /// Established flow: honoured while its backend is usable and still
-/// serves this VIP, and its record has not expired; otherwise it falls
-/// through to the ring. The flow cache answers for flows it already
+/// serves this VIP, and its record has not expired; otherwise the VIP's
+/// scheduler picks (crate::sched: the ring, a rotation or least
+/// connections). The flow cache answers for flows it already
 /// answered since the agent last cleared it (once per tick of the flow
 /// clock) with one inlined array load; the first packet of a flow in a
 /// tick (and every FIN or RST) goes through the conntrack map (the LRU),
@@ -176,13 +177,16 @@ impl Flow for FlowKey6 {
 /// from one multiply (the full flow hash is only needed, and computed, on
 /// the way to the ring).
 ///
-/// A TCP SYN without ACK (`new_connection`) is steered by the ring even
-/// when a record exists (a reused source port must follow the current
-/// ring); a FIN or RST (`closing`) moves the record to the closing
-/// timeout.
+/// A TCP SYN without ACK (`new_connection`) is steered by the scheduler
+/// even when a record exists (a reused source port must follow the
+/// current ring); a FIN or RST (`closing`) moves the record to the
+/// closing timeout (the first one also ends its count for least
+/// connections).
 ///
-/// Under the SYN-flood guard (syn_guard.rs), a SYN is steered by the ring
-/// and not recorded.
+/// Under the SYN-flood guard (syn_guard.rs), a SYN is steered by the
+/// Maglev ring and not recorded; a TCP packet without SYN that finds no
+/// record (the first ACK after such a SYN) is steered by the ring too,
+/// whatever the VIP's scheduler, so that it reaches the SYN's backend.
 #[inline(always)]
 pub(crate) fn steer<F: Flow + acl::Source>(
     flow: &F,
@@ -230,6 +234,9 @@ pub(crate) fn steer<F: Flow + acl::Source>(
                     } else {
                         entry.last_seen_ms = now;
                         if closing {
+                            if entry.flags & FLOW_FLAG_CLOSING == 0 {
+                                crate::sched::closed(vip.index, entry.backend_id);
+                            }
                             entry.flags |= FLOW_FLAG_CLOSING;
                         }
                         Some(entry.backend_id)
@@ -256,10 +263,18 @@ pub(crate) fn steer<F: Flow + acl::Source>(
         None => {
             // A UDP flow's first packet is a new connection for the rate
             // limits (a TCP one was counted by its SYN).
-            if flow.proto() != IPPROTO_TCP as u32 {
+            let tcp = flow.proto() == IPPROTO_TCP as u32;
+            if !tcp {
                 crate::ratelimit::admit_new_flow(vip.index, flow)?;
             }
-            let (id, b) = ring_backend(flow, vip)?;
+            // A TCP packet without SYN and without record: the ring (the
+            // guarded SYN before it went by the ring); else the VIP's
+            // scheduler.
+            let (id, b) = if tcp && !new_connection {
+                ring_backend(flow, vip)?
+            } else {
+                crate::sched::pick(flow, vip)?
+            };
             backend_id = id;
             if now == 0 {
                 now = RUNTIME.get(0).map_or(0, |rt| rt.now_ms);
@@ -269,6 +284,9 @@ pub(crate) fn steer<F: Flow + acl::Source>(
                 flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
                 last_seen_ms: now,
             });
+            if !closing {
+                crate::sched::opened(vip.index, id);
+            }
             b
         }
     };

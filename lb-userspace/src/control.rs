@@ -156,6 +156,22 @@ pub struct VipView {
     pub acl_allow: usize,
     #[serde(default)]
     pub acl_deny: usize,
+    /// Who picks a new flow's backend.
+    #[serde(default)]
+    pub scheduler: crate::sched::Scheduler,
+    /// Rate limits (per second; 0: off).
+    #[serde(default)]
+    pub rate_limit: RateLimitView,
+}
+
+/// A VIP's rate limits as `lb vip list` shows them (per second; 0: off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitView {
+    pub new_per_source: u32,
+    pub packets_per_source: u32,
+    pub new_per_vip: u32,
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -186,6 +202,10 @@ pub struct BackendView {
     /// NAT VIPs: the port the backend's packets go to.
     #[serde(default)]
     pub port: Option<u16>,
+    /// Least-connections VIPs: the active connections the kernel compares
+    /// for this backend (its counter plus the agent's last correction).
+    #[serde(default)]
+    pub active_connections: Option<u64>,
 }
 
 /// A backend's health as the agent sees it.
@@ -266,6 +286,9 @@ pub struct BackendStatsView {
     pub health: Health,
     #[serde(flatten)]
     pub traffic: Rates,
+    /// Least-connections VIPs: the active connections the kernel compares.
+    #[serde(default)]
+    pub active_connections: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -308,6 +331,13 @@ pub struct ExplainView {
     /// The translation the flow gets (NAT VIPs).
     #[serde(default)]
     pub nat: Option<NatView>,
+    /// The VIP's scheduler (it decides new flows only).
+    #[serde(default)]
+    pub scheduler: crate::sched::Scheduler,
+    /// What the scheduler would decide from (its rotation, or the counts it
+    /// compares), when it is not Maglev.
+    #[serde(default)]
+    pub scheduler_state: Option<String>,
     /// The VIP's source access control on the flow's source (None: the
     /// VIP has no ACL).
     #[serde(default)]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use lb_common::{
     Backend, BackendStats, FORWARD_NAT, FlowEntry, FlowKey, FlowKey6, VipInfo, VipStats,
     nat::{NatFwd, NatRev, NatSnat},
+    sched::{SCHED_SLOTS_PER_VIP, SchedInfo, SchedSlot},
 };
 
 use crate::{
@@ -33,6 +34,10 @@ pub struct FakeMaps {
     /// NAT_SNAT: `max_vips` elements, zero-initialised.
     pub nat_snat: Vec<NatSnat>,
     pub rate_limits: Vec<lb_common::ratelimit::RateLimits>,
+    /// SCHED: `max_vips` elements; SCHED_SLOTS: `SCHED_SLOTS_PER_VIP` per
+    /// VIP index; both zero-initialised.
+    pub sched: Vec<SchedInfo>,
+    pub sched_slots: Vec<SchedSlot>,
     pub conntrack: std::collections::HashMap<FlowKey, FlowEntry>,
     pub conntrack6: std::collections::HashMap<FlowKey6, FlowEntry>,
     pub nat_fwd: std::collections::HashMap<FlowKey, NatFwd>,
@@ -43,6 +48,8 @@ pub struct FakeMaps {
     pub acl_words: BTreeMap<u32, u32>,
     /// ACL4 and ACL6: (VIP index, bank, prefix) → value.
     pub acl_prefixes: BTreeMap<(u32, u32, Cidr), u32>,
+    /// Least connections: backend id → the count the kernel would compare.
+    pub lc_counts: BTreeMap<u32, u64>,
     /// Successful writes so far.
     pub writes: usize,
     /// Fail the write after this many successful ones.
@@ -60,6 +67,8 @@ impl FakeMaps {
             tx_ports: Vec::new(),
             nat_snat: vec![NatSnat::default(); max_vips as usize],
             rate_limits: vec![Default::default(); max_vips as usize],
+            sched: vec![SchedInfo::default(); max_vips as usize],
+            sched_slots: vec![SchedSlot::default(); (max_vips * SCHED_SLOTS_PER_VIP) as usize],
             conntrack: Default::default(),
             conntrack6: Default::default(),
             nat_fwd: Default::default(),
@@ -68,6 +77,7 @@ impl FakeMaps {
             nat_rev6: Default::default(),
             acl_words: BTreeMap::new(),
             acl_prefixes: BTreeMap::new(),
+            lc_counts: BTreeMap::new(),
             writes: 0,
             fail_after: None,
             violations: Vec::new(),
@@ -226,6 +236,46 @@ impl KernelMaps for FakeMaps {
         })
     }
 
+    fn write_sched_slots(
+        &mut self,
+        index: u32,
+        slots: &[(u32, SchedSlot)],
+    ) -> Result<(), FakeError> {
+        // One slot per kernel write.
+        for &(i, s) in slots {
+            self.write("write scheduler slot", |m| {
+                if i >= SCHED_SLOTS_PER_VIP {
+                    return Err(FakeError(format!("scheduler slot {i} out of the region")));
+                }
+                let at = (index * SCHED_SLOTS_PER_VIP + i) as usize;
+                let n = m.sched_slots.len();
+                *m.sched_slots
+                    .get_mut(at)
+                    .ok_or_else(|| FakeError(format!("SCHED_SLOTS {at} out of range ({n})")))? = s;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_sched(&mut self, index: u32, info: SchedInfo) -> Result<(), FakeError> {
+        self.write("set SCHED", |m| {
+            let n = m.sched.len();
+            *m.sched
+                .get_mut(index as usize)
+                .ok_or_else(|| FakeError(format!("SCHED index {index} out of range ({n})")))? =
+                info;
+            Ok(())
+        })
+    }
+
+    fn lc_active(&self, ids: &[u32]) -> Result<BTreeMap<u32, u64>, FakeError> {
+        Ok(ids
+            .iter()
+            .map(|&id| (id, self.lc_counts.get(&id).copied().unwrap_or(0)))
+            .collect())
+    }
+
     fn read_image(&self) -> Result<KernelImage, FakeError> {
         let mut img = KernelImage {
             vips: self.vips.clone(),
@@ -243,6 +293,15 @@ impl KernelMaps for FakeMaps {
             {
                 img.rate.insert(info.index, *l);
             }
+            let sched = self.sched[info.index as usize];
+            let base = (info.index * SCHED_SLOTS_PER_VIP) as usize;
+            img.sched.insert(
+                info.index,
+                crate::sched::VipSched {
+                    info: sched,
+                    slots: self.sched_slots[base..base + sched.len as usize].to_vec(),
+                },
+            );
             if info.forwarding == FORWARD_NAT {
                 let snat = self.nat_snat.get(info.index as usize).ok_or_else(|| {
                     FakeError(format!("NAT_SNAT index {} out of range", info.index))

@@ -22,6 +22,9 @@
 //!   them as misses. Then the NAT pass ([`crate::nat_keeper`]): NAT pairs
 //!   that are over are removed (the NAT maps are not LRUs), live ones
 //!   counted per backend with the conntrack records.
+//! - Least connections: after each count, every backend's LC_CORRECTION
+//!   word is set so that the kernel's counter plus it equals the open
+//!   connections counted (see [`crate::sched::LcCounters`]).
 //! - The limit: the smallest MTU of the egress interfaces (the attached
 //!   ones and the redirect targets), re-read with each count.
 //!
@@ -79,6 +82,9 @@ impl From<&crate::config::AgentConfig> for FlowTimeouts {
 pub struct FlowCount {
     /// Backend id → records naming it that have not expired.
     pub per_backend: BTreeMap<u32, u64>,
+    /// Backend id → those of them not closing (no FIN or RST seen):
+    /// the active connections least connections compares.
+    pub open_per_backend: BTreeMap<u32, u64>,
     /// Records read in the pass (expired ones included).
     pub records: u64,
     /// When the pass ended.
@@ -139,6 +145,7 @@ impl FlowKeeper {
         let conntrack = open(map_names::CONNTRACK)?;
         let conntrack6 = open(map_names::CONNTRACK6)?;
         let mut nat = crate::nat_keeper::NatMaps::open(pin_dir)?;
+        let mut lc = crate::sched::LcCounters::open(pin_dir)?;
         let base = runtime
             .get(&0, 0)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::RUNTIME))?
@@ -187,8 +194,15 @@ impl FlowKeeper {
                 while !wait(&count_shared, period) {
                     let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
                     let t = Instant::now();
+                    let lc_before = lc.snapshot();
                     let counted = count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt)
-                        .and_then(|c| with_nat(c, &mut nat, &rt));
+                        .and_then(|c| with_nat(c, &mut nat, &rt))
+                        .and_then(|c| {
+                            // Least connections' counts corrected to
+                            // what this pass found open.
+                            lc.correct(&lc_before?, &c.open_per_backend)?;
+                            Ok(c)
+                        });
                     match counted {
                         Ok(c) => {
                             failing = false;
@@ -366,6 +380,9 @@ pub fn with_nat(
     for (&id, &n) in &sweep.live_per_backend {
         *count.per_backend.entry(id).or_default() += n;
     }
+    for (&id, &n) in &sweep.open_per_backend {
+        *count.open_per_backend.entry(id).or_default() += n;
+    }
     count.nat = sweep;
     count.at = Some(Instant::now());
     Ok(count)
@@ -384,6 +401,9 @@ pub fn count_flows(
         count.records += 1;
         if !e.is_expired(proto, rt) {
             *count.per_backend.entry(e.backend_id).or_default() += 1;
+            if e.flags & lb_common::FLOW_FLAG_CLOSING == 0 {
+                *count.open_per_backend.entry(e.backend_id).or_default() += 1;
+            }
         }
     };
     for_each_flow::<FlowKey>(conntrack, |k, e| add(k.proto, e))?;

@@ -24,5 +24,6 @@ mod object_calls;
 pub mod pins;
 pub mod reconcile;
 pub mod rundir;
+pub mod sched;
 pub mod timing;
 pub mod xdp_features;

@@ -306,8 +306,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let vips: Vec<VipView> = serde_json::from_value(v)?;
             println!(
-                "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  CHECK",
-                "NAME", "VIP", "FORWARDING", "INDEX", "RING", "BACKENDS", "IN RING"
+                "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  CHECK",
+                "NAME", "VIP", "FORWARDING", "SCHEDULER", "INDEX", "RING", "BACKENDS", "IN RING"
             );
             for v in vips {
                 // NAT VIPs: what their flows' source becomes.
@@ -328,8 +328,23 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     format!("  acl: allow {}, deny {}", v.acl_allow, v.acl_deny)
                 };
+                // Rate limits, per second.
+                let limits = [
+                    ("new/source", v.rate_limit.new_per_source),
+                    ("packets/source", v.rate_limit.packets_per_source),
+                    ("new", v.rate_limit.new_per_vip),
+                ]
+                .iter()
+                .filter(|(_, r)| *r != 0)
+                .map(|(what, r)| format!("{what} {r}/s"))
+                .collect::<Vec<_>>();
+                let limits = if limits.is_empty() {
+                    String::new()
+                } else {
+                    format!("  limits: {}", limits.join(", "))
+                };
                 println!(
-                    "{:<16} {:<22} {:<10} {:>5} {:>8} {:>8} {:>8}  {}{snat}{acl}",
+                    "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  {}{snat}{acl}{limits}",
                     v.name,
                     format!(
                         "{}/{}",
@@ -337,6 +352,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         v.protocol.as_str()
                     ),
                     v.forwarding.as_str(),
+                    v.scheduler.as_str(),
                     v.index,
                     v.ring_size,
                     v.backends,
@@ -353,7 +369,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 let list: Vec<BackendView> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  LAST CHECK (UNRESOLVED: WHY)",
+                    "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8} {:>6}  {:<17}  {:<15}  LAST CHECK (UNRESOLVED: WHY)",
                     "VIP",
                     "BACKEND",
                     "ID",
@@ -362,6 +378,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "HEALTH",
                     "SLOTS",
                     "FLOWS",
+                    "ACTIVE",
                     "MAC",
                     "VIA"
                 );
@@ -372,7 +389,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         None => b.address.to_string(),
                     };
                     println!(
-                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8}  {:<17}  {:<15}  {}",
+                        "{:<12} {:<15} {:>4} {:>6} {:<7} {:<10} {:>6} {:>8} {:>6}  {:<17}  {:<15}  {}",
                         b.vip,
                         address,
                         b.id,
@@ -381,6 +398,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         b.health,
                         b.slots,
                         b.flows.map_or_else(|| "-".into(), |n| n.to_string()),
+                        // Least connections: the count it compares.
+                        b.active_connections
+                            .map_or_else(|| "-".into(), |n| n.to_string()),
                         b.mac.unwrap_or_else(|| "-".into()),
                         // The gateway whose MAC that is, for a routed one.
                         b.gateway.map_or_else(|| "-".into(), |g| g.to_string()),
@@ -473,6 +493,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("acl        source {verdict} by {}", a.by);
             }
             println!("backend    {} ({})", show(e.backend), e.reason);
+            println!("scheduler  {}", e.scheduler);
+            if let Some(s) = &e.scheduler_state {
+                println!("           {s}");
+            }
             if let Some(o) = e.outer {
                 let ports = match (o.src_port, o.dst_port) {
                     (Some(s), Some(d)) => format!(", UDP {s} -> {d}"),

@@ -73,6 +73,7 @@ pub fn render(stats: &StatsView) -> String {
     let be_packets = Family::<BackendLabels, Ctr>::default();
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
+    let be_active = Family::<BackendLabels, Gauge>::default();
     let reasons = Family::<ReasonLabels, Ctr>::default();
     for v in &stats.vips {
         let l = VipLabels { vip: v.vip.clone() };
@@ -106,6 +107,11 @@ pub fn render(stats: &StatsView) -> String {
         be_up
             .get_or_create(&l)
             .set(i64::from(b.health == Health::Up));
+        if let Some(n) = b.active_connections {
+            be_active
+                .get_or_create(&l)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
     for (reason, (total, _)) in &stats.reasons {
         reasons
@@ -168,6 +174,11 @@ pub fn render(stats: &StatsView) -> String {
     );
     reg.register("backend_bytes", "Bytes forwarded to a backend", be_bytes);
     reg.register("backend_up", "1 when the backend is healthy", be_up);
+    reg.register(
+        "backend_active_connections",
+        "Least-connections VIPs: the active connections the kernel compares",
+        be_active,
+    );
     reg.register(
         "packets_by_reason",
         "Packets passed to the kernel or dropped, by reason",
@@ -310,6 +321,7 @@ mod tests {
                     pps: 0.0,
                     bps: 0.0,
                 },
+                active_connections: Some(12),
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
             nat_entries: Some(9),
@@ -329,6 +341,7 @@ mod tests {
             r#"lb_vip_conntrack_hits_total{vip="web"} 7"#,
             r#"lb_backend_packets_total{vip="web",backend="198.18.0.11"} 4"#,
             r#"lb_backend_up{vip="web",backend="198.18.0.11"} 1"#,
+            r#"lb_backend_active_connections{vip="web",backend="198.18.0.11"} 12"#,
             r#"lb_packets_by_reason_total{reason="drop_no_backend"} 2"#,
             r#"lb_vip_return_packets_total{vip="web"} 5"#,
             r#"lb_vip_return_bytes_total{vip="web"} 500"#,

@@ -95,6 +95,9 @@ pub struct SweepPlan<K> {
     pub orphans: Vec<K>,
     /// Backend id → live pairs naming it.
     pub live_per_backend: BTreeMap<u32, u64>,
+    /// Backend id → live pairs whose client has not sent a FIN or RST
+    /// (what least connections counts).
+    pub open_per_backend: BTreeMap<u32, u64>,
     /// Live pairs.
     pub live: u64,
 }
@@ -121,6 +124,7 @@ pub fn plan<K: NatKey>(
         expired: Vec::new(),
         orphans: Vec::new(),
         live_per_backend: BTreeMap::new(),
+        open_per_backend: BTreeMap::new(),
         live: 0,
     };
     for (k, f) in fwd {
@@ -132,6 +136,9 @@ pub fn plan<K: NatKey>(
         } else {
             plan.live += 1;
             *plan.live_per_backend.entry(f.backend_id).or_default() += 1;
+            if f.flags & lb_common::FLOW_FLAG_CLOSING == 0 {
+                *plan.open_per_backend.entry(f.backend_id).or_default() += 1;
+            }
         }
     }
     for (rk, r) in &rev {
@@ -147,6 +154,8 @@ pub fn plan<K: NatKey>(
 pub struct NatSweep {
     /// Backend id → live NAT flows naming it (both families).
     pub live_per_backend: BTreeMap<u32, u64>,
+    /// Backend id → those of them the client has not closed.
+    pub open_per_backend: BTreeMap<u32, u64>,
     /// Live NAT flows (both families).
     pub live: u64,
     /// NAT_FWD + NAT_FWD6 and NAT_REV + NAT_REV6 entries after the pass.
@@ -290,6 +299,9 @@ fn sweep_family<K: NatKey>(
     }
     for (id, n) in p.live_per_backend {
         *out.live_per_backend.entry(id).or_default() += n;
+    }
+    for (id, n) in p.open_per_backend {
+        *out.open_per_backend.entry(id).or_default() += n;
     }
     out.live += p.live;
     out.fwd_entries += fwd_entries;

@@ -14,10 +14,17 @@
 //! 3. VIP entries are inserted or updated (only now can packets reach a new
 //!    ring) and VIPs that went away are removed;
 //!
-//! A NAT VIP's SNAT addresses (NAT_SNAT at its index) are written with the
-//! backends, before its VIP entry: a new flow never reads a stale list.
 //! 4. backends that become unusable are updated, and removed ones deleted,
 //!    only once no slot names them.
+//!
+//! A NAT VIP's SNAT addresses (NAT_SNAT at its index) are written with the
+//! backends, before its VIP entry: a new flow never reads a stale list.
+//! A VIP's scheduler follows the ring's rule: the slots of its region are
+//! written with the ring slots (2.), its SCHED element (which says how
+//! many slots are read) before the VIP entries (3.); so the slots read
+//! name usable backends at every step (a shrinking list leaves the old
+//! tail in place until the element shortens it, and those backends are
+//! made unusable only in 4.).
 
 use std::collections::BTreeMap;
 
@@ -28,7 +35,8 @@ use lb_common::{
     ratelimit::RateLimits,
 };
 
-use crate::maglev::diff_slots;
+use crate::{maglev::diff_slots, sched::VipSched};
+use lb_common::sched::{SchedInfo, SchedSlot};
 
 /// A key of either VIP table: VIPS (IPv4) or VIPS6. Both tables share
 /// the VIP indices, the RINGS array and the backend ids, so one image and
@@ -74,6 +82,10 @@ pub struct KernelImage {
     /// RATE_LIMITS of each installed service VIP that has limits, by VIP
     /// index (the others' elements are all zero).
     pub rate: BTreeMap<u32, RateLimits>,
+    /// Each VIP index's scheduler: its SCHED element and the slots of its
+    /// region (as far as written or read back: the element's `len`). Like
+    /// a ring, it stays after its VIP entry is removed.
+    pub sched: BTreeMap<u32, VipSched>,
 }
 
 impl KernelImage {
@@ -111,6 +123,13 @@ pub enum Op {
     /// Writes a VIP's rate limits (RATE_LIMITS at its index; all zero:
     /// none).
     SetRateLimits(u32, RateLimits),
+    /// Writes `(slot, value)` pairs of VIP index `index`'s scheduler region.
+    WriteSchedSlots {
+        index: u32,
+        slots: Vec<(u32, SchedSlot)>,
+    },
+    /// Writes SCHED at VIP index `index`.
+    SetSched(u32, SchedInfo),
 }
 
 /// What the data path offers the agent: the map writes of [`Op`], reading
@@ -133,6 +152,20 @@ pub trait KernelMaps: crate::acl::AclMaps {
     fn set_nat_snat(&mut self, index: u32, snat: NatSnat) -> Result<(), Self::Error>;
     /// Writes RATE_LIMITS at VIP index `index`.
     fn set_rate_limits(&mut self, index: u32, limits: RateLimits) -> Result<(), Self::Error>;
+    /// Writes slots of VIP index `index`'s scheduler region.
+    fn write_sched_slots(
+        &mut self,
+        index: u32,
+        slots: &[(u32, SchedSlot)],
+    ) -> Result<(), Self::Error>;
+    /// Writes SCHED at VIP index `index`.
+    fn set_sched(&mut self, index: u32, info: SchedInfo) -> Result<(), Self::Error>;
+    /// Least connections: backend id → active connections as the kernel
+    /// counts them (its counter plus the agent's correction), for the
+    /// backends of `ids`.
+    fn lc_active(&self, _ids: &[u32]) -> Result<BTreeMap<u32, u64>, Self::Error> {
+        Ok(BTreeMap::new())
+    }
     /// What the maps hold: every VIP entry, the ring of each service VIP,
     /// every present backend.
     fn read_image(&self) -> Result<KernelImage, Self::Error>;
@@ -220,8 +253,27 @@ pub fn plan(current: &KernelImage, target: &KernelImage) -> Vec<Op> {
             ops.push(Op::WriteRing { ring_base, slots });
         }
     }
+    for (&index, want) in &target.sched {
+        let have = current.sched.get(&index).map_or(&[][..], |s| &s.slots[..]);
+        let slots: Vec<(u32, SchedSlot)> = want
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| have.get(i) != Some(s))
+            .map(|(i, s)| (i as u32, *s))
+            .collect();
+        if !slots.is_empty() {
+            ops.push(Op::WriteSchedSlots { index, slots });
+        }
+    }
 
-    // 3. VIP entries.
+    // 3. Scheduler elements, then VIP entries.
+    for (&index, want) in &target.sched {
+        if current.sched.get(&index).map(|s| s.info) != Some(want.info) {
+            ops.push(Op::SetSched(index, want.info));
+        }
+    }
+
     for (key, want) in &target.vips {
         if current.vips.get(key) != Some(want) {
             ops.push(Op::SetVip(*key, *want));
@@ -287,6 +339,20 @@ pub fn apply(image: &mut KernelImage, op: &Op) {
                 image.rate.remove(index);
             }
         }
+        Op::WriteSchedSlots { index, slots } => {
+            let have = &mut image.sched.entry(*index).or_default().slots;
+            for &(i, s) in slots {
+                let i = i as usize;
+                if have.len() <= i {
+                    have.resize(i + 1, SchedSlot::default());
+                }
+                have[i] = s;
+            }
+        }
+        Op::SetSched(index, info) => {
+            let s = image.sched.entry(*index).or_default();
+            s.info = *info;
+        }
     }
 }
 
@@ -321,6 +387,8 @@ pub fn execute<M: KernelMaps>(
             Op::RemoveVip(k) => maps.remove_vip(k),
             Op::SetSnat(index, snat) => maps.set_nat_snat(*index, *snat),
             Op::SetRateLimits(index, limits) => maps.set_rate_limits(*index, *limits),
+            Op::WriteSchedSlots { index, slots } => maps.write_sched_slots(*index, slots),
+            Op::SetSched(index, info) => maps.set_sched(*index, *info),
         };
         r.map_err(|source| ExecuteError {
             op: op.describe(),
@@ -344,6 +412,12 @@ impl Op {
             Op::RemoveVip(k) => format!("remove VIP entry {k:?}"),
             Op::SetSnat(index, _) => format!("set the SNAT addresses of VIP index {index}"),
             Op::SetRateLimits(index, _) => format!("set the rate limits of VIP index {index}"),
+            Op::WriteSchedSlots { index, slots } => {
+                format!("write {} scheduler slots of VIP index {index}", slots.len())
+            }
+            Op::SetSched(index, info) => {
+                format!("set the scheduler of VIP index {index} ({info:?})")
+            }
         }
     }
 }
@@ -371,6 +445,29 @@ pub fn check_invariant(image: &KernelImage) -> Result<(), String> {
                 None => return Err(format!("{key:?} slot {slot} names missing backend {id}")),
             }
         }
+        let Some(sched) = image.sched.get(&info.index) else {
+            continue;
+        };
+        if sched.info.uses_ring() {
+            continue;
+        }
+        for slot in 0..sched.info.len as usize {
+            // A slot never written holds backend 0, never present.
+            let id = sched.slots.get(slot).map_or(0, |s| s.backend_id);
+            match image.backends.get(&id) {
+                Some(b) if b.is_usable() => {}
+                Some(_) => {
+                    return Err(format!(
+                        "{key:?} scheduler slot {slot} names unusable backend {id}"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{key:?} scheduler slot {slot} names missing backend {id}"
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -385,6 +482,7 @@ mod tests {
     use crate::{
         fake_maps::FakeMaps,
         maglev::{MaglevBackend, MaglevTable},
+        sched::Scheduler,
     };
 
     const M: u32 = 251;
@@ -424,6 +522,11 @@ mod tests {
 
     /// A target image: VIP n (index n) with the given members.
     fn target(vips: &[(u8, &[Member])]) -> KernelImage {
+        target_sched(vips, |_| Scheduler::Maglev)
+    }
+
+    /// [`target`] with VIP n's scheduler `sched(n)`.
+    fn target_sched(vips: &[(u8, &[Member])], sched: impl Fn(u8) -> Scheduler) -> KernelImage {
         let mut img = KernelImage::default();
         for &(n, backends) in vips {
             let set: Vec<MaglevBackend> = backends
@@ -444,6 +547,9 @@ mod tests {
             };
             img.vips.insert(vip_key(n), info);
             img.rings.insert(info.ring_base, ring);
+            let members: Vec<(u32, u32)> = set.iter().map(|m| (m.id, m.weight)).collect();
+            img.sched
+                .insert(n as u32, crate::sched::vip_sched(sched(n), &members));
             for &(id, _, usable) in backends {
                 img.backends.insert(id, backend(id, usable));
             }
@@ -451,8 +557,9 @@ mod tests {
         img
     }
 
-    /// `img` restricted to what reading the maps back shows: rings of
-    /// installed service VIPs only.
+    /// `img` restricted to what reading the maps back shows: rings and
+    /// schedulers of installed service VIPs only, the slots a scheduler
+    /// element makes read.
     fn visible(img: &KernelImage) -> KernelImage {
         let mut v = img.clone();
         v.rings.retain(|base, _| {
@@ -460,6 +567,14 @@ mod tests {
                 .values()
                 .any(|i| !i.is_address_only() && i.ring_base == *base)
         });
+        v.sched.retain(|index, _| {
+            img.vips
+                .values()
+                .any(|i| !i.is_address_only() && i.index == *index)
+        });
+        for s in v.sched.values_mut() {
+            s.slots.truncate(s.info.len as usize);
+        }
         v
     }
 
@@ -504,8 +619,43 @@ mod tests {
         assert!(matches!(ops[0], Op::SetBackend(..)));
         assert!(matches!(ops[1], Op::SetBackend(..)));
         assert!(matches!(ops[2], Op::WriteRing { .. }));
-        assert!(matches!(ops[3], Op::SetVip(..)));
-        assert_eq!(ops.len(), 4);
+        assert!(matches!(ops[3], Op::SetSched(1, _)));
+        assert!(matches!(ops[4], Op::SetVip(..)));
+        assert_eq!(ops.len(), 5);
+    }
+
+    #[test]
+    fn scheduler_slots_then_element_then_vip_entry_and_a_leaving_backend_last() {
+        let rr = |_| Scheduler::RoundRobin;
+        let want = target_sched(&[(1, &[(1, 1, true), (2, 1, true)])], rr);
+        let (ops, img) = run(&KernelImage::default(), &want);
+        assert_eq!(img, want);
+        let at = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
+        let slots = at(&|op| matches!(op, Op::WriteSchedSlots { index: 1, .. }));
+        let element = at(&|op| matches!(op, Op::SetSched(1, i) if i.len == 2));
+        let vip = at(&|op| matches!(op, Op::SetVip(..)));
+        assert!(at(&|op| matches!(op, Op::SetBackend(2, _))) < slots);
+        assert!(slots < element && element < vip, "{ops:?}");
+        // Backend 1 goes down: the list shrinks to backend 2 before
+        // backend 1 is marked unusable (the fake checks every write).
+        let down = target_sched(&[(1, &[(1, 1, false), (2, 1, true)])], rr);
+        let (ops, img) = run(&want, &down);
+        assert_eq!(img, down);
+        assert_eq!(ops.last(), Some(&Op::SetBackend(1, backend(1, false))));
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::SetSched(1, i) if i.len == 1))
+        );
+        // A scheduler change rewrites the element, not the ring.
+        let lc = target_sched(&[(1, &[(1, 1, false), (2, 1, true)])], |_| {
+            Scheduler::LeastConnections
+        });
+        let (ops, img) = run(&down, &lc);
+        assert_eq!(img, lc);
+        assert!(
+            !ops.iter().any(|op| matches!(op, Op::WriteRing { .. })),
+            "{ops:?}"
+        );
     }
 
     #[test]
@@ -631,8 +781,13 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_a_safe_kernel_and_an_image_that_knows_what_was_written() {
-        let have = target(&[(1, &[(1, 1, true), (2, 1, true)])]);
-        let want = target(&[(1, &[(1, 1, true), (3, 2, true)]), (2, &[(4, 1, true)])]);
+        let sched =
+            |n| [Scheduler::WeightedRoundRobin, Scheduler::LeastConnections][n as usize % 2];
+        let have = target_sched(&[(1, &[(1, 1, true), (2, 1, true)])], sched);
+        let want = target_sched(
+            &[(1, &[(1, 1, true), (3, 2, true)]), (2, &[(4, 1, true)])],
+            sched,
+        );
         // Fail after every possible number of writes: the kernel stays
         // safe, the image matches it, and the next plan completes the job.
         let total = {
@@ -687,7 +842,8 @@ mod tests {
                 vips.push((n, backends));
             }
             let spec: Vec<(u8, &[Member])> = vips.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-            let want = target(&spec);
+            let kinds = [rnd(4), rnd(4)];
+            let want = target_sched(&spec, |n| Scheduler::ALL[kinds[n as usize - 1] as usize]);
             let ops = plan(&img, &want);
             execute(&mut maps, &mut img, &ops).unwrap();
             assert!(maps.violations.is_empty(), "{:?}", maps.violations);

@@ -315,6 +315,8 @@ mod tests {
     /// Source access control: ACL writes around the VIP entries, reloads,
     /// restarts, `lb explain` and `lb vip list`.
     mod acl;
+    /// Schedulers: their slots, reloads, explain and the counts shown.
+    mod sched;
 
     fn config(backends: &[(u8, u32)]) -> Config {
         super::super::state::tests::config(&[(1, backends)], "tcp")
@@ -400,6 +402,16 @@ mod tests {
                 .map(|i| i.ring_base)
                 .collect();
             visible.rings.retain(|b, _| bases.contains(b));
+            let indices: Vec<u32> = visible
+                .vips
+                .values()
+                .filter(|i| !i.is_address_only())
+                .map(|i| i.index)
+                .collect();
+            visible.sched.retain(|i, _| indices.contains(i));
+            for s in visible.sched.values_mut() {
+                s.slots.truncate(s.info.len as usize);
+            }
             assert_eq!(self.maps.read_image().unwrap(), visible);
         }
 

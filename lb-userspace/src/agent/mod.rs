@@ -16,6 +16,7 @@ mod nat_explain;
 pub mod nexthops;
 pub mod overrides;
 pub mod requests;
+mod sched_explain;
 pub mod state;
 pub mod stats;
 

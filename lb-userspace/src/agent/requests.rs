@@ -68,6 +68,17 @@ impl<M: KernelMaps> Core<M> {
                         self.cfg.vips[i].name
                     );
                 }
+                let v = &self.cfg.vips[i];
+                if let Some(max) = v.scheduler.max_backends()
+                    && v.backends.len() >= max as usize
+                {
+                    bail!(
+                        "VIP {} has {} backends, as many as scheduler {} takes",
+                        v.name,
+                        v.backends.len(),
+                        v.scheduler
+                    );
+                }
                 let total: usize = self.cfg.vips.iter().map(|v| v.backends.len()).sum();
                 if total as u32 >= self.cfg.agent.kernel.max_backends {
                     bail!(
@@ -237,6 +248,14 @@ impl<M: KernelMaps> Core<M> {
                     snat_addresses: v.snat_addresses.clone(),
                     acl_allow: v.acl.allow.len(),
                     acl_deny: v.acl.deny.len(),
+                    scheduler: v.scheduler,
+                    rate_limit: crate::control::RateLimitView {
+                        new_per_source: v.rate_limit.new_per_source,
+                        packets_per_source: v.rate_limit.packets_per_source,
+                        new_per_vip: v.rate_limit.new_per_vip,
+                        source_prefix_v4: v.rate_limit.source_prefix_v4,
+                        source_prefix_v6: v.rate_limit.source_prefix_v6,
+                    },
                 }
             })
             .collect()
@@ -250,6 +269,7 @@ impl<M: KernelMaps> Core<M> {
                 continue;
             }
             let vip = VipId::of(v);
+            let active = self.lc_counts(v);
             // Slots per backend id in one pass over the ring.
             let mut slots_of = std::collections::HashMap::<u32, u32>::new();
             for &id in self.image.ring(&vip.kernel_key()).unwrap_or_default() {
@@ -284,6 +304,9 @@ impl<M: KernelMaps> Core<M> {
                         .as_ref()
                         .map(|f| f.get(&status.id).copied().unwrap_or(0)),
                     port: (v.forwarding == Forwarding::Nat).then(|| v.backend_port(b)),
+                    active_connections: active
+                        .as_ref()
+                        .map(|a| a.get(&status.id).copied().unwrap_or(0)),
                 });
             }
         }
@@ -362,14 +385,27 @@ impl<M: KernelMaps> Core<M> {
         let ring_entry = ring_id
             .filter(|&id| id != NO_BACKEND)
             .and_then(|id| self.image.backends.get(&id));
-        let (entry, reason) = match (tracked_ok, ring_entry) {
-            (Some(b), _) => (Some(b), "established flow: conntrack entry".to_string()),
-            (None, Some(r)) if tracked.is_some() => (
+        let decision = self.sched_decision(vip, index);
+        let (entry, reason) = match (tracked_ok, ring_entry, &decision) {
+            (Some(b), _, _) => (Some(b), "established flow: conntrack entry".to_string()),
+            (None, _, Some(d)) => (
+                d.backend.and_then(|id| self.image.backends.get(&id)),
+                format!(
+                    "{}: {} decides",
+                    if tracked.is_some() {
+                        "conntrack entry names an unusable backend"
+                    } else {
+                        "new flow"
+                    },
+                    vip.scheduler
+                ),
+            ),
+            (None, Some(r), None) if tracked.is_some() => (
                 Some(r),
                 "conntrack entry names an unusable backend: re-steered by the ring".into(),
             ),
-            (None, Some(r)) => (Some(r), "new flow: Maglev ring slot".into()),
-            (None, None) => (None, "no usable backend: packets are dropped".into()),
+            (None, Some(r), None) => (Some(r), "new flow: Maglev ring slot".into()),
+            (None, None, None) => (None, "no usable backend: packets are dropped".into()),
         };
         let backend = entry.map(backend_address);
         // What the kernel writes in front of the packet: the same entry
@@ -433,6 +469,8 @@ impl<M: KernelMaps> Core<M> {
             reason,
             outer,
             nat,
+            scheduler: vip.scheduler,
+            scheduler_state: decision.map(|d| d.state),
         })
     }
 }

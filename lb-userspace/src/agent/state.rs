@@ -303,6 +303,12 @@ impl State {
             if vip.rate_limit.any() {
                 img.rate.insert(index, vip.rate_limit.kernel());
             }
+            // The scheduler's slots: the ring's members, in config order.
+            let sched_members: Vec<(u32, u32)> = members.iter().map(|m| (m.id, m.weight)).collect();
+            img.sched.insert(
+                index,
+                crate::sched::vip_sched(vip.scheduler, &sched_members),
+            );
             let ring = rings.ring(vid, members, vip.ring_size)?;
             img.vips.insert(vid.kernel_key(), info);
             img.rings.insert(info.ring_base, ring);

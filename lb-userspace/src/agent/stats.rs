@@ -45,6 +45,7 @@ impl Stats {
         self.sampler.update(Instant::now(), vips, backends, reasons);
         self.sampler.view.nat_entries = core.maps().nat_entries();
         self.sampler.view.limited_sources = limited_sources(core);
+        set_active_connections(core, &mut self.sampler.view);
         self.tx.send_replace(self.sampler.view.clone());
     }
 
@@ -64,6 +65,7 @@ impl Stats {
         s.update(Instant::now(), vips, backends, reasons);
         s.view.nat_entries = core.maps().nat_entries();
         s.view.limited_sources = limited_sources(core);
+        set_active_connections(core, &mut s.view);
         let view = s.view.clone();
         if prev.is_some() {
             (s.prev, s.older) = (prev, older);
@@ -94,6 +96,32 @@ fn limited_sources<M: KernelMaps>(core: &Core<M>) -> Vec<LimitedSourceView> {
             })
         })
         .collect()
+}
+
+/// The least-connections VIPs' backends get the counts the kernel
+/// compares.
+fn set_active_connections<M: KernelMaps>(core: &Core<M>, view: &mut crate::control::StatsView) {
+    for v in &core.config().vips {
+        let Some(counts) = core.lc_counts(v) else {
+            continue;
+        };
+        for b in &v.backends {
+            let key = BackendKey {
+                vip: VipId::of(v),
+                address: b.address,
+            };
+            let Some(status) = core.state.backend(&key) else {
+                continue;
+            };
+            if let Some(row) = view
+                .backends
+                .iter_mut()
+                .find(|r| r.vip == v.name && r.address == b.address)
+            {
+                row.active_connections = Some(counts.get(&status.id).copied().unwrap_or(0));
+            }
+        }
+    }
 }
 
 fn read_counters<M: KernelMaps>(
@@ -212,6 +240,7 @@ impl StatsSampler {
                             pps: rate(s.packets, p.map(|p| p.packets)),
                             bps: 8.0 * rate(s.bytes, p.map(|p| p.bytes)),
                         },
+                        active_connections: None,
                     }
                 })
                 .collect(),

@@ -52,6 +52,10 @@
 //! allow = ["198.18.0.0/15"]            # optional: source prefixes of the VIP's family; the longest
 //! deny = ["198.18.66.0/24"]            # match of either list decides, no match: denied iff allow is
 //!                                      # not empty; <= 100000 per VIP (see crate::acl)
+//! scheduler = "maglev"                 # maglev (default) | round_robin | weighted_round_robin |
+//!                                      # least_connections: who picks a new flow's backend (see
+//!                                      # crate::sched); round robins take <= 1024 backends, least
+//!                                      # connections <= 64
 //!
 //! [vip.health_check]                   # optional; default kind = "tcp" with defaults below
 //! kind = "http"                        # tcp | http | none

@@ -328,6 +328,8 @@ pub struct VipConfig {
     pub acl: crate::acl::VipAcl,
     /// `[vip.rate_limit]`; all zero: none.
     pub rate_limit: RateLimitConfig,
+    /// Who picks the backend of a new flow.
+    pub scheduler: crate::sched::Scheduler,
 }
 
 /// A VIP's `[vip.rate_limit]` table: rates per second (0: that limit is

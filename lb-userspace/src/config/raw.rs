@@ -59,6 +59,7 @@ pub(super) struct RawVip {
     pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub allow: Option<S<Vec<S<String>>>>,
     pub deny: Option<S<Vec<S<String>>>>,
+    pub scheduler: Option<S<String>>,
     pub health_check: Option<S<RawHealthCheck>>,
     pub rate_limit: Option<S<RawRateLimit>>,
     #[serde(default)]

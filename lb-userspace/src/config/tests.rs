@@ -181,6 +181,7 @@ fn full_example() {
                 source_prefix_v4: 24,
                 source_prefix_v6: 128,
             },
+            scheduler: Default::default(),
         }],
         source: "lb.toml".into(),
     };
@@ -256,6 +257,7 @@ address = "198.18.0.11"
             snat_addresses: vec![],
             acl: Default::default(),
             rate_limit: RateLimitConfig::default(),
+            scheduler: Default::default(),
         }]
     );
 }
@@ -1157,3 +1159,4 @@ fn the_syn_guard_word_is_off_always_or_a_per_tick_threshold() {
     assert_eq!(with(SynGuardMode::Auto, 10).syn_guard_word(tick), 2);
     assert_eq!(ConntrackSettings::default().syn_guard, SynGuardMode::Auto);
 }
+mod sched;

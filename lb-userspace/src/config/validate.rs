@@ -453,6 +453,7 @@ impl Ctx<'_> {
             Some(t) => self.rate_limit(t.get_ref(), &f("rate_limit"))?,
             None => RateLimitConfig::default(),
         };
+        let scheduler = self.scheduler(path, &name, r)?;
 
         Ok(VipConfig {
             name,
@@ -467,7 +468,38 @@ impl Ctx<'_> {
             snat_addresses,
             acl,
             rate_limit,
+            scheduler,
         })
+    }
+
+    /// A VIP's `scheduler` (default maglev), checked against the number
+    /// of its backends. Errors name the VIP.
+    fn scheduler(
+        &self,
+        path: &str,
+        name: &str,
+        r: &RawVip,
+    ) -> Result<crate::sched::Scheduler, ConfigError> {
+        let field = format!("{path}.scheduler");
+        let Some(v) = &r.scheduler else {
+            return Ok(crate::sched::Scheduler::Maglev);
+        };
+        let s: crate::sched::Scheduler = v.get_ref().parse().map_err(|e: ParseKeywordError| {
+            self.error(v.span(), &field, format!("VIP {name:?}: {e}"))
+        })?;
+        if let Some(max) = s.max_backends()
+            && r.backend.len() > max as usize
+        {
+            return Err(self.error(
+                v.span(),
+                &field,
+                format!(
+                    "VIP {name:?} has {} backends, more than scheduler {s} takes ({max})",
+                    r.backend.len()
+                ),
+            ));
+        }
+        Ok(s)
     }
 
     /// Resolves a health-check table against `base` (defaults for a VIP, the

@@ -59,6 +59,22 @@ impl KernelMaps for Datapath {
         Datapath::set_rate_limits(self, index, limits)
     }
 
+    fn write_sched_slots(
+        &mut self,
+        index: u32,
+        slots: &[(u32, lb_common::sched::SchedSlot)],
+    ) -> Result<()> {
+        Datapath::write_sched_slots(self, index, slots)
+    }
+
+    fn set_sched(&mut self, index: u32, info: lb_common::sched::SchedInfo) -> Result<()> {
+        Datapath::set_sched(self, index, info)
+    }
+
+    fn lc_active(&self, ids: &[u32]) -> Result<BTreeMap<u32, u64>> {
+        Datapath::lc_active(self, ids)
+    }
+
     /// What an earlier agent (or this one) left in the maps.
     fn read_image(&self) -> Result<KernelImage> {
         let mut img = KernelImage::default();
@@ -84,6 +100,7 @@ impl KernelMaps for Datapath {
                 if limits.any() {
                     img.rate.insert(info.index, limits);
                 }
+                img.sched.insert(info.index, self.sched(info.index)?);
             }
             img.vips.insert(key, info);
         }

@@ -27,6 +27,7 @@ mod flows;
 mod kernel_maps;
 mod nat;
 mod ratelimit;
+mod sched;
 mod v6;
 
 pub use entry::{backend_address, backend_encap_source, set_encap_source};
@@ -619,7 +620,7 @@ pub fn reset(dir: &Path) -> Result<()> {
 }
 
 /// The maps whose sizes come from [`MapSizes`], with their element counts.
-fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 20] {
+fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 25] {
     [
         (map_names::VIPS, lb_common::vip_table_size(sizes.max_vips)),
         (map_names::VIPS6, lb_common::vip_table_size(sizes.max_vips)),
@@ -644,6 +645,16 @@ fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 20] {
         (map_names::SYN_FLOOD_UNTIL, sizes.max_vips),
         (map_names::RATE_LIMITS, sizes.max_vips),
         (map_names::RATE_VIP, sizes.max_vips),
+        (map_names::SCHED, sizes.max_vips),
+        (
+            map_names::SCHED_SLOTS,
+            sizes
+                .max_vips
+                .saturating_mul(lb_common::sched::SCHED_SLOTS_PER_VIP),
+        ),
+        (map_names::SCHED_RR, sizes.max_vips),
+        (map_names::LC_ACTIVE, sizes.backend_slots()),
+        (map_names::LC_CORRECTION, sizes.backend_slots()),
     ]
 }
 
