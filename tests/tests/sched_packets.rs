@@ -244,3 +244,44 @@ fn a_vip_whose_scheduler_has_no_backend_drops_like_an_empty_ring() {
     assert_eq!(r.action, lb_tests::fixture::XDP_DROP);
     assert_eq!(f.reasons().get("drop_no_backend"), Some(&1));
 }
+
+/// Under the SYN-flood guard a round-robin VIP's SYN goes by the Maglev
+/// ring unrecorded, and its ACK (no record, no SYN) by the same ring: the
+/// handshake stays on one backend whatever the rotation says.
+#[test]
+fn under_the_syn_guard_a_round_robin_vips_handshake_stays_on_one_backend() {
+    lb_tests::require_root();
+    let mut f = Fixture::new();
+    let members = [(1, 1), (2, 1), (3, 1)];
+    f.add_vip(0, (VIP, 80, IPPROTO_TCP), &members);
+    set_scheduler(&mut f, 0, Scheduler::RoundRobin, &members);
+    f.dp.set_runtime(Runtime {
+        now_ms: 1_000,
+        tcp_idle_ms: 60_000,
+        tcp_closing_ms: 10_000,
+        udp_idle_ms: 30_000,
+        // Every SYN unrecorded.
+        syn_guard: 1,
+        ..Runtime::default()
+    })
+    .unwrap();
+    let mut backends = std::collections::BTreeSet::new();
+    for port in 48_000..48_030u16 {
+        let to = sent_to(&f, &syn(port));
+        let key = FlowKey::new(CLIENT.to_bits(), port, VIP.to_bits(), 80, IPPROTO_TCP);
+        assert_eq!(f.dp.conntrack_lookup(&key).unwrap(), None, "port {port}");
+        // The rotation would move each next pick; the ring does not.
+        assert_eq!(sent_to(&f, &with_flags(port, TCP_ACK)), to, "port {port}");
+        assert_eq!(sent_to(&f, &with_flags(port, TCP_ACK)), to, "port {port}");
+        assert_eq!(
+            f.dp.conntrack_lookup(&key).unwrap().map(|e| e.backend_id),
+            Some(to)
+        );
+        backends.insert(to);
+    }
+    assert_eq!(
+        backends.len(),
+        3,
+        "30 flows over the ring reach every backend"
+    );
+}
