@@ -1,6 +1,8 @@
 //! The source access control rows of the kernel section: what an ACL of
-//! 10 000 prefixes adds to a packet, against the same packet to a VIP
-//! without one, timed back to back in the same run.
+//! 10 000 prefixes, with the VIP's rate limits on (new connections per
+//! source prefix and per VIP: what a hit pays for them is reading the
+//! VIP's limits), adds to a packet, against the same packet to a VIP
+//! without either, timed back to back in the same run.
 //!
 //! - Conntrack hit (ACK segments of an established flow, `repeat`): the
 //!   VIP's ACL word is folded into the flow cache check, so a hit does no
@@ -15,7 +17,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Result, ensure};
 use lb::acl::{AclState, Cidr, VipAcl, sync};
-use lb_common::{IPPROTO_TCP, program_names};
+use lb_common::{IPPROTO_TCP, program_names, ratelimit::RateLimits};
 use lb_tests::{
     fixture::{Fixture, XDP_TX},
     packet::{Ipv4Packet, TCP_ACK},
@@ -83,6 +85,19 @@ impl AclBench {
         f.add_vip(INDEX, (ACL_VIP, PORT, IPPROTO_TCP), &[(63, 1), (64, 1)]);
         let mut state = AclState::default();
         sync(&mut f.dp, &mut state, INDEX, &bench_acl())?;
+        // Limits the benchmark's few new flows stay under.
+        f.dp.set_rate_limits(
+            INDEX,
+            RateLimits {
+                src_new_rate: 1000,
+                src_new_burst: 100,
+                vip_new_rate: 100_000,
+                vip_new_burst: 10_000,
+                prefix_v4: 24,
+                prefix_v6: 64,
+                ..RateLimits::default()
+            },
+        )?;
         let seg = |vip, port, flags| {
             let mut p = Ipv4Packet::tcp(CLIENT, port, vip, PORT);
             p.tcp_flags = flags;
@@ -143,7 +158,7 @@ pub fn rows(runs: &[AclRun], floor: &Stats, repeat: u32) -> Vec<Row> {
     let col = |f: fn(&AclRun) -> f64| Stats::of(&runs.iter().map(f).collect::<Vec<_>>());
     vec![
         Row::new(
-            format!("lb_xdp conntrack hit, ACL of {PREFIXES} prefixes"),
+            format!("lb_xdp conntrack hit, ACL of {PREFIXES} prefixes + rate limits"),
             "ns/packet",
             col(|r| r.hit_acl),
         )
@@ -153,7 +168,7 @@ pub fn rows(runs: &[AclRun], floor: &Stats, repeat: u32) -> Vec<Row> {
              (flow cache hit: no LPM lookup, the ACL word is in the cache check)"
         )),
         Row::new(
-            "ACL added to a conntrack hit",
+            "ACL + rate limits added to a conntrack hit",
             "ns/packet",
             col(|r| r.hit_acl - r.hit_plain),
         )
@@ -163,7 +178,10 @@ pub fn rows(runs: &[AclRun], floor: &Stats, repeat: u32) -> Vec<Row> {
             on: TargetOn::Value,
             better: Better::Lower,
         })
-        .note("per run: the hit above − the same hit to a VIP without ACL, back to back"),
+        .note(
+            "per run: the hit above − the same hit to a VIP without ACL or limits, back to \
+             back (limits: new connections per /24 and per VIP)",
+        ),
         Row::new(
             format!("lb_xdp flow-cache miss (FIN), ACL of {PREFIXES} prefixes"),
             "ns/packet",

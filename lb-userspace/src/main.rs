@@ -559,12 +559,20 @@ fn human(x: f64) -> String {
 
 fn print_stats(s: &StatsView) {
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12} {:>12}",
-        "VIP", "PKT/S", "BIT/S", "FLOWS/S", "PACKETS", "CT HIT %", "RETURNED", "ACL DENIED"
+        "{:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12} {:>12} {:>12}",
+        "VIP",
+        "PKT/S",
+        "BIT/S",
+        "FLOWS/S",
+        "PACKETS",
+        "CT HIT %",
+        "RETURNED",
+        "ACL DENIED",
+        "RATE-LIMITED"
     );
     for v in &s.vips {
         println!(
-            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}% {:>12} {:>12}",
+            "{:<14} {:>10} {:>10} {:>10} {:>12} {:>9.1}% {:>12} {:>12} {:>12}",
             v.vip,
             human(v.traffic.pps),
             human(v.traffic.bps),
@@ -573,7 +581,8 @@ fn print_stats(s: &StatsView) {
             100.0 * v.conntrack_hit_ratio,
             // NAT replies translated back to clients.
             v.return_packets,
-            v.acl_denied
+            v.acl_denied,
+            v.rate_limited
         );
     }
     if let Some(n) = s.nat_entries {
