@@ -98,6 +98,14 @@ impl AclBench {
                 ..RateLimits::default()
             },
         )?;
+        // The VIP entry's flag, as the agent sets it: the fast path then
+        // reads the limits.
+        for (k, mut info) in f.dp.vips()? {
+            if info.index == INDEX && !info.is_address_only() {
+                info.flags |= lb_common::VIP_FLAG_LIMITS;
+                f.dp.set_vip(k, info)?;
+            }
+        }
         let seg = |vip, port, flags| {
             let mut p = Ipv4Packet::tcp(CLIENT, port, vip, PORT);
             p.tcp_flags = flags;

@@ -195,6 +195,10 @@ pub const VIP_FLAG_ADDR_ONLY: u8 = 1;
 /// On an address-only entry: lb answers ICMP echo requests to the address
 /// itself, in XDP (every service at the address allows it).
 pub const VIP_FLAG_ECHO: u8 = 2;
+/// On a service entry: the VIP has rate limits (RATE_LIMITS at its
+/// index, written before this flag). Without it the fast path reads no
+/// limits for the VIP's packets.
+pub const VIP_FLAG_LIMITS: u8 = 4;
 
 /// Direct server return at L2: rewrite both MACs, nothing else.
 pub const FORWARD_DSR_L2: u8 = 0;

@@ -33,8 +33,8 @@ use lb_common::{
     Backend, BackendStats, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FORWARD_GUE, FORWARD_IPIP,
     FORWARD_NAT, FlowCacheEntry, FlowCacheEntry6, FlowEntry, FlowKey, FlowKey6, IPPROTO_ICMP,
-    IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VipInfo, VipKey, VipSlot, VipSlot6,
-    VipStats, gue_source_port,
+    IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, Reason, Runtime, VIP_FLAG_LIMITS, VipInfo, VipKey,
+    VipSlot, VipSlot6, VipStats, gue_source_port,
     nat::{NatFwd, NatFwdCache, NatRev, NatRevCache, NatSnat},
     vip_table_probe, vip_table_size,
 };
@@ -553,7 +553,9 @@ pub(crate) fn policy<S: ratelimit::Source>(
     vip: &VipInfo,
     new_connection: bool,
 ) -> Result<(), Reason> {
-    if let Some(l) = ratelimit::limits(vip.index) {
+    if vip.flags & VIP_FLAG_LIMITS != 0
+        && let Some(l) = ratelimit::limits(vip.index)
+    {
         ratelimit::admit_packet(l, vip.index, flow)?;
         if new_connection {
             ratelimit::admit_new(l, vip.index, flow)?;

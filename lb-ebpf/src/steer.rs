@@ -264,7 +264,7 @@ pub(crate) fn steer<F: Flow + acl::Source>(
             // A UDP flow's first packet is a new connection for the rate
             // limits (a TCP one was counted by its SYN).
             let tcp = flow.proto() == IPPROTO_TCP as u32;
-            if !tcp {
+            if !tcp && vip.flags & lb_common::VIP_FLAG_LIMITS != 0 {
                 crate::ratelimit::admit_new_flow(vip.index, flow)?;
             }
             // A TCP packet without SYN and without record: the ring (the

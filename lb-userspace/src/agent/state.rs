@@ -7,7 +7,9 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::{FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VipInfo, nat::NatSnat};
+use lb_common::{
+    FIRST_BACKEND_ID, VIP_FLAG_ADDR_ONLY, VIP_FLAG_ECHO, VIP_FLAG_LIMITS, VipInfo, nat::NatSnat,
+};
 
 use crate::{
     config::{BackendState, Config, Forwarding},
@@ -252,7 +254,11 @@ impl State {
                 index,
                 ring_base: index * cfg.agent.kernel.ring_size,
                 ring_size: vip.ring_size,
-                flags: 0,
+                flags: if vip.rate_limit.any() {
+                    VIP_FLAG_LIMITS
+                } else {
+                    0
+                },
                 forwarding: vip.forwarding.kernel_value(),
                 gue_port: match vip.forwarding {
                     Forwarding::Gue => cfg.agent.encap.gue_port.to_be(),
