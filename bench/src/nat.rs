@@ -180,7 +180,12 @@ impl NatBench {
 }
 
 /// One call's kernel-reported duration (ns), checking the action.
-fn one(prog: &aya::programs::Xdp, frame: &[u8], out: &mut [u8], want: u32) -> Result<u128> {
+pub(crate) fn one(
+    prog: &aya::programs::Xdp,
+    frame: &[u8],
+    out: &mut [u8],
+    want: u32,
+) -> Result<u128> {
     use aya::programs::{TestRun, TestRunOptions};
     let mut ctx = [0u8; 24];
     for (i, v) in [0, frame.len() as u32, 0, INGRESS_IFINDEX, 0, 0]

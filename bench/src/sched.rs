@@ -11,18 +11,18 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, ensure};
-use lb::{
-    datapath::MapSizes,
-    sched::{Scheduler, vip_sched},
-};
+use lb::{datapath::MapSizes, sched::Scheduler};
 use lb_common::{IPPROTO_TCP, program_names};
 use lb_tests::{
-    fixture::{Fixture, INGRESS_IFINDEX, XDP_PASS, XDP_TX},
+    fixture::{Fixture, XDP_PASS, XDP_TX},
     packet::Ipv4Packet,
     testprogs::TestProgs,
 };
 
-use crate::report::{Row, Stats};
+use crate::{
+    nat::one,
+    report::{Row, Stats},
+};
 
 const PORT: u16 = 80;
 /// First address of the clients opening new flows (198.18.3.0 + …).
@@ -75,15 +75,7 @@ impl SchedBench {
             id += n;
             let index = index as u32;
             f.add_vip(index, (vip(index), PORT, IPPROTO_TCP), &members);
-            let sched = vip_sched(s, &members);
-            let slots: Vec<_> = sched
-                .slots
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i as u32, *s))
-                .collect();
-            f.dp.write_sched_slots(index, &slots)?;
-            f.dp.set_sched(index, sched.info)?;
+            f.set_scheduler(index, s, &members);
         }
         Ok(Self { f, next: 0 })
     }
@@ -132,30 +124,6 @@ impl SchedBench {
         }
         Ok(SchedRun { ns })
     }
-}
-
-/// One call's kernel-reported duration (ns), checking the action.
-fn one(prog: &aya::programs::Xdp, frame: &[u8], out: &mut [u8], want: u32) -> Result<u128> {
-    use aya::programs::{TestRun, TestRunOptions};
-    let mut ctx = [0u8; 24];
-    for (i, v) in [0, frame.len() as u32, 0, INGRESS_IFINDEX, 0, 0]
-        .into_iter()
-        .enumerate()
-    {
-        ctx[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
-    }
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out),
-        ctx_in: Some(&ctx),
-        ..TestRunOptions::new()
-    })?;
-    ensure!(
-        r.return_value == want,
-        "action {} instead of {want}",
-        r.return_value
-    );
-    Ok(r.duration.as_nanos())
 }
 
 /// One row per kind, against the floor, each noting its ratio to the

@@ -556,10 +556,7 @@ pub(crate) fn policy<S: ratelimit::Source>(
     if vip.flags & VIP_FLAG_LIMITS != 0
         && let Some(l) = ratelimit::limits(vip.index)
     {
-        ratelimit::admit_packet(l, vip.index, flow)?;
-        if new_connection {
-            ratelimit::admit_new(l, vip.index, flow)?;
-        }
+        ratelimit::admit(l, vip.index, flow, new_connection)?;
     }
     Ok(())
 }

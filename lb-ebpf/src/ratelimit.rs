@@ -79,26 +79,47 @@ pub(crate) fn limits(vip_index: u32) -> Option<&'static RateLimits> {
     RATE_LIMITS.get(vip_index).filter(|l| l.any())
 }
 
-/// The per-packet limit of the flow's source, if the VIP has one.
+/// The VIP's limits for a packet of `flow` (a new connection's, if
+/// `new_connection`), reading the clock once and only if a limit applies:
+/// a packet of an established flow to a VIP without a packet limit costs
+/// nothing more than reading the limits.
 #[inline(always)]
-pub(crate) fn admit_packet<S: Source>(
+pub(crate) fn admit<S: Source>(
     l: &RateLimits,
     vip_index: u32,
     flow: &S,
+    new_connection: bool,
+) -> Result<(), Reason> {
+    if l.src_pkt_rate == 0 && !new_connection {
+        return Ok(());
+    }
+    let now = now_ns();
+    admit_packet(l, vip_index, flow, now)?;
+    if new_connection {
+        admit_new(l, vip_index, flow, now)?;
+    }
+    Ok(())
+}
+
+/// The per-packet limit of the flow's source, if the VIP has one.
+#[inline(always)]
+fn admit_packet<S: Source>(
+    l: &RateLimits,
+    vip_index: u32,
+    flow: &S,
+    now: u64,
 ) -> Result<(), Reason> {
     if l.src_pkt_rate == 0 {
         return Ok(());
     }
     let (addr, _, kind) = flow.source(l);
-    let now = now_ns();
     take_source(vip_index, kind, addr, now, l.src_pkt_rate, l.src_pkt_burst)
 }
 
 /// The new-connection limits (the VIP's ceiling, then the source's) for
 /// a new connection of `flow`.
 #[inline(always)]
-pub(crate) fn admit_new<S: Source>(l: &RateLimits, vip_index: u32, flow: &S) -> Result<(), Reason> {
-    let now = now_ns();
+fn admit_new<S: Source>(l: &RateLimits, vip_index: u32, flow: &S, now: u64) -> Result<(), Reason> {
     if l.vip_new_rate != 0
         && let Some(b) = RATE_VIP.get_ptr_mut(vip_index)
         // SAFETY: an array value; racing CPUs may both take a token (see
@@ -118,8 +139,8 @@ pub(crate) fn admit_new<S: Source>(l: &RateLimits, vip_index: u32, flow: &S) -> 
 #[inline(always)]
 pub(crate) fn admit_new_flow<S: Source>(vip_index: u32, flow: &S) -> Result<(), Reason> {
     match limits(vip_index) {
-        Some(l) => admit_new(l, vip_index, flow),
-        None => Ok(()),
+        Some(l) if l.src_new_rate | l.vip_new_rate != 0 => admit_new(l, vip_index, flow, now_ns()),
+        _ => Ok(()),
     }
 }
 

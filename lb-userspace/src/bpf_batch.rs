@@ -39,31 +39,6 @@ pub(crate) fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Res
     Ok(())
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` on the array `fd`.
-pub(crate) fn update_batch(
-    fd: std::os::fd::RawFd,
-    keys: &[u32],
-    values: &[u32],
-) -> std::io::Result<()> {
-    assert_eq!(keys.len(), values.len());
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        ..Default::default()
-    };
-    bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-    if attr.count as usize != keys.len() {
-        return Err(std::io::Error::other(format!(
-            "batch update wrote {} of {} elements",
-            attr.count,
-            keys.len()
-        )));
-    }
-    Ok(())
-}
-
 /// The kernel has no batch update for this map (EINVAL on kernels before
 /// 5.6, ENOTSUPP/EOPNOTSUPP where the map type has none).
 pub(crate) fn batch_unsupported(e: &std::io::Error) -> bool {

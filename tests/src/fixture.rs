@@ -328,6 +328,48 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Writes VIP `index`'s scheduler over `members` (id, weight) as the
+    /// agent does: its slots first, then its SCHED element.
+    pub fn set_scheduler(
+        &mut self,
+        index: u32,
+        scheduler: lb::sched::Scheduler,
+        members: &[(u32, u32)],
+    ) {
+        let sched = lb::sched::vip_sched(scheduler, members);
+        let slots: Vec<_> = sched
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u32, *s))
+            .collect();
+        self.dp.write_sched_slots(index, &slots).unwrap();
+        self.dp.set_sched(index, sched.info).unwrap();
+    }
+
+    /// Sets VIP `index`'s rate limits as the agent does: RATE_LIMITS, then
+    /// the flag of its VIP entries (without it the fast path reads no
+    /// limits).
+    pub fn set_rate_limits(&mut self, index: u32, limits: lb_common::ratelimit::RateLimits) {
+        use lb_common::VIP_FLAG_LIMITS;
+        self.dp.set_rate_limits(index, limits).unwrap();
+        let flag = if limits.any() { VIP_FLAG_LIMITS } else { 0 };
+        let with_flag = |mut info: VipInfo| {
+            info.flags = info.flags & !VIP_FLAG_LIMITS | flag;
+            info
+        };
+        for (k, info) in self.dp.vips().unwrap() {
+            if info.index == index && !info.is_address_only() {
+                self.dp.set_vip(k, with_flag(info)).unwrap();
+            }
+        }
+        for (k, info) in self.dp.vips6().unwrap() {
+            if info.index == index && !info.is_address_only() {
+                self.dp.set_vip6(k, with_flag(info)).unwrap();
+            }
+        }
+    }
+
     /// Rewrites VIP `index`'s ring for the given `(backend id, weight)` set.
     pub fn write_ring(&mut self, index: u32, backends: &[(u32, u32)]) {
         let ring_size = self.dp.sizes().ring_size;

@@ -8,10 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{
-    FORWARD_DSR_L2, IPPROTO_TCP, IPPROTO_UDP, Runtime, VIP_FLAG_LIMITS, VipInfo,
-    ratelimit::RateLimits,
-};
+use lb_common::{FORWARD_DSR_L2, IPPROTO_TCP, IPPROTO_UDP, Runtime, ratelimit::RateLimits};
 use lb_tests::{
     fixture::{Fixture, XDP_DROP, XDP_TX},
     packet::{Ipv4Packet, Ipv6Packet, TCP_ACK, TCP_SYN},
@@ -39,25 +36,8 @@ fn fixture() -> Fixture {
     f
 }
 
-/// Sets VIP `index`'s limits as the agent does: RATE_LIMITS, then the
-/// VIP entry's flag (without it the fast path reads no limits).
 fn limits(f: &mut Fixture, index: u32, l: RateLimits) {
-    f.dp.set_rate_limits(index, l).unwrap();
-    let flag = if l.any() { VIP_FLAG_LIMITS } else { 0 };
-    let with_flag = |mut info: VipInfo| {
-        info.flags = info.flags & !VIP_FLAG_LIMITS | flag;
-        info
-    };
-    for (k, info) in f.dp.vips().unwrap() {
-        if info.index == index && !info.is_address_only() {
-            f.dp.set_vip(k, with_flag(info)).unwrap();
-        }
-    }
-    for (k, info) in f.dp.vips6().unwrap() {
-        if info.index == index && !info.is_address_only() {
-            f.dp.set_vip6(k, with_flag(info)).unwrap();
-        }
-    }
+    f.set_rate_limits(index, l);
 }
 
 fn tcp(src: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {

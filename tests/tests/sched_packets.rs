@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, net::Ipv6Addr};
 
-use lb::sched::{Scheduler, vip_sched};
+use lb::sched::Scheduler;
 use lb_common::{FlowKey, IPPROTO_TCP, Runtime};
 use lb_tests::{
     fixture::{Fixture, XDP_TX, backend_of_mac},
@@ -17,18 +17,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const TCP_FIN: u8 = 0x01;
 
-/// Writes VIP `index`'s scheduler over `members` (id, weight) as the
-/// agent does: slots first, then the element.
 fn set_scheduler(f: &mut Fixture, index: u32, s: Scheduler, members: &[(u32, u32)]) {
-    let sched = vip_sched(s, members);
-    let slots: Vec<_> = sched
-        .slots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as u32, *s))
-        .collect();
-    f.dp.write_sched_slots(index, &slots).unwrap();
-    f.dp.set_sched(index, sched.info).unwrap();
+    f.set_scheduler(index, s, members);
 }
 
 /// The backend a frame went to (by its destination MAC).

@@ -34,7 +34,7 @@ pub use entry::{backend_address, backend_encap_source, set_encap_source};
 pub use ratelimit::LimitedSource;
 pub use v6::backend_entry6;
 
-use crate::bpf_batch::{batch_unsupported, update_batch};
+use crate::bpf_batch::{batch_unsupported, update_batch_of};
 
 use crate::{flow_keeper::FlowKeeper, pins};
 
@@ -444,7 +444,7 @@ impl Datapath {
             return Ok(0);
         }
         if self.batch_writes {
-            match update_batch(self.map_fd(map_names::RINGS), &keys, &values) {
+            match update_batch_of(self.map_fd(map_names::RINGS), &keys, &values) {
                 Ok(()) => return Ok(keys.len()),
                 Err(e) if batch_unsupported(&e) => {
                     log::info!(
