@@ -8,9 +8,10 @@
 //! (timed by `repeat` directly): it is what the program would cost if
 //! `repeat` could run it. The caches are as warm as in a NIC's receive
 //! loop, unlike one BPF_PROG_TEST_RUN call per packet, whose syscall
-//! evicts them between packets.
+//! evicts them between packets. With a fresh source per iteration
+//! (`Kind::fresh`), the same times a stream of new flows.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use aya::programs::{ProgramFd, Xdp};
 use lb_tests::{fixture::XDP_PASS, testprogs::TestProgs};
 
@@ -23,6 +24,10 @@ pub struct Kind<'a> {
     pub frame: &'a [u8],
     pub want: u32,
     pub what: &'a str,
+    /// A new flow every iteration: the first value of `lb_restore`'s
+    /// fresh-source counter (see `TestProgs::set_fresh`); the target's
+    /// iterations stamp `fresh .. fresh + repeat`.
+    pub fresh: Option<u64>,
 }
 
 impl<'a> Kind<'a> {
@@ -32,7 +37,16 @@ impl<'a> Kind<'a> {
             frame,
             want,
             what,
+            fresh: None,
         })
+    }
+
+    /// Gives every iteration a fresh source, from `first` on.
+    pub fn fresh(self, first: u64) -> Self {
+        Self {
+            fresh: Some(first),
+            ..self
+        }
     }
 }
 
@@ -53,6 +67,9 @@ pub fn costs(progs: &mut TestProgs, kinds: &[Kind], repeat: u32) -> Result<Vec<f
     let mut costs = Vec::with_capacity(kinds.len());
     for k in kinds {
         out.resize(k.frame.len() + 256, 0);
+        // The next fresh source of the target's iterations (0: off). The
+        // harness's own run stamps the same ones (lb_return records none).
+        let mut fresh = k.fresh.unwrap_or(0);
         let mut per_chunk = Vec::with_capacity(CHUNKS as usize);
         for c in 0..CHUNKS {
             // The last chunk takes the remainder: `repeat` iterations in all.
@@ -63,12 +80,23 @@ pub fn costs(progs: &mut TestProgs, kinds: &[Kind], repeat: u32) -> Result<Vec<f
             };
             let mut through = |fd, want, what: &str| -> Result<f64> {
                 progs.set_restore(fd, k.frame)?;
+                progs.set_fresh(fresh)?;
                 let (ns, _) = repeated(progs.restorer(), k.frame, &mut out, n, want, what)
                     .with_context(|| format!("lb_restore → {what}"))?;
                 Ok(ns)
             };
             let base = through(&ret_fd, XDP_PASS, "lb_return")?;
             let target = through(&k.prog, k.want, k.what)?;
+            if fresh != 0 {
+                let next = progs.fresh()?;
+                ensure!(
+                    next == fresh + u64::from(n),
+                    "{}: lb_restore stamped {} fresh sources, want {n}",
+                    k.what,
+                    next - fresh
+                );
+                fresh = next;
+            }
             let (ret, _) = repeated(
                 progs.return_only(),
                 k.frame,
@@ -79,6 +107,7 @@ pub fn costs(progs: &mut TestProgs, kinds: &[Kind], repeat: u32) -> Result<Vec<f
             )?;
             per_chunk.push(target - base + ret);
         }
+        progs.set_fresh(0)?;
         per_chunk.sort_by(f64::total_cmp);
         costs.push(per_chunk[per_chunk.len() / 2]);
     }

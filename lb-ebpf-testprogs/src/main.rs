@@ -126,6 +126,19 @@ const RESTORE_WORDS: usize = 8;
 #[map]
 static RESTORE_FRAME: Array<RestoreFrame> = Array::with_max_entries(1, 0);
 
+/// When not 0, `lb_restore` gives every frame a fresh source: the value
+/// `n` here (then `n + 1`) is stamped as the low 16 bits of the IPv4
+/// source address (`n >> 16`) and as the L4 source port (`n`), so that
+/// `repeat` can time a stream of new flows (the frame must be IPv4
+/// without options, TCP or UDP; the IPv4 checksum is left as it was).
+#[map]
+static RESTORE_FRESH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Offsets of the IPv4 source address's low 16 bits and of the L4 source
+/// port in an Ethernet + IPv4 (no options) frame.
+const FRESH_ADDR_LOW: usize = 14 + 14;
+const FRESH_PORT: usize = 14 + 20;
+
 /// The program `lb_restore` hands each restored frame to (index 0).
 #[map]
 static RESTORE_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -136,8 +149,9 @@ static RESTORE_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// the frame back as RESTORE_FRAME holds it (moves its start so that it
 /// has the original length, rewrites its first 64 bytes), then tail-calls
 /// RESTORE_TARGET. The same with `lb_return` as the target is the
-/// harness's own cost, subtracted by the benchmark. `XDP_ABORTED` if it
-/// cannot (unset frame, failed move or tail call).
+/// harness's own cost, subtracted by the benchmark. With RESTORE_FRESH
+/// set, every iteration also gets a source of its own (a new flow).
+/// `XDP_ABORTED` if it cannot (unset frame, failed move or tail call).
 #[xdp]
 pub fn lb_restore(ctx: XdpContext) -> u32 {
     let Some(want) = RESTORE_FRAME.get(0) else {
@@ -164,6 +178,16 @@ pub fn lb_restore(ctx: XdpContext) -> u32 {
     unsafe {
         for (i, w) in want.head.iter().enumerate() {
             frame.add(i).write(*w);
+        }
+        if let Some(next) = RESTORE_FRESH.get_ptr_mut(0) {
+            let n = *next;
+            if n != 0 {
+                *next = n + 1;
+                let bytes = frame as *mut u8;
+                // Within the 64 bytes checked above.
+                (bytes.add(FRESH_ADDR_LOW) as *mut u16).write_unaligned(((n >> 16) as u16).to_be());
+                (bytes.add(FRESH_PORT) as *mut u16).write_unaligned((n as u16).to_be());
+            }
         }
         RESTORE_TARGET.tail_call(&ctx, 0);
     }

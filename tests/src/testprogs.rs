@@ -69,6 +69,8 @@ const SINK_COUNT: &str = "SINK_COUNT";
 /// array of one).
 const RESTORE_FRAME: &str = "RESTORE_FRAME";
 const RESTORE_TARGET: &str = "RESTORE_TARGET";
+/// `lb_restore`'s fresh-source counter (see [`TestProgs::set_fresh`]).
+const RESTORE_FRESH: &str = "RESTORE_FRESH";
 /// Bytes of the frame's start `lb_restore` rewrites.
 pub const RESTORE_BYTES: usize = 64;
 
@@ -194,6 +196,32 @@ impl TestProgs {
         targets
             .set(0, target, 0)
             .context("setting lb_restore's target (an XDP program of compatible type)")
+    }
+
+    /// Makes `lb_restore` give every frame a source of its own: the
+    /// counter `next` is stamped (and then incremented) on each iteration
+    /// as the low 16 bits of the IPv4 source address (`next >> 16`) and
+    /// the L4 source port (`next as u16`), so that `repeat` times a stream
+    /// of new flows. The frame must be IPv4 without options (TCP or UDP);
+    /// its IPv4 checksum is not updated. 0 turns it off.
+    pub fn set_fresh(&mut self, next: u64) -> Result<()> {
+        let mut map: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(RESTORE_FRESH)
+                .context("map RESTORE_FRESH is not in the test object")?,
+        )?;
+        map.set(0, next, 0).context("writing RESTORE_FRESH")
+    }
+
+    /// The fresh-source counter's value: the next source `lb_restore`
+    /// stamps (see [`TestProgs::set_fresh`]).
+    pub fn fresh(&self) -> Result<u64> {
+        let map: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map(RESTORE_FRESH)
+                .context("map RESTORE_FRESH is not in the test object")?,
+        )?;
+        map.get(&0, 0).context("reading RESTORE_FRESH")
     }
 
     /// Makes `lb_sink` count and drop UDP to `flood` or `gue` (host order)
