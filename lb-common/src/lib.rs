@@ -55,6 +55,10 @@ pub mod map_names {
     pub const SYN_GUARD: &str = "SYN_GUARD";
     /// Per VIP: until when the guard is on for every CPU (clock ms).
     pub const SYN_FLOOD_UNTIL: &str = "SYN_FLOOD_UNTIL";
+    /// The SYN filter ([`crate::syn_filter_bit`]): which TCP flows may
+    /// have a conntrack record. Not pinned: it belongs to the loaded
+    /// program, and the agent rebuilds it from CONNTRACK.
+    pub const SYN_FILTER: &str = "SYN_FILTER";
     /// Per VIP: its rate limits (`ratelimit::RateLimits`). Not pinned:
     /// the agent writes every VIP's at start and on each change.
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
@@ -589,6 +593,39 @@ impl SynWindow {
 /// unrecorded after one CPU's count went over the threshold: the rest of
 /// the tick and the next one (ticks are 100 ms apart).
 pub const SYN_FLOOD_HOLD_MS: u64 = 200;
+
+/// log2 of the bits in one bank of the SYN filter (2^21 bits: 256 KiB, a
+/// size that stays in a core's L2 cache).
+///
+/// The filter spares a SYN under the SYN-flood guard the conntrack lookup
+/// (a cold bucket of a table far larger than the caches) when the flow
+/// certainly has no record: one bit per flow hash, set by the kernel in
+/// both banks whenever it records a TCP flow, never cleared by it. The
+/// agent rebuilds the bank not in use from the records alive in a pass
+/// over conntrack (cleared first, so a record made during the pass keeps
+/// the bit the kernel set) and then switches to it: a live record's bit is
+/// always set in the bank in use; a set bit may belong to a record gone
+/// since, or to another flow with the same bits (then the SYN looks up).
+pub const SYN_FILTER_BITS: u32 = 21;
+/// 64-bit words of one bank of the SYN filter.
+pub const SYN_FILTER_BANK_WORDS: u32 = 1 << (SYN_FILTER_BITS - 6);
+/// Elements (64-bit words) of SYN_FILTER: the control word
+/// ([`SYN_FILTER_OFF`] or `1 + bank`), then bank 0, then bank 1.
+pub const SYN_FILTER_ENTRIES: u32 = 1 + 2 * SYN_FILTER_BANK_WORDS;
+/// SYN_FILTER's control word when no bank is complete yet (every guarded
+/// SYN looks up conntrack).
+pub const SYN_FILTER_OFF: u64 = 0;
+
+/// The element of SYN_FILTER and the bit in it of the flow hash `hash`
+/// ([`FlowKey::hash`], [`FlowKey6::hash`]) in bank `bank` (0 or 1).
+#[inline(always)]
+pub fn syn_filter_bit(hash: u32, bank: u32) -> (u32, u64) {
+    let b = hash >> (32 - SYN_FILTER_BITS);
+    (
+        1 + (bank & 1) * SYN_FILTER_BANK_WORDS + (b >> 6),
+        1u64 << (b & 63),
+    )
+}
 
 /// Ticks of the flow clock are 100 ms apart (the agent's period); a
 /// window this much later than the last one counted follows it directly.

@@ -284,6 +284,9 @@ pub(crate) fn steer<F: Flow + acl::Source>(
                 flags: if closing { FLOW_FLAG_CLOSING } else { 0 },
                 last_seen_ms: now,
             });
+            if tcp {
+                syn_guard::note_record(flow.hash());
+            }
             if !closing {
                 crate::sched::opened(vip.index, id);
             }
@@ -355,7 +358,14 @@ pub(crate) fn ring_backend<F: Flow>(
     flow: &F,
     vip: &VipInfo,
 ) -> Result<(u32, &'static Backend), Reason> {
-    let slot = vip.ring_base + ring_slot(flow.hash(), vip.ring_size);
+    ring_backend_of(flow.hash(), vip)
+}
+
+/// The backend `vip`'s Maglev ring gives the flow hash `hash` (and its
+/// id), if it is usable.
+#[inline(always)]
+pub(crate) fn ring_backend_of(hash: u32, vip: &VipInfo) -> Result<(u32, &'static Backend), Reason> {
+    let slot = vip.ring_base + ring_slot(hash, vip.ring_size);
     let id = *RINGS.get(slot).ok_or(Reason::DropNoBackend)?;
     let b = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
     if !b.is_usable() {

@@ -15,18 +15,21 @@
 //! answers with a reset (the client retries); established flows are
 //! never moved.
 
+use core::intrinsics::{AtomicOrdering, atomic_or};
+
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_VIPS, FLOW_FLAG_CLOSING, Reason, SYN_FLOOD_HOLD_MS, SynWindow, VipInfo,
-    flow_cache_slot,
+    Backend, DEFAULT_MAX_VIPS, FLOW_FLAG_CLOSING, Reason, SYN_FILTER_ENTRIES, SYN_FLOOD_HOLD_MS,
+    SynWindow, VipInfo, flow_cache_slot, syn_filter_bit,
 };
 
 use crate::{
     RUNTIME, count_reason,
-    steer::{Flow, count_forwarded, ring_backend},
+    steer::{Flow, count_forwarded, ring_backend_of},
 };
 
 /// Per VIP index, per CPU: SYNs counted in the current tick.
@@ -40,6 +43,47 @@ static SYN_GUARD: PerCpuArray<SynWindow> = PerCpuArray::with_max_entries(DEFAULT
 /// Read by every SYN, written about once per tick per CPU during a flood.
 #[map]
 static SYN_FLOOD_UNTIL: Array<u64> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Which TCP flows may have a conntrack record (lb_common::SYN_FILTER_BITS
+/// says how): the control word, then two banks of bits by flow hash.
+/// Memory-mappable: the agent rebuilds a bank with atomic stores while
+/// the kernel sets bits.
+#[map]
+static SYN_FILTER: Array<u64> = Array::with_max_entries(SYN_FILTER_ENTRIES, BPF_F_MMAPABLE);
+
+/// Notes in the SYN filter that the TCP flow with hash `hash` has a
+/// record now (both banks: the one in use and the one the agent may be
+/// rebuilding).
+#[inline(always)]
+pub(crate) fn note_record(hash: u32) {
+    for bank in 0..2 {
+        let (i, bit) = syn_filter_bit(hash, bank);
+        if let Some(w) = SYN_FILTER.get_ptr_mut(i) {
+            // SAFETY: an array value, valid for the program's run; other
+            // CPUs and the agent write it with atomic operations only (the
+            // plain load only spares the locked write when the bit is set).
+            unsafe {
+                if *w & bit == 0 {
+                    atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(w, bit);
+                }
+            }
+        }
+    }
+}
+
+/// Whether the TCP flow with hash `hash` may have a conntrack record:
+/// false only when the bank in use says it certainly has none; true
+/// while no bank is complete.
+#[inline(always)]
+fn may_have_record(hash: u32) -> bool {
+    let bank = match SYN_FILTER.get(0) {
+        Some(1) => 0,
+        Some(2) => 1,
+        _ => return true,
+    };
+    let (i, bit) = syn_filter_bit(hash, bank);
+    SYN_FILTER.get(i).is_none_or(|w| *w & bit != 0)
+}
 
 /// Counts a SYN of the VIP with index `vip_index` and says whether it
 /// goes unrecorded (the guard is on for this VIP on this CPU). Off (every
@@ -78,14 +122,17 @@ pub(crate) fn unrecorded(vip_index: u32) -> bool {
 /// 5-tuple already has (a reused source port: a closed connection, or one
 /// from before a ring change) is pointed at that backend in place, so that
 /// the ACK that follows reaches the backend the SYN did; a flow cache slot
-/// holding the 5-tuple likewise. No insert.
+/// holding the 5-tuple likewise. No insert. The conntrack lookup is
+/// skipped when the SYN filter says the flow has no record (most SYNs of
+/// a flood).
 #[inline(always)]
 pub(crate) fn steer_syn<F: Flow>(
     flow: &F,
     vip: &VipInfo,
     bytes: u64,
 ) -> Result<&'static Backend, Reason> {
-    let (id, backend) = ring_backend(flow, vip)?;
+    let hash = flow.hash();
+    let (id, backend) = ring_backend_of(hash, vip)?;
     let mix = flow.mix();
     if let Some(c) = F::cache_slot(flow_cache_slot(mix)) {
         // SAFETY: an array value, valid for the program's run; copied out
@@ -97,7 +144,9 @@ pub(crate) fn steer_syn<F: Flow>(
             unsafe { F::store(c, flow.cache_entry(id, mix)) };
         }
     }
-    if let Some(e) = flow.tracked() {
+    if may_have_record(hash)
+        && let Some(e) = flow.tracked()
+    {
         // SAFETY: the map value stays valid for the program's run (RCU);
         // concurrent writers store whole words.
         let entry = unsafe { &mut *e };

@@ -22,6 +22,12 @@
 //!   them as misses. Then the NAT pass ([`crate::nat_keeper`]): NAT pairs
 //!   that are over are removed (the NAT maps are not LRUs), live ones
 //!   counted per backend with the conntrack records.
+//! - The SYN filter ([`crate::syn_filter`]): each count pass also
+//!   rebuilds the bank not in use from the live TCP records; from the
+//!   second pass on, the kernel is switched to it after the pass (the
+//!   first one may run while the program is still being attached, and a
+//!   program instance replaced meanwhile would not set the new filter's
+//!   bits).
 //! - Least connections: after each count, every backend's LC_CORRECTION
 //!   word is set so that the kernel's counter plus it equals the open
 //!   connections counted (see [`crate::sched::LcCounters`]).
@@ -132,6 +138,7 @@ impl FlowKeeper {
     pub fn start(
         pin_dir: &Path,
         flow_caches: FlowCaches,
+        syn_filter: crate::syn_filter::SynFilter,
         timeouts: FlowTimeouts,
         egress: impl IntoIterator<Item = u32>,
     ) -> anyhow::Result<Self> {
@@ -191,18 +198,31 @@ impl FlowKeeper {
             .spawn(move || {
                 let mut failing = false;
                 let mut period = Duration::ZERO;
+                let mut passes = 0u32;
                 while !wait(&count_shared, period) {
                     let rt = count_shared.0.lock().unwrap_or_else(|e| e.into_inner()).rt;
                     let t = Instant::now();
                     let lc_before = lc.snapshot();
-                    let counted = count_flows(conntrack.fd().as_fd(), conntrack6.fd().as_fd(), &rt)
-                        .and_then(|c| with_nat(c, &mut nat, &rt))
-                        .and_then(|c| {
-                            // Least connections' counts corrected to
-                            // what this pass found open.
-                            lc.correct(&lc_before?, &c.open_per_backend)?;
-                            Ok(c)
-                        });
+                    let bank = syn_filter.begin();
+                    let counted = count_flows(
+                        conntrack.fd().as_fd(),
+                        conntrack6.fd().as_fd(),
+                        &rt,
+                        |hash| syn_filter.note(bank, hash),
+                    )
+                    .inspect(|_| {
+                        passes += 1;
+                        if passes >= 2 {
+                            syn_filter.use_bank(bank);
+                        }
+                    })
+                    .and_then(|c| with_nat(c, &mut nat, &rt))
+                    .and_then(|c| {
+                        // Least connections' counts corrected to
+                        // what this pass found open.
+                        lc.correct(&lc_before?, &c.open_per_backend)?;
+                        Ok(c)
+                    });
                     match counted {
                         Ok(c) => {
                             failing = false;
@@ -390,24 +410,29 @@ pub fn with_nat(
 
 /// Counts the records of CONNTRACK and CONNTRACK6 that have not expired
 /// at `rt`, per backend (ids are shared by both families): one pass of
-/// batched lookups over each.
+/// batched lookups over each. `tcp_live` gets the flow hash of every TCP
+/// record that has not expired (the SYN filter's bits).
 pub fn count_flows(
     conntrack: BorrowedFd<'_>,
     conntrack6: BorrowedFd<'_>,
     rt: &Runtime,
+    mut tcp_live: impl FnMut(u32),
 ) -> anyhow::Result<FlowCount> {
     let mut count = FlowCount::default();
-    let mut add = |proto: u32, e: &FlowEntry| {
+    let mut add = |proto: u32, hash: &dyn Fn() -> u32, e: &FlowEntry| {
         count.records += 1;
         if !e.is_expired(proto, rt) {
+            if proto == u32::from(lb_common::IPPROTO_TCP) {
+                tcp_live(hash());
+            }
             *count.per_backend.entry(e.backend_id).or_default() += 1;
             if e.flags & lb_common::FLOW_FLAG_CLOSING == 0 {
                 *count.open_per_backend.entry(e.backend_id).or_default() += 1;
             }
         }
     };
-    for_each_flow::<FlowKey>(conntrack, |k, e| add(k.proto, e))?;
-    for_each_flow::<FlowKey6>(conntrack6, |k, e| add(k.proto, e))?;
+    for_each_flow::<FlowKey>(conntrack, |k, e| add(k.proto, &|| k.hash(), e))?;
+    for_each_flow::<FlowKey6>(conntrack6, |k, e| add(k.proto, &|| k.hash(), e))?;
     count.at = Some(Instant::now());
     Ok(count)
 }

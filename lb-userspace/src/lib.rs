@@ -25,5 +25,6 @@ pub mod pins;
 pub mod reconcile;
 pub mod rundir;
 pub mod sched;
+pub mod syn_filter;
 pub mod timing;
 pub mod xdp_features;

@@ -164,5 +164,31 @@ fn a_spoofed_syn_flood_neither_fills_conntrack_nor_moves_established_flows() -> 
     );
     ensure!(e["backend"] == serving, "the long-lived flow moved: {e}");
     long.roundtrip(64 * 1024)?;
+    // The agent keeps the SYN filter (rebuilt with each count pass, in
+    // use from the second): the guarded SYNs of the flood skipped the
+    // conntrack lookup of flows without a record.
+    ensure!(
+        syn_filters_in_use()? >= 1,
+        "no loaded SYN_FILTER map has a bank in use"
+    );
     Ok(())
+}
+
+/// Loaded SYN_FILTER maps (the agent's program's; not pinned) whose
+/// control word names a bank.
+fn syn_filters_in_use() -> Result<usize> {
+    let mut n = 0;
+    for info in aya::maps::loaded_maps() {
+        let info = info?;
+        if info.name_as_str() != Some(lb_common::map_names::SYN_FILTER) {
+            continue;
+        }
+        let data = aya::maps::MapData::from_id(info.id())?;
+        let map: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+        if matches!(map.get(&0, 0)?, 1 | 2) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }

@@ -8,7 +8,10 @@ use lb_common::{
 };
 
 use super::{Datapath, Result, ifname, map_err};
-use crate::flow_keeper::{FlowCaches, FlowCount, FlowKeeper, FlowTimeouts};
+use crate::{
+    flow_keeper::{FlowCaches, FlowCount, FlowKeeper, FlowTimeouts},
+    syn_filter::SynFilter,
+};
 
 impl Datapath {
     /// Starts the flow keeper (see [`crate::flow_keeper`]): the clock, the
@@ -23,10 +26,39 @@ impl Datapath {
         let mut egress: Vec<u32> = egress.into_iter().collect();
         egress.extend(self.tx_ports()?);
         let caches = self.flow_caches()?;
-        self.keeper = Some(FlowKeeper::start(&self.pin_dir, caches, timeouts, egress)?);
+        let filter = self.syn_filter()?;
+        self.keeper = Some(FlowKeeper::start(
+            &self.pin_dir,
+            caches,
+            filter,
+            timeouts,
+            egress,
+        )?);
         Ok(())
     }
 
+    /// The loaded program's SYN filter, memory-mapped (see
+    /// [`crate::syn_filter`]).
+    pub fn syn_filter(&self) -> anyhow::Result<SynFilter> {
+        use std::os::fd::AsFd as _;
+        let name = map_names::SYN_FILTER;
+        match self.map(name) {
+            aya::maps::Map::Array(d) => SynFilter::open(d.fd().as_fd().try_clone_to_owned()?),
+            _ => anyhow::bail!("map {name} is not an array"),
+        }
+    }
+
+    /// One rebuild of the SYN filter now, as the keeper does with each
+    /// count (the bank not in use cleared, the live TCP records' bits set,
+    /// the kernel switched to it), under the RUNTIME clock and timeouts;
+    /// tests and benchmarks drive it with this.
+    pub fn rebuild_syn_filter(&self) -> anyhow::Result<()> {
+        let filter = self.syn_filter()?;
+        let bank = filter.begin();
+        self.count_flows_noting(|hash| filter.note(bank, hash))?;
+        filter.use_bank(bank);
+        Ok(())
+    }
     fn flow_caches(&self) -> anyhow::Result<FlowCaches> {
         use std::os::fd::AsFd as _;
         let fd = |name: &'static str| match self.map(name) {
@@ -99,13 +131,22 @@ impl Datapath {
     /// pass over CONNTRACK and CONNTRACK6 under the RUNTIME clock and
     /// timeouts).
     pub fn count_flows(&self) -> anyhow::Result<FlowCount> {
+        self.count_flows_noting(|_| {})
+    }
+
+    fn count_flows_noting(&self, tcp_live: impl FnMut(u32)) -> anyhow::Result<FlowCount> {
         use std::os::fd::AsFd as _;
         let rt = self.runtime()?;
         let fd = |name: &'static str| match self.map(name) {
             aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd()),
             _ => anyhow::bail!("map {name} is not a hash map"),
         };
-        crate::flow_keeper::count_flows(fd(map_names::CONNTRACK)?, fd(map_names::CONNTRACK6)?, &rt)
+        crate::flow_keeper::count_flows(
+            fd(map_names::CONNTRACK)?,
+            fd(map_names::CONNTRACK6)?,
+            &rt,
+            tcp_live,
+        )
     }
 
     /// One NAT pass now, as the keeper runs after each count (under the
