@@ -516,6 +516,31 @@ pub fn spawn_guarded(mut cmd: Command) -> Result<ChildGuard> {
 // Topology
 // ---------------------------------------------------------------------------
 
+/// A load balancer host added to a topology ([`Topology::add_lb`]).
+pub struct ExtraLb {
+    // Drop order: the program on the switch port first, then the
+    // namespace (and its veth).
+    _peer_xdp: crate::testprogs::TestProgs,
+    ns: Netns,
+    iface: String,
+    addr: Ipv4Addr,
+}
+
+impl ExtraLb {
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Its interface (to attach lb to).
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+}
+
 /// Options for [`Topology::new`].
 #[derive(Clone, Debug)]
 pub struct TopologyOpts {
@@ -683,6 +708,37 @@ impl Topology {
         self.backends.push(ns);
         self.wait_bridge_forwarding(Duration::from_secs(5))?;
         Ok(i)
+    }
+
+    /// Adds another load balancer host on the segment (scale-out tests):
+    /// a namespace of its own with a veth `index` (1..=8) plugged into the
+    /// bridge, address 198.18.k.(2 + index), the same sysctls as the first
+    /// lb and the XDP_PASS program on its switch port. The client's VIP
+    /// route is left as it is (see [`Topology::client_route_vip_via`]).
+    /// Keep it in a binding declared after the topology's, so that it is
+    /// dropped first.
+    pub fn add_lb(&self, index: u8) -> Result<ExtraLb> {
+        ensure!((1..=8).contains(&index), "lb index {index} not in 1..=8");
+        let ns = Netns::create(format!("{}-lb{index}", self.tag()))?;
+        basic_sysctls(&ns, self.ipv6)?;
+        ns.sysctl(&[("net.ipv4.ip_forward", "0")])?;
+        let iface = format!("{}{index}", self.lb_iface());
+        check_ifname(&format!("{iface}s"))?;
+        self.plug(&ns, &iface, ROLE_LB, index, false)?;
+        let addr = Ipv4Addr::new(198, 18, self.k, 2 + index);
+        ns.ip(["addr", "add", &format!("{addr}/24"), "dev", &iface])?;
+        let peer_xdp = crate::testprogs::return_only_on(&self.switch, &format!("{iface}s"))?;
+        self.wait_ports_forwarding(
+            &self.bridge(),
+            3 + self.backends.len(),
+            Duration::from_secs(5),
+        )?;
+        Ok(ExtraLb {
+            _peer_xdp: peer_xdp,
+            ns,
+            iface,
+            addr,
+        })
     }
 
     /// Replaces the lb's veth with a new one of the same name, address and

@@ -511,6 +511,66 @@ pub(crate) mod tests {
         );
     }
 
+    /// The backend address (last octet; 0 for an empty slot) in each ring
+    /// slot of VIP `v`.
+    fn ring_addresses(img: &KernelImage, v: u8) -> Vec<u8> {
+        let vid = key(v, 0).vip;
+        img.ring(&vid.kernel_key())
+            .expect("VIP installed")
+            .iter()
+            .map(|&id| {
+                if id == NO_BACKEND {
+                    0
+                } else {
+                    Ipv4Addr::from(u32::from_be(img.backends[&id].addr)).octets()[3]
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_hosts_with_the_same_backends_put_the_same_address_in_every_ring_slot() {
+        // Scale-out: every lb host behind ECMP must send a flow to the same
+        // backend. Two hosts with the same VIPs and backends, listed in
+        // other orders (so their local ids differ).
+        let a_cfg = config(
+            &[(1, &[(11, 1), (12, 2), (13, 1)]), (2, &[(21, 1), (22, 1)])],
+            "tcp",
+        );
+        let b_cfg = config(
+            &[(2, &[(22, 1), (21, 1)]), (1, &[(13, 1), (11, 1), (12, 2)])],
+            "tcp",
+        );
+        let mut a = resolved(&a_cfg, &KernelImage::default());
+        let mut b = resolved(&b_cfg, &KernelImage::default());
+        assert!(
+            a.backends()
+                .any(|(k, s)| b.backend(k).is_some_and(|t| t.id != s.id)),
+            "the hosts' ids should differ for this test to mean something"
+        );
+        let same = |a: &State, b: &State| {
+            let (ia, ib) = (a.target(&a_cfg).unwrap(), b.target(&b_cfg).unwrap());
+            for v in [1, 2] {
+                let (ra, rb) = (ring_addresses(&ia, v), ring_addresses(&ib, v));
+                assert_eq!(ra.len(), M as usize);
+                let differ = ra.iter().zip(&rb).filter(|(x, y)| x != y).count();
+                assert_eq!(differ, 0, "VIP {v}: {differ} slots differ");
+            }
+        };
+        same(&a, &b);
+        // A backend goes down on both hosts (their own health checks), in
+        // another order of events: still the same rings.
+        for (s, order) in [(&mut a, [12, 21]), (&mut b, [21, 12])] {
+            for x in order {
+                let v = if x == 12 { 1 } else { 2 };
+                s.record_health(&key(v, x), false, "down".into());
+            }
+        }
+        same(&a, &b);
+        let ia = a.target(&a_cfg).unwrap();
+        assert!(!ring_addresses(&ia, 1).contains(&12) && !ring_addresses(&ia, 2).contains(&21));
+    }
+
     #[test]
     fn an_address_answers_echo_only_if_every_vip_at_it_allows_it() {
         let mut text = format!("[agent]\nmax_vips = 4\nmax_backends = 16\nring_size = {M}\n");
