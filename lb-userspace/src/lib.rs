@@ -26,4 +26,5 @@ pub mod reconcile;
 pub mod rundir;
 pub mod sched;
 pub mod timing;
+pub mod vip_routes;
 pub mod xdp_features;
