@@ -346,6 +346,10 @@ pub struct StatsView {
     /// most [`TOP_LIMITED_SOURCES`], most refusals first).
     #[serde(default)]
     pub limited_sources: Vec<LimitedSourceView>,
+    /// Per VIP name: whether its address has a route in the announce
+    /// table (`None`: announcing is off).
+    #[serde(default)]
+    pub announced: Option<BTreeMap<String, bool>>,
 }
 
 /// How many limited sources `lb stats` and the metrics show.

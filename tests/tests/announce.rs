@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
-    agent::{AgentPaths, LbAgent, VipSpec, render_config},
+    agent::{AgentPaths, LbAgent, VipSpec, metrics, render_config},
     netns::{ChildGuard, Netns, Topology, TopologyOpts},
     require_root,
     servers::{ServerKind, backend_name, spawn_server},
@@ -67,6 +67,22 @@ fn wait_routes(s: &Setup, want: &[IpAddr], what: &str) -> Result<()> {
             );
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (bounded by [`WAIT`]) until the agent's metrics page has `line`
+/// (they are sampled once a second).
+fn wait_metric(s: &Setup, line: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = metrics(s.topo.lb_ns())?;
+        if text.lines().any(|l| l == line) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("no {line:?} in the metrics after {WAIT:?}:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -181,6 +197,7 @@ fn ready_vip_addresses_are_routes_in_the_announce_table() -> Result<()> {
     );
     let list = s.agent.cli_ok(&["vip", "list"])?;
     ensure!(list.contains("ANNOUNCED"), "{list}");
+    wait_metric(&s, r#"lb_vip_announced{vip="web"} 1"#)?;
 
     // The IPv4 backend's server stops: its address goes, the other stays.
     drop(s.v4_server.take());
@@ -192,6 +209,7 @@ fn ready_vip_addresses_are_routes_in_the_announce_table() -> Result<()> {
     let said = s.agent.cli_ok(&["vip", "withdraw", "web"])?;
     ensure!(said.contains("withdrawn"), "{said}");
     wait_routes(&s, &[v6], "web withdrawn")?;
+    wait_metric(&s, r#"lb_vip_announced{vip="web"} 0"#)?;
     let web = vip_view(&s.agent, "web")?;
     ensure!(web["announced"] == false, "{web}");
     ensure!(

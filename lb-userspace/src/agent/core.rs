@@ -137,6 +137,20 @@ impl<M: KernelMaps> Core<M> {
         &self.announce.installed
     }
 
+    /// Per VIP name: whether its address is announced (`None`: off).
+    pub fn vips_announced(&self) -> Option<BTreeMap<String, bool>> {
+        self.announce.enabled.then(|| {
+            self.cfg
+                .vips
+                .iter()
+                .map(|v| {
+                    let on = self.announce.installed.contains(&v.address);
+                    (v.name.clone(), on)
+                })
+                .collect()
+        })
+    }
+
     /// Whether something changed since the last successful reconcile.
     pub fn needs_reconcile(&self) -> bool {
         self.dirty
