@@ -6,7 +6,10 @@
 //! withdraw`, while the host is drained, after a clean stop. An agent
 //! stopped with `--keep-datapath` leaves its routes; the next one keeps
 //! them (no flap) and removes a stale route of its protocol, never a route
-//! of another protocol. Needs root.
+//! of another protocol. With BIRD 2 (Debian package bird2, installed by
+//! `cargo xtask setup`) in the lb namespace learning table 100 and a BIRD
+//! router namespace peering with it over BGP, the router's route to the
+//! VIP follows. Needs root.
 
 use std::{
     collections::BTreeSet,
@@ -18,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, metrics, render_config},
-    netns::{ChildGuard, Netns, Topology, TopologyOpts},
+    netns::{ChildGuard, NAME_PREFIX, Netns, Topology, TopologyOpts},
     require_root,
     servers::{ServerKind, backend_name, spawn_server},
 };
@@ -316,5 +319,133 @@ fn a_missing_announce_device_fails_the_start_and_attaches_nothing() -> Result<()
     let o = topo.lb_ns().ip(["link", "show", &topo.lb_iface()])?;
     let link = String::from_utf8_lossy(&o.stdout).into_owned();
     ensure!(!link.contains("xdp"), "XDP left attached: {link}");
+    Ok(())
+}
+
+/// The lb host's side of the BGP link, and the router's.
+const LB_LINK: &str = "198.18.254.2";
+const RT_LINK: &str = "198.18.254.1";
+
+/// A BIRD daemon in a namespace, with private config, socket and pid file.
+fn start_bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> Result<ChildGuard> {
+    let bird = ["/usr/sbin/bird", "/usr/bin/bird"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .context("bird not found: install the Debian package bird2 (`cargo xtask setup` does)")?;
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    let sock = dir.join(format!("{name}.ctl"));
+    let pid = dir.join(format!("{name}.pid"));
+    let mut g = ns.spawn([
+        bird.as_ref(),
+        "-f".as_ref(),
+        "-c".as_ref(),
+        path.as_os_str(),
+        "-s".as_ref(),
+        sock.as_os_str(),
+        "-P".as_ref(),
+        pid.as_os_str(),
+    ])?;
+    thread::sleep(Duration::from_millis(300));
+    if let Some(status) = g.try_wait()? {
+        bail!("bird {name} exited at once ({status}); config:\n{conf}");
+    }
+    Ok(g)
+}
+
+/// The router's BIRD-installed route to `vip`, if any (its line).
+fn router_route(rt: &Netns, vip: IpAddr) -> Result<Option<String>> {
+    let o = rt.ip(["-4", "route", "show", "proto", "bird"])?;
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(vip.to_string().as_str()))
+        .map(str::to_string))
+}
+
+/// Waits (bounded by [`WAIT`]) until the router has a route to `vip`
+/// through the lb host (`present`) or none.
+fn wait_router_route(s: &Setup, rt: &Netns, present: bool, what: &str) -> Result<()> {
+    let vip = s.vip4();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let route = router_route(rt, vip)?;
+        match &route {
+            Some(l) if present && l.contains(&format!("via {LB_LINK}")) => return Ok(()),
+            None if !present => return Ok(()),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what}: the router's route to {vip} is {route:?} after {WAIT:?}; lb table {TABLE}: {:?}\n{}",
+                routes(s.topo.lb_ns(), PROTO)?,
+                s.agent.log_text()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the BIRD files when the test ends, however it ends.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
+    let mut s = setup()?;
+    // A router namespace linked to the lb namespace (veths made inside
+    // the namespaces: nothing appears in the root namespace).
+    let rt = Netns::create(format!("{NAME_PREFIX}{}-bird-rt", std::process::id()))?;
+    let lb_ns = s.topo.lb_ns().name().to_string();
+    let o = rt.ip([
+        "link", "add", "rt0", "type", "veth", "peer", "name", "up0", "netns", &lb_ns,
+    ])?;
+    ensure!(o.status.success(), "{o:?}");
+    rt.ip(["addr", "add", &format!("{RT_LINK}/30"), "dev", "rt0"])?;
+    rt.ip(["link", "set", "rt0", "up"])?;
+    s.topo
+        .lb_ns()
+        .ip(["addr", "add", &format!("{LB_LINK}/30"), "dev", "up0"])?;
+    s.topo.lb_ns().ip(["link", "set", "up0", "up"])?;
+    let dir = TempDir(std::env::temp_dir().join(format!("lb-bird-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    let timers = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
+    let router_conf = format!(
+        "router id {RT_LINK};\nprotocol device {{ }}\n\
+         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {timers}\n  \
+         ipv4 {{ import all; export none; }}; }}\n"
+    );
+    let lb_conf = format!(
+        "router id {LB_LINK};\nprotocol device {{ }}\n\
+         protocol kernel vip4 {{ kernel table {TABLE}; learn; ipv4 {{ import all; export none; }}; }}\n\
+         protocol bgp rt4 {{ local {LB_LINK} as 65001; neighbor {RT_LINK} as 65000; {timers}\n  \
+         ipv4 {{ import none; export where proto = \"vip4\"; }}; }}\n"
+    );
+    // Field order of the guards: dropped (killed) before the namespaces.
+    let _router_bird = start_bird(&rt, &dir.0, "router", &router_conf)?;
+    let _lb_bird = start_bird(s.topo.lb_ns(), &dir.0, "lb", &lb_conf)?;
+
+    // Nothing ready: no route anywhere.
+    s.agent
+        .wait_health(Some("web"), s.topo.backend_addr(0).into(), "down", WAIT)?;
+    ensure!(router_route(&rt, s.vip4())?.is_none());
+    // Ready: lb's table, BIRD, BGP, the router's table.
+    s.start_v4_server()?;
+    wait_router_route(&s, &rt, true, "backend up")?;
+    s.agent.cli_ok(&["vip", "withdraw", "web"])?;
+    wait_router_route(&s, &rt, false, "web withdrawn")?;
+    s.agent.cli_ok(&["vip", "announce", "web"])?;
+    wait_router_route(&s, &rt, true, "web announced")?;
+    drop(s.v4_server.take());
+    wait_router_route(&s, &rt, false, "server stopped")?;
+    s.start_v4_server()?;
+    wait_router_route(&s, &rt, true, "server back")?;
+    s.agent.stop()?;
+    wait_router_route(&s, &rt, false, "agent stopped")?;
     Ok(())
 }
