@@ -202,6 +202,26 @@ fn ready_vip_addresses_are_routes_in_the_announce_table() -> Result<()> {
     ensure!(list.contains("ANNOUNCED"), "{list}");
     wait_metric(&s, r#"lb_vip_announced{vip="web"} 1"#)?;
 
+    // A route removed behind the agent's back is put back (the table is
+    // re-read every 5 s).
+    let o = s.topo.lb_ns().ip([
+        "route",
+        "del",
+        &format!("{v4}/32"),
+        "table",
+        TABLE,
+        "proto",
+        PROTO,
+    ])?;
+    ensure!(o.status.success(), "{o:?}");
+    ensure!(!routes(s.topo.lb_ns(), PROTO)?.contains(&v4));
+    wait_routes(&s, &[v4, v6], "route removed by someone else")?;
+    ensure!(
+        s.agent.log_text().contains("changed outside lb"),
+        "{}",
+        s.agent.log_text()
+    );
+
     // The IPv4 backend's server stops: its address goes, the other stays.
     drop(s.v4_server.take());
     wait_routes(&s, &[v6], "IPv4 server stopped")?;

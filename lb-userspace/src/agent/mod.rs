@@ -349,6 +349,28 @@ impl Agent {
         a.error = error;
     }
 
+    /// Re-reads the announce table, so that the next [`Agent::sync_routes`]
+    /// puts right what someone else changed there.
+    async fn recheck_routes(&mut self) {
+        let Some(a) = self.routes.as_mut() else {
+            return;
+        };
+        match a.routes.list().await {
+            Ok(found) => {
+                if found != *self.core.announced() {
+                    warn!(
+                        "table {}: VIP routes changed outside lb (found {:?}, announced {:?}); putting them right",
+                        a.routes.settings().table,
+                        found,
+                        self.core.announced()
+                    );
+                    self.core.set_announced(found);
+                }
+            }
+            Err(e) => warn!("{e:#}"),
+        }
+    }
+
     /// Removes every route the agent announced (a clean stop).
     async fn withdraw_all(&mut self) {
         if let Some(a) = self.routes.as_mut() {
@@ -514,6 +536,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ));
     }
     let mut tick = tokio::time::interval(timing::TICK);
+    let mut recheck = tokio::time::interval(timing::ANNOUNCE_RECHECK);
     info!(
         "lb running: instance {}, control socket {}",
         agent.core.config().agent.kernel.instance,
@@ -549,6 +572,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 });
             }
             _ = tick.tick() => agent.tick(),
+            _ = recheck.tick(), if agent.routes.is_some() => agent.recheck_routes().await,
         }
         // Whatever happened may have changed which VIPs are ready.
         agent.sync_routes().await;
