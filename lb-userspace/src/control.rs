@@ -69,6 +69,19 @@ pub enum Request {
         vip: Option<String>,
         address: Option<IpAddr>,
     },
+    /// Takes a VIP out of the announcement (its address's route goes
+    /// unless another ready VIP shares the address).
+    VipWithdraw {
+        vip: String,
+    },
+    /// Undoes [`Request::VipWithdraw`].
+    VipAnnounce {
+        vip: String,
+    },
+    /// Withdraws every route of the host.
+    HostDrain,
+    /// Undoes [`Request::HostDrain`].
+    HostUndrain,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,6 +135,26 @@ pub struct StatusView {
     /// Changes made with the CLI on top of the file (kept by reloads).
     #[serde(default)]
     pub overrides: Vec<OverrideView>,
+    /// VIP announcement (`None`: off).
+    #[serde(default)]
+    pub announce: Option<AnnounceStatusView>,
+}
+
+/// VIP announcement as `lb status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceStatusView {
+    pub table: u32,
+    pub protocol: u8,
+    pub device: String,
+    /// `lb host drain`: every route withdrawn.
+    pub host_drained: bool,
+    /// The addresses with a route in the table.
+    pub announced: Vec<IpAddr>,
+    /// VIPs taken out with `lb vip withdraw`, by name.
+    pub withdrawn: Vec<String>,
+    /// The last route change that failed (retried every tick), if any.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// A CLI change in force on top of the configuration file.
@@ -162,6 +195,13 @@ pub struct VipView {
     /// Rate limits (per second; 0: off).
     #[serde(default)]
     pub rate_limit: RateLimitView,
+    /// The VIP's address has a route in the announce table.
+    #[serde(default)]
+    pub announced: bool,
+    /// Why (or why not), e.g. "ready", "withdrawn (lb vip announce)",
+    /// "no usable backend", "off ([agent.announce] is not set)".
+    #[serde(default)]
+    pub announce: String,
 }
 
 /// A VIP's rate limits as `lb vip list` shows them (per second; 0: off).
@@ -306,6 +346,10 @@ pub struct StatsView {
     /// most [`TOP_LIMITED_SOURCES`], most refusals first).
     #[serde(default)]
     pub limited_sources: Vec<LimitedSourceView>,
+    /// Per VIP name: whether its address has a route in the announce
+    /// table (`None`: announcing is off).
+    #[serde(default)]
+    pub announced: Option<BTreeMap<String, bool>>,
 }
 
 /// How many limited sources `lb stats` and the metrics show.
@@ -628,6 +672,10 @@ impl Request {
             Request::Explain { .. } => "explain",
             Request::Reload => "reload",
             Request::OverrideClear { .. } => "override clear",
+            Request::VipWithdraw { .. } => "vip withdraw",
+            Request::VipAnnounce { .. } => "vip announce",
+            Request::HostDrain => "host drain",
+            Request::HostUndrain => "host undrain",
         }
     }
 }
@@ -903,6 +951,8 @@ mod tests {
                 dst: "198.19.0.1:80".parse().unwrap(),
                 protocol: Protocol::Tcp,
             },
+            Request::VipWithdraw { vip: "web".into() },
+            Request::HostDrain,
         ];
         for r in reqs {
             let s = serde_json::to_string(&r).unwrap();

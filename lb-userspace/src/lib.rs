@@ -27,4 +27,5 @@ pub mod rundir;
 pub mod sched;
 pub mod syn_filter;
 pub mod timing;
+pub mod vip_routes;
 pub mod xdp_features;

@@ -58,10 +58,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// VIPs.
+    /// VIPs: list, withdraw and announce (the route of their address).
     Vip {
         #[command(subcommand)]
         cmd: VipCmd,
+    },
+    /// The whole host: drain (withdraw every VIP route) and undrain.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
     },
     /// Backends: list, add, remove, drain, undrain, set-weight.
     Backend {
@@ -154,6 +159,28 @@ enum VipCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Withdraw the route of the VIP's address from the announce table
+    /// (kept while another ready VIP shares the address). Traffic that
+    /// still arrives is served.
+    Withdraw {
+        /// Name or ADDR:PORT/PROTO.
+        vip: String,
+    },
+    /// Undo `lb vip withdraw`: the address is announced while the VIP is
+    /// ready.
+    Announce {
+        /// Name or ADDR:PORT/PROTO.
+        vip: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Withdraw every VIP route of this host (shown by `lb status`); the
+    /// data path keeps serving what still arrives.
+    Drain,
+    /// Undo `lb host drain`: ready VIPs are announced again.
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -296,7 +323,42 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !s.overrides.is_empty() {
                 println!("           (kept by `lb reload`; `lb override clear` drops them)");
             }
+            match &s.announce {
+                None => println!("announce   off"),
+                Some(a) => {
+                    println!(
+                        "announce   table {} proto {} dev {}: {}",
+                        a.table,
+                        a.protocol,
+                        a.device,
+                        if a.host_drained {
+                            "host drained, every route withdrawn (`lb host undrain`)".to_string()
+                        } else {
+                            format!("{} address(es) announced", a.announced.len())
+                        }
+                    );
+                    for addr in &a.announced {
+                        println!("           {addr}");
+                    }
+                    if !a.withdrawn.is_empty() {
+                        println!("withdrawn  {}", a.withdrawn.join(", "));
+                    }
+                    if let Some(e) = &a.error {
+                        println!("           failing: {e}");
+                    }
+                }
+            }
         }
+        Cmd::Vip {
+            cmd: VipCmd::Withdraw { vip },
+        } => print_msg(call(Request::VipWithdraw { vip })?),
+        Cmd::Vip {
+            cmd: VipCmd::Announce { vip },
+        } => print_msg(call(Request::VipAnnounce { vip })?),
+        Cmd::Host { cmd } => print_msg(call(match cmd {
+            HostCmd::Drain => Request::HostDrain,
+            HostCmd::Undrain => Request::HostUndrain,
+        })?),
         Cmd::Vip {
             cmd: VipCmd::List { json },
         } => {
@@ -306,8 +368,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let vips: Vec<VipView> = serde_json::from_value(v)?;
             println!(
-                "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  CHECK",
-                "NAME", "VIP", "FORWARDING", "SCHEDULER", "INDEX", "RING", "BACKENDS", "IN RING"
+                "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8} {:<9}  CHECK",
+                "NAME",
+                "VIP",
+                "FORWARDING",
+                "SCHEDULER",
+                "INDEX",
+                "RING",
+                "BACKENDS",
+                "IN RING",
+                "ANNOUNCED"
             );
             for v in vips {
                 // NAT VIPs: what their flows' source becomes.
@@ -343,8 +413,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     format!("  limits: {}", limits.join(", "))
                 };
+                // Announcement: yes/no, and why unless plainly ready.
+                let (shown, why) = match (v.announced, v.announce.as_str()) {
+                    (_, w) if w.starts_with("off") => ("-", String::new()),
+                    (true, "ready") => ("yes", String::new()),
+                    (true, w) => ("yes", format!("  announce: {w}")),
+                    (false, w) => ("no", format!("  announce: {w}")),
+                };
                 println!(
-                    "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8}  {}{snat}{acl}{limits}",
+                    "{:<16} {:<22} {:<10} {:<20} {:>5} {:>8} {:>8} {:>8} {:<9}  {}{snat}{acl}{limits}{why}",
                     v.name,
                     format!(
                         "{}/{}",
@@ -357,6 +434,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     v.ring_size,
                     v.backends,
                     v.backends_in_ring,
+                    shown,
                     v.health_check
                 );
             }

@@ -75,6 +75,12 @@ pub fn render(stats: &StatsView) -> String {
     let be_up = Family::<BackendLabels, Gauge>::default();
     let be_active = Family::<BackendLabels, Gauge>::default();
     let reasons = Family::<ReasonLabels, Ctr>::default();
+    let announced = Family::<VipLabels, Gauge>::default();
+    for (vip, on) in stats.announced.iter().flatten() {
+        announced
+            .get_or_create(&VipLabels { vip: vip.clone() })
+            .set(i64::from(*on));
+    }
     for v in &stats.vips {
         let l = VipLabels { vip: v.vip.clone() };
         vip_packets.get_or_create(&l).inc_by(v.traffic.packets);
@@ -158,6 +164,13 @@ pub fn render(stats: &StatsView) -> String {
          sources only, at most 10)",
         limited,
     );
+    if stats.announced.is_some() {
+        reg.register(
+            "vip_announced",
+            "1 when the VIP's address has a route in the announce table ([agent.announce]), else 0",
+            announced,
+        );
+    }
     if let Some(n) = stats.nat_entries {
         let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         g.set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -332,6 +345,7 @@ mod tests {
                 dropped: 4,
                 passed: 100,
             }],
+            announced: Some([("web".to_string(), true), ("dns".to_string(), false)].into()),
         };
         let text = render(&stats);
         for want in [
@@ -349,6 +363,8 @@ mod tests {
             r#"lb_vip_acl_denied_total{vip="web"} 2"#,
             r#"lb_vip_rate_limited_packets_total{vip="web"} 6"#,
             r#"lb_rate_limited_source_drops{vip="web",source="198.18.7.0",limit="new"} 4"#,
+            r#"lb_vip_announced{vip="web"} 1"#,
+            r#"lb_vip_announced{vip="dns"} 0"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }
@@ -363,5 +379,7 @@ mod nat_tests {
     fn no_nat_entries_gauge_before_the_first_count() {
         let text = render(&StatsView::default());
         assert!(!text.contains("lb_nat_entries"), "{text}");
+        // Announcing off: no announce gauge either.
+        assert!(!text.contains("lb_vip_announced"), "{text}");
     }
 }

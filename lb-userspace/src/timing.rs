@@ -19,6 +19,9 @@ pub const NEXT_HOP_CONCURRENT_LOOKUPS: usize = 32;
 /// Period of the agent's housekeeping: retrying failed map writes,
 /// sampling counters.
 pub const TICK: Duration = Duration::from_secs(1);
+/// The announce table is re-read this often: a VIP route removed (or one
+/// of lb's protocol added) by someone else is put right.
+pub const ANNOUNCE_RECHECK: Duration = Duration::from_secs(5);
 /// Rates shown by `lb stats` cover at least this long.
 pub const MIN_RATE_INTERVAL: Duration = Duration::from_millis(500);
 /// A control client must send its request line within this time.

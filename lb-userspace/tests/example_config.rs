@@ -12,6 +12,8 @@ fn the_documented_example_parses() {
     assert_eq!(cfg.vips[0].backends.len(), 3);
     assert_eq!(cfg.vips[0].backends[2].health_check.port, 8080);
     assert_eq!(cfg.vips[0].backends[0].health_check.port, 80);
+    let announce = cfg.agent.start.announce.expect("[agent.announce]");
+    assert_eq!((announce.table, announce.protocol), (100, 200));
 }
 
 #[test]

@@ -33,6 +33,8 @@ const PACKAGES: &[(&str, bool)] = &[
     ("iputils-ping", false),
     ("procps", false),
     ("curl", false),
+    // BIRD 2: the routing daemon of the VIP-announcement test (tests/tests/announce.rs).
+    ("bird2", false),
     ("tcpdump", true),
     ("haproxy", true),
     ("wrk", true),

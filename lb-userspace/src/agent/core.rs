@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use log::{info, warn};
 
 use super::{
+    announce::{self, Announce},
     nexthops::{self, Batch, Wanted},
     overrides::Overrides,
     state::{RingCache, State},
@@ -38,6 +39,8 @@ pub struct Core<M: KernelMaps> {
     /// Something changed since the last successful reconcile (or it
     /// failed): the maps may differ from the target.
     pub(super) dirty: bool,
+    /// VIP announcement: the operator's requests, the routes installed.
+    pub(super) announce: Announce,
 }
 
 impl<M: KernelMaps> Core<M> {
@@ -45,6 +48,7 @@ impl<M: KernelMaps> Core<M> {
     /// usability) and gives every configured backend an id. Writes nothing
     /// yet.
     pub fn new(cfg: Config, maps: M, image: KernelImage) -> Self {
+        let cfg_announce = cfg.agent.start.announce.is_some();
         let mut state = State::adopt(&cfg, &image);
         for p in state.sync(&cfg, &image, true) {
             warn!("{p}");
@@ -59,6 +63,10 @@ impl<M: KernelMaps> Core<M> {
             resolutions: BTreeMap::new(),
             rings: RingCache::default(),
             dirty: true,
+            announce: Announce {
+                enabled: cfg_announce,
+                ..Default::default()
+            },
         }
     }
 
@@ -113,6 +121,36 @@ impl<M: KernelMaps> Core<M> {
         }
     }
 
+    /// The VIP addresses that should have a route in the announce table
+    /// now (empty when announcing is off).
+    pub fn announce_wanted(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.announce
+            .wanted(&announce::vip_readiness(&self.cfg, &self.state))
+    }
+
+    /// Records the addresses whose routes are in the announce table.
+    pub fn set_announced(&mut self, installed: std::collections::BTreeSet<IpAddr>) {
+        self.announce.installed = installed;
+    }
+
+    pub fn announced(&self) -> &std::collections::BTreeSet<IpAddr> {
+        &self.announce.installed
+    }
+
+    /// Per VIP name: whether its address is announced (`None`: off).
+    pub fn vips_announced(&self) -> Option<BTreeMap<String, bool>> {
+        self.announce.enabled.then(|| {
+            self.cfg
+                .vips
+                .iter()
+                .map(|v| {
+                    let on = self.announce.installed.contains(&v.address);
+                    (v.name.clone(), on)
+                })
+                .collect()
+        })
+    }
+
     /// Whether something changed since the last successful reconcile.
     pub fn needs_reconcile(&self) -> bool {
         self.dirty
@@ -134,6 +172,8 @@ impl<M: KernelMaps> Core<M> {
         let changed = self
             .state
             .record_health(&ev.key, ev.up, ev.outcome.to_string());
+        self.state
+            .record_confirmation(&ev.key, ev.outcome.is_ok(), ev.up);
         self.dirty |= changed;
         changed
     }
@@ -479,12 +519,65 @@ mod tests {
                 resolutions: self.resolutions.clone(),
                 rings: self.rings.clone(),
                 dirty: self.dirty,
+                announce: self.announce.clone(),
             };
             let writes = copy.maps.writes;
             let h = Core::handle(&mut copy, req)?;
             assert_eq!(copy.maps.writes, writes, "handle writes no map");
             Ok(h)
         }
+    }
+
+    #[test]
+    fn announcement_follows_checks_withdraw_and_drain_and_needs_the_table() {
+        // Off: nothing wanted, and the requests say how to turn it on.
+        let mut off = started(config(&[(11, 1)]), FakeMaps::new(4, M, 16));
+        off.health(11, true);
+        assert!(off.announce_wanted().is_empty());
+        let e = off.handle(Request::HostDrain).err().unwrap();
+        assert!(e.to_string().contains("[agent.announce]"), "{e}");
+
+        let mut cfg = config(&[(11, 1), (12, 1)]);
+        cfg.agent.start.announce = Some(crate::config::AnnounceSettings {
+            table: 100,
+            protocol: 200,
+            device: "lo".into(),
+        });
+        let mut core = started(cfg.clone(), FakeMaps::new(4, M, 16));
+        let vip = ip4(198, 19, 0, 1);
+        let only_vip = std::collections::BTreeSet::from([vip]);
+        // Up at start but unchecked: not announced yet.
+        assert!(core.announce_wanted().is_empty());
+        core.health(11, true);
+        assert_eq!(core.announce_wanted(), only_vip);
+        core.set_announced(only_vip.clone());
+        assert!(core.vip_list()[0].announced);
+        core.handle(Request::VipWithdraw { vip: "v1".into() })
+            .unwrap();
+        assert!(core.announce_wanted().is_empty());
+        core.set_announced(Default::default());
+        assert_eq!(core.vip_list()[0].announce, "withdrawn (lb vip announce)");
+        // A reload keeps the withdrawal of a VIP it keeps.
+        core.apply_reload(cfg.clone()).unwrap();
+        assert!(core.announce_wanted().is_empty());
+        core.handle(Request::VipAnnounce {
+            vip: "198.19.0.1:80/tcp".into(),
+        })
+        .unwrap();
+        assert_eq!(core.announce_wanted(), only_vip);
+        core.handle(Request::HostDrain).unwrap();
+        assert!(core.announce_wanted().is_empty());
+        core.handle(Request::HostUndrain).unwrap();
+        assert_eq!(core.announce_wanted(), only_vip);
+        // Down: withdrawn; the other backend, once checked, brings it back.
+        core.health(11, false);
+        assert!(core.announce_wanted().is_empty());
+        core.health(12, true);
+        assert_eq!(core.announce_wanted(), only_vip);
+        assert!(
+            core.handle(Request::VipWithdraw { vip: "nope".into() })
+                .is_err()
+        );
     }
 
     fn vip_request(address: u8) -> (String, IpAddr) {

@@ -9,6 +9,7 @@
 //! files, tasks, signals.
 
 mod acl;
+pub mod announce;
 pub mod core;
 pub mod links;
 pub mod lock;
@@ -20,7 +21,7 @@ mod sched_explain;
 pub mod state;
 pub mod stats;
 
-use std::{path::PathBuf, time::Instant};
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, bail};
 use log::{info, warn};
@@ -40,12 +41,13 @@ use self::{
 use crate::{
     budget::Budget,
     config::{Config, XdpModeSetting},
-    control::{self, ControlMsg, Reply, Request, SocketAccess, StatusView},
+    control::{self, AnnounceStatusView, ControlMsg, Reply, Request, SocketAccess, StatusView},
     datapath::{self, Datapath, MapSizes},
     health::{CheckTarget, Checkers, HealthEvent, ProbeLimit},
     keys::{BackendKey, VipId},
     reconcile::KernelMaps,
     timing,
+    vip_routes::VipRoutes,
 };
 
 /// How `lb run` was invoked.
@@ -76,6 +78,15 @@ pub struct Agent {
     stats: Stats,
     started: Instant,
     restored: bool,
+    /// The announce table, when `[agent.announce]` is set.
+    routes: Option<Announcer>,
+}
+
+/// The announce table and the last failure writing it.
+struct Announcer {
+    routes: VipRoutes,
+    /// The last route change that failed, retried at every event and tick.
+    error: Option<String>,
 }
 
 impl Agent {
@@ -90,6 +101,7 @@ impl Agent {
         next_hops: watch::Sender<Wanted>,
         known: Batch,
         probe_limit: ProbeLimit,
+        routes: Option<(VipRoutes, BTreeSet<IpAddr>)>,
     ) -> anyhow::Result<Self> {
         let interfaces = if opts.interfaces.is_empty() {
             cfg.agent.start.interfaces.clone()
@@ -148,7 +160,23 @@ impl Agent {
                 core.maps().conntrack_len().unwrap_or(0)
             );
         }
+        let mut core = core;
+        let routes = routes.map(|(routes, found)| {
+            if !found.is_empty() {
+                info!(
+                    "found {} VIP route(s) in table {}: taken over",
+                    found.len(),
+                    routes.settings().table
+                );
+            }
+            core.set_announced(found);
+            Announcer {
+                routes,
+                error: None,
+            }
+        });
         let mut agent = Agent {
+            routes,
             core,
             opts: RunOptions { interfaces, ..opts },
             links,
@@ -275,6 +303,81 @@ impl Agent {
         }
     }
 
+    /// Brings the announce table to what the VIPs' readiness and the
+    /// operator's requests call for: adds missing routes, removes the
+    /// others. A failure is logged once and retried at the next call.
+    async fn sync_routes(&mut self) {
+        let Some(a) = self.routes.as_mut() else {
+            return;
+        };
+        let wanted = self.core.announce_wanted();
+        Self::apply_routes(a, &mut self.core, &wanted).await;
+    }
+
+    async fn apply_routes(a: &mut Announcer, core: &mut Core<Datapath>, wanted: &BTreeSet<IpAddr>) {
+        let installed = core.announced().clone();
+        if *wanted == installed {
+            a.error = None;
+            return;
+        }
+        let mut now = installed.clone();
+        let mut error = None;
+        for &addr in installed.difference(wanted) {
+            match a.routes.del(addr).await {
+                Ok(()) => {
+                    info!("VIP address {addr}: route withdrawn");
+                    now.remove(&addr);
+                }
+                Err(e) => error = Some(format!("{e:#}")),
+            }
+        }
+        for &addr in wanted.difference(&installed) {
+            match a.routes.add(addr).await {
+                Ok(()) => {
+                    info!("VIP address {addr}: route announced");
+                    now.insert(addr);
+                }
+                Err(e) => error = Some(format!("{e:#}")),
+            }
+        }
+        core.set_announced(now);
+        if let Some(e) = &error
+            && a.error.as_ref() != Some(e)
+        {
+            warn!("{e} (retried every {:?})", timing::TICK);
+        }
+        a.error = error;
+    }
+
+    /// Re-reads the announce table, so that the next [`Agent::sync_routes`]
+    /// puts right what someone else changed there.
+    async fn recheck_routes(&mut self) {
+        let Some(a) = self.routes.as_mut() else {
+            return;
+        };
+        match a.routes.list().await {
+            Ok(found) => {
+                if found != *self.core.announced() {
+                    warn!(
+                        "table {}: VIP routes changed outside lb (found {:?}, announced {:?}); putting them right",
+                        a.routes.settings().table,
+                        found,
+                        self.core.announced()
+                    );
+                    self.core.set_announced(found);
+                }
+            }
+            Err(e) => warn!("{e:#}"),
+        }
+    }
+
+    /// Removes every route the agent announced (a clean stop).
+    async fn withdraw_all(&mut self) {
+        if let Some(a) = self.routes.as_mut() {
+            Self::apply_routes(a, &mut self.core, &BTreeSet::new()).await;
+        }
+    }
+
     fn status(&self) -> StatusView {
         let cfg = self.core.config();
         StatusView {
@@ -290,6 +393,24 @@ impl Agent {
             backends_up: self.core.state.backends().filter(|(_, b)| b.up).count(),
             metrics: cfg.agent.start.metrics_listen.map(|a| a.to_string()),
             overrides: self.core.overrides.views(cfg),
+            announce: self.routes.as_ref().map(|a| {
+                let s = a.routes.settings();
+                let ann = &self.core.announce;
+                AnnounceStatusView {
+                    table: s.table,
+                    protocol: s.protocol,
+                    device: s.device.clone(),
+                    host_drained: ann.host_drained,
+                    announced: ann.installed.iter().copied().collect(),
+                    withdrawn: cfg
+                        .vips
+                        .iter()
+                        .filter(|v| ann.withdrawn.contains(&VipId::of(v)))
+                        .map(|v| v.name.clone())
+                        .collect(),
+                    error: a.error.clone(),
+                }
+            }),
         }
     }
 
@@ -379,8 +500,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let probe_limit = ProbeLimit::new(budget.probes);
-    let mut agent =
-        Agent::start(cfg, opts, health_tx, wanted_tx, known, probe_limit).inspect_err(|_| {
+    // The announce table: its device checked and the routes an earlier
+    // agent left read before anything is attached.
+    let routes = match &cfg.agent.start.announce {
+        Some(s) => {
+            let found = async {
+                let r = VipRoutes::connect(s)?;
+                let found = r.list().await?;
+                anyhow::Ok((r, found))
+            };
+            match found.await {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e.context(format!("{}: [agent.announce]", opts.config.display())));
+                }
+            }
+        }
+        None => None,
+    };
+    let mut agent = Agent::start(cfg, opts, health_tx, wanted_tx, known, probe_limit, routes)
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&socket);
         })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
@@ -396,6 +536,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ));
     }
     let mut tick = tokio::time::interval(timing::TICK);
+    let mut recheck = tokio::time::interval(timing::ANNOUNCE_RECHECK);
     info!(
         "lb running: instance {}, control socket {}",
         agent.core.config().agent.kernel.instance,
@@ -431,9 +572,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 });
             }
             _ = tick.tick() => agent.tick(),
+            _ = recheck.tick(), if agent.routes.is_some() => agent.recheck_routes().await,
         }
+        // Whatever happened may have changed which VIPs are ready.
+        agent.sync_routes().await;
     }
     info!("stopping");
+    if agent.opts.keep_datapath {
+        if !agent.core.announced().is_empty() {
+            info!(
+                "{} VIP route(s) left for the next agent (--keep-datapath)",
+                agent.core.announced().len()
+            );
+        }
+    } else {
+        agent.withdraw_all().await;
+    }
     agent.shutdown();
     Ok(())
 }

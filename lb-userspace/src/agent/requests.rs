@@ -141,6 +141,18 @@ impl<M: KernelMaps> Core<M> {
                 self.cfg = self.overrides.apply(&self.file);
                 reply(format!("cleared {n} override(s)"), n > 0)
             }
+            Request::VipWithdraw { vip } => reply(self.set_withdrawn(&vip, true)?, false),
+            Request::VipAnnounce { vip } => reply(self.set_withdrawn(&vip, false)?, false),
+            Request::HostDrain => {
+                self.announcing()?;
+                self.announce.host_drained = true;
+                reply("host drained: every VIP route withdrawn", false)
+            }
+            Request::HostUndrain => {
+                self.announcing()?;
+                self.announce.host_drained = false;
+                reply("host undrained: ready VIPs are announced", false)
+            }
             Request::Status | Request::Stats | Request::Reload => {
                 bail!("{req:?} is handled by the agent's runtime")
             }
@@ -169,7 +181,50 @@ impl<M: KernelMaps> Core<M> {
         }
         self.cfg = self.overrides.apply(&file);
         self.file = file;
+        self.announce.retain_vips(&self.cfg);
         Ok(())
+    }
+
+    fn announcing(&self) -> anyhow::Result<()> {
+        if !self.announce.enabled {
+            bail!(
+                "VIP announcement is off: set [agent.announce] table in the config file and restart the agent"
+            );
+        }
+        Ok(())
+    }
+
+    /// `lb vip withdraw` (`withdrawn`) or `lb vip announce`.
+    fn set_withdrawn(&mut self, sel: &str, withdrawn: bool) -> anyhow::Result<String> {
+        self.announcing()?;
+        let i = self.find_vip(sel)?;
+        let v = &self.cfg.vips[i];
+        let id = VipId::of(v);
+        let name = v.name.clone();
+        if withdrawn {
+            self.announce.withdrawn.insert(id);
+        } else {
+            self.announce.withdrawn.remove(&id);
+        }
+        let vips = super::announce::vip_readiness(&self.cfg, &self.state);
+        let keeps = self.announce.wanted(&vips).contains(&id.address);
+        Ok(match (withdrawn, keeps) {
+            (true, false) => format!("{name} withdrawn: {} is not announced", id.address),
+            (true, true) => format!(
+                "{name} withdrawn; {} stays announced for another ready VIP on the same address",
+                id.address
+            ),
+            (false, true) => format!("{name} announced: {}", id.address),
+            (false, false) => format!(
+                "{name} may be announced again; {} is announced once a backend is ready{}",
+                id.address,
+                if self.announce.host_drained {
+                    " and the host is undrained"
+                } else {
+                    ""
+                }
+            ),
+        })
     }
 
     /// Records the CLI's change to backend `address` of VIP `i`.
@@ -224,11 +279,19 @@ impl<M: KernelMaps> Core<M> {
     }
 
     pub(super) fn vip_list(&self) -> Vec<VipView> {
+        let ready = super::announce::vip_readiness(&self.cfg, &self.state);
+        let names = self
+            .cfg
+            .vips
+            .iter()
+            .map(|v| (VipId::of(v), v.name.clone()))
+            .collect();
         self.cfg
             .vips
             .iter()
             .map(|v| {
                 let id = VipId::of(v);
+                let (announced, announce) = self.announce.view(id, &ready, &names);
                 let in_ring: BTreeSet<u32> = self
                     .image
                     .ring(&id.kernel_key())
@@ -256,6 +319,8 @@ impl<M: KernelMaps> Core<M> {
                         source_prefix_v4: v.rate_limit.source_prefix_v4,
                         source_prefix_v6: v.rate_limit.source_prefix_v6,
                     },
+                    announced,
+                    announce,
                 }
             })
             .collect()

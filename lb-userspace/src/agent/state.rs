@@ -34,6 +34,10 @@ pub struct BackendStatus {
     pub next_hop: Option<NextHop>,
     /// Why the next hop is unknown, when it is.
     pub next_hop_error: Option<String>,
+    /// A health check passed since this agent started or since the backend
+    /// last went down: its `up` is confirmed, not the optimistic start
+    /// state (what VIP announcement waits for).
+    pub confirmed: bool,
 }
 
 impl BackendStatus {
@@ -44,6 +48,7 @@ impl BackendStatus {
             last_check: None,
             next_hop: None,
             next_hop_error: None,
+            confirmed: false,
         }
     }
 
@@ -181,6 +186,17 @@ impl State {
         };
         b.last_check = Some(outcome);
         std::mem::replace(&mut b.up, up) != up
+    }
+
+    /// Records whether a probe confirmed `key` up (`passed`: it succeeded)
+    /// or took it down (`up` false); other results change nothing. True
+    /// when the confirmation changed.
+    pub fn record_confirmation(&mut self, key: &BackendKey, passed: bool, up: bool) -> bool {
+        let Some(b) = self.backends.get_mut(key) else {
+            return false;
+        };
+        let now = if !up { false } else { b.confirmed || passed };
+        std::mem::replace(&mut b.confirmed, now) != now
     }
 
     /// Records how `key` is reached now, or why it cannot be (then it is

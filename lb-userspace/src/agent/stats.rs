@@ -45,6 +45,7 @@ impl Stats {
         self.sampler.update(Instant::now(), vips, backends, reasons);
         self.sampler.view.nat_entries = core.maps().nat_entries();
         self.sampler.view.limited_sources = limited_sources(core);
+        self.sampler.view.announced = core.vips_announced();
         set_active_connections(core, &mut self.sampler.view);
         self.tx.send_replace(self.sampler.view.clone());
     }
@@ -65,6 +66,7 @@ impl Stats {
         s.update(Instant::now(), vips, backends, reasons);
         s.view.nat_entries = core.maps().nat_entries();
         s.view.limited_sources = limited_sources(core);
+        s.view.announced = core.vips_announced();
         set_active_connections(core, &mut s.view);
         let view = s.view.clone();
         if prev.is_some() {
@@ -255,6 +257,7 @@ impl StatsSampler {
                 .collect(),
             nat_entries: None,
             limited_sources: Vec::new(),
+            announced: None,
         };
         self.view = view;
         self.older = self.prev.replace((now, vips, backends, reasons));

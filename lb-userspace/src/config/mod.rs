@@ -37,6 +37,14 @@
 //! snat_addresses = ["198.18.1.1"]      # optional, both families, <= 4 each: SNAT addresses of NAT VIPs
 //!                                      # naming none (default: each backend's route source); never a VIP
 //!
+//! [agent.announce]                     # optional: publish ready VIP addresses as routes ADDR/32 (/128)
+//!                                      # dev DEVICE table TABLE proto PROTOCOL for BIRD/FRR (absent: off);
+//!                                      # read at start (a reload that changes it warns)
+//! table = 100                          # 1..=4294967295, not 253/254/255 (default/main/local); required
+//! protocol = 200                       # optional, 5..=255, default 200: tags the agent's routes (0-4 are
+//!                                      # the kernel's); routes of this protocol in the table are the agent's
+//! device = "lo"                        # optional, default "lo": the routes' device
+//!
 //! [[vip]]                              # zero or more; identified by (address, port, protocol)
 //! name = "web"                         # optional, default "<address>:<port>/<protocol>"; unique
 //! address = "198.18.10.1"
@@ -110,11 +118,12 @@ mod raw;
 mod validate;
 
 pub use model::{
-    AgentConfig, BACKENDS_LIMIT, BackendConfig, BackendState, Config, ConntrackSettings,
-    DEFAULT_INSTANCE, EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings,
-    MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, NatSettings,
-    ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode,
-    VIPS_LIMIT, VipConfig, XdpModeSetting, reload_check,
+    AgentConfig, AnnounceSettings, BACKENDS_LIMIT, BackendConfig, BackendState, Config,
+    ConntrackSettings, DEFAULT_ANNOUNCE_DEVICE, DEFAULT_ANNOUNCE_PROTOCOL, DEFAULT_INSTANCE,
+    EncapSettings, Forwarding, HealthCheck, HealthCheckKind, KernelSettings, MAX_CONNTRACK_ENTRIES,
+    MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, NatSettings, ParseKeywordError, Protocol,
+    RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig,
+    XdpModeSetting, reload_check,
 };
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 

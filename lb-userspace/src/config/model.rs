@@ -225,6 +225,29 @@ pub struct StartSettings {
     /// (mode 0660, and changing requests); `None`: root only (mode 0600).
     pub control_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
+    /// `[agent.announce]`: where ready VIP addresses are published for a
+    /// routing daemon. `None`: no announcement.
+    pub announce: Option<AnnounceSettings>,
+}
+
+/// Default route protocol number of the announced routes.
+pub const DEFAULT_ANNOUNCE_PROTOCOL: u8 = 200;
+/// Default device of the announced routes.
+pub const DEFAULT_ANNOUNCE_DEVICE: &str = "lo";
+
+/// `[agent.announce]`: every ready VIP address becomes a host route
+/// (`ADDR/32` or `ADDR/128`) `dev device table table proto protocol` in the
+/// agent's network namespace, for BIRD or FRR to pick up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceSettings {
+    /// The kernel routing table: 1..=2^32-1, not 253, 254 or 255
+    /// (default, main, local).
+    pub table: u32,
+    /// The route protocol the agent tags its routes with and recognises
+    /// them by: 5..=255 (0-4 are the kernel's own).
+    pub protocol: u8,
+    /// The routes' device (must exist when the agent starts).
+    pub device: String,
 }
 
 /// How to attach the XDP program.
@@ -471,7 +494,7 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
     }
     if *start != old.agent.start {
         return Ok(Some(format!(
-            "{}: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now",
+            "{}: interfaces, xdp_mode, control_socket, control_group, metrics_listen and [agent.announce] take effect at the next start; VIPs and backends are applied now",
             new.source.display()
         )));
     }
@@ -681,7 +704,7 @@ mod tests {
     }
 
     const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries, acl_entries) change only with a restart; nothing applied";
-    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group and metrics_listen take effect at the next start; VIPs and backends are applied now";
+    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group, metrics_listen and [agent.announce] take effect at the next start; VIPs and backends are applied now";
 
     #[test]
     fn reload_applies_vips_and_backends_of_an_unchanged_agent_table() {

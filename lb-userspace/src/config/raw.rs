@@ -14,7 +14,9 @@ pub(super) type S<T> = Spanned<T>;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
     #[serde(default)]
-    pub agent: Option<S<RawAgent>>,
+    // Not spanned: `[agent.announce]` alone defines `agent` implicitly,
+    // which a spanned table cannot deserialize.
+    pub agent: Option<RawAgent>,
     #[serde(default)]
     pub vip: Vec<S<RawVip>>,
 }
@@ -44,6 +46,15 @@ pub(super) struct RawAgent {
     pub nat_entries: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub acl_entries: Option<S<i64>>,
+    pub announce: Option<S<RawAnnounce>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnnounce {
+    pub table: Option<S<i64>>,
+    pub protocol: Option<S<i64>>,
+    pub device: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

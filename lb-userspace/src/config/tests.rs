@@ -137,6 +137,7 @@ fn full_example() {
                 control_socket: "/run/lb/default.sock".into(),
                 control_group: None,
                 metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
+                announce: None,
             },
             conntrack: ConntrackSettings {
                 udp_idle: Duration::from_secs(20),
@@ -219,6 +220,7 @@ address = "198.18.0.11"
                 control_socket: "/run/lb/default.sock".into(),
                 control_group: None,
                 metrics_listen: None,
+                announce: None,
             },
             conntrack: ConntrackSettings {
                 udp_idle: Duration::from_secs(30),
@@ -1160,3 +1162,6 @@ fn the_syn_guard_word_is_off_always_or_a_per_tick_threshold() {
     assert_eq!(ConntrackSettings::default().syn_guard, SynGuardMode::Auto);
 }
 mod sched;
+
+/// `[agent.announce]`: table, protocol and device, good and bad.
+mod announce;

@@ -26,6 +26,7 @@ use crate::{mac::MacAddr, maglev::is_prime};
 
 mod acl;
 mod agent;
+mod announce;
 mod nat;
 mod ratelimit;
 
@@ -239,7 +240,7 @@ impl Ctx<'_> {
     }
 
     fn resolve(&self, raw: &RawFile) -> Result<Config, ConfigError> {
-        let agent = self.agent(raw.agent.as_ref().map(|a| a.get_ref()))?;
+        let agent = self.agent(raw.agent.as_ref())?;
         let mut vips: Vec<VipConfig> = Vec::with_capacity(raw.vip.len());
         // key → (vip index, offset of its address); name → vip index.
         let mut keys: HashMap<(IpAddr, u16, Protocol), (usize, usize)> = HashMap::new();

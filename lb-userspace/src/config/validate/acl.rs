@@ -108,7 +108,7 @@ impl Ctx<'_> {
                 let span = raw
                     .agent
                     .as_ref()
-                    .and_then(|a| a.get_ref().acl_entries.as_ref().map(|e| e.span()))
+                    .and_then(|a| a.acl_entries.as_ref().map(|e| e.span()))
                     .unwrap_or_else(|| raw.vip[i].span());
                 return Err(self.error(
                     span,

@@ -34,15 +34,7 @@ impl Ctx<'_> {
             for (i, v) in list.get_ref().iter().enumerate() {
                 let field = format!("agent.interfaces[{i}]");
                 let name = v.get_ref();
-                // The kernel's dev_valid_name().
-                let ok = !name.is_empty()
-                    && name.len() < 16
-                    && name != "."
-                    && name != ".."
-                    && !name
-                        .chars()
-                        .any(|c| c == '/' || c == ':' || c.is_whitespace());
-                if !ok {
+                if !super::announce::ifname_ok(name) {
                     return Err(self.error(
                         v.span(),
                         field,
@@ -213,6 +205,7 @@ impl Ctx<'_> {
 
         let (nat, nat_entries) = self.nat_settings(raw)?;
         let acl_entries = self.acl_entries(raw)?;
+        let announce = self.announce(raw.announce.as_ref())?;
 
         Ok(AgentConfig {
             nat,
@@ -237,6 +230,7 @@ impl Ctx<'_> {
                 control_socket,
                 control_group,
                 metrics_listen,
+                announce,
             },
         })
     }

@@ -191,7 +191,7 @@ impl Ctx<'_> {
         let lists = raw
             .agent
             .as_ref()
-            .and_then(|a| a.get_ref().snat_addresses.as_ref())
+            .and_then(|a| a.snat_addresses.as_ref())
             .map(|l| ("agent.snat_addresses".to_owned(), l))
             .into_iter()
             .chain(raw.vip.iter().enumerate().filter_map(|(i, v)| {
