@@ -15,6 +15,7 @@ pub mod flood;
 pub mod netns;
 pub mod packet;
 pub mod routed;
+pub mod scale_out;
 pub mod servers;
 pub mod testprogs;
 

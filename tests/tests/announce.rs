@@ -23,6 +23,7 @@ use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, metrics, render_config},
     netns::{ChildGuard, NAME_PREFIX, Netns, Topology, TopologyOpts},
     require_root,
+    scale_out::{TempDir, start_bird},
     servers::{ServerKind, backend_name, spawn_server},
 };
 
@@ -346,33 +347,6 @@ fn a_missing_announce_device_fails_the_start_and_attaches_nothing() -> Result<()
 const LB_LINK: &str = "198.18.254.2";
 const RT_LINK: &str = "198.18.254.1";
 
-/// A BIRD daemon in a namespace, with private config, socket and pid file.
-fn start_bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> Result<ChildGuard> {
-    let bird = ["/usr/sbin/bird", "/usr/bin/bird"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .context("bird not found: install the Debian package bird2 (`cargo xtask setup` does)")?;
-    let path = dir.join(format!("{name}.conf"));
-    std::fs::write(&path, conf)?;
-    let sock = dir.join(format!("{name}.ctl"));
-    let pid = dir.join(format!("{name}.pid"));
-    let mut g = ns.spawn([
-        bird.as_ref(),
-        "-f".as_ref(),
-        "-c".as_ref(),
-        path.as_os_str(),
-        "-s".as_ref(),
-        sock.as_os_str(),
-        "-P".as_ref(),
-        pid.as_os_str(),
-    ])?;
-    thread::sleep(Duration::from_millis(300));
-    if let Some(status) = g.try_wait()? {
-        bail!("bird {name} exited at once ({status}); config:\n{conf}");
-    }
-    Ok(g)
-}
-
 /// The router's BIRD-installed route to `vip`, if any (its line).
 fn router_route(rt: &Netns, vip: IpAddr) -> Result<Option<String>> {
     let o = rt.ip(["-4", "route", "show", "proto", "bird"])?;
@@ -402,15 +376,6 @@ fn wait_router_route(s: &Setup, rt: &Netns, present: bool, what: &str) -> Result
             );
         }
         thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Removes the BIRD files when the test ends, however it ends.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
