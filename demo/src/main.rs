@@ -50,6 +50,7 @@ use net::{Forwarding, Net};
 
 mod held;
 mod net;
+mod scale_out;
 mod summary;
 
 use summary::{Check, summary};
@@ -112,15 +113,26 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
         libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
-    let (forwarding, ipv6) = match parse_args(std::env::args().skip(1)) {
+    let (forwarding, ipv6, scale) = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
             println!("lb-demo: {e}");
-            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue|nat] [--ipv6]");
+            println!("usage: lb-demo [--forwarding dsr-l2|ipip|gue|nat] [--ipv6] | --scale-out");
             return ExitCode::from(2);
         }
     };
-    let result = demo(forwarding, ipv6);
+    let result = if scale {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            Err(anyhow::anyhow!(
+                "the demo creates network namespaces and loads XDP programs: run it as root"
+            ))
+        } else {
+            scale_out::scale_out()
+        }
+    } else {
+        demo(forwarding, ipv6)
+    };
     if interrupted() {
         println!("lb-demo: interrupted; everything was torn down");
         return ExitCode::from(130);
@@ -141,9 +153,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `[--forwarding MODE] [--ipv6]`, in any order, each at most once.
-fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool), String> {
-    let (mut forwarding, mut ipv6) = (None, false);
+/// `[--forwarding MODE] [--ipv6]`, in any order, each at most once, or
+/// `--scale-out` alone.
+fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool, bool), String> {
+    let (mut forwarding, mut ipv6, mut scale) = (None, false, false);
     let mut args = args.peekable();
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -154,11 +167,17 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<(Forwarding, bool), 
                 })?);
             }
             "--ipv6" if !ipv6 => ipv6 = true,
-            "--forwarding" | "--ipv6" => return Err(format!("{a} given twice")),
+            "--scale-out" if !scale => scale = true,
+            "--forwarding" | "--ipv6" | "--scale-out" => {
+                return Err(format!("{a} given twice"));
+            }
             _ => return Err(format!("unexpected argument {a:?}")),
         }
     }
-    Ok((forwarding.unwrap_or(Forwarding::DsrL2), ipv6))
+    if scale && (forwarding.is_some() || ipv6) {
+        return Err("--scale-out tells its own story: no --forwarding or --ipv6 with it".into());
+    }
+    Ok((forwarding.unwrap_or(Forwarding::DsrL2), ipv6, scale))
 }
 
 // ---------------------------------------------------------------------------

@@ -718,8 +718,14 @@ impl Topology {
     /// Keep it in a binding declared after the topology's, so that it is
     /// dropped first.
     pub fn add_lb(&self, index: u8) -> Result<ExtraLb> {
-        ensure!((1..=8).contains(&index), "lb index {index} not in 1..=8");
-        let ns = Netns::create(format!("{}-lb{index}", self.tag()))?;
+        self.add_host(&format!("lb{index}"), index)
+    }
+
+    /// [`Topology::add_lb`] with the namespace named after `role` (e.g. a
+    /// router on the segment: the caller turns forwarding on).
+    pub fn add_host(&self, role: &str, index: u8) -> Result<ExtraLb> {
+        ensure!((1..=8).contains(&index), "host index {index} not in 1..=8");
+        let ns = Netns::create(format!("{}-{role}", self.tag()))?;
         basic_sysctls(&ns, self.ipv6)?;
         ns.sysctl(&[("net.ipv4.ip_forward", "0")])?;
         let iface = format!("{}{index}", self.lb_iface());

@@ -99,7 +99,7 @@ pub fn ecmp_lab(backends: usize) -> Result<EcmpLab> {
     // The router: one more host on the segment that forwards, spreads the
     // VIP's flows by L4 hash and sends no redirects (the lb hosts are on
     // the client's segment too).
-    let router = topo.add_lb(2)?;
+    let router = topo.add_host("rt", 2)?;
     let rif = router.iface().to_string();
     router.ns().sysctl(&[
         ("net.ipv4.ip_forward", "1"),

@@ -12,7 +12,7 @@ use crate::{
     util::{Ctx, describe, run},
 };
 
-pub fn demo(ctx: &Ctx, forwarding: &str, ipv6: bool) -> Result<ExitCode> {
+pub fn demo(ctx: &Ctx, forwarding: &str, ipv6: bool, scale_out: bool) -> Result<ExitCode> {
     if !ctx.privilege.can_escalate() {
         bail!(
             "the demo needs root (network namespaces, XDP, bpffs): this process is not root \
@@ -47,8 +47,12 @@ pub fn demo(ctx: &Ctx, forwarding: &str, ipv6: bool) -> Result<ExitCode> {
     let mut cmd = ctx.privileged(absolute(demo), "running the demo")?;
     cmd.current_dir(&ctx.root)
         .env("LB_BIN", &lb)
-        .env("LB_TEST_SERVER", &server)
-        .args(["--forwarding", forwarding]);
+        .env("LB_TEST_SERVER", &server);
+    if scale_out {
+        cmd.arg("--scale-out");
+    } else {
+        cmd.args(["--forwarding", forwarding]);
+    }
     if ipv6 {
         cmd.arg("--ipv6");
     }

@@ -85,6 +85,11 @@ enum Command {
         /// 6in6 for ipip, GUE over IPv6 for gue.
         #[arg(long)]
         ipv6: bool,
+        /// Two lb hosts behind an ECMP router (BIRD 2, BGP, BFD): traffic
+        /// split per host, one host's link down at 10 s and back at 20 s,
+        /// connections surviving.
+        #[arg(long, conflicts_with_all = ["ipv6", "forwarding"])]
+        scale_out: bool,
     },
     /// Full setup, then the whole test suite as root, one test at a time.
     Test {
@@ -137,7 +142,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Err(exec(cmd))
         }
         Command::Test { args } => test(&ctx, &args),
-        Command::Demo { forwarding, ipv6 } => demo::demo(&ctx, &forwarding, ipv6),
+        Command::Demo {
+            forwarding,
+            ipv6,
+            scale_out,
+        } => demo::demo(&ctx, &forwarding, ipv6, scale_out),
         Command::Bench { quick, strict } => bench::bench(&ctx, quick, strict),
     }
 }
