@@ -173,13 +173,9 @@ fn fresh_flows(
         "lb_xdp, new flows"
     };
     let kind = Kind::new(lb, &template, XDP_TX, what)?.fresh(*next);
-    let before = f.dp.vip_stats(0)?;
-    let unrecorded_before = unrecorded_syns(f)?;
+    let before = counters(f)?;
     let ns = costs(progs, &[kind], k)?[0];
-    let after = f.dp.vip_stats(0)?;
-    let new = after.new_flows - before.new_flows;
-    let hits = after.conntrack_hits - before.conntrack_hits;
-    let unrecorded = unrecorded_syns(f)? - unrecorded_before;
+    let (new, hits, unrecorded) = counters(f)?.since(before);
     let (want_new, want_unrecorded) = if guarded { (0, k) } else { (k, 0) };
     ensure!(
         new == u64::from(want_new) && hits == 0 && unrecorded == u64::from(want_unrecorded),
@@ -212,6 +208,22 @@ fn unrecorded_syns(f: &Fixture) -> Result<u64> {
         .get(lb_common::Reason::FwdSynUnrecorded.name())
         .copied()
         .unwrap_or(0))
+}
+
+/// VIP 0's new flows and conntrack hits, and the unrecorded SYNs.
+#[derive(Clone, Copy)]
+struct Counters(u64, u64, u64);
+
+impl Counters {
+    /// (new flows, hits, unrecorded SYNs) since `before`.
+    fn since(self, before: Counters) -> (u64, u64, u64) {
+        (self.0 - before.0, self.1 - before.1, self.2 - before.2)
+    }
+}
+
+fn counters(f: &Fixture) -> Result<Counters> {
+    let s = f.dp.vip_stats(0)?;
+    Ok(Counters(s.new_flows, s.conntrack_hits, unrecorded_syns(f)?))
 }
 
 /// Sets the SYN-flood guard word of RUNTIME (1: every SYN unrecorded, 0:
@@ -284,8 +296,7 @@ fn new_flows(
         frames.iter().all(|(fr, _)| fr.len() == hit_frame.len()),
         "new-flow frames differ in length"
     );
-    let before = f.dp.vip_stats(0)?;
-    let unrecorded_before = unrecorded_syns(f)?;
+    let before = counters(f)?;
     let order = [Call::NewFlow, Call::ReturnOnly, Call::Hit];
     // Per chunk, per kind: wall ns per call.
     let mut chunk_walls: Vec<[f64; 3]> = Vec::with_capacity(k.div_ceil(CHUNK));
@@ -322,10 +333,7 @@ fn new_flows(
         bad == 0,
         "new flows: {bad} calls returned an unexpected action"
     );
-    let after = f.dp.vip_stats(0)?;
-    let new = after.new_flows - before.new_flows;
-    let hits = after.conntrack_hits - before.conntrack_hits;
-    let unrecorded = unrecorded_syns(f)? - unrecorded_before;
+    let (new, hits, unrecorded) = counters(f)?.since(before);
     // Under the SYN-flood guard the SYNs are forwarded and counted as
     // unrecorded, not as new flows, and make no record.
     let (want_new, want_unrecorded) = if guarded { (0, k) } else { (k, 0) };

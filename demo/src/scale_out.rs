@@ -21,8 +21,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use lb_tests::{
     netns::{Netns, namespaces_still_present},
-    scale_out::{EcmpLab, ask, ecmp_lab},
-    servers::{http_get_from, tcp_connect},
+    scale_out::{EcmpLab, ecmp_lab},
+    servers::{ask, http_get_from, tcp_connect},
 };
 
 use crate::{interrupted, summary::Check};

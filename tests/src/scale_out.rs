@@ -13,7 +13,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     thread,
@@ -25,7 +24,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use crate::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
     netns::{ChildGuard, ExtraLb, Netns, Topology},
-    servers::{ServerKind, get_from_ports, spawn_on_backends},
+    servers::{ServerKind, ask, get_from_ports, spawn_on_backends},
 };
 
 /// The VIP's port.
@@ -223,27 +222,6 @@ impl EcmpLab {
             Self::new_flows(&self.lb1)? - a,
             Self::new_flows(&self.lb2)? - b,
         ))
-    }
-}
-
-/// One request on a keep-alive connection: the backend's name.
-pub fn ask(conn: &mut TcpStream) -> Result<String> {
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = conn
-            .read(&mut chunk)
-            .context("reading a keep-alive answer")?;
-        ensure!(n > 0, "the connection was closed");
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(at) = text.find("\r\n\r\n")
-            && text[at + 4..].ends_with('\n')
-        {
-            return Ok(text[at + 4..].trim().to_string());
-        }
     }
 }
 

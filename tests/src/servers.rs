@@ -610,6 +610,29 @@ pub fn http_get(addr: impl Into<SocketAddr>, timeout: Duration) -> Result<String
     http_get_from(None, addr, timeout)
 }
 
+/// One request on a keep-alive HTTP connection to the test servers: the
+/// body, the answering backend's name (5 s read timeout).
+pub fn ask(conn: &mut std::net::TcpStream) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = conn
+            .read(&mut chunk)
+            .context("reading a keep-alive answer")?;
+        ensure!(n > 0, "the connection was closed");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(at) = text.find("\r\n\r\n")
+            && text[at + 4..].ends_with('\n')
+        {
+            return Ok(text[at + 4..].trim().to_string());
+        }
+    }
+}
+
 /// `GET /` with `Connection: close` from the optional fixed source port;
 /// the whole exchange is bounded by `timeout`. Returns the body of a 200.
 ///

@@ -22,8 +22,8 @@ use std::{
 use anyhow::{Result, ensure};
 use lb_tests::{
     require_root,
-    scale_out::{EcmpLab, WAIT, ask, ecmp_lab, still_served},
-    servers::{get_from_ports, tcp_connect},
+    scale_out::{EcmpLab, WAIT, ecmp_lab, still_served},
+    servers::{ask, get_from_ports, tcp_connect},
 };
 
 const BACKENDS: usize = 3;

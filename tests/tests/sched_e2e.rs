@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -16,7 +15,7 @@ use lb_tests::{
     agent::{AgentPaths, LbAgent, VipSpec, render_config},
     netns::{ChildGuard, Topology},
     require_root,
-    servers::{ServerKind, backend_name, get_from_ports, spawn_on_backends, tcp_connect},
+    servers::{ServerKind, ask, backend_name, get_from_ports, spawn_on_backends, tcp_connect},
 };
 
 const PORT: u16 = 80;
@@ -124,27 +123,6 @@ impl Setup {
 
     fn addr(&self, i: usize) -> String {
         self.topo.backend_addr(i).to_string()
-    }
-}
-
-/// One request on a keep-alive connection: the backend's name.
-fn ask(conn: &mut TcpStream) -> Result<String> {
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = conn
-            .read(&mut chunk)
-            .context("reading a keep-alive answer")?;
-        ensure!(n > 0, "the connection was closed");
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(at) = text.find("\r\n\r\n")
-            && text[at + 4..].ends_with('\n')
-        {
-            return Ok(text[at + 4..].trim().to_string());
-        }
     }
 }
 

@@ -204,7 +204,9 @@ impl Announce {
 mod tests {
     use super::*;
     use crate::{
-        agent::state::tests::config, config::Protocol, keys::ip4, neigh::NextHop,
+        agent::state::tests::{config, next_hop},
+        config::Protocol,
+        keys::ip4,
         reconcile::KernelImage,
     };
     use Readiness::*;
@@ -315,17 +317,6 @@ mod tests {
             "host drained (lb host undrain)"
         );
         assert!(!Announce::default().view(web, &vips, &names).0);
-    }
-
-    fn next_hop(b: u8) -> NextHop {
-        NextHop {
-            iface: "eth0".into(),
-            ifindex: 2,
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, b],
-            gateway: None,
-            encap_src: None,
-        }
     }
 
     #[test]

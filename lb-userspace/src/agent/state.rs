@@ -466,7 +466,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn next_hop(b: u8) -> NextHop {
+    pub(crate) fn next_hop(b: u8) -> NextHop {
         NextHop {
             iface: "eth0".into(),
             ifindex: 2,
