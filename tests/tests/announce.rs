@@ -346,25 +346,40 @@ fn a_missing_announce_device_fails_the_start_and_attaches_nothing() -> Result<()
 /// The lb host's side of the BGP link, and the router's.
 const LB_LINK: &str = "198.18.254.2";
 const RT_LINK: &str = "198.18.254.1";
+/// The same link's IPv6 addresses (the IPv6 BGP session).
+const LB_LINK6: &str = "2001:2:0:fe::2";
+const RT_LINK6: &str = "2001:2:0:fe::1";
 
 /// The router's BIRD-installed route to `vip`, if any (its line).
 fn router_route(rt: &Netns, vip: IpAddr) -> Result<Option<String>> {
-    let o = rt.ip(["-4", "route", "show", "proto", "bird"])?;
+    let family = if vip.is_ipv4() { "-4" } else { "-6" };
+    let o = rt.ip([family, "route", "show", "proto", "bird"])?;
     Ok(String::from_utf8_lossy(&o.stdout)
         .lines()
         .find(|l| l.split_whitespace().next() == Some(vip.to_string().as_str()))
         .map(str::to_string))
 }
 
-/// Waits (bounded by [`WAIT`]) until the router has a route to `vip`
-/// through the lb host (`present`) or none.
+/// Waits (bounded by [`WAIT`]) until the router has a route to the IPv4
+/// VIP through the lb host (`present`) or none.
 fn wait_router_route(s: &Setup, rt: &Netns, present: bool, what: &str) -> Result<()> {
-    let vip = s.vip4();
+    wait_router_route_to(s, rt, s.vip4(), present, what)
+}
+
+/// [`wait_router_route`] for `vip` (IPv4 or IPv6).
+fn wait_router_route_to(
+    s: &Setup,
+    rt: &Netns,
+    vip: IpAddr,
+    present: bool,
+    what: &str,
+) -> Result<()> {
+    let via = if vip.is_ipv4() { LB_LINK } else { LB_LINK6 };
     let deadline = Instant::now() + WAIT;
     loop {
         let route = router_route(rt, vip)?;
         match &route {
-            Some(l) if present && l.contains(&format!("via {LB_LINK}")) => return Ok(()),
+            Some(l) if present && l.contains(&format!("via {via} ")) => return Ok(()),
             None if !present => return Ok(()),
             _ => {}
         }
@@ -396,20 +411,39 @@ fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
         .lb_ns()
         .ip(["addr", "add", &format!("{LB_LINK}/30"), "dev", "up0"])?;
     s.topo.lb_ns().ip(["link", "set", "up0", "up"])?;
+    for (ns, dev, addr) in [(&rt, "rt0", RT_LINK6), (s.topo.lb_ns(), "up0", LB_LINK6)] {
+        ns.sysctl(&[(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")])?;
+        let o = ns.ip([
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])?;
+        ensure!(o.status.success(), "{o:?}");
+    }
     let dir = TempDir(std::env::temp_dir().join(format!("lb-bird-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
     let timers = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
     let router_conf = format!(
         "router id {RT_LINK};\nprotocol device {{ }}\n\
          protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
          protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {timers}\n  \
-         ipv4 {{ import all; export none; }}; }}\n"
+         ipv4 {{ import all; export none; }}; }}\n\
+         protocol bgp lb1v6 {{ local {RT_LINK6} as 65000; neighbor {LB_LINK6} as 65001; {timers}\n  \
+         ipv6 {{ import all; export none; }}; }}\n"
     );
     let lb_conf = format!(
         "router id {LB_LINK};\nprotocol device {{ }}\n\
          protocol kernel vip4 {{ kernel table {TABLE}; learn; ipv4 {{ import all; export none; }}; }}\n\
+         protocol kernel vip6 {{ kernel table {TABLE}; learn; ipv6 {{ import all; export none; }}; }}\n\
          protocol bgp rt4 {{ local {LB_LINK} as 65001; neighbor {RT_LINK} as 65000; {timers}\n  \
-         ipv4 {{ import none; export where proto = \"vip4\"; }}; }}\n"
+         ipv4 {{ import none; export where proto = \"vip4\"; }}; }}\n\
+         protocol bgp up6 {{ local {LB_LINK6} as 65001; neighbor {RT_LINK6} as 65000; {timers}\n  \
+         ipv6 {{ import none; export where proto = \"vip6\"; }}; }}\n"
     );
     // Field order of the guards: dropped (killed) before the namespaces.
     let _router_bird = start_bird(&rt, &dir.0, "router", &router_conf)?;
@@ -430,7 +464,22 @@ fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
     wait_router_route(&s, &rt, false, "server stopped")?;
     s.start_v4_server()?;
     wait_router_route(&s, &rt, true, "server back")?;
+    // IPv6: its own session and kernel table import; the IPv6 VIP follows
+    // its own readiness and requests, the IPv4 one stays.
+    let vip6 = s.vip6();
+    ensure!(
+        router_route(&rt, vip6)?.is_none(),
+        "IPv6 VIP routed before its server ran"
+    );
+    s.start_v6_server()?;
+    wait_router_route_to(&s, &rt, vip6, true, "IPv6 backend up")?;
+    s.agent.cli_ok(&["vip", "withdraw", "web6"])?;
+    wait_router_route_to(&s, &rt, vip6, false, "web6 withdrawn")?;
+    wait_router_route(&s, &rt, true, "web stays while web6 is withdrawn")?;
+    s.agent.cli_ok(&["vip", "announce", "web6"])?;
+    wait_router_route_to(&s, &rt, vip6, true, "web6 announced")?;
     s.agent.stop()?;
     wait_router_route(&s, &rt, false, "agent stopped")?;
+    wait_router_route_to(&s, &rt, vip6, false, "agent stopped (IPv6)")?;
     Ok(())
 }
