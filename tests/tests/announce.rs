@@ -483,3 +483,96 @@ fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
     wait_router_route_to(&s, &rt, vip6, false, "agent stopped (IPv6)")?;
     Ok(())
 }
+
+/// An FRR daemon (`zebra` or `bgpd`) of the lb namespace, in the
+/// foreground, as user frr, with private config, zserv socket, vty socket
+/// directory and pid file under `run` (owned by frr).
+fn start_frr(ns: &Netns, run: &std::path::Path, daemon: &str, conf: &str) -> Result<ChildGuard> {
+    let bin = std::path::Path::new("/usr/lib/frr").join(daemon);
+    ensure!(
+        bin.is_file(),
+        "{} not found: install the Debian package frr (`cargo xtask setup` does)",
+        bin.display()
+    );
+    let path = run.join(format!("{daemon}.conf"));
+    std::fs::write(&path, conf)?;
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "frr:frr"])
+        .arg(run)
+        .status()?;
+    ensure!(chown.success(), "chown frr {}", run.display());
+    let zserv = run.join("zserv.api");
+    let pid = run.join(format!("{daemon}.pid"));
+    let mut g = ns.spawn([
+        bin.as_os_str(),
+        "-z".as_ref(),
+        zserv.as_os_str(),
+        "--vty_socket".as_ref(),
+        run.as_os_str(),
+        "-P".as_ref(),
+        "0".as_ref(),
+        "-f".as_ref(),
+        path.as_os_str(),
+        "-i".as_ref(),
+        pid.as_os_str(),
+    ])?;
+    thread::sleep(Duration::from_millis(500));
+    if let Some(status) = g.try_wait()? {
+        bail!("FRR {daemon} exited at once ({status}); config:\n{conf}");
+    }
+    Ok(g)
+}
+
+#[test]
+fn frr_imports_the_table_and_the_router_follows_over_bgp() -> Result<()> {
+    let mut s = setup()?;
+    // The same link and BIRD router as the BIRD test; FRR on the lb host
+    // (zebra imports table 100, bgpd redistributes it), as the README
+    // documents.
+    let rt = Netns::create(format!("{NAME_PREFIX}{}-frr-rt", std::process::id()))?;
+    let lb_ns = s.topo.lb_ns().name().to_string();
+    let o = rt.ip([
+        "link", "add", "rt0", "type", "veth", "peer", "name", "up0", "netns", &lb_ns,
+    ])?;
+    ensure!(o.status.success(), "{o:?}");
+    rt.ip(["addr", "add", &format!("{RT_LINK}/30"), "dev", "rt0"])?;
+    rt.ip(["link", "set", "rt0", "up"])?;
+    s.topo
+        .lb_ns()
+        .ip(["addr", "add", &format!("{LB_LINK}/30"), "dev", "up0"])?;
+    s.topo.lb_ns().ip(["link", "set", "up0", "up"])?;
+    let dir = TempDir(std::env::temp_dir().join(format!("lb-frr-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    let timers = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
+    let router_conf = format!(
+        "router id {RT_LINK};\nprotocol device {{ }}\n\
+         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {timers}\n  \
+         ipv4 {{ import all; export none; }}; }}\n"
+    );
+    let run = dir.0.join("frr");
+    std::fs::create_dir_all(&run)?;
+    let zebra_conf = format!("ip import-table {TABLE}\n");
+    let bgpd_conf = format!(
+        "router bgp 65001\n bgp router-id {LB_LINK}\n no bgp ebgp-requires-policy\n \
+         timers bgp 1 3\n neighbor {RT_LINK} remote-as 65000\n neighbor {RT_LINK} timers connect 1\n \
+         address-family ipv4 unicast\n  redistribute table {TABLE}\n exit-address-family\n"
+    );
+    // Guards: dropped (killed) before the namespaces.
+    let _router_bird = start_bird(&rt, &dir.0, "router", &router_conf)?;
+    let _zebra = start_frr(s.topo.lb_ns(), &run, "zebra", &zebra_conf)?;
+    let _bgpd = start_frr(s.topo.lb_ns(), &run, "bgpd", &bgpd_conf)?;
+
+    s.agent
+        .wait_health(Some("web"), s.topo.backend_addr(0).into(), "down", WAIT)?;
+    ensure!(router_route(&rt, s.vip4())?.is_none());
+    s.start_v4_server()?;
+    wait_router_route(&s, &rt, true, "FRR: backend up")?;
+    s.agent.cli_ok(&["vip", "withdraw", "web"])?;
+    wait_router_route(&s, &rt, false, "FRR: web withdrawn")?;
+    s.agent.cli_ok(&["vip", "announce", "web"])?;
+    wait_router_route(&s, &rt, true, "FRR: web announced")?;
+    s.agent.stop()?;
+    wait_router_route(&s, &rt, false, "FRR: agent stopped")?;
+    Ok(())
+}

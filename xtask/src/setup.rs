@@ -35,6 +35,8 @@ const PACKAGES: &[(&str, bool)] = &[
     ("curl", false),
     // BIRD 2: the routing daemon of the VIP-announcement test (tests/tests/announce.rs).
     ("bird2", false),
+    // FRR: the other routing daemon the announcement test runs.
+    ("frr", false),
     ("tcpdump", true),
     ("haproxy", true),
     ("wrk", true),
