@@ -35,6 +35,9 @@ const PACKAGES: &[(&str, bool)] = &[
     ("curl", false),
     // BIRD 2: the routing daemon of the VIP-announcement test (tests/tests/announce.rs).
     ("bird2", false),
+    // Headless Chromium and its WebDriver: the status page test (tests/tests/status_page.rs).
+    ("chromium", false),
+    ("chromium-driver", false),
     ("tcpdump", true),
     ("haproxy", true),
     ("wrk", true),
@@ -312,7 +315,14 @@ fn apt_install(ctx: &Ctx, pkgs: &[&str]) -> Result<()> {
     run(ctx
         .privileged("apt-get", "installing Debian packages")?
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["-q", "install", "-y", "--no-install-recommends"])
+        .args([
+            "-q",
+            "-o",
+            "DPkg::Lock::Timeout=300",
+            "install",
+            "-y",
+            "--no-install-recommends",
+        ])
         .args(pkgs))
 }
 
