@@ -138,6 +138,12 @@ pub struct StatusView {
     /// VIP announcement (`None`: off).
     #[serde(default)]
     pub announce: Option<AnnounceStatusView>,
+    /// The agent's version (its crate version).
+    #[serde(default)]
+    pub version: String,
+    /// Flow records the conntrack table holds at most (`conntrack_entries`).
+    #[serde(default)]
+    pub conntrack_entries: u32,
 }
 
 /// VIP announcement as `lb status` shows it.

@@ -25,6 +25,7 @@ pub mod pins;
 pub mod reconcile;
 pub mod rundir;
 pub mod sched;
+pub mod status_page;
 pub mod syn_filter;
 pub mod timing;
 pub mod vip_routes;

@@ -296,8 +296,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let s: StatusView = serde_json::from_value(v)?;
             println!(
-                "instance   {} (pid {}, up {}s)",
-                s.instance, s.pid, s.uptime_s
+                "instance   {} (pid {}, up {}s, version {})",
+                s.instance, s.pid, s.uptime_s, s.version
             );
             println!("config     {}", s.config);
             println!(

@@ -1,5 +1,7 @@
 //! Prometheus metrics: `GET /metrics` on the configured address, in the
 //! text exposition format, rendered from the agent's latest counter sample.
+//! The same listener serves the status page (`/`, `/status.json`; see
+//! [`crate::status_page`]).
 //!
 //! The server is bounded: at most a given number of connections at once
 //! (more are accepted and closed at once, with a log line at most every
@@ -26,10 +28,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::{
-    control::{Health, StatsView},
+    control::{ControlMsg, Health, StatsView},
+    status_page::{self, Route},
     timing,
 };
 
@@ -231,10 +234,13 @@ impl Throttled {
 }
 
 /// Serves `/metrics` until the task is dropped, with at most
-/// `max_connections` connections open at once.
+/// `max_connections` connections open at once; with `control` (the
+/// control socket's channel to the agent), also the status page and
+/// `/status.json` ([`status_page`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     stats: watch::Receiver<StatsView>,
+    control: Option<mpsc::Sender<ControlMsg>>,
     max_connections: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -268,23 +274,58 @@ pub async fn serve(
             continue;
         };
         let stats = stats.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let stats = stats.clone();
+                let control = control.clone();
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        let body = render(&stats.borrow());
-                        Response::builder()
+                    let route = status_page::route(
+                        req.method().as_str(),
+                        req.uri().path(),
+                        control.is_some(),
+                    );
+                    let resp = match route {
+                        Route::Metrics => Response::builder()
                             .header(
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(body)))
-                    } else {
-                        Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                            .body(Full::new(Bytes::from(render(&stats.borrow())))),
+                        Route::Page => Response::builder()
+                            .header("content-type", "text/html; charset=utf-8")
+                            .header("cache-control", "no-store")
+                            .body(Full::new(Bytes::from_static(status_page::PAGE.as_bytes()))),
+                        Route::Json => {
+                            let answer = match &control {
+                                Some(c) => status_page::status_json(c).await,
+                                None => Err("the status page is off".into()),
+                            };
+                            match answer {
+                                Ok(v) => Response::builder()
+                                    .header("content-type", "application/json")
+                                    .header("cache-control", "no-store")
+                                    .body(Full::new(Bytes::from(v.to_string()))),
+                                Err(e) => Response::builder()
+                                    .status(503)
+                                    .header("content-type", "text/plain; charset=utf-8")
+                                    .body(Full::new(Bytes::from(format!("{e}\n")))),
+                            }
+                        }
+                        Route::MethodNotAllowed => Response::builder()
+                            .status(405)
+                            .header("allow", "GET, HEAD")
+                            .body(Full::new(Bytes::from_static(b"read-only: GET or HEAD\n"))),
+                        Route::NotFound => {
+                            Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(if control.is_some() {
+                                    b"try /metrics, / or /status.json\n"
+                                } else {
+                                    b"try /metrics\n"
+                                })))
+                        }
                     };
                     Ok::<_, Infallible>(resp.expect("valid response"))
                 }

@@ -37,6 +37,9 @@ const PACKAGES: &[(&str, bool)] = &[
     ("bird2", false),
     // FRR: the other routing daemon the announcement test runs.
     ("frr", false),
+    // Headless Chromium and its WebDriver: the status page test (tests/tests/status_page.rs).
+    ("chromium", false),
+    ("chromium-driver", false),
     ("tcpdump", true),
     ("haproxy", true),
     ("wrk", true),
@@ -314,7 +317,14 @@ fn apt_install(ctx: &Ctx, pkgs: &[&str]) -> Result<()> {
     run(ctx
         .privileged("apt-get", "installing Debian packages")?
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["-q", "install", "-y", "--no-install-recommends"])
+        .args([
+            "-q",
+            "-o",
+            "DPkg::Lock::Timeout=300",
+            "install",
+            "-y",
+            "--no-install-recommends",
+        ])
         .args(pkgs))
 }
 

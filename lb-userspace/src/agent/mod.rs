@@ -411,6 +411,8 @@ impl Agent {
                     error: a.error.clone(),
                 }
             }),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            conntrack_entries: cfg.agent.kernel.conntrack_entries,
         }
     }
 
@@ -524,14 +526,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&socket);
         })?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
-    tokio::spawn(control::serve(listener, ctl_tx, access));
+    tokio::spawn(control::serve(listener, ctl_tx.clone(), access));
     if let Some(l) = metrics {
         if let Ok(addr) = l.local_addr() {
-            info!("metrics on http://{addr}/metrics");
+            info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
         }
         tokio::spawn(crate::metrics::serve(
             l,
             agent.stats.subscribe(),
+            Some(ctl_tx.clone()),
             budget.metrics_connections,
         ));
     }

@@ -11,7 +11,7 @@
 //! control_socket = "/run/lb/default.sock"   # default: /run/lb/<instance>.sock
 //! control_group = "lbadmin"            # optional group name or gid: socket 0660 for that group,
 //!                                      # whose members may change the agent; absent = 0600, root only
-//! metrics_listen = "127.0.0.1:9100"    # optional SocketAddr; absent = no metrics server
+//! metrics_listen = "127.0.0.1:9100"    # optional SocketAddr; absent = no metrics server (nor status page)
 //! conntrack_entries = 1048576          # optional, 1..=2^28, default lb_common::DEFAULT_CONNTRACK_ENTRIES
 //! max_vips = 64                        # optional, 1..=65536, default lb_common::DEFAULT_MAX_VIPS
 //! max_backends = 4096                  # optional, 1..=2^20, default lb_common::DEFAULT_MAX_BACKENDS
