@@ -335,6 +335,10 @@ pub struct BackendStatsView {
     /// Least-connections VIPs: the active connections the kernel compares.
     #[serde(default)]
     pub active_connections: Option<u64>,
+    /// Times its health changed (up to down or back) since the agent
+    /// started.
+    #[serde(default)]
+    pub health_transitions: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -356,6 +360,16 @@ pub struct StatsView {
     /// table (`None`: announcing is off).
     #[serde(default)]
     pub announced: Option<BTreeMap<String, bool>>,
+    /// Maglev tables the agent built since it started (not taken from its
+    /// cache).
+    #[serde(default)]
+    pub ring_builds: u64,
+    /// The agent's version.
+    #[serde(default)]
+    pub version: String,
+    /// When the agent started (Unix time, seconds).
+    #[serde(default)]
+    pub started_unix_s: f64,
 }
 
 /// How many limited sources `lb stats` and the metrics show.

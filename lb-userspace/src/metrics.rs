@@ -55,6 +55,11 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -77,6 +82,7 @@ pub fn render(stats: &StatsView) -> String {
     let be_bytes = Family::<BackendLabels, Ctr>::default();
     let be_up = Family::<BackendLabels, Gauge>::default();
     let be_active = Family::<BackendLabels, Gauge>::default();
+    let be_transitions = Family::<BackendLabels, Ctr>::default();
     let reasons = Family::<ReasonLabels, Ctr>::default();
     let announced = Family::<VipLabels, Gauge>::default();
     for (vip, on) in stats.announced.iter().flatten() {
@@ -116,6 +122,9 @@ pub fn render(stats: &StatsView) -> String {
         be_up
             .get_or_create(&l)
             .set(i64::from(b.health == Health::Up));
+        be_transitions
+            .get_or_create(&l)
+            .inc_by(b.health_transitions);
         if let Some(n) = b.active_connections {
             be_active
                 .get_or_create(&l)
@@ -190,6 +199,36 @@ pub fn render(stats: &StatsView) -> String {
     );
     reg.register("backend_bytes", "Bytes forwarded to a backend", be_bytes);
     reg.register("backend_up", "1 when the backend is healthy", be_up);
+    reg.register(
+        "backend_health_transitions",
+        "Times the backend's health checks changed its state (up to down or back) since the \
+         agent started",
+        be_transitions,
+    );
+    // The agent itself (absent from a view that has none: before the
+    // first sample).
+    if !stats.version.is_empty() {
+        let info = Family::<BuildLabels, Gauge>::default();
+        info.get_or_create(&BuildLabels {
+            version: stats.version.clone(),
+        })
+        .set(1);
+        reg.register("build_info", "The agent's version (value 1)", info);
+        let started = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        started.set(stats.started_unix_s);
+        reg.register(
+            "agent_start_time_seconds",
+            "When the agent started, Unix time",
+            started,
+        );
+        let builds = Ctr::default();
+        builds.inc_by(stats.ring_builds);
+        reg.register(
+            "ring_builds",
+            "Maglev tables the agent built since it started (a backend set or weight changed)",
+            builds,
+        );
+    }
     reg.register(
         "backend_active_connections",
         "Least-connections VIPs: the active connections the kernel compares",
@@ -376,6 +415,7 @@ mod tests {
                     bps: 0.0,
                 },
                 active_connections: Some(12),
+                health_transitions: 3,
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
             nat_entries: Some(9),
@@ -387,6 +427,9 @@ mod tests {
                 passed: 100,
             }],
             announced: Some([("web".to_string(), true), ("dns".to_string(), false)].into()),
+            ring_builds: 4,
+            version: "9.8.7".into(),
+            started_unix_s: 1_800_000_000.5,
         };
         let text = render(&stats);
         for want in [
@@ -406,6 +449,10 @@ mod tests {
             r#"lb_rate_limited_source_drops{vip="web",source="198.18.7.0",limit="new"} 4"#,
             r#"lb_vip_announced{vip="web"} 1"#,
             r#"lb_vip_announced{vip="dns"} 0"#,
+            r#"lb_backend_health_transitions_total{vip="web",backend="198.18.0.11"} 3"#,
+            r#"lb_build_info{version="9.8.7"} 1"#,
+            "lb_agent_start_time_seconds 1800000000.5",
+            "lb_ring_builds_total 4",
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }
@@ -420,7 +467,9 @@ mod nat_tests {
     fn no_nat_entries_gauge_before_the_first_count() {
         let text = render(&StatsView::default());
         assert!(!text.contains("lb_nat_entries"), "{text}");
-        // Announcing off: no announce gauge either.
+        // Announcing off: no announce gauge either; no agent figures in a
+        // view without them.
         assert!(!text.contains("lb_vip_announced"), "{text}");
+        assert!(!text.contains("lb_build_info"), "{text}");
     }
 }

@@ -205,6 +205,36 @@ fn failover_and_rejoin() -> Result<()> {
         back > 100,
         "only {back} of 600 connections reached the rejoined backend"
     );
+    // The metrics tell the story: two transitions for the victim (down,
+    // up), none for the others, and a ring built for each change (the
+    // view is sampled once a tick: polled, bounded).
+    let line = |b: Ipv4Addr, n: u64| {
+        format!("lb_backend_health_transitions_total{{vip=\"web\",backend=\"{b}\"}} {n}")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = lb_tests::agent::metrics(s.topo.lb_ns())?;
+        if text.contains(&line(victim, 2)) || std::time::Instant::now() >= deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let builds: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_ring_builds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        text.contains(&line(victim, 2))
+            && text.contains(&line(s.topo.backend_addr(0), 0))
+            && text.contains(&format!(
+                "lb_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ))
+            && text.contains("lb_agent_start_time_seconds ")
+            && builds >= 3,
+        "metrics after a failover and a rejoin ({builds} ring builds):\n{text}"
+    );
     Ok(())
 }
 

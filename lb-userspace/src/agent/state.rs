@@ -38,6 +38,8 @@ pub struct BackendStatus {
     /// last went down: its `up` is confirmed, not the optimistic start
     /// state (what VIP announcement waits for).
     pub confirmed: bool,
+    /// Times the health checks changed `up` since the agent started.
+    pub transitions: u64,
 }
 
 impl BackendStatus {
@@ -49,6 +51,7 @@ impl BackendStatus {
             next_hop: None,
             next_hop_error: None,
             confirmed: false,
+            transitions: 0,
         }
     }
 
@@ -185,7 +188,9 @@ impl State {
             return false;
         };
         b.last_check = Some(outcome);
-        std::mem::replace(&mut b.up, up) != up
+        let changed = std::mem::replace(&mut b.up, up) != up;
+        b.transitions += u64::from(changed);
+        changed
     }
 
     /// Records whether a probe confirmed `key` up (`passed`: it succeeded)

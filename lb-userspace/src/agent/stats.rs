@@ -43,10 +43,7 @@ impl Stats {
     pub fn sample<M: KernelMaps>(&mut self, core: &Core<M>) {
         let (vips, backends, reasons) = read_counters(core);
         self.sampler.update(Instant::now(), vips, backends, reasons);
-        self.sampler.view.nat_entries = core.maps().nat_entries();
-        self.sampler.view.limited_sources = limited_sources(core);
-        self.sampler.view.announced = core.vips_announced();
-        set_active_connections(core, &mut self.sampler.view);
+        decorate(core, &mut self.sampler.view);
         self.tx.send_replace(self.sampler.view.clone());
     }
 
@@ -64,10 +61,7 @@ impl Stats {
         }
         let (vips, backends, reasons) = read_counters(core);
         s.update(Instant::now(), vips, backends, reasons);
-        s.view.nat_entries = core.maps().nat_entries();
-        s.view.limited_sources = limited_sources(core);
-        s.view.announced = core.vips_announced();
-        set_active_connections(core, &mut s.view);
+        decorate(core, &mut s.view);
         let view = s.view.clone();
         if prev.is_some() {
             (s.prev, s.older) = (prev, older);
@@ -102,6 +96,43 @@ fn limited_sources<M: KernelMaps>(core: &Core<M>) -> Vec<LimitedSourceView> {
 
 /// The least-connections VIPs' backends get the counts the kernel
 /// compares.
+/// What a view carries besides the counters: NAT flows, limited sources,
+/// announcements, active connections, health transitions, ring builds,
+/// the agent's version and start.
+fn decorate<M: KernelMaps>(core: &Core<M>, view: &mut StatsView) {
+    view.nat_entries = core.maps().nat_entries();
+    view.limited_sources = limited_sources(core);
+    view.announced = core.vips_announced();
+    set_active_connections(core, view);
+    view.ring_builds = core.rings.builds();
+    view.version = env!("CARGO_PKG_VERSION").to_string();
+    view.started_unix_s = *STARTED;
+    for v in &core.config().vips {
+        for b in &v.backends {
+            let key = BackendKey {
+                vip: VipId::of(v),
+                address: b.address,
+            };
+            if let Some(status) = core.state.backend(&key)
+                && let Some(row) = view
+                    .backends
+                    .iter_mut()
+                    .find(|r| r.vip == v.name && r.address == b.address)
+            {
+                row.health_transitions = status.transitions;
+            }
+        }
+    }
+}
+
+/// When this agent process started (Unix time, seconds): taken the first
+/// time a view is decorated, at the agent's first sample.
+static STARTED: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+});
+
 fn set_active_connections<M: KernelMaps>(core: &Core<M>, view: &mut crate::control::StatsView) {
     for v in &core.config().vips {
         let Some(counts) = core.lc_counts(v) else {
@@ -243,6 +274,7 @@ impl StatsSampler {
                             bps: 8.0 * rate(s.bytes, p.map(|p| p.bytes)),
                         },
                         active_connections: None,
+                        health_transitions: 0,
                     }
                 })
                 .collect(),
@@ -258,6 +290,9 @@ impl StatsSampler {
             nat_entries: None,
             limited_sources: Vec::new(),
             announced: None,
+            ring_builds: 0,
+            version: String::new(),
+            started_unix_s: 0.0,
         };
         self.view = view;
         self.older = self.prev.replace((now, vips, backends, reasons));
