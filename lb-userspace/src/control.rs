@@ -370,6 +370,20 @@ pub struct StatsView {
     /// When the agent started (Unix time, seconds).
     #[serde(default)]
     pub started_unix_s: f64,
+    /// Conntrack records as last counted and the tables' sizes; None
+    /// before the first count.
+    #[serde(default)]
+    pub conntrack: Option<ConntrackView>,
+}
+
+/// Conntrack occupancy: records (expired ones included, until the LRU
+/// reuses them) and capacity, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackView {
+    pub records_v4: u64,
+    pub records_v6: u64,
+    pub capacity_v4: u64,
+    pub capacity_v6: u64,
 }
 
 /// How many limited sources `lb stats` and the metrics show.

@@ -91,8 +91,10 @@ pub struct FlowCount {
     /// Backend id → those of them not closing (no FIN or RST seen):
     /// the active connections least connections compares.
     pub open_per_backend: BTreeMap<u32, u64>,
-    /// Records read in the pass (expired ones included).
+    /// Records read in the pass (expired ones included), both families.
     pub records: u64,
+    /// Of them, CONNTRACK6's.
+    pub records6: u64,
     /// When the pass ended.
     pub at: Option<Instant>,
     /// The NAT pass that followed (its live flows are in `per_backend`).
@@ -419,8 +421,9 @@ pub fn count_flows(
     mut tcp_live: impl FnMut(u32),
 ) -> anyhow::Result<FlowCount> {
     let mut count = FlowCount::default();
-    let mut add = |proto: u32, hash: &dyn Fn() -> u32, e: &FlowEntry| {
+    let mut add = |v6: bool, proto: u32, hash: &dyn Fn() -> u32, e: &FlowEntry| {
         count.records += 1;
+        count.records6 += u64::from(v6);
         if !e.is_expired(proto, rt) {
             if proto == u32::from(lb_common::IPPROTO_TCP) {
                 tcp_live(hash());
@@ -431,8 +434,8 @@ pub fn count_flows(
             }
         }
     };
-    for_each_flow::<FlowKey>(conntrack, |k, e| add(k.proto, &|| k.hash(), e))?;
-    for_each_flow::<FlowKey6>(conntrack6, |k, e| add(k.proto, &|| k.hash(), e))?;
+    for_each_flow::<FlowKey>(conntrack, |k, e| add(false, k.proto, &|| k.hash(), e))?;
+    for_each_flow::<FlowKey6>(conntrack6, |k, e| add(true, k.proto, &|| k.hash(), e))?;
     count.at = Some(Instant::now());
     Ok(count)
 }

@@ -55,6 +55,11 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -66,7 +71,35 @@ struct ReasonLabels {
 
 type Ctr = Counter<u64, AtomicU64>;
 
-/// Renders one sample as Prometheus text.
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics page as
+/// [`render`] makes it: a counter's HELP and TYPE lines name its samples
+/// (`x_total`, where OpenMetrics names the family `x`), no `# UNIT` lines,
+/// no `# EOF`. The samples are the same.
+pub fn classic(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Renders one sample as Prometheus text (OpenMetrics).
 pub fn render(stats: &StatsView) -> String {
     let mut reg = Registry::with_prefix("lb");
     let vip_packets = Family::<VipLabels, Ctr>::default();
@@ -205,6 +238,35 @@ pub fn render(stats: &StatsView) -> String {
          agent started",
         be_transitions,
     );
+    if let Some(c) = stats.conntrack {
+        let records = Family::<FamilyLabels, Gauge>::default();
+        let capacity = Family::<FamilyLabels, Gauge>::default();
+        for (family, n, cap) in [
+            ("ipv4", c.records_v4, c.capacity_v4),
+            ("ipv6", c.records_v6, c.capacity_v6),
+        ] {
+            let l = FamilyLabels {
+                family: family.into(),
+            };
+            records
+                .get_or_create(&l)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            capacity
+                .get_or_create(&l)
+                .set(i64::try_from(cap).unwrap_or(i64::MAX));
+        }
+        reg.register(
+            "conntrack_records",
+            "Conntrack records as last counted (expired ones included until the LRU reuses \
+             them)",
+            records,
+        );
+        reg.register(
+            "conntrack_capacity",
+            "Conntrack table size (records it holds before evicting the least recently used)",
+            capacity,
+        );
+    }
     // The agent itself (absent from a view that has none: before the
     // first sample).
     if !stats.version.is_empty() {
@@ -320,18 +382,27 @@ pub async fn serve(
                 let stats = stats.clone();
                 let control = control.clone();
                 async move {
+                    // OpenMetrics to a scraper that asks for it (Prometheus
+                    // does); the classic text format otherwise.
+                    let openmetrics = req.headers().get_all("accept").iter().any(|v| {
+                        v.to_str()
+                            .is_ok_and(|v| v.contains("application/openmetrics-text"))
+                    });
                     let route = status_page::route(
                         req.method().as_str(),
                         req.uri().path(),
                         control.is_some(),
                     );
                     let resp = match route {
-                        Route::Metrics => Response::builder()
+                        Route::Metrics if openmetrics => Response::builder()
                             .header(
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
                             .body(Full::new(Bytes::from(render(&stats.borrow())))),
+                        Route::Metrics => Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(classic(&render(&stats.borrow()))))),
                         Route::Page => Response::builder()
                             .header("content-type", "text/html; charset=utf-8")
                             .header("cache-control", "no-store")
@@ -430,6 +501,12 @@ mod tests {
             ring_builds: 4,
             version: "9.8.7".into(),
             started_unix_s: 1_800_000_000.5,
+            conntrack: Some(crate::control::ConntrackView {
+                records_v4: 70,
+                records_v6: 8,
+                capacity_v4: 1024,
+                capacity_v6: 1024,
+            }),
         };
         let text = render(&stats);
         for want in [
@@ -453,9 +530,43 @@ mod tests {
             r#"lb_build_info{version="9.8.7"} 1"#,
             "lb_agent_start_time_seconds 1800000000.5",
             "lb_ring_builds_total 4",
+            r#"lb_conntrack_records{family="ipv4"} 70"#,
+            r#"lb_conntrack_records{family="ipv6"} 8"#,
+            r#"lb_conntrack_capacity{family="ipv6"} 1024"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod classic_tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples_and_has_no_eof() {
+        let om = render(&StatsView {
+            version: "1.2.3".into(),
+            ..StatsView::default()
+        });
+        assert!(om.contains("# TYPE lb_ring_builds counter") && om.ends_with("# EOF\n"));
+        let text = classic(&om);
+        assert!(
+            text.contains("# TYPE lb_ring_builds_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP lb_ring_builds_total "), "{text}");
+        assert!(text.contains("lb_ring_builds_total 0"), "{text}");
+        assert!(text.contains("# TYPE lb_build_info gauge"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        // Only the comment lines differ.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&text));
     }
 }
 

@@ -182,6 +182,12 @@ pub trait KernelMaps: crate::acl::AclMaps {
     fn nat_entries(&self) -> Option<u64> {
         None
     }
+    /// Conntrack records (IPv4, IPv6) as last counted, expired ones
+    /// included (the LRU holds them until it needs the room); None before
+    /// the first count.
+    fn conntrack_records(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// A VIP's counters summed over CPUs.
     fn vip_stats(&self, index: u32) -> Result<VipStats, Self::Error>;
     /// A backend's counters summed over CPUs.

@@ -40,6 +40,9 @@ const PACKAGES: &[(&str, bool)] = &[
     // Headless Chromium and its WebDriver: the status page test (tests/tests/status_page.rs).
     ("chromium", false),
     ("chromium-driver", false),
+    // promtool (in Debian's prometheus package): deploy/'s rules and the
+    // agent's metrics output are checked with it (tests/tests/deploy.rs).
+    ("prometheus", false),
     ("tcpdump", true),
     ("haproxy", true),
     ("wrk", true),

@@ -107,6 +107,16 @@ fn decorate<M: KernelMaps>(core: &Core<M>, view: &mut StatsView) {
     view.ring_builds = core.rings.builds();
     view.version = env!("CARGO_PKG_VERSION").to_string();
     view.started_unix_s = *STARTED;
+    let capacity = u64::from(core.config().agent.kernel.conntrack_entries);
+    view.conntrack =
+        core.maps()
+            .conntrack_records()
+            .map(|(v4, v6)| crate::control::ConntrackView {
+                records_v4: v4,
+                records_v6: v6,
+                capacity_v4: capacity,
+                capacity_v6: capacity,
+            });
     for v in &core.config().vips {
         for b in &v.backends {
             let key = BackendKey {
@@ -293,6 +303,7 @@ impl StatsSampler {
             ring_builds: 0,
             version: String::new(),
             started_unix_s: 0.0,
+            conntrack: None,
         };
         self.view = view;
         self.older = self.prev.replace((now, vips, backends, reasons));

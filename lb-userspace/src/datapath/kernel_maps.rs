@@ -148,6 +148,12 @@ impl KernelMaps for Datapath {
             .map(|c| c.nat.fwd_entries)
     }
 
+    fn conntrack_records(&self) -> Option<(u64, u64)> {
+        self.flow_count()
+            .filter(|c| c.at.is_some())
+            .map(|c| (c.records - c.records6, c.records6))
+    }
+
     fn vip_stats(&self, index: u32) -> Result<VipStats> {
         Datapath::vip_stats(self, index)
     }
