@@ -339,6 +339,20 @@ pub struct BackendStatsView {
     /// started.
     #[serde(default)]
     pub health_transitions: u64,
+    /// How long its passing health checks took (None: no check passed).
+    #[serde(default)]
+    pub check_latency: Option<LatencyView>,
+}
+
+/// A histogram of health-check durations: `counts[i]` checks took at most
+/// `le[i]` seconds (and more than the bound before); the last count is
+/// over the last bound.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyView {
+    pub le: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum_s: f64,
+    pub count: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -70,8 +70,12 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 /// `timeout after 500ms`, `connection refused`, `HTTP status 503 (want 200)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeOutcome {
-    /// The check passed; `detail` says how (e.g. `TCP connect in 0.3ms`).
-    Ok { detail: String },
+    /// The check passed; `detail` says how (e.g. `TCP connect in 0.3ms`),
+    /// `latency` how long it took (None: no check configured).
+    Ok {
+        detail: String,
+        latency: Option<Duration>,
+    },
     /// No answer within the configured timeout (the duration is that timeout).
     Timeout(Duration),
     /// The TCP connection was refused (RST): nothing listens on the port.
@@ -102,7 +106,7 @@ impl ProbeOutcome {
 impl fmt::Display for ProbeOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProbeOutcome::Ok { detail } => f.write_str(detail),
+            ProbeOutcome::Ok { detail, .. } => f.write_str(detail),
             ProbeOutcome::Timeout(d) => write!(f, "timeout after {}", fmt_duration(*d)),
             ProbeOutcome::Refused => f.write_str("connection refused"),
             ProbeOutcome::Error(e) => f.write_str(e),
@@ -227,6 +231,7 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> ProbeOutcome {
         HealthCheckKind::None => {
             return ProbeOutcome::Ok {
                 detail: "no health check configured".to_string(),
+                latency: None,
             };
         }
         HealthCheckKind::Tcp => tokio::time::timeout(timeout, tcp_probe(addr)).await,
@@ -245,9 +250,13 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> ProbeOutcome {
     match result {
         Err(_elapsed) => ProbeOutcome::Timeout(timeout),
         Ok(Err(outcome)) => outcome,
-        Ok(Ok(what)) => ProbeOutcome::Ok {
-            detail: format!("{what} in {}", fmt_duration(start.elapsed())),
-        },
+        Ok(Ok(what)) => {
+            let latency = start.elapsed();
+            ProbeOutcome::Ok {
+                detail: format!("{what} in {}", fmt_duration(latency)),
+                latency: Some(latency),
+            }
+        }
     }
 }
 
@@ -690,6 +699,7 @@ mod tests {
     fn ok() -> ProbeOutcome {
         ProbeOutcome::Ok {
             detail: "test".into(),
+            latency: None,
         }
     }
 

@@ -71,6 +71,47 @@ struct ReasonLabels {
 
 type Ctr = Counter<u64, AtomicU64>;
 
+/// A histogram whose buckets are already counted (the agent's; see
+/// [`crate::control::LatencyView`]): prometheus-client's own Histogram
+/// only observes.
+#[derive(Debug, Default)]
+struct CountedHistogram(std::sync::Mutex<crate::control::LatencyView>);
+
+impl CountedHistogram {
+    fn set(&self, v: &crate::control::LatencyView) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v.clone();
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for CountedHistogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for CountedHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Per bucket (not cumulated: the encoder sums them), the last one
+        // +Inf.
+        let buckets: Vec<(f64, u64)> =
+            v.le.iter()
+                .copied()
+                .chain(std::iter::once(f64::MAX))
+                .zip(v.counts.iter().copied())
+                .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            v.sum_s, v.count, &buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics page as
 /// [`render`] makes it: a counter's HELP and TYPE lines name its samples
 /// (`x_total`, where OpenMetrics names the family `x`), no `# UNIT` lines,
@@ -116,6 +157,7 @@ pub fn render(stats: &StatsView) -> String {
     let be_up = Family::<BackendLabels, Gauge>::default();
     let be_active = Family::<BackendLabels, Gauge>::default();
     let be_transitions = Family::<BackendLabels, Ctr>::default();
+    let be_latency = Family::<BackendLabels, CountedHistogram>::default();
     let reasons = Family::<ReasonLabels, Ctr>::default();
     let announced = Family::<VipLabels, Gauge>::default();
     for (vip, on) in stats.announced.iter().flatten() {
@@ -158,6 +200,9 @@ pub fn render(stats: &StatsView) -> String {
         be_transitions
             .get_or_create(&l)
             .inc_by(b.health_transitions);
+        if let Some(h) = &b.check_latency {
+            be_latency.get_or_create(&l).set(h);
+        }
         if let Some(n) = b.active_connections {
             be_active
                 .get_or_create(&l)
@@ -237,6 +282,11 @@ pub fn render(stats: &StatsView) -> String {
         "Times the backend's health checks changed its state (up to down or back) since the \
          agent started",
         be_transitions,
+    );
+    reg.register(
+        "backend_check_duration_seconds",
+        "How long the backend's passing health checks took",
+        be_latency,
     );
     if let Some(c) = stats.conntrack {
         let records = Family::<FamilyLabels, Gauge>::default();
@@ -487,6 +537,12 @@ mod tests {
                 },
                 active_connections: Some(12),
                 health_transitions: 3,
+                check_latency: Some(crate::control::LatencyView {
+                    le: vec![0.001, 0.01],
+                    counts: vec![2, 1, 1],
+                    sum_s: 0.5,
+                    count: 4,
+                }),
             }],
             reasons: [("drop_no_backend".to_string(), (2, 0.0))].into(),
             nat_entries: Some(9),
@@ -533,6 +589,10 @@ mod tests {
             r#"lb_conntrack_records{family="ipv4"} 70"#,
             r#"lb_conntrack_records{family="ipv6"} 8"#,
             r#"lb_conntrack_capacity{family="ipv6"} 1024"#,
+            r#"lb_backend_check_duration_seconds_bucket{le="0.001",vip="web",backend="198.18.0.11"} 2"#,
+            r#"lb_backend_check_duration_seconds_bucket{le="0.01",vip="web",backend="198.18.0.11"} 3"#,
+            r#"lb_backend_check_duration_seconds_bucket{le="+Inf",vip="web",backend="198.18.0.11"} 4"#,
+            r#"lb_backend_check_duration_seconds_count{vip="web",backend="198.18.0.11"} 4"#,
         ] {
             assert!(text.contains(want), "missing {want} in:\n{text}");
         }

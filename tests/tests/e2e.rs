@@ -232,6 +232,10 @@ fn failover_and_rejoin() -> Result<()> {
                 env!("CARGO_PKG_VERSION")
             ))
             && text.contains("lb_agent_start_time_seconds ")
+            && text.contains(&format!(
+                "lb_backend_check_duration_seconds_count{{vip=\"web\",backend=\"{}\"}} ",
+                s.topo.backend_addr(0)
+            ))
             && builds >= 3,
         "metrics after a failover and a rejoin ({builds} ring builds):\n{text}"
     );

@@ -169,6 +169,12 @@ impl<M: KernelMaps> Core<M> {
 
     /// Records a health check result; true when the kernel needs an update.
     pub fn on_health(&mut self, ev: HealthEvent) -> bool {
+        if let crate::health::ProbeOutcome::Ok {
+            latency: Some(d), ..
+        } = &ev.outcome
+        {
+            self.state.record_latency(&ev.key, *d);
+        }
         let changed = self
             .state
             .record_health(&ev.key, ev.up, ev.outcome.to_string());
@@ -486,6 +492,7 @@ mod tests {
             let outcome = if up {
                 ProbeOutcome::Ok {
                     detail: "TCP connect".into(),
+                    latency: Some(std::time::Duration::from_micros(700)),
                 }
             } else {
                 ProbeOutcome::Refused
@@ -767,6 +774,7 @@ mod tests {
             outcome: if up {
                 ProbeOutcome::Ok {
                     detail: "TCP connect".into(),
+                    latency: Some(std::time::Duration::from_micros(700)),
                 }
             } else {
                 ProbeOutcome::Refused

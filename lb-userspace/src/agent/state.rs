@@ -40,6 +40,36 @@ pub struct BackendStatus {
     pub confirmed: bool,
     /// Times the health checks changed `up` since the agent started.
     pub transitions: u64,
+    /// How long its passing checks took.
+    pub latency: LatencyHistogram,
+}
+
+/// Upper bounds (seconds) of the health-check latency histogram's buckets
+/// (the last, +Inf, is implied).
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Passing health checks by duration: per bucket of [`LATENCY_BOUNDS`]
+/// (and one over the last), their count and total (µs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i] += 1;
+        self.sum_us += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.count += 1;
+    }
 }
 
 impl BackendStatus {
@@ -52,6 +82,7 @@ impl BackendStatus {
             next_hop_error: None,
             confirmed: false,
             transitions: 0,
+            latency: LatencyHistogram::default(),
         }
     }
 
@@ -191,6 +222,13 @@ impl State {
         let changed = std::mem::replace(&mut b.up, up) != up;
         b.transitions += u64::from(changed);
         changed
+    }
+
+    /// Records how long a passing check of `key` took.
+    pub fn record_latency(&mut self, key: &BackendKey, d: std::time::Duration) {
+        if let Some(b) = self.backends.get_mut(key) {
+            b.latency.observe(d);
+        }
     }
 
     /// Records whether a probe confirmed `key` up (`passed`: it succeeded)
@@ -590,6 +628,20 @@ pub(crate) mod tests {
         same(&a, &b);
         let ia = a.target(&a_cfg).unwrap();
         assert!(!ring_addresses(&ia, 1).contains(&12) && !ring_addresses(&ia, 2).contains(&21));
+    }
+
+    #[test]
+    fn check_durations_land_in_the_first_bucket_that_holds_them() {
+        let mut h = LatencyHistogram::default();
+        for us in [300, 500, 501, 2_000_000, 9_000_000] {
+            h.observe(std::time::Duration::from_micros(us));
+        }
+        // 0.3 and 0.5 ms: ≤ 0.5 ms; 0.501 ms: ≤ 1 ms; 2 s: ≤ 2.5 s; 9 s: over.
+        assert_eq!(h.buckets[0], 2);
+        assert_eq!(h.buckets[1], 1);
+        assert_eq!(h.buckets[LATENCY_BOUNDS.len() - 1], 1);
+        assert_eq!(h.buckets[LATENCY_BOUNDS.len()], 1);
+        assert_eq!((h.count, h.sum_us), (5, 11_001_301));
     }
 
     #[test]

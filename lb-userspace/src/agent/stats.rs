@@ -130,6 +130,13 @@ fn decorate<M: KernelMaps>(core: &Core<M>, view: &mut StatsView) {
                     .find(|r| r.vip == v.name && r.address == b.address)
             {
                 row.health_transitions = status.transitions;
+                let h = &status.latency;
+                row.check_latency = (h.count > 0).then(|| crate::control::LatencyView {
+                    le: super::state::LATENCY_BOUNDS.to_vec(),
+                    counts: h.buckets.to_vec(),
+                    sum_s: h.sum_us as f64 / 1e6,
+                    count: h.count,
+                });
             }
         }
     }
@@ -285,6 +292,7 @@ impl StatsSampler {
                         },
                         active_connections: None,
                         health_transitions: 0,
+                        check_latency: None,
                     }
                 })
                 .collect(),
