@@ -115,6 +115,7 @@
 
 mod model;
 mod raw;
+mod show;
 mod validate;
 
 pub use model::{
@@ -125,6 +126,7 @@ pub use model::{
     RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig,
     XdpModeSetting, reload_check,
 };
+pub use show::render_toml;
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 
 #[cfg(test)]

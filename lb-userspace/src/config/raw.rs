@@ -46,7 +46,16 @@ pub(super) struct RawAgent {
     pub nat_entries: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub acl_entries: Option<S<i64>>,
+    pub max_kernel_memory: Option<S<RawBytes>>,
     pub announce: Option<S<RawAnnounce>>,
+}
+
+/// A byte count: an integer, or a string with a unit (`"2GiB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawBytes {
+    Int(i64),
+    Text(String),
 }
 
 #[derive(Default, Deserialize)]
