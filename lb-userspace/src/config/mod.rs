@@ -34,6 +34,9 @@
 //!                                      # NAT VIPs (default above Linux's ephemeral range); applied on reload
 //! nat_entries = 65536                  # optional, 1..=2^28: elements of each NAT map (restart only)
 //! acl_entries = 262144                 # optional, 1..=2^24: prefixes each ACL trie holds (restart only)
+//! max_kernel_memory = "4GiB"           # optional, bytes or "N[B|KiB|MiB|GiB|TiB]", >= 1MiB, default 4GiB:
+//!                                      # the most the maps may need (crate::kernel_memory); more is an
+//!                                      # error located at the size key of the biggest map if written
 //! snat_addresses = ["198.18.1.1"]      # optional, both families, <= 4 each: SNAT addresses of NAT VIPs
 //!                                      # naming none (default: each backend's route source); never a VIP
 //!
