@@ -59,6 +59,15 @@ pub fn dry_run(cfg: &Config, interfaces: &[String]) -> anyhow::Result<String> {
         },
         cfg.agent.start.xdp_mode.as_str()
     )?;
+    for name in ifaces {
+        // `lb run` refuses to start without them.
+        if crate::datapath::ifindex(name).is_err() {
+            writeln!(
+                out,
+                "            interface {name} does not exist here: lb run would refuse to start"
+            )?;
+        }
+    }
     writeln!(
         out,
         "sizes       max_vips {} max_backends {} ring_size {} conntrack_entries {} nat_entries {} acl_entries {}",

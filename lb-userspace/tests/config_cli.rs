@@ -194,6 +194,7 @@ fn run_dry_run_prints_the_plan_and_attaches_nothing() {
     ] {
         assert!(stdout.contains(needle), "{needle:?} missing:\n{stdout}");
     }
+    assert!(!stdout.contains("does not exist"), "{stdout}");
     // CONNTRACK's row: 2^20 entries, its bytes, estimated.
     let ct = stdout
         .lines()

@@ -136,7 +136,11 @@ fn toml_error(text: &str, file: &Path, e: &toml::de::Error) -> ConfigError {
     let message = e
         .message()
         .trim()
-        .replace("expected i64", "expected an integer");
+        .replace("expected i64", "expected an integer")
+        .replace(
+            "data did not match any variant of untagged enum RawBytes",
+            "invalid type: expected bytes (an integer) or a string like \"4GiB\"",
+        );
     let (line, column, mut field) = match e.span() {
         Some(span) => {
             let (line, column) = line_col(text, span.start);

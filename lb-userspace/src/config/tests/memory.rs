@@ -70,6 +70,15 @@ fn max_kernel_memory_values() {
         let e = err(&format!("[agent]\nmax_kernel_memory = {bad}\n"));
         check(&e, 2, "agent.max_kernel_memory", "invalid size");
     }
+    for bad in ["1.5", "true", "[1]"] {
+        let e = err(&format!("[agent]\nmax_kernel_memory = {bad}\n"));
+        check(
+            &e,
+            2,
+            "agent.max_kernel_memory",
+            "expected bytes (an integer) or a string like \"4GiB\"",
+        );
+    }
 }
 
 /// `render_toml`, parsed again, gives the same Config.
