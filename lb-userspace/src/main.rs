@@ -55,7 +55,7 @@ enum Cmd {
         /// Read and validate the config, print what would be loaded (maps
         /// with their bytes and the total, VIPs) and exit: no root, nothing
         /// loaded, attached or pinned.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["keep_datapath", "reset_datapath"])]
         dry_run: bool,
     },
     /// Validate a config file as `lb run` would, without root or a kernel:
