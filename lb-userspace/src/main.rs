@@ -52,6 +52,22 @@ enum Cmd {
         /// layout (other sizes or lb version). Established flows are lost.
         #[arg(long)]
         reset_datapath: bool,
+        /// Read and validate the config, print what would be loaded (maps
+        /// with their bytes and the total, VIPs) and exit: no root, nothing
+        /// loaded, attached or pinned.
+        #[arg(long, conflicts_with_all = ["keep_datapath", "reset_datapath"])]
+        dry_run: bool,
+    },
+    /// Validate a config file as `lb run` would, without root or a kernel:
+    /// exit 0 with a summary, or non-zero with the located error.
+    Check {
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+    },
+    /// The configuration file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// The agent's state: interfaces, VIPs, backends up.
     Status {
@@ -108,6 +124,16 @@ enum Cmd {
     Decap {
         #[command(subcommand)]
         cmd: DecapCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// The effective configuration, every default filled in, as TOML
+    /// (accepted by `lb check`).
+    Show {
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
     },
 }
 
@@ -230,7 +256,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Run { .. }) {
+    if !matches!(cli.cmd, Cmd::Run { dry_run: false, .. }) {
         // The CLI ends quietly when its reader goes away (`lb ... | head`),
         // like any Unix filter; the agent keeps SIGPIPE ignored. Writes to
         // the control socket use MSG_NOSIGNAL and report errors instead.
@@ -270,8 +296,35 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config,
             ifaces,
             xdp_mode,
+            keep_datapath: _,
+            reset_datapath: _,
+            dry_run: true,
+        } => {
+            // What `lb run` reads before touching the kernel: the same
+            // parsing and validation, the same sizes.
+            let mut cfg = lb::config::Config::load(&config)?;
+            if let Some(m) = xdp_mode {
+                cfg.agent.start.xdp_mode = xdp_setting(m);
+            }
+            println!("{}", lb::config_tool::dry_run(&cfg, &ifaces)?);
+        }
+        Cmd::Check { config } => {
+            let cfg = lb::config::Config::load(&config)?;
+            println!("{}", lb::config_tool::summary(&cfg)?);
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show { config },
+        } => {
+            let cfg = lb::config::Config::load(&config)?;
+            print!("{}", lb::config::render_toml(&cfg));
+        }
+        Cmd::Run {
+            config,
+            ifaces,
+            xdp_mode,
             keep_datapath,
             reset_datapath,
+            dry_run: false,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -280,11 +333,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(agent::run(RunOptions {
                 config,
                 interfaces: ifaces,
-                xdp_mode: xdp_mode.map(|m| match m {
-                    XdpModeArg::Auto => XdpModeSetting::Auto,
-                    XdpModeArg::Native => XdpModeSetting::Native,
-                    XdpModeArg::Skb => XdpModeSetting::Skb,
-                }),
+                xdp_mode: xdp_mode.map(xdp_setting),
                 keep_datapath,
                 reset_datapath,
             }))?;
@@ -612,6 +661,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => print_msg(call(Request::OverrideClear { vip, address })?),
     }
     Ok(())
+}
+
+fn xdp_setting(m: XdpModeArg) -> XdpModeSetting {
+    match m {
+        XdpModeArg::Auto => XdpModeSetting::Auto,
+        XdpModeArg::Native => XdpModeSetting::Native,
+        XdpModeArg::Skb => XdpModeSetting::Skb,
+    }
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {

@@ -42,7 +42,7 @@ use crate::{
     budget::Budget,
     config::{Config, XdpModeSetting},
     control::{self, AnnounceStatusView, ControlMsg, Reply, Request, SocketAccess, StatusView},
-    datapath::{self, Datapath, MapSizes},
+    datapath::{self, Datapath},
     health::{CheckTarget, Checkers, HealthEvent, ProbeLimit},
     keys::{BackendKey, VipId},
     reconcile::KernelMaps,
@@ -127,17 +127,7 @@ impl Agent {
             datapath::reset(&pin_dir)?;
         }
         let restored = pin_dir.join(lb_common::map_names::VIPS).exists();
-        let sizes = MapSizes {
-            max_vips: cfg.agent.kernel.max_vips,
-            max_backends: cfg.agent.kernel.max_backends,
-            ring_size: cfg.agent.kernel.ring_size,
-            conntrack_entries: cfg.agent.kernel.conntrack_entries,
-            // IPv6 flows get as many records as IPv4 ones (one setting
-            // sizes both tables).
-            conntrack6_entries: cfg.agent.kernel.conntrack_entries,
-            nat_entries: cfg.agent.kernel.nat_entries,
-            acl_entries: cfg.agent.kernel.acl_entries,
-        };
+        let sizes = cfg.agent.kernel.map_sizes();
         let dp = Datapath::load(&pin_dir, sizes).context("loading the data path")?;
         let setting = opts.xdp_mode.unwrap_or(cfg.agent.start.xdp_mode);
         let started = Self::bring_up(cfg, dp, &interfaces, setting, known);

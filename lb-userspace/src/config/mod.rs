@@ -34,6 +34,9 @@
 //!                                      # NAT VIPs (default above Linux's ephemeral range); applied on reload
 //! nat_entries = 65536                  # optional, 1..=2^28: elements of each NAT map (restart only)
 //! acl_entries = 262144                 # optional, 1..=2^24: prefixes each ACL trie holds (restart only)
+//! max_kernel_memory = "4GiB"           # optional, bytes or "N[B|KiB|MiB|GiB|TiB]", >= 1MiB, default 4GiB:
+//!                                      # the most the maps may need (crate::kernel_memory); more is an
+//!                                      # error located at the size key of the biggest map if written
 //! snat_addresses = ["198.18.1.1"]      # optional, both families, <= 4 each: SNAT addresses of NAT VIPs
 //!                                      # naming none (default: each backend's route source); never a VIP
 //!
@@ -115,6 +118,7 @@
 
 mod model;
 mod raw;
+mod show;
 mod validate;
 
 pub use model::{
@@ -125,6 +129,7 @@ pub use model::{
     RING_SLOTS_LIMIT, RateLimitConfig, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig,
     XdpModeSetting, reload_check,
 };
+pub use show::render_toml;
 pub use validate::{ConfigError, backend_family_error, unusable_address};
 
 #[cfg(test)]

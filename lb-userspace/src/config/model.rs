@@ -212,6 +212,23 @@ pub struct KernelSettings {
     pub acl_entries: u32,
 }
 
+impl KernelSettings {
+    /// The map sizes these settings give the data path.
+    pub fn map_sizes(&self) -> crate::map_sizes::MapSizes {
+        crate::map_sizes::MapSizes {
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            ring_size: self.ring_size,
+            conntrack_entries: self.conntrack_entries,
+            // IPv6 flows get as many records as IPv4 ones (one setting
+            // sizes both tables).
+            conntrack6_entries: self.conntrack_entries,
+            nat_entries: self.nat_entries,
+            acl_entries: self.acl_entries,
+        }
+    }
+}
+
 /// What the agent reads once when it starts. A reload that changes any of
 /// them applies the VIPs and backends and warns that these take effect at
 /// the next start.
@@ -228,6 +245,10 @@ pub struct StartSettings {
     /// `[agent.announce]`: where ready VIP addresses are published for a
     /// routing daemon. `None`: no announcement.
     pub announce: Option<AnnounceSettings>,
+    /// `max_kernel_memory`: the most the maps may ask the kernel for, in
+    /// bytes (see [`crate::kernel_memory`]); a config whose maps need more
+    /// is refused.
+    pub max_kernel_memory: u64,
 }
 
 /// Default route protocol number of the announced routes.
@@ -494,7 +515,7 @@ pub fn reload_check(old: &Config, new: &Config) -> Result<Option<String>, String
     }
     if *start != old.agent.start {
         return Ok(Some(format!(
-            "{}: interfaces, xdp_mode, control_socket, control_group, metrics_listen and [agent.announce] take effect at the next start; VIPs and backends are applied now",
+            "{}: interfaces, xdp_mode, control_socket, control_group, metrics_listen, max_kernel_memory and [agent.announce] take effect at the next start; VIPs and backends are applied now",
             new.source.display()
         )));
     }
@@ -704,7 +725,7 @@ mod tests {
     }
 
     const REFUSAL: &str = "lb.toml: instance and map sizes (max_vips, max_backends, ring_size, conntrack_entries, nat_entries, acl_entries) change only with a restart; nothing applied";
-    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group, metrics_listen and [agent.announce] take effect at the next start; VIPs and backends are applied now";
+    const WARNING: &str = "lb.toml: interfaces, xdp_mode, control_socket, control_group, metrics_listen, max_kernel_memory and [agent.announce] take effect at the next start; VIPs and backends are applied now";
 
     #[test]
     fn reload_applies_vips_and_backends_of_an_unchanged_agent_table() {

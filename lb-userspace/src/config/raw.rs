@@ -46,7 +46,16 @@ pub(super) struct RawAgent {
     pub nat_entries: Option<S<i64>>,
     pub snat_addresses: Option<S<Vec<S<String>>>>,
     pub acl_entries: Option<S<i64>>,
+    pub max_kernel_memory: Option<S<RawBytes>>,
     pub announce: Option<S<RawAnnounce>>,
+}
+
+/// A byte count: an integer, or a string with a unit (`"2GiB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawBytes {
+    Int(i64),
+    Text(String),
 }
 
 #[derive(Default, Deserialize)]
@@ -127,7 +136,11 @@ fn toml_error(text: &str, file: &Path, e: &toml::de::Error) -> ConfigError {
     let message = e
         .message()
         .trim()
-        .replace("expected i64", "expected an integer");
+        .replace("expected i64", "expected an integer")
+        .replace(
+            "data did not match any variant of untagged enum RawBytes",
+            "invalid type: expected bytes (an integer) or a string like \"4GiB\"",
+        );
     let (line, column, mut field) = match e.span() {
         Some(span) => {
             let (line, column) = line_col(text, span.start);

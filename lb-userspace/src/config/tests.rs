@@ -138,6 +138,7 @@ fn full_example() {
                 control_group: None,
                 metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
                 announce: None,
+                max_kernel_memory: crate::kernel_memory::DEFAULT_MAX_KERNEL_MEMORY,
             },
             conntrack: ConntrackSettings {
                 udp_idle: Duration::from_secs(20),
@@ -221,6 +222,7 @@ address = "198.18.0.11"
                 control_group: None,
                 metrics_listen: None,
                 announce: None,
+                max_kernel_memory: crate::kernel_memory::DEFAULT_MAX_KERNEL_MEMORY,
             },
             conntrack: ConntrackSettings {
                 udp_idle: Duration::from_secs(30),
@@ -1165,3 +1167,7 @@ mod sched;
 
 /// `[agent.announce]`: table, protocol and device, good and bad.
 mod announce;
+
+/// `max_kernel_memory`: the cap on the maps' total, and `lb config show`'s
+/// round trip.
+mod memory;

@@ -20,7 +20,7 @@ use super::{
         MIN_RING_SIZE, ParseKeywordError, Protocol, RING_SLOTS_LIMIT, RateLimitConfig,
         SYN_GUARD_RATE, StartSettings, SynGuardMode, VIPS_LIMIT, VipConfig, XdpModeSetting,
     },
-    raw::{self, RawAgent, RawFile, RawHealthCheck, RawVip, S, line_col},
+    raw::{self, RawAgent, RawBytes, RawFile, RawHealthCheck, RawVip, S, line_col},
 };
 use crate::{mac::MacAddr, maglev::is_prime};
 

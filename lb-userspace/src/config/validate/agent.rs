@@ -207,6 +207,17 @@ impl Ctx<'_> {
         let acl_entries = self.acl_entries(raw)?;
         let announce = self.announce(raw.announce.as_ref())?;
 
+        let kernel = KernelSettings {
+            instance,
+            conntrack_entries,
+            max_vips,
+            max_backends,
+            ring_size,
+            nat_entries,
+            acl_entries,
+        };
+        let max_kernel_memory = self.kernel_memory(raw, &kernel)?;
+
         Ok(AgentConfig {
             nat,
             conntrack,
@@ -215,15 +226,7 @@ impl Ctx<'_> {
                 source_v6,
                 gue_port,
             },
-            kernel: KernelSettings {
-                instance,
-                conntrack_entries,
-                max_vips,
-                max_backends,
-                ring_size,
-                nat_entries,
-                acl_entries,
-            },
+            kernel,
             start: StartSettings {
                 interfaces,
                 xdp_mode,
@@ -231,6 +234,105 @@ impl Ctx<'_> {
                 control_group,
                 metrics_listen,
                 announce,
+                max_kernel_memory,
+            },
+        })
+    }
+
+    /// `max_kernel_memory`, and the maps' total checked against it.
+    fn kernel_memory(&self, raw: &RawAgent, kernel: &KernelSettings) -> Result<u64, ConfigError> {
+        use crate::kernel_memory::{self as km, MIN_MAX_KERNEL_MEMORY};
+        let field = "agent.max_kernel_memory";
+        let cap = match &raw.max_kernel_memory {
+            None => km::DEFAULT_MAX_KERNEL_MEMORY,
+            Some(v) => {
+                let bytes = match v.get_ref() {
+                    RawBytes::Int(n) => u64::try_from(*n).ok(),
+                    RawBytes::Text(s) => km::parse_bytes(s),
+                };
+                match bytes {
+                    Some(b) if b >= MIN_MAX_KERNEL_MEMORY => b,
+                    _ => {
+                        return Err(self.error(
+                            v.span(),
+                            field,
+                            format!(
+                                "invalid size {}: expected bytes (an integer) or a string like \"512MiB\" or \"4GiB\" (units B, KiB, MiB, GiB, TiB), at least 1MiB",
+                                match v.get_ref() {
+                                    RawBytes::Int(n) => n.to_string(),
+                                    RawBytes::Text(s) => format!("{s:?}"),
+                                }
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        let maps = km::plan(kernel.map_sizes(), km::possible_cpus()).map_err(|e| ConfigError {
+            file: self.file.to_path_buf(),
+            line: None,
+            column: None,
+            field: Some(field.into()),
+            message: format!("cannot read the eBPF object's maps: {e}"),
+        })?;
+        let total = km::total(&maps);
+        if total <= cap {
+            return Ok(cap);
+        }
+        let biggest = maps
+            .iter()
+            .take(3)
+            .map(|m| {
+                format!(
+                    "{} {} ({} x {} entries)",
+                    m.name,
+                    km::human(m.bytes),
+                    m.kind,
+                    m.entries
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = format!(
+            "the maps need {} ({total} bytes) of kernel memory, more than max_kernel_memory {} ({cap} bytes); biggest: {biggest}. Lower the sizes or raise max_kernel_memory",
+            km::human(total),
+            km::human(cap),
+        );
+        // Located at the key that sizes the biggest map, if written; else
+        // at max_kernel_memory, if written.
+        let sizing = match maps[0].name.as_str() {
+            "CONNTRACK" | "CONNTRACK6" => raw
+                .conntrack_entries
+                .as_ref()
+                .map(|v| (v.span(), "agent.conntrack_entries")),
+            "RINGS" => raw
+                .ring_size
+                .as_ref()
+                .map(|v| (v.span(), "agent.ring_size"))
+                .or_else(|| raw.max_vips.as_ref().map(|v| (v.span(), "agent.max_vips"))),
+            n if n.starts_with("NAT_") => raw
+                .nat_entries
+                .as_ref()
+                .map(|v| (v.span(), "agent.nat_entries")),
+            n if n.starts_with("ACL") => raw
+                .acl_entries
+                .as_ref()
+                .map(|v| (v.span(), "agent.acl_entries")),
+            "BACKENDS" | "BACKEND_STATS" | "LC_ACTIVE" | "LC_CORRECTION" => raw
+                .max_backends
+                .as_ref()
+                .map(|v| (v.span(), "agent.max_backends")),
+            _ => raw.max_vips.as_ref().map(|v| (v.span(), "agent.max_vips")),
+        }
+        .or_else(|| raw.max_kernel_memory.as_ref().map(|v| (v.span(), field)));
+        Err(match sizing {
+            Some((span, key)) => self.error(span, key, message),
+            None => ConfigError {
+                file: self.file.to_path_buf(),
+                line: None,
+                column: None,
+                field: Some(field.into()),
+                message,
             },
         })
     }
