@@ -394,12 +394,14 @@ fn wait_router_route_to(
     }
 }
 
-#[test]
-fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
-    let mut s = setup()?;
-    // A router namespace linked to the lb namespace (veths made inside
-    // the namespaces: nothing appears in the root namespace).
-    let rt = Netns::create(format!("{NAME_PREFIX}{}-bird-rt", std::process::id()))?;
+/// BGP timers of every BIRD session here: retry within a second.
+const TIMERS: &str = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
+
+/// A router namespace linked to the lb namespace (`rt0` there, `up0` in
+/// the lb namespace, IPv4 addresses RT_LINK/LB_LINK; veths made inside the
+/// namespaces: nothing appears in the root namespace).
+fn router_namespace(s: &Setup, role: &str) -> Result<Netns> {
+    let rt = Netns::create(format!("{NAME_PREFIX}{}-{role}-rt", std::process::id()))?;
     let lb_ns = s.topo.lb_ns().name().to_string();
     let o = rt.ip([
         "link", "add", "rt0", "type", "veth", "peer", "name", "up0", "netns", &lb_ns,
@@ -411,6 +413,34 @@ fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
         .lb_ns()
         .ip(["addr", "add", &format!("{LB_LINK}/30"), "dev", "up0"])?;
     s.topo.lb_ns().ip(["link", "set", "up0", "up"])?;
+    Ok(rt)
+}
+
+/// The BIRD router's config: the lb host's routes into its kernel table,
+/// over an IPv4 session (and an IPv6 one with `v6`).
+fn bird_router_conf(v6: bool) -> String {
+    let mut conf = format!(
+        "router id {RT_LINK};\nprotocol device {{ }}\n\
+         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {TIMERS}\n  \
+         ipv4 {{ import all; export none; }}; }}\n"
+    );
+    if v6 {
+        conf += &format!(
+            "protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
+             protocol bgp lb1v6 {{ local {RT_LINK6} as 65000; neighbor {LB_LINK6} as 65001; {TIMERS}\n  \
+             ipv6 {{ import all; export none; }}; }}\n"
+        );
+    }
+    conf
+}
+
+#[test]
+fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
+    let mut s = setup()?;
+    // A router namespace linked to the lb namespace (veths made inside
+    // the namespaces: nothing appears in the root namespace).
+    let rt = router_namespace(&s, "bird")?;
     for (ns, dev, addr) in [(&rt, "rt0", RT_LINK6), (s.topo.lb_ns(), "up0", LB_LINK6)] {
         ns.sysctl(&[(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")])?;
         let o = ns.ip([
@@ -426,23 +456,14 @@ fn bird_learns_the_table_and_the_router_follows_over_bgp() -> Result<()> {
     }
     let dir = TempDir(std::env::temp_dir().join(format!("lb-bird-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
-    let timers = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
-    let router_conf = format!(
-        "router id {RT_LINK};\nprotocol device {{ }}\n\
-         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-         protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
-         protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {timers}\n  \
-         ipv4 {{ import all; export none; }}; }}\n\
-         protocol bgp lb1v6 {{ local {RT_LINK6} as 65000; neighbor {LB_LINK6} as 65001; {timers}\n  \
-         ipv6 {{ import all; export none; }}; }}\n"
-    );
+    let router_conf = bird_router_conf(true);
     let lb_conf = format!(
         "router id {LB_LINK};\nprotocol device {{ }}\n\
          protocol kernel vip4 {{ kernel table {TABLE}; learn; ipv4 {{ import all; export none; }}; }}\n\
          protocol kernel vip6 {{ kernel table {TABLE}; learn; ipv6 {{ import all; export none; }}; }}\n\
-         protocol bgp rt4 {{ local {LB_LINK} as 65001; neighbor {RT_LINK} as 65000; {timers}\n  \
+         protocol bgp rt4 {{ local {LB_LINK} as 65001; neighbor {RT_LINK} as 65000; {TIMERS}\n  \
          ipv4 {{ import none; export where proto = \"vip4\"; }}; }}\n\
-         protocol bgp up6 {{ local {LB_LINK6} as 65001; neighbor {RT_LINK6} as 65000; {timers}\n  \
+         protocol bgp up6 {{ local {LB_LINK6} as 65001; neighbor {RT_LINK6} as 65000; {TIMERS}\n  \
          ipv6 {{ import none; export where proto = \"vip6\"; }}; }}\n"
     );
     // Field order of the guards: dropped (killed) before the namespaces.
@@ -529,27 +550,10 @@ fn frr_imports_the_table_and_the_router_follows_over_bgp() -> Result<()> {
     // The same link and BIRD router as the BIRD test; FRR on the lb host
     // (zebra imports table 100, bgpd redistributes it), as the README
     // documents.
-    let rt = Netns::create(format!("{NAME_PREFIX}{}-frr-rt", std::process::id()))?;
-    let lb_ns = s.topo.lb_ns().name().to_string();
-    let o = rt.ip([
-        "link", "add", "rt0", "type", "veth", "peer", "name", "up0", "netns", &lb_ns,
-    ])?;
-    ensure!(o.status.success(), "{o:?}");
-    rt.ip(["addr", "add", &format!("{RT_LINK}/30"), "dev", "rt0"])?;
-    rt.ip(["link", "set", "rt0", "up"])?;
-    s.topo
-        .lb_ns()
-        .ip(["addr", "add", &format!("{LB_LINK}/30"), "dev", "up0"])?;
-    s.topo.lb_ns().ip(["link", "set", "up0", "up"])?;
+    let rt = router_namespace(&s, "frr")?;
     let dir = TempDir(std::env::temp_dir().join(format!("lb-frr-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
-    let timers = "connect delay time 1; connect retry time 1; error wait time 1, 10;";
-    let router_conf = format!(
-        "router id {RT_LINK};\nprotocol device {{ }}\n\
-         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-         protocol bgp lb1 {{ local {RT_LINK} as 65000; neighbor {LB_LINK} as 65001; {timers}\n  \
-         ipv4 {{ import all; export none; }}; }}\n"
-    );
+    let router_conf = bird_router_conf(false);
     let run = dir.0.join("frr");
     std::fs::create_dir_all(&run)?;
     let zebra_conf = format!("ip import-table {TABLE}\n");

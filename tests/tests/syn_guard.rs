@@ -172,12 +172,7 @@ fn a_reused_port_follows_the_ring_under_the_guard_not_the_old_record() {
     }
     // The ring no longer names that backend (drained: still usable, so
     // the old record would still be honoured).
-    let rest: Vec<(u32, u32)> = [1, 2, 3]
-        .into_iter()
-        .filter(|&b| b != old)
-        .map(|b| (b, 1))
-        .collect();
-    f.write_ring(0, &rest);
+    ring_without(&mut f, old);
     assert_eq!(
         steered(&f, &segment(port, TCP_ACK)),
         old,
